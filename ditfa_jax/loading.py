@@ -1,0 +1,166 @@
+"""Loading a transformer from a checkpoint, and the callable model that mirrors the diffusers `forward`.
+
+`load_transformer(path)` accepts a diffusers pipeline folder (with `transformer/`), a transformer folder
+(`config.json` + safetensors, single or sharded), an original BFL single-file FLUX checkpoint, or a folder written
+by `save_converted` (fast reload, no conversion).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from functools import cached_property
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+from convert.bfl_flux import BFLFluxSource, infer_flux_config, is_bfl_flux
+from convert.checkpoint import TensorSource
+from convert.diffusers_to_jax import build_abstract, convert_state
+from ditfa_jax.configs import FluxConfig, SD3Config, config_from_dict, config_to_dict, read_config
+from ditfa_jax.models.flux import rope_tables
+
+CONVERTED_MARKER = "ditfa_jax_converted"
+CONVERTED_WEIGHTS = "params.safetensors"
+
+
+class Transformer:
+    """A loaded MMDiT: its config plus NNX (graphdef, state); calling it runs one jitted denoiser evaluation.
+
+    Inputs and outputs mirror the diffusers model's `forward` (arrays instead of tensors). `module()` gives the NNX
+    module, and `graphdef`/`state` the pure-function form used inside samplers.
+    """
+
+    def __init__(self, config: FluxConfig | SD3Config, graphdef, state):
+        self.config, self.graphdef, self.state = config, graphdef, state
+
+    @property
+    def family(self) -> str:
+        return self.config.family
+
+    @property
+    def dtype(self):
+        return jax.tree_util.tree_leaves(self.state)[0].dtype
+
+    def module(self):
+        return nnx.merge(self.graphdef, self.state)
+
+    @cached_property
+    def _apply(self):
+        graphdef = self.graphdef
+
+        @jax.jit
+        def apply(state, kwargs):
+            return nnx.merge(graphdef, state)(**kwargs)
+
+        return apply
+
+    def __call__(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids=None,
+                 txt_ids=None, guidance=None):
+        hidden_states = jnp.asarray(hidden_states)
+        encoder_hidden_states = jnp.asarray(encoder_hidden_states)
+        batch = hidden_states.shape[0]
+        for name, arr in (("encoder_hidden_states", encoder_hidden_states),
+                          ("pooled_projections", pooled_projections)):
+            if np.shape(arr)[0] != batch:
+                raise ValueError(f"batch mismatch: hidden_states has batch {batch} but {name} has shape "
+                                 f"{np.shape(arr)}")
+        timestep = jnp.broadcast_to(jnp.asarray(timestep, jnp.float32), (batch,))
+        kwargs = dict(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
+                      pooled_projections=jnp.asarray(pooled_projections), timestep=timestep)
+        if isinstance(self.config, FluxConfig):
+            if img_ids is None or txt_ids is None:
+                raise ValueError("FLUX needs img_ids [S_img, 3] and txt_ids [S_txt, 3]")
+            img_ids, txt_ids = np.asarray(img_ids), np.asarray(txt_ids)
+            img_ids = img_ids[0] if img_ids.ndim == 3 else img_ids
+            txt_ids = txt_ids[0] if txt_ids.ndim == 3 else txt_ids
+            if img_ids.shape[0] != hidden_states.shape[1] or txt_ids.shape[0] != encoder_hidden_states.shape[1]:
+                raise ValueError(f"img_ids {img_ids.shape} / txt_ids {txt_ids.shape} do not match the token counts "
+                                 f"{hidden_states.shape[1]} / {encoder_hidden_states.shape[1]}")
+            kwargs["rope"] = rope_tables(np.concatenate([txt_ids, img_ids]), self.config.axes_dims_rope)
+            if self.config.guidance_embeds:
+                if guidance is None:
+                    raise ValueError("this FLUX model embeds guidance (dev): pass `guidance`")
+                kwargs["guidance"] = jnp.broadcast_to(jnp.asarray(guidance, jnp.float32), (batch,))
+        return self._apply(self.state, kwargs)
+
+
+def resolve_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
+    """(weights location, config.json or None) for the accepted checkpoint layouts, or a clear error."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    if path.is_file():
+        return path, None
+    for folder in (path / "transformer", path):
+        if (folder / "config.json").is_file():
+            return folder, folder / "config.json"
+    raise FileNotFoundError(
+        f"{path} is not a checkpoint: expected transformer/config.json (diffusers pipeline folder), config.json "
+        "with safetensors weights (transformer folder), a BFL single .safetensors file, or a folder written by "
+        "save_converted")
+
+
+def load_transformer(path: str | Path, *, dtype=None, config: str | Path | None = None,
+                     progress: bool = True) -> Transformer:
+    """Load a FLUX.1 or SD3/SD3.5 transformer as a `Transformer`.
+
+    dtype: parameter dtype (default: the checkpoint's). config: a diffusers config.json for a single-file checkpoint
+    whose architecture cannot be read off its shapes (e.g. a non-standard RoPE split).
+    """
+    weights, config_path = resolve_checkpoint(path)
+    if config_path is not None and json.loads(config_path.read_text()).get(CONVERTED_MARKER):
+        return load_converted(weights, dtype=dtype)
+    source = TensorSource(weights)
+    if is_bfl_flux(source.keys()):
+        source = BFLFluxSource(source)
+        cfg = read_config(config) if config is not None else infer_flux_config(source)
+    elif config_path is not None or config is not None:
+        cfg = read_config(config if config is not None else config_path)
+    else:
+        raise ValueError(f"{weights}: a diffusers-layout single file needs its config.json (pass config=...)")
+    graphdef, state = convert_state(source, cfg, dtype=dtype, progress=progress)
+    return Transformer(cfg, graphdef, state)
+
+
+def save_converted(model: Transformer, out_dir: str | Path) -> Path:
+    """Write converted params (safetensors, flax layout) + config for fast reloads; atomic (temp dir + rename)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise FileExistsError(f"{out_dir} exists; choose a new folder")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".partial-", dir=out_dir.parent))
+    try:
+        tensors = {"/".join(map(str, path)): np.asarray(var.get_value())
+                   for path, var in nnx.to_flat_state(model.state)}
+        save_file(tensors, str(tmp / CONVERTED_WEIGHTS))
+        (tmp / "config.json").write_text(json.dumps({**config_to_dict(model.config), CONVERTED_MARKER: 1},
+                                                    indent=2))
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def load_converted(folder: Path, dtype=None) -> Transformer:
+    raw = json.loads((folder / "config.json").read_text())
+    cfg = config_from_dict(raw, source=str(folder / "config.json"))
+    tensors = load_file(str(folder / CONVERTED_WEIGHTS))
+    first = next(v for k, v in tensors.items() if not k.endswith("pos_embed"))
+    dtype = jnp.dtype(dtype or first.dtype)
+    graphdef, state = build_abstract(cfg, dtype)
+    for p, var in nnx.to_flat_state(state):
+        key = "/".join(map(str, p))
+        if key not in tensors:
+            raise ValueError(f"{folder / CONVERTED_WEIGHTS}: missing {key!r}")
+        var.set_value(jnp.asarray(tensors.pop(key), var.get_value().dtype))
+    if tensors:
+        raise ValueError(f"{folder / CONVERTED_WEIGHTS}: unexpected tensors {sorted(tensors)[:10]}")
+    return Transformer(cfg, graphdef, state)

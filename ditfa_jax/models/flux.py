@@ -1,0 +1,210 @@
+"""FLUX.1 (dev and schnell) MMDiT in Flax NNX, mirroring diffusers' `FluxTransformer2DModel`.
+
+Why NNX: parameters live in plain modules whose names match diffusers, `nnx.split` gives a (graph, state) pair and
+the model runs as a pure function of its state under `jit`. Blocks of one kind are created with `nnx.vmap` (stacked
+parameters, leading layer axis) and run with `lax.scan`, so compile time does not grow with depth (19 + 38 blocks).
+
+Token order is [text, image]. Positions enter through 3-axis RoPE built from `txt_ids`/`img_ids` (on the host, in
+float64, as diffusers does). Every attention call goes through `ditfa_jax.attention.joint_attention`; a per-layer
+plan (`head_window` [layers, heads]) and cache ([layers, B, T, H, D]) can be scanned alongside the blocks.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ditfa_jax.attention import joint_attention
+from ditfa_jax.configs import FluxConfig
+from ditfa_jax.models.layers import (AdaLayerNorm, FeedForward, RMSNorm, TimeTextEmbedding, create_stack,
+                                     layer_norm, linear, modulate, scan_stack)
+
+
+def rope_tables(ids: np.ndarray, axes_dims: tuple[int, ...], theta: float = 10000.0) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin tables [tokens, head_dim] for FLUX's per-axis RoPE (diffusers' FluxPosEmbed), computed in float64."""
+    ids = np.asarray(ids, np.float64)
+    if ids.ndim != 2 or ids.shape[1] != len(axes_dims):
+        raise ValueError(f"position ids must be [tokens, {len(axes_dims)}]; got shape {ids.shape}")
+    cos, sin = [], []
+    for axis, dim in enumerate(axes_dims):
+        freqs = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+        angles = np.outer(ids[:, axis], freqs)
+        cos.append(np.repeat(np.cos(angles), 2, axis=1))
+        sin.append(np.repeat(np.sin(angles), 2, axis=1))
+    return np.concatenate(cos, 1).astype(np.float32), np.concatenate(sin, 1).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """Rotate interleaved pairs (x0, x1) of each head by the position angle; x is [B, T, H, D]."""
+    cos, sin = rope
+    x32 = x.astype(jnp.float32)
+    pairs = x32.reshape(*x.shape[:-1], -1, 2)
+    rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
+    return (x32 * cos[None, :, None, :] + rotated * sin[None, :, None, :]).astype(x.dtype)
+
+
+def split_heads(x: jax.Array, head_dim: int) -> jax.Array:
+    return x.reshape(*x.shape[:-1], -1, head_dim)
+
+
+def merge_heads(x: jax.Array) -> jax.Array:
+    return x.reshape(*x.shape[:-2], -1)
+
+
+def run_attention(q, k, v, layer_plan, *, text_len: int, impl: str):
+    """Joint attention of one FLUX layer ([text, image] order); returns (output, new cache or None)."""
+    head_window, cache = layer_plan if layer_plan is not None else (None, None)
+    out = joint_attention(q, k, v, text_len=text_len, text_first=True, head_window=head_window, cache=cache,
+                          implementation=impl)
+    return out, (out if layer_plan is not None else None)
+
+
+class FluxDoubleAttention(nnx.Module):
+    """Attention of a double-stream block: separate image (to_*) and text (add_*) projections, one joint softmax."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, *, dtype, rngs: nnx.Rngs):
+        self.head_dim = head_dim
+        self.to_q, self.to_k, self.to_v = (linear(dim, dim, dtype=dtype, rngs=rngs) for _ in range(3))
+        self.add_q_proj, self.add_k_proj, self.add_v_proj = (linear(dim, dim, dtype=dtype, rngs=rngs)
+                                                             for _ in range(3))
+        self.norm_q, self.norm_k, self.norm_added_q, self.norm_added_k = (
+            RMSNorm(head_dim, dtype=dtype, rngs=rngs) for _ in range(4))
+        self.to_out_0 = linear(dim, dim, dtype=dtype, rngs=rngs)
+        self.to_add_out = linear(dim, dim, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x, c, rope, layer_plan, impl):
+        d = self.head_dim
+        q = jnp.concatenate([self.norm_added_q(split_heads(self.add_q_proj(c), d)),
+                             self.norm_q(split_heads(self.to_q(x), d))], axis=1)
+        k = jnp.concatenate([self.norm_added_k(split_heads(self.add_k_proj(c), d)),
+                             self.norm_k(split_heads(self.to_k(x), d))], axis=1)
+        v = jnp.concatenate([split_heads(self.add_v_proj(c), d), split_heads(self.to_v(x), d)], axis=1)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        text_len = c.shape[1]
+        out, new_cache = run_attention(q, k, v, layer_plan, text_len=text_len, impl=impl)
+        out = merge_heads(out)
+        return self.to_out_0(out[:, text_len:]), self.to_add_out(out[:, :text_len]), new_cache
+
+
+class FluxDoubleBlock(nnx.Module):
+    """diffusers' FluxTransformerBlock: image and text streams with their own adaLN, MLPs and projections."""
+
+    def __init__(self, config: FluxConfig, *, dtype, rngs: nnx.Rngs):
+        dim = config.inner_dim
+        self.norm1 = AdaLayerNorm(dim, 6, dtype=dtype, rngs=rngs)
+        self.norm1_context = AdaLayerNorm(dim, 6, dtype=dtype, rngs=rngs)
+        self.attn = FluxDoubleAttention(dim, config.num_attention_heads, config.attention_head_dim, dtype=dtype,
+                                        rngs=rngs)
+        self.ff = FeedForward(dim, dtype=dtype, rngs=rngs)
+        self.ff_context = FeedForward(dim, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x, c, temb, rope, layer_plan, impl):
+        shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = self.norm1(temb)
+        c_shift, c_scale, c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(temb)
+        img_attn, txt_attn, new_cache = self.attn(modulate(layer_norm(x), shift, scale),
+                                                  modulate(layer_norm(c), c_shift, c_scale), rope, layer_plan, impl)
+        x = x + gate[:, None] * img_attn
+        x = x + gate_mlp[:, None] * self.ff(modulate(layer_norm(x), shift_mlp, scale_mlp))
+        c = c + c_gate[:, None] * txt_attn
+        c = c + c_gate_mlp[:, None] * self.ff_context(modulate(layer_norm(c), c_shift_mlp, c_scale_mlp))
+        return x, c, new_cache
+
+
+class FluxSingleAttention(nnx.Module):
+    """Attention of a single-stream block: one projection set over the concatenated [text, image] tokens."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, *, dtype, rngs: nnx.Rngs):
+        self.head_dim = head_dim
+        self.to_q, self.to_k, self.to_v = (linear(dim, dim, dtype=dtype, rngs=rngs) for _ in range(3))
+        self.norm_q, self.norm_k = (RMSNorm(head_dim, dtype=dtype, rngs=rngs) for _ in range(2))
+
+    def __call__(self, h, rope, layer_plan, text_len, impl):
+        d = self.head_dim
+        q = apply_rope(self.norm_q(split_heads(self.to_q(h), d)), rope)
+        k = apply_rope(self.norm_k(split_heads(self.to_k(h), d)), rope)
+        v = split_heads(self.to_v(h), d)
+        out, new_cache = run_attention(q, k, v, layer_plan, text_len=text_len, impl=impl)
+        return merge_heads(out), new_cache
+
+
+class FluxSingleBlock(nnx.Module):
+    """diffusers' FluxSingleTransformerBlock: parallel attention and MLP on the joint sequence, one out projection."""
+
+    def __init__(self, config: FluxConfig, *, dtype, rngs: nnx.Rngs):
+        dim = config.inner_dim
+        self.norm = AdaLayerNorm(dim, 3, dtype=dtype, rngs=rngs)
+        self.proj_mlp = linear(dim, 4 * dim, dtype=dtype, rngs=rngs)
+        self.attn = FluxSingleAttention(dim, config.num_attention_heads, config.attention_head_dim, dtype=dtype,
+                                        rngs=rngs)
+        self.proj_out = linear(5 * dim, dim, dtype=dtype, rngs=rngs)
+
+    def __call__(self, h, temb, rope, layer_plan, text_len, impl):
+        shift, scale, gate = self.norm(temb)
+        h_norm = modulate(layer_norm(h), shift, scale)
+        mlp = jax.nn.gelu(self.proj_mlp(h_norm), approximate=True)
+        attn, new_cache = self.attn(h_norm, rope, layer_plan, text_len, impl)
+        return h + gate[:, None] * self.proj_out(jnp.concatenate([attn, mlp], axis=-1)), new_cache
+
+
+class FluxTransformer(nnx.Module):
+    """FLUX.1 transformer. `__call__` takes packed latents [B, S_img, in_channels] and returns the velocity."""
+
+    def __init__(self, config: FluxConfig, *, dtype=jnp.bfloat16, rngs: nnx.Rngs):
+        config.validate()
+        self.config = config
+        dim = config.inner_dim
+        self.x_embedder = linear(config.in_channels, dim, dtype=dtype, rngs=rngs)
+        self.context_embedder = linear(config.joint_attention_dim, dim, dtype=dtype, rngs=rngs)
+        self.time_text_embed = TimeTextEmbedding(dim, config.pooled_projection_dim, guidance=config.guidance_embeds,
+                                                 dtype=dtype, rngs=rngs)
+        self.transformer_blocks = create_stack(lambda r: FluxDoubleBlock(config, dtype=dtype, rngs=r),
+                                               config.num_layers, rngs)
+        self.single_transformer_blocks = create_stack(lambda r: FluxSingleBlock(config, dtype=dtype, rngs=r),
+                                                      config.num_single_layers, rngs)
+        self.norm_out = AdaLayerNorm(dim, 2, dtype=dtype, rngs=rngs)
+        self.proj_out = linear(dim, config.patch_size ** 2 * config.output_channels, dtype=dtype, rngs=rngs)
+
+    def __call__(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, rope, guidance=None,
+                 plan=None, attention_impl: str = "auto"):
+        """One denoiser evaluation.
+
+        timestep/guidance are per-sample [B] floats as the FLUX pipeline passes them (sigma in [0, 1]; guidance
+        scale); they are scaled by 1000 here, as in diffusers. `rope` is `rope_tables(cat(txt_ids, img_ids))`.
+        `plan` is None or (head_window [layers, H], cache [layers, B, T, H, D]) over all double then single
+        layers; with a plan the call returns (output, new_cache), otherwise the output alone.
+        """
+        cfg = self.config
+        dtype = self.x_embedder.kernel.dtype
+        x = self.x_embedder(hidden_states.astype(dtype))
+        c = self.context_embedder(encoder_hidden_states.astype(dtype))
+        timestep = jnp.asarray(timestep, dtype) * 1000
+        guidance = None if guidance is None else jnp.asarray(guidance, dtype) * 1000
+        temb = self.time_text_embed(timestep, pooled_projections.astype(dtype), guidance)
+        rope = tuple(jnp.asarray(t) for t in rope)
+        text_len = c.shape[1]
+
+        double_plan = single_plan = None
+        if plan is not None:
+            double_plan = jax.tree_util.tree_map(lambda a: a[:cfg.num_layers], plan)
+            single_plan = jax.tree_util.tree_map(lambda a: a[cfg.num_layers:], plan)
+
+        def double_step(block, carry, layer_plan):
+            x, c = carry
+            x, c, new_cache = block(x, c, temb, rope, layer_plan, attention_impl)
+            return (x, c), new_cache
+
+        (x, c), double_cache = scan_stack(self.transformer_blocks, (x, c), double_plan, double_step)
+
+        def single_step(block, h, layer_plan):
+            return block(h, temb, rope, layer_plan, text_len, attention_impl)
+
+        h, single_cache = scan_stack(self.single_transformer_blocks, jnp.concatenate([c, x], axis=1), single_plan,
+                                     single_step)
+        x = h[:, text_len:]
+        scale, shift = self.norm_out(temb)
+        out = self.proj_out(modulate(layer_norm(x), shift, scale))
+        if plan is None:
+            return out
+        return out, jnp.concatenate([double_cache, single_cache], axis=0)

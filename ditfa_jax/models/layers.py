@@ -1,0 +1,151 @@
+"""Building blocks shared by the FLUX.1 and SD3/SD3.5 MMDiTs, in Flax NNX.
+
+Module and attribute names mirror the diffusers modules (`to_q`, `norm1.linear`, `ff.net_0.proj`, ...) so that
+checkpoint conversion is a mechanical rename. Parameters keep the checkpoint dtype (bf16 or fp32); normalisations and
+the sinusoidal embeddings compute in float32 and cast back, as diffusers does.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def linear(in_features: int, out_features: int, *, dtype, rngs: nnx.Rngs, bias: bool = True) -> nnx.Linear:
+    """A dense layer whose kernel is [in, out] (the transpose of torch's weight)."""
+    return nnx.Linear(
+        in_features, out_features, use_bias=bias, dtype=dtype, param_dtype=dtype, rngs=rngs,
+        kernel_init=nnx.initializers.normal(0.02), bias_init=nnx.initializers.normal(0.02),
+    )
+
+
+def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """LayerNorm without affine parameters (every MMDiT norm that adaLN modulates)."""
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm over the last axis with a learned scale (diffusers' / torch's RMSNorm, weight named `weight`)."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-6, dtype, rngs: nnx.Rngs):
+        self.eps = eps
+        self.weight = nnx.Param(1.0 + 0.1 * jax.random.normal(rngs.params(), (dim,), dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), -1, keepdims=True) + self.eps)
+        return (x32 * self.weight[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+    """adaLN modulation x * (1 + scale) + shift, with per-sample shift/scale [B, C] broadcast over tokens."""
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class AdaLayerNorm(nnx.Module):
+    """adaLN: SiLU -> Linear(dim, n*dim) on the conditioning, split into n chunks.
+
+    `n` is 6 for AdaLayerNormZero (shift, scale, gate for attention and MLP), 3 for the single-stream variant,
+    9 for SD3.5's MMDiT-X variant and 2 for AdaLayerNormContinuous (note: scale first, then shift).
+    """
+
+    def __init__(self, dim: int, n_chunks: int, *, dtype, rngs: nnx.Rngs):
+        self.n_chunks = n_chunks
+        self.linear = linear(dim, n_chunks * dim, dtype=dtype, rngs=rngs)
+
+    def __call__(self, temb: jax.Array) -> list[jax.Array]:
+        return jnp.split(self.linear(jax.nn.silu(temb)), self.n_chunks, axis=-1)
+
+
+class GELUProj(nnx.Module):
+    """diffusers' GELU activation module: a projection followed by tanh-approximate GELU."""
+
+    def __init__(self, dim: int, inner: int, *, dtype, rngs: nnx.Rngs):
+        self.proj = linear(dim, inner, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jax.nn.gelu(self.proj(x), approximate=True)
+
+
+class FeedForward(nnx.Module):
+    """diffusers' FeedForward(activation_fn="gelu-approximate"): net.0 = GELU(proj), net.2 = Linear."""
+
+    def __init__(self, dim: int, *, mult: int = 4, dtype, rngs: nnx.Rngs):
+        self.net_0 = GELUProj(dim, dim * mult, dtype=dtype, rngs=rngs)
+        self.net_2 = linear(dim * mult, dim, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.net_2(self.net_0(x))
+
+
+def timestep_sinusoid(t: jax.Array, dim: int = 256, max_period: float = 10000.0) -> jax.Array:
+    """diffusers' get_timestep_embedding with flip_sin_to_cos=True, downscale_freq_shift=0: [cos | sin]."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = t.astype(jnp.float32)[:, None] * freqs[None, :]
+    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+class MLPEmbedder(nnx.Module):
+    """Linear -> SiLU -> Linear (diffusers' TimestepEmbedding and PixArtAlphaTextProjection(act="silu"))."""
+
+    def __init__(self, in_dim: int, dim: int, *, dtype, rngs: nnx.Rngs):
+        self.linear_1 = linear(in_dim, dim, dtype=dtype, rngs=rngs)
+        self.linear_2 = linear(dim, dim, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.linear_2(jax.nn.silu(self.linear_1(x)))
+
+
+class TimeTextEmbedding(nnx.Module):
+    """Conditioning vector: timestep MLP (+ guidance MLP for FLUX-dev) + pooled-text MLP.
+
+    diffusers' CombinedTimestepTextProjEmbeddings / CombinedTimestepGuidanceTextProjEmbeddings. Timesteps are
+    taken as the model sees them (FLUX: sigma*1000 after the model's own scaling; SD3: the scheduler's timestep).
+    """
+
+    def __init__(self, dim: int, pooled_dim: int, *, guidance: bool, dtype, rngs: nnx.Rngs):
+        self.timestep_embedder = MLPEmbedder(256, dim, dtype=dtype, rngs=rngs)
+        self.guidance_embedder = MLPEmbedder(256, dim, dtype=dtype, rngs=rngs) if guidance else None
+        self.text_embedder = MLPEmbedder(pooled_dim, dim, dtype=dtype, rngs=rngs)
+
+    def __call__(self, timestep: jax.Array, pooled: jax.Array, guidance: jax.Array | None = None) -> jax.Array:
+        dtype = pooled.dtype
+        emb = self.timestep_embedder(timestep_sinusoid(timestep).astype(dtype))
+        if self.guidance_embedder is not None:
+            if guidance is None:
+                raise ValueError("this model has a guidance embedding (FLUX.1-dev style): pass `guidance`")
+            emb = emb + self.guidance_embedder(timestep_sinusoid(guidance).astype(dtype))
+        return emb + self.text_embedder(pooled)
+
+
+def create_stack(make_block, n: int, rngs: nnx.Rngs):
+    """Create `n` blocks with identical structure whose parameters are stacked on a leading layer axis."""
+
+    @nnx.split_rngs(splits=n)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(r):
+        return make_block(r)
+
+    return make(rngs)
+
+
+def scan_stack(stack, carry, xs, body):
+    """Run `body(block, carry, x) -> (carry, y)` over a stack of blocks with `lax.scan`.
+
+    The stack is split into its graph and stacked state outside the scan and merged per layer inside it, so compile
+    time does not grow with depth. `xs` is any pytree of per-layer arrays (leading layer axis) or None.
+    """
+    graphdef, state = nnx.split(stack)
+
+    def step(c, layer):
+        layer_state, x = layer
+        return body(nnx.merge(graphdef, layer_state), c, x)
+
+    return jax.lax.scan(step, carry, (state, xs))

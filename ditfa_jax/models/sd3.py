@@ -1,0 +1,203 @@
+"""SD3 / SD3.5 MMDiT in Flax NNX, mirroring diffusers' `SD3Transformer2DModel`.
+
+Covers SD3-medium (plain joint blocks), SD3.5-large (qk RMSNorm) and SD3.5-medium (MMDiT-X: a second, image-only
+self-attention in the layers listed by `dual_attention_layers`). Token order is [image, text]; positions are a
+2-D sin-cos table of `pos_embed_max_size`^2 entries (a checkpoint buffer) cropped to the latent's centre. The last
+block is "context pre-only": its text stream ends after the attention.
+
+Consecutive layers of identical structure form a segment whose blocks are stacked and scanned; a per-layer plan is
+sliced per segment. A dual-attention layer's second (image-only) attention always runs dense: the plan covers the
+joint attention of every layer.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ditfa_jax.attention import joint_attention
+from ditfa_jax.configs import SD3Config
+from ditfa_jax.models.flux import merge_heads, split_heads
+from ditfa_jax.models.layers import (AdaLayerNorm, FeedForward, RMSNorm, TimeTextEmbedding, create_stack,
+                                     layer_norm, linear, modulate, scan_stack)
+
+
+class Buffer(nnx.Variable):
+    """A non-trainable array stored in the checkpoint (the SD3 position table)."""
+
+
+class PatchEmbed(nnx.Module):
+    """Conv patchify + cropped sin-cos position table (diffusers' PatchEmbed with pos_embed_max_size)."""
+
+    def __init__(self, config: SD3Config, *, dtype, rngs: nnx.Rngs):
+        p, dim = config.patch_size, config.inner_dim
+        self.patch_size = p
+        self.max_size = config.pos_embed_max_size
+        self.proj = nnx.Conv(config.in_channels, dim, kernel_size=(p, p), strides=(p, p), padding="VALID",
+                             dtype=dtype, param_dtype=dtype, rngs=rngs,
+                             kernel_init=nnx.initializers.normal(0.02), bias_init=nnx.initializers.normal(0.02))
+        self.pos_embed = Buffer(0.5 * jax.random.normal(rngs.params(), (1, self.max_size ** 2, dim), jnp.float32))
+
+    def __call__(self, latents: jax.Array) -> jax.Array:
+        """latents [B, C, H, W] (NCHW, as diffusers) -> tokens [B, (H/p)*(W/p), dim] in raster order."""
+        h, w = latents.shape[2] // self.patch_size, latents.shape[3] // self.patch_size
+        if h > self.max_size or w > self.max_size:
+            raise ValueError(f"latent grid {h}x{w} patches exceeds pos_embed_max_size={self.max_size}")
+        x = self.proj(jnp.transpose(latents, (0, 2, 3, 1)))
+        x = x.reshape(x.shape[0], h * w, x.shape[-1])
+        top, left = (self.max_size - h) // 2, (self.max_size - w) // 2
+        table = self.pos_embed[...].reshape(self.max_size, self.max_size, -1)[top:top + h, left:left + w]
+        return (x.astype(jnp.float32) + table.reshape(1, h * w, -1)).astype(x.dtype)
+
+
+class JointAttention(nnx.Module):
+    """SD3 joint attention: image projections to_*, text projections add_*, optional qk RMSNorm.
+
+    With `context_pre_only` the text output projection is absent; with `added=False` it is the image-only
+    self-attention (`attn2`) of an MMDiT-X layer.
+    """
+
+    def __init__(self, dim: int, heads: int, head_dim: int, *, qk_norm: bool, added: bool, context_pre_only: bool,
+                 dtype, rngs: nnx.Rngs):
+        self.head_dim = head_dim
+        self.to_q, self.to_k, self.to_v = (linear(dim, dim, dtype=dtype, rngs=rngs) for _ in range(3))
+        self.norm_q = RMSNorm(head_dim, dtype=dtype, rngs=rngs) if qk_norm else None
+        self.norm_k = RMSNorm(head_dim, dtype=dtype, rngs=rngs) if qk_norm else None
+        self.to_out_0 = linear(dim, dim, dtype=dtype, rngs=rngs)
+        self.added = added
+        if added:
+            self.add_q_proj, self.add_k_proj, self.add_v_proj = (linear(dim, dim, dtype=dtype, rngs=rngs)
+                                                                 for _ in range(3))
+            self.norm_added_q = RMSNorm(head_dim, dtype=dtype, rngs=rngs) if qk_norm else None
+            self.norm_added_k = RMSNorm(head_dim, dtype=dtype, rngs=rngs) if qk_norm else None
+            self.to_add_out = None if context_pre_only else linear(dim, dim, dtype=dtype, rngs=rngs)
+
+    @staticmethod
+    def _heads(proj, norm, x, d):
+        y = split_heads(proj(x), d)
+        return norm(y) if norm is not None else y
+
+    def __call__(self, x, c=None, layer_plan=None, impl="auto"):
+        d = self.head_dim
+        q = self._heads(self.to_q, self.norm_q, x, d)
+        k = self._heads(self.to_k, self.norm_k, x, d)
+        v = split_heads(self.to_v(x), d)
+        if not self.added:  # image-only self-attention of an MMDiT-X layer
+            out = joint_attention(q, k, v, text_len=0, text_first=False, implementation=impl)
+            return self.to_out_0(merge_heads(out))
+        q = jnp.concatenate([q, self._heads(self.add_q_proj, self.norm_added_q, c, d)], axis=1)
+        k = jnp.concatenate([k, self._heads(self.add_k_proj, self.norm_added_k, c, d)], axis=1)
+        v = jnp.concatenate([v, split_heads(self.add_v_proj(c), d)], axis=1)
+        head_window, cache = layer_plan if layer_plan is not None else (None, None)
+        out = joint_attention(q, k, v, text_len=c.shape[1], text_first=False, head_window=head_window, cache=cache,
+                              implementation=impl)
+        n_img = x.shape[1]
+        merged = merge_heads(out)
+        img_out = self.to_out_0(merged[:, :n_img])
+        txt_out = None if self.to_add_out is None else self.to_add_out(merged[:, n_img:])
+        return img_out, txt_out, (out if layer_plan is not None else None)
+
+
+class JointBlock(nnx.Module):
+    """diffusers' JointTransformerBlock (optionally MMDiT-X dual attention, optionally context pre-only)."""
+
+    def __init__(self, config: SD3Config, *, dual: bool, context_pre_only: bool, dtype, rngs: nnx.Rngs):
+        dim, heads, hd = config.inner_dim, config.num_attention_heads, config.attention_head_dim
+        qk_norm = config.qk_norm == "rms_norm"
+        self.dual, self.context_pre_only = dual, context_pre_only
+        self.norm1 = AdaLayerNorm(dim, 9 if dual else 6, dtype=dtype, rngs=rngs)
+        self.norm1_context = AdaLayerNorm(dim, 2 if context_pre_only else 6, dtype=dtype, rngs=rngs)
+        self.attn = JointAttention(dim, heads, hd, qk_norm=qk_norm, added=True, context_pre_only=context_pre_only,
+                                   dtype=dtype, rngs=rngs)
+        self.attn2 = (JointAttention(dim, heads, hd, qk_norm=qk_norm, added=False, context_pre_only=False,
+                                     dtype=dtype, rngs=rngs) if dual else None)
+        self.ff = FeedForward(dim, dtype=dtype, rngs=rngs)
+        self.ff_context = None if context_pre_only else FeedForward(dim, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x, c, temb, layer_plan, impl):
+        mods = self.norm1(temb)
+        shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = mods[:6]
+        x_norm = layer_norm(x)
+        if self.context_pre_only:
+            c_scale, c_shift = self.norm1_context(temb)  # AdaLayerNormContinuous: scale first
+        else:
+            c_shift, c_scale, c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(temb)
+        img_attn, txt_attn, new_cache = self.attn(modulate(x_norm, shift, scale),
+                                                  modulate(layer_norm(c), c_shift, c_scale), layer_plan, impl)
+        x = x + gate[:, None] * img_attn
+        if self.dual:
+            shift2, scale2, gate2 = mods[6:]
+            x = x + gate2[:, None] * self.attn2(modulate(x_norm, shift2, scale2), impl=impl)
+        x = x + gate_mlp[:, None] * self.ff(modulate(layer_norm(x), shift_mlp, scale_mlp))
+        if not self.context_pre_only:
+            c = c + c_gate[:, None] * txt_attn
+            c = c + c_gate_mlp[:, None] * self.ff_context(modulate(layer_norm(c), c_shift_mlp, c_scale_mlp))
+        return x, c, new_cache
+
+
+def layer_segments(config: SD3Config) -> list[tuple[int, int, bool, bool]]:
+    """Runs of consecutive layers of one structure: (first layer, count, dual, context_pre_only)."""
+    kinds = [(i in config.dual_attention_layers, i == config.num_layers - 1) for i in range(config.num_layers)]
+    segments, start = [], 0
+    for kind, group in itertools.groupby(kinds):
+        n = len(list(group))
+        segments.append((start, n, *kind))
+        start += n
+    return segments
+
+
+class SD3Transformer(nnx.Module):
+    """SD3/SD3.5 transformer. `__call__` takes NCHW latents and returns the NCHW velocity."""
+
+    def __init__(self, config: SD3Config, *, dtype=jnp.bfloat16, rngs: nnx.Rngs):
+        config.validate()
+        self.config = config
+        dim = config.inner_dim
+        self.pos_embed = PatchEmbed(config, dtype=dtype, rngs=rngs)
+        self.time_text_embed = TimeTextEmbedding(dim, config.pooled_projection_dim, guidance=False, dtype=dtype,
+                                                 rngs=rngs)
+        self.context_embedder = linear(config.joint_attention_dim, dim, dtype=dtype, rngs=rngs)
+        self.segments = nnx.List([
+            create_stack(lambda r, d=dual, p=pre: JointBlock(config, dual=d, context_pre_only=p, dtype=dtype, rngs=r),
+                         n, rngs)
+            for _, n, dual, pre in layer_segments(config)])
+        self.norm_out = AdaLayerNorm(dim, 2, dtype=dtype, rngs=rngs)
+        self.proj_out = linear(dim, config.patch_size ** 2 * config.output_channels, dtype=dtype, rngs=rngs)
+
+    def __call__(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, plan=None,
+                 attention_impl: str = "auto"):
+        """One denoiser evaluation; `timestep` [B] as the SD3 pipeline passes it (0..1000).
+
+        `plan` is None or (head_window [layers, H], cache [layers, B, T, H, D]); with a plan the call returns
+        (output, new_cache), otherwise the output alone.
+        """
+        cfg = self.config
+        dtype = self.context_embedder.kernel.dtype
+        b, _, height, width = hidden_states.shape
+        p = cfg.patch_size
+        if height % p or width % p:
+            raise ValueError(f"latent height/width {height}x{width} must be multiples of patch_size {p}")
+        x = self.pos_embed(hidden_states.astype(dtype))
+        c = self.context_embedder(encoder_hidden_states.astype(dtype))
+        temb = self.time_text_embed(jnp.asarray(timestep, jnp.float32), pooled_projections.astype(dtype))
+
+        def step(block, carry, layer_plan):
+            x, c, new_cache = block(*carry, temb, layer_plan, attention_impl)
+            return (x, c), new_cache
+
+        caches = []
+        for (start, n, _, _), stack in zip(layer_segments(cfg), self.segments):
+            seg_plan = None if plan is None else jax.tree_util.tree_map(lambda a: a[start:start + n], plan)
+            (x, c), seg_cache = scan_stack(stack, (x, c), seg_plan, step)
+            caches.append(seg_cache)
+
+        scale, shift = self.norm_out(temb)
+        x = self.proj_out(modulate(layer_norm(x), shift, scale))
+        h, w, co = height // p, width // p, cfg.output_channels
+        out = x.reshape(b, h, w, p, p, co).transpose(0, 5, 1, 3, 2, 4).reshape(b, co, h * p, w * p)
+        if plan is None:
+            return out
+        return out, jnp.concatenate(caches, axis=0)

@@ -1,0 +1,187 @@
+"""Flow-matching Euler sampling as one jitted `lax.scan` over timesteps.
+
+From initial noise latents and prompt embeddings to final latents, exactly as diffusers' FluxPipeline /
+StableDiffusion3Pipeline step their scheduler: FLUX-dev feeds the guidance scale to the model (distilled guidance),
+SD3 runs classifier-free guidance on a doubled batch [uncond, cond]. Latents are carried in float32 (diffusers
+steps in float32 and casts back to the model dtype; we keep the float32 value). The schedule is computed on the host
+and scanned as data, so one compile serves a resolution and step count.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ditfa_jax.configs import FluxConfig
+from ditfa_jax.loading import Transformer
+from ditfa_jax.models.flux import rope_tables
+from ditfa_jax.scheduler import (FLUX_DEV_SCHEDULER, FLUX_SCHNELL_SCHEDULER, SD3_SCHEDULER, SchedulerConfig,
+                                 flux_schedule, sd3_schedule)
+
+VAE_SCALE_FACTOR = 8  # both FLUX.1 and SD3 VAEs downsample 8x
+
+
+# ---- FLUX latent packing (2x2 patches of the latent image become one token) ----
+
+def flux_latent_grid(height: int, width: int) -> tuple[int, int]:
+    """Packed token grid (rows, cols) for a pixel size; both must be multiples of 16."""
+    if height % (2 * VAE_SCALE_FACTOR) or width % (2 * VAE_SCALE_FACTOR):
+        raise ValueError(f"height and width must be multiples of {2 * VAE_SCALE_FACTOR} for FLUX; got "
+                         f"{height}x{width}")
+    return height // (2 * VAE_SCALE_FACTOR), width // (2 * VAE_SCALE_FACTOR)
+
+
+def flux_image_ids(rows: int, cols: int) -> np.ndarray:
+    """Position ids [rows*cols, 3] = (0, row, col), as FluxPipeline._prepare_latent_image_ids."""
+    ids = np.zeros((rows, cols, 3), np.float32)
+    ids[..., 1] = np.arange(rows)[:, None]
+    ids[..., 2] = np.arange(cols)[None, :]
+    return ids.reshape(rows * cols, 3)
+
+
+def pack_latents(latents: jax.Array) -> jax.Array:
+    """[B, C, H, W] -> [B, (H/2)*(W/2), C*4] (FluxPipeline._pack_latents)."""
+    b, c, h, w = latents.shape
+    x = latents.reshape(b, c, h // 2, 2, w // 2, 2).transpose(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(packed: jax.Array, height: int, width: int) -> jax.Array:
+    """[B, S, C*4] -> [B, C, H/8, W/8] for a pixel size (FluxPipeline._unpack_latents)."""
+    rows, cols = flux_latent_grid(height, width)
+    b, s, c4 = packed.shape
+    x = packed.reshape(b, rows, cols, c4 // 4, 2, 2).transpose(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, c4 // 4, rows * 2, cols * 2)
+
+
+def default_scheduler(model: Transformer) -> SchedulerConfig:
+    if isinstance(model.config, FluxConfig):
+        return FLUX_DEV_SCHEDULER if model.config.guidance_embeds else FLUX_SCHNELL_SCHEDULER
+    return SD3_SCHEDULER
+
+
+def scheduler_for(checkpoint: str | Path | None, model: Transformer) -> SchedulerConfig:
+    """The checkpoint folder's scheduler/scheduler_config.json if present, else the family default."""
+    if checkpoint is not None:
+        path = Path(checkpoint) / "scheduler" / "scheduler_config.json"
+        if path.is_file():
+            return SchedulerConfig.from_file(path)
+    return default_scheduler(model)
+
+
+def _check_batch(latents, named: dict) -> None:
+    b = latents.shape[0]
+    for name, arr in named.items():
+        if arr is not None and np.shape(arr)[0] != b:
+            raise ValueError(f"batch mismatch: latents have batch {b} but {name} has shape {np.shape(arr)}")
+
+
+def euler_scan(velocity, latents, sigmas, timesteps):
+    """x_{i+1} = x_i + (sigma_{i+1} - sigma_i) * v(x_i, t_i), scanned over the steps; latents in float32."""
+
+    def step(x, schedule):
+        t, sigma, sigma_next = schedule
+        v = velocity(x, t)
+        return x + (sigma_next - sigma) * v.astype(jnp.float32), None
+
+    x, _ = jax.lax.scan(step, latents.astype(jnp.float32), (timesteps, sigmas[:-1], sigmas[1:]))
+    return x
+
+
+def sample(model: Transformer, latents, prompt_embeds, pooled_prompt_embeds, *, height: int, width: int,
+           num_steps: int, guidance_scale: float, negative_prompt_embeds=None, negative_pooled_prompt_embeds=None,
+           scheduler: SchedulerConfig | None = None, attention_impl: str = "auto"):
+    """Run the full denoising loop; returns the final latents (FLUX: packed [B, S, C*4]; SD3: [B, C, H/8, W/8]).
+
+    height/width are pixel sizes (the latents must match them). FLUX-dev uses `guidance_scale` as distilled
+    guidance; SD3 runs classifier-free guidance when guidance_scale > 1 (negative embeddings required).
+    """
+    scheduler = scheduler or default_scheduler(model)
+    latents = jnp.asarray(latents)
+    prompt_embeds = jnp.asarray(prompt_embeds)
+    pooled_prompt_embeds = jnp.asarray(pooled_prompt_embeds)
+    _check_batch(latents, {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled_prompt_embeds,
+                           "negative_prompt_embeds": negative_prompt_embeds,
+                           "negative_pooled_prompt_embeds": negative_pooled_prompt_embeds})
+    if isinstance(model.config, FluxConfig):
+        rows, cols = flux_latent_grid(height, width)
+        want = (rows * cols, model.config.in_channels)
+        if latents.ndim != 3 or latents.shape[1:] != want:
+            raise ValueError(f"FLUX latents for {height}x{width} must be packed [B, {want[0]}, {want[1]}]; got "
+                             f"{latents.shape}")
+        sigmas, timesteps = flux_schedule(scheduler, num_steps, rows * cols)
+        rope = rope_tables(np.concatenate([np.zeros((prompt_embeds.shape[1], 3), np.float32),
+                                           flux_image_ids(rows, cols)]), model.config.axes_dims_rope)
+        guidance = guidance_scale if model.config.guidance_embeds else None
+        run = _flux_runner(model.graphdef, attention_impl)
+        return run(model.state, latents, prompt_embeds, pooled_prompt_embeds, rope, guidance,
+                   jnp.asarray(sigmas), jnp.asarray(timesteps))
+
+    cfg = model.config
+    if height % (VAE_SCALE_FACTOR * cfg.patch_size) or width % (VAE_SCALE_FACTOR * cfg.patch_size):
+        raise ValueError(f"height and width must be multiples of {VAE_SCALE_FACTOR * cfg.patch_size} for SD3; got "
+                         f"{height}x{width}")
+    want = (cfg.in_channels, height // VAE_SCALE_FACTOR, width // VAE_SCALE_FACTOR)
+    if latents.ndim != 4 or latents.shape[1:] != want:
+        raise ValueError(f"SD3 latents for {height}x{width} must be [B, {', '.join(map(str, want))}]; got "
+                         f"{latents.shape}")
+    cfg_guidance = guidance_scale > 1
+    if cfg_guidance and (negative_prompt_embeds is None or negative_pooled_prompt_embeds is None):
+        raise ValueError("SD3 with guidance_scale > 1 runs classifier-free guidance: pass negative_prompt_embeds "
+                         "and negative_pooled_prompt_embeds")
+    image_seq_len = (want[1] // cfg.patch_size) * (want[2] // cfg.patch_size)
+    sigmas, timesteps = sd3_schedule(scheduler, num_steps, image_seq_len)
+    if cfg_guidance:
+        prompt_embeds = jnp.concatenate([jnp.asarray(negative_prompt_embeds), prompt_embeds])
+        pooled_prompt_embeds = jnp.concatenate([jnp.asarray(negative_pooled_prompt_embeds), pooled_prompt_embeds])
+    run = _sd3_runner(model.graphdef, attention_impl, cfg_guidance)
+    return run(model.state, latents, prompt_embeds, pooled_prompt_embeds, jnp.float32(guidance_scale),
+               jnp.asarray(sigmas), jnp.asarray(timesteps))
+
+
+_RUNNERS: dict = {}
+
+
+def _flux_runner(graphdef, attention_impl):
+    key = ("flux", graphdef, attention_impl)
+    if key not in _RUNNERS:
+        @jax.jit
+        def run(state, latents, prompt_embeds, pooled, rope, guidance, sigmas, timesteps):
+            model = nnx.merge(graphdef, state)
+            b = latents.shape[0]
+            g = None if guidance is None else jnp.full((b,), guidance, jnp.float32)
+
+            def velocity(x, t):
+                return model(x, prompt_embeds, pooled, jnp.full((b,), t / 1000), rope, guidance=g,
+                             attention_impl=attention_impl)
+
+            return euler_scan(velocity, latents, sigmas, timesteps)
+
+        _RUNNERS[key] = run
+    return _RUNNERS[key]
+
+
+def _sd3_runner(graphdef, attention_impl, cfg_guidance: bool):
+    key = ("sd3", graphdef, attention_impl, cfg_guidance)
+    if key not in _RUNNERS:
+        @jax.jit
+        def run(state, latents, prompt_embeds, pooled, guidance_scale, sigmas, timesteps):
+            model = nnx.merge(graphdef, state)
+
+            def velocity(x, t):
+                x_in = jnp.concatenate([x, x]) if cfg_guidance else x
+                v = model(x_in.astype(model.context_embedder.kernel.dtype), prompt_embeds, pooled,
+                          jnp.full((x_in.shape[0],), t), attention_impl=attention_impl)
+                if cfg_guidance:
+                    uncond, cond = jnp.split(v.astype(jnp.float32), 2)
+                    v = uncond + guidance_scale * (cond - uncond)
+                return v
+
+            return euler_scan(velocity, latents, sigmas, timesteps)
+
+        _RUNNERS[key] = run
+    return _RUNNERS[key]
