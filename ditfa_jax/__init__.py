@@ -1,10 +1,29 @@
-"""ditfa-jax: head-wise attention compression (DiTFastAttnV2-style) for MMDiT diffusion transformers in JAX."""
+"""ditfa-jax: head-wise attention compression (DiTFastAttnV2-style) for MMDiT diffusion transformers in JAX.
 
-from ditfa_jax.attention import joint_attention
-from ditfa_jax.configs import FluxConfig, SD3Config
-from ditfa_jax.loading import Transformer, load_transformer, save_converted
-from ditfa_jax.sampler import flux_image_ids, pack_latents, sample, unpack_latents
-from ditfa_jax.scheduler import SchedulerConfig, flow_match_schedule
+Public names are imported lazily (PEP 562), so `convert` (which builds on `ditfa_jax.configs` and the models) and
+`ditfa_jax.loading` (which builds on `convert`) can import each other's modules in either order.
+"""
 
-__all__ = ["FluxConfig", "SD3Config", "SchedulerConfig", "Transformer", "flow_match_schedule", "flux_image_ids",
-           "joint_attention", "load_transformer", "pack_latents", "sample", "save_converted", "unpack_latents"]
+import importlib
+
+_EXPORTS = {
+    "joint_attention": "ditfa_jax.attention",
+    "FluxConfig": "ditfa_jax.configs",
+    "SD3Config": "ditfa_jax.configs",
+    "Transformer": "ditfa_jax.loading",
+    "load_transformer": "ditfa_jax.loading",
+    "save_converted": "ditfa_jax.loading",
+    "flux_image_ids": "ditfa_jax.sampler",
+    "pack_latents": "ditfa_jax.sampler",
+    "sample": "ditfa_jax.sampler",
+    "unpack_latents": "ditfa_jax.sampler",
+    "SchedulerConfig": "ditfa_jax.scheduler",
+    "flow_match_schedule": "ditfa_jax.scheduler",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'ditfa_jax' has no attribute {name!r}")
