@@ -50,7 +50,8 @@ def joint_attention(
     """Joint text-image attention of one layer; returns [batch, tokens, heads, head_dim] in q's dtype.
 
     Without a plan (`head_window=None`) every head is exact attention. With a plan, the head-wise kernel runs and
-    cached heads return `cache`'s value for that head.
+    cached heads return `cache`'s value for that head; a plan whose heads are all full runs the dense path, so it
+    reproduces the uncompressed model exactly. `implementation="pallas"` forces the kernel.
     """
     if q.ndim != 4 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(
@@ -66,8 +67,19 @@ def joint_attention(
 
         if head_window is None:
             head_window = jnp.full((q.shape[2],), -1, jnp.int32)
-        return pallas_kernels.headwise_attention(
-            q, k, v, head_window, cache, text_len=text_len, text_first=text_first)
+
+        def compressed():
+            return pallas_kernels.headwise_attention(q, k, v, head_window, cache, text_len=text_len,
+                                                     text_first=text_first)
+
+        if implementation == "pallas":
+            return compressed()
+        # An all-full plan (e.g. every step 0) takes the dense path: identical to the uncompressed model, and
+        # cuDNN is the fastest dense attention on a GPU.
+        dense_impl = default_implementation(q.dtype)
+        dense = (lambda: jax.nn.dot_product_attention(q, k, v, implementation="cudnn")) if dense_impl == "cudnn" \
+            else (lambda: xla_attention(q, k, v))
+        return jax.lax.cond(jnp.all(head_window == -1), dense, compressed)
 
     if implementation == "auto":
         implementation = default_implementation(q.dtype)

@@ -80,25 +80,47 @@ def _check_batch(latents, named: dict) -> None:
             raise ValueError(f"batch mismatch: latents have batch {b} but {name} has shape {np.shape(arr)}")
 
 
-def euler_scan(velocity, latents, sigmas, timesteps):
-    """x_{i+1} = x_i + (sigma_{i+1} - sigma_i) * v(x_i, t_i), scanned over the steps; latents in float32."""
+def euler_scan(velocity, latents, sigmas, timesteps, head_windows=None, cache=None):
+    """x_{i+1} = x_i + (sigma_{i+1} - sigma_i) * v(x_i, t_i), scanned over the steps; latents in float32.
 
-    def step(x, schedule):
-        t, sigma, sigma_next = schedule
-        v = velocity(x, t)
-        return x + (sigma_next - sigma) * v.astype(jnp.float32), None
+    `velocity(x, t, head_window, cache) -> (v, cache)`. With a plan, `head_windows` [steps, layers, H] is scanned
+    as data and `cache` [layers, B, T, H, D] (each layer's last computed attention output) is carried.
+    """
 
-    x, _ = jax.lax.scan(step, latents.astype(jnp.float32), (timesteps, sigmas[:-1], sigmas[1:]))
+    def step(carry, xs):
+        x, cache = carry
+        t, sigma, sigma_next, head_window = xs
+        v, cache = velocity(x, t, head_window, cache)
+        return (x + (sigma_next - sigma) * v.astype(jnp.float32), cache), None
+
+    (x, _), _ = jax.lax.scan(step, (latents.astype(jnp.float32), cache),
+                             (timesteps, sigmas[:-1], sigmas[1:], head_windows))
     return x
+
+
+def attention_cache(model: Transformer, batch: int, tokens: int) -> jax.Array:
+    """Zeroed cache [layers, batch, tokens, heads, head_dim] in the model dtype (step 0 is full: never read)."""
+    cfg = model.config
+    return jnp.zeros((cfg.total_layers, batch, tokens, cfg.num_attention_heads, cfg.attention_head_dim),
+                     model.dtype)
+
+
+def cache_bytes(config, batch: int, tokens: int, dtype=jnp.bfloat16) -> int:
+    """Memory the caching sampler holds for the per-layer attention outputs."""
+    return (config.total_layers * batch * tokens * config.num_attention_heads * config.attention_head_dim
+            * jnp.dtype(dtype).itemsize)
 
 
 def sample(model: Transformer, latents, prompt_embeds, pooled_prompt_embeds, *, height: int, width: int,
            num_steps: int, guidance_scale: float, negative_prompt_embeds=None, negative_pooled_prompt_embeds=None,
-           scheduler: SchedulerConfig | None = None, attention_impl: str = "auto"):
+           scheduler: SchedulerConfig | None = None, plan=None, attention_impl: str = "auto"):
     """Run the full denoising loop; returns the final latents (FLUX: packed [B, S, C*4]; SD3: [B, C, H/8, W/8]).
 
     height/width are pixel sizes (the latents must match them). FLUX-dev uses `guidance_scale` as distilled
     guidance; SD3 runs classifier-free guidance when guidance_scale > 1 (negative embeddings required).
+    `plan` (a `ditfa_jax.plan.CompressionPlan` made for this model, resolution, text length and step count) turns
+    on head-wise compression: its per-step head windows are scanned and the attention cache is carried; CFG
+    batches share the plan. An all-full plan gives the dense result.
     """
     scheduler = scheduler or default_scheduler(model)
     latents = jnp.asarray(latents)
@@ -117,9 +139,12 @@ def sample(model: Transformer, latents, prompt_embeds, pooled_prompt_embeds, *, 
         rope = rope_tables(np.concatenate([np.zeros((prompt_embeds.shape[1], 3), np.float32),
                                            flux_image_ids(rows, cols)]), model.config.axes_dims_rope)
         guidance = guidance_scale if model.config.guidance_embeds else None
+        windows, cache = _plan_inputs(model, plan, height=height, width=width, text_len=prompt_embeds.shape[1],
+                                      num_steps=num_steps, batch=latents.shape[0],
+                                      tokens=rows * cols + prompt_embeds.shape[1])
         run = _flux_runner(model.graphdef, attention_impl)
         return run(model.state, latents, prompt_embeds, pooled_prompt_embeds, rope, guidance,
-                   jnp.asarray(sigmas), jnp.asarray(timesteps))
+                   jnp.asarray(sigmas), jnp.asarray(timesteps), windows, cache)
 
     cfg = model.config
     if height % (VAE_SCALE_FACTOR * cfg.patch_size) or width % (VAE_SCALE_FACTOR * cfg.patch_size):
@@ -138,9 +163,20 @@ def sample(model: Transformer, latents, prompt_embeds, pooled_prompt_embeds, *, 
     if cfg_guidance:
         prompt_embeds = jnp.concatenate([jnp.asarray(negative_prompt_embeds), prompt_embeds])
         pooled_prompt_embeds = jnp.concatenate([jnp.asarray(negative_pooled_prompt_embeds), pooled_prompt_embeds])
+    windows, cache = _plan_inputs(model, plan, height=height, width=width, text_len=prompt_embeds.shape[1],
+                                  num_steps=num_steps, batch=prompt_embeds.shape[0],
+                                  tokens=image_seq_len + prompt_embeds.shape[1])
     run = _sd3_runner(model.graphdef, attention_impl, cfg_guidance)
     return run(model.state, latents, prompt_embeds, pooled_prompt_embeds, jnp.float32(guidance_scale),
-               jnp.asarray(sigmas), jnp.asarray(timesteps))
+               jnp.asarray(sigmas), jnp.asarray(timesteps), windows, cache)
+
+
+def _plan_inputs(model, plan, *, height, width, text_len, num_steps, batch, tokens):
+    """(head windows [steps, layers, H], zeroed cache) for a plan checked against these settings, or (None, None)."""
+    if plan is None:
+        return None, None
+    plan.check_compatible(model.config, height=height, width=width, text_len=text_len, num_steps=num_steps)
+    return jnp.asarray(plan.head_window, jnp.int32), attention_cache(model, batch, tokens)
 
 
 _RUNNERS: dict = {}
@@ -150,16 +186,17 @@ def _flux_runner(graphdef, attention_impl):
     key = ("flux", graphdef, attention_impl)
     if key not in _RUNNERS:
         @jax.jit
-        def run(state, latents, prompt_embeds, pooled, rope, guidance, sigmas, timesteps):
+        def run(state, latents, prompt_embeds, pooled, rope, guidance, sigmas, timesteps, windows, cache):
             model = nnx.merge(graphdef, state)
             b = latents.shape[0]
             g = None if guidance is None else jnp.full((b,), guidance, jnp.float32)
 
-            def velocity(x, t):
-                return model(x, prompt_embeds, pooled, jnp.full((b,), t / 1000), rope, guidance=g,
-                             attention_impl=attention_impl)
+            def velocity(x, t, head_window, cache):
+                out = model(x, prompt_embeds, pooled, jnp.full((b,), t / 1000), rope, guidance=g,
+                            plan=None if cache is None else (head_window, cache), attention_impl=attention_impl)
+                return out if cache is not None else (out, None)
 
-            return euler_scan(velocity, latents, sigmas, timesteps)
+            return euler_scan(velocity, latents, sigmas, timesteps, windows, cache)
 
         _RUNNERS[key] = run
     return _RUNNERS[key]
@@ -169,19 +206,21 @@ def _sd3_runner(graphdef, attention_impl, cfg_guidance: bool):
     key = ("sd3", graphdef, attention_impl, cfg_guidance)
     if key not in _RUNNERS:
         @jax.jit
-        def run(state, latents, prompt_embeds, pooled, guidance_scale, sigmas, timesteps):
+        def run(state, latents, prompt_embeds, pooled, guidance_scale, sigmas, timesteps, windows, cache):
             model = nnx.merge(graphdef, state)
 
-            def velocity(x, t):
+            def velocity(x, t, head_window, cache):
                 x_in = jnp.concatenate([x, x]) if cfg_guidance else x
-                v = model(x_in.astype(model.context_embedder.kernel.dtype), prompt_embeds, pooled,
-                          jnp.full((x_in.shape[0],), t), attention_impl=attention_impl)
+                out = model(x_in.astype(model.context_embedder.kernel.dtype), prompt_embeds, pooled,
+                            jnp.full((x_in.shape[0],), t), plan=None if cache is None else (head_window, cache),
+                            attention_impl=attention_impl)
+                v, cache = out if cache is not None else (out, None)
                 if cfg_guidance:
                     uncond, cond = jnp.split(v.astype(jnp.float32), 2)
                     v = uncond + guidance_scale * (cond - uncond)
-                return v
+                return v, cache
 
-            return euler_scan(velocity, latents, sigmas, timesteps)
+            return euler_scan(velocity, latents, sigmas, timesteps, windows, cache)
 
         _RUNNERS[key] = run
     return _RUNNERS[key]

@@ -16,10 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ditfa_jax.attention import joint_attention
 from ditfa_jax.configs import FluxConfig
 from ditfa_jax.models.layers import (AdaLayerNorm, FeedForward, RMSNorm, TimeTextEmbedding, create_stack,
-                                     layer_norm, linear, modulate, scan_stack)
+                                     layer_norm, linear, modulate, run_stacks)
 
 
 def rope_tables(ids: np.ndarray, axes_dims: tuple[int, ...], theta: float = 10000.0) -> tuple[np.ndarray, np.ndarray]:
@@ -53,14 +52,6 @@ def merge_heads(x: jax.Array) -> jax.Array:
     return x.reshape(*x.shape[:-2], -1)
 
 
-def run_attention(q, k, v, layer_plan, *, text_len: int, impl: str):
-    """Joint attention of one FLUX layer ([text, image] order); returns (output, new cache or None)."""
-    head_window, cache = layer_plan if layer_plan is not None else (None, None)
-    out = joint_attention(q, k, v, text_len=text_len, text_first=True, head_window=head_window, cache=cache,
-                          implementation=impl)
-    return out, (out if layer_plan is not None else None)
-
-
 class FluxDoubleAttention(nnx.Module):
     """Attention of a double-stream block: separate image (to_*) and text (add_*) projections, one joint softmax."""
 
@@ -74,22 +65,24 @@ class FluxDoubleAttention(nnx.Module):
         self.to_out_0 = linear(dim, dim, dtype=dtype, rngs=rngs)
         self.to_add_out = linear(dim, dim, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, c, rope, layer_plan, impl):
+    def qkv(self, x, c, rope):
+        """q, k, v [B, text + image, H, D] with qk-norm and RoPE applied."""
         d = self.head_dim
         q = jnp.concatenate([self.norm_added_q(split_heads(self.add_q_proj(c), d)),
                              self.norm_q(split_heads(self.to_q(x), d))], axis=1)
         k = jnp.concatenate([self.norm_added_k(split_heads(self.add_k_proj(c), d)),
                              self.norm_k(split_heads(self.to_k(x), d))], axis=1)
         v = jnp.concatenate([split_heads(self.add_v_proj(c), d), split_heads(self.to_v(x), d)], axis=1)
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
-        text_len = c.shape[1]
-        out, new_cache = run_attention(q, k, v, layer_plan, text_len=text_len, impl=impl)
-        out = merge_heads(out)
-        return self.to_out_0(out[:, text_len:]), self.to_add_out(out[:, :text_len]), new_cache
+        return apply_rope(q, rope), apply_rope(k, rope), v
 
 
 class FluxDoubleBlock(nnx.Module):
-    """diffusers' FluxTransformerBlock: image and text streams with their own adaLN, MLPs and projections."""
+    """diffusers' FluxTransformerBlock: image and text streams with their own adaLN, MLPs and projections.
+
+    Split into `prepare` (adaLN), `qkv` and `finish` (output projections, residuals, MLPs) around the attention, so
+    that the sampler and the plan search run the same code (`ditfa_jax.models.layers.block_forward`).
+    Carry: (image tokens x, text tokens c).
+    """
 
     def __init__(self, config: FluxConfig, *, dtype, rngs: nnx.Rngs):
         dim = config.inner_dim
@@ -100,16 +93,27 @@ class FluxDoubleBlock(nnx.Module):
         self.ff = FeedForward(dim, dtype=dtype, rngs=rngs)
         self.ff_context = FeedForward(dim, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, c, temb, rope, layer_plan, impl):
+    def prepare(self, carry, temb):
+        x, c = carry
         shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = self.norm1(temb)
         c_shift, c_scale, c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(temb)
-        img_attn, txt_attn, new_cache = self.attn(modulate(layer_norm(x), shift, scale),
-                                                  modulate(layer_norm(c), c_shift, c_scale), rope, layer_plan, impl)
-        x = x + gate[:, None] * img_attn
+        return dict(x=modulate(layer_norm(x), shift, scale), c=modulate(layer_norm(c), c_shift, c_scale),
+                    img=(gate, shift_mlp, scale_mlp, gate_mlp), txt=(c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp))
+
+    def qkv(self, ctx, rope):
+        return self.attn.qkv(ctx["x"], ctx["c"], rope)
+
+    def finish(self, carry, ctx, attn):
+        x, c = carry
+        text_len = c.shape[1]
+        attn = merge_heads(attn)
+        gate, shift_mlp, scale_mlp, gate_mlp = ctx["img"]
+        x = x + gate[:, None] * self.attn.to_out_0(attn[:, text_len:])
         x = x + gate_mlp[:, None] * self.ff(modulate(layer_norm(x), shift_mlp, scale_mlp))
-        c = c + c_gate[:, None] * txt_attn
-        c = c + c_gate_mlp[:, None] * self.ff_context(modulate(layer_norm(c), c_shift_mlp, c_scale_mlp))
-        return x, c, new_cache
+        gate, shift_mlp, scale_mlp, gate_mlp = ctx["txt"]
+        c = c + gate[:, None] * self.attn.to_add_out(attn[:, :text_len])
+        c = c + gate_mlp[:, None] * self.ff_context(modulate(layer_norm(c), shift_mlp, scale_mlp))
+        return x, c
 
 
 class FluxSingleAttention(nnx.Module):
@@ -120,17 +124,18 @@ class FluxSingleAttention(nnx.Module):
         self.to_q, self.to_k, self.to_v = (linear(dim, dim, dtype=dtype, rngs=rngs) for _ in range(3))
         self.norm_q, self.norm_k = (RMSNorm(head_dim, dtype=dtype, rngs=rngs) for _ in range(2))
 
-    def __call__(self, h, rope, layer_plan, text_len, impl):
+    def qkv(self, h, rope):
         d = self.head_dim
         q = apply_rope(self.norm_q(split_heads(self.to_q(h), d)), rope)
         k = apply_rope(self.norm_k(split_heads(self.to_k(h), d)), rope)
-        v = split_heads(self.to_v(h), d)
-        out, new_cache = run_attention(q, k, v, layer_plan, text_len=text_len, impl=impl)
-        return merge_heads(out), new_cache
+        return q, k, split_heads(self.to_v(h), d)
 
 
 class FluxSingleBlock(nnx.Module):
-    """diffusers' FluxSingleTransformerBlock: parallel attention and MLP on the joint sequence, one out projection."""
+    """diffusers' FluxSingleTransformerBlock: parallel attention and MLP on the joint sequence, one out projection.
+
+    Carry: the joint [text, image] sequence h.
+    """
 
     def __init__(self, config: FluxConfig, *, dtype, rngs: nnx.Rngs):
         dim = config.inner_dim
@@ -140,12 +145,16 @@ class FluxSingleBlock(nnx.Module):
                                         rngs=rngs)
         self.proj_out = linear(5 * dim, dim, dtype=dtype, rngs=rngs)
 
-    def __call__(self, h, temb, rope, layer_plan, text_len, impl):
+    def prepare(self, h, temb):
         shift, scale, gate = self.norm(temb)
-        h_norm = modulate(layer_norm(h), shift, scale)
-        mlp = jax.nn.gelu(self.proj_mlp(h_norm), approximate=True)
-        attn, new_cache = self.attn(h_norm, rope, layer_plan, text_len, impl)
-        return h + gate[:, None] * self.proj_out(jnp.concatenate([attn, mlp], axis=-1)), new_cache
+        return dict(h=modulate(layer_norm(h), shift, scale), gate=gate)
+
+    def qkv(self, ctx, rope):
+        return self.attn.qkv(ctx["h"], rope)
+
+    def finish(self, h, ctx, attn):
+        mlp = jax.nn.gelu(self.proj_mlp(ctx["h"]), approximate=True)
+        return h + ctx["gate"][:, None] * self.proj_out(jnp.concatenate([merge_heads(attn), mlp], axis=-1))
 
 
 class FluxTransformer(nnx.Module):
@@ -166,45 +175,51 @@ class FluxTransformer(nnx.Module):
         self.norm_out = AdaLayerNorm(dim, 2, dtype=dtype, rngs=rngs)
         self.proj_out = linear(dim, config.patch_size ** 2 * config.output_channels, dtype=dtype, rngs=rngs)
 
-    def __call__(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, rope, guidance=None,
-                 plan=None, attention_impl: str = "auto"):
-        """One denoiser evaluation.
+    # ---- the pieces the sampler and the plan search share ----
+
+    def embed(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, guidance=None):
+        """Inputs -> (carry of the first stack, conditioning vector temb).
 
         timestep/guidance are per-sample [B] floats as the FLUX pipeline passes them (sigma in [0, 1]; guidance
-        scale); they are scaled by 1000 here, as in diffusers. `rope` is `rope_tables(cat(txt_ids, img_ids))`.
-        `plan` is None or (head_window [layers, H], cache [layers, B, T, H, D]) over all double then single
-        layers; with a plan the call returns (output, new_cache), otherwise the output alone.
+        scale); they are scaled by 1000 here, as in diffusers.
         """
-        cfg = self.config
         dtype = self.x_embedder.kernel.dtype
         x = self.x_embedder(hidden_states.astype(dtype))
         c = self.context_embedder(encoder_hidden_states.astype(dtype))
         timestep = jnp.asarray(timestep, dtype) * 1000
         guidance = None if guidance is None else jnp.asarray(guidance, dtype) * 1000
-        temb = self.time_text_embed(timestep, pooled_projections.astype(dtype), guidance)
-        rope = tuple(jnp.asarray(t) for t in rope)
-        text_len = c.shape[1]
+        return (x, c), self.time_text_embed(timestep, pooled_projections.astype(dtype), guidance)
 
-        double_plan = single_plan = None
-        if plan is not None:
-            double_plan = jax.tree_util.tree_map(lambda a: a[:cfg.num_layers], plan)
-            single_plan = jax.tree_util.tree_map(lambda a: a[cfg.num_layers:], plan)
+    def stacks(self):
+        """The scanned block stacks in run order: (stack, first layer, layer count)."""
+        cfg = self.config
+        return [(self.transformer_blocks, 0, cfg.num_layers),
+                (self.single_transformer_blocks, cfg.num_layers, cfg.num_single_layers)]
 
-        def double_step(block, carry, layer_plan):
+    @staticmethod
+    def enter_stack(index: int, carry):
+        """Carry hand-over between stacks: the single-stream blocks run on the joint [text, image] sequence."""
+        if index == 1:
             x, c = carry
-            x, c, new_cache = block(x, c, temb, rope, layer_plan, attention_impl)
-            return (x, c), new_cache
+            return jnp.concatenate([c, x], axis=1)
+        return carry
 
-        (x, c), double_cache = scan_stack(self.transformer_blocks, (x, c), double_plan, double_step)
-
-        def single_step(block, h, layer_plan):
-            return block(h, temb, rope, layer_plan, text_len, attention_impl)
-
-        h, single_cache = scan_stack(self.single_transformer_blocks, jnp.concatenate([c, x], axis=1), single_plan,
-                                     single_step)
-        x = h[:, text_len:]
+    def unembed(self, h, temb, text_len: int):
         scale, shift = self.norm_out(temb)
-        out = self.proj_out(modulate(layer_norm(x), shift, scale))
-        if plan is None:
-            return out
-        return out, jnp.concatenate([double_cache, single_cache], axis=0)
+        return self.proj_out(modulate(layer_norm(h[:, text_len:]), shift, scale))
+
+    def __call__(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, rope, guidance=None,
+                 plan=None, attention_impl: str = "auto"):
+        """One denoiser evaluation on packed latents [B, S_img, in_channels] -> velocity [B, S_img, out].
+
+        `rope` is `rope_tables(cat(txt_ids, img_ids))`. `plan` is None or (head_window [layers, H],
+        cache [layers, B, T, H, D]) over all double then single layers; with a plan the call returns
+        (output, new_cache), otherwise the output alone.
+        """
+        carry, temb = self.embed(hidden_states, encoder_hidden_states, pooled_projections, timestep, guidance)
+        text_len = encoder_hidden_states.shape[1]
+        rope = tuple(jnp.asarray(t) for t in rope)
+        carry, cache = run_stacks(self, carry, temb, rope, plan, text_len=text_len, text_first=True,
+                                  impl=attention_impl)
+        out = self.unembed(carry, temb, text_len)
+        return out if plan is None else (out, cache)

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ditfa_jax.attention import joint_attention
+
 
 def linear(in_features: int, out_features: int, *, dtype, rngs: nnx.Rngs, bias: bool = True) -> nnx.Linear:
     """A dense layer whose kernel is [in, out] (the transpose of torch's weight)."""
@@ -149,3 +151,43 @@ def scan_stack(stack, carry, xs, body):
         return body(nnx.merge(graphdef, layer_state), c, x)
 
     return jax.lax.scan(step, carry, (state, xs))
+
+
+def block_forward(block, carry, temb, rope, layer_plan, *, text_len: int, text_first: bool, impl: str):
+    """One MMDiT block: adaLN (`prepare`), q/k/v, joint attention, then `finish`; returns (carry, attention output).
+
+    With a plan, `layer_plan = (head_window [H], cache [B, T, H, D])`: the head-wise kernel runs, cached heads
+    return the cache, and when every head is cached the q/k/v projections and the kernel are skipped altogether.
+    The attention output (all rows, before the output projection) is what the next step's cache holds.
+    """
+    ctx = block.prepare(carry, temb)
+    head_window, cache = layer_plan if layer_plan is not None else (None, None)
+
+    def attend():
+        q, k, v = block.qkv(ctx, rope)
+        return joint_attention(q, k, v, text_len=text_len, text_first=text_first, head_window=head_window,
+                               cache=cache, implementation=impl)
+
+    if layer_plan is None:
+        return block.finish(carry, ctx, attend()), None
+    out = jax.lax.cond(jnp.all(head_window == 0), lambda: cache, attend)
+    return block.finish(carry, ctx, out), out
+
+
+def run_stacks(model, carry, temb, rope, plan, *, text_len: int, text_first: bool, impl: str):
+    """Scan every block stack of `model` in order; returns (carry, per-layer attention outputs or None).
+
+    `plan` is None or (head_window [layers, H], cache [layers, ...]) over all layers of all stacks.
+    """
+    caches = []
+    for index, (stack, first, count) in enumerate(model.stacks()):
+        carry = model.enter_stack(index, carry)
+        stack_plan = None if plan is None else jax.tree_util.tree_map(lambda a: a[first:first + count], plan)
+
+        def body(block, c, layer_plan):
+            return block_forward(block, c, temb, rope, layer_plan, text_len=text_len, text_first=text_first,
+                                 impl=impl)
+
+        carry, cache = scan_stack(stack, carry, stack_plan, body)
+        caches.append(cache)
+    return carry, (None if plan is None else jnp.concatenate(caches, axis=0))

@@ -22,7 +22,7 @@ from ditfa_jax.attention import joint_attention
 from ditfa_jax.configs import SD3Config
 from ditfa_jax.models.flux import merge_heads, split_heads
 from ditfa_jax.models.layers import (AdaLayerNorm, FeedForward, RMSNorm, TimeTextEmbedding, create_stack,
-                                     layer_norm, linear, modulate, scan_stack)
+                                     layer_norm, linear, modulate, run_stacks)
 
 
 class Buffer(nnx.Variable):
@@ -54,10 +54,9 @@ class PatchEmbed(nnx.Module):
 
 
 class JointAttention(nnx.Module):
-    """SD3 joint attention: image projections to_*, text projections add_*, optional qk RMSNorm.
+    """SD3 attention projections: image to_*, text add_* (absent for the image-only `attn2`), optional qk RMSNorm.
 
-    With `context_pre_only` the text output projection is absent; with `added=False` it is the image-only
-    self-attention (`attn2`) of an MMDiT-X layer.
+    With `context_pre_only` (last block) the text output projection is absent.
     """
 
     def __init__(self, dim: int, heads: int, head_dim: int, *, qk_norm: bool, added: bool, context_pre_only: bool,
@@ -67,7 +66,6 @@ class JointAttention(nnx.Module):
         self.norm_q = RMSNorm(head_dim, dtype=dtype, rngs=rngs) if qk_norm else None
         self.norm_k = RMSNorm(head_dim, dtype=dtype, rngs=rngs) if qk_norm else None
         self.to_out_0 = linear(dim, dim, dtype=dtype, rngs=rngs)
-        self.added = added
         if added:
             self.add_q_proj, self.add_k_proj, self.add_v_proj = (linear(dim, dim, dtype=dtype, rngs=rngs)
                                                                  for _ in range(3))
@@ -75,34 +73,28 @@ class JointAttention(nnx.Module):
             self.norm_added_k = RMSNorm(head_dim, dtype=dtype, rngs=rngs) if qk_norm else None
             self.to_add_out = None if context_pre_only else linear(dim, dim, dtype=dtype, rngs=rngs)
 
-    @staticmethod
-    def _heads(proj, norm, x, d):
-        y = split_heads(proj(x), d)
+    def _heads(self, proj, norm, x):
+        y = split_heads(proj(x), self.head_dim)
         return norm(y) if norm is not None else y
 
-    def __call__(self, x, c=None, layer_plan=None, impl="auto"):
-        d = self.head_dim
-        q = self._heads(self.to_q, self.norm_q, x, d)
-        k = self._heads(self.to_k, self.norm_k, x, d)
-        v = split_heads(self.to_v(x), d)
-        if not self.added:  # image-only self-attention of an MMDiT-X layer
-            out = joint_attention(q, k, v, text_len=0, text_first=False, implementation=impl)
-            return self.to_out_0(merge_heads(out))
-        q = jnp.concatenate([q, self._heads(self.add_q_proj, self.norm_added_q, c, d)], axis=1)
-        k = jnp.concatenate([k, self._heads(self.add_k_proj, self.norm_added_k, c, d)], axis=1)
-        v = jnp.concatenate([v, split_heads(self.add_v_proj(c), d)], axis=1)
-        head_window, cache = layer_plan if layer_plan is not None else (None, None)
-        out = joint_attention(q, k, v, text_len=c.shape[1], text_first=False, head_window=head_window, cache=cache,
-                              implementation=impl)
-        n_img = x.shape[1]
-        merged = merge_heads(out)
-        img_out = self.to_out_0(merged[:, :n_img])
-        txt_out = None if self.to_add_out is None else self.to_add_out(merged[:, n_img:])
-        return img_out, txt_out, (out if layer_plan is not None else None)
+    def qkv(self, x, c=None):
+        """q, k, v [B, image (+ text), H, D]: image tokens first, as SD3 concatenates them."""
+        q = self._heads(self.to_q, self.norm_q, x)
+        k = self._heads(self.to_k, self.norm_k, x)
+        v = split_heads(self.to_v(x), self.head_dim)
+        if c is None:
+            return q, k, v
+        return (jnp.concatenate([q, self._heads(self.add_q_proj, self.norm_added_q, c)], axis=1),
+                jnp.concatenate([k, self._heads(self.add_k_proj, self.norm_added_k, c)], axis=1),
+                jnp.concatenate([v, split_heads(self.add_v_proj(c), self.head_dim)], axis=1))
 
 
 class JointBlock(nnx.Module):
-    """diffusers' JointTransformerBlock (optionally MMDiT-X dual attention, optionally context pre-only)."""
+    """diffusers' JointTransformerBlock (optionally MMDiT-X dual attention, optionally context pre-only).
+
+    Split into `prepare` (adaLN), `qkv` and `finish` around the joint attention, as the FLUX blocks are.
+    Carry: (image tokens x, text tokens c).
+    """
 
     def __init__(self, config: SD3Config, *, dual: bool, context_pre_only: bool, dtype, rngs: nnx.Rngs):
         dim, heads, hd = config.inner_dim, config.num_attention_heads, config.attention_head_dim
@@ -117,25 +109,39 @@ class JointBlock(nnx.Module):
         self.ff = FeedForward(dim, dtype=dtype, rngs=rngs)
         self.ff_context = None if context_pre_only else FeedForward(dim, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, c, temb, layer_plan, impl):
+    def prepare(self, carry, temb):
+        x, c = carry
         mods = self.norm1(temb)
-        shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = mods[:6]
+        shift, scale = mods[:2]
         x_norm = layer_norm(x)
         if self.context_pre_only:
             c_scale, c_shift = self.norm1_context(temb)  # AdaLayerNormContinuous: scale first
+            txt = None
         else:
-            c_shift, c_scale, c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(temb)
-        img_attn, txt_attn, new_cache = self.attn(modulate(x_norm, shift, scale),
-                                                  modulate(layer_norm(c), c_shift, c_scale), layer_plan, impl)
-        x = x + gate[:, None] * img_attn
-        if self.dual:
-            shift2, scale2, gate2 = mods[6:]
-            x = x + gate2[:, None] * self.attn2(modulate(x_norm, shift2, scale2), impl=impl)
+            c_shift, c_scale, *txt = self.norm1_context(temb)
+        return dict(x_norm=x_norm, x=modulate(x_norm, shift, scale), c=modulate(layer_norm(c), c_shift, c_scale),
+                    img=mods[2:], txt=txt)
+
+    def qkv(self, ctx, rope=None):
+        return self.attn.qkv(ctx["x"], ctx["c"])
+
+    def finish(self, carry, ctx, attn):
+        x, c = carry
+        n_img = x.shape[1]
+        attn = merge_heads(attn)
+        gate, shift_mlp, scale_mlp, gate_mlp = ctx["img"][:4]
+        x = x + gate[:, None] * self.attn.to_out_0(attn[:, :n_img])
+        if self.dual:  # MMDiT-X: image-only self-attention, always dense
+            shift2, scale2, gate2 = ctx["img"][4:]
+            q, k, v = self.attn2.qkv(modulate(ctx["x_norm"], shift2, scale2))
+            out2 = joint_attention(q, k, v, text_len=0, text_first=False)
+            x = x + gate2[:, None] * self.attn2.to_out_0(merge_heads(out2))
         x = x + gate_mlp[:, None] * self.ff(modulate(layer_norm(x), shift_mlp, scale_mlp))
         if not self.context_pre_only:
-            c = c + c_gate[:, None] * txt_attn
+            c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp = ctx["txt"]
+            c = c + c_gate[:, None] * self.attn.to_add_out(attn[:, n_img:])
             c = c + c_gate_mlp[:, None] * self.ff_context(modulate(layer_norm(c), c_shift_mlp, c_scale_mlp))
-        return x, c, new_cache
+        return x, c
 
 
 def layer_segments(config: SD3Config) -> list[tuple[int, int, bool, bool]]:
@@ -167,37 +173,45 @@ class SD3Transformer(nnx.Module):
         self.norm_out = AdaLayerNorm(dim, 2, dtype=dtype, rngs=rngs)
         self.proj_out = linear(dim, config.patch_size ** 2 * config.output_channels, dtype=dtype, rngs=rngs)
 
+    # ---- the pieces the sampler and the plan search share ----
+
+    def embed(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, guidance=None):
+        """NCHW latents + prompt embeddings -> ((image tokens, text tokens), temb); timestep as the pipeline passes it."""
+        del guidance  # SD3 has no guidance embedding (CFG happens in the sampler)
+        p = self.config.patch_size
+        if hidden_states.shape[2] % p or hidden_states.shape[3] % p:
+            raise ValueError(f"latent height/width {hidden_states.shape[2:]} must be multiples of patch_size {p}")
+        dtype = self.context_embedder.kernel.dtype
+        x = self.pos_embed(hidden_states.astype(dtype))
+        c = self.context_embedder(encoder_hidden_states.astype(dtype))
+        return (x, c), self.time_text_embed(jnp.asarray(timestep, jnp.float32), pooled_projections.astype(dtype))
+
+    def stacks(self):
+        return [(stack, start, n) for (start, n, _, _), stack in zip(layer_segments(self.config), self.segments)]
+
+    @staticmethod
+    def enter_stack(index: int, carry):
+        return carry
+
+    def unembed(self, carry, temb, height: int, width: int):
+        """Final adaLN + projection, then unpatchify to NCHW [B, C, height, width] (latent pixels)."""
+        cfg, x = self.config, carry[0]
+        p, co = cfg.patch_size, cfg.output_channels
+        scale, shift = self.norm_out(temb)
+        x = self.proj_out(modulate(layer_norm(x), shift, scale))
+        h, w = height // p, width // p
+        return x.reshape(x.shape[0], h, w, p, p, co).transpose(0, 5, 1, 3, 2, 4).reshape(x.shape[0], co, height,
+                                                                                          width)
+
     def __call__(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, plan=None,
                  attention_impl: str = "auto"):
-        """One denoiser evaluation; `timestep` [B] as the SD3 pipeline passes it (0..1000).
+        """One denoiser evaluation; NCHW latents -> NCHW velocity; `timestep` [B] as the SD3 pipeline passes it.
 
         `plan` is None or (head_window [layers, H], cache [layers, B, T, H, D]); with a plan the call returns
         (output, new_cache), otherwise the output alone.
         """
-        cfg = self.config
-        dtype = self.context_embedder.kernel.dtype
-        b, _, height, width = hidden_states.shape
-        p = cfg.patch_size
-        if height % p or width % p:
-            raise ValueError(f"latent height/width {height}x{width} must be multiples of patch_size {p}")
-        x = self.pos_embed(hidden_states.astype(dtype))
-        c = self.context_embedder(encoder_hidden_states.astype(dtype))
-        temb = self.time_text_embed(jnp.asarray(timestep, jnp.float32), pooled_projections.astype(dtype))
-
-        def step(block, carry, layer_plan):
-            x, c, new_cache = block(*carry, temb, layer_plan, attention_impl)
-            return (x, c), new_cache
-
-        caches = []
-        for (start, n, _, _), stack in zip(layer_segments(cfg), self.segments):
-            seg_plan = None if plan is None else jax.tree_util.tree_map(lambda a: a[start:start + n], plan)
-            (x, c), seg_cache = scan_stack(stack, (x, c), seg_plan, step)
-            caches.append(seg_cache)
-
-        scale, shift = self.norm_out(temb)
-        x = self.proj_out(modulate(layer_norm(x), shift, scale))
-        h, w, co = height // p, width // p, cfg.output_channels
-        out = x.reshape(b, h, w, p, p, co).transpose(0, 5, 1, 3, 2, 4).reshape(b, co, h * p, w * p)
-        if plan is None:
-            return out
-        return out, jnp.concatenate(caches, axis=0)
+        carry, temb = self.embed(hidden_states, encoder_hidden_states, pooled_projections, timestep)
+        carry, cache = run_stacks(self, carry, temb, None, plan, text_len=encoder_hidden_states.shape[1],
+                                  text_first=False, impl=attention_impl)
+        out = self.unembed(carry, temb, *hidden_states.shape[2:])
+        return out if plan is None else (out, cache)
