@@ -1,0 +1,661 @@
+"""Compression plans: one attention method per (step, layer, head), saved as a small JSON file.
+
+A plan's payload is ``head_window: int32 [steps, layers, heads]`` in the kernel's encoding (-1 full, 0 cached,
+w > 0 arrow with image-band half-width w tokens, see :mod:`pallas_kernels.schedule`); the sampler scans over its
+first axis. Everything else is metadata that ties the plan to the model and run it was calibrated for (model class,
+layer/head counts, resolution, text length, step count), so a plan cannot silently be applied to another setting.
+
+Candidate methods are named ``"cached"`` and ``"arrow_K"``: arrow_K's half-width is ``max(1, n_img // (2*K))``
+image tokens (DiTFastAttnV2). Layers are counted in run order (FLUX: the double-stream blocks, then the
+single-stream blocks; SD3: the joint blocks). Step 0 is always full: a cached head needs a computed value first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from ditfa_jax.configs import MODEL_CLASSES, config_to_dict
+from pallas_kernels.cost import PlanCost, plan_cost
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "DEFAULT_CANDIDATES",
+    "CompressionPlan",
+    "method_window",
+    "candidate_windows",
+    "candidate_savings",
+    "windows_from_choice",
+    "image_tokens_for",
+    "save_heatmap",
+]
+
+SCHEMA_VERSION = 1
+DEFAULT_CANDIDATES = ("cached", "arrow_8", "arrow_16", "arrow_32")
+FULL_WINDOW = -1
+CACHED_WINDOW = 0
+VAE_SCALE_FACTOR = 8  # pixels per latent cell (as in ditfa_jax.sampler)
+
+_FAMILY_OF_CLASS = {"FluxTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3"}
+_TEXT_FIRST = {"flux": True, "sd3": False}
+_ARROW = re.compile(r"arrow_([1-9][0-9]*)")
+_FORMAT = "ditfa-jax compression plan"
+_LEGEND = "head_window[step][layer][head]: -1 full, 0 cached, w>0 arrow (image-band half-width w tokens)"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Methods
+
+
+def _arrow_k(name) -> int | None:
+    m = _ARROW.fullmatch(name) if isinstance(name, str) else None
+    return int(m.group(1)) if m else None
+
+
+def method_window(name: str, n_img: int) -> int:
+    """Head window of a method for ``n_img`` image tokens: "full" -> -1, "cached" -> 0,
+    "arrow_K" -> max(1, n_img // (2*K))."""
+    if isinstance(n_img, bool) or not isinstance(n_img, (int, np.integer)) or n_img < 1:
+        raise ValueError(f"n_img: expected a positive number of image tokens, got {n_img!r}")
+    if name == "full":
+        return FULL_WINDOW
+    if name == "cached":
+        return CACHED_WINDOW
+    k = _arrow_k(name)
+    if k is None:
+        raise ValueError(f"method name {name!r}: expected 'full', 'cached' or 'arrow_K' with an integer K >= 1")
+    return max(1, int(n_img) // (2 * k))
+
+
+def _check_candidates(candidates) -> tuple[str, ...]:
+    if isinstance(candidates, str) or not isinstance(candidates, (tuple, list)) or not candidates:
+        raise ValueError(f"candidates: expected a non-empty tuple of method names, got {candidates!r}")
+    for name in candidates:
+        if name != "cached" and _arrow_k(name) is None:
+            raise ValueError(f"candidates: {name!r} is not a candidate method; expected 'cached' or 'arrow_K'")
+    if len(set(candidates)) != len(candidates):
+        raise ValueError(f"candidates: names must be distinct, got {tuple(candidates)}")
+    return tuple(candidates)
+
+
+def candidate_windows(candidates, n_img: int) -> np.ndarray:
+    """int32 [M]: the head window of each candidate method."""
+    return np.array([method_window(n, n_img) for n in _check_candidates(candidates)], dtype=np.int32)
+
+
+def candidate_savings(candidates, *, image_tokens: int, text_len: int, text_first: bool, head_dim: int,
+                      block_q: int | None = None, block_k: int | None = None) -> np.ndarray:
+    """float64 [M]: fraction of one head's attention FLOPs each candidate removes (cached: 1.0), from
+    :func:`pallas_kernels.plan_cost` (the kernel's tile-aligned band). This is the MILP's ``saving``."""
+    windows = candidate_windows(candidates, image_tokens)
+    cost = plan_cost(windows, batch=1, tokens=image_tokens + text_len, text_len=text_len, text_first=text_first,
+                     head_dim=head_dim, block_q=block_q, block_k=block_k)
+    return np.asarray(cost.saving, dtype=np.float64)
+
+
+def windows_from_choice(choice, candidates, n_img: int) -> np.ndarray:
+    """Solver output (candidate index per head, -1 = full; any shape) -> int32 head windows of the same shape."""
+    windows = candidate_windows(candidates, n_img)
+    choice = np.asarray(choice)
+    if not np.issubdtype(choice.dtype, np.integer):
+        raise ValueError(f"choice: expected integer method indices, got dtype {choice.dtype}")
+    if choice.size and (choice.min() < -1 or choice.max() >= len(windows)):
+        raise ValueError(f"choice: indices must lie in [-1, {len(windows) - 1}] for candidates {tuple(candidates)}, "
+                         f"got range [{choice.min()}, {choice.max()}]")
+    return np.where(choice < 0, FULL_WINDOW, windows[np.maximum(choice, 0)]).astype(np.int32)
+
+
+def image_tokens_for(config, height: int, width: int) -> int:
+    """Image tokens of a model at ``height`` x ``width`` pixels (FLUX: 2x2 packed latents; SD3: patchified)."""
+    patch = 2 if config.family == "flux" else config.patch_size
+    step = VAE_SCALE_FACTOR * patch
+    for name, v in (("height", height), ("width", width)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0 or v % step:
+            raise ValueError(f"{name}: expected a positive multiple of {step} pixels for {config.family}, got {v!r}")
+    return (height // step) * (width // step)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The plan
+
+
+def _int_field(name: str, v, minimum: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
+        raise ValueError(f"{name}: expected an integer >= {minimum}, got {v!r}")
+    return int(v)
+
+
+def _opt_float(name: str, v, positive: bool) -> float | None:
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{name}: expected a number or None, got {v!r}")
+    v = float(v)
+    if not math.isfinite(v) or v < 0 or (positive and v == 0):
+        raise ValueError(f"{name}: expected a finite value {'>' if positive else '>='} 0, got {v}")
+    return v
+
+
+def _normalise_json(obj):
+    """Round-trip through JSON so tuples/lists and numpy scalars compare equal after save/load."""
+    return json.loads(json.dumps(obj, default=_json_default))
+
+
+def _json_default(o):
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"{type(o).__name__} is not JSON serialisable")
+
+
+@dataclasses.dataclass(frozen=True, eq=False, kw_only=True)
+class CompressionPlan:
+    """Per-(step, layer, head) attention methods plus the setting they were calibrated for.
+
+    ``head_window``: int32 [num_steps, num_layers, num_heads] (-1 full, 0 cached, w>0 arrow), read-only.
+    ``candidates``/``delta``/``c``: the search that made it (``delta``/``c`` None for hand-made plans).
+    ``model_config``: the model's config dict (optional); when present, :meth:`check_compatible` also compares it,
+    which tells apart models with equal layer/head counts (e.g. SD3-medium and SD3.5-medium).
+    ``notes``: free-form JSON-serialisable facts (calibration time, prompt count, ...).
+    """
+
+    head_window: np.ndarray
+    family: str
+    model_class: str
+    num_layers: int
+    num_heads: int
+    head_dim: int
+    height: int
+    width: int
+    image_tokens: int
+    text_len: int
+    text_first: bool
+    num_steps: int
+    candidates: tuple[str, ...] = DEFAULT_CANDIDATES
+    delta: float | None = None
+    c: float | None = None
+    schema_version: int = SCHEMA_VERSION
+    model_config: dict | None = None
+    notes: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        put = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
+        if self.schema_version != SCHEMA_VERSION:
+            raise ValueError(f"schema_version: this ditfa-jax reads schema {SCHEMA_VERSION}, got "
+                             f"{self.schema_version!r}")
+        if self.model_class not in _FAMILY_OF_CLASS:
+            raise ValueError(f"model_class: expected one of {sorted(_FAMILY_OF_CLASS)}, got {self.model_class!r}")
+        if self.family != _FAMILY_OF_CLASS[self.model_class]:
+            raise ValueError(f"family: {self.model_class} is family {_FAMILY_OF_CLASS[self.model_class]!r}, "
+                             f"got {self.family!r}")
+        if not isinstance(self.text_first, (bool, np.bool_)) or bool(self.text_first) != _TEXT_FIRST[self.family]:
+            raise ValueError(f"text_first: {self.family} puts text {'first' if _TEXT_FIRST[self.family] else 'last'} "
+                             f"(text_first={_TEXT_FIRST[self.family]}), got {self.text_first!r}")
+        put("text_first", bool(self.text_first))
+        for name, minimum in (("num_layers", 1), ("num_heads", 1), ("head_dim", 1), ("height", 1), ("width", 1),
+                              ("image_tokens", 1), ("text_len", 0), ("num_steps", 1)):
+            put(name, _int_field(name, getattr(self, name), minimum))
+        put("candidates", _check_candidates(self.candidates))
+        put("delta", _opt_float("delta", self.delta, positive=False))
+        put("c", _opt_float("c", self.c, positive=True))
+        if self.model_config is not None and not isinstance(self.model_config, dict):
+            raise ValueError(f"model_config: expected a dict or None, got {type(self.model_config).__name__}")
+        if not isinstance(self.notes, dict):
+            raise ValueError(f"notes: expected a dict, got {type(self.notes).__name__}")
+
+        hw = np.asarray(self.head_window)
+        want = (self.num_steps, self.num_layers, self.num_heads)
+        if not np.issubdtype(hw.dtype, np.integer):
+            raise ValueError(f"head_window: expected an integer array, got dtype {hw.dtype}")
+        if hw.shape != want:
+            raise ValueError(f"head_window: expected shape [steps, layers, heads] = {list(want)} (num_steps, "
+                             f"num_layers, num_heads), got {list(hw.shape)}")
+        if hw.size and (hw.min() < -1 or hw.max() > np.iinfo(np.int32).max):
+            raise ValueError(f"head_window: values must lie in [-1, 2**31-1] (-1 full, 0 cached, w>0 arrow), got "
+                             f"range [{hw.min()}, {hw.max()}]")
+        if (hw[0] != FULL_WINDOW).any():
+            layer, head = (int(i) for i in np.argwhere(hw[0] != FULL_WINDOW)[0])
+            raise ValueError(f"head_window: step 0 must be all full (-1) -- a cached head needs a computed value "
+                             f"first; got {int(hw[0, layer, head])} at layer {layer}, head {head}")
+        hw = np.array(hw, dtype=np.int32)
+        hw.setflags(write=False)
+        put("head_window", hw)
+
+    # --- construction ------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, config, head_window, *, height: int, width: int, text_len: int,
+                    image_tokens: int | None = None, candidates=DEFAULT_CANDIDATES, delta: float | None = None,
+                    c: float | None = None, notes: dict | None = None) -> CompressionPlan:
+        """A plan for ``config`` at ``height`` x ``width`` with the given windows [steps, layers, heads]."""
+        want = image_tokens_for(config, height, width)
+        if image_tokens is not None and image_tokens != want:
+            raise ValueError(f"image_tokens: {config.family} at {height}x{width} has {want} image tokens, "
+                             f"got {image_tokens}")
+        hw = np.asarray(head_window)
+        raw = config_to_dict(config)
+        return cls(head_window=hw, family=config.family, model_class=raw["_class_name"],
+                   num_layers=config.total_layers, num_heads=config.num_attention_heads,
+                   head_dim=config.attention_head_dim, height=height, width=width, image_tokens=want,
+                   text_len=text_len, text_first=config.text_first,
+                   num_steps=hw.shape[0] if hw.ndim else 0, candidates=candidates, delta=delta, c=c,
+                   model_config=_normalise_json(raw), notes=dict(notes or {}))
+
+    @classmethod
+    def full(cls, config, *, height: int, width: int, text_len: int, num_steps: int,
+             image_tokens: int | None = None, candidates=DEFAULT_CANDIDATES, notes: dict | None = None
+             ) -> CompressionPlan:
+        """The uncompressed plan (every head full at every step)."""
+        num_steps = _int_field("num_steps", num_steps, 1)
+        hw = np.full((num_steps, config.total_layers, config.num_attention_heads), FULL_WINDOW, np.int32)
+        return cls.from_config(config, hw, height=height, width=width, text_len=text_len,
+                               image_tokens=image_tokens, candidates=candidates, notes=notes)
+
+    def replace(self, **changes) -> CompressionPlan:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    # --- identity ----------------------------------------------------------------------------------------------
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.head_window.shape)
+
+    def fingerprint(self) -> dict:
+        """The setting the plan is valid for: model class/shape, resolution, token counts, step count."""
+        return {"model_class": self.model_class, "family": self.family, "num_layers": self.num_layers,
+                "num_heads": self.num_heads, "head_dim": self.head_dim, "text_first": self.text_first,
+                "height": self.height, "width": self.width, "image_tokens": self.image_tokens,
+                "text_len": self.text_len, "num_steps": self.num_steps}
+
+    @staticmethod
+    def run_fingerprint(config, *, height: int, width: int, text_len: int, num_steps: int) -> dict:
+        """:meth:`fingerprint` of a requested run (what a plan must match)."""
+        return {"model_class": config_to_dict(config)["_class_name"], "family": config.family,
+                "num_layers": config.total_layers, "num_heads": config.num_attention_heads,
+                "head_dim": config.attention_head_dim, "text_first": config.text_first, "height": height,
+                "width": width, "image_tokens": image_tokens_for(config, height, width), "text_len": text_len,
+                "num_steps": num_steps}
+
+    def digest(self) -> str:
+        """Short content hash (fingerprint, search settings and windows; not notes), e.g. for cache keys."""
+        meta = json.dumps([self.fingerprint(), list(self.candidates), self.delta, self.c], sort_keys=True)
+        h = hashlib.sha256(meta.encode())
+        h.update(np.ascontiguousarray(self.head_window, dtype="<i4").tobytes())
+        return h.hexdigest()[:16]
+
+    def check_compatible(self, config, *, height: int, width: int, text_len: int, num_steps: int) -> None:
+        """Raise ValueError naming every field where this plan differs from the requested run."""
+        want = self.run_fingerprint(config, height=height, width=width, text_len=text_len, num_steps=num_steps)
+        have = self.fingerprint()
+        bad = [f"  {k}: plan has {have[k]!r}, requested {want[k]!r}" for k in want if have[k] != want[k]]
+        if not bad and self.model_config is not None:  # same shape: tell apart variants (e.g. SD3 vs SD3.5-medium)
+            cfg = _normalise_json(config_to_dict(config))
+            keys = sorted(set(cfg) | set(self.model_config))
+            bad += [f"  model_config.{k}: plan has {self.model_config.get(k)!r}, requested {cfg.get(k)!r}"
+                    for k in keys if self.model_config.get(k) != cfg.get(k)]
+        if bad:
+            raise ValueError("compression plan does not match this run (calibrate a plan for it, or use the "
+                             "matching model/resolution/steps):\n" + "\n".join(bad))
+
+    def __eq__(self, other):
+        if not isinstance(other, CompressionPlan):
+            return NotImplemented
+        return all(getattr(self, f.name) == getattr(other, f.name) for f in dataclasses.fields(self)
+                   if f.name != "head_window") and np.array_equal(self.head_window, other.head_window)
+
+    __hash__ = None
+
+    # --- files -------------------------------------------------------------------------------------------------
+
+    def to_json(self) -> str:
+        """The file text: indented metadata, then head_window with one line per (step, layer)."""
+        n_img = self.image_tokens
+        meta = {"format": _FORMAT, "schema_version": self.schema_version}
+        for f in dataclasses.fields(self):
+            if f.name not in ("head_window", "schema_version", "notes", "model_config"):
+                v = getattr(self, f.name)
+                meta[f.name] = list(v) if isinstance(v, tuple) else v
+        meta["candidate_windows"] = {n: method_window(n, n_img) for n in self.candidates}
+        meta["model_config"] = self.model_config
+        meta["notes"] = self.notes
+        meta["legend"] = _LEGEND
+        marker = "@@HEAD_WINDOW@@"
+        meta["head_window"] = marker
+        text = json.dumps(meta, indent=2, default=_json_default)
+        steps = []
+        for step in self.head_window.tolist():
+            rows = ",\n      ".join(json.dumps(row, separators=(",", ":")) for row in step)
+            steps.append("[\n      " + rows + "\n    ]")
+        arr = "[\n    " + ",\n    ".join(steps) + "\n  ]"
+        head, sep, tail = text.rpartition(json.dumps(marker))
+        assert sep, "placeholder lost"
+        return head + arr + tail + "\n"
+
+    def save(self, path) -> Path:
+        """Write the plan to ``path`` (JSON) atomically: a temp file in the same folder, then os.replace."""
+        path = Path(path)
+        _atomic_write(path, self.to_json().encode())
+        return path
+
+    @classmethod
+    def load(cls, path) -> CompressionPlan:
+        """Read and validate a plan file; errors name the file and the field."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no compression plan at {path}")
+        try:
+            raw = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not a compression plan: not valid JSON ({e})") from None
+        return cls.from_dict(raw, source=str(path))
+
+    @classmethod
+    def from_dict(cls, raw, source: str = "plan") -> CompressionPlan:
+        """Build a plan from a parsed plan file (see :meth:`load`)."""
+        if not isinstance(raw, dict):
+            raise ValueError(f"{source}: expected a JSON object at the top level, got {type(raw).__name__}")
+        if "schema_version" not in raw:
+            raise ValueError(f"{source}: missing field 'schema_version' (is this a ditfa-jax compression plan?)")
+        if raw["schema_version"] != SCHEMA_VERSION:
+            raise ValueError(f"{source}: field 'schema_version' is {raw['schema_version']!r}; this ditfa-jax reads "
+                             f"schema {SCHEMA_VERSION}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        informational = {"format", "candidate_windows", "legend"}
+        required = [n for n, f in fields.items()
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        missing = [n for n in required if n not in raw]
+        if missing:
+            raise ValueError(f"{source}: missing field(s) {missing}")
+        unknown = sorted(set(raw) - set(fields) - informational)
+        if unknown:
+            raise ValueError(f"{source}: unknown field(s) {unknown}; expected {sorted(fields)}")
+        types = {"family": str, "model_class": str, "text_first": bool, "notes": dict}
+        for name, t in types.items():
+            if name in raw and not isinstance(raw[name], t):
+                raise ValueError(f"{source}: field '{name}' must be a {t.__name__}, got {raw[name]!r}")
+        if "candidates" in raw:
+            if not isinstance(raw["candidates"], list) or not all(isinstance(n, str) for n in raw["candidates"]):
+                raise ValueError(f"{source}: field 'candidates' must be a list of method names, got "
+                                 f"{raw['candidates']!r}")
+        hw = raw["head_window"]
+        try:
+            arr = np.array(hw) if isinstance(hw, list) else None
+        except ValueError:
+            arr = None
+        if arr is None or arr.ndim != 3 or not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
+            got = "ragged/non-integer lists" if arr is None else f"shape {list(arr.shape)} dtype {arr.dtype}"
+            raise ValueError(f"{source}: field 'head_window' must be integer lists [steps][layers][heads], got {got}")
+        kwargs = {n: raw[n] for n in fields if n in raw}
+        kwargs["head_window"] = arr.astype(np.int64)
+        if "candidates" in kwargs:
+            kwargs["candidates"] = tuple(kwargs["candidates"])
+        try:
+            return cls(**kwargs)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
+
+    # --- accounting --------------------------------------------------------------------------------------------
+
+    def cost(self, batch: int = 1, *, block_q: int | None = None, block_k: int | None = None) -> PlanCost:
+        """Exact attention FLOPs per head, :class:`pallas_kernels.PlanCost` over [steps, layers, heads]."""
+        uniq, inv = np.unique(self.head_window, return_inverse=True)  # cost depends on the window only
+        pc = plan_cost(uniq, batch=batch, tokens=self.image_tokens + self.text_len, text_len=self.text_len,
+                       text_first=self.text_first, head_dim=self.head_dim, block_q=block_q, block_k=block_k)
+        inv = inv.reshape(self.head_window.shape)
+        return dataclasses.replace(pc, tiles=pc.tiles[inv], flops=pc.flops[inv], tile_flops=pc.tile_flops[inv])
+
+    def flops_kept_per_step_layer(self) -> np.ndarray:
+        """float64 [steps, layers]: attention FLOPs computed over the dense count."""
+        return np.asarray(self.cost().flop_fraction, dtype=np.float64)
+
+    def flops_kept_per_step(self) -> np.ndarray:
+        """float64 [steps]."""
+        return self.flops_kept_per_step_layer().mean(axis=1)
+
+    def flops_kept_fraction(self) -> float:
+        """Attention FLOPs of the whole run over those of the uncompressed run."""
+        return float(self.flops_kept_per_step_layer().mean())
+
+    def method_names(self) -> list[str]:
+        """Names in :meth:`method_counts` order: full, cached, the arrow candidates, then other windows."""
+        named = {w: n for n, w in reversed(list(zip(self.candidates, candidate_windows(self.candidates,
+                                                                                      self.image_tokens))))}
+        extra = sorted(set(np.unique(self.head_window).tolist()) - set(named) - {FULL_WINDOW, CACHED_WINDOW})
+        arrows = [n for n in self.candidates if n != "cached"]
+        return ["full", "cached"] + arrows + [f"arrow(w={w})" for w in extra]
+
+    def method_codes(self) -> np.ndarray:
+        """int [steps, layers, heads]: index of each head's method in :meth:`method_names`."""
+        names = self.method_names()
+        code = np.empty(self.head_window.shape, np.int64)
+        windows = {"full": FULL_WINDOW, "cached": CACHED_WINDOW}
+        for n in names[2:]:
+            windows[n] = (int(n[len("arrow(w="):-1]) if n.startswith("arrow(w=")
+                          else method_window(n, self.image_tokens))
+        done = np.zeros(self.head_window.shape, bool)
+        for i, n in enumerate(names):  # first name wins when two arrow candidates share a window
+            hit = (self.head_window == windows[n]) & ~done
+            code[hit] = i
+            done |= hit
+        return code
+
+    def method_counts(self) -> dict[str, np.ndarray]:
+        """Per method name, int64 [steps]: how many (layer, head) pairs use it at each step."""
+        code = self.method_codes()
+        return {n: (code == i).sum(axis=(1, 2)) for i, n in enumerate(self.method_names())}
+
+    def summary(self) -> str:
+        """A few lines: setting, FLOPs kept overall and per step, share of heads per method."""
+        kept = self.flops_kept_fraction()
+        per_step = self.flops_kept_per_step()
+        counts = self.method_counts()
+        total = self.head_window.size
+        shares = ", ".join(f"{n} {int(v.sum()) / total:.1%}" for n, v in counts.items())
+        search = ("hand-made" if self.delta is None else
+                  f"delta={self.delta:g}" + ("" if self.c is None else f", c={self.c:g}"))
+        lo, hi = int(per_step.argmin()), int(per_step.argmax())
+        return "\n".join([
+            f"{self.model_class} {self.height}x{self.width} ({self.image_tokens} image + {self.text_len} text "
+            f"tokens): {self.num_steps} steps x {self.num_layers} layers x {self.num_heads} heads, {search}",
+            f"attention FLOPs kept {kept:.1%} (removed {1 - kept:.1%})",
+            f"heads: {shares}",
+            f"per step kept: min {per_step[lo]:.1%} (step {lo}), max {per_step[hi]:.1%} (step {hi})",
+        ])
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write bytes to path via a temp file in the same folder + os.replace; no partial file on failure."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Heat map (Pillow only)
+
+# viridis at 0, 0.1, ..., 1 (matplotlib's values, rounded to 8 bits); linear in between.
+_VIRIDIS = np.array([(68, 1, 84), (72, 36, 117), (65, 68, 135), (53, 95, 141), (42, 120, 142), (33, 145, 140),
+                     (34, 168, 132), (68, 191, 112), (122, 209, 81), (189, 223, 38), (253, 231, 37)], np.float64)
+_METHOD_COLOURS = {"full": (215, 215, 215), "cached": (68, 1, 84)}
+_ARROW_COLOURS = [(33, 145, 140), (94, 201, 98), (253, 231, 37), (59, 82, 139), (230, 120, 40), (200, 80, 160)]
+_OTHER_COLOUR = (220, 50, 50)
+
+
+def _viridis(x) -> np.ndarray:
+    """uint8 [..., 3] colours for values in [0, 1] (clipped)."""
+    x = np.clip(np.asarray(x, np.float64), 0.0, 1.0) * (len(_VIRIDIS) - 1)
+    i = np.minimum(np.floor(x).astype(int), len(_VIRIDIS) - 2)
+    t = (x - i)[..., None]
+    return np.round(_VIRIDIS[i] * (1 - t) + _VIRIDIS[i + 1] * t).astype(np.uint8)
+
+
+def _font(size: int):
+    from PIL import ImageFont
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError, ImportError):  # old Pillow or no FreeType: fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _text_size(draw, text, font) -> tuple[int, int]:
+    x0, y0, x1, y1 = draw.textbbox((0, 0), text, font=font)
+    return x1 - x0, y1 - y0
+
+
+def _tick_step(n: int, cell: int, min_px: int) -> int:
+    for k in (1, 2, 5, 10, 20, 25, 50, 100, 200, 500, 1000):
+        if k * cell >= min_px or k >= n:
+            return k
+    return max(1, n // 10)
+
+
+def _vertical_text(img, xy, text, font, fill=(0, 0, 0)) -> None:
+    """Paste ``text`` rotated 90 degrees (reading bottom to top) with its top-left corner at ``xy``."""
+    from PIL import Image, ImageDraw
+    probe = ImageDraw.Draw(img)
+    w, h = _text_size(probe, text, font)
+    tile = Image.new("RGBA", (w + 4, h + 6), (255, 255, 255, 0))
+    ImageDraw.Draw(tile).text((2, 0), text, font=font, fill=fill + (255,))
+    tile = tile.rotate(90, expand=True)
+    img.paste(tile, xy, tile)
+
+
+def _render_kept(plan: CompressionPlan, cell: int | None):
+    from PIL import Image, ImageDraw
+    data = plan.flops_kept_per_step_layer()                      # [S, L]
+    s, n_layers = data.shape
+    cell = cell or max(6, min(16, 900 // max(s, n_layers)))
+    font, small = _font(14), _font(11)
+    left, top, right, bottom = 64, 64, 110, 56
+    mw, mh = n_layers * cell, s * cell
+    img = Image.new("RGB", (left + mw + right, top + mh + bottom), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    cells = Image.fromarray(_viridis(data)).resize((mw, mh), Image.NEAREST)
+    img.paste(cells, (left, top))
+    draw.rectangle((left - 1, top - 1, left + mw, top + mh), outline=(0, 0, 0))
+
+    kept = plan.flops_kept_fraction()
+    search = "hand-made plan" if plan.delta is None else f"delta={plan.delta:g}"
+    draw.text((left, 8), f"attention FLOPs kept {kept:.1%}, {search}", font=font, fill=(0, 0, 0))
+    draw.text((left, 28), f"{plan.model_class} {plan.height}x{plan.width}, {s} steps x {n_layers} layers x "
+                          f"{plan.num_heads} heads", font=small, fill=(60, 60, 60))
+    # layer ticks (x) and step ticks (y); step 0 at the top
+    kx = _tick_step(n_layers, cell, 26)
+    for layer in range(0, n_layers, kx):
+        x = left + layer * cell + cell // 2
+        draw.line((x, top + mh, x, top + mh + 4), fill=(0, 0, 0))
+        w, _ = _text_size(draw, str(layer), small)
+        draw.text((x - w // 2, top + mh + 6), str(layer), font=small, fill=(0, 0, 0))
+    ky = _tick_step(s, cell, 16)
+    for step in range(0, s, ky):
+        y = top + step * cell + cell // 2
+        draw.line((left - 5, y, left - 1, y), fill=(0, 0, 0))
+        w, h = _text_size(draw, str(step), small)
+        draw.text((left - 8 - w, y - h // 2 - 2), str(step), font=small, fill=(0, 0, 0))
+    w, _ = _text_size(draw, "layer", font)
+    draw.text((left + mw // 2 - w // 2, top + mh + 26), "layer", font=font, fill=(0, 0, 0))
+    _vertical_text(img, (8, top + mh // 2 - 20), "step", font)
+    # colour bar: 1 at the top, 0 at the bottom
+    bx, bw = left + mw + 24, 16
+    ramp = _viridis(np.linspace(1.0, 0.0, mh))[:, None, :].repeat(bw, axis=1)
+    img.paste(Image.fromarray(ramp), (bx, top))
+    draw.rectangle((bx - 1, top - 1, bx + bw, top + mh), outline=(0, 0, 0))
+    for label, y in (("1", top), ("0.5", top + mh // 2), ("0", top + mh)):
+        _, h = _text_size(draw, label, small)
+        draw.line((bx + bw, y, bx + bw + 4, y), fill=(0, 0, 0))
+        draw.text((bx + bw + 7, y - h // 2 - 2), label, font=small, fill=(0, 0, 0))
+    _vertical_text(img, (bx + bw + 34, top + mh // 2 - 40), "FLOPs kept", small)
+    return img
+
+
+def _render_heads(plan: CompressionPlan, cell: int | None):
+    from PIL import Image, ImageDraw
+    s, n_layers, n_heads = plan.shape
+    cell = cell or 4
+    names = plan.method_names()
+    palette = []
+    arrow_i = 0
+    for n in names:
+        if n in _METHOD_COLOURS:
+            palette.append(_METHOD_COLOURS[n])
+        elif n.startswith("arrow_"):
+            palette.append(_ARROW_COLOURS[arrow_i % len(_ARROW_COLOURS)])
+            arrow_i += 1
+        else:
+            palette.append(_OTHER_COLOUR)
+    palette = np.array(palette, np.uint8)
+    code = plan.method_codes()
+    counts = plan.method_counts()
+
+    font, small = _font(14), _font(11)
+    pw, ph = n_heads * cell, s * cell
+    gap_x, gap_y, label_h = 8, 6, 14
+    ncols = max(1, min(n_layers, math.ceil(math.sqrt(n_layers * (ph + gap_y + label_h) / (pw + gap_x)))))
+    nrows = math.ceil(n_layers / ncols)
+    left, top = 12, 88
+    width = max(left + ncols * (pw + gap_x) + 12, 560)
+    img = Image.new("RGB", (width, top + nrows * (ph + gap_y + label_h) + 24), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    kept = plan.flops_kept_fraction()
+    search = "hand-made plan" if plan.delta is None else f"delta={plan.delta:g}"
+    draw.text((left, 6), f"methods per head: attention FLOPs kept {kept:.1%}, {search}", font=font, fill=(0, 0, 0))
+    draw.text((left, 26), f"one panel per layer: step 0..{s - 1} top to bottom, head 0..{n_heads - 1} left to right",
+              font=small, fill=(60, 60, 60))
+    x = left
+    for i, n in enumerate(names):  # legend with each method's share of heads
+        label = f"{n} {int(counts[n].sum()) / code.size:.0%}"
+        draw.rectangle((x, 50, x + 12, 62), fill=tuple(int(v) for v in palette[i]), outline=(0, 0, 0))
+        draw.text((x + 16, 49), label, font=small, fill=(0, 0, 0))
+        x += 16 + _text_size(draw, label, small)[0] + 14
+    for layer in range(n_layers):
+        r, col = divmod(layer, ncols)
+        x0 = left + col * (pw + gap_x)
+        y0 = top + r * (ph + gap_y + label_h)
+        draw.text((x0, y0), f"layer {layer}", font=small, fill=(0, 0, 0))
+        panel = Image.fromarray(palette[code[:, layer, :]]).resize((pw, ph), Image.NEAREST)
+        img.paste(panel, (x0, y0 + label_h))
+    return img
+
+
+def save_heatmap(plan: CompressionPlan, path, per_head: bool = False, *, cell: int | None = None) -> Path:
+    """Write a PNG of the plan (atomically).
+
+    Default: steps (rows, step 0 on top) x layers (columns), colour = fraction of the attention FLOPs kept in that
+    (step, layer), viridis 0..1 with a colour bar. ``per_head=True``: one [steps x heads] panel per layer with a
+    colour per method (full / cached / each arrow) and a legend. ``cell``: pixels per cell (default 6..16 for the
+    map, 4 for the per-head panels).
+    """
+    if not isinstance(plan, CompressionPlan):
+        raise ValueError(f"plan: expected a CompressionPlan, got {type(plan).__name__}")
+    if cell is not None and (isinstance(cell, bool) or not isinstance(cell, int) or cell < 1):
+        raise ValueError(f"cell: expected a positive number of pixels, got {cell!r}")
+    img = _render_heads(plan, cell) if per_head else _render_kept(plan, cell)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    path = Path(path)
+    _atomic_write(path, buf.getvalue())
+    return path

@@ -1,0 +1,157 @@
+"""Head-wise method selection (MILP) against exhaustive enumeration, plus its invariants (CPU, numpy/scipy)."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from ditfa_jax import milp
+
+
+def random_instance(rng, h, m, *, ties=False, scale=0.1):
+    """rse [H, M] around ``scale`` with some exact zeros and +inf; saving [H, M] (continuous or with ties)."""
+    rse = scale * rng.uniform(0.4, 1.2, size=(h, m))
+    rse[rng.random((h, m)) < 0.1] = 0.0
+    rse[rng.random((h, m)) < 0.1] = np.inf
+    if ties:
+        saving = np.broadcast_to(rng.choice([0.0, 0.5, 1.0], size=m), (h, m)).copy()
+    else:
+        saving = rng.uniform(-0.1, 1.0, size=(h, m))
+    return rse, saving
+
+
+def check_solution(choice, rse, saving, budget, threshold):
+    """Eligibility filter, budget and shape hold."""
+    assert choice.dtype.kind == "i" and choice.shape == rse.shape[:-1]
+    assert ((choice >= -1) & (choice < rse.shape[-1])).all()
+    on = choice >= 0
+    idx = np.where(on, choice, 0)[..., None]
+    picked = np.take_along_axis(rse, idx, -1)[..., 0][on]
+    assert (picked < threshold).all()
+    assert picked.sum() <= budget
+    assert (np.take_along_axis(np.broadcast_to(saving, rse.shape), idx, -1)[..., 0][on] > 0).all()
+
+
+def assert_same_objective(got, want, rse, saving):
+    s_got, e_got = milp.objective(got, rse, saving)
+    s_want, e_want = milp.objective(want, rse, saving)
+    assert s_got == pytest.approx(s_want, abs=1e-7)
+    assert e_got == pytest.approx(e_want, abs=1e-9)  # ties in saving go to the least error
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_layer_matches_brute_force(ties, monkeypatch):
+    calls = []
+    real = milp._milp
+    monkeypatch.setattr(milp, "_milp", lambda *a, **k: calls.append(1) or real(*a, **k))
+    rng = np.random.default_rng(1 + ties)
+    for _ in range(250):
+        h, m = int(rng.integers(1, 6)), int(rng.integers(1, 4))
+        delta = float(rng.choice([0.0, 0.01, 0.05, 0.1, 0.3, 1.0]))
+        c = float(rng.choice([1.0, 1.5, 3.0]))
+        # errors around the eligibility threshold, so that the budget often binds
+        rse, saving = random_instance(rng, h, m, ties=ties, scale=float(rng.choice([0.1, c * max(delta, 0.01) / h])))
+        got = milp.solve_layer(rse, saving, delta, c)
+        want = milp.brute_force_layer(rse, saving, delta, c)
+        check_solution(got, rse, saving, delta, c * delta / h)
+        assert_same_objective(got, want, rse, saving)
+    assert len(calls) > 20  # the budget binds often enough that HiGHS (not only the fast path) is exercised
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 5), st.integers(1, 3), st.integers(0, 2**32 - 1),
+       st.floats(0.0, 0.5), st.sampled_from([1.0, 1.5, 2.5]))
+def test_layer_matches_brute_force_hypothesis(h, m, seed, delta, c):
+    rse, saving = random_instance(np.random.default_rng(seed), h, m, ties=seed % 2 == 0, scale=c * delta / h + 1e-3)
+    got = milp.solve_layer(rse, saving, delta, c)
+    check_solution(got, rse, saving, delta, c * delta / h)
+    assert_same_objective(got, milp.brute_force_layer(rse, saving, delta, c), rse, saving)
+
+
+def test_budget_binds_and_tie_goes_to_least_error():
+    # Four heads may be cached (saving 1 each), the budget fits two: the two smallest errors win.
+    rse = np.array([[0.04], [0.01], [0.03], [0.02]])
+    got = milp.solve_layer(rse, np.array([1.0]), delta=0.035, c=10.0)
+    assert got.tolist() == [-1, 0, -1, 0]
+
+
+def test_eligibility_filter():
+    # Head 1's error alone fits the budget but exceeds c*delta/H, so it stays full.
+    rse = np.array([[0.01], [0.2]])
+    got = milp.solve_layer(rse, [1.0], delta=0.25, c=1.5)  # threshold 0.1875
+    assert got.tolist() == [0, -1]
+
+
+def test_delta_zero_and_nothing_eligible_give_all_full():
+    rse = np.zeros((4, 3))
+    assert milp.solve_layer(rse, np.ones(3), 0.0).tolist() == [-1] * 4
+    assert milp.solve_layer(np.full((4, 3), np.inf), np.ones(3), 1.0).tolist() == [-1] * 4
+    assert milp.solve_layer(np.full((4, 3), 0.01), -np.ones(3), 1.0).tolist() == [-1] * 4  # no saving
+
+
+def test_monotonic_in_delta():
+    rng = np.random.default_rng(7)
+    deltas = [0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 3.0]
+    for _ in range(20):
+        rse, saving = random_instance(rng, 24, 4)
+        best = [milp.objective(milp.solve_layer(rse, saving, d), rse, saving)[0] for d in deltas]
+        assert all(b >= a - 1e-9 for a, b in zip(best, best[1:])), best
+
+
+def test_deterministic_and_realistic_size():
+    rng = np.random.default_rng(3)
+    saving = np.array([1.0, 0.67, 0.72, 0.72])  # FLUX 1K: arrow_16 and arrow_32 remove the same tiles
+    for _ in range(30):
+        rse = rng.exponential(0.02, size=(24, 4)) * np.array([2.0, 0.5, 1.0, 1.5])
+        a = milp.solve_layer(rse, saving, 0.2)
+        check_solution(a, rse, saving, 0.2, 1.5 * 0.2 / 24)
+        assert np.array_equal(a, milp.solve_layer(rse.copy(), saving.copy(), 0.2))
+        # equal savings: never the costlier of arrow_16 / arrow_32
+        worse = np.where(rse[:, 2] <= rse[:, 3], 3, 2)
+        assert not (a == worse).any()
+
+
+def test_global_matches_brute_force():
+    rng = np.random.default_rng(11)
+    for _ in range(40):
+        s, l, h, m = int(rng.integers(1, 3)), int(rng.integers(1, 3)), int(rng.integers(1, 3)), int(rng.integers(1, 3))
+        delta = float(rng.choice([0.0, 0.05, 0.2, 0.6]))
+        rse, saving = random_instance(rng, s * l * h, m, ties=bool(rng.integers(2)),
+                                      scale=1.5 * max(delta, 0.05) / (s * l * h))
+        rse, saving = rse.reshape(s, l, h, m), saving.reshape(s, l, h, m)
+        got = milp.solve_global(rse, saving, delta, 1.5)
+        assert got.shape == (s, l, h)
+        check_solution(got, rse, saving, delta, 1.5 * delta / (s * l * h))
+        assert_same_objective(got, milp.brute_force_global(rse, saving, delta, 1.5), rse, saving)
+
+
+def test_global_at_least_as_good_as_per_layer_with_same_total():
+    # Per-layer budgets delta each sum to S*L*delta; the global optimum under that total (and the looser of the
+    # two filters) can only do as well or better when its filter is not stricter.
+    rng = np.random.default_rng(5)
+    rse = rng.exponential(0.02, size=(3, 4, 6, 3))
+    saving = np.array([1.0, 0.6, 0.8])
+    per_layer = np.stack([np.stack([milp.solve_layer(rse[s, l], saving, 0.1, c=1.5) for l in range(4)])
+                          for s in range(3)])
+    glob = milp.solve_global(rse, saving, 0.1 * 12, c=1.5)  # same threshold: c*delta_total/(S*L*H) = c*delta/H
+    assert milp.objective(glob, rse, saving)[0] >= milp.objective(per_layer, rse, saving)[0] - 1e-9
+
+
+@pytest.mark.parametrize("args, match", [
+    ((np.zeros(3), np.ones(3), 0.1), r"rse: expected .*\[H, M\].*shape \(3,\)"),
+    ((np.zeros((3, 2)), np.ones((3, 3)), 0.1), r"saving: expected shape \(3, 2\)"),
+    ((np.full((2, 2), np.nan), np.ones(2), 0.1), r"rse: contains NaN"),
+    ((-np.ones((2, 2)), np.ones(2), 0.1), r"rse: .* >= 0"),
+    ((np.zeros((2, 2)), np.array([1.0, np.nan]), 0.1), r"saving: must be finite"),
+    ((np.zeros((2, 2)), np.ones(2), -0.1), r"delta: expected a finite value >= 0"),
+    ((np.zeros((2, 2)), np.ones(2), np.nan), r"delta: expected a finite value >= 0"),
+])
+def test_layer_validation(args, match):
+    with pytest.raises(ValueError, match=match):
+        milp.solve_layer(*args)
+
+
+def test_validation_c_and_global_shape():
+    with pytest.raises(ValueError, match=r"c: expected a finite value > 0"):
+        milp.solve_layer(np.zeros((2, 2)), np.ones(2), 0.1, c=0.0)
+    with pytest.raises(ValueError, match=r"rse: expected .*\[S, L, H, M\]"):
+        milp.solve_global(np.zeros((2, 2)), np.ones(2), 0.1)
