@@ -2,9 +2,10 @@
 
     ditfa convert CHECKPOINT OUT_DIR        diffusers / BFL checkpoint -> converted JAX params (fast reloads)
     ditfa sample CHECKPOINT [options]       run the flow-matching sampler on random noise and prompt embeddings
+    ditfa calibrate CHECKPOINT [options]    search a head-wise compression plan (RSE + MILP), write plan + heatmap
 
-Text encoders and the VAE arrive with the end-to-end pipelines; until then `sample` feeds random prompt embeddings
-and writes the final latents.
+Text encoders and the VAE arrive with the end-to-end pipelines; until then `sample` and `calibrate` take prompt
+embeddings from an .npz (`prompt_embeds`, `pooled_prompt_embeds`, optional `negative_*`) or draw random ones.
 """
 
 from __future__ import annotations
@@ -33,47 +34,95 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def _prompt_inputs(args, cfg, batch: int):
+    """Prompt embeddings from --embeddings (.npz) or seeded random ones; (text, pooled, negative kwargs)."""
+    import jax
+    import jax.numpy as jnp
+
+    if args.embeddings:
+        data = np.load(args.embeddings)
+        missing = [k for k in ("prompt_embeds", "pooled_prompt_embeds") if k not in data]
+        if missing:
+            raise ValueError(f"{args.embeddings}: missing arrays {missing}; found {sorted(data.files)}")
+        text, pooled = jnp.asarray(data["prompt_embeds"]), jnp.asarray(data["pooled_prompt_embeds"])
+        negative = {k: jnp.asarray(data[k]) for k in ("negative_prompt_embeds", "negative_pooled_prompt_embeds")
+                    if k in data}
+    else:
+        key_text, key_pool = jax.random.split(jax.random.key(args.seed + 1))
+        text = jax.random.normal(key_text, (batch, args.text_len, cfg.joint_attention_dim))
+        pooled = jax.random.normal(key_pool, (batch, cfg.pooled_projection_dim))
+        negative = {}
+    if cfg.family == "sd3" and not negative:
+        negative = dict(negative_prompt_embeds=jnp.zeros_like(text), negative_pooled_prompt_embeds=jnp.zeros_like(pooled))
+    return text, pooled, negative
+
+
+def _guidance(args, cfg) -> float:
+    return args.guidance if args.guidance is not None else (3.5 if cfg.family == "flux" else 7.0)
+
+
 def cmd_sample(args) -> int:
     import jax
     import jax.numpy as jnp
 
     from ditfa_jax.configs import FluxConfig
     from ditfa_jax.loading import load_transformer
+    from ditfa_jax.plan import CompressionPlan
     from ditfa_jax.sampler import VAE_SCALE_FACTOR, flux_latent_grid, sample, scheduler_for
 
     model = load_transformer(args.checkpoint, dtype=_dtype(args.dtype))
     cfg = model.config
-    key_noise, key_text, key_pool = jax.random.split(jax.random.key(args.seed), 3)
-    b = args.batch
+    text, pooled, negative = _prompt_inputs(args, cfg, args.batch)
+    b = text.shape[0]
+    key_noise = jax.random.key(args.seed)
     if isinstance(cfg, FluxConfig):
         rows, cols = flux_latent_grid(args.height, args.width)
         latents = jax.random.normal(key_noise, (b, rows * cols, cfg.in_channels))
     else:
         latents = jax.random.normal(key_noise, (b, cfg.in_channels, args.height // VAE_SCALE_FACTOR,
                                                 args.width // VAE_SCALE_FACTOR))
-    text = jax.random.normal(key_text, (b, args.text_len, cfg.joint_attention_dim))
-    pooled = jax.random.normal(key_pool, (b, cfg.pooled_projection_dim))
-    negative = {} if cfg.family == "flux" else dict(negative_prompt_embeds=jnp.zeros_like(text),
-                                                    negative_pooled_prompt_embeds=jnp.zeros_like(pooled))
-    guidance = args.guidance if args.guidance is not None else (3.5 if cfg.family == "flux" else 7.0)
+    plan = CompressionPlan.load(args.plan) if args.plan else None
     scheduler = scheduler_for(args.checkpoint, model)
     timings = []
     for _ in range(2):  # first call compiles
         start = time.perf_counter()
         final = sample(model, latents, text, pooled, height=args.height, width=args.width, num_steps=args.steps,
-                       guidance_scale=guidance, scheduler=scheduler, **negative)
+                       guidance_scale=_guidance(args, cfg), scheduler=scheduler, plan=plan, **negative)
         final.block_until_ready()
         timings.append(time.perf_counter() - start)
     report = {"model": type(cfg).__name__, "checkpoint": str(args.checkpoint), "steps": args.steps,
-              "height": args.height, "width": args.width, "batch": b, "first_call_s": round(timings[0], 3),
-              "second_call_s": round(timings[1], 3), "final_latents_std": float(jnp.std(final)),
-              "device": str(jax.devices()[0])}
+              "height": args.height, "width": args.width, "batch": b, "plan": args.plan,
+              "attention_flops_kept": None if plan is None else round(plan.flops_kept_fraction(), 4),
+              "first_call_s": round(timings[0], 3), "second_call_s": round(timings[1], 3),
+              "final_latents_std": float(jnp.std(final)), "device": str(jax.devices()[0])}
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         np.save(out, np.asarray(final))
         report["latents"] = str(out)
     print(json.dumps(report, indent=2))
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from ditfa_jax.calibrate import calibrate
+    from ditfa_jax.loading import load_transformer
+    from ditfa_jax.plan import save_heatmap
+    from ditfa_jax.sampler import scheduler_for
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    model = load_transformer(args.checkpoint, dtype=_dtype(args.dtype))
+    text, pooled, negative = _prompt_inputs(args, model.config, args.prompts)
+    plan = calibrate(model, text, pooled, height=args.height, width=args.width, num_steps=args.steps,
+                     guidance_scale=_guidance(args, model.config), delta=args.delta, c=args.c,
+                     candidates=tuple(args.candidates.split(",")), scheduler=scheduler_for(args.checkpoint, model),
+                     seed=args.seed, **negative)
+    plan.save(out)
+    heatmap = save_heatmap(plan, out.with_suffix(".png"))
+    print(plan.summary())
+    print(f"calibration took {plan.notes['calibration_seconds']} s; plan -> {out}; heatmap -> {heatmap}")
     return 0
 
 
@@ -101,7 +150,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto")
     p.add_argument("--out", help="write the final latents here (.npy)")
+    p.add_argument("--plan", help="compression plan (.json from `ditfa calibrate`)")
+    p.add_argument("--embeddings", help=".npz with prompt_embeds, pooled_prompt_embeds (+ negative_*)")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("calibrate", help="search a head-wise compression plan (single-layer RSE + MILP)")
+    p.add_argument("checkpoint", help="checkpoint folder or file (see `convert`)")
+    p.add_argument("--out", required=True, help="plan file to write (.json); the heatmap goes beside it (.png)")
+    p.add_argument("--delta", type=float, default=0.2, help="RSE budget per (step, layer); larger compresses more")
+    p.add_argument("--c", type=float, default=1.5, help="per-head eligibility: rse < c * delta / heads")
+    p.add_argument("--candidates", default="cached,arrow_8,arrow_16,arrow_32", help="comma-separated methods")
+    p.add_argument("--height", type=int, default=64, help="image height in pixels (multiple of 16)")
+    p.add_argument("--width", type=int, default=64, help="image width in pixels (multiple of 16)")
+    p.add_argument("--steps", type=int, default=4, help="number of denoising steps the plan is for")
+    p.add_argument("--prompts", type=int, default=8, help="calibration prompts (random embeddings)")
+    p.add_argument("--embeddings", help=".npz with prompt_embeds, pooled_prompt_embeds (+ negative_*)")
+    p.add_argument("--text-len", type=int, default=16, help="prompt tokens (random embeddings)")
+    p.add_argument("--guidance", type=float, help="FLUX distilled guidance / SD3 CFG scale (default 3.5 / 7.0)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing plan file")
+    p.set_defaults(func=cmd_calibrate)
     return parser
 
 

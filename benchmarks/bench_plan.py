@@ -1,0 +1,140 @@
+"""Plan search time and compressed-sampler speed for a FLUX.1-dev-sized transformer (random weights, bf16).
+
+1. Sampler ms/step at 2048^2 for plans keeping ~60 %, ~45 % and ~32 % of the attention FLOPs against the dense
+   sampler, same process. With random weights a calibrated plan means nothing, so these plans are drawn at random
+   per (step, layer, head) from {full, arrow_8, cached} in proportions that give the target kept fraction (step 0
+   full, as always); the kernel runs what the plan says, which is what the timing measures.
+2. Calibration (plan search) wall time at 1024^2 (8 prompts) and 2048^2 (4 prompts: 8 prompts' on-device attention
+   cache, 47 GB, does not fit beside the 24 GB of weights on an 80 GB H100), 28 and 50 steps, delta 0.2.
+
+Writes JSON lines to $OUT/bench_plan.jsonl as it goes and prints a table last.
+
+    python benchmarks/bench_plan.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import pallas_kernels
+from ditfa_jax.calibrate import calibrate
+from ditfa_jax.configs import FluxConfig
+from ditfa_jax.loading import Transformer
+from ditfa_jax.models.flux import FluxTransformer
+from ditfa_jax.plan import CompressionPlan, image_tokens_for, method_window
+from ditfa_jax.sampler import cache_bytes, sample
+
+FLUX_DEV = FluxConfig(guidance_embeds=True)
+TEXT = 512
+RESULTS = []
+
+
+def record(**row):
+    RESULTS.append(row)
+    print(json.dumps(row), flush=True)
+    out = os.environ.get("OUT")
+    if out:
+        with open(os.path.join(out, "bench_plan.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def random_model(cfg: FluxConfig) -> Transformer:
+    graphdef = nnx.split(nnx.eval_shape(lambda: FluxTransformer(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))))[0]
+    state = jax.jit(lambda: nnx.split(FluxTransformer(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))[1])()
+    return Transformer(cfg, graphdef, state)
+
+
+def random_plan(cfg, *, px: int, steps: int, target: float, seed: int = 0) -> CompressionPlan:
+    """Heads drawn from {full, arrow_8, cached}; proportions chosen so the plan keeps ~target of the FLOPs."""
+    n_img = image_tokens_for(cfg, px, px)
+    tokens, layers, heads = n_img + TEXT, cfg.total_layers, cfg.num_attention_heads
+    arrow = method_window("arrow_8", n_img)
+    arrow_kept = float(pallas_kernels.plan_cost(np.array([arrow]), batch=1, tokens=tokens, text_len=TEXT,
+                                                text_first=True, head_dim=cfg.attention_head_dim).flop_fraction)
+    # per-step kept after step 0: p_full + p_arrow * arrow_kept, with p_cached = p_arrow / 2
+    want = (target * steps - 1) / (steps - 1)
+    p_arrow = (1 - want) / (1 - arrow_kept + 0.5)
+    p_cached = p_arrow / 2
+    rng = np.random.default_rng(seed)
+    draw = rng.random((steps, layers, heads))
+    hw = np.where(draw < p_cached, 0, np.where(draw < p_cached + p_arrow, arrow, -1)).astype(np.int32)
+    hw[0] = -1
+    return CompressionPlan.from_config(cfg, hw, height=px, width=px, text_len=TEXT,
+                                       notes=dict(synthetic=True, target=target))
+
+
+def bench_sampler(model, px: int, steps: int) -> None:
+    cfg = model.config
+    keys = jax.random.split(jax.random.key(0), 3)
+    rows = px // 16
+    latents = jax.random.normal(keys[0], (1, rows * rows, cfg.in_channels))
+    text = jax.random.normal(keys[1], (1, TEXT, cfg.joint_attention_dim), jnp.bfloat16)
+    pooled = jax.random.normal(keys[2], (1, cfg.pooled_projection_dim), jnp.bfloat16)
+    dense_ms = None
+    for target in (None, 0.60, 0.45, 0.32):
+        plan = None if target is None else random_plan(cfg, px=px, steps=steps, target=target)
+        run = lambda: sample(model, latents, text, pooled, height=px, width=px, num_steps=steps,  # noqa: E731
+                             guidance_scale=3.5, plan=plan)
+        start = time.perf_counter()
+        jax.block_until_ready(run())
+        first = time.perf_counter() - start
+        times = []
+        for _ in range(2):
+            start = time.perf_counter()
+            jax.block_until_ready(run())
+            times.append(time.perf_counter() - start)
+        ms = min(times) / steps * 1e3
+        dense_ms = ms if target is None else dense_ms
+        record(kind="sampler", px=px, steps=steps, plan="dense" if plan is None else f"~{target:.0%}",
+               attention_flops_kept=1.0 if plan is None else round(plan.flops_kept_fraction(), 4),
+               ms_per_step=round(ms, 2), speedup_vs_dense=round(dense_ms / ms, 3), first_call_s=round(first, 2),
+               cache_gb=0.0 if plan is None else round(cache_bytes(cfg, 1, rows * rows + TEXT) / 1e9, 2))
+
+
+def bench_calibration(model, px: int, steps: int, prompts: int) -> None:
+    cfg = model.config
+    keys = jax.random.split(jax.random.key(1), 2)
+    text = jax.random.normal(keys[0], (prompts, TEXT, cfg.joint_attention_dim), jnp.bfloat16)
+    pooled = jax.random.normal(keys[1], (prompts, cfg.pooled_projection_dim), jnp.bfloat16)
+    start = time.perf_counter()
+    plan = calibrate(model, text, pooled, height=px, width=px, num_steps=steps, guidance_scale=3.5, delta=0.2,
+                     progress=False)
+    wall = time.perf_counter() - start
+    record(kind="calibration", px=px, steps=steps, prompts=prompts, seconds=round(wall, 1),
+           s_per_step=round(wall / steps, 2), attention_flops_kept=round(plan.flops_kept_fraction(), 4))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer steps, for a smoke run")
+    args = parser.parse_args()
+    cache_dir = os.path.join(os.environ.get("OUT", "/tmp"), "..", "jax_cache")
+    jax.config.update("jax_compilation_cache_dir", os.path.abspath(cache_dir))
+    model = random_model(FLUX_DEV)
+    bench_sampler(model, 2048, 4 if args.quick else 10)
+    for px, steps, prompts in ([(1024, 4, 2)] if args.quick else
+                               [(1024, 28, 8), (2048, 50, 4), (2048, 28, 4), (1024, 50, 8)]):
+        bench_calibration(model, px, steps, prompts)
+
+    print("\n| sampler 2048^2 plan | attention FLOPs kept | ms/step | speedup vs dense |")
+    print("|---|---|---|---|")
+    for r in RESULTS:
+        if r["kind"] == "sampler":
+            print(f"| {r['plan']} | {r['attention_flops_kept']:.3f} | {r['ms_per_step']} | {r['speedup_vs_dense']} |")
+    print("\n| calibration | prompts | steps | seconds | kept (delta 0.2) |")
+    print("|---|---|---|---|---|")
+    for r in RESULTS:
+        if r["kind"] == "calibration":
+            print(f"| {r['px']}^2 | {r['prompts']} | {r['steps']} | {r['seconds']} | {r['attention_flops_kept']} |")
+
+
+if __name__ == "__main__":
+    main()

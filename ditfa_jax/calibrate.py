@@ -1,0 +1,195 @@
+"""Plan search: single-layer RSE per head and a MILP per (step, layer), progressive over one calibration pass.
+
+One sampling pass over the calibration prompts, layer by layer. At each step and layer:
+
+1. the block's q, k, v on the *current* (already compressed) inputs;
+2. exact attention `y_full`, every arrow candidate's output for all heads at once (the kernel with every head on
+   that window), and the cached candidate (the layer's last computed output);
+3. `rse[h, m] = mean((y_m - y_full)^2) / var(y_full)` over batch, tokens and channels of head h (ANCHORS.md);
+4. `ditfa_jax.milp.solve_layer`: at most one method per head, sum of chosen RSE <= delta, only pairs with
+   rse < c * delta / heads, maximising the attention FLOPs saved taken from the kernel's exact cost for this shape;
+5. the chosen plan runs (kernel) and its output feeds the next layer, so errors compound as at inference.
+
+Step 0 is always full. The result is a `CompressionPlan` for this model, resolution, text length and step count.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+import pallas_kernels
+from ditfa_jax.attention import joint_attention
+from ditfa_jax.configs import FluxConfig
+from ditfa_jax.loading import Transformer
+from ditfa_jax.milp import solve_layer
+from ditfa_jax.models.flux import rope_tables
+from ditfa_jax.plan import DEFAULT_CANDIDATES, CompressionPlan, candidate_savings, candidate_windows
+from ditfa_jax.sampler import VAE_SCALE_FACTOR, default_scheduler, flux_image_ids, flux_latent_grid
+from ditfa_jax.scheduler import SchedulerConfig, flux_schedule, sd3_schedule
+
+
+def head_rse(candidates: jax.Array, y_full: jax.Array) -> jax.Array:
+    """RSE per head and candidate: candidates [M, B, T, H, D], y_full [B, T, H, D] -> [H, M] (fp32)."""
+    y_full = y_full.astype(jnp.float32)
+    err = jnp.mean(jnp.square(candidates.astype(jnp.float32) - y_full[None]), axis=(1, 2, 4))  # [M, H]
+    var = jnp.var(y_full, axis=(0, 1, 3))  # [H]
+    return (err / jnp.maximum(var, jnp.finfo(jnp.float32).tiny)[None]).T
+
+
+def _layer_state(state, index):
+    return jax.tree_util.tree_map(lambda a: a[index], state)
+
+
+class _LayerRunner:
+    """Jitted per-layer pieces for one block stack (the layer index is data: one compile per stack)."""
+
+    def __init__(self, stack, *, text_len: int, text_first: bool, windows: tuple[int, ...], impl: str):
+        self.graphdef, self.state = nnx.split(stack)
+        graphdef = self.graphdef
+
+        @jax.jit
+        def probe(state, index, carry, temb, rope, prev_out):
+            block = nnx.merge(graphdef, _layer_state(state, index))
+            ctx = block.prepare(carry, temb)
+            q, k, v = block.qkv(ctx, rope)
+            y_full = joint_attention(q, k, v, text_len=text_len, text_first=text_first, implementation=impl)
+            heads = q.shape[2]
+            outs = [joint_attention(q, k, v, text_len=text_len, text_first=text_first, implementation="pallas",
+                                    head_window=jnp.full((heads,), w, jnp.int32)) if w > 0 else prev_out
+                    for w in windows]
+            return head_rse(jnp.stack(outs), y_full), (ctx, q, k, v)
+
+        @jax.jit
+        def apply(state, index, carry, probed, head_window, prev_out):
+            block = nnx.merge(graphdef, _layer_state(state, index))
+            ctx, q, k, v = probed
+            out = joint_attention(q, k, v, text_len=text_len, text_first=text_first, head_window=head_window,
+                                  cache=prev_out, implementation=impl)
+            return block.finish(carry, ctx, out), out
+
+        self.probe, self.apply = probe, apply
+
+
+def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height: int, width: int, num_steps: int,
+              guidance_scale: float, delta: float, c: float = 1.5, candidates=DEFAULT_CANDIDATES,
+              negative_prompt_embeds=None, negative_pooled_prompt_embeds=None,
+              scheduler: SchedulerConfig | None = None, seed: int = 0, attention_impl: str = "auto",
+              progress: bool = True, record: dict | None = None) -> CompressionPlan:
+    """Search a head-wise compression plan on calibration prompts (embeddings [N, L, dim], pooled [N, dim]).
+
+    The pass samples from seeded noise exactly as `ditfa_jax.sample` would with the plan being built (FLUX: distilled
+    guidance; SD3: CFG on [uncond, cond], which share the plan). Returns the plan; its `notes` hold the per-step
+    kept fraction, the RSE budget used and the time taken.
+    """
+    start_time = time.perf_counter()
+    cfg = model.config
+    flux = isinstance(cfg, FluxConfig)
+    scheduler = scheduler or default_scheduler(model)
+    prompt_embeds, pooled = jnp.asarray(prompt_embeds, model.dtype), jnp.asarray(pooled_prompt_embeds, model.dtype)
+    n, text_len = prompt_embeds.shape[:2]
+    key = jax.random.key(seed)
+    if flux:
+        rows, cols = flux_latent_grid(height, width)
+        image_tokens = rows * cols
+        latents = jax.random.normal(key, (n, image_tokens, cfg.in_channels), jnp.float32)
+        sigmas, timesteps = flux_schedule(scheduler, num_steps, image_tokens)
+        rope = tuple(jnp.asarray(t) for t in rope_tables(
+            np.concatenate([np.zeros((text_len, 3), np.float32), flux_image_ids(rows, cols)]), cfg.axes_dims_rope))
+        guidance = jnp.full((n,), guidance_scale, jnp.float32) if cfg.guidance_embeds else None
+        cfg_guidance = False
+    else:
+        if height % (VAE_SCALE_FACTOR * cfg.patch_size) or width % (VAE_SCALE_FACTOR * cfg.patch_size):
+            raise ValueError(f"height and width must be multiples of {VAE_SCALE_FACTOR * cfg.patch_size}; got "
+                             f"{height}x{width}")
+        lat_h, lat_w = height // VAE_SCALE_FACTOR, width // VAE_SCALE_FACTOR
+        image_tokens = (lat_h // cfg.patch_size) * (lat_w // cfg.patch_size)
+        latents = jax.random.normal(key, (n, cfg.in_channels, lat_h, lat_w), jnp.float32)
+        sigmas, timesteps = sd3_schedule(scheduler, num_steps, image_tokens)
+        rope, guidance = None, None
+        cfg_guidance = guidance_scale > 1
+        if cfg_guidance:
+            if negative_prompt_embeds is None or negative_pooled_prompt_embeds is None:
+                raise ValueError("SD3 calibration with guidance_scale > 1 needs negative_prompt_embeds and "
+                                 "negative_pooled_prompt_embeds")
+            prompt_embeds = jnp.concatenate([jnp.asarray(negative_prompt_embeds, model.dtype), prompt_embeds])
+            pooled = jnp.concatenate([jnp.asarray(negative_pooled_prompt_embeds, model.dtype), pooled])
+    if pooled.shape[0] != prompt_embeds.shape[0]:
+        raise ValueError(f"batch mismatch: prompt_embeds {prompt_embeds.shape} vs pooled {pooled.shape}")
+
+    tokens, heads = image_tokens + text_len, cfg.num_attention_heads
+    windows = tuple(int(w) for w in candidate_windows(candidates, image_tokens))
+    saving = np.broadcast_to(candidate_savings(candidates, image_tokens=image_tokens, text_len=text_len,
+                                               text_first=cfg.text_first, head_dim=cfg.attention_head_dim),
+                             (heads, len(windows)))
+
+    def kept_fraction(step_windows):
+        return float(pallas_kernels.plan_cost(step_windows, batch=1, tokens=tokens, text_len=text_len,
+                                              text_first=cfg.text_first, head_dim=cfg.attention_head_dim
+                                              ).flop_fraction.mean())
+
+    module = model.module()
+    runners = [(_LayerRunner(stack, text_len=text_len, text_first=cfg.text_first, windows=windows,
+                             impl=attention_impl), first, count) for stack, first, count in module.stacks()]
+    graphdef, state = nnx.split(module)
+
+    @jax.jit
+    def embed(state, x, t):
+        m = nnx.merge(graphdef, state)
+        x_in = jnp.concatenate([x, x]) if cfg_guidance else x
+        ts = jnp.full((x_in.shape[0],), t / 1000 if flux else t)
+        return m.embed(x_in.astype(model.dtype), prompt_embeds, pooled, ts, guidance)
+
+    enter = jax.jit(lambda index, carry: module.enter_stack(index, carry), static_argnums=0)
+
+    @jax.jit
+    def euler(state, x, carry, temb, sigma, sigma_next):
+        m = nnx.merge(graphdef, state)
+        v = (m.unembed(carry, temb, text_len) if flux else m.unembed(carry, temb, *x.shape[2:])).astype(jnp.float32)
+        if cfg_guidance:
+            uncond, cond = jnp.split(v, 2)
+            v = uncond + guidance_scale * (cond - uncond)
+        return x + (sigma_next - sigma) * v
+
+    batch = prompt_embeds.shape[0]
+    cache = [jnp.zeros((batch, tokens, heads, cfg.attention_head_dim), model.dtype)
+             for _ in range(cfg.total_layers)]
+    head_window = np.full((num_steps, cfg.total_layers, heads), -1, np.int32)
+    rse_used = np.zeros((num_steps, cfg.total_layers))
+    rse_table = np.full((num_steps, cfg.total_layers, heads, len(windows)), np.nan)
+    full = jnp.full((heads,), -1, jnp.int32)
+    kept_per_step = []
+    bar = tqdm(range(num_steps), desc=f"calibrating (delta={delta})", unit="step", disable=not progress)
+    for step in bar:
+        carry, temb = embed(state, latents, timesteps[step])
+        for stack_index, (runner, first, count) in enumerate(runners):
+            carry = enter(stack_index, carry)
+            for i in range(count):
+                layer = first + i
+                rse, probed = runner.probe(runner.state, i, carry, temb, rope, cache[layer])
+                if step > 0:
+                    rse_table[step, layer] = np.asarray(rse, np.float64)
+                if step > 0 and delta > 0:
+                    choice = solve_layer(rse_table[step, layer], saving, delta, c)
+                    chosen = choice >= 0
+                    head_window[step, layer, chosen] = np.asarray(windows)[choice[chosen]]
+                    rse_used[step, layer] = np.asarray(rse)[chosen, choice[chosen]].sum()
+                hw = jnp.asarray(head_window[step, layer]) if step else full
+                carry, cache[layer] = runner.apply(runner.state, i, carry, probed, hw, cache[layer])
+        latents = euler(state, latents, carry, temb, sigmas[step], sigmas[step + 1])
+        kept_per_step.append(kept_fraction(head_window[step]))
+        bar.set_postfix(kept=f"{kept_per_step[-1]:.2f}")
+    jax.block_until_ready(latents)
+    if record is not None:
+        record.update(rse=rse_table, saving=np.array(saving))
+    return CompressionPlan.from_config(
+        model.config, head_window, height=height, width=width, text_len=text_len, candidates=tuple(candidates),
+        delta=delta, c=c,
+        notes=dict(calibration_seconds=round(time.perf_counter() - start_time, 2), prompts=int(n),
+                   guidance_scale=float(guidance_scale), seed=seed, rse_used_max=float(rse_used.max()),
+                   kept_per_step=[round(k, 4) for k in kept_per_step]))

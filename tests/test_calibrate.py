@@ -1,0 +1,154 @@
+"""Plan search and the caching sampler on tiny checkpoints (CPU; the kernel runs in interpret mode)."""
+
+import json
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ditfa_jax import load_transformer, sample
+from ditfa_jax.calibrate import calibrate, head_rse
+from ditfa_jax.cli import main as cli_main
+from ditfa_jax.milp import solve_global
+from ditfa_jax.models.flux import rope_tables
+from ditfa_jax.plan import CompressionPlan, candidate_windows
+from ditfa_jax.sampler import flux_image_ids, scheduler_for
+
+FIXTURES = Path(__file__).parent / "fixtures"
+STEPS = 4
+
+
+def test_head_rse_matches_definition():
+    rng = np.random.default_rng(0)
+    y_full = rng.normal(size=(2, 7, 3, 5)).astype(np.float32)
+    cands = (y_full[None] + rng.normal(scale=[[[[[0.1]]]], [[[[0.5]]]]], size=(2, 2, 7, 3, 5))).astype(np.float32)
+    got = np.asarray(head_rse(jnp.asarray(cands), jnp.asarray(y_full)))
+    for h in range(3):
+        for m in range(2):
+            want = np.mean((cands[m, :, :, h] - y_full[:, :, h]) ** 2) / np.var(y_full[:, :, h])
+            assert got[h, m] == pytest.approx(want, rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def sd3_setup():
+    name = "sd35_medium"
+    model = load_transformer(FIXTURES / name, progress=False)
+    ref = dict(np.load(FIXTURES / name / "reference.npz"))
+    common = dict(height=int(ref["sample_height"]), width=int(ref["sample_width"]), num_steps=STEPS,
+                  guidance_scale=7.0, scheduler=scheduler_for(FIXTURES / name, model),
+                  negative_prompt_embeds=ref["sample_negative_prompt_embeds"],
+                  negative_pooled_prompt_embeds=ref["sample_negative_pooled"])
+    return model, ref, common
+
+
+@pytest.fixture(scope="module")
+def searched(sd3_setup):
+    """Plans and RSE tables for a grid of delta values (one calibration each)."""
+    model, ref, common = sd3_setup
+    out = {}
+    for delta in (0.0, 0.1, 0.5, 2.0):
+        record = {}
+        plan = calibrate(model, ref["sample_prompt_embeds"], ref["sample_pooled"], delta=delta, progress=False,
+                         record=record, **common)
+        out[delta] = (plan, record)
+    return out
+
+
+def test_delta_zero_is_all_full_and_samples_like_dense(sd3_setup, searched):
+    model, ref, common = sd3_setup
+    plan = searched[0.0][0]
+    assert (plan.head_window == -1).all() and plan.flops_kept_fraction() == 1.0
+    args = (model, ref["sample_latents_init"], ref["sample_prompt_embeds"], ref["sample_pooled"])
+    dense = np.asarray(sample(*args, **common))
+    planned = np.asarray(sample(*args, plan=plan, **common))
+    np.testing.assert_array_equal(planned, dense)
+
+
+def test_flops_kept_falls_as_delta_grows(searched):
+    kept = [searched[d][0].flops_kept_fraction() for d in sorted(searched)]
+    assert kept[0] == 1.0 and kept[-1] < 0.8, kept
+    assert all(a >= b for a, b in zip(kept, kept[1:])), kept
+
+
+def test_filter_and_budget_hold_on_every_step_and_layer(searched):
+    for delta, (plan, record) in searched.items():
+        rse, heads = record["rse"], plan.num_heads
+        windows = {int(w): m for m, w in enumerate(candidate_windows(plan.candidates, plan.image_tokens))}
+        assert (plan.head_window[0] == -1).all()
+        for s in range(1, plan.num_steps):
+            for layer in range(plan.num_layers):
+                hw = plan.head_window[s, layer]
+                chosen = [(h, windows[int(w)]) for h, w in enumerate(hw) if w != -1]
+                used = sum(rse[s, layer, h, m] for h, m in chosen)
+                assert used <= delta + 1e-9
+                for h, m in chosen:
+                    assert rse[s, layer, h, m] < plan.c * delta / heads
+
+
+def test_plan_settings_and_round_trip(searched, sd3_setup, tmp_path):
+    model, ref, common = sd3_setup
+    plan = searched[0.5][0]
+    assert plan.delta == 0.5 and plan.c == 1.5 and plan.num_steps == STEPS
+    assert plan.num_layers == model.config.total_layers and plan.notes["prompts"] == 2
+    reloaded = CompressionPlan.load(plan.save(tmp_path / "plan.json"))
+    assert reloaded == plan
+    with pytest.raises(ValueError, match="num_steps"):
+        sample(model, ref["sample_latents_init"], ref["sample_prompt_embeds"], ref["sample_pooled"],
+               plan=plan, **{**common, "num_steps": STEPS + 1})
+
+
+def test_global_variant_on_recorded_table(searched):
+    """One budget over all steps and layers, solved on the progressive pass's RSE table."""
+    plan, record = searched[0.5]
+    rse = record["rse"][1:]
+    saving = np.broadcast_to(record["saving"], rse.shape)
+    total = 0.5 * rse.shape[0] * rse.shape[1]  # the same total budget as per-layer delta 0.5
+    choice = solve_global(rse, saving, total, c=1.5)
+    picked = np.take_along_axis(rse, np.maximum(choice, 0)[..., None], -1)[..., 0]
+    assert picked[choice >= 0].sum() <= total + 1e-9
+    assert (picked[choice >= 0] < 1.5 * total / choice.size).all()
+
+
+def test_cached_chain_reuses_the_last_computed_value():
+    """A head cached over several steps keeps returning what it computed last (FLUX model call, per step)."""
+    model = load_transformer(FIXTURES / "flux_dev", progress=False)
+    ref = dict(np.load(FIXTURES / "flux_dev" / "reference.npz"))
+    module = model.module()
+    cfg = model.config
+    rope = rope_tables(np.concatenate([ref["txt_ids"], ref["img_ids"]]), cfg.axes_dims_rope)
+    layers, heads = cfg.total_layers, cfg.num_attention_heads
+    tokens = ref["hidden_states"].shape[1] + ref["encoder_hidden_states"].shape[1]
+    cache = jnp.zeros((layers, 2, tokens, heads, cfg.attention_head_dim), model.dtype)
+    x = jnp.asarray(ref["hidden_states"])
+    history = []
+    windows = [np.full((layers, heads), -1), np.full((layers, heads), -1), np.full((layers, heads), -1)]
+    windows[1][:, 0] = 0
+    windows[2][:, 0] = 0
+    windows[2][1, :] = 0  # a whole layer cached: projections skipped, cache passed through
+    for step, hw in enumerate(windows):
+        t = jnp.full((2,), 0.9 - 0.2 * step)
+        out, cache = module(x, ref["encoder_hidden_states"], ref["pooled_projections"], t, rope,
+                            guidance=ref["guidance"], plan=(jnp.asarray(hw, jnp.int32), cache))
+        history.append(np.asarray(cache))
+        x = x + 0.1 * out
+    np.testing.assert_array_equal(history[1][:, :, :, 0], history[0][:, :, :, 0])
+    np.testing.assert_array_equal(history[2][:, :, :, 0], history[0][:, :, :, 0])
+    np.testing.assert_array_equal(history[2][1], history[1][1])
+    assert not np.allclose(history[1][:, :, :, 1], history[0][:, :, :, 1])  # computed heads move on
+
+
+def test_cli_calibrate_writes_plan_and_heatmap(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    args = ["calibrate", str(FIXTURES / "flux_dev"), "--out", str(out), "--delta", "1.0", "--steps", "3",
+            "--prompts", "2", "--text-len", "4", "--height", "32", "--width", "48"]
+    assert cli_main(args) == 0
+    assert "calibration took" in capsys.readouterr().out
+    plan = CompressionPlan.load(out)
+    assert plan.num_steps == 3 and plan.width == 48 and out.with_suffix(".png").stat().st_size > 1000
+    assert cli_main(args) == 2  # refuses to overwrite
+    assert cli_main(["sample", str(FIXTURES / "flux_dev"), "--plan", str(out), "--steps", "3", "--height", "32",
+                     "--width", "48", "--text-len", "4"]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads(printed[printed.index("{"):])
+    assert report["plan"] == str(out) and report["attention_flops_kept"] == round(plan.flops_kept_fraction(), 4)
