@@ -5,8 +5,15 @@ tile-granular), so the kernel, :func:`pallas_kernels.reference_headwise_attentio
 and :func:`pallas_kernels.plan_cost` all take their defaults from
 :func:`default_block_sizes`, which depends on ``head_dim`` only.
 
-Chosen on an H100 80GB HBM3 (jax 0.11.2, Pallas Triton lowering, bf16), see
-benchmarks/RESULTS.md, section "Head-wise attention kernel".
+Chosen on an H100 80GB HBM3 (jax 0.11.2, Pallas Triton lowering, bf16,
+2026-11-22), see benchmarks/RESULTS.md, section "Head-wise attention kernel":
+
+* D=128 (FLUX): 128x128 tiles, 8 warps, 3 stages -- best full (482 TFLOP/s at
+  FLUX-2K) and best arrow_8 of the sweep (128/64 blocks, 4/8 warps, 2/3
+  stages);
+* D=64 (SD3): 128x64 tiles, 8 warps, 3 stages -- best full (0.695 ms at
+  SD3-1K); 64x64 with 4 warps was 5 % faster on arrow_8 but 6 % slower on
+  full, and 4 warps at 128x64 (the first guess) was 35-45 % slower.
 """
 from __future__ import annotations
 
@@ -27,7 +34,7 @@ _DEFAULT_LAUNCH = {
 
 
 # Grid order and loop structure of the compiled kernel (measured on the H100,
-# see RESULTS.md): heads in index order (ranking heads heavy-first was 4-10 %
+# see RESULTS.md): heads in index order (ranking heads heavy-first was 2-11 %
 # slower on mixed plans at FLUX-1K/SD3-1K and equal at FLUX-2K), and one
 # pipelined loop over both key-tile ranges.
 SORT_HEADS = False

@@ -25,7 +25,14 @@ class PlanCost:
     kernel issues to the tensor cores including padding rows/columns.
 
   ``dense_*`` are the same quantities for full attention on every head;
-  ``tiles`` counts (batch, query tile, key tile) triples that run.
+  ``tiles`` counts (batch, query tile, key tile) triples that run and
+  ``programs`` the (batch, query tile) pairs that compute anything (each costs
+  a fixed Q load, pipeline fill and output store on top of its tiles).
+
+  FLOPs over-state the time saved by arrow heads: their programs visit few
+  tiles, so the fixed per-program cost weighs more.  :meth:`time_estimate`
+  models ``time = tiles * t_tile + programs * t_program``; fitted H100 values
+  are in benchmarks/RESULTS.md ("Head-wise attention kernel").
   """
   block_q: int
   block_k: int
@@ -35,6 +42,11 @@ class PlanCost:
   dense_tiles: int           # per head
   dense_flops: int           # per head
   dense_tile_flops: int      # per head
+  programs: np.ndarray       # int64 [..., H]
+
+  def time_estimate(self, t_tile: float, t_program: float) -> np.ndarray:
+    """``tiles * t_tile + programs * t_program`` summed over heads."""
+    return (self.tiles * t_tile + self.programs * t_program).sum(-1)
 
   @property
   def saved_flops(self) -> np.ndarray:
@@ -123,4 +135,5 @@ def plan_cost(head_window, *, batch: int, tokens: int, text_len: int,
       dense_tiles=batch * nq * nk,
       dense_flops=unit * batch * tokens * tokens,
       dense_tile_flops=unit * bq * bk * batch * nq * nk,
+      programs=(batch * (tiles_q > 0).sum(-1)).astype(np.int64),
   )

@@ -11,14 +11,18 @@ Kernel structure (one program = one (batch, head, query tile)):
   the heavy ones of an arrow head) first.  Optionally (``sort_heads``) heads
   are ranked heavy-first (full, wider arrows, narrower, cached last) by every
   program from the window vector, without any sort outside the kernel; on the
-  H100 that was equal at FLUX-2K and 4-10 % slower on mixed plans at
+  H100 that was equal at FLUX-2K and 2-11 % slower on mixed plans at
   FLUX-1K/SD3-1K than index order, which interleaves heavy and light
   programs, so it is off by default (config.SORT_HEADS);
 * the program computes its key-tile ranges ``[t0, t1)`` (text tiles, or all
   for full rows) and ``[b0, b1)`` (band) with
-  :func:`pallas_kernels.schedule.kv_tile_ranges` and runs one online-softmax
-  loop per range (:func:`_attend_tile` is the tile math); scores are masked
-  only in the last key tile when ``tokens`` is not a multiple of ``block_k``;
+  :func:`pallas_kernels.schedule.kv_tile_ranges` and runs one pipelined
+  online-softmax loop over a virtual index spanning both ranges (the range
+  that ends at the last key tile goes second, so the padded key tile, if
+  visited, is a separate masked final step), or one loop per range with
+  ``single_loop=False``; :func:`_attend_tile` is the tile math.  No score is
+  masked except in the last key tile when ``tokens`` is not a multiple of
+  ``block_k``;
 * cached heads (window 0): the program returns at once; the output buffer is
   the ``cache`` input (``input_output_aliases``), so the cache passes through
   bit for bit with no copy when the cache buffer can be donated (it is dead

@@ -135,6 +135,10 @@ def test_plan_cost_counts_tiles_and_mask(case, batch, head_dim):
   vis = schedule.tile_visit_matrix(hw, block_q=bq, block_k=bk, **kw)
   mask = schedule.dense_mask(hw, block_q=bq, block_k=bk, **kw)
   np.testing.assert_array_equal(cost.tiles, batch * vis.sum((1, 2)))
+  np.testing.assert_array_equal(cost.programs,
+                                batch * vis.any(-1).sum(-1))
+  np.testing.assert_allclose(cost.time_estimate(2.0, 3.0),
+                             (2.0 * cost.tiles + 3.0 * cost.programs).sum())
   np.testing.assert_array_equal(cost.flops,
                                 4 * head_dim * batch * mask.sum((1, 2)))
   np.testing.assert_array_equal(cost.tile_flops,
