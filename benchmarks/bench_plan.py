@@ -99,6 +99,34 @@ def bench_sampler(model, px: int, steps: int) -> None:
                cache_gb=0.0 if plan is None else round(cache_bytes(cfg, 1, rows * rows + TEXT) / 1e9, 2))
 
 
+def bench_layer_skip(model, px: int, steps: int) -> None:
+    """What skipping q/k/v saves: half the layers all-cached at steps >= 1 (projections skipped) against the same
+    plan with one head of each of those layers left full (so the layer must compute q/k/v; one head's attention)."""
+    cfg = model.config
+    keys = jax.random.split(jax.random.key(0), 3)
+    rows = px // 16
+    latents = jax.random.normal(keys[0], (1, rows * rows, cfg.in_channels))
+    text = jax.random.normal(keys[1], (1, TEXT, cfg.joint_attention_dim), jnp.bfloat16)
+    pooled = jax.random.normal(keys[2], (1, cfg.pooled_projection_dim), jnp.bfloat16)
+    hw = np.full((steps, cfg.total_layers, cfg.num_attention_heads), -1, np.int32)
+    hw[1:, ::2] = 0
+    one_full = hw.copy()
+    one_full[1:, ::2, 0] = -1
+    for name, windows in (("half the layers all-cached (q/k/v skipped)", hw),
+                          ("same, one head per layer full (q/k/v computed)", one_full)):
+        plan = CompressionPlan.from_config(cfg, windows, height=px, width=px, text_len=TEXT)
+        run = lambda: sample(model, latents, text, pooled, height=px, width=px, num_steps=steps,  # noqa: E731
+                             guidance_scale=3.5, plan=plan)
+        jax.block_until_ready(run())
+        times = []
+        for _ in range(2):
+            start = time.perf_counter()
+            jax.block_until_ready(run())
+            times.append(time.perf_counter() - start)
+        record(kind="layer_skip", px=px, steps=steps, plan=name, ms_per_step=round(min(times) / steps * 1e3, 2),
+               attention_flops_kept=round(plan.flops_kept_fraction(), 4))
+
+
 def bench_calibration(model, px: int, steps: int, prompts: int) -> None:
     cfg = model.config
     keys = jax.random.split(jax.random.key(1), 2)
@@ -115,10 +143,14 @@ def bench_calibration(model, px: int, steps: int, prompts: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer steps, for a smoke run")
+    parser.add_argument("--layer-skip-only", action="store_true", help="only the q/k/v-skipping measurement")
     args = parser.parse_args()
     cache_dir = os.path.join(os.environ.get("OUT", "/tmp"), "..", "jax_cache")
     jax.config.update("jax_compilation_cache_dir", os.path.abspath(cache_dir))
     model = random_model(FLUX_DEV)
+    if args.layer_skip_only:
+        bench_layer_skip(model, 2048, 10)
+        return
     bench_sampler(model, 2048, 4 if args.quick else 10)
     for px, steps, prompts in ([(1024, 4, 2)] if args.quick else
                                [(1024, 28, 8), (2048, 50, 4), (2048, 28, 4), (1024, 50, 8)]):
