@@ -11,8 +11,20 @@ import json
 from pathlib import Path
 
 
+class _HeadsMixin:
+    """Derived sizes shared by both families."""
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def output_channels(self) -> int:
+        return self.out_channels or self.in_channels
+
+
 @dataclasses.dataclass(frozen=True)
-class FluxConfig:
+class FluxConfig(_HeadsMixin):
     patch_size: int = 1
     in_channels: int = 64
     out_channels: int | None = None
@@ -29,14 +41,6 @@ class FluxConfig:
     text_first = True  # FLUX concatenates [text, image]
 
     @property
-    def inner_dim(self) -> int:
-        return self.num_attention_heads * self.attention_head_dim
-
-    @property
-    def output_channels(self) -> int:
-        return self.out_channels or self.in_channels
-
-    @property
     def total_layers(self) -> int:
         """Attention layers in run order: the double-stream blocks, then the single-stream blocks."""
         return self.num_layers + self.num_single_layers
@@ -48,7 +52,7 @@ class FluxConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class SD3Config:
+class SD3Config(_HeadsMixin):
     sample_size: int = 128
     patch_size: int = 2
     in_channels: int = 16
@@ -65,14 +69,6 @@ class SD3Config:
 
     family = "sd3"
     text_first = False  # SD3 concatenates [image, text]
-
-    @property
-    def inner_dim(self) -> int:
-        return self.num_attention_heads * self.attention_head_dim
-
-    @property
-    def output_channels(self) -> int:
-        return self.out_channels or self.in_channels
 
     @property
     def total_layers(self) -> int:
