@@ -411,11 +411,13 @@ class CompressionPlan:
 
     def cost(self, batch: int = 1, *, block_q: int | None = None, block_k: int | None = None) -> PlanCost:
         """Exact attention FLOPs per head, :class:`pallas_kernels.PlanCost` over [steps, layers, heads]."""
-        uniq, inv = np.unique(self.head_window, return_inverse=True)  # cost depends on the window only
+        uniq, inv = np.unique(self.head_window, return_inverse=True)  # a head's cost depends on its window only
         pc = plan_cost(uniq, batch=batch, tokens=self.image_tokens + self.text_len, text_len=self.text_len,
                        text_first=self.text_first, head_dim=self.head_dim, block_q=block_q, block_k=block_k)
         inv = inv.reshape(self.head_window.shape)
-        return dataclasses.replace(pc, tiles=pc.tiles[inv], flops=pc.flops[inv], tile_flops=pc.tile_flops[inv])
+        per_head = {f.name: getattr(pc, f.name)[inv] for f in dataclasses.fields(pc)
+                    if isinstance(getattr(pc, f.name), np.ndarray)}  # every per-head array, whatever PlanCost holds
+        return dataclasses.replace(pc, **per_head)
 
     def flops_kept_per_step_layer(self) -> np.ndarray:
         """float64 [steps, layers]: attention FLOPs computed over the dense count."""
