@@ -550,21 +550,26 @@ def _render_kept(plan: CompressionPlan, cell: int | None):
     from PIL import Image, ImageDraw
     data = plan.flops_kept_per_step_layer()                      # [S, L]
     s, n_layers = data.shape
-    cell = cell or max(6, min(16, 900 // max(s, n_layers)))
+    cell = cell or max(6, min(40, 900 // max(s, n_layers)))
     font, small = _font(14), _font(11)
     left, top, right, bottom = 64, 64, 110, 56
     mw, mh = n_layers * cell, s * cell
-    img = Image.new("RGB", (left + mw + right, top + mh + bottom), (255, 255, 255))
+    kept = plan.flops_kept_fraction()
+    search = "hand-made plan" if plan.delta is None else f"delta={plan.delta:g}"
+    title = f"attention FLOPs kept {kept:.1%}, {search}"
+    subtitle = (f"{plan.model_class} {plan.height}x{plan.width}, {s} steps x {n_layers} layers x "
+                f"{plan.num_heads} heads")
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    text_w = max(_text_size(measure, title, font)[0], _text_size(measure, subtitle, small)[0])
+    img = Image.new("RGB", (max(left + mw + right, left + text_w + 16), top + max(mh, 100) + bottom),
+                    (255, 255, 255))  # wide enough for the titles, tall enough for the colour bar's label
     draw = ImageDraw.Draw(img)
     cells = Image.fromarray(_viridis(data)).resize((mw, mh), Image.NEAREST)
     img.paste(cells, (left, top))
     draw.rectangle((left - 1, top - 1, left + mw, top + mh), outline=(0, 0, 0))
 
-    kept = plan.flops_kept_fraction()
-    search = "hand-made plan" if plan.delta is None else f"delta={plan.delta:g}"
-    draw.text((left, 8), f"attention FLOPs kept {kept:.1%}, {search}", font=font, fill=(0, 0, 0))
-    draw.text((left, 28), f"{plan.model_class} {plan.height}x{plan.width}, {s} steps x {n_layers} layers x "
-                          f"{plan.num_heads} heads", font=small, fill=(60, 60, 60))
+    draw.text((left, 8), title, font=font, fill=(0, 0, 0))
+    draw.text((left, 28), subtitle, font=small, fill=(60, 60, 60))
     # layer ticks (x) and step ticks (y); step 0 at the top
     kx = _tick_step(n_layers, cell, 26)
     for layer in range(0, n_layers, kx):
