@@ -21,6 +21,7 @@ Usage (on the GPU machine, repository root):
 Writes bench.json and bench_log.txt under $OUT (or --out) and prints a short
 table last.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,7 +54,7 @@ SHAPES = {
     "SD3-1K": (2, 333, 4096, 24, 64, False),
 }
 
-INTERPRET = False        # --cpu-smoke: tiny shapes, interpret mode, no GPU
+INTERPRET = False  # --cpu-smoke: tiny shapes, interpret mode, no GPU
 DENSE_IMPL = "cudnn"
 T0 = time.time()
 LOG_LINES: list[str] = []
@@ -62,602 +63,703 @@ OUT = None
 
 
 def log(*a):
-  s = " ".join(str(x) for x in a)
-  print(s, flush=True)
-  LOG_LINES.append(s)
+    s = " ".join(str(x) for x in a)
+    print(s, flush=True)
+    LOG_LINES.append(s)
 
 
 def save():
-  if OUT is None:
-    return
-  with open(os.path.join(OUT, "bench.json"), "w") as f:
-    json.dump(RESULTS, f, indent=1, default=str)
-  with open(os.path.join(OUT, "bench_log.txt"), "w") as f:
-    f.write("\n".join(LOG_LINES) + "\n")
+    if OUT is None:
+        return
+    with open(os.path.join(OUT, "bench.json"), "w") as f:
+        json.dump(RESULTS, f, indent=1, default=str)
+    with open(os.path.join(OUT, "bench_log.txt"), "w") as f:
+        f.write("\n".join(LOG_LINES) + "\n")
 
 
 def elapsed():
-  return time.time() - T0
+    return time.time() - T0
 
 
 def plans_for(n_img, heads):
-  w = lambda k: n_img // (2 * k)  # noqa: E731
-  return {
-      "full": np.full(heads, -1, np.int32),
-      "arrow8": np.full(heads, w(8), np.int32),
-      "arrow16": np.full(heads, w(16), np.int32),
-      "arrow32": np.full(heads, w(32), np.int32),
-      "mixed": np.array([[-1, w(8), 0][h % 3] for h in range(heads)], np.int32),
-      # 1/6 full, 1/6 each arrow 8/16/32, 1/3 cached.
-      "mixed2": np.array([[-1, w(8), w(16), w(32), 0, 0][h % 6]
-                          for h in range(heads)], np.int32),
-      "cached": np.zeros(heads, np.int32),
-  }
+    w = lambda k: n_img // (2 * k)  # noqa: E731
+    return {
+        "full": np.full(heads, -1, np.int32),
+        "arrow8": np.full(heads, w(8), np.int32),
+        "arrow16": np.full(heads, w(16), np.int32),
+        "arrow32": np.full(heads, w(32), np.int32),
+        "mixed": np.array([[-1, w(8), 0][h % 3] for h in range(heads)], np.int32),
+        # 1/6 full, 1/6 each arrow 8/16/32, 1/3 cached.
+        "mixed2": np.array([[-1, w(8), w(16), w(32), 0, 0][h % 6] for h in range(heads)], np.int32),
+        "cached": np.zeros(heads, np.int32),
+    }
 
 
 def time_jax(fn, args, chain=None, target_ms=40.0, reps=7):
-  """Median ms per call of ``fn(*args)`` dispatched back to back."""
-  args = list(args)
-  out = None
-  for _ in range(3):
-    out = fn(*args)
-    if chain is not None:
-      args[chain] = out
-  jax.block_until_ready(out)
-  t = time.perf_counter()
-  for _ in range(3):
-    out = fn(*args)
-    if chain is not None:
-      args[chain] = out
-  jax.block_until_ready(out)
-  est = (time.perf_counter() - t) / 3 * 1e3
-  n = int(min(max(target_ms / max(est, 1e-3), 5), 400))
-  ts = []
-  for _ in range(reps):
-    t = time.perf_counter()
-    for _ in range(n):
-      out = fn(*args)
-      if chain is not None:
-        args[chain] = out
+    """Median ms per call of ``fn(*args)`` dispatched back to back."""
+    args = list(args)
+    out = None
+    for _ in range(3):
+        out = fn(*args)
+        if chain is not None:
+            args[chain] = out
     jax.block_until_ready(out)
-    ts.append((time.perf_counter() - t) / n * 1e3)
-  return statistics.median(ts), min(ts), max(ts), n
+    t = time.perf_counter()
+    for _ in range(3):
+        out = fn(*args)
+        if chain is not None:
+            args[chain] = out
+    jax.block_until_ready(out)
+    est = (time.perf_counter() - t) / 3 * 1e3
+    n = int(min(max(target_ms / max(est, 1e-3), 5), 400))
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        for _ in range(n):
+            out = fn(*args)
+            if chain is not None:
+                args[chain] = out
+        jax.block_until_ready(out)
+        ts.append((time.perf_counter() - t) / n * 1e3)
+    return statistics.median(ts), min(ts), max(ts), n
 
 
 _OURS_CACHE: dict = {}
 
 
-def ours_fn(tokens, text_len, text_first, bq, bk, nw, ns, *, cache,
-            single_loop=SINGLE_LOOP, sort_heads=SORT_HEADS, donate=True):
-  key = (tokens, text_len, text_first, bq, bk, nw, ns, cache, single_loop,
-         sort_heads, donate)
-  if key not in _OURS_CACHE:
-    f = functools.partial(_headwise_jit, text_len=text_len,
-                          text_first=text_first, block_q=bq, block_k=bk,
-                          interpret=INTERPRET, num_warps=nw, num_stages=ns,
-                          sort_heads=sort_heads, count_tiles=False,
-                          single_loop=single_loop)
-    if cache:
-      _OURS_CACHE[key] = jax.jit(f, donate_argnums=(4,) if donate else ())
-    else:
-      _OURS_CACHE[key] = jax.jit(lambda q, k, v, hw: f(q, k, v, hw, None))
-  return _OURS_CACHE[key]
+def ours_fn(
+    tokens, text_len, text_first, bq, bk, nw, ns, *, cache, single_loop=SINGLE_LOOP, sort_heads=SORT_HEADS, donate=True
+):
+    key = (tokens, text_len, text_first, bq, bk, nw, ns, cache, single_loop, sort_heads, donate)
+    if key not in _OURS_CACHE:
+        f = functools.partial(
+            _headwise_jit,
+            text_len=text_len,
+            text_first=text_first,
+            block_q=bq,
+            block_k=bk,
+            interpret=INTERPRET,
+            num_warps=nw,
+            num_stages=ns,
+            sort_heads=sort_heads,
+            count_tiles=False,
+            single_loop=single_loop,
+        )
+        if cache:
+            _OURS_CACHE[key] = jax.jit(f, donate_argnums=(4,) if donate else ())
+        else:
+            _OURS_CACHE[key] = jax.jit(lambda q, k, v, hw: f(q, k, v, hw, None))
+    return _OURS_CACHE[key]
 
 
 _UNROLL_CACHE: dict = {}
 
 
 def ours_unrolled(tokens, text_len, text_first, bq, bk, nw, ns, n=16):
-  """n chained calls inside one jit (cache donated and aliased in place):
-  time per call = kernel time, no per-call dispatch or plan preparation
-  (identical across the n calls, so XLA computes it once)."""
-  key = (tokens, text_len, text_first, bq, bk, nw, ns, n)
-  if key not in _UNROLL_CACHE:
-    f = functools.partial(_headwise_jit, text_len=text_len,
-                          text_first=text_first, block_q=bq, block_k=bk,
-                          interpret=INTERPRET, num_warps=nw, num_stages=ns)
+    """n chained calls inside one jit (cache donated and aliased in place):
+    time per call = kernel time, no per-call dispatch or plan preparation
+    (identical across the n calls, so XLA computes it once)."""
+    key = (tokens, text_len, text_first, bq, bk, nw, ns, n)
+    if key not in _UNROLL_CACHE:
+        f = functools.partial(
+            _headwise_jit,
+            text_len=text_len,
+            text_first=text_first,
+            block_q=bq,
+            block_k=bk,
+            interpret=INTERPRET,
+            num_warps=nw,
+            num_stages=ns,
+        )
 
-    def many(q, k, v, hw, c):
-      for _ in range(n):
-        c = f(q, k, v, hw, c)
-      return c
-    _UNROLL_CACHE[key] = jax.jit(many, donate_argnums=(4,))
-  return _UNROLL_CACHE[key]
+        def many(q, k, v, hw, c):
+            for _ in range(n):
+                c = f(q, k, v, hw, c)
+            return c
+
+        _UNROLL_CACHE[key] = jax.jit(many, donate_argnums=(4,))
+    return _UNROLL_CACHE[key]
 
 
 def rel_err(x, ref):
-  x = jnp.asarray(x, jnp.float32)
-  ref = jnp.asarray(ref, jnp.float32)
-  return float(jnp.linalg.norm(x - ref) / jnp.linalg.norm(ref))
+    x = jnp.asarray(x, jnp.float32)
+    ref = jnp.asarray(ref, jnp.float32)
+    return float(jnp.linalg.norm(x - ref) / jnp.linalg.norm(ref))
 
 
 def rand(key, shape, dtype):
-  return jax.random.normal(key, shape, jnp.float32).astype(dtype)
+    return jax.random.normal(key, shape, jnp.float32).astype(dtype)
 
 
 def record(**kw):
-  RESULTS["records"].append(kw)
-  save()
+    RESULTS["records"].append(kw)
+    save()
 
 
 # --------------------------------------------------------------------------
 
+
 def env_info():
-  import jaxlib
-  info = dict(date=datetime.date.today().isoformat(), jax=jax.__version__,
-              jaxlib=jaxlib.__version__, devices=str(jax.devices()),
-              device_kind=jax.devices()[0].device_kind, python=sys.version)
-  try:
-    import torch
-    import triton
-    info.update(torch=torch.__version__, torch_cuda=torch.version.cuda,
-                triton=triton.__version__,
-                torch_device=torch.cuda.get_device_name())
-  except Exception as e:  # pragma: no cover
-    info["torch_error"] = repr(e)
-  RESULTS["env"] = info
-  for k, v in info.items():
-    log(f"env {k}: {v}")
-  save()
+    import jaxlib
+
+    info = dict(
+        date=datetime.date.today().isoformat(),
+        jax=jax.__version__,
+        jaxlib=jaxlib.__version__,
+        devices=str(jax.devices()),
+        device_kind=jax.devices()[0].device_kind,
+        python=sys.version,
+    )
+    try:
+        import torch
+        import triton
+
+        info.update(
+            torch=torch.__version__,
+            torch_cuda=torch.version.cuda,
+            triton=triton.__version__,
+            torch_device=torch.cuda.get_device_name(),
+        )
+    except Exception as e:  # pragma: no cover
+        info["torch_error"] = repr(e)
+    RESULTS["env"] = info
+    for k, v in info.items():
+        log(f"env {k}: {v}")
+    save()
 
 
 def small_checks():
-  """fp32 and bf16 on small shapes with non-default blocks, both orders."""
-  for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)):
-    for text_first, tokens, text_len, d, bq, bk in (
-        (True, 1101, 77, 128, 64, 64), (False, 1029, 333, 64, 128, 64),
-        (True, 700, 100, 128, 128, 128)):
-      ks = jax.random.split(jax.random.PRNGKey(tokens), 4)
-      q, k, v, c = (rand(x, (2, tokens, 6, d), dtype) for x in ks)
-      hw = np.array([-1, 0, 3, 40, 0, 2000], np.int32)
-      kw = dict(text_len=text_len, text_first=text_first, block_q=bq,
-                block_k=bk)
-      try:
-        out = pk.headwise_attention(q, k, v, hw, c, **kw)
-        ref = pk.reference_headwise_attention(q, k, v, hw, c, **kw)
-        sel = hw != 0
-        e = rel_err(out[:, :, sel], ref[:, :, sel])
-        bits = bool(jnp.all(jax.lax.bitcast_convert_type(
-            out[:, :, ~sel], jnp.uint16 if dtype == jnp.bfloat16
-            else jnp.uint32) == jax.lax.bitcast_convert_type(
-                c[:, :, ~sel], jnp.uint16 if dtype == jnp.bfloat16
-                else jnp.uint32)))
-        ok = e <= tol and bits
-        log(f"check small {jnp.dtype(dtype).name} T={tokens} D={d} "
-            f"text_first={text_first} blocks=({bq},{bk}): rel_err={e:.2e} "
-            f"cached_bitexact={bits} {'OK' if ok else 'FAIL'}")
-        RESULTS["checks"].append(dict(kind="small", dtype=jnp.dtype(dtype).name,
-                                      tokens=tokens, d=d, rel_err=e,
-                                      cached_bitexact=bits, ok=ok))
-      except Exception as ex:
-        log(f"check small {jnp.dtype(dtype).name} FAILED: {type(ex).__name__}: "
-            f"{str(ex)[:600]}")
-        RESULTS["checks"].append(dict(kind="small", error=repr(ex)[:600]))
-  save()
+    """fp32 and bf16 on small shapes with non-default blocks, both orders."""
+    for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)):
+        for text_first, tokens, text_len, d, bq, bk in (
+            (True, 1101, 77, 128, 64, 64),
+            (False, 1029, 333, 64, 128, 64),
+            (True, 700, 100, 128, 128, 128),
+        ):
+            ks = jax.random.split(jax.random.PRNGKey(tokens), 4)
+            q, k, v, c = (rand(x, (2, tokens, 6, d), dtype) for x in ks)
+            hw = np.array([-1, 0, 3, 40, 0, 2000], np.int32)
+            kw = dict(text_len=text_len, text_first=text_first, block_q=bq, block_k=bk)
+            try:
+                out = pk.headwise_attention(q, k, v, hw, c, **kw)
+                ref = pk.reference_headwise_attention(q, k, v, hw, c, **kw)
+                sel = hw != 0
+                e = rel_err(out[:, :, sel], ref[:, :, sel])
+                bits = bool(
+                    jnp.all(
+                        jax.lax.bitcast_convert_type(
+                            out[:, :, ~sel], jnp.uint16 if dtype == jnp.bfloat16 else jnp.uint32
+                        )
+                        == jax.lax.bitcast_convert_type(
+                            c[:, :, ~sel], jnp.uint16 if dtype == jnp.bfloat16 else jnp.uint32
+                        )
+                    )
+                )
+                ok = e <= tol and bits
+                log(
+                    f"check small {jnp.dtype(dtype).name} T={tokens} D={d} "
+                    f"text_first={text_first} blocks=({bq},{bk}): rel_err={e:.2e} "
+                    f"cached_bitexact={bits} {'OK' if ok else 'FAIL'}"
+                )
+                RESULTS["checks"].append(
+                    dict(
+                        kind="small",
+                        dtype=jnp.dtype(dtype).name,
+                        tokens=tokens,
+                        d=d,
+                        rel_err=e,
+                        cached_bitexact=bits,
+                        ok=ok,
+                    )
+                )
+            except Exception as ex:
+                log(f"check small {jnp.dtype(dtype).name} FAILED: {type(ex).__name__}: {str(ex)[:600]}")
+                RESULTS["checks"].append(dict(kind="small", error=repr(ex)[:600]))
+    save()
 
 
 def shape_checks(name, q, k, v, plans, text_len, text_first, bq, bk):
-  """Compiled kernel vs dense reference (head slices) on this shape."""
-  heads = q.shape[2]
-  cache = rand(jax.random.PRNGKey(99), q.shape, q.dtype)
-  kw = dict(text_len=text_len, text_first=text_first, block_q=bq, block_k=bk)
-  for plan in ("mixed", "arrow32"):
-    hw = plans[plan]
-    out = pk.headwise_attention(q, k, v, hw, cache, **kw)
-    for h in sorted({int(np.argmax(hw == -1)) if (hw == -1).any() else 0,
-                     int(np.argmax(hw > 0)) if (hw > 0).any() else 0}):
-      sl = slice(h, h + 1)
-      ref = pk.reference_headwise_attention(q[:, :, sl], k[:, :, sl],
-                                            v[:, :, sl], hw[sl], None, **kw)
-      e = rel_err(out[:, :, sl], ref)
-      ok = e <= 1e-2
-      log(f"check {name} {plan} head {h} (w={hw[h]}): rel_err={e:.2e} "
-          f"{'OK' if ok else 'FAIL'}")
-      RESULTS["checks"].append(dict(kind="shape", shape=name, plan=plan,
-                                    head=h, w=int(hw[h]), rel_err=e, ok=ok))
-      del ref
-    cached = np.flatnonzero(hw == 0)
-    if cached.size:
-      bits = bool(jnp.all(jax.lax.bitcast_convert_type(
-          out[:, :, cached], jnp.uint16) == jax.lax.bitcast_convert_type(
-              cache[:, :, cached], jnp.uint16)))
-      log(f"check {name} {plan} cached heads bit-exact: {bits}")
-      RESULTS["checks"].append(dict(kind="cached", shape=name, ok=bits))
-  del heads
-  save()
+    """Compiled kernel vs dense reference (head slices) on this shape."""
+    heads = q.shape[2]
+    cache = rand(jax.random.PRNGKey(99), q.shape, q.dtype)
+    kw = dict(text_len=text_len, text_first=text_first, block_q=bq, block_k=bk)
+    for plan in ("mixed", "arrow32"):
+        hw = plans[plan]
+        out = pk.headwise_attention(q, k, v, hw, cache, **kw)
+        for h in sorted(
+            {int(np.argmax(hw == -1)) if (hw == -1).any() else 0, int(np.argmax(hw > 0)) if (hw > 0).any() else 0}
+        ):
+            sl = slice(h, h + 1)
+            ref = pk.reference_headwise_attention(q[:, :, sl], k[:, :, sl], v[:, :, sl], hw[sl], None, **kw)
+            e = rel_err(out[:, :, sl], ref)
+            ok = e <= 1e-2
+            log(f"check {name} {plan} head {h} (w={hw[h]}): rel_err={e:.2e} {'OK' if ok else 'FAIL'}")
+            RESULTS["checks"].append(dict(kind="shape", shape=name, plan=plan, head=h, w=int(hw[h]), rel_err=e, ok=ok))
+            del ref
+        cached = np.flatnonzero(hw == 0)
+        if cached.size:
+            bits = bool(
+                jnp.all(
+                    jax.lax.bitcast_convert_type(out[:, :, cached], jnp.uint16)
+                    == jax.lax.bitcast_convert_type(cache[:, :, cached], jnp.uint16)
+                )
+            )
+            log(f"check {name} {plan} cached heads bit-exact: {bits}")
+            RESULTS["checks"].append(dict(kind="cached", shape=name, ok=bits))
+    del heads
+    save()
 
 
 def bench_shape(name, args, sweep_cfgs):
-  batch, text_len, n_img, heads, d, text_first = SHAPES[name]
-  tokens = text_len + n_img
-  bq, bk = pk.default_block_sizes(d)
-  nw, ns = default_launch(d, 2, bq, bk)
-  log(f"\n=== {name}: B={batch} T={tokens} ({text_len} text "
-      f"{'first' if text_first else 'last'}) H={heads} D={d} "
-      f"blocks=({bq},{bk}) warps={nw} stages={ns}  [t={elapsed():.0f}s]")
-  ks = jax.random.split(jax.random.PRNGKey(0), 4)
-  shape = (batch, tokens, heads, d)
-  q, k, v, cache = (rand(x, shape, jnp.bfloat16) for x in ks)
-  plans = plans_for(n_img, heads)
-  dense_flops = 4 * batch * heads * tokens * tokens * d
+    batch, text_len, n_img, heads, d, text_first = SHAPES[name]
+    tokens = text_len + n_img
+    bq, bk = pk.default_block_sizes(d)
+    nw, ns = default_launch(d, 2, bq, bk)
+    log(
+        f"\n=== {name}: B={batch} T={tokens} ({text_len} text "
+        f"{'first' if text_first else 'last'}) H={heads} D={d} "
+        f"blocks=({bq},{bk}) warps={nw} stages={ns}  [t={elapsed():.0f}s]"
+    )
+    ks = jax.random.split(jax.random.PRNGKey(0), 4)
+    shape = (batch, tokens, heads, d)
+    q, k, v, cache = (rand(x, shape, jnp.bfloat16) for x in ks)
+    plans = plans_for(n_img, heads)
+    dense_flops = 4 * batch * heads * tokens * tokens * d
 
-  try:
-    shape_checks(name, q, k, v, plans, text_len, text_first, bq, bk)
-  except Exception as ex:
-    log(f"check {name} FAILED: {type(ex).__name__}: {str(ex)[:800]}")
-    traceback.print_exc()
+    try:
+        shape_checks(name, q, k, v, plans, text_len, text_first, bq, bk)
+    except Exception as ex:
+        log(f"check {name} FAILED: {type(ex).__name__}: {str(ex)[:800]}")
+        traceback.print_exc()
 
-  # cuDNN dense.
-  cudnn_ms = None
-  try:
-    f = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
-        q, k, v, implementation=DENSE_IMPL))
-    ms, lo, hi, n = time_jax(f, (q, k, v))
-    cudnn_ms = ms
-    log(f"{name} cudnn dense: {ms:.3f} ms [{lo:.3f}-{hi:.3f}, n={n}] "
-        f"{dense_flops / ms / 1e9:.0f} TFLOP/s")
-    record(shape=name, plan="full", impl="jax-cudnn-dense", ms=ms, lo=lo,
-           hi=hi, tflops=dense_flops / ms / 1e9)
-    out_full = ours_fn(tokens, text_len, text_first, bq, bk, nw, ns,
-                       cache=False)(q, k, v, jnp.asarray(plans["full"]))
-    e = rel_err(out_full, f(q, k, v))
-    log(f"check {name} all-full vs cudnn: rel_err={e:.2e} "
-        f"{'OK' if e <= 1e-2 else 'FAIL'}")
-    RESULTS["checks"].append(dict(kind="full-vs-cudnn", shape=name,
-                                  rel_err=e, ok=e <= 1e-2))
-    del out_full
-  except Exception as ex:
-    log(f"{name} cudnn FAILED: {type(ex).__name__}: {str(ex)[:400]}")
+    # cuDNN dense.
+    cudnn_ms = None
+    try:
+        f = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation=DENSE_IMPL))
+        ms, lo, hi, n = time_jax(f, (q, k, v))
+        cudnn_ms = ms
+        log(f"{name} cudnn dense: {ms:.3f} ms [{lo:.3f}-{hi:.3f}, n={n}] {dense_flops / ms / 1e9:.0f} TFLOP/s")
+        record(shape=name, plan="full", impl="jax-cudnn-dense", ms=ms, lo=lo, hi=hi, tflops=dense_flops / ms / 1e9)
+        out_full = ours_fn(tokens, text_len, text_first, bq, bk, nw, ns, cache=False)(
+            q, k, v, jnp.asarray(plans["full"])
+        )
+        e = rel_err(out_full, f(q, k, v))
+        log(f"check {name} all-full vs cudnn: rel_err={e:.2e} {'OK' if e <= 1e-2 else 'FAIL'}")
+        RESULTS["checks"].append(dict(kind="full-vs-cudnn", shape=name, rel_err=e, ok=e <= 1e-2))
+        del out_full
+    except Exception as ex:
+        log(f"{name} cudnn FAILED: {type(ex).__name__}: {str(ex)[:400]}")
 
-  # Ours, default config.
-  full_ms = None
-  for plan, hw in plans.items():
-    cost = pk.plan_cost(hw, batch=batch, tokens=tokens, text_len=text_len,
-                        text_first=text_first, head_dim=d, block_q=bq,
-                        block_k=bk)
-    tile_flops = int(cost.total_tile_flops)
-    hwj = jnp.asarray(hw)
-    variants = [("ours", dict(cache=(hw == 0).any()))]
-    if plan in ("full", "arrow8") and args.loop_variants:
-      variants.append(("ours-2loops", dict(cache=False,
-                                           single_loop=not SINGLE_LOOP)))
-    if plan in ("mixed", "mixed2"):
-      variants += [("ours-sorted" if not SORT_HEADS else "ours-unsorted",
-                    dict(cache=True, sort_heads=not SORT_HEADS))]
-    if plan == "mixed":
-      variants += [("ours-nodonate", dict(cache=True, donate=False))]
-    if plan in ("mixed", "cached"):
-      variants.append(("ours-unrolled16", dict(cache=True, unrolled=16)))
-    for impl, opt in variants:
-      try:
-        if opt.get("unrolled"):
-          f = ours_unrolled(tokens, text_len, text_first, bq, bk, nw, ns,
-                            n=opt["unrolled"])
-          ms, lo, hi, n = time_jax(f, (q, k, v, hwj, jnp.copy(cache)),
-                                   chain=4)
-          ms, lo, hi = (x / opt["unrolled"] for x in (ms, lo, hi))
-        elif opt["cache"]:
-          f = ours_fn(tokens, text_len, text_first, bq, bk, nw, ns,
-                      **{a: b for a, b in opt.items() if a != "cache"},
-                      cache=True)
-          c0 = jnp.copy(cache)
-          if opt.get("donate", True):
-            ms, lo, hi, n = time_jax(f, (q, k, v, hwj, c0), chain=4)
-          else:
-            ms, lo, hi, n = time_jax(f, (q, k, v, hwj, c0))
-        else:
-          f = ours_fn(tokens, text_len, text_first, bq, bk, nw, ns, **opt)
-          ms, lo, hi, n = time_jax(f, (q, k, v, hwj))
-      except Exception as ex:
-        log(f"{name} {plan} {impl} FAILED: {type(ex).__name__}: "
-            f"{str(ex)[:800]}")
-        continue
-      tfl = tile_flops / ms / 1e9 if tile_flops else 0.0
-      rec = dict(shape=name, plan=plan, impl=impl, ms=ms, lo=lo, hi=hi, n=n,
-                 block_q=bq, block_k=bk, num_warps=nw, num_stages=ns,
-                 tile_fraction=float(cost.tile_fraction),
-                 flop_fraction=float(cost.flop_fraction),
-                 tile_tflops=tfl,
-                 speedup_vs_cudnn=(cudnn_ms / ms) if cudnn_ms else None)
-      if plan == "full" and impl == "ours":
-        full_ms = ms
-      if full_ms is not None:
-        rec["predicted_ms"] = full_ms * float(cost.tile_fraction)
-      record(**rec)
-      log(f"{name} {plan:8s} {impl:14s}: {ms:8.3f} ms [{lo:.3f}-{hi:.3f} n={n}] "
-          f"tiles {cost.tile_fraction:6.1%} {tfl:5.0f} TFLOP/s(tiles)"
-          + (f" x{cudnn_ms / ms:.2f} vs cudnn" if cudnn_ms else "")
-          + (f" pred {rec['predicted_ms']:.3f}" if "predicted_ms" in rec
-             else ""))
+    # Ours, default config.
+    full_ms = None
+    for plan, hw in plans.items():
+        cost = pk.plan_cost(
+            hw, batch=batch, tokens=tokens, text_len=text_len, text_first=text_first, head_dim=d, block_q=bq, block_k=bk
+        )
+        tile_flops = int(cost.total_tile_flops)
+        hwj = jnp.asarray(hw)
+        variants = [("ours", dict(cache=(hw == 0).any()))]
+        if plan in ("full", "arrow8") and args.loop_variants:
+            variants.append(("ours-2loops", dict(cache=False, single_loop=not SINGLE_LOOP)))
+        if plan in ("mixed", "mixed2"):
+            variants += [
+                ("ours-sorted" if not SORT_HEADS else "ours-unsorted", dict(cache=True, sort_heads=not SORT_HEADS))
+            ]
+        if plan == "mixed":
+            variants += [("ours-nodonate", dict(cache=True, donate=False))]
+        if plan in ("mixed", "cached"):
+            variants.append(("ours-unrolled16", dict(cache=True, unrolled=16)))
+        for impl, opt in variants:
+            try:
+                if opt.get("unrolled"):
+                    f = ours_unrolled(tokens, text_len, text_first, bq, bk, nw, ns, n=opt["unrolled"])
+                    ms, lo, hi, n = time_jax(f, (q, k, v, hwj, jnp.copy(cache)), chain=4)
+                    ms, lo, hi = (x / opt["unrolled"] for x in (ms, lo, hi))
+                elif opt["cache"]:
+                    f = ours_fn(
+                        tokens,
+                        text_len,
+                        text_first,
+                        bq,
+                        bk,
+                        nw,
+                        ns,
+                        **{a: b for a, b in opt.items() if a != "cache"},
+                        cache=True,
+                    )
+                    c0 = jnp.copy(cache)
+                    if opt.get("donate", True):
+                        ms, lo, hi, n = time_jax(f, (q, k, v, hwj, c0), chain=4)
+                    else:
+                        ms, lo, hi, n = time_jax(f, (q, k, v, hwj, c0))
+                else:
+                    f = ours_fn(tokens, text_len, text_first, bq, bk, nw, ns, **opt)
+                    ms, lo, hi, n = time_jax(f, (q, k, v, hwj))
+            except Exception as ex:
+                log(f"{name} {plan} {impl} FAILED: {type(ex).__name__}: {str(ex)[:800]}")
+                continue
+            tfl = tile_flops / ms / 1e9 if tile_flops else 0.0
+            rec = dict(
+                shape=name,
+                plan=plan,
+                impl=impl,
+                ms=ms,
+                lo=lo,
+                hi=hi,
+                n=n,
+                block_q=bq,
+                block_k=bk,
+                num_warps=nw,
+                num_stages=ns,
+                tile_fraction=float(cost.tile_fraction),
+                flop_fraction=float(cost.flop_fraction),
+                tile_tflops=tfl,
+                speedup_vs_cudnn=(cudnn_ms / ms) if cudnn_ms else None,
+            )
+            if plan == "full" and impl == "ours":
+                full_ms = ms
+            if full_ms is not None:
+                rec["predicted_ms"] = full_ms * float(cost.tile_fraction)
+            record(**rec)
+            log(
+                f"{name} {plan:8s} {impl:14s}: {ms:8.3f} ms [{lo:.3f}-{hi:.3f} n={n}] "
+                f"tiles {cost.tile_fraction:6.1%} {tfl:5.0f} TFLOP/s(tiles)"
+                + (f" x{cudnn_ms / ms:.2f} vs cudnn" if cudnn_ms else "")
+                + (f" pred {rec['predicted_ms']:.3f}" if "predicted_ms" in rec else "")
+            )
 
-  # Sweep.
-  for cfg in sweep_cfgs:
-    if elapsed() > args.budget_s * 0.6:
-      log(f"sweep {name}: skipped (time)")
-      break
-    sbq, sbk, snw, sns, single = cfg
-    for plan in ("full", "arrow8"):
-      hw = plans[plan]
-      cost = pk.plan_cost(hw, batch=batch, tokens=tokens, text_len=text_len,
-                          text_first=text_first, head_dim=d, block_q=sbq,
-                          block_k=sbk)
-      try:
-        f = ours_fn(tokens, text_len, text_first, sbq, sbk, snw, sns,
-                    cache=False, single_loop=single)
-        ms, lo, hi, n = time_jax(f, (q, k, v, jnp.asarray(hw)), reps=5)
-      except Exception as ex:
-        log(f"sweep {name} {plan} {cfg} FAILED: {type(ex).__name__}: "
-            f"{str(ex)[:300]}")
-        continue
-      tfl = int(cost.total_tile_flops) / ms / 1e9
-      record(shape=name, plan=plan, impl="sweep", ms=ms, lo=lo, hi=hi,
-             block_q=sbq, block_k=sbk, num_warps=snw, num_stages=sns,
-             single_loop=single,
-             tile_fraction=float(cost.tile_fraction), tile_tflops=tfl)
-      log(f"sweep {name} {plan:7s} bq={sbq:3d} bk={sbk:3d} w={snw} s={sns} "
-          f"{'1loop' if single else '2loops'}: "
-          f"{ms:8.3f} ms tiles {cost.tile_fraction:6.1%} {tfl:5.0f} TFLOP/s")
+    # Sweep.
+    for cfg in sweep_cfgs:
+        if elapsed() > args.budget_s * 0.6:
+            log(f"sweep {name}: skipped (time)")
+            break
+        sbq, sbk, snw, sns, single = cfg
+        for plan in ("full", "arrow8"):
+            hw = plans[plan]
+            cost = pk.plan_cost(
+                hw,
+                batch=batch,
+                tokens=tokens,
+                text_len=text_len,
+                text_first=text_first,
+                head_dim=d,
+                block_q=sbq,
+                block_k=sbk,
+            )
+            try:
+                f = ours_fn(tokens, text_len, text_first, sbq, sbk, snw, sns, cache=False, single_loop=single)
+                ms, lo, hi, n = time_jax(f, (q, k, v, jnp.asarray(hw)), reps=5)
+            except Exception as ex:
+                log(f"sweep {name} {plan} {cfg} FAILED: {type(ex).__name__}: {str(ex)[:300]}")
+                continue
+            tfl = int(cost.total_tile_flops) / ms / 1e9
+            record(
+                shape=name,
+                plan=plan,
+                impl="sweep",
+                ms=ms,
+                lo=lo,
+                hi=hi,
+                block_q=sbq,
+                block_k=sbk,
+                num_warps=snw,
+                num_stages=sns,
+                single_loop=single,
+                tile_fraction=float(cost.tile_fraction),
+                tile_tflops=tfl,
+            )
+            log(
+                f"sweep {name} {plan:7s} bq={sbq:3d} bk={sbk:3d} w={snw} s={sns} "
+                f"{'1loop' if single else '2loops'}: "
+                f"{ms:8.3f} ms tiles {cost.tile_fraction:6.1%} {tfl:5.0f} TFLOP/s"
+            )
 
-  return dict(q=q, k=k, v=v, plans=plans, tokens=tokens, bq=bq, bk=bk)
+    return dict(q=q, k=k, v=v, plans=plans, tokens=tokens, bq=bq, bk=bk)
 
 
 def flex_block_mask(vis, tokens, bq, bk, device, FB=128):
-  """FlexAttention BlockMask (FBxFB blocks) computing our kernel's function.
+    """FlexAttention BlockMask (FBxFB blocks) computing our kernel's function.
 
-  ``vis``: bool [H, n_q, n_k] tile-visit matrix of our schedule.  A Flex block
-  is *full* when every token pair in it is attended (no mask_mod call),
-  *partial* when some are (mask_mod looks our tiles up), absent otherwise.
-  """
-  import torch
-  from torch.nn.attention.flex_attention import BlockMask
-  heads = vis.shape[0]
-  nqb = nkb = -(-tokens // FB)
-  vis_t = torch.as_tensor(vis, device=device)
+    ``vis``: bool [H, n_q, n_k] tile-visit matrix of our schedule.  A Flex block
+    is *full* when every token pair in it is attended (no mask_mod call),
+    *partial* when some are (mask_mod looks our tiles up), absent otherwise.
+    """
+    import torch
+    from torch.nn.attention.flex_attention import BlockMask
 
-  def mask_mod(b, h, q_idx, kv_idx):
-    return vis_t[h, q_idx // bq, kv_idx // bk]
+    heads = vis.shape[0]
+    nqb = nkb = -(-tokens // FB)
+    vis_t = torch.as_tensor(vis, device=device)
 
-  qi = np.minimum(np.arange(nqb * FB), tokens - 1) // bq
-  ki = np.minimum(np.arange(nkb * FB), tokens - 1) // bk
-  blk_any = np.zeros((heads, nqb, nkb), bool)
-  blk_all = np.zeros((heads, nqb, nkb), bool)
-  for h in range(heads):
-    tm = vis[h][qi][:, ki].reshape(nqb, FB, nkb, FB)
-    blk_any[h] = tm.any((1, 3))
-    blk_all[h] = tm.all((1, 3))
-  partial = blk_any & ~blk_all
+    def mask_mod(b, h, q_idx, kv_idx):
+        return vis_t[h, q_idx // bq, kv_idx // bk]
 
-  def pack(m):
-    m = torch.as_tensor(m, device=device)[None]          # [1, H, nq, nk]
-    num = m.sum(-1).to(torch.int32)
-    idx = torch.argsort((~m).to(torch.int8), dim=-1, stable=True).to(
-        torch.int32)
-    return num, idx
+    qi = np.minimum(np.arange(nqb * FB), tokens - 1) // bq
+    ki = np.minimum(np.arange(nkb * FB), tokens - 1) // bk
+    blk_any = np.zeros((heads, nqb, nkb), bool)
+    blk_all = np.zeros((heads, nqb, nkb), bool)
+    for h in range(heads):
+        tm = vis[h][qi][:, ki].reshape(nqb, FB, nkb, FB)
+        blk_any[h] = tm.any((1, 3))
+        blk_all[h] = tm.all((1, 3))
+    partial = blk_any & ~blk_all
 
-  kv_num, kv_idx = pack(partial)
-  full_num, full_idx = pack(blk_all)
-  bm = BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx,
-                                BLOCK_SIZE=FB, mask_mod=mask_mod,
-                                seq_lengths=(tokens, tokens))
-  return bm, int(blk_any.sum()), int(partial.sum())
+    def pack(m):
+        m = torch.as_tensor(m, device=device)[None]  # [1, H, nq, nk]
+        num = m.sum(-1).to(torch.int32)
+        idx = torch.argsort((~m).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+        return num, idx
+
+    kv_num, kv_idx = pack(partial)
+    full_num, full_idx = pack(blk_all)
+    bm = BlockMask.from_kv_blocks(
+        kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=FB, mask_mod=mask_mod, seq_lengths=(tokens, tokens)
+    )
+    return bm, int(blk_any.sum()), int(partial.sum())
 
 
 def bench_flex(name, st):
-  import torch
-  from torch.nn.attention.flex_attention import (create_block_mask,
-                                                 flex_attention)
-  from triton.testing import do_bench
-  batch, text_len, n_img, heads, d, text_first = SHAPES[name]
-  tokens, bq, bk = st["tokens"], st["bq"], st["bk"]
-  flex = torch.compile(flex_attention, dynamic=False)
+    import torch
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from triton.testing import do_bench
 
-  def to_torch(x):
-    try:
-      t = torch.from_dlpack(x)
-    except Exception:
-      t = torch.from_numpy(np.asarray(x.astype(jnp.float32))).cuda().to(
-          torch.bfloat16)
-    return t.permute(0, 2, 1, 3).contiguous()      # [B, H, T, D]
+    batch, text_len, n_img, heads, d, text_first = SHAPES[name]
+    tokens, bq, bk = st["tokens"], st["bq"], st["bk"]
+    flex = torch.compile(flex_attention, dynamic=False)
 
-  qt, kt, vt = (to_torch(st[n]) for n in ("q", "k", "v"))
-  for plan in ("full", "arrow8", "arrow16", "arrow32", "mixed", "mixed2"):
-    if elapsed() > args.budget_s * 0.92:
-      log(f"flex {name}: skipped {plan} (time)")
-      break
-    hw = st["plans"][plan]
-    try:
-      vis = schedule.tile_visit_matrix(hw, tokens=tokens, text_len=text_len,
-                                       text_first=text_first, block_q=bq,
-                                       block_k=bk)       # [H, nq, nk]
-      bm, n_blk, n_partial = flex_block_mask(vis, tokens, bq, bk, "cuda")
-      fn = lambda: flex(qt, kt, vt, block_mask=bm)  # noqa: E731
-      out = fn()
-      torch.cuda.synchronize()
-      ms = do_bench(fn, warmup=25, rep=100, return_mode="median")
-      rec = dict(shape=name, plan=plan, impl="torch-flex-tilemask", ms=ms,
-                 flex_blocks=n_blk, flex_partial=n_partial)
-      # Same function as ours?
-      ours = pk.headwise_attention(st["q"], st["k"], st["v"], np.where(
-          hw == 0, -1, hw), text_len=text_len, text_first=text_first,
-          block_q=bq, block_k=bk)
-      ot = to_torch(ours).float()
-      sel = torch.as_tensor(hw != 0, device="cuda")
-      e = float((out.float() - ot)[:, sel].norm() / ot[:, sel].norm())
-      rec["rel_err_vs_ours"] = e
-      record(**rec)
-      log(f"{name} {plan:8s} torch-flex(tile mask): {ms:8.3f} ms "
-          f"(blocks {n_blk} of which partial {n_partial}; "
-          f"rel_err vs ours {e:.1e})")
-      del out, ours, ot
-    except Exception as ex:
-      log(f"flex {name} {plan} FAILED: {type(ex).__name__}: {str(ex)[:800]}")
-      traceback.print_exc()
-  # Token-level arrow_8 mask (as in shared/reference/probe_attention.py).
-  if elapsed() < args.budget_s * 0.92:
-    try:
-      w = n_img // 16
-      img0 = text_len if text_first else 0
+    def to_torch(x):
+        try:
+            t = torch.from_dlpack(x)
+        except Exception:
+            t = torch.from_numpy(np.asarray(x.astype(jnp.float32))).cuda().to(torch.bfloat16)
+        return t.permute(0, 2, 1, 3).contiguous()  # [B, H, T, D]
 
-      def arrow(b, h, q_idx, kv_idx):
-        if text_first:
-          txt = (q_idx < text_len) | (kv_idx < text_len)
-        else:
-          txt = (q_idx >= n_img) | (kv_idx >= n_img)
-        return txt | ((q_idx - kv_idx).abs() <= w)
-      bm = create_block_mask(arrow, None, None, tokens, tokens, device="cuda")
-      fn = lambda: flex(qt, kt, vt, block_mask=bm)  # noqa: E731
-      fn()
-      ms = do_bench(fn, warmup=25, rep=100, return_mode="median")
-      record(shape=name, plan="arrow8", impl="torch-flex-nominal", ms=ms)
-      log(f"{name} arrow8   torch-flex(token arrow): {ms:8.3f} ms")
-      del img0
-    except Exception as ex:
-      log(f"flex nominal {name} FAILED: {type(ex).__name__}: {str(ex)[:500]}")
+    qt, kt, vt = (to_torch(st[n]) for n in ("q", "k", "v"))
+    for plan in ("full", "arrow8", "arrow16", "arrow32", "mixed", "mixed2"):
+        if elapsed() > args.budget_s * 0.92:
+            log(f"flex {name}: skipped {plan} (time)")
+            break
+        hw = st["plans"][plan]
+        try:
+            vis = schedule.tile_visit_matrix(
+                hw, tokens=tokens, text_len=text_len, text_first=text_first, block_q=bq, block_k=bk
+            )  # [H, nq, nk]
+            bm, n_blk, n_partial = flex_block_mask(vis, tokens, bq, bk, "cuda")
+            fn = lambda: flex(qt, kt, vt, block_mask=bm)  # noqa: E731
+            out = fn()
+            torch.cuda.synchronize()
+            ms = do_bench(fn, warmup=25, rep=100, return_mode="median")
+            rec = dict(
+                shape=name, plan=plan, impl="torch-flex-tilemask", ms=ms, flex_blocks=n_blk, flex_partial=n_partial
+            )
+            # Same function as ours?
+            ours = pk.headwise_attention(
+                st["q"],
+                st["k"],
+                st["v"],
+                np.where(hw == 0, -1, hw),
+                text_len=text_len,
+                text_first=text_first,
+                block_q=bq,
+                block_k=bk,
+            )
+            ot = to_torch(ours).float()
+            sel = torch.as_tensor(hw != 0, device="cuda")
+            e = float((out.float() - ot)[:, sel].norm() / ot[:, sel].norm())
+            rec["rel_err_vs_ours"] = e
+            record(**rec)
+            log(
+                f"{name} {plan:8s} torch-flex(tile mask): {ms:8.3f} ms "
+                f"(blocks {n_blk} of which partial {n_partial}; "
+                f"rel_err vs ours {e:.1e})"
+            )
+            del out, ours, ot
+        except Exception as ex:
+            log(f"flex {name} {plan} FAILED: {type(ex).__name__}: {str(ex)[:800]}")
+            traceback.print_exc()
+    # Token-level arrow_8 mask (as in shared/reference/probe_attention.py).
+    if elapsed() < args.budget_s * 0.92:
+        try:
+            w = n_img // 16
+            img0 = text_len if text_first else 0
+
+            def arrow(b, h, q_idx, kv_idx):
+                if text_first:
+                    txt = (q_idx < text_len) | (kv_idx < text_len)
+                else:
+                    txt = (q_idx >= n_img) | (kv_idx >= n_img)
+                return txt | ((q_idx - kv_idx).abs() <= w)
+
+            bm = create_block_mask(arrow, None, None, tokens, tokens, device="cuda")
+            fn = lambda: flex(qt, kt, vt, block_mask=bm)  # noqa: E731
+            fn()
+            ms = do_bench(fn, warmup=25, rep=100, return_mode="median")
+            record(shape=name, plan="arrow8", impl="torch-flex-nominal", ms=ms)
+            log(f"{name} arrow8   torch-flex(token arrow): {ms:8.3f} ms")
+            del img0
+        except Exception as ex:
+            log(f"flex nominal {name} FAILED: {type(ex).__name__}: {str(ex)[:500]}")
 
 
 def table():
-  recs = RESULTS["records"]
+    recs = RESULTS["records"]
 
-  def get(shape, plan, impl):
-    for r in recs:
-      if r["shape"] == shape and r["plan"] == plan and r["impl"] == impl:
-        return r
-    return None
+    def get(shape, plan, impl):
+        for r in recs:
+            if r["shape"] == shape and r["plan"] == plan and r["impl"] == impl:
+                return r
+        return None
 
-  lines = ["", "| shape | plan | tiles | ours ms | TFLOP/s (tiles) | x cuDNN |"
-           " Flex (tile mask) ms | Flex / ours | predicted ms |",
-           "|---|---|---|---|---|---|---|---|---|"]
-  for shape in SHAPES:
-    cud = get(shape, "full", "jax-cudnn-dense")
-    if cud:
-      lines.append(f"| {shape} | cuDNN dense | 100% | {cud['ms']:.3f} | "
-                   f"{cud['tflops']:.0f} | 1.00 | | | |")
-    for plan in ("full", "arrow8", "arrow16", "arrow32", "mixed", "mixed2",
-                 "cached"):
-      r = get(shape, plan, "ours")
-      if not r:
-        continue
-      fx = get(shape, plan, "torch-flex-tilemask")
-      sp = f"{r['speedup_vs_cudnn']:.2f}" if r.get("speedup_vs_cudnn") else ""
-      lines.append(
-          f"| {shape} | {plan} | {r['tile_fraction']:.1%} | {r['ms']:.3f} | "
-          f"{r['tile_tflops']:.0f} | {sp} | "
-          + (f"{fx['ms']:.3f} | {fx['ms'] / r['ms']:.2f}x |" if fx else " | |")
-          + (f" {r['predicted_ms']:.3f} |" if "predicted_ms" in r else " |"))
-  for shape in SHAPES:
-    nom = get(shape, "arrow8", "torch-flex-nominal")
-    if nom:
-      lines.append(f"{shape} arrow8 Flex token-level arrow mask: "
-                   f"{nom['ms']:.3f} ms")
-  nominal = get("FLUX-2K", "arrow8", "torch-flex-nominal")
-  # Goals.
-  g = []
-  a8 = get("FLUX-2K", "arrow8", "ours")
-  fx = get("FLUX-2K", "arrow8", "torch-flex-tilemask")
-  if a8:
-    ref = min([x["ms"] for x in (fx, nominal) if x] + [1.93])
-    g.append(f"goal FLUX-2K arrow8 < Flex ({ref:.3f} ms): ours {a8['ms']:.3f} "
-             f"-> {'MET' if a8['ms'] < ref else 'MISSED'}")
-  fu = get("FLUX-2K", "full", "ours")
-  if fu:
-    g.append(f"goal FLUX-2K full >= 380 TFLOP/s: {fu['tile_tflops']:.0f} -> "
-             f"{'MET' if fu['tile_tflops'] >= 380 else 'MISSED'}")
-  for shape in SHAPES:
-    mx = get(shape, "mixed", "ours")
-    if mx and "predicted_ms" in mx:
-      dev = mx["ms"] / mx["predicted_ms"] - 1
-      fu_, a8_ = get(shape, "full", "ours"), get(shape, "arrow8", "ours")
-      parts = (fu_["ms"] + a8_["ms"]) / 3 if fu_ and a8_ else float("nan")
-      g.append(f"goal {shape} mixed within 15% of tile prediction: "
-               f"{mx['ms']:.3f} vs {mx['predicted_ms']:.3f} ({dev:+.1%}) -> "
-               f"{'MET' if abs(dev) <= 0.15 else 'MISSED'}; "
-               f"(full + arrow8)/3 = {parts:.3f}")
-    m2 = get(shape, "mixed2", "ours")
-    if m2 and "predicted_ms" in m2:
-      dev = m2["ms"] / m2["predicted_ms"] - 1
-      g.append(f"goal {shape} mixed2 within 15% of tile prediction: "
-               f"{m2['ms']:.3f} vs {m2['predicted_ms']:.3f} ({dev:+.1%}) -> "
-               f"{'MET' if abs(dev) <= 0.15 else 'MISSED'}")
-    for plan in ("cached", "mixed", "full"):
-      un = get(shape, plan, "ours-unrolled16")
-      if un:
-        g.append(f"{shape} {plan} inside one jit (16 chained calls): "
-                 f"{un['ms'] * 1e3:.1f} us per call")
-    ca = get(shape, "cached", "ours")
-    if ca:
-      g.append(f"{shape} all-cached, one dispatch per call: "
-               f"{ca['ms'] * 1e3:.1f} us")
-  lines += [""] + g
-  return "\n".join(lines)
+    lines = [
+        "",
+        "| shape | plan | tiles | ours ms | TFLOP/s (tiles) | x cuDNN |"
+        " Flex (tile mask) ms | Flex / ours | predicted ms |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for shape in SHAPES:
+        cud = get(shape, "full", "jax-cudnn-dense")
+        if cud:
+            lines.append(f"| {shape} | cuDNN dense | 100% | {cud['ms']:.3f} | {cud['tflops']:.0f} | 1.00 | | | |")
+        for plan in ("full", "arrow8", "arrow16", "arrow32", "mixed", "mixed2", "cached"):
+            r = get(shape, plan, "ours")
+            if not r:
+                continue
+            fx = get(shape, plan, "torch-flex-tilemask")
+            sp = f"{r['speedup_vs_cudnn']:.2f}" if r.get("speedup_vs_cudnn") else ""
+            lines.append(
+                f"| {shape} | {plan} | {r['tile_fraction']:.1%} | {r['ms']:.3f} | "
+                f"{r['tile_tflops']:.0f} | {sp} | "
+                + (f"{fx['ms']:.3f} | {fx['ms'] / r['ms']:.2f}x |" if fx else " | |")
+                + (f" {r['predicted_ms']:.3f} |" if "predicted_ms" in r else " |")
+            )
+    for shape in SHAPES:
+        nom = get(shape, "arrow8", "torch-flex-nominal")
+        if nom:
+            lines.append(f"{shape} arrow8 Flex token-level arrow mask: {nom['ms']:.3f} ms")
+    nominal = get("FLUX-2K", "arrow8", "torch-flex-nominal")
+    # Goals.
+    g = []
+    a8 = get("FLUX-2K", "arrow8", "ours")
+    fx = get("FLUX-2K", "arrow8", "torch-flex-tilemask")
+    if a8:
+        ref = min([x["ms"] for x in (fx, nominal) if x] + [1.93])
+        g.append(
+            f"goal FLUX-2K arrow8 < Flex ({ref:.3f} ms): ours {a8['ms']:.3f} -> {'MET' if a8['ms'] < ref else 'MISSED'}"
+        )
+    fu = get("FLUX-2K", "full", "ours")
+    if fu:
+        g.append(
+            f"goal FLUX-2K full >= 380 TFLOP/s: {fu['tile_tflops']:.0f} -> "
+            f"{'MET' if fu['tile_tflops'] >= 380 else 'MISSED'}"
+        )
+    for shape in SHAPES:
+        mx = get(shape, "mixed", "ours")
+        if mx and "predicted_ms" in mx:
+            dev = mx["ms"] / mx["predicted_ms"] - 1
+            fu_, a8_ = get(shape, "full", "ours"), get(shape, "arrow8", "ours")
+            parts = (fu_["ms"] + a8_["ms"]) / 3 if fu_ and a8_ else float("nan")
+            g.append(
+                f"goal {shape} mixed within 15% of tile prediction: "
+                f"{mx['ms']:.3f} vs {mx['predicted_ms']:.3f} ({dev:+.1%}) -> "
+                f"{'MET' if abs(dev) <= 0.15 else 'MISSED'}; "
+                f"(full + arrow8)/3 = {parts:.3f}"
+            )
+        m2 = get(shape, "mixed2", "ours")
+        if m2 and "predicted_ms" in m2:
+            dev = m2["ms"] / m2["predicted_ms"] - 1
+            g.append(
+                f"goal {shape} mixed2 within 15% of tile prediction: "
+                f"{m2['ms']:.3f} vs {m2['predicted_ms']:.3f} ({dev:+.1%}) -> "
+                f"{'MET' if abs(dev) <= 0.15 else 'MISSED'}"
+            )
+        for plan in ("cached", "mixed", "full"):
+            un = get(shape, plan, "ours-unrolled16")
+            if un:
+                g.append(f"{shape} {plan} inside one jit (16 chained calls): {un['ms'] * 1e3:.1f} us per call")
+        ca = get(shape, "cached", "ours")
+        if ca:
+            g.append(f"{shape} all-cached, one dispatch per call: {ca['ms'] * 1e3:.1f} us")
+    lines += [""] + g
+    return "\n".join(lines)
 
 
 # (block_q, block_k, num_warps, num_stages, single_loop); run 1 (2026-11-22)
 # swept FLUX-2K and SD3-1K over the first grid, run 2 over the second.
 SWEEP_RUN1 = {
-    128: [(128, 128, 8, 2, True), (128, 128, 4, 3, True), (128, 64, 8, 3, True),
-          (128, 64, 4, 3, True), (64, 128, 4, 3, True), (64, 64, 4, 3, True)],
-    64: [(128, 64, 4, 2, True), (128, 128, 4, 3, True), (128, 128, 8, 3, True),
-         (64, 64, 4, 3, True), (128, 64, 8, 3, True), (64, 128, 4, 3, True)],
+    128: [
+        (128, 128, 8, 2, True),
+        (128, 128, 4, 3, True),
+        (128, 64, 8, 3, True),
+        (128, 64, 4, 3, True),
+        (64, 128, 4, 3, True),
+        (64, 64, 4, 3, True),
+    ],
+    64: [
+        (128, 64, 4, 2, True),
+        (128, 128, 4, 3, True),
+        (128, 128, 8, 3, True),
+        (64, 64, 4, 3, True),
+        (128, 64, 8, 3, True),
+        (64, 128, 4, 3, True),
+    ],
 }
 SWEEP = {
-    128: [(128, 128, 8, 2, True), (128, 64, 8, 3, True), (64, 64, 4, 3, True),
-          (64, 128, 8, 3, True)],
-    64: [(128, 64, 8, 2, True), (64, 64, 4, 3, True), (64, 64, 4, 3, False),
-         (64, 64, 8, 3, True)],
+    128: [(128, 128, 8, 2, True), (128, 64, 8, 3, True), (64, 64, 4, 3, True), (64, 128, 8, 3, True)],
+    64: [(128, 64, 8, 2, True), (64, 64, 4, 3, True), (64, 64, 4, 3, False), (64, 64, 8, 3, True)],
 }
 
 
 if __name__ == "__main__":
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--shapes", default="FLUX-1K,FLUX-2K,SD3-1K")
-  ap.add_argument("--sweep", default="",
-                  help="comma list of shapes to sweep configs on")
-  ap.add_argument("--no-flex", action="store_true")
-  ap.add_argument("--no-small", action="store_true")
-  ap.add_argument("--loop-variants", action="store_true",
-                  help="also time the other loop structure (full, arrow8)")
-  ap.add_argument("--budget-s", type=float, default=520.0)
-  ap.add_argument("--out", default=os.environ.get("OUT"))
-  ap.add_argument("--cpu-smoke", action="store_true",
-                  help="tiny shapes in interpret mode (script test, no GPU)")
-  args = ap.parse_args()
-  if args.cpu_smoke:
-    INTERPRET, DENSE_IMPL = True, "xla"
-    SHAPES.clear()
-    SHAPES.update({"FLUX-1K": (1, 64, 192, 3, 128, True),
-                   "FLUX-2K": (1, 64, 256, 3, 128, True),
-                   "SD3-1K": (2, 45, 192, 3, 64, False)})
-    SWEEP[128] = SWEEP[128][:1]
-    SWEEP[64] = SWEEP[64][2:3]
-    args.no_flex = True
-  OUT = args.out
-  if OUT:
-    os.makedirs(OUT, exist_ok=True)
-  env_info()
-  if not args.no_small:
-    small_checks()
-  states = {}
-  sweep_shapes = [s for s in args.sweep.split(",") if s]
-  for name in args.shapes.split(","):
-    if elapsed() > args.budget_s * 0.75:
-      log(f"{name}: skipped (time)")
-      continue
-    d = SHAPES[name][4]
-    try:
-      states[name] = bench_shape(name, args,
-                                 SWEEP[d] if name in sweep_shapes else [])
-    except Exception as ex:
-      log(f"{name} FAILED: {type(ex).__name__}: {str(ex)[:800]}")
-      traceback.print_exc()
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="FLUX-1K,FLUX-2K,SD3-1K")
+    ap.add_argument("--sweep", default="", help="comma list of shapes to sweep configs on")
+    ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--no-small", action="store_true")
+    ap.add_argument("--loop-variants", action="store_true", help="also time the other loop structure (full, arrow8)")
+    ap.add_argument("--budget-s", type=float, default=520.0)
+    ap.add_argument("--out", default=os.environ.get("OUT"))
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes in interpret mode (script test, no GPU)")
+    args = ap.parse_args()
+    if args.cpu_smoke:
+        INTERPRET, DENSE_IMPL = True, "xla"
+        SHAPES.clear()
+        SHAPES.update(
+            {
+                "FLUX-1K": (1, 64, 192, 3, 128, True),
+                "FLUX-2K": (1, 64, 256, 3, 128, True),
+                "SD3-1K": (2, 45, 192, 3, 64, False),
+            }
+        )
+        SWEEP[128] = SWEEP[128][:1]
+        SWEEP[64] = SWEEP[64][2:3]
+        args.no_flex = True
+    OUT = args.out
+    if OUT:
+        os.makedirs(OUT, exist_ok=True)
+    env_info()
+    if not args.no_small:
+        small_checks()
+    states = {}
+    sweep_shapes = [s for s in args.sweep.split(",") if s]
+    for name in args.shapes.split(","):
+        if elapsed() > args.budget_s * 0.75:
+            log(f"{name}: skipped (time)")
+            continue
+        d = SHAPES[name][4]
+        try:
+            states[name] = bench_shape(name, args, SWEEP[d] if name in sweep_shapes else [])
+        except Exception as ex:
+            log(f"{name} FAILED: {type(ex).__name__}: {str(ex)[:800]}")
+            traceback.print_exc()
+        save()
+    if not args.no_flex:
+        for name, st in states.items():
+            try:
+                bench_flex(name, st)
+            except Exception as ex:
+                log(f"flex {name} FAILED: {type(ex).__name__}: {str(ex)[:800]}")
+                traceback.print_exc()
+            save()
+    log(f"\ntotal {elapsed():.0f}s")
+    log(table())
     save()
-  if not args.no_flex:
-    for name, st in states.items():
-      try:
-        bench_flex(name, st)
-      except Exception as ex:
-        log(f"flex {name} FAILED: {type(ex).__name__}: {str(ex)[:800]}")
-        traceback.print_exc()
-      save()
-  log(f"\ntotal {elapsed():.0f}s")
-  log(table())
-  save()

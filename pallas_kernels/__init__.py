@@ -9,6 +9,7 @@ Public API:
 * :mod:`schedule` -- the tile schedule all three share;
 * :func:`default_block_sizes` -- block sizes per head_dim.
 """
+
 from pallas_kernels import schedule
 from pallas_kernels.config import default_block_sizes
 from pallas_kernels.cost import PlanCost, plan_cost

@@ -1,4 +1,5 @@
 """Argument checks shared by the kernel and the reference."""
+
 from __future__ import annotations
 
 import jax
@@ -11,101 +12,87 @@ _FLOAT_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
 
 def _is_tracer(x) -> bool:
-  return isinstance(x, jax.core.Tracer)
+    return isinstance(x, jax.core.Tracer)
 
 
 def _shape_dtype(x, name):
-  if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-    raise ValueError(f"{name}: expected an array, got {type(x).__name__}")
-  return tuple(x.shape), jnp.dtype(x.dtype)
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise ValueError(f"{name}: expected an array, got {type(x).__name__}")
+    return tuple(x.shape), jnp.dtype(x.dtype)
 
 
 def _pow2(n: int) -> bool:
-  return n > 0 and (n & (n - 1)) == 0
+    return n > 0 and (n & (n - 1)) == 0
 
 
-def validate(q, k, v, head_window, cache, *, text_len, text_first, block_q,
-             block_k):
-  """Checks the arguments; returns ``(head_window_int32, block_q, block_k)``.
+def validate(q, k, v, head_window, cache, *, text_len, text_first, block_q, block_k):
+    """Checks the arguments; returns ``(head_window_int32, block_q, block_k)``.
 
-  Raises ValueError naming the argument, what it got and what was expected.
-  Values of ``head_window`` are checked only when it is concrete (not traced
-  under jit/scan).
-  """
-  q_shape, q_dtype = _shape_dtype(q, "q")
-  if len(q_shape) != 4:
-    raise ValueError(
-        f"q: expected shape [batch, tokens, heads, head_dim], got {q_shape}")
-  if q_dtype not in [jnp.dtype(d) for d in _FLOAT_DTYPES]:
-    raise ValueError(
-        f"q: expected dtype bfloat16, float16 or float32, got {q_dtype}")
-  for name, x in (("k", k), ("v", v)):
-    shape, dtype = _shape_dtype(x, name)
-    if shape != q_shape:
-      raise ValueError(
-          f"{name}: expected the shape of q {q_shape}, got {shape}")
-    if dtype != q_dtype:
-      raise ValueError(
-          f"{name}: expected the dtype of q ({q_dtype}), got {dtype}")
-  batch, tokens, heads, head_dim = q_shape
-  if tokens < 1 or heads < 1 or batch < 1:
-    raise ValueError(f"q: expected non-empty batch, tokens and heads, got {q_shape}")
-  if head_dim not in (16, 32, 64, 128, 256):
-    raise ValueError(
-        f"q: head_dim (last axis of shape {q_shape}) must be one of "
-        f"16, 32, 64, 128, 256, got {head_dim}")
-  if not isinstance(text_len, (int, np.integer)) or isinstance(text_len, bool):
-    raise ValueError(
-        f"text_len: expected a static Python int, got {type(text_len).__name__}")
-  if not 0 <= int(text_len) <= tokens:
-    raise ValueError(
-        f"text_len={text_len}: expected 0 <= text_len <= tokens={tokens} "
-        f"(q shape {q_shape})")
-  if not isinstance(text_first, (bool, np.bool_)):
-    raise ValueError(
-        f"text_first: expected a static bool, got {type(text_first).__name__}")
+    Raises ValueError naming the argument, what it got and what was expected.
+    Values of ``head_window`` are checked only when it is concrete (not traced
+    under jit/scan).
+    """
+    q_shape, q_dtype = _shape_dtype(q, "q")
+    if len(q_shape) != 4:
+        raise ValueError(f"q: expected shape [batch, tokens, heads, head_dim], got {q_shape}")
+    if q_dtype not in [jnp.dtype(d) for d in _FLOAT_DTYPES]:
+        raise ValueError(f"q: expected dtype bfloat16, float16 or float32, got {q_dtype}")
+    for name, x in (("k", k), ("v", v)):
+        shape, dtype = _shape_dtype(x, name)
+        if shape != q_shape:
+            raise ValueError(f"{name}: expected the shape of q {q_shape}, got {shape}")
+        if dtype != q_dtype:
+            raise ValueError(f"{name}: expected the dtype of q ({q_dtype}), got {dtype}")
+    batch, tokens, heads, head_dim = q_shape
+    if tokens < 1 or heads < 1 or batch < 1:
+        raise ValueError(f"q: expected non-empty batch, tokens and heads, got {q_shape}")
+    if head_dim not in (16, 32, 64, 128, 256):
+        raise ValueError(
+            f"q: head_dim (last axis of shape {q_shape}) must be one of 16, 32, 64, 128, 256, got {head_dim}"
+        )
+    if not isinstance(text_len, (int, np.integer)) or isinstance(text_len, bool):
+        raise ValueError(f"text_len: expected a static Python int, got {type(text_len).__name__}")
+    if not 0 <= int(text_len) <= tokens:
+        raise ValueError(f"text_len={text_len}: expected 0 <= text_len <= tokens={tokens} (q shape {q_shape})")
+    if not isinstance(text_first, (bool, np.bool_)):
+        raise ValueError(f"text_first: expected a static bool, got {type(text_first).__name__}")
 
-  dq, dk = default_block_sizes(head_dim)
-  block_q = dq if block_q is None else block_q
-  block_k = dk if block_k is None else block_k
-  for name, b in (("block_q", block_q), ("block_k", block_k)):
-    if not isinstance(b, (int, np.integer)) or not _pow2(int(b)) or b < 16:
-      raise ValueError(f"{name}: expected a power of two >= 16, got {b!r}")
+    dq, dk = default_block_sizes(head_dim)
+    block_q = dq if block_q is None else block_q
+    block_k = dk if block_k is None else block_k
+    for name, b in (("block_q", block_q), ("block_k", block_k)):
+        if not isinstance(b, (int, np.integer)) or not _pow2(int(b)) or b < 16:
+            raise ValueError(f"{name}: expected a power of two >= 16, got {b!r}")
 
-  hw_shape, hw_dtype = _shape_dtype(head_window, "head_window")
-  if hw_shape != (heads,):
-    raise ValueError(
-        f"head_window: expected shape ({heads},) (one window per head of q "
-        f"{q_shape}), got {hw_shape}")
-  if not jnp.issubdtype(hw_dtype, jnp.signedinteger):
-    raise ValueError(
-        f"head_window: expected a signed integer dtype (int32), got {hw_dtype}")
-  concrete = None
-  if not _is_tracer(head_window):
-    concrete = np.asarray(head_window)
-    if concrete.size and concrete.min() < -1:
-      raise ValueError(
-          f"head_window: expected values -1 (full), 0 (cached) or w > 0 "
-          f"(arrow), got {concrete.tolist()}")
-    if concrete.size and concrete.max() > np.iinfo(np.int32).max:
-      raise ValueError(
-          f"head_window: values must fit int32, got max {concrete.max()}")
+    hw_shape, hw_dtype = _shape_dtype(head_window, "head_window")
+    if hw_shape != (heads,):
+        raise ValueError(f"head_window: expected shape ({heads},) (one window per head of q {q_shape}), got {hw_shape}")
+    if not jnp.issubdtype(hw_dtype, jnp.signedinteger):
+        raise ValueError(f"head_window: expected a signed integer dtype (int32), got {hw_dtype}")
+    concrete = None
+    if not _is_tracer(head_window):
+        concrete = np.asarray(head_window)
+        if concrete.size and concrete.min() < -1:
+            raise ValueError(
+                f"head_window: expected values -1 (full), 0 (cached) or w > 0 (arrow), got {concrete.tolist()}"
+            )
+        if concrete.size and concrete.max() > np.iinfo(np.int32).max:
+            raise ValueError(f"head_window: values must fit int32, got max {concrete.max()}")
 
-  if cache is not None:
-    c_shape, c_dtype = _shape_dtype(cache, "cache")
-    if c_shape != q_shape:
-      raise ValueError(
-          f"cache: expected the shape of q {q_shape}, got {c_shape}")
-    if c_dtype != q_dtype:
-      raise ValueError(
-          f"cache: expected the dtype of q ({q_dtype}), got {c_dtype}")
-  elif concrete is not None and np.any(concrete == 0):
-    raise ValueError(
-        f"cache: head_window {concrete.tolist()} marks heads "
-        f"{np.flatnonzero(concrete == 0).tolist()} as cached (0) but cache is "
-        f"None; pass cache=[batch, tokens, heads, head_dim] = {q_shape}")
+    if cache is not None:
+        c_shape, c_dtype = _shape_dtype(cache, "cache")
+        if c_shape != q_shape:
+            raise ValueError(f"cache: expected the shape of q {q_shape}, got {c_shape}")
+        if c_dtype != q_dtype:
+            raise ValueError(f"cache: expected the dtype of q ({q_dtype}), got {c_dtype}")
+    elif concrete is not None and np.any(concrete == 0):
+        raise ValueError(
+            f"cache: head_window {concrete.tolist()} marks heads "
+            f"{np.flatnonzero(concrete == 0).tolist()} as cached (0) but cache is "
+            f"None; pass cache=[batch, tokens, heads, head_dim] = {q_shape}"
+        )
 
-  hw = jnp.asarray(head_window)
-  if hw.dtype != jnp.int32:
-    hw = hw.astype(jnp.int32)
-  return hw, int(block_q), int(block_k)
+    hw = jnp.asarray(head_window)
+    if hw.dtype != jnp.int32:
+        hw = hw.astype(jnp.int32)
+    return hw, int(block_q), int(block_k)

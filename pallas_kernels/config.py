@@ -15,6 +15,7 @@ Chosen on an H100 80GB HBM3 (jax 0.11.2, Pallas Triton lowering, bf16,
   SD3-1K); 64x64 with 4 warps was 5 % faster on arrow_8 but 6 % slower on
   full, and 4 warps at 128x64 (the first guess) was 35-45 % slower.
 """
+
 from __future__ import annotations
 
 # head_dim -> (block_q, block_k)
@@ -42,21 +43,18 @@ SINGLE_LOOP = True
 
 
 def default_block_sizes(head_dim: int) -> tuple[int, int]:
-  """``(block_q, block_k)`` used when the caller passes ``None``."""
-  if head_dim in _DEFAULT_BLOCKS:
-    return _DEFAULT_BLOCKS[head_dim]
-  raise ValueError(
-      f"head_dim={head_dim} is not supported: expected one of "
-      f"{sorted(_DEFAULT_BLOCKS)}")
+    """``(block_q, block_k)`` used when the caller passes ``None``."""
+    if head_dim in _DEFAULT_BLOCKS:
+        return _DEFAULT_BLOCKS[head_dim]
+    raise ValueError(f"head_dim={head_dim} is not supported: expected one of {sorted(_DEFAULT_BLOCKS)}")
 
 
-def default_launch(head_dim: int, itemsize: int, block_q: int,
-                   block_k: int) -> tuple[int, int]:
-  """``(num_warps, num_stages)`` for the Triton compilation."""
-  if itemsize >= 4:
-    # float32 tiles are twice as large: keep shared memory within the H100's
-    # 227 KiB by not multi-buffering the key/value tiles.
-    return (8 if head_dim >= 128 or block_q >= 128 else 4), 1
-  if (head_dim, itemsize) in _DEFAULT_LAUNCH:
-    return _DEFAULT_LAUNCH[(head_dim, itemsize)]
-  return (8 if head_dim >= 128 else 4), 2
+def default_launch(head_dim: int, itemsize: int, block_q: int, block_k: int) -> tuple[int, int]:
+    """``(num_warps, num_stages)`` for the Triton compilation."""
+    if itemsize >= 4:
+        # float32 tiles are twice as large: keep shared memory within the H100's
+        # 227 KiB by not multi-buffering the key/value tiles.
+        return (8 if head_dim >= 128 or block_q >= 128 else 4), 1
+    if (head_dim, itemsize) in _DEFAULT_LAUNCH:
+        return _DEFAULT_LAUNCH[(head_dim, itemsize)]
+    return (8 if head_dim >= 128 else 4), 2
