@@ -135,12 +135,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer steps, for a smoke run")
     parser.add_argument("--layer-skip-only", action="store_true", help="only the q/k/v-skipping measurement")
+    parser.add_argument("--calibration", help="only these calibrations, e.g. '2048:28:4,1024:50:8' (px:steps:prompts)")
     args = parser.parse_args()
     cache_dir = os.path.join(os.environ.get("OUT", "/tmp"), "..", "jax_cache")
     jax.config.update("jax_compilation_cache_dir", os.path.abspath(cache_dir))
     model = random_model(FLUX_DEV)
     if args.layer_skip_only:
         bench_layer_skip(model, 2048, 10)
+        return
+    if args.calibration:
+        for case in args.calibration.split(","):
+            bench_calibration(model, *(int(v) for v in case.split(":")))
         return
     bench_sampler(model, 2048, 4 if args.quick else 10)
     for px, steps, prompts in ([(1024, 4, 2)] if args.quick else
