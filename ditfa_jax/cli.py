@@ -67,8 +67,8 @@ def cmd_sample(args) -> int:
 
     from ditfa_jax.configs import FluxConfig
     from ditfa_jax.loading import load_transformer
-    from ditfa_jax.plan import CompressionPlan
-    from ditfa_jax.sampler import VAE_SCALE_FACTOR, flux_latent_grid, sample, scheduler_for
+    from ditfa_jax.plan import CompressionPlan, image_tokens_for
+    from ditfa_jax.sampler import VAE_SCALE_FACTOR, cache_bytes, flux_latent_grid, sample, scheduler_for
 
     model = load_transformer(args.checkpoint, dtype=_dtype(args.dtype))
     cfg = model.config
@@ -93,6 +93,9 @@ def cmd_sample(args) -> int:
     report = {"model": type(cfg).__name__, "checkpoint": str(args.checkpoint), "steps": args.steps,
               "height": args.height, "width": args.width, "batch": b, "plan": args.plan,
               "attention_flops_kept": None if plan is None else round(plan.flops_kept_fraction(), 4),
+              "attention_cache_mb": 0.0 if plan is None else round(cache_bytes(
+                  cfg, b * (2 if cfg.family == "sd3" else 1),  # SD3 runs CFG on a doubled batch
+                  image_tokens_for(cfg, args.height, args.width) + text.shape[1], model.dtype) / 2 ** 20, 2),
               "first_call_s": round(timings[0], 3), "second_call_s": round(timings[1], 3),
               "final_latents_std": float(jnp.std(final)), "device": str(jax.devices()[0])}
     if args.out:
