@@ -14,12 +14,18 @@ quality and the answer does not depend on the solver's path.
 
 ``solve_global`` is the same problem with one budget over all steps, layers
 and heads (it needs every RSE up front, which the progressive calibration
-does not have; it exists to compare the two on a recorded RSE table).
+does not have; it exists to compare the two on a recorded RSE table).  At run
+size branch and bound is too slow, so it rounds the LP relaxation instead
+(within one pair's saving of the optimum).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import os
+import sys
+import tempfile
 import warnings
 
 import numpy as np
@@ -33,13 +39,13 @@ FULL = -1  # "no method": the head runs full attention
 _TIE_RTOL = 1e-9
 
 
-def _check_tables(rse, saving, lead: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+def _check_tables(rse, saving, lead: int) -> tuple[np.ndarray, np.ndarray]:
     """Validate rse [..., M] / saving [..., M] (or [M]) and return float64 copies of equal shape."""
     rse = np.asarray(rse, dtype=np.float64)
     saving = np.asarray(saving, dtype=np.float64)
     want = "[" + ", ".join(["S", "L", "H"][3 - lead:]) + ", M]"
     if rse.ndim != lead + 1 or rse.shape[-1] < 1 or 0 in rse.shape:
-        raise ValueError(f"rse: expected a non-empty array {what} {want}, got shape {rse.shape}")
+        raise ValueError(f"rse: expected a non-empty array {want}, got shape {rse.shape}")
     if saving.ndim == 1:
         saving = np.broadcast_to(saving, rse.shape)
     if saving.shape != rse.shape:
@@ -76,38 +82,100 @@ def objective(choice, rse, saving) -> tuple[float, float]:
     return float(np.sum(s[on])), float(np.sum(e[on]))
 
 
-def _milp(cost, rows, cols, n_groups, rse_vals, budget, *, extra=None, time_limit=None, mip_rel_gap=0.0,
-          presolve=False):
-    """Solve min cost@x, one-per-group, rse@x <= budget (+ optional extra row); return x (0/1)."""
+# A debugging line that HiGHS (as bundled with scipy 1.18) prints to the C stdout after some MIP solves.
+_HIGHS_NOISE = b"HighsMipSolverData::transformNewIntegerFeasibleSolution"
+
+
+@contextlib.contextmanager
+def _drop_highs_noise():
+    """Capture the C-level stdout (fd 1) during a solve and pass everything but HiGHS' debug line through."""
+    try:
+        saved = os.dup(1)
+    except OSError:                            # no stdout at all: nothing to filter
+        yield
+        return
+    with tempfile.TemporaryFile() as tmp:
+        try:
+            sys.stdout.flush()
+        except (AttributeError, ValueError, OSError):
+            pass
+        os.dup2(tmp.fileno(), 1)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+            tmp.seek(0)
+            kept = b"".join(line for line in tmp.read().splitlines(keepends=True) if _HIGHS_NOISE not in line)
+            if kept:
+                os.write(1, kept)
+
+
+def _milp(cost, rows, cols, n_groups, rse_vals, budget, *, extra=None, time_limit=None, mip_rel_gap=0.0):
+    """Solve min cost@x, one-per-group, rse@x <= budget (+ optional row extra[0]@x >= extra[1]); x in {0, 1}."""
     n = cost.size
     group = sparse.csr_array((np.ones(n), (rows, cols)), shape=(n_groups, n))
     constraints = [optimize.LinearConstraint(group, -np.inf, 1.0),
                    optimize.LinearConstraint(rse_vals[None, :], -np.inf, budget)]
     if extra is not None:
         constraints.append(optimize.LinearConstraint(extra[0][None, :], extra[1], np.inf))
-    # presolve off for the tiny per-layer problems: it gains nothing there and HiGHS 1.x prints a stray debug line
-    # ("transformNewIntegerFeasibleSolution") to stdout from some presolved solves.
-    options = {"mip_rel_gap": mip_rel_gap, "presolve": presolve}
+    # Presolve off: it gains nothing on these problems and takes minutes (ignoring time_limit) on run-sized ones.
+    options = {"mip_rel_gap": mip_rel_gap, "presolve": False}
     if time_limit is not None:
         options["time_limit"] = float(time_limit)
-    res = optimize.milp(cost, constraints=constraints, integrality=np.ones(n),
-                        bounds=optimize.Bounds(0.0, 1.0), options=options)
+    with _drop_highs_noise():
+        res = optimize.milp(cost, constraints=constraints, integrality=np.ones(n),
+                            bounds=optimize.Bounds(0.0, 1.0), options=options)
     if res.status == 1 and res.x is not None:
         warnings.warn(f"MILP solver (HiGHS) stopped at a limit ({res.message}); using its best assignment, "
-                      f"which may not be optimal", RuntimeWarning, stacklevel=3)
+                      f"which may not be optimal", RuntimeWarning, stacklevel=4)
     elif res.x is None or res.status != 0:
         raise RuntimeError(f"MILP solver (HiGHS) failed: status {res.status}: {res.message}")
     return res.x > 0.5
 
 
+def _lp_round(s, e, rows, n_groups, budget) -> tuple[np.ndarray, float]:
+    """LP relaxation (HiGHS interior point + crossover: a vertex, so at most two fractional pairs, in one group)
+    rounded down, then filled greedily by saving. Returns (x, LP upper bound on the saving)."""
+    n = s.size
+    a = sparse.vstack([sparse.csr_array((np.ones(n), (rows, np.arange(n))), shape=(n_groups, n)),
+                       sparse.csr_array(e[None, :])]).tocsr()
+    res = optimize.linprog(-s, A_ub=a, b_ub=np.r_[np.ones(n_groups), budget], bounds=(0.0, 1.0),
+                           method="highs-ipm")
+    if res.status != 0:
+        raise RuntimeError(f"LP solver (HiGHS) failed: status {res.status}: {res.message}")
+    x = res.x > 1.0 - 1e-7
+    # Feasibility exactly (the LP honours the budget only up to its tolerance): drop the least efficient picks.
+    order = np.argsort(s / np.maximum(e, 1e-300), kind="stable")
+    used = float(e[x].sum())
+    for i in order:
+        if used <= budget:
+            break
+        if x[i]:
+            x[i] = False
+            used = float(e[x].sum())
+    taken = np.zeros(n_groups, bool)
+    taken[rows[x]] = True
+    rest = budget - used
+    for i in np.lexsort((e, -s)):              # fill: largest saving first, then smallest error
+        if not taken[rows[i]] and e[i] <= rest:
+            x[i] = True
+            taken[rows[i]] = True
+            rest -= e[i]
+    return x, -float(res.fun)
+
+
 def _solve(rse: np.ndarray, saving: np.ndarray, budget: float, threshold: float, *, time_limit=None,
-           mip_rel_gap: float = 0.0, presolve: bool = False, tie_break: bool = True) -> np.ndarray:
-    """Core: rse/saving [N, M] -> choice [N] (index or -1) maximising saving then minimising rse."""
+           mip_rel_gap: float = 0.0, tie_break: bool = True, method: str = "milp") -> tuple[np.ndarray, float]:
+    """Core: rse/saving [N, M] -> (choice [N] (index or -1), upper bound on the saving).
+
+    ``method="milp"`` maximises the saving (then minimises the error when ``tie_break``); ``"lp"`` rounds the LP
+    relaxation, which is within one pair's saving of the optimum."""
     n_heads, _ = rse.shape
     choice = np.full(n_heads, FULL, dtype=np.int64)
     eligible = (rse < threshold) & (rse <= budget) & (saving > 0)
     if budget <= 0 or not eligible.any():
-        return choice
+        return choice, 0.0
 
     # Fast path: every head takes its best eligible method (max saving, then min rse). If that fits the
     # budget it reaches the per-head upper bound, so it is the (lexicographic) optimum.
@@ -115,29 +183,33 @@ def _solve(rse: np.ndarray, saving: np.ndarray, budget: float, threshold: float,
     best_s = key_s.max(axis=1, keepdims=True)
     key_e = np.where(eligible & (saving == best_s), rse, np.inf)
     greedy = np.where(eligible.any(axis=1), np.argmin(key_e, axis=1), FULL)
-    if objective(greedy, rse, saving)[1] <= budget:
-        return greedy
+    best_total, used = objective(greedy, rse, saving)
+    if used <= budget:
+        return greedy, best_total
 
     rows, cols = np.nonzero(eligible)          # variables = eligible pairs, row-major (deterministic order)
     s = saving[rows, cols]
     e = rse[rows, cols]
+    if method == "lp":
+        x, bound = _lp_round(s, e, rows, n_heads, budget)
+        choice[rows[x]] = cols[x]
+        return choice, bound
+
     var = np.arange(rows.size)
     rhs = budget
     for _ in range(4):                         # re-solve with a tighter rhs if HiGHS' tolerance overshoots
-        x = _milp(-s, rows, var, n_heads, e, rhs, time_limit=time_limit, mip_rel_gap=mip_rel_gap,
-                  presolve=presolve)
+        x = _milp(-s, rows, var, n_heads, e, rhs, time_limit=time_limit, mip_rel_gap=mip_rel_gap)
         best = float(s[x].sum())
         if tie_break and best > 0:
             floor = best - _TIE_RTOL * max(1.0, abs(best))
             x2 = _milp(e, rows, var, n_heads, e, rhs, extra=(s, floor), time_limit=time_limit,
-                       mip_rel_gap=mip_rel_gap, presolve=presolve)
+                       mip_rel_gap=mip_rel_gap)
             if float(s[x2].sum()) >= floor and float(e[x2].sum()) <= float(e[x].sum()):
                 x = x2
         used = float(e[x].sum())
         if used <= budget:
-            choice[:] = FULL
             choice[rows[x]] = cols[x]
-            return choice
+            return choice, best * (1.0 + mip_rel_gap) + 1e-9
         rhs -= (used - budget) + 1e-12 * max(1.0, budget)
     raise RuntimeError(f"MILP solver (HiGHS) kept returning assignments over the budget {budget} "
                        f"(last summed rse {used})")
@@ -151,28 +223,41 @@ def solve_layer(rse, saving, delta: float, c: float = 1.5, *, time_limit: float 
     ``delta``: error budget of the layer; ``c``: eligibility factor (``rse < c*delta/H``).
     Maximises the summed saving; ties go to the smallest summed error. Pairs with saving <= 0 are never chosen.
     """
-    rse, saving = _check_tables(rse, saving, 1, "[H, M]")
+    rse, saving = _check_tables(rse, saving, 1)
     delta, c = _check_scalars(delta, c, "delta")
-    return _solve(rse, saving, delta, c * delta / rse.shape[0], time_limit=time_limit)
+    return _solve(rse, saving, delta, c * delta / rse.shape[0], time_limit=time_limit)[0]
 
 
-def solve_global(rse, saving, delta_total: float, c: float = 1.5, *, mip_rel_gap: float = 1e-6,
-                 time_limit: float | None = 600.0, tie_break: bool = False) -> np.ndarray:
+GLOBAL_METHODS = ("auto", "milp", "lp")
+
+
+def solve_global(rse, saving, delta_total: float, c: float = 1.5, *, method: str = "auto",
+                 exact_limit: int = 20_000, mip_rel_gap: float = 1e-6, time_limit: float | None = 300.0,
+                 return_bound: bool = False):
     """One budget over the whole run: rse/saving [S, L, H, M] (saving may be [M]) -> int64 [S, L, H].
 
     Eligibility ``rse < c*delta_total/(S*L*H)``, one constraint ``sum x*rse <= delta_total``. Step 0 is not
-    forced full here; the caller sets ``rse[0] = inf`` if it wants the plan's step-0 rule. A full-size problem
-    (50 x 57 x 24 x 4 pairs) is slow to prove optimal, hence the default relative gap 1e-6 and no tie-break
-    solve; on a time limit HiGHS' best assignment is returned with a RuntimeWarning.
+    forced full here; set ``rse[0] = inf`` for the plan's step-0 rule. ``method``: "milp" (HiGHS branch and
+    bound, relative gap ``mip_rel_gap``), "lp" (LP relaxation rounded down and filled greedily: at most one pair's
+    saving below the optimum, seconds even for 50 x 57 x 24 x 4 pairs, where branch and bound can take hours) or
+    "auto" (milp up to ``exact_limit`` eligible pairs, else lp). ``return_bound``: also return an upper bound on
+    the optimal summed saving (LP bound or the MILP gap), to report how far the answer can be from optimal.
     """
-    rse, saving = _check_tables(rse, saving, 3, "[S, L, H, M]")
+    rse, saving = _check_tables(rse, saving, 3)
     delta_total, c = _check_scalars(delta_total, c, "delta_total")
+    if method not in GLOBAL_METHODS:
+        raise ValueError(f"method: expected one of {GLOBAL_METHODS}, got {method!r}")
     shape = rse.shape[:3]
     n = int(np.prod(shape))
     m = rse.shape[-1]
-    out = _solve(rse.reshape(n, m), saving.reshape(n, m), delta_total, c * delta_total / n,
-                 time_limit=time_limit, mip_rel_gap=mip_rel_gap, presolve=True, tie_break=tie_break)
-    return out.reshape(shape)
+    threshold = c * delta_total / n
+    if method == "auto":
+        pairs = int(((rse < threshold) & (saving > 0)).sum())
+        method = "milp" if pairs <= exact_limit else "lp"
+    out, bound = _solve(rse.reshape(n, m), saving.reshape(n, m), delta_total, threshold, time_limit=time_limit,
+                        mip_rel_gap=mip_rel_gap, tie_break=False, method=method)
+    out = out.reshape(shape)
+    return (out, bound) if return_bound else out
 
 
 def _brute(rse: np.ndarray, saving: np.ndarray, budget: float, threshold: float) -> np.ndarray:
@@ -195,7 +280,7 @@ def _brute(rse: np.ndarray, saving: np.ndarray, budget: float, threshold: float)
 
 def brute_force_layer(rse, saving, delta: float, c: float = 1.5) -> np.ndarray:
     """Reference for tests: enumerate all (M+1)^H assignments of one layer (small H, M only)."""
-    rse, saving = _check_tables(rse, saving, 1, "[H, M]")
+    rse, saving = _check_tables(rse, saving, 1)
     delta, c = _check_scalars(delta, c, "delta")
     if (rse.shape[1] + 1) ** rse.shape[0] > 1_000_000:
         raise ValueError(f"rse: shape {rse.shape} too large to enumerate")
@@ -206,7 +291,7 @@ def brute_force_layer(rse, saving, delta: float, c: float = 1.5) -> np.ndarray:
 
 def brute_force_global(rse, saving, delta_total: float, c: float = 1.5) -> np.ndarray:
     """Reference for tests: enumerate all assignments of a tiny [S, L, H, M] table under one budget."""
-    rse, saving = _check_tables(rse, saving, 3, "[S, L, H, M]")
+    rse, saving = _check_tables(rse, saving, 3)
     delta_total, c = _check_scalars(delta_total, c, "delta_total")
     shape = rse.shape[:3]
     n, m = int(np.prod(shape)), rse.shape[-1]

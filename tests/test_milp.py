@@ -121,7 +121,8 @@ def test_global_matches_brute_force():
         got = milp.solve_global(rse, saving, delta, 1.5)
         assert got.shape == (s, l, h)
         check_solution(got, rse, saving, delta, 1.5 * delta / (s * l * h))
-        assert_same_objective(got, milp.brute_force_global(rse, saving, delta, 1.5), rse, saving)
+        want = milp.brute_force_global(rse, saving, delta, 1.5)
+        assert milp.objective(got, rse, saving)[0] == pytest.approx(milp.objective(want, rse, saving)[0], rel=1e-6)
 
 
 def test_global_at_least_as_good_as_per_layer_with_same_total():
@@ -155,3 +156,19 @@ def test_validation_c_and_global_shape():
         milp.solve_layer(np.zeros((2, 2)), np.ones(2), 0.1, c=0.0)
     with pytest.raises(ValueError, match=r"rse: expected .*\[S, L, H, M\]"):
         milp.solve_global(np.zeros((2, 2)), np.ones(2), 0.1)
+
+
+def test_global_lp_rounding_is_near_optimal():
+    rng = np.random.default_rng(13)
+    for _ in range(40):
+        s, l, h, m = 2, int(rng.integers(1, 3)), int(rng.integers(1, 3)), int(rng.integers(1, 4))
+        delta = float(rng.choice([0.05, 0.2, 0.6]))
+        rse, saving = random_instance(rng, s * l * h, m, scale=1.5 * delta / (s * l * h))
+        rse, saving = rse.reshape(s, l, h, m), saving.reshape(s, l, h, m)
+        got, bound = milp.solve_global(rse, saving, delta, 1.5, method="lp", return_bound=True)
+        check_solution(got, rse, saving, delta, 1.5 * delta / (s * l * h))
+        best = milp.objective(milp.brute_force_global(rse, saving, delta, 1.5), rse, saving)[0]
+        assert best - saving.max() - 1e-9 <= milp.objective(got, rse, saving)[0] <= best + 1e-9
+        assert bound >= best - 1e-7
+    with pytest.raises(ValueError, match=r"method: expected one of"):
+        milp.solve_global(rse, saving, 0.1, method="greedy")
