@@ -127,24 +127,19 @@ def time_jax(fn, args, chain=None, target_ms=40.0, reps=7):
 _OURS_CACHE: dict = {}
 
 
+def _kernel(text_len, text_first, bq, bk, nw, ns, **options):
+    """The jit-level kernel entry with every static argument bound (q, k, v, head_window, cache remain)."""
+    return functools.partial(_headwise_jit, text_len=text_len, text_first=text_first, block_q=bq, block_k=bk,
+                             interpret=INTERPRET, num_warps=nw, num_stages=ns, **options)
+
+
 def ours_fn(
     tokens, text_len, text_first, bq, bk, nw, ns, *, cache, single_loop=SINGLE_LOOP, sort_heads=SORT_HEADS, donate=True
 ):
     key = (tokens, text_len, text_first, bq, bk, nw, ns, cache, single_loop, sort_heads, donate)
     if key not in _OURS_CACHE:
-        f = functools.partial(
-            _headwise_jit,
-            text_len=text_len,
-            text_first=text_first,
-            block_q=bq,
-            block_k=bk,
-            interpret=INTERPRET,
-            num_warps=nw,
-            num_stages=ns,
-            sort_heads=sort_heads,
-            count_tiles=False,
-            single_loop=single_loop,
-        )
+        f = _kernel(text_len, text_first, bq, bk, nw, ns, sort_heads=sort_heads, count_tiles=False,
+                    single_loop=single_loop)
         if cache:
             _OURS_CACHE[key] = jax.jit(f, donate_argnums=(4,) if donate else ())
         else:
@@ -161,16 +156,7 @@ def ours_unrolled(tokens, text_len, text_first, bq, bk, nw, ns, n=16):
     (identical across the n calls, so XLA computes it once)."""
     key = (tokens, text_len, text_first, bq, bk, nw, ns, n)
     if key not in _UNROLL_CACHE:
-        f = functools.partial(
-            _headwise_jit,
-            text_len=text_len,
-            text_first=text_first,
-            block_q=bq,
-            block_k=bk,
-            interpret=INTERPRET,
-            num_warps=nw,
-            num_stages=ns,
-        )
+        f = _kernel(text_len, text_first, bq, bk, nw, ns)
 
         def many(q, k, v, hw, c):
             for _ in range(n):
