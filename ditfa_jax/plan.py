@@ -475,7 +475,17 @@ class CompressionPlan:
             f"attention FLOPs kept {kept:.1%} (removed {1 - kept:.1%})",
             f"heads: {shares}",
             f"per step kept: min {per_step[lo]:.1%} (step {lo}), max {per_step[hi]:.1%} (step {hi})",
+            f"per step kept, step 0 first (0 {_BARS[0]} .. {_BARS[-1]} 100%): {sparkline(per_step)}",
         ])
+
+
+_BARS = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values) -> str:
+    """One character per value in [0, 1], eight levels: a per-step curve that fits in a terminal line."""
+    levels = np.clip(np.round(np.asarray(values, np.float64) * (len(_BARS) - 1)), 0, len(_BARS) - 1)
+    return "".join(_BARS[int(v)] for v in levels)
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

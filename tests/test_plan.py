@@ -300,3 +300,10 @@ def test_heatmap(tmp_path):
     assert sorted(f.name for f in tmp_path.iterdir()) == ["heads.png", "map.png", "small.png"]
     with pytest.raises(ValueError, match="plan: expected a CompressionPlan"):
         save_heatmap(p.head_window, tmp_path / "x.png")
+
+
+def test_sparkline_levels_and_summary_curve():
+    from ditfa_jax.plan import sparkline
+
+    assert sparkline([0.0, 0.5, 1.0]) == "▁▅█"
+    assert sparkline([-1.0, 2.0]) == "▁█"  # clipped to [0, 1]
