@@ -42,6 +42,13 @@ def head_rse(candidates: jax.Array, y_full: jax.Array) -> jax.Array:
     return (err / jnp.maximum(var, jnp.finfo(jnp.float32).tiny)[None]).T
 
 
+def _cache_exceeds_device(nbytes: int, share: float = 0.35) -> bool:
+    """True when the calibration cache would take more than `share` of the device's memory limit (if reported)."""
+    stats = jax.devices()[0].memory_stats() or {}
+    limit = stats.get("bytes_limit")
+    return bool(limit) and nbytes > share * limit
+
+
 def _layer_state(state, index):
     return jax.tree_util.tree_map(lambda a: a[index], state)
 
@@ -80,7 +87,8 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
               guidance_scale: float, delta: float, c: float = 1.5, candidates=DEFAULT_CANDIDATES,
               negative_prompt_embeds=None, negative_pooled_prompt_embeds=None,
               scheduler: SchedulerConfig | None = None, seed: int = 0, attention_impl: str = "auto",
-              progress: bool = True, record: dict | None = None) -> CompressionPlan:
+              progress: bool = True, record: dict | None = None,
+              cache_on_host: bool | None = None) -> CompressionPlan:
     """Search a head-wise compression plan on calibration prompts (embeddings [N, L, dim], pooled [N, dim]).
 
     The pass samples from seeded noise exactly as `ditfa_jax.sample` would with the plan being built (FLUX: distilled
@@ -157,8 +165,12 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
         return x + (sigma_next - sigma) * v
 
     batch = prompt_embeds.shape[0]
-    cache = [jnp.zeros((batch, tokens, heads, cfg.attention_head_dim), model.dtype)
-             for _ in range(cfg.total_layers)]
+    layer_cache_shape = (batch, tokens, heads, cfg.attention_head_dim)
+    if cache_on_host is None:
+        cache_on_host = _cache_exceeds_device(cfg.total_layers * np.prod(layer_cache_shape) * model.dtype.itemsize)
+    zeros = np.zeros if cache_on_host else jnp.zeros
+    cache = [zeros(layer_cache_shape, model.dtype) for _ in range(cfg.total_layers)]
+    to_host = jax.device_get if cache_on_host else (lambda a: a)
     head_window = np.full((num_steps, cfg.total_layers, heads), -1, np.int32)
     rse_used = np.zeros((num_steps, cfg.total_layers))
     rse_table = np.full((num_steps, cfg.total_layers, heads, len(windows)), np.nan)
@@ -180,7 +192,8 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
                     head_window[step, layer, chosen] = np.asarray(windows)[choice[chosen]]
                     rse_used[step, layer] = np.asarray(rse)[chosen, choice[chosen]].sum()
                 hw = jnp.asarray(head_window[step, layer]) if step else full
-                carry, cache[layer] = runner.apply(runner.state, i, carry, probed, hw, cache[layer])
+                carry, out = runner.apply(runner.state, i, carry, probed, hw, cache[layer])
+                cache[layer] = to_host(out)
         latents = euler(state, latents, carry, temb, sigmas[step], sigmas[step + 1])
         kept_per_step.append(kept_fraction(head_window[step]))
         bar.set_postfix(kept=f"{kept_per_step[-1]:.2f}")
