@@ -190,7 +190,7 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
                     choice = solve_layer(rse_table[step, layer], saving, delta, c)
                     chosen = choice >= 0
                     head_window[step, layer, chosen] = np.asarray(windows)[choice[chosen]]
-                    rse_used[step, layer] = np.asarray(rse)[chosen, choice[chosen]].sum()
+                    rse_used[step, layer] = rse_table[step, layer][chosen, choice[chosen]].sum()
                 hw = jnp.asarray(head_window[step, layer]) if step else full
                 carry, out = runner.apply(runner.state, i, carry, probed, hw, cache[layer])
                 cache[layer] = to_host(out)
