@@ -28,7 +28,6 @@ import argparse
 import datetime
 import functools
 import json
-import math
 import os
 import statistics
 import sys
@@ -567,7 +566,6 @@ def bench_flex(name, st):
     if elapsed() < args.budget_s * 0.92:
         try:
             w = n_img // 16
-            img0 = text_len if text_first else 0
 
             def arrow(b, h, q_idx, kv_idx):
                 if text_first:
@@ -582,7 +580,6 @@ def bench_flex(name, st):
             ms = do_bench(fn, warmup=25, rep=100, return_mode="median")
             record(shape=name, plan="arrow8", impl="torch-flex-nominal", ms=ms)
             log(f"{name} arrow8   torch-flex(token arrow): {ms:8.3f} ms")
-            del img0
         except Exception as ex:
             log(f"flex nominal {name} FAILED: {type(ex).__name__}: {str(ex)[:500]}")
 

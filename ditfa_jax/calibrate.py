@@ -28,10 +28,9 @@ from ditfa_jax.attention import joint_attention
 from ditfa_jax.configs import FluxConfig
 from ditfa_jax.loading import Transformer
 from ditfa_jax.milp import solve_layer
-from ditfa_jax.models.flux import rope_tables
 from ditfa_jax.plan import DEFAULT_CANDIDATES, CompressionPlan, candidate_savings, candidate_windows
-from ditfa_jax.sampler import VAE_SCALE_FACTOR, default_scheduler, flux_image_ids, flux_latent_grid
-from ditfa_jax.scheduler import SchedulerConfig, flux_schedule, sd3_schedule
+from ditfa_jax.sampler import prepare_run
+from ditfa_jax.scheduler import SchedulerConfig
 
 
 def head_rse(candidates: jax.Array, y_full: jax.Array) -> jax.Array:
@@ -98,37 +97,16 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
     start_time = time.perf_counter()
     cfg = model.config
     flux = isinstance(cfg, FluxConfig)
-    scheduler = scheduler or default_scheduler(model)
-    prompt_embeds, pooled = jnp.asarray(prompt_embeds, model.dtype), jnp.asarray(pooled_prompt_embeds, model.dtype)
-    n, text_len = prompt_embeds.shape[:2]
-    key = jax.random.key(seed)
-    if flux:
-        rows, cols = flux_latent_grid(height, width)
-        image_tokens = rows * cols
-        latents = jax.random.normal(key, (n, image_tokens, cfg.in_channels), jnp.float32)
-        sigmas, timesteps = flux_schedule(scheduler, num_steps, image_tokens)
-        rope = tuple(jnp.asarray(t) for t in rope_tables(
-            np.concatenate([np.zeros((text_len, 3), np.float32), flux_image_ids(rows, cols)]), cfg.axes_dims_rope))
-        guidance = jnp.full((n,), guidance_scale, jnp.float32) if cfg.guidance_embeds else None
-        cfg_guidance = False
-    else:
-        if height % (VAE_SCALE_FACTOR * cfg.patch_size) or width % (VAE_SCALE_FACTOR * cfg.patch_size):
-            raise ValueError(f"height and width must be multiples of {VAE_SCALE_FACTOR * cfg.patch_size}; got "
-                             f"{height}x{width}")
-        lat_h, lat_w = height // VAE_SCALE_FACTOR, width // VAE_SCALE_FACTOR
-        image_tokens = (lat_h // cfg.patch_size) * (lat_w // cfg.patch_size)
-        latents = jax.random.normal(key, (n, cfg.in_channels, lat_h, lat_w), jnp.float32)
-        sigmas, timesteps = sd3_schedule(scheduler, num_steps, image_tokens)
-        rope, guidance = None, None
-        cfg_guidance = guidance_scale > 1
-        if cfg_guidance:
-            if negative_prompt_embeds is None or negative_pooled_prompt_embeds is None:
-                raise ValueError("SD3 calibration with guidance_scale > 1 needs negative_prompt_embeds and "
-                                 "negative_pooled_prompt_embeds")
-            prompt_embeds = jnp.concatenate([jnp.asarray(negative_prompt_embeds, model.dtype), prompt_embeds])
-            pooled = jnp.concatenate([jnp.asarray(negative_pooled_prompt_embeds, model.dtype), pooled])
-    if pooled.shape[0] != prompt_embeds.shape[0]:
-        raise ValueError(f"batch mismatch: prompt_embeds {prompt_embeds.shape} vs pooled {pooled.shape}")
+    run = prepare_run(model, jnp.asarray(prompt_embeds, model.dtype), jnp.asarray(pooled_prompt_embeds, model.dtype),
+                      height=height, width=width, num_steps=num_steps, guidance_scale=guidance_scale,
+                      negative_prompt_embeds=negative_prompt_embeds,
+                      negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, scheduler=scheduler)
+    prompt_embeds, pooled, cfg_guidance = run.prompt_embeds, run.pooled, run.cfg_guidance
+    n = prompt_embeds.shape[0] // (2 if cfg_guidance else 1)
+    text_len, image_tokens, sigmas, timesteps = prompt_embeds.shape[1], run.image_tokens, run.sigmas, run.timesteps
+    rope = None if run.rope is None else tuple(jnp.asarray(t) for t in run.rope)
+    latents = jax.random.normal(jax.random.key(seed), (n, *run.latent_shape), jnp.float32)
+    guidance = jnp.full((n,), guidance_scale, jnp.float32) if flux and cfg.guidance_embeds else None
 
     tokens, heads = image_tokens + text_len, cfg.num_attention_heads
     windows = tuple(int(w) for w in candidate_windows(candidates, image_tokens))

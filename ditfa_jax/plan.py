@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ditfa_jax.configs import MODEL_CLASSES, config_to_dict
+from ditfa_jax.configs import config_to_dict
 from pallas_kernels.cost import PlanCost, plan_cost
 
 __all__ = [

@@ -9,6 +9,7 @@ and scanned as data, so one compile serves a resolution and step count.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import jax
@@ -111,6 +112,59 @@ def cache_bytes(config, batch: int, tokens: int, dtype=jnp.bfloat16) -> int:
             * jnp.dtype(dtype).itemsize)
 
 
+@dataclasses.dataclass(frozen=True)
+class RunSetup:
+    """What a sampling (or calibration) run derives from the model and settings, in one place.
+
+    `prompt_embeds`/`pooled` are the conditioning batch the model sees (SD3 with CFG: [uncond; cond]); `rope` is
+    FLUX's RoPE table (None for SD3); `latent_shape` is one sample's latent shape.
+    """
+    latent_shape: tuple[int, ...]
+    image_tokens: int
+    sigmas: np.ndarray
+    timesteps: np.ndarray
+    rope: tuple | None
+    prompt_embeds: jax.Array
+    pooled: jax.Array
+    cfg_guidance: bool
+
+    @property
+    def tokens(self) -> int:
+        return self.image_tokens + self.prompt_embeds.shape[1]
+
+
+def prepare_run(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height: int, width: int,
+                num_steps: int, guidance_scale: float, negative_prompt_embeds=None,
+                negative_pooled_prompt_embeds=None, scheduler: SchedulerConfig | None = None) -> RunSetup:
+    """Check the settings and derive the schedule, positions and conditioning batch of a run."""
+    cfg, scheduler = model.config, scheduler or default_scheduler(model)
+    prompt_embeds, pooled = jnp.asarray(prompt_embeds), jnp.asarray(pooled_prompt_embeds)
+    if pooled.shape[0] != prompt_embeds.shape[0]:
+        raise ValueError(f"batch mismatch: prompt_embeds has shape {prompt_embeds.shape} but pooled_prompt_embeds "
+                         f"has shape {pooled.shape}")
+    if isinstance(cfg, FluxConfig):
+        rows, cols = flux_latent_grid(height, width)
+        sigmas, timesteps = flux_schedule(scheduler, num_steps, rows * cols)
+        rope = rope_tables(np.concatenate([np.zeros((prompt_embeds.shape[1], 3), np.float32),
+                                           flux_image_ids(rows, cols)]), cfg.axes_dims_rope)
+        return RunSetup((rows * cols, cfg.in_channels), rows * cols, sigmas, timesteps, rope, prompt_embeds, pooled,
+                        cfg_guidance=False)
+    step = VAE_SCALE_FACTOR * cfg.patch_size
+    if height % step or width % step:
+        raise ValueError(f"height and width must be multiples of {step} for SD3; got {height}x{width}")
+    latent_shape = (cfg.in_channels, height // VAE_SCALE_FACTOR, width // VAE_SCALE_FACTOR)
+    image_tokens = (height // step) * (width // step)
+    sigmas, timesteps = sd3_schedule(scheduler, num_steps, image_tokens)
+    cfg_guidance = guidance_scale > 1
+    if cfg_guidance:
+        if negative_prompt_embeds is None or negative_pooled_prompt_embeds is None:
+            raise ValueError("SD3 with guidance_scale > 1 runs classifier-free guidance: pass negative_prompt_embeds "
+                             "and negative_pooled_prompt_embeds")
+        prompt_embeds = jnp.concatenate([jnp.asarray(negative_prompt_embeds, prompt_embeds.dtype), prompt_embeds])
+        pooled = jnp.concatenate([jnp.asarray(negative_pooled_prompt_embeds, pooled.dtype), pooled])
+    return RunSetup(latent_shape, image_tokens, sigmas, timesteps, None, prompt_embeds, pooled, cfg_guidance)
+
+
 def sample(model: Transformer, latents, prompt_embeds, pooled_prompt_embeds, *, height: int, width: int,
            num_steps: int, guidance_scale: float, negative_prompt_embeds=None, negative_pooled_prompt_embeds=None,
            scheduler: SchedulerConfig | None = None, plan=None, attention_impl: str = "auto"):
@@ -122,53 +176,26 @@ def sample(model: Transformer, latents, prompt_embeds, pooled_prompt_embeds, *, 
     on head-wise compression: its per-step head windows are scanned and the attention cache is carried; CFG
     batches share the plan. An all-full plan gives the dense result.
     """
-    scheduler = scheduler or default_scheduler(model)
     latents = jnp.asarray(latents)
-    prompt_embeds = jnp.asarray(prompt_embeds)
-    pooled_prompt_embeds = jnp.asarray(pooled_prompt_embeds)
     _check_batch(latents, {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled_prompt_embeds,
                            "negative_prompt_embeds": negative_prompt_embeds,
                            "negative_pooled_prompt_embeds": negative_pooled_prompt_embeds})
+    run = prepare_run(model, prompt_embeds, pooled_prompt_embeds, height=height, width=width, num_steps=num_steps,
+                      guidance_scale=guidance_scale, negative_prompt_embeds=negative_prompt_embeds,
+                      negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, scheduler=scheduler)
+    if latents.shape[1:] != run.latent_shape:
+        layout = "packed " if model.family == "flux" else ""
+        raise ValueError(f"{model.family.upper()} latents for {height}x{width} must be {layout}"
+                         f"[B, {', '.join(map(str, run.latent_shape))}]; got {latents.shape}")
+    windows, cache = _plan_inputs(model, plan, height=height, width=width, text_len=run.prompt_embeds.shape[1],
+                                  num_steps=num_steps, batch=run.prompt_embeds.shape[0], tokens=run.tokens)
+    schedule = (jnp.asarray(run.sigmas), jnp.asarray(run.timesteps), windows, cache)
     if isinstance(model.config, FluxConfig):
-        rows, cols = flux_latent_grid(height, width)
-        want = (rows * cols, model.config.in_channels)
-        if latents.ndim != 3 or latents.shape[1:] != want:
-            raise ValueError(f"FLUX latents for {height}x{width} must be packed [B, {want[0]}, {want[1]}]; got "
-                             f"{latents.shape}")
-        sigmas, timesteps = flux_schedule(scheduler, num_steps, rows * cols)
-        rope = rope_tables(np.concatenate([np.zeros((prompt_embeds.shape[1], 3), np.float32),
-                                           flux_image_ids(rows, cols)]), model.config.axes_dims_rope)
         guidance = guidance_scale if model.config.guidance_embeds else None
-        windows, cache = _plan_inputs(model, plan, height=height, width=width, text_len=prompt_embeds.shape[1],
-                                      num_steps=num_steps, batch=latents.shape[0],
-                                      tokens=rows * cols + prompt_embeds.shape[1])
-        run = _flux_runner(model.graphdef, attention_impl)
-        return run(model.state, latents, prompt_embeds, pooled_prompt_embeds, rope, guidance,
-                   jnp.asarray(sigmas), jnp.asarray(timesteps), windows, cache)
-
-    cfg = model.config
-    if height % (VAE_SCALE_FACTOR * cfg.patch_size) or width % (VAE_SCALE_FACTOR * cfg.patch_size):
-        raise ValueError(f"height and width must be multiples of {VAE_SCALE_FACTOR * cfg.patch_size} for SD3; got "
-                         f"{height}x{width}")
-    want = (cfg.in_channels, height // VAE_SCALE_FACTOR, width // VAE_SCALE_FACTOR)
-    if latents.ndim != 4 or latents.shape[1:] != want:
-        raise ValueError(f"SD3 latents for {height}x{width} must be [B, {', '.join(map(str, want))}]; got "
-                         f"{latents.shape}")
-    cfg_guidance = guidance_scale > 1
-    if cfg_guidance and (negative_prompt_embeds is None or negative_pooled_prompt_embeds is None):
-        raise ValueError("SD3 with guidance_scale > 1 runs classifier-free guidance: pass negative_prompt_embeds "
-                         "and negative_pooled_prompt_embeds")
-    image_seq_len = (want[1] // cfg.patch_size) * (want[2] // cfg.patch_size)
-    sigmas, timesteps = sd3_schedule(scheduler, num_steps, image_seq_len)
-    if cfg_guidance:
-        prompt_embeds = jnp.concatenate([jnp.asarray(negative_prompt_embeds), prompt_embeds])
-        pooled_prompt_embeds = jnp.concatenate([jnp.asarray(negative_pooled_prompt_embeds), pooled_prompt_embeds])
-    windows, cache = _plan_inputs(model, plan, height=height, width=width, text_len=prompt_embeds.shape[1],
-                                  num_steps=num_steps, batch=prompt_embeds.shape[0],
-                                  tokens=image_seq_len + prompt_embeds.shape[1])
-    run = _sd3_runner(model.graphdef, attention_impl, cfg_guidance)
-    return run(model.state, latents, prompt_embeds, pooled_prompt_embeds, jnp.float32(guidance_scale),
-               jnp.asarray(sigmas), jnp.asarray(timesteps), windows, cache)
+        return _flux_runner(model.graphdef, attention_impl)(model.state, latents, run.prompt_embeds, run.pooled,
+                                                             run.rope, guidance, *schedule)
+    return _sd3_runner(model.graphdef, attention_impl, run.cfg_guidance)(
+        model.state, latents, run.prompt_embeds, run.pooled, jnp.float32(guidance_scale), *schedule)
 
 
 def _plan_inputs(model, plan, *, height, width, text_len, num_steps, batch, tokens):

@@ -13,7 +13,7 @@ from ditfa_jax.cli import main as cli_main
 from ditfa_jax.milp import solve_global
 from ditfa_jax.models.flux import rope_tables
 from ditfa_jax.plan import CompressionPlan, candidate_windows
-from ditfa_jax.sampler import flux_image_ids, scheduler_for
+from ditfa_jax.sampler import scheduler_for
 
 FIXTURES = Path(__file__).parent / "fixtures"
 STEPS = 4
