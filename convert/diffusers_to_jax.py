@@ -13,7 +13,6 @@ import re
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes  # noqa: F401  (numpy bfloat16)
 import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm

@@ -36,6 +36,15 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     return out.astype(q.dtype)
 
 
+def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "auto") -> jax.Array:
+    """Exact attention of every head through cuDNN or XLA ("auto": cuDNN for half precision on a GPU)."""
+    if implementation == "auto":
+        implementation = default_implementation(q.dtype)
+    if implementation == "cudnn":
+        return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+    return xla_attention(q, k, v)
+
+
 def joint_attention(
     q: jax.Array,
     k: jax.Array,
@@ -50,8 +59,8 @@ def joint_attention(
     """Joint text-image attention of one layer; returns [batch, tokens, heads, head_dim] in q's dtype.
 
     Without a plan (`head_window=None`) every head is exact attention. With a plan, the head-wise kernel runs and
-    cached heads return `cache`'s value for that head; a plan whose heads are all full runs the dense path, so it
-    reproduces the uncompressed model exactly. `implementation="pallas"` forces the kernel.
+    cached heads return `cache`'s value for that head; a plan whose heads are all full runs the dense path (the
+    uncompressed model's attention). `implementation="pallas"` forces the kernel.
     """
     if q.ndim != 4 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(
@@ -76,13 +85,6 @@ def joint_attention(
             return compressed()
         # An all-full plan (e.g. every step 0) takes the dense path: identical to the uncompressed model, and
         # cuDNN is the fastest dense attention on a GPU.
-        dense_impl = default_implementation(q.dtype)
-        dense = (lambda: jax.nn.dot_product_attention(q, k, v, implementation="cudnn")) if dense_impl == "cudnn" \
-            else (lambda: xla_attention(q, k, v))
-        return jax.lax.cond(jnp.all(head_window == -1), dense, compressed)
+        return jax.lax.cond(jnp.all(head_window == -1), lambda: dense_attention(q, k, v, implementation), compressed)
 
-    if implementation == "auto":
-        implementation = default_implementation(q.dtype)
-    if implementation == "cudnn":
-        return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
-    return xla_attention(q, k, v)
+    return dense_attention(q, k, v, implementation)

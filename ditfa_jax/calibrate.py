@@ -29,7 +29,7 @@ from ditfa_jax.configs import FluxConfig
 from ditfa_jax.loading import Transformer
 from ditfa_jax.milp import solve_layer
 from ditfa_jax.plan import DEFAULT_CANDIDATES, CompressionPlan, candidate_savings, candidate_windows
-from ditfa_jax.sampler import prepare_run
+from ditfa_jax.sampler import cache_bytes, cache_shape, prepare_run
 from ditfa_jax.scheduler import SchedulerConfig
 
 
@@ -143,9 +143,9 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
         return x + (sigma_next - sigma) * v
 
     batch = prompt_embeds.shape[0]
-    layer_cache_shape = (batch, tokens, heads, cfg.attention_head_dim)
+    layer_cache_shape = cache_shape(cfg, batch, tokens)[1:]
     if cache_on_host is None:
-        cache_on_host = _cache_exceeds_device(cfg.total_layers * np.prod(layer_cache_shape) * model.dtype.itemsize)
+        cache_on_host = _cache_exceeds_device(cache_bytes(cfg, batch, tokens, model.dtype))
     zeros = np.zeros if cache_on_host else jnp.zeros
     cache = [zeros(layer_cache_shape, model.dtype) for _ in range(cfg.total_layers)]
     to_host = jax.device_get if cache_on_host else (lambda a: a)

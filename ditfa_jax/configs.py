@@ -23,6 +23,9 @@ class _HeadsMixin:
         return self.out_channels or self.in_channels
 
 
+VAE_SCALE_FACTOR = 8  # pixels per latent cell: both the FLUX.1 and the SD3 VAE downsample 8x
+
+
 @dataclasses.dataclass(frozen=True)
 class FluxConfig(_HeadsMixin):
     patch_size: int = 1

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ditfa_jax.configs import config_to_dict
+from ditfa_jax.configs import VAE_SCALE_FACTOR, config_to_dict
 from pallas_kernels.cost import PlanCost, plan_cost
 
 __all__ = [
@@ -43,7 +43,6 @@ SCHEMA_VERSION = 1
 DEFAULT_CANDIDATES = ("cached", "arrow_8", "arrow_16", "arrow_32")
 FULL_WINDOW = -1
 CACHED_WINDOW = 0
-VAE_SCALE_FACTOR = 8  # pixels per latent cell (as in ditfa_jax.sampler)
 
 _FAMILY_OF_CLASS = {"FluxTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3"}
 _TEXT_FIRST = {"flux": True, "sd3": False}

@@ -17,13 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ditfa_jax.configs import FluxConfig
+from ditfa_jax.configs import VAE_SCALE_FACTOR, FluxConfig
 from ditfa_jax.loading import Transformer
 from ditfa_jax.models.flux import rope_tables
 from ditfa_jax.scheduler import (FLUX_DEV_SCHEDULER, FLUX_SCHNELL_SCHEDULER, SD3_SCHEDULER, SchedulerConfig,
                                  flux_schedule, sd3_schedule)
 
-VAE_SCALE_FACTOR = 8  # both FLUX.1 and SD3 VAEs downsample 8x
 
 
 # ---- FLUX latent packing (2x2 patches of the latent image become one token) ----
@@ -99,17 +98,19 @@ def euler_scan(velocity, latents, sigmas, timesteps, head_windows=None, cache=No
     return x
 
 
+def cache_shape(config, batch: int, tokens: int) -> tuple[int, ...]:
+    """Shape of the per-layer attention cache: [layers, batch, tokens, heads, head_dim]."""
+    return (config.total_layers, batch, tokens, config.num_attention_heads, config.attention_head_dim)
+
+
 def attention_cache(model: Transformer, batch: int, tokens: int) -> jax.Array:
-    """Zeroed cache [layers, batch, tokens, heads, head_dim] in the model dtype (step 0 is full: never read)."""
-    cfg = model.config
-    return jnp.zeros((cfg.total_layers, batch, tokens, cfg.num_attention_heads, cfg.attention_head_dim),
-                     model.dtype)
+    """Zeroed cache in the model dtype (step 0 is full: never read)."""
+    return jnp.zeros(cache_shape(model.config, batch, tokens), model.dtype)
 
 
 def cache_bytes(config, batch: int, tokens: int, dtype=jnp.bfloat16) -> int:
     """Memory the caching sampler holds for the per-layer attention outputs."""
-    return (config.total_layers * batch * tokens * config.num_attention_heads * config.attention_head_dim
-            * jnp.dtype(dtype).itemsize)
+    return int(np.prod(cache_shape(config, batch, tokens))) * jnp.dtype(dtype).itemsize
 
 
 @dataclasses.dataclass(frozen=True)
