@@ -6,7 +6,8 @@
 * ``"xla"``: plain softmax attention in XLA (any device; fp32 math for the softmax).
 * ``"cudnn"``: `jax.nn.dot_product_attention(implementation="cudnn")` (GPU, bf16/fp16).
 * ``"pallas"``: the head-wise compressed kernel (`pallas_kernels.headwise_attention`), used whenever a per-head
-  plan is given.
+  plan is given on a GPU. Elsewhere a plan runs the kernel's dense masked reference (same function, XLA; the
+  kernel's interpret mode is ~10x slower) unless ``"pallas"`` is asked for.
 
 A per-head plan is `head_window: int32[heads]` (-1 full, 0 cached, w > 0 arrow with image-band half-width w) and
 `cache: [batch, tokens, heads, head_dim]` holds the last computed output of each head (the value a cached head
@@ -77,9 +78,12 @@ def joint_attention(
         if head_window is None:
             head_window = jnp.full((q.shape[2],), -1, jnp.int32)
 
+        on_gpu = jax.default_backend() == "gpu"
+        kernel = (pallas_kernels.headwise_attention if implementation == "pallas" or on_gpu
+                  else pallas_kernels.reference_headwise_attention)
+
         def compressed():
-            return pallas_kernels.headwise_attention(q, k, v, head_window, cache, text_len=text_len,
-                                                     text_first=text_first)
+            return kernel(q, k, v, head_window, cache, text_len=text_len, text_first=text_first)
 
         if implementation == "pallas":
             return compressed()

@@ -8,13 +8,16 @@ One sampling pass over the calibration prompts, layer by layer. At each step and
 3. `rse[h, m] = mean((y_m - y_full)^2) / var(y_full)` over batch, tokens and channels of head h (ANCHORS.md);
 4. `ditfa_jax.milp.solve_layer`: at most one method per head, sum of chosen RSE <= delta, only pairs with
    rse < c * delta / heads, maximising the attention FLOPs saved taken from the kernel's exact cost for this shape;
-5. the chosen plan runs (kernel) and its output feeds the next layer, so errors compound as at inference.
+5. each head's chosen output (computed in 2, nothing is recomputed) feeds the next layer, so errors compound as
+   they will at inference.
 
-Step 0 is always full. The result is a `CompressionPlan` for this model, resolution, text length and step count.
+Step 0 is always full and runs the layers uncompressed (no candidates). The per-layer caches live in pinned host
+memory when they would crowd the GPU, with transfers overlapped with compute. The result is a `CompressionPlan` for this model, resolution, text length and step count.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 
 import jax
@@ -48,38 +51,83 @@ def _cache_exceeds_device(nbytes: int, share: float = 0.35) -> bool:
     return bool(limit) and nbytes > share * limit
 
 
+class _LayerCaches:
+    """Each layer's last computed attention output, on the device or in pinned host memory.
+
+    In host memory, `fetch(layer)` returns the device copy of `layer`'s cache and starts copying the next layer's
+    (asynchronously, while this layer computes); `store` starts the copy back. Both transfers overlap compute, so
+    a cache larger than the GPU (FLUX-2K, 8 prompts: 47 GB) costs little time.
+    """
+
+    def __init__(self, layers: int, shape: tuple[int, ...], dtype, on_host: bool):
+        device = jax.devices()[0]
+        self.device = jax.sharding.SingleDeviceSharding(device)
+        self.home = jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host") if on_host else self.device
+        self.on_host = on_host
+        self.layers = [jax.device_put(np.zeros(shape, dtype), self.home) for _ in range(layers)]
+        self._ahead: tuple[int, jax.Array] | None = None
+
+    def fetch(self, layer: int) -> jax.Array:
+        if not self.on_host:
+            return self.layers[layer]
+        ahead, self._ahead = self._ahead, None
+        current = ahead[1] if ahead and ahead[0] == layer else jax.device_put(self.layers[layer], self.device)
+        following = (layer + 1) % len(self.layers)
+        self._ahead = (following, jax.device_put(self.layers[following], self.device))
+        return current
+
+    def store(self, layer: int, out: jax.Array) -> None:
+        self.layers[layer] = jax.device_put(out, self.home) if self.on_host else out
+
+
 def _layer_state(state, index):
     return jax.tree_util.tree_map(lambda a: a[index], state)
 
 
+def _select_heads(outs: jax.Array, choice: jax.Array) -> jax.Array:
+    """outs [1+M, B, T, H, D] (exact, then each candidate), choice int32 [H] (0 exact, m+1 candidate m)."""
+    return jnp.take_along_axis(outs, choice[None, None, None, :, None], axis=0)[0]
+
+
 class _LayerRunner:
-    """Jitted per-layer pieces for one block stack (the layer index is data: one compile per stack)."""
+    """Jitted per-layer pieces for one block stack (the layer index is data: one compile per stack).
+
+    `exact` runs a layer uncompressed (step 0). `probe` computes the exact attention and every candidate's output
+    for all heads at once, and their RSE; `apply` takes each head's chosen output from the probe (no attention is
+    recomputed) and finishes the block.
+    """
 
     def __init__(self, stack, *, text_len: int, text_first: bool, windows: tuple[int, ...], impl: str):
         self.graphdef, self.state = nnx.split(stack)
         graphdef = self.graphdef
+        attend = functools.partial(joint_attention, text_len=text_len, text_first=text_first, implementation=impl)
+
+        @jax.jit
+        def exact(state, index, carry, temb, rope):
+            block = nnx.merge(graphdef, _layer_state(state, index))
+            ctx = block.prepare(carry, temb)
+            out = attend(*block.qkv(ctx, rope))
+            return block.finish(carry, ctx, out), out
 
         @jax.jit
         def probe(state, index, carry, temb, rope, prev_out):
             block = nnx.merge(graphdef, _layer_state(state, index))
             ctx = block.prepare(carry, temb)
             q, k, v = block.qkv(ctx, rope)
-            y_full = joint_attention(q, k, v, text_len=text_len, text_first=text_first, implementation=impl)
             heads = q.shape[2]
-            outs = [joint_attention(q, k, v, text_len=text_len, text_first=text_first, implementation="pallas",
-                                    head_window=jnp.full((heads,), w, jnp.int32)) if w > 0 else prev_out
-                    for w in windows]
-            return head_rse(jnp.stack(outs), y_full), (ctx, q, k, v)
+            y_full = attend(q, k, v)
+            outs = jnp.stack([y_full] + [attend(q, k, v, head_window=jnp.full((heads,), w, jnp.int32))
+                                         if w > 0 else prev_out for w in windows])
+            return head_rse(outs[1:], y_full), (ctx, outs)
 
         @jax.jit
-        def apply(state, index, carry, probed, head_window, prev_out):
+        def apply(state, index, carry, probed, choice):
             block = nnx.merge(graphdef, _layer_state(state, index))
-            ctx, q, k, v = probed
-            out = joint_attention(q, k, v, text_len=text_len, text_first=text_first, head_window=head_window,
-                                  cache=prev_out, implementation=impl)
+            ctx, outs = probed
+            out = _select_heads(outs, choice)
             return block.finish(carry, ctx, out), out
 
-        self.probe, self.apply = probe, apply
+        self.exact, self.probe, self.apply = exact, probe, apply
 
 
 def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height: int, width: int, num_steps: int,
@@ -143,16 +191,12 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
         return x + (sigma_next - sigma) * v
 
     batch = prompt_embeds.shape[0]
-    layer_cache_shape = cache_shape(cfg, batch, tokens)[1:]
     if cache_on_host is None:
         cache_on_host = _cache_exceeds_device(cache_bytes(cfg, batch, tokens, model.dtype))
-    zeros = np.zeros if cache_on_host else jnp.zeros
-    cache = [zeros(layer_cache_shape, model.dtype) for _ in range(cfg.total_layers)]
-    to_host = jax.device_get if cache_on_host else (lambda a: a)
+    caches = _LayerCaches(cfg.total_layers, cache_shape(cfg, batch, tokens)[1:], model.dtype, cache_on_host)
     head_window = np.full((num_steps, cfg.total_layers, heads), -1, np.int32)
     rse_used = np.zeros((num_steps, cfg.total_layers))
     rse_table = np.full((num_steps, cfg.total_layers, heads, len(windows)), np.nan)
-    full = jnp.full((heads,), -1, jnp.int32)
     kept_per_step = []
     bar = tqdm(range(num_steps), desc=f"calibrating (delta={delta})", unit="step", disable=not progress)
     for step in bar:
@@ -161,17 +205,20 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
             carry = enter(stack_index, carry)
             for i in range(count):
                 layer = first + i
-                rse, probed = runner.probe(runner.state, i, carry, temb, rope, cache[layer])
-                if step > 0:
-                    rse_table[step, layer] = np.asarray(rse, np.float64)
-                if step > 0 and delta > 0:
+                if step == 0:  # always full: the cached candidate has no value yet
+                    carry, out = runner.exact(runner.state, i, carry, temb, rope)
+                    caches.store(layer, out)
+                    continue
+                rse, probed = runner.probe(runner.state, i, carry, temb, rope, caches.fetch(layer))
+                rse_table[step, layer] = np.asarray(rse, np.float64)
+                choice = np.full(heads, -1)
+                if delta > 0:
                     choice = solve_layer(rse_table[step, layer], saving, delta, c)
                     chosen = choice >= 0
                     head_window[step, layer, chosen] = np.asarray(windows)[choice[chosen]]
                     rse_used[step, layer] = rse_table[step, layer][chosen, choice[chosen]].sum()
-                hw = jnp.asarray(head_window[step, layer]) if step else full
-                carry, out = runner.apply(runner.state, i, carry, probed, hw, cache[layer])
-                cache[layer] = to_host(out)
+                carry, out = runner.apply(runner.state, i, carry, probed, jnp.asarray(choice + 1, jnp.int32))
+                caches.store(layer, out)
         latents = euler(state, latents, carry, temb, sigmas[step], sigmas[step + 1])
         kept_per_step.append(kept_fraction(head_window[step]))
         bar.set_postfix(kept=f"{kept_per_step[-1]:.2f}")
@@ -183,4 +230,5 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
         delta=delta, c=c,
         notes=dict(calibration_seconds=round(time.perf_counter() - start_time, 2), prompts=int(n),
                    guidance_scale=float(guidance_scale), seed=seed, rse_used_max=float(rse_used.max()),
+                   cache_on_host=bool(cache_on_host),
                    kept_per_step=[round(k, 4) for k in kept_per_step]))

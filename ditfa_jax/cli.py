@@ -68,7 +68,7 @@ def cmd_sample(args) -> int:
     from ditfa_jax.configs import FluxConfig
     from ditfa_jax.loading import load_transformer
     from ditfa_jax.plan import CompressionPlan, image_tokens_for
-    from ditfa_jax.sampler import VAE_SCALE_FACTOR, cache_bytes, flux_latent_grid, sample, scheduler_for
+    from ditfa_jax.sampler import cache_bytes, flux_latent_grid, sample, scheduler_for
 
     model = load_transformer(args.checkpoint, dtype=_dtype(args.dtype))
     cfg = model.config
@@ -76,11 +76,11 @@ def cmd_sample(args) -> int:
     b = text.shape[0]
     key_noise = jax.random.key(args.seed)
     if isinstance(cfg, FluxConfig):
-        rows, cols = flux_latent_grid(args.height, args.width)
+        rows, cols = flux_latent_grid(args.height, args.width, cfg.vae_scale_factor)
         latents = jax.random.normal(key_noise, (b, rows * cols, cfg.in_channels))
     else:
-        latents = jax.random.normal(key_noise, (b, cfg.in_channels, args.height // VAE_SCALE_FACTOR,
-                                                args.width // VAE_SCALE_FACTOR))
+        scale = cfg.vae_scale_factor
+        latents = jax.random.normal(key_noise, (b, cfg.in_channels, args.height // scale, args.width // scale))
     plan = CompressionPlan.load(args.plan) if args.plan else None
     scheduler = scheduler_for(args.checkpoint, model)
     timings = []

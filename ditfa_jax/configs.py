@@ -25,6 +25,9 @@ class _HeadsMixin:
 
 VAE_SCALE_FACTOR = 8  # pixels per latent cell: both the FLUX.1 and the SD3 VAE downsample 8x
 
+# Every config also carries `vae_scale_factor` (pixels per latent cell; not a diffusers transformer field, so absent
+# from real checkpoints and 8 there): 1 for a pixel-space model such as the trained testbed.
+
 
 @dataclasses.dataclass(frozen=True)
 class FluxConfig(_HeadsMixin):
@@ -39,6 +42,7 @@ class FluxConfig(_HeadsMixin):
     pooled_projection_dim: int = 768
     guidance_embeds: bool = False
     axes_dims_rope: tuple[int, ...] = (16, 56, 56)
+    vae_scale_factor: int = VAE_SCALE_FACTOR
 
     family = "flux"
     text_first = True  # FLUX concatenates [text, image]
@@ -69,6 +73,7 @@ class SD3Config(_HeadsMixin):
     pos_embed_max_size: int = 96
     dual_attention_layers: tuple[int, ...] = ()
     qk_norm: str | None = None
+    vae_scale_factor: int = VAE_SCALE_FACTOR
 
     family = "sd3"
     text_first = False  # SD3 concatenates [image, text]

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ditfa_jax.configs import VAE_SCALE_FACTOR, config_to_dict
+from ditfa_jax.configs import config_to_dict
 from pallas_kernels.cost import PlanCost, plan_cost
 
 __all__ = [
@@ -116,7 +116,7 @@ def windows_from_choice(choice, candidates, n_img: int) -> np.ndarray:
 def image_tokens_for(config, height: int, width: int) -> int:
     """Image tokens of a model at ``height`` x ``width`` pixels (FLUX: 2x2 packed latents; SD3: patchified)."""
     patch = 2 if config.family == "flux" else config.patch_size
-    step = VAE_SCALE_FACTOR * patch
+    step = config.vae_scale_factor * patch
     for name, v in (("height", height), ("width", width)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0 or v % step:
             raise ValueError(f"{name}: expected a positive multiple of {step} pixels for {config.family}, got {v!r}")

@@ -27,12 +27,12 @@ from ditfa_jax.scheduler import (FLUX_DEV_SCHEDULER, FLUX_SCHNELL_SCHEDULER, SD3
 
 # ---- FLUX latent packing (2x2 patches of the latent image become one token) ----
 
-def flux_latent_grid(height: int, width: int) -> tuple[int, int]:
-    """Packed token grid (rows, cols) for a pixel size; both must be multiples of 16."""
-    if height % (2 * VAE_SCALE_FACTOR) or width % (2 * VAE_SCALE_FACTOR):
-        raise ValueError(f"height and width must be multiples of {2 * VAE_SCALE_FACTOR} for FLUX; got "
-                         f"{height}x{width}")
-    return height // (2 * VAE_SCALE_FACTOR), width // (2 * VAE_SCALE_FACTOR)
+def flux_latent_grid(height: int, width: int, vae_scale_factor: int = VAE_SCALE_FACTOR) -> tuple[int, int]:
+    """Packed token grid (rows, cols) for a pixel size; both must be multiples of 2 * vae_scale_factor (16)."""
+    step = 2 * vae_scale_factor
+    if height % step or width % step:
+        raise ValueError(f"height and width must be multiples of {step} for FLUX; got {height}x{width}")
+    return height // step, width // step
 
 
 def flux_image_ids(rows: int, cols: int) -> np.ndarray:
@@ -50,9 +50,10 @@ def pack_latents(latents: jax.Array) -> jax.Array:
     return x.reshape(b, (h // 2) * (w // 2), c * 4)
 
 
-def unpack_latents(packed: jax.Array, height: int, width: int) -> jax.Array:
+def unpack_latents(packed: jax.Array, height: int, width: int, vae_scale_factor: int = VAE_SCALE_FACTOR
+                   ) -> jax.Array:
     """[B, S, C*4] -> [B, C, H/8, W/8] for a pixel size (FluxPipeline._unpack_latents)."""
-    rows, cols = flux_latent_grid(height, width)
+    rows, cols = flux_latent_grid(height, width, vae_scale_factor)
     b, s, c4 = packed.shape
     x = packed.reshape(b, rows, cols, c4 // 4, 2, 2).transpose(0, 3, 1, 4, 2, 5)
     return x.reshape(b, c4 // 4, rows * 2, cols * 2)
@@ -144,16 +145,17 @@ def prepare_run(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, heig
         raise ValueError(f"batch mismatch: prompt_embeds has shape {prompt_embeds.shape} but pooled_prompt_embeds "
                          f"has shape {pooled.shape}")
     if isinstance(cfg, FluxConfig):
-        rows, cols = flux_latent_grid(height, width)
+        rows, cols = flux_latent_grid(height, width, cfg.vae_scale_factor)
         sigmas, timesteps = flux_schedule(scheduler, num_steps, rows * cols)
         rope = rope_tables(np.concatenate([np.zeros((prompt_embeds.shape[1], 3), np.float32),
                                            flux_image_ids(rows, cols)]), cfg.axes_dims_rope)
         return RunSetup((rows * cols, cfg.in_channels), rows * cols, sigmas, timesteps, rope, prompt_embeds, pooled,
                         cfg_guidance=False)
-    step = VAE_SCALE_FACTOR * cfg.patch_size
+    scale = cfg.vae_scale_factor
+    step = scale * cfg.patch_size
     if height % step or width % step:
         raise ValueError(f"height and width must be multiples of {step} for SD3; got {height}x{width}")
-    latent_shape = (cfg.in_channels, height // VAE_SCALE_FACTOR, width // VAE_SCALE_FACTOR)
+    latent_shape = (cfg.in_channels, height // scale, width // scale)
     image_tokens = (height // step) * (width // step)
     sigmas, timesteps = sd3_schedule(scheduler, num_steps, image_tokens)
     cfg_guidance = guidance_scale > 1
@@ -175,7 +177,7 @@ def sample(model: Transformer, latents, prompt_embeds, pooled_prompt_embeds, *, 
     guidance; SD3 runs classifier-free guidance when guidance_scale > 1 (negative embeddings required).
     `plan` (a `ditfa_jax.plan.CompressionPlan` made for this model, resolution, text length and step count) turns
     on head-wise compression: its per-step head windows are scanned and the attention cache is carried; CFG
-    batches share the plan. An all-full plan gives the dense result.
+    batches share the plan. An all-full plan runs the dense sampler.
     """
     latents = jnp.asarray(latents)
     _check_batch(latents, {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled_prompt_embeds,
@@ -200,10 +202,16 @@ def sample(model: Transformer, latents, prompt_embeds, pooled_prompt_embeds, *, 
 
 
 def _plan_inputs(model, plan, *, height, width, text_len, num_steps, batch, tokens):
-    """(head windows [steps, layers, H], zeroed cache) for a plan checked against these settings, or (None, None)."""
+    """(head windows [steps, layers, H], zeroed cache) for a plan checked against these settings, or (None, None).
+
+    A plan that keeps every head full everywhere (e.g. calibrated with delta 0) runs the dense sampler: the same
+    program as no plan, so the same result, and no cache memory.
+    """
     if plan is None:
         return None, None
     plan.check_compatible(model.config, height=height, width=width, text_len=text_len, num_steps=num_steps)
+    if np.all(np.asarray(plan.head_window) == -1):
+        return None, None
     return jnp.asarray(plan.head_window, jnp.int32), attention_cache(model, batch, tokens)
 
 
