@@ -3,6 +3,7 @@
     ditfa convert CHECKPOINT OUT_DIR        diffusers / BFL checkpoint -> converted JAX params (fast reloads)
     ditfa sample CHECKPOINT [options]       run the flow-matching sampler on random noise and prompt embeddings
     ditfa calibrate CHECKPOINT [options]    search a head-wise compression plan (RSE + MILP), write plan + heatmap
+    ditfa demo [options]                    the main job on the embedded testbed model: plan, dense vs compressed
 
 Text encoders and the VAE arrive with the end-to-end pipelines; until then `sample` and `calibrate` take prompt
 embeddings from an .npz (`prompt_embeds`, `pooled_prompt_embeds`, optional `negative_*`) or draw random ones.
@@ -129,6 +130,16 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from ditfa_jax.testbed.demo import DEFAULT_DELTA, run_demo
+    from ditfa_jax.testbed.model import DEFAULT_STEPS
+
+    run_demo(args.out, checkpoint=args.checkpoint, prompts=args.prompts, calibration_prompts=args.calibration_prompts,
+             num_steps=args.steps or DEFAULT_STEPS, delta=DEFAULT_DELTA if args.delta is None else args.delta,
+             seed=args.seed, overwrite=args.overwrite)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ditfa", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -174,6 +185,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto")
     p.add_argument("--overwrite", action="store_true", help="replace an existing plan file")
     p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("demo", help="calibrate + generate dense vs compressed on the embedded testbed model",
+                       description="Search a plan for the trained testbed model (shipped in the package), generate "
+                                   "held-out captions densely and with the plan from the same noise, and write "
+                                   "the plan, heatmap, images, a side-by-side comparison and a report.")
+    p.add_argument("--out", default="outputs/demo", help="folder to write (refused if it exists, see --overwrite)")
+    p.add_argument("--checkpoint", help="testbed folder (default: the weights shipped in ditfa_jax/testbed)")
+    p.add_argument("--prompts", type=int, default=4, help="held-out captions to generate")
+    p.add_argument("--calibration-prompts", type=int, default=4, help="training captions the plan search uses")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the testbed's 20)")
+    p.add_argument("--delta", type=float, help="RSE budget per (step, layer) (default: ditfa_jax.testbed.demo's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 

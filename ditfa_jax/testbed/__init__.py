@@ -1,0 +1,6 @@
+"""A small trained testbed for text-to-image diffusion: a captioned world of coloured shapes where the truth is known.
+
+:mod:`.world` samples, captions and renders scenes (pure JAX, so training can render on the GPU), :mod:`.tokenizer`
+turns captions into word ids, :mod:`.detector` reads objects back from pixels to score prompt fidelity, and
+:mod:`.metrics` holds PSNR / SSIM and an image grid for eyeballing samples.
+"""

@@ -1,0 +1,199 @@
+"""Caption -> image with the testbed model, and its checkpoint folder (the shipped weights live in one).
+
+A testbed folder mirrors a diffusers pipeline folder::
+
+    model_index.json                  names the components
+    transformer/                      FLUX-style MMDiT, converted JAX params (`ditfa_jax.loading.save_converted`)
+    text_encoder/config.json          TextEncoderConfig
+    text_encoder/model.safetensors    its parameters (flat NNX paths)
+    tokenizer/tokenizer.json          the world's word-level vocabulary
+    scheduler/scheduler_config.json   flow-matching Euler settings
+    training.json                     the recipe and loss curve that produced the weights (optional)
+
+so `ditfa_jax.load_transformer(folder)` and `ditfa calibrate folder` work on it as on a real checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+from ditfa_jax.calibrate import calibrate
+from ditfa_jax.loading import Transformer, load_transformer, save_converted
+from ditfa_jax.plan import DEFAULT_CANDIDATES, CompressionPlan
+from ditfa_jax.sampler import sample
+from ditfa_jax.scheduler import SchedulerConfig
+from ditfa_jax.testbed.model import DEFAULT_STEPS, TextEncoder, TextEncoderConfig, latents_to_images
+from ditfa_jax.testbed.tokenizer import WordTokenizer
+from ditfa_jax.testbed.world import IMAGE_SIZE
+
+__all__ = ["SHIPPED_CHECKPOINT", "TestbedPipeline", "save_pipeline"]
+
+SHIPPED_CHECKPOINT = Path(__file__).parent / "checkpoint"
+PIPELINE_CLASS = "DitfaTestbedPipeline"
+COMPONENT_FILES = {"transformer": "transformer/config.json", "text_encoder": "text_encoder/config.json",
+                   "tokenizer": "tokenizer/tokenizer.json", "scheduler": "scheduler/scheduler_config.json"}
+TEXT_ENCODER_WEIGHTS = "text_encoder/model.safetensors"
+
+
+def default_dtype():
+    """bf16 on accelerators; fp32 on the CPU, where XLA's bf16 matmuls are slow."""
+    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+
+
+def _flat_params(module: nnx.Module) -> dict[str, np.ndarray]:
+    return {"/".join(map(str, path)): np.asarray(var.get_value())
+            for path, var in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+
+
+def _load_text_encoder(folder: Path, dtype) -> tuple[TextEncoderConfig, object, object]:
+    cfg_path, weights = folder / COMPONENT_FILES["text_encoder"], folder / TEXT_ENCODER_WEIGHTS
+    raw = json.loads(cfg_path.read_text())
+    known = {f.name for f in dataclasses.fields(TextEncoderConfig)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"{cfg_path}: unknown fields {unknown}; expected a subset of {sorted(known)}")
+    cfg = TextEncoderConfig(**raw)
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: text encoder weights missing")
+    tensors = load_file(str(weights))
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: TextEncoder(cfg, rngs=nnx.Rngs(0))))
+    for path, var in nnx.to_flat_state(state):
+        key = "/".join(map(str, path))
+        if key not in tensors:
+            raise ValueError(f"{weights}: missing tensor {key!r}")
+        value = tensors.pop(key)
+        if value.shape != var.get_value().shape:
+            raise ValueError(f"{weights}: tensor {key!r} has shape {value.shape}, expected {var.get_value().shape}")
+        var.set_value(jnp.asarray(value, dtype))
+    if tensors:
+        raise ValueError(f"{weights}: unexpected tensors {sorted(tensors)[:10]}")
+    return cfg, graphdef, state
+
+
+class TestbedPipeline:
+    """Tokenize -> text encoder -> jitted sampler scan (optionally with a compression plan) -> pixels."""
+
+    def __init__(self, transformer: Transformer, text_encoder: TextEncoder, tokenizer: WordTokenizer,
+                 scheduler: SchedulerConfig, folder: Path | None = None):
+        te_cfg, cfg = text_encoder.config, transformer.config
+        if (te_cfg.width, te_cfg.pooled_dim) != (cfg.joint_attention_dim, cfg.pooled_projection_dim):
+            raise ValueError(f"text encoder width/pooled_dim ({te_cfg.width}, {te_cfg.pooled_dim}) do not match the "
+                             f"transformer's joint_attention_dim/pooled_projection_dim "
+                             f"({cfg.joint_attention_dim}, {cfg.pooled_projection_dim})")
+        if tokenizer.vocab_size != te_cfg.vocab_size:
+            raise ValueError(f"tokenizer has {tokenizer.vocab_size} words, the text encoder {te_cfg.vocab_size}")
+        self.transformer, self.tokenizer, self.scheduler, self.folder = transformer, tokenizer, scheduler, folder
+        self.text_encoder_graphdef, self.text_encoder_state = nnx.split(text_encoder)
+        graphdef = self.text_encoder_graphdef
+        self._encode = jax.jit(lambda state, ids, mask: nnx.merge(graphdef, state)(ids, mask))
+
+    @property
+    def text_len(self) -> int:
+        return self.text_encoder.config.max_length
+
+    @property
+    def text_encoder(self) -> TextEncoder:
+        return nnx.merge(self.text_encoder_graphdef, self.text_encoder_state)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path | None = None, *, dtype=None) -> "TestbedPipeline":
+        """Load a testbed folder (default: the weights shipped in the package); dtype default: `default_dtype()`."""
+        folder = Path(path) if path is not None else SHIPPED_CHECKPOINT
+        dtype = dtype or default_dtype()
+        index = folder / "model_index.json"
+        if not index.is_file():
+            raise FileNotFoundError(f"{folder}: not a testbed checkpoint folder (no model_index.json)")
+        if json.loads(index.read_text()).get("_class_name") != PIPELINE_CLASS:
+            raise ValueError(f"{index}: _class_name is not {PIPELINE_CLASS!r}")
+        for component, rel in COMPONENT_FILES.items():
+            if not (folder / rel).is_file():
+                raise FileNotFoundError(f"{folder}: component {component!r} is missing (expected {rel})")
+        transformer = load_transformer(folder, dtype=dtype, progress=False)
+        _, graphdef, state = _load_text_encoder(folder, dtype)
+        tokenizer = WordTokenizer.from_file(folder / COMPONENT_FILES["tokenizer"])
+        scheduler = SchedulerConfig.from_file(folder / COMPONENT_FILES["scheduler"])
+        return cls(transformer, nnx.merge(graphdef, state), tokenizer, scheduler, folder)
+
+    # ---- generation -------------------------------------------------------------------------------------------
+
+    def encode(self, captions: list[str]) -> tuple[jax.Array, jax.Array]:
+        """Prompt embeddings [N, text_len, width] and pooled vectors [N, pooled_dim] for captions."""
+        ids, mask = self.tokenizer.encode(list(captions), max_length=self.text_len)
+        return self._encode(self.text_encoder_state, jnp.asarray(ids), jnp.asarray(mask))
+
+    def initial_noise(self, seeds) -> jax.Array:
+        """Packed noise [N, 1024, 12], one independent draw per seed (same seed -> same noise in any batch)."""
+        keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
+        shape = ((IMAGE_SIZE // 2) ** 2, self.transformer.config.in_channels)
+        return jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys)
+
+    def __call__(self, captions: list[str], *, seeds=0, num_steps: int = DEFAULT_STEPS,
+                 plan: CompressionPlan | None = None, attention_impl: str = "auto") -> np.ndarray:
+        """Images float32 [N, 64, 64, 3] in [0, 1]; ``seeds`` is one per caption or an int (seed + index)."""
+        captions = [captions] if isinstance(captions, str) else list(captions)
+        seeds = np.asarray(seeds + np.arange(len(captions)) if np.isscalar(seeds) else seeds)
+        if seeds.shape != (len(captions),):
+            raise ValueError(f"seeds: expected an int or one seed per caption ({len(captions)}), got shape "
+                             f"{seeds.shape}")
+        text, pooled = self.encode(captions)
+        final = sample(self.transformer, self.initial_noise(seeds), text, pooled, height=IMAGE_SIZE,
+                       width=IMAGE_SIZE, num_steps=num_steps, guidance_scale=1.0, scheduler=self.scheduler,
+                       plan=plan, attention_impl=attention_impl)
+        return np.asarray(latents_to_images(final), np.float32)
+
+    def calibrate(self, captions: list[str], *, delta: float, num_steps: int = DEFAULT_STEPS, c: float = 1.5,
+                  candidates=DEFAULT_CANDIDATES, seed: int = 0, progress: bool = True,
+                  record: dict | None = None) -> CompressionPlan:
+        """Search a compression plan on these calibration captions (`ditfa_jax.calibrate.calibrate`)."""
+        text, pooled = self.encode(captions)
+        plan = calibrate(self.transformer, text, pooled, height=IMAGE_SIZE, width=IMAGE_SIZE, num_steps=num_steps,
+                         guidance_scale=1.0, delta=delta, c=c, candidates=tuple(candidates),
+                         scheduler=self.scheduler, seed=seed, progress=progress, record=record)
+        return plan.replace(notes={**plan.notes, "calibration_captions": list(captions)})
+
+
+def save_pipeline(folder: str | Path, transformer: Transformer, text_encoder: TextEncoder, *,
+                  scheduler: SchedulerConfig, tokenizer_file: str | Path, training: dict | None = None,
+                  dtype=jnp.bfloat16) -> Path:
+    """Write a testbed folder atomically (temp folder + rename; refuses an existing folder); weights in ``dtype``."""
+    folder = Path(folder)
+    if folder.exists():
+        raise FileExistsError(f"{folder} exists; choose a new folder")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".partial-", dir=folder.parent))
+    tmp.chmod(0o755)
+    try:
+        cast = lambda a: np.asarray(jnp.asarray(a, dtype))  # noqa: E731
+        state = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), transformer.state)
+        save_converted(Transformer(transformer.config, transformer.graphdef, state), tmp / "transformer")
+        (tmp / "text_encoder").mkdir()
+        (tmp / COMPONENT_FILES["text_encoder"]).write_text(json.dumps(dataclasses.asdict(text_encoder.config),
+                                                                      indent=2))
+        save_file({k: cast(v) for k, v in _flat_params(text_encoder).items()}, str(tmp / TEXT_ENCODER_WEIGHTS))
+        (tmp / "tokenizer").mkdir()
+        shutil.copyfile(tokenizer_file, tmp / COMPONENT_FILES["tokenizer"])
+        (tmp / "scheduler").mkdir()
+        (tmp / COMPONENT_FILES["scheduler"]).write_text(json.dumps(
+            {"_class_name": "FlowMatchEulerDiscreteScheduler", **dataclasses.asdict(scheduler)}, indent=2))
+        (tmp / "model_index.json").write_text(json.dumps(
+            {"_class_name": PIPELINE_CLASS, "transformer": ["ditfa_jax", "FluxTransformer"],
+             "text_encoder": ["ditfa_jax.testbed", "TextEncoder"], "tokenizer": ["tokenizers", "WordLevel"],
+             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}, indent=2))
+        if training is not None:
+            (tmp / "training.json").write_text(json.dumps(training, indent=1))
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder

@@ -1,0 +1,247 @@
+"""The training recipe of the testbed model: rectified flow on the synthetic world, optax, one seed.
+
+Each step draws a batch of training-split scenes on the host (captions, word ids), renders them on the device
+inside the jitted step, and regresses the velocity ``noise - x0`` at ``x_t = (1 - sigma) x0 + sigma noise`` with
+sigma logit-normal (SD3's choice), passed to the model as FLUX's timestep (sigma; the model scales it by 1000).
+Parameters are fp32 (AdamW, gradient clipping, an EMA whose weights are the ones shipped); the forward pass runs in
+``compute_dtype``. The adaLN modulations and the final projection start at zero, so every block starts as the
+identity (DiT's adaLN-Zero).
+
+    python -m ditfa_jax.testbed.train --out runs/testbed --steps 6000
+
+writes a testbed folder (`ditfa_jax.testbed.pipeline`) with the EMA weights in bf16, ``training.json`` (this
+recipe, the loss curve, throughput, device) and ``loss.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm.auto import tqdm
+
+from ditfa_jax.loading import Transformer
+from ditfa_jax.models.flux import FluxTransformer, rope_tables
+from ditfa_jax.sampler import flux_image_ids
+from ditfa_jax.testbed.model import (SCHEDULER, TRANSFORMER_CONFIG, TextEncoder, TextEncoderConfig,
+                                     images_to_latents)
+from ditfa_jax.testbed.tokenizer import MAX_LENGTH, SHIPPED_TOKENIZER, WordTokenizer
+from ditfa_jax.testbed.world import IMAGE_SIZE, render, sample_scenes, captions as scene_captions
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 6000
+    batch_size: int = 128
+    learning_rate: float = 4e-4
+    warmup_steps: int = 250
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    seed: int = 0
+    compute_dtype: str = "bfloat16"
+    attention_impl: str = "auto"
+    log_every: int = 50
+    time_limit_s: float | None = None  # stop after this much training time (the steps reached are recorded)
+    init_from: str | None = None  # start from a testbed folder's weights (a continued run; its record is kept)
+
+
+class TestbedModel(nnx.Module):
+    """Text encoder + MMDiT as one module, so one optimizer and one EMA cover both."""
+
+    def __init__(self, vocab_size: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.text_encoder = TextEncoder(TextEncoderConfig(vocab_size=vocab_size, max_length=MAX_LENGTH), rngs=rngs)
+        self.transformer = FluxTransformer(TRANSFORMER_CONFIG, dtype=dtype, rngs=rngs)
+
+    def __call__(self, latents, ids, mask, sigma, rope, attention_impl="auto"):
+        text, pooled = self.text_encoder(ids, mask)
+        return self.transformer(latents, text, pooled, sigma, rope, attention_impl=attention_impl)
+
+
+def _zero_init(state) -> None:
+    """adaLN-Zero: zero every adaLN modulation (`norm*.linear`) and the final `proj_out`."""
+    for path, var in nnx.to_flat_state(state):
+        names = [str(p) for p in path]
+        if names[0] != "transformer":
+            continue
+        adaln = len(names) >= 3 and names[-3].startswith("norm") and names[-2] == "linear"
+        if adaln or names[1:] in (["proj_out", "kernel"], ["proj_out", "bias"]):
+            var.set_value(jnp.zeros_like(var.get_value()))
+
+
+def init_model(vocab_size: int, seed: int, compute_dtype=jnp.float32) -> TestbedModel:
+    """The model whose layers compute in ``compute_dtype`` (the transformer's Linear layers fix their computation
+    dtype at construction; the text encoder's follow its parameters)."""
+    model = TestbedModel(vocab_size, dtype=compute_dtype, rngs=nnx.Rngs(seed))
+    _zero_init(nnx.state(model, nnx.Param))
+    return model
+
+
+def _load_weights(folder: str, params):
+    """(params filled from a testbed folder's weights in fp32, that folder's training record or None)."""
+    from ditfa_jax.testbed.pipeline import TestbedPipeline
+
+    pipe = TestbedPipeline.from_pretrained(folder, dtype=jnp.float32)
+    loaded = {"transformer": nnx.to_flat_state(pipe.transformer.state),
+              "text_encoder": nnx.to_flat_state(nnx.state(pipe.text_encoder, nnx.Param))}
+    flat = {(part,) + tuple(path): var for part, state in loaded.items() for path, var in state}
+    for path, var in nnx.to_flat_state(params):
+        source = flat[tuple(path)]
+        if source.get_value().shape != var.get_value().shape:
+            raise ValueError(f"{folder}: {'/'.join(map(str, path))} has shape {source.get_value().shape}, expected "
+                             f"{var.get_value().shape}")
+        var.set_value(source.get_value().astype(jnp.float32))
+    record = Path(folder) / "training.json"
+    return params, (json.loads(record.read_text()) if record.is_file() else None)
+
+
+def testbed_rope() -> tuple[np.ndarray, np.ndarray]:
+    """RoPE tables of the testbed's [32 text, 32x32 image] tokens (text ids zero, as in FLUX)."""
+    side = IMAGE_SIZE // 2
+    ids = np.concatenate([np.zeros((MAX_LENGTH, 3), np.float32), flux_image_ids(side, side)])
+    return rope_tables(ids, TRANSFORMER_CONFIG.axes_dims_rope)
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    schedule = optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps)  # then constant: any stop is fine
+    decay_mask = lambda params: jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)  # noqa: E731
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
+                       optax.adamw(schedule, b1=0.9, b2=0.99, weight_decay=cfg.weight_decay, mask=decay_mask))
+
+
+def make_train_step(graphdef, tx, cfg: TrainConfig):
+    """Jitted (params, opt_state, ema, scenes, ids, mask, key, step) -> (params, opt_state, ema, loss)."""
+    rope = tuple(jnp.asarray(t) for t in testbed_rope())
+    dtype = jnp.dtype(cfg.compute_dtype)
+
+    def loss_fn(params, scenes, ids, mask, key):
+        x0 = images_to_latents(render(**scenes))
+        key_noise, key_sigma = jax.random.split(key)
+        noise = jax.random.normal(key_noise, x0.shape, jnp.float32)
+        sigma = jax.nn.sigmoid(jax.random.normal(key_sigma, (x0.shape[0],), jnp.float32))
+        x_t = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
+        compute = jax.tree_util.tree_map(lambda p: p.astype(dtype), params)
+        v = nnx.merge(graphdef, compute)(x_t.astype(dtype), ids, mask, sigma, rope, cfg.attention_impl)
+        return jnp.mean(jnp.square(v.astype(jnp.float32) - (noise - x0)))
+
+    @jax.jit
+    def step(params, opt_state, ema, scenes, ids, mask, key, index):
+        loss, grads = jax.value_and_grad(loss_fn)(params, scenes, ids, mask, key)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        decay = jnp.minimum(cfg.ema_decay, (1.0 + index) / (10.0 + index))  # short warm-up of the average
+        ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1 - decay) * p, ema, params)
+        return params, opt_state, ema, loss
+
+    return step
+
+
+def _batch(rng: np.random.Generator, tokenizer: WordTokenizer, n: int):
+    scenes = sample_scenes(rng, n, split="train")
+    ids, mask = tokenizer.encode(scene_captions(scenes), max_length=MAX_LENGTH)
+    return scenes.arrays(), ids, mask
+
+
+def train(cfg: TrainConfig, *, progress: bool = True) -> tuple[TestbedModel, dict]:
+    """Train from scratch; returns (the EMA model in fp32, the training record)."""
+    tokenizer = WordTokenizer.from_file()
+    model = init_model(tokenizer.vocab_size, cfg.seed, jnp.dtype(cfg.compute_dtype))
+    graphdef, params = nnx.split(model, nnx.Param)
+    params = jax.tree_util.tree_map(lambda p: p.astype(jnp.float32), params)  # fp32 master weights
+    previous = None
+    if cfg.init_from:
+        params, previous = _load_weights(cfg.init_from, params)
+    tx = make_optimizer(cfg)
+    opt_state = tx.init(params)
+    ema = jax.tree_util.tree_map(jnp.copy, params)
+    step_fn = make_train_step(graphdef, tx, cfg)
+    rng = np.random.default_rng(cfg.seed)
+    key = jax.random.key(cfg.seed)
+    curve, window, start, steps_done = [], [], None, 0
+    bar = tqdm(range(cfg.steps), desc="training testbed", unit="step", disable=not progress)
+    for index in bar:
+        scenes, ids, mask = _batch(rng, tokenizer, cfg.batch_size)
+        params, opt_state, ema, loss = step_fn(params, opt_state, ema, scenes, ids, mask,
+                                               jax.random.fold_in(key, index), index)
+        window.append(loss)
+        steps_done = index + 1
+        if index == 0:
+            jax.block_until_ready(loss)
+            start = time.perf_counter()  # the first step includes compilation
+        if steps_done % cfg.log_every == 0 or steps_done == cfg.steps:
+            mean = float(np.mean(jax.device_get(window)))
+            curve.append((steps_done, round(mean, 5)))
+            window = []
+            bar.set_postfix(loss=f"{mean:.4f}")
+            if not math.isfinite(mean):
+                raise FloatingPointError(f"training diverged: mean loss {mean} at step {steps_done}")
+            if cfg.time_limit_s is not None and time.perf_counter() - start > cfg.time_limit_s:
+                break
+    jax.block_until_ready(ema)
+    seconds = time.perf_counter() - start
+    record = {"recipe": dataclasses.asdict(cfg), "steps_done": steps_done, "loss_curve": curve,
+              "train_seconds_after_compile": round(seconds, 1),
+              "steps_per_second": round((steps_done - 1) / max(seconds, 1e-9), 2),
+              "parameters": int(sum(p.size for p in jax.tree_util.tree_leaves(params))),
+              "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
+              "command": "python -m ditfa_jax.testbed.train " + " ".join(
+                  f"--{k.replace('_', '-')} {steps_done if k == 'steps' else v}"
+                  for k, v in dataclasses.asdict(cfg).items() if v is not None and k != "time_limit_s"),
+              "continued_from": previous}
+    nnx.update(model, ema)
+    return model, record
+
+
+def save_loss_plot(curve, path: Path) -> None:
+    """Loss curve as a small PNG (log scale), drawn with Pillow."""
+    from PIL import Image, ImageDraw
+
+    w, h, pad = 480, 240, 36
+    steps = np.array([s for s, _ in curve], float)
+    loss = np.log10(np.array([v for _, v in curve], float))
+    img = Image.new("RGB", (w, h), "white")
+    draw = ImageDraw.Draw(img)
+    x = pad + (steps - steps.min()) / max(np.ptp(steps), 1) * (w - 2 * pad)
+    y = h - pad - (loss - loss.min()) / max(np.ptp(loss), 1e-9) * (h - 2 * pad)
+    draw.rectangle([pad, pad, w - pad, h - pad], outline="black")
+    draw.line(list(zip(x.tolist(), y.tolist())), fill=(31, 119, 180), width=2)
+    draw.text((pad, 8), f"training loss (log10), {10 ** loss.max():.3f} -> {10 ** loss[-1]:.4f}", fill="black")
+    draw.text((pad, h - pad + 6), f"step {int(steps.min())}", fill="black")
+    draw.text((w - pad - 70, h - pad + 6), f"step {int(steps.max())}", fill="black")
+    img.save(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ditfa_jax.testbed.pipeline import save_pipeline
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="testbed folder to write (must not exist)")
+    for field in dataclasses.fields(TrainConfig):
+        kind = {"steps": int, "batch_size": int, "warmup_steps": int, "seed": int, "log_every": int}.get(field.name)
+        kind = kind or (str if field.name in ("compute_dtype", "attention_impl", "init_from") else float)
+        parser.add_argument(f"--{field.name.replace('_', '-')}", type=kind, default=field.default)
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    if out.exists():
+        parser.error(f"--out {out} exists; choose a new folder")
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    model, record = train(cfg)
+    transformer = Transformer(TRANSFORMER_CONFIG, *nnx.split(model.transformer))
+    save_pipeline(out, transformer, model.text_encoder, scheduler=SCHEDULER, tokenizer_file=SHIPPED_TOKENIZER,
+                  training=record)
+    save_loss_plot(record["loss_curve"], out / "loss.png")
+    print(json.dumps({k: v for k, v in record.items() if k != "loss_curve"}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
