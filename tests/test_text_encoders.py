@@ -147,6 +147,27 @@ def test_t5_tied_embedding_copies(tmp_path, t5_model):
         load_t5(differ)
 
 
+def test_t5_loading_streams_tensors_within_twice_the_checkpoint_size():
+    """Host allocations while loading stay under 2x the checkpoint (one tensor at a time into final buffers).
+
+    tracemalloc sees numpy/Python allocations; the arrays handed to JAX afterwards are not counted.
+    """
+    import os
+    import tracemalloc
+
+    from convert.checkpoint import checkpoint_files
+
+    size = sum(os.path.getsize(f) for f in checkpoint_files(FIXTURES / "t5"))
+    load_t5(FIXTURES / "t5")  # imports and traces out of the measurement
+    tracemalloc.start()
+    try:
+        load_t5(FIXTURES / "t5")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * size, (peak, size)
+
+
 # ---- bad folders: each error names the file, key or field, and what was expected ----
 
 def test_missing_weights_file(tmp_path):
