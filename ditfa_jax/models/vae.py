@@ -9,10 +9,12 @@ conversion is a rename (`to_out.0` -> `to_out_0`, conv/linear `weight` -> `kerne
 Layout is NHWC throughout (images [B, H, W, 3], latents [B, H/8, W/8, C]). Parameters keep the dtype they are
 loaded in; GroupNorm statistics are always float32, so a bf16 decode stays close to the fp32 one.
 
-Memory: with the mid-block attention computed in query chunks (`ATTENTION_QUERY_CHUNK` rows of fp32 logits against
-all H/8 * W/8 keys: 1 GiB per image at 2048^2, never the full 65536^2 matrix), the peak is driven by the decoder's
-full-resolution activations: the last two up blocks run at H x W with 256 and 128 channels (SD3/FLUX), so one such
-tensor at 2048^2 is 2 GiB in bf16 and 4 GiB in fp32, plus the fp32 GroupNorm copies of it.
+Memory: the mid-block attention runs in query chunks (`ATTENTION_QUERY_CHUNK` rows of fp32 logits against all
+H/8 * W/8 keys: 1 GiB per image at 2048^2 instead of 16 GiB for the whole 65536^2 matrix), so the peak is driven by
+the decoder's full-resolution activations: its last up blocks run at H x W with 256 and 128 channels (SD3/FLUX), one
+2048^2 x 256 tensor being 2 GiB in bf16 (4 GiB fp32) plus its fp32 GroupNorm copy. XLA's buffer assignment for an
+SD3/FLUX-size decode of one image (CPU compile) needs 3 GiB of temporaries at 1024^2 and 12 GiB (bf16) / 14 GiB
+(fp32) at 2048^2; one-shot attention would need 16 / 32 GiB at 2048^2.
 """
 
 from __future__ import annotations
