@@ -91,18 +91,18 @@ def pipeline_expression(module, assignment: str) -> str:
     raise RuntimeError(f"{module.__name__}: no line starting with {assignment!r}; diffusers changed its formula")
 
 
-def scaling_formulas(shifted: bool) -> tuple[str, str, str]:
-    """(to-model, from-model, variable) expressions exactly as diffusers' pipelines write them."""
+def scaling_formulas(shifted: bool) -> tuple[str, str]:
+    """(to-model, from-model) expressions of `init_latents` / `latents`, exactly as diffusers' pipelines write them."""
     if shifted:
         to_model = pipeline_expression(pipeline_stable_diffusion_3_img2img, "init_latents = (init_latents - ")
         from_model = pipeline_expression(pipeline_stable_diffusion_3, "latents = (latents / ")
         assert to_model.replace("init_latents", "image_latents") == pipeline_expression(
             pipeline_flux_img2img, "image_latents = (image_latents - ")
         assert from_model == pipeline_expression(pipeline_flux, "latents = (latents / ")
-        return to_model, from_model, "init_latents"
+        return to_model, from_model
     to_model = pipeline_expression(pipeline_stable_diffusion_img2img, "init_latents = self.vae.config.scaling_factor")
     from_model = pipeline_expression(pipeline_stable_diffusion, "latents = 1 / self.vae.config.scaling_factor")
-    return to_model, from_model, "init_latents"
+    return to_model, from_model
 
 
 def nhwc(t: torch.Tensor) -> np.ndarray:
@@ -127,9 +127,9 @@ def build(variant: dict) -> dict:
         decoded = reloaded.decode(latents).sample
         assert torch.equal(decoded, vae.decode(latents).sample), "save_pretrained round trip changed the model"
 
-    to_model, from_model, var = scaling_formulas(cfg.get("shift_factor") is not None)
+    to_model, from_model = scaling_formulas(cfg.get("shift_factor") is not None)
     scope = {"self": SimpleNamespace(vae=reloaded)}
-    model_latents = eval(to_model, scope, {var: posterior.mean})
+    model_latents = eval(to_model, scope, {"init_latents": posterior.mean})
     vae_latents = eval(from_model, scope, {"latents": latents})
 
     ref = dict(images=nhwc(images), mean=nhwc(posterior.mean), logvar=nhwc(posterior.logvar),
