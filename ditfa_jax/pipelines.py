@@ -157,19 +157,23 @@ class _Encoder:
     """A text encoder module as (graphdef, state) with a jitted apply; its state can be moved to host memory."""
 
     def __init__(self, module):
-        self.graphdef, self.state = nnx.split(module)
+        self.device = jax.devices()[0]
+        self.graphdef, state = nnx.split(module)
+        self.state = jax.device_put(state, self.device)  # committed, as after an offload round trip: one compile
         graphdef = self.graphdef
         self.apply = jax.jit(lambda state, ids: nnx.merge(graphdef, state)(ids))
+        self.on_host = False
 
     def __call__(self, ids):
-        device = jax.devices()[0]
-        if any(d != device for leaf in jax.tree_util.tree_leaves(self.state) for d in leaf.devices()):
-            self.state = jax.device_put(self.state, device)
+        if self.on_host:
+            self.state, self.on_host = jax.device_put(self.state, self.device), False
         return self.apply(self.state, jnp.asarray(ids, jnp.int32))
 
     def offload(self) -> None:
-        """Move the parameters to host memory (frees their accelerator buffers); the next call moves them back."""
-        self.state = jax.device_put(self.state, jax.devices("cpu")[0])
+        """Move the parameters to host memory (frees their accelerator buffers); the next call moves them back.
+        Nothing to do when the device is the CPU."""
+        if self.device.platform != "cpu":
+            self.state, self.on_host = jax.device_put(self.state, jax.devices("cpu")[0]), True
 
 
 class _Pipeline:
