@@ -23,8 +23,8 @@ reference.npz per folder (float32; ids int64; strings unicode arrays):
     FLUX: prompt_embeds [P, L, d_t5], pooled_prompt_embeds [P, d_clip].
     SD3: + negative_prompt_embeds, negative_pooled_prompt_embeds for `negative_prompt`;
          `no_t5_prompt_embeds` (text_encoder_3=None: zeros stand in for T5).
-  Generate (`run_*`): prompts run_prompts, `noise` passed as `latents=`, height/width/steps/guidance, the final
-  latents (output_type="latent"; FLUX packed [B, S, 64], SD3 [B, 16, h, w]) and decoded images (output_type="np",
+  Generate (`run_*`): prompts run_prompts (their encode_prompt outputs as run_prompt_embeds, ...), `noise` passed
+  as `latents=`, height/width/steps/guidance, the final latents (output_type="latent"; FLUX packed [B, S, 64], SD3 [B, 16, h, w]) and decoded images (output_type="np",
   NHWC in [0, 1]).
 """
 
@@ -50,7 +50,7 @@ import sentencepiece as spm  # noqa: E402
 from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline,  # noqa: E402
                        FluxTransformer2DModel, SD3Transformer2DModel, StableDiffusion3Pipeline)
 from diffusers.utils import logging as dlogging  # noqa: E402
-from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers  # noqa: E402
+from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers  # noqa: E402
 from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer,  # noqa: E402
                           T5Config, T5EncoderModel, T5TokenizerFast)
 from transformers.utils import logging as tlogging  # noqa: E402
@@ -96,24 +96,51 @@ BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # ----------------------------------------------------------------------------
 # Tokenizers
 # ----------------------------------------------------------------------------
-def clip_vocab_and_merges(vocab_size: int = 800) -> tuple[dict, list[str]]:
-    """A CLIP-format byte-level BPE (`</w>` word ends) trained on CORPUS: bytes, bytes + </w>, merges, specials."""
-    tok = Tokenizer(models.BPE(continuing_subword_prefix="", end_of_word_suffix="</w>"))
+def clip_vocab_and_merges(num_merges: int = 250) -> tuple[dict, list[str]]:
+    """A CLIP-format byte-level BPE (`</w>` word ends) learnt on CORPUS: bytes, bytes + </w>, merges, specials.
+
+    Merges are learnt here (most frequent pair, ties to the smallest pair) rather than by the tokenizers trainer,
+    whose tie-breaking is not deterministic; words are split by CLIP's own normaliser and pre-tokeniser.
+    """
+    tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
                                            normalizers.Lowercase()])
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(CLIP_SPLIT), behavior="removed", invert=True),
         pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  end_of_word_suffix="</w>", show_progress=False)
-    tok.train_from_iterator(CORPUS * 4, trainer)
-    merges = [" ".join(m) if isinstance(m, list) else m for m in json.loads(tok.to_str())["model"]["merges"]]
+    words: dict[tuple[str, ...], int] = {}
+    for line in CORPUS:
+        for word, _ in tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(line)):
+            symbols = (*word[:-1], word[-1] + "</w>")
+            words[symbols] = words.get(symbols, 0) + 1
+    merges = []
+    for _ in range(num_merges):
+        pairs: dict[tuple[str, str], int] = {}
+        for w, count in words.items():
+            for pair in zip(w, w[1:]):
+                pairs[pair] = pairs.get(pair, 0) + count
+        if not pairs:
+            break
+        best = min(pairs, key=lambda p: (-pairs[p], p))
+        merges.append(best)
+        merged = {}
+        for w, count in words.items():
+            out, i = [], 0
+            while i < len(w):
+                if i + 1 < len(w) and (w[i], w[i + 1]) == best:
+                    out.append(w[i] + w[i + 1])
+                    i += 2
+                else:
+                    out.append(w[i])
+                    i += 1
+            merged[tuple(out)] = merged.get(tuple(out), 0) + count
+        words = merged
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tokens = alphabet + [c + "</w>" for c in alphabet] + ["".join(m.split(" ")) for m in merges] + [BOS, EOS]
+    tokens = alphabet + [c + "</w>" for c in alphabet] + [a + b for a, b in merges] + [BOS, EOS]
     vocab: dict[str, int] = {}
     for t in tokens:
         vocab.setdefault(t, len(vocab))
-    return vocab, merges
+    return vocab, [f"{a} {b}" for a, b in merges]
 
 
 def write_clip_tokenizer(folder: Path, pad_token: str) -> CLIPTokenizer:
@@ -125,11 +152,15 @@ def write_clip_tokenizer(folder: Path, pad_token: str) -> CLIPTokenizer:
 
 
 def write_t5_tokenizer(folder: Path) -> T5TokenizerFast:
-    spm_dir = Path(tempfile.mkdtemp())
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS * 4), model_prefix=str(spm_dir / "spiece"), vocab_size=110,
-        model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, pad_piece="<pad>", eos_piece="</s>",
-        unk_piece="<unk>", character_coverage=1.0, num_threads=1, minloglevel=2, shuffle_input_sentence=False)
+    spm_dir, cwd = Path(tempfile.mkdtemp()), os.getcwd()
+    os.chdir(spm_dir)  # the trainer records model_prefix in the model: keep it free of the temp path
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(CORPUS * 4), model_prefix="spiece", vocab_size=110, model_type="unigram",
+            pad_id=0, eos_id=1, unk_id=2, bos_id=-1, pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>",
+            character_coverage=1.0, num_threads=1, minloglevel=2, shuffle_input_sentence=False)
+    finally:
+        os.chdir(cwd)
     (spm_dir / "spiece.vocab").unlink()
     tok = T5TokenizerFast.from_pretrained(spm_dir, model_max_length=512)  # converts spiece.model (+ 100 extra ids)
     tok.save_pretrained(folder)
@@ -219,6 +250,8 @@ def make_flux(folder: Path) -> None:
                    max_sequence_length=MAX_SEQUENCE_LENGTH)
         latents = pipe(**run, latents=packed.clone(), output_type="latent").images
         images = pipe(**run, latents=packed.clone(), output_type="np").images
+        run_embeds, run_pooled, _ = pipe.encode_prompt(RUN_PROMPTS, max_sequence_length=MAX_SEQUENCE_LENGTH)
+    data.update(run_prompt_embeds=to_np(run_embeds), run_pooled_prompt_embeds=to_np(run_pooled))
     data.update(run_prompts=np.array(RUN_PROMPTS), run_height=np.int64(HEIGHT), run_width=np.int64(WIDTH),
                 run_steps=np.int64(STEPS), run_guidance_scale=np.float32(3.5), noise=to_np(packed),
                 run_latents=to_np(latents), run_images=np.asarray(images, np.float32))
@@ -270,6 +303,10 @@ def make_sd3(folder: Path) -> None:
                    num_inference_steps=STEPS, guidance_scale=5.0, max_sequence_length=MAX_SEQUENCE_LENGTH)
         latents = pipe(**run, latents=noise.clone(), output_type="latent").images
         images = pipe(**run, latents=noise.clone(), output_type="np").images
+        run_cond = pipe.encode_prompt(RUN_PROMPTS, None, None, negative_prompt=NEGATIVE,
+                                      max_sequence_length=MAX_SEQUENCE_LENGTH)
+    data.update({f"run_{k}": to_np(v) for k, v in zip(
+        ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds"), run_cond)})
     data.update(run_prompts=np.array(RUN_PROMPTS), run_height=np.int64(HEIGHT), run_width=np.int64(WIDTH),
                 run_steps=np.int64(STEPS), run_guidance_scale=np.float32(5.0), noise=to_np(noise),
                 run_latents=to_np(latents), run_images=np.asarray(images, np.float32))
