@@ -207,7 +207,7 @@ class _Pipeline:
     def from_pretrained(cls, path: str | Path, *, dtype=None, offload_text_encoders: bool = False,
                         progress: bool = True, **skip):
         """Load a diffusers pipeline folder. dtype: parameter dtype of every component (default: the
-        checkpoint's). offload_text_encoders: keep the text encoders in host memory between prompts (frees ~9.5 GB
+        transformer's checkpoint dtype, float32 for the text encoders and VAE). offload_text_encoders: keep the text encoders in host memory between prompts (frees ~9.5 GB
         of T5-XXL on the GPU; each encode moves them over and back)."""
         folder = Path(path)
         components = cls._components()
@@ -230,6 +230,7 @@ class _Pipeline:
         bar = tqdm(total=len(cls.TEXT_COMPONENTS) + 2, desc=f"loading {folder.name}", unit="part",
                    disable=not progress)
         text_encoders, tokenizers = {}, {}
+        dtype_kw = {} if dtype is None else {"dtype": dtype}  # their loaders default to float32
         for i, kind in enumerate(cls.TEXT_COMPONENTS.values()):
             suffix = "" if i == 0 else f"_{i + 1}"
             name = f"text_encoder{suffix}"
@@ -237,12 +238,12 @@ class _Pipeline:
                 text_encoders[name], tokenizers[name] = None, None
             else:
                 loader = load_clip if kind == "clip" else load_t5
-                text_encoders[name] = loader(folder / name, dtype=dtype)
+                text_encoders[name] = loader(folder / name, **dtype_kw)
                 tokenizers[name] = load_tokenizer(folder / f"tokenizer{suffix}", kind)
             bar.update()
         model = load_transformer(folder / "transformer", dtype=dtype, progress=False)
         bar.update()
-        vae = load_vae(folder / "vae", dtype=dtype)
+        vae = load_vae(folder / "vae", **dtype_kw)
         vae_scale = 2 ** (len(json.loads((folder / "vae" / "config.json").read_text())["block_out_channels"]) - 1)
         if model.config.vae_scale_factor != vae_scale:
             model = Transformer(dataclasses.replace(model.config, vae_scale_factor=vae_scale), model.graphdef,
