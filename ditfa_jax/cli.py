@@ -1,12 +1,15 @@
 """`ditfa` command line: convert checkpoints and run the jitted sampler.
 
     ditfa convert CHECKPOINT OUT_DIR        diffusers / BFL checkpoint -> converted JAX params (fast reloads)
-    ditfa sample CHECKPOINT [options]       run the flow-matching sampler on random noise and prompt embeddings
+    ditfa generate FOLDER --prompt TEXT     prompt(s) -> PNGs (settings in the PNG metadata), optionally with a plan
     ditfa calibrate CHECKPOINT [options]    search a head-wise compression plan (RSE + MILP), write plan + heatmap
+    ditfa bench FOLDER [options]            time encode / denoise / decode and peak memory, dense and with a plan
+    ditfa sample CHECKPOINT [options]       run the transformer's sampler alone on random noise and embeddings
     ditfa demo [options]                    the main job on the embedded testbed model: plan, dense vs compressed
 
-Text encoders and the VAE arrive with the end-to-end pipelines; until then `sample` and `calibrate` take prompt
-embeddings from an .npz (`prompt_embeds`, `pooled_prompt_embeds`, optional `negative_*`) or draw random ones.
+`generate` and `bench` need a complete diffusers pipeline folder (text encoders, tokenizers, transformer, VAE,
+scheduler). `calibrate` takes prompts as text when the folder has text encoders, prompt embeddings from an .npz
+(`prompt_embeds`, `pooled_prompt_embeds`, optional `negative_*`), or draws random embeddings.
 """
 
 from __future__ import annotations
@@ -108,6 +111,17 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def _read_prompts(path: str | Path) -> list[str]:
+    """One prompt per non-empty line of a UTF-8 text file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no prompt file at {path}")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"{path}: no prompts (one per line expected)")
+    return prompts
+
+
 def cmd_calibrate(args) -> int:
     from ditfa_jax.calibrate import calibrate
     from ditfa_jax.loading import load_transformer
@@ -117,16 +131,134 @@ def cmd_calibrate(args) -> int:
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-    model = load_transformer(args.checkpoint, dtype=_dtype(args.dtype))
-    text, pooled, negative = _prompt_inputs(args, model.config, args.prompts)
+    if args.prompts.isdigit():
+        model = load_transformer(args.checkpoint, dtype=_dtype(args.dtype))
+        scheduler = scheduler_for(args.checkpoint, model)
+        text, pooled, negative = _prompt_inputs(args, model.config, int(args.prompts))
+    else:
+        from ditfa_jax.pipelines import load_pipeline
+
+        prompts = _read_prompts(args.prompts)
+        pipe = load_pipeline(args.checkpoint, dtype=_dtype(args.dtype), offload_text_encoders=True)
+        model, scheduler = pipe.transformer, pipe.scheduler
+        cond = pipe.encode(prompts, max_sequence_length=args.max_sequence_length,
+                           guidance_scale=_guidance(args, model.config))
+        text, pooled = cond.pop("prompt_embeds"), cond.pop("pooled_prompt_embeds")
+        negative = cond
     plan = calibrate(model, text, pooled, height=args.height, width=args.width, num_steps=args.steps,
                      guidance_scale=_guidance(args, model.config), delta=args.delta, c=args.c,
-                     candidates=tuple(args.candidates.split(",")), scheduler=scheduler_for(args.checkpoint, model),
-                     seed=args.seed, **negative)
+                     candidates=tuple(args.candidates.split(",")), scheduler=scheduler, seed=args.seed, **negative)
     plan.save(out)
     heatmap = save_heatmap(plan, out.with_suffix(".png"))
     print(plan.summary())
     print(f"calibration took {plan.notes['calibration_seconds']} s; plan -> {out}; heatmap -> {heatmap}")
+    return 0
+
+
+def _png_metadata(settings: dict):
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in settings.items():
+        if value is not None:
+            info.add_text(key, value if isinstance(value, str) else json.dumps(value))
+    info.add_text("parameters", json.dumps(settings))
+    return info
+
+
+def _write_images(images, metadata: list[dict], paths: list[Path]) -> None:
+    """All PNGs or none: each goes to a temp folder beside the targets, then every file is renamed into place."""
+    import os
+    import shutil
+    import tempfile
+
+    folder = paths[0].parent
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".ditfa-generate-", dir=folder))
+    try:
+        for img, meta, path in zip(images, metadata, paths):
+            img.save(tmp / path.name, pnginfo=_png_metadata(meta))
+        for path in paths:
+            os.replace(tmp / path.name, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def cmd_generate(args) -> int:
+    from ditfa_jax.pipelines import load_pipeline
+    from ditfa_jax.plan import CompressionPlan
+
+    prompts = list(args.prompt or []) + (_read_prompts(args.prompts_file) if args.prompts_file else [])
+    if not prompts:
+        raise ValueError("no prompt: pass --prompt TEXT (repeatable) or --prompts-file FILE")
+    total = len(prompts) * args.num_images
+    out = Path(args.out)
+    paths = [out / f"{args.name}{k:03d}.png" for k in range(total)]
+    existing = [str(p) for p in paths if p.exists()]
+    if existing and not args.overwrite:
+        raise FileExistsError(f"{existing[0]} exists ({len(existing)} of the {total} target files do); choose another "
+                              "--out / --name or pass --overwrite")
+    plan = CompressionPlan.load(args.plan) if args.plan else None
+    pipe = load_pipeline(args.checkpoint, dtype=_dtype(args.dtype), offload_text_encoders=args.offload_text_encoders)
+    images = pipe(prompts, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
+                  num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
+                  num_images=args.num_images, plan=plan, max_sequence_length=args.max_sequence_length, progress=True)
+    common = {"negative_prompt": args.negative_prompt, "seed": args.seed, "model": str(args.checkpoint),
+              "pipeline": type(pipe).__name__, "steps": args.steps,
+              "guidance_scale": pipe.DEFAULT_GUIDANCE if args.guidance is None else args.guidance,
+              "height": images[0].height, "width": images[0].width,
+              "text_len": pipe.text_len(args.max_sequence_length),
+              "plan": None if plan is None else {"file": str(args.plan), "digest": plan.digest(),
+                                                 "attention_flops_kept": round(plan.flops_kept_fraction(), 4)},
+              "software": "ditfa-jax"}
+    metadata = [{"prompt": prompts[k // args.num_images], "image_index": k, **common} for k in range(total)]
+    _write_images(images, metadata, paths)
+    timings = ", ".join(f"{k} {v:.2f}" for k, v in pipe.timings.items())
+    print(f"{total} image(s) -> {out} ({timings})")
+    return 0
+
+
+def _peak_gb() -> float | None:
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    return round(stats["peak_bytes_in_use"] / 1e9, 2) if "peak_bytes_in_use" in stats else None
+
+
+def cmd_bench(args) -> int:
+    from ditfa_jax.pipelines import load_pipeline
+    from ditfa_jax.plan import CompressionPlan
+
+    out = Path(args.out) if args.out else None
+    if out is not None and out.exists() and not args.overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    plan = CompressionPlan.load(args.plan) if args.plan else None
+    pipe = load_pipeline(args.checkpoint, dtype=_dtype(args.dtype), offload_text_encoders=True)
+    prompts = [args.prompt] * args.batch
+    rows = []
+    for name, run_plan in [("dense", None)] + ([("plan", plan)] if plan is not None else []):
+        times = []
+        for _ in range(args.repeat + 1):  # the first call compiles
+            pipe(prompts, height=args.height, width=args.width, num_inference_steps=args.steps,
+                 guidance_scale=args.guidance, plan=run_plan, max_sequence_length=args.max_sequence_length,
+                 output_type="np")
+            times.append(dict(pipe.timings))
+        best = {k: round(min(t[k] for t in times[1:]), 4) for k in times[0]}
+        rows.append({"checkpoint": str(args.checkpoint), "run": name, "height": args.height, "width": args.width,
+                     "steps": args.steps, "batch": args.batch,
+                     "attention_flops_kept": 1.0 if run_plan is None else round(run_plan.flops_kept_fraction(), 4),
+                     "first_call_s": round(sum(times[0].values()), 2), **best,
+                     "total_s": round(sum(best.values()), 4), "peak_gb_so_far": _peak_gb()})
+        print(json.dumps(rows[-1]), flush=True)
+    if out is not None:
+        from ditfa_jax.plan import _atomic_write
+
+        _atomic_write(out, "".join(json.dumps(r) + "\n" for r in rows).encode())
+    print("\n| run | attention FLOPs kept | encode s | denoise s | decode s | total s | peak GB (so far) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['run']} | {r['attention_flops_kept']} | {r['encode_s']} | {r['denoise_s']} | {r['decode_s']} | "
+              f"{r['total_s']} | {r['peak_gb_so_far']} |")
     return 0
 
 
@@ -153,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="diffusers config.json for a single-file checkpoint (non-standard shapes)")
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("sample", help="run the jitted sampler on random noise and random prompt embeddings")
+    p = sub.add_parser("sample", help="run the transformer's jitted sampler alone on random noise and embeddings")
     p.add_argument("checkpoint", help="checkpoint folder or file (see `convert`)")
     p.add_argument("--height", type=int, default=64, help="image height in pixels (multiple of 16)")
     p.add_argument("--width", type=int, default=64, help="image width in pixels (multiple of 16)")
@@ -169,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("calibrate", help="search a head-wise compression plan (single-layer RSE + MILP)")
-    p.add_argument("checkpoint", help="checkpoint folder or file (see `convert`)")
+    p.add_argument("checkpoint", help="checkpoint folder or file (see `convert`); a full pipeline folder for text "
+                                      "--prompts")
     p.add_argument("--out", required=True, help="plan file to write (.json); the heatmap goes beside it (.png)")
     p.add_argument("--delta", type=float, default=0.2, help="RSE budget per (step, layer); larger compresses more")
     p.add_argument("--c", type=float, default=1.5, help="per-head eligibility: rse < c * delta / heads")
@@ -177,7 +310,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, default=64, help="image height in pixels (multiple of 16)")
     p.add_argument("--width", type=int, default=64, help="image width in pixels (multiple of 16)")
     p.add_argument("--steps", type=int, default=4, help="number of denoising steps the plan is for")
-    p.add_argument("--prompts", type=int, default=8, help="calibration prompts (random embeddings)")
+    p.add_argument("--prompts", default="8",
+                   help="a text file with one calibration prompt per line (encoded with the folder's text encoders), "
+                        "or a number of random prompt embeddings (default 8; ignored with --embeddings)")
+    p.add_argument("--max-sequence-length", type=int,
+                   help="T5 tokens for text prompts (default FLUX-dev 512, schnell 256, SD3 256); generate with the "
+                        "same value, the plan is tied to the text length")
     p.add_argument("--embeddings", help=".npz with prompt_embeds, pooled_prompt_embeds (+ negative_*)")
     p.add_argument("--text-len", type=int, default=16, help="prompt tokens (random embeddings)")
     p.add_argument("--guidance", type=float, help="FLUX distilled guidance / SD3 CFG scale (default 3.5 / 7.0)")
@@ -185,6 +323,57 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto")
     p.add_argument("--overwrite", action="store_true", help="replace an existing plan file")
     p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("generate", help="prompt(s) -> PNG images with a diffusers FLUX.1 / SD3 pipeline folder",
+                       description="Encode the prompts with the folder's text encoders, denoise in one jitted scan "
+                                   "(optionally with a compression plan) and decode with its VAE. Each PNG carries "
+                                   "the prompt, negative prompt, seed, model, steps, guidance and plan as text "
+                                   "metadata. Existing files are never overwritten unless --overwrite is given; on "
+                                   "failure nothing is written.")
+    p.add_argument("checkpoint", help="diffusers pipeline folder (model_index.json, text encoders, tokenizers, "
+                                      "transformer, vae, scheduler)")
+    p.add_argument("--prompt", action="append", help="a prompt; repeat for several (one batch)")
+    p.add_argument("--prompts-file", help="text file with one prompt per line (added after --prompt)")
+    p.add_argument("--negative-prompt", help="SD3 only: what to steer away from with CFG (default empty)")
+    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    p.add_argument("--height", type=int, help="pixels; multiple of 16 (FLUX) / 16 (SD3); default: the model's "
+                                              "native size (1024 for FLUX.1 and SD3)")
+    p.add_argument("--width", type=int, help="pixels, as --height")
+    p.add_argument("--steps", type=int, default=28, help="denoising steps (schnell: 4)")
+    p.add_argument("--guidance", type=float, help="FLUX-dev distilled guidance / SD3 CFG scale (default 3.5 / 7.0)")
+    p.add_argument("--seed", type=int, default=0, help="image k of the batch uses noise key fold_in(key(seed), k)")
+    p.add_argument("--max-sequence-length", type=int, help="T5 tokens (default FLUX-dev 512, schnell 256, SD3 256)")
+    p.add_argument("--plan", help="compression plan (.json from `ditfa calibrate`) made for these settings")
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="parameter dtype of every component (auto: the checkpoint's)")
+    p.add_argument("--offload-text-encoders", action="store_true",
+                   help="keep text encoders in host memory after encoding (frees ~9.5 GB of T5-XXL on the GPU)")
+    p.add_argument("--out", default="outputs/images", help="folder for the PNGs")
+    p.add_argument("--name", default="image_", help="file name prefix: <out>/<name>000.png, ...")
+    p.add_argument("--overwrite", action="store_true", help="replace existing files of the same names")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("bench", help="time encode / denoise / decode and peak memory, dense and with a plan",
+                       description="Run the full pipeline of a folder on one prompt repeated --batch times: a "
+                                   "warm-up call (compiles), then --repeat timed calls; reports the best time of "
+                                   "each stage (device-synchronised) and JAX's peak device memory so far (the "
+                                   "dense run comes first, so the plan row's peak includes it). Text encoders are "
+                                   "offloaded to host memory after encoding.")
+    p.add_argument("checkpoint", help="diffusers pipeline folder")
+    p.add_argument("--plan", help="compression plan (.json) for these settings, timed after the dense run")
+    p.add_argument("--prompt", default="a photo of a red fox in the snow", help="the prompt to encode")
+    p.add_argument("--batch", type=int, default=1, help="images per call")
+    p.add_argument("--height", type=int, default=1024, help="pixels")
+    p.add_argument("--width", type=int, default=1024, help="pixels")
+    p.add_argument("--steps", type=int, default=28, help="denoising steps")
+    p.add_argument("--guidance", type=float, help="FLUX-dev distilled guidance / SD3 CFG scale (default 3.5 / 7.0)")
+    p.add_argument("--max-sequence-length", type=int, help="T5 tokens (default FLUX-dev 512, schnell 256, SD3 256)")
+    p.add_argument("--repeat", type=int, default=2, help="timed calls after the warm-up (best is reported)")
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="parameter dtype (auto: the checkpoint's)")
+    p.add_argument("--out", help="write the rows as JSON lines here")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="calibrate + generate dense vs compressed on the embedded testbed model",
                        description="Search a plan for the trained testbed model (shipped in the package), generate "
