@@ -26,7 +26,7 @@ import numpy as np
 from ditfa_jax.testbed.metrics import image_grid, save_png
 from ditfa_jax.testbed.model import DEFAULT_STEPS
 from ditfa_jax.testbed.pipeline import TestbedPipeline
-from ditfa_jax.testbed.quality import comparison_grid, heldout_scenes, line_plot, prompt_fidelity, quality_sweep
+from ditfa_jax.testbed.quality import SEARCHES, comparison_grid, heldout_scenes, line_plot, prompt_fidelity, quality_sweep
 from ditfa_jax.testbed.world import captions, sample_scenes
 
 ROWS = []
@@ -51,6 +51,8 @@ def main() -> None:
     parser.add_argument("--calibration", type=int, default=8, help="training captions for the plan search")
     parser.add_argument("--deltas", default="0.02,0.05,0.1,0.2,0.4,0.8")
     parser.add_argument("--no-global", action="store_true", help="skip the global-MILP variant")
+    parser.add_argument("--searches", default="per-layer",
+                        help=f"comma-separated plan searches to compare, from {list(SEARCHES)}")
     args = parser.parse_args()
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -73,7 +75,8 @@ def main() -> None:
         calibration = captions(sample_scenes(np.random.default_rng(3), args.calibration, split="train"))
         deltas = [float(d) for d in args.deltas.split(",")]
         rows, images = quality_sweep(pipe, scenes, calibration, deltas, seeds_per_caption=args.seeds,
-                                     num_steps=args.steps, include_global=not args.no_global)
+                                     num_steps=args.steps, include_global=not args.no_global,
+                                     searches=args.searches.split(","))
         for row in rows:
             record(out_dir, kind="quality", captions=len(scenes), seeds=args.seeds, steps=args.steps, device=device,
                    **row)

@@ -36,12 +36,43 @@ from ditfa_jax.sampler import cache_bytes, cache_shape, prepare_run
 from ditfa_jax.scheduler import SchedulerConfig
 
 
-def head_rse(candidates: jax.Array, y_full: jax.Array) -> jax.Array:
-    """RSE per head and candidate: candidates [M, B, T, H, D], y_full [B, T, H, D] -> [H, M] (fp32)."""
+RSE_REDUCTIONS = ("mean", "max")
+BUDGET_SCHEDULES = ("constant", "ramp")
+
+
+def head_rse(candidates: jax.Array, y_full: jax.Array, over_prompts: str = "mean") -> jax.Array:
+    """RSE per head and candidate: candidates [M, B, T, H, D], y_full [B, T, H, D] -> [H, M] (fp32).
+
+    ``"mean"`` is the paper's RSE (mean and variance over batch, tokens and channels together); ``"max"`` is the
+    worst batch row's own RSE, so a head that is harmless on average but breaks one prompt is not compressed.
+    """
     y_full = y_full.astype(jnp.float32)
-    err = jnp.mean(jnp.square(candidates.astype(jnp.float32) - y_full[None]), axis=(1, 2, 4))  # [M, H]
-    var = jnp.var(y_full, axis=(0, 1, 3))  # [H]
-    return (err / jnp.maximum(var, jnp.finfo(jnp.float32).tiny)[None]).T
+    tiny = jnp.finfo(jnp.float32).tiny
+    sq = jnp.square(candidates.astype(jnp.float32) - y_full[None])
+    if over_prompts == "mean":
+        err = jnp.mean(sq, axis=(1, 2, 4))  # [M, H]
+        var = jnp.var(y_full, axis=(0, 1, 3))  # [H]
+        return (err / jnp.maximum(var, tiny)[None]).T
+    if over_prompts == "max":
+        err = jnp.mean(sq, axis=(2, 4))  # [M, B, H]
+        var = jnp.var(y_full, axis=(1, 3))  # [B, H]
+        return jnp.max(err / jnp.maximum(var, tiny)[None], axis=1).T
+    raise ValueError(f"over_prompts={over_prompts!r}: expected one of {RSE_REDUCTIONS}")
+
+
+def step_budgets(delta: float, num_steps: int, schedule: str = "constant") -> np.ndarray:
+    """The RSE budget of each step's layers, float64 [num_steps] (step 0 is always full: 0).
+
+    ``"constant"``: delta at every step (the paper). ``"ramp"``: proportional to the step index, averaging delta
+    over steps 1..n-1 (same total budget), so the early steps, where the layout forms and an error propagates
+    through every later step, are compressed least.
+    """
+    if schedule not in BUDGET_SCHEDULES:
+        raise ValueError(f"budget schedule {schedule!r}: expected one of {BUDGET_SCHEDULES}")
+    steps = np.arange(num_steps, dtype=np.float64)
+    weights = np.ones(num_steps) if schedule == "constant" else steps / max(steps[1:].mean(), 1e-12)
+    weights[0] = 0.0
+    return delta * weights
 
 
 def _cache_exceeds_device(nbytes: int, share: float = 0.35) -> bool:
@@ -109,8 +140,8 @@ class _LayerRunner:
             out = attend(*block.qkv(ctx, rope))
             return block.finish(carry, ctx, out), out
 
-        @jax.jit
-        def probe(state, index, carry, temb, rope, prev_out):
+        @functools.partial(jax.jit, static_argnames="rse_over_prompts")
+        def probe(state, index, carry, temb, rope, prev_out, rse_over_prompts):
             block = nnx.merge(graphdef, _layer_state(state, index))
             ctx = block.prepare(carry, temb)
             q, k, v = block.qkv(ctx, rope)
@@ -118,7 +149,7 @@ class _LayerRunner:
             y_full = attend(q, k, v)
             outs = jnp.stack([y_full] + [attend(q, k, v, head_window=jnp.full((heads,), w, jnp.int32))
                                          if w > 0 else prev_out for w in windows])
-            return head_rse(outs[1:], y_full), (ctx, outs)
+            return head_rse(outs[1:], y_full, rse_over_prompts), (ctx, outs)
 
         @jax.jit
         def apply(state, index, carry, probed, choice):
@@ -135,13 +166,21 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
               negative_prompt_embeds=None, negative_pooled_prompt_embeds=None,
               scheduler: SchedulerConfig | None = None, seed: int = 0, attention_impl: str = "auto",
               progress: bool = True, record: dict | None = None,
-              cache_on_host: bool | None = None) -> CompressionPlan:
+              cache_on_host: bool | None = None, rse_over_prompts: str = "mean",
+              budget_schedule: str = "constant") -> CompressionPlan:
     """Search a head-wise compression plan on calibration prompts (embeddings [N, L, dim], pooled [N, dim]).
 
     The pass samples from seeded noise exactly as `ditfa_jax.sample` would with the plan being built (FLUX: distilled
     guidance; SD3: CFG on [uncond, cond], which share the plan). Returns the plan; its `notes` hold the per-step
     kept fraction, the RSE budget used and the time taken.
+
+    Beyond the paper (defaults reproduce it): ``rse_over_prompts="max"`` scores a head by its worst calibration
+    prompt (`head_rse`), and ``budget_schedule="ramp"`` spends the same total budget unevenly, little at early steps
+    (`step_budgets`).
     """
+    if rse_over_prompts not in RSE_REDUCTIONS:
+        raise ValueError(f"rse_over_prompts={rse_over_prompts!r}: expected one of {RSE_REDUCTIONS}")
+    budgets = step_budgets(delta, num_steps, budget_schedule)
     start_time = time.perf_counter()
     cfg = model.config
     flux = isinstance(cfg, FluxConfig)
@@ -209,11 +248,12 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
                     carry, out = runner.exact(runner.state, i, carry, temb, rope)
                     caches.store(layer, out)
                     continue
-                rse, probed = runner.probe(runner.state, i, carry, temb, rope, caches.fetch(layer))
+                rse, probed = runner.probe(runner.state, i, carry, temb, rope, caches.fetch(layer),
+                                           rse_over_prompts=rse_over_prompts)
                 rse_table[step, layer] = np.asarray(rse, np.float64)
                 choice = np.full(heads, -1)
-                if delta > 0:
-                    choice = solve_layer(rse_table[step, layer], saving, delta, c)
+                if budgets[step] > 0:
+                    choice = solve_layer(rse_table[step, layer], saving, budgets[step], c)
                     chosen = choice >= 0
                     head_window[step, layer, chosen] = np.asarray(windows)[choice[chosen]]
                     rse_used[step, layer] = rse_table[step, layer][chosen, choice[chosen]].sum()
@@ -230,5 +270,6 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
         delta=delta, c=c,
         notes=dict(calibration_seconds=round(time.perf_counter() - start_time, 2), prompts=int(n),
                    guidance_scale=float(guidance_scale), seed=seed, rse_used_max=float(rse_used.max()),
-                   cache_on_host=bool(cache_on_host),
+                   cache_on_host=bool(cache_on_host), rse_over_prompts=rse_over_prompts,
+                   budget_schedule=budget_schedule,
                    kept_per_step=[round(k, 4) for k in kept_per_step]))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ditfa_jax import load_transformer, sample
-from ditfa_jax.calibrate import calibrate, head_rse
+from ditfa_jax.calibrate import calibrate, head_rse, step_budgets
 from ditfa_jax.cli import main as cli_main
 from ditfa_jax.milp import solve_global
 from ditfa_jax.models.flux import rope_tables
@@ -28,6 +28,30 @@ def test_head_rse_matches_definition():
         for m in range(2):
             want = np.mean((cands[m, :, :, h] - y_full[:, :, h]) ** 2) / np.var(y_full[:, :, h])
             assert got[h, m] == pytest.approx(want, rel=1e-5)
+
+
+def test_worst_prompt_rse_matches_definition():
+    rng = np.random.default_rng(1)
+    y_full = rng.normal(size=(3, 7, 2, 5)).astype(np.float32) * np.array([1.0, 3.0, 0.5])[:, None, None, None]
+    cands = (y_full[None] + rng.normal(scale=0.2, size=(2, 3, 7, 2, 5))).astype(np.float32)
+    got = np.asarray(head_rse(jnp.asarray(cands), jnp.asarray(y_full), "max"))
+    pooled = np.asarray(head_rse(jnp.asarray(cands), jnp.asarray(y_full), "mean"))
+    for h in range(2):
+        for m in range(2):
+            per_row = [np.mean((cands[m, b, :, h] - y_full[b, :, h]) ** 2) / np.var(y_full[b, :, h]) for b in range(3)]
+            assert got[h, m] == pytest.approx(max(per_row), rel=1e-5)
+    assert (got >= pooled).all()  # the worst row's RSE bounds the pooled one from above
+    with pytest.raises(ValueError, match="over_prompts"):
+        head_rse(jnp.asarray(cands), jnp.asarray(y_full), "median")
+
+
+def test_step_budgets():
+    np.testing.assert_array_equal(step_budgets(0.3, 5), [0.0, 0.3, 0.3, 0.3, 0.3])
+    ramp = step_budgets(0.3, 5, "ramp")
+    assert ramp[0] == 0.0 and np.all(np.diff(ramp[1:]) > 0)
+    assert ramp[1:].mean() == pytest.approx(0.3)  # the same total budget as "constant"
+    with pytest.raises(ValueError, match="budget schedule"):
+        step_budgets(0.3, 5, "cosine")
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +108,24 @@ def test_filter_and_budget_hold_on_every_step_and_layer(searched):
                 assert used <= delta + 1e-9
                 for h, m in chosen:
                     assert rse[s, layer, h, m] < plan.c * delta / heads
+
+
+def test_worst_prompt_ramp_search_holds_its_per_step_budgets(sd3_setup, searched):
+    model, ref, common = sd3_setup
+    delta, record = 2.0, {}
+    plan = calibrate(model, ref["sample_prompt_embeds"], ref["sample_pooled"], delta=delta, progress=False,
+                     record=record, rse_over_prompts="max", budget_schedule="ramp", **common)
+    assert plan.notes["rse_over_prompts"] == "max" and plan.notes["budget_schedule"] == "ramp"
+    # step 1 sees the same (uncompressed) inputs in both searches: worst-prompt RSE >= pooled RSE
+    assert (record["rse"][1] >= searched[delta][1]["rse"][1] - 1e-6).all()
+    budgets = step_budgets(delta, STEPS, "ramp")
+    windows = {int(w): m for m, w in enumerate(candidate_windows(plan.candidates, plan.image_tokens))}
+    assert (plan.head_window[0] == -1).all() and plan.flops_kept_fraction() < 1.0
+    for s in range(1, STEPS):
+        for layer in range(plan.num_layers):
+            chosen = [(h, windows[int(w)]) for h, w in enumerate(plan.head_window[s, layer]) if w != -1]
+            assert sum(record["rse"][s, layer, h, m] for h, m in chosen) <= budgets[s] + 1e-9
+            assert all(record["rse"][s, layer, h, m] < plan.c * budgets[s] / plan.num_heads for h, m in chosen)
 
 
 def test_plan_settings_and_round_trip(searched, sd3_setup, tmp_path):

@@ -154,12 +154,13 @@ class TestbedPipeline:
 
     def calibrate(self, captions: list[str], *, delta: float, num_steps: int = DEFAULT_STEPS, c: float = 1.5,
                   candidates=DEFAULT_CANDIDATES, seed: int = 0, progress: bool = True,
-                  record: dict | None = None) -> CompressionPlan:
-        """Search a compression plan on these calibration captions (`ditfa_jax.calibrate.calibrate`)."""
+                  record: dict | None = None, **search) -> CompressionPlan:
+        """Search a compression plan on these calibration captions (`ditfa_jax.calibrate.calibrate`; ``search``:
+        its ``rse_over_prompts`` / ``budget_schedule`` options)."""
         text, pooled = self.encode(captions)
         plan = calibrate(self.transformer, text, pooled, height=IMAGE_SIZE, width=IMAGE_SIZE, num_steps=num_steps,
                          guidance_scale=1.0, delta=delta, c=c, candidates=tuple(candidates),
-                         scheduler=self.scheduler, seed=seed, progress=progress, record=record)
+                         scheduler=self.scheduler, seed=seed, progress=progress, record=record, **search)
         return plan.replace(notes={**plan.notes, "calibration_captions": list(captions)})
 
 

@@ -68,14 +68,28 @@ def _batched(pipe, texts, seeds, num_steps, plan, batch_size):
                                 plan=plan) for i in range(0, len(texts), batch_size)])
 
 
+# Plan searches the sweep can compare: name -> options of `ditfa_jax.calibrate.calibrate` ("per-layer" is the paper's)
+SEARCHES = {
+    "per-layer": {},
+    "worst-prompt": {"rse_over_prompts": "max"},
+    "ramp": {"budget_schedule": "ramp"},
+    "worst-prompt+ramp": {"rse_over_prompts": "max", "budget_schedule": "ramp"},
+}
+
+
 def quality_sweep(pipe, scenes: SceneBatch, calibration_captions: list[str], deltas, *, seeds_per_caption: int = 1,
-                  num_steps: int = DEFAULT_STEPS, include_global: bool = True, batch_size: int = 256,
-                  progress: bool = True) -> tuple[list[dict], dict]:
+                  num_steps: int = DEFAULT_STEPS, include_global: bool = True, searches=("per-layer",),
+                  batch_size: int = 256, progress: bool = True) -> tuple[list[dict], dict]:
     """Rows of metrics (one per search variant and delta, dense first) and the images by row name.
 
-    Every caption of ``scenes`` is generated ``seeds_per_caption`` times (seeds 0..k-1 offset per caption) from the
-    same noise in every variant. Wall time is the second of two identical generation calls (the first compiles).
+    ``searches`` names entries of `SEARCHES`; ``include_global`` adds the global MILP over the paper search's
+    recorded RSE table. Every caption of ``scenes`` is generated ``seeds_per_caption`` times (seeds 0..k-1 offset
+    per caption) from the same noise in every variant. Wall time is the second of two identical generation calls
+    (the first compiles).
     """
+    unknown = [s for s in searches if s not in SEARCHES]
+    if unknown:
+        raise ValueError(f"unknown searches {unknown}; expected names from {list(SEARCHES)}")
     texts = [t for t in captions(scenes) for _ in range(seeds_per_caption)]
     targets = SceneBatch.concatenate([scenes[i] for i in range(len(scenes)) for _ in range(seeds_per_caption)])
     seeds = np.arange(len(texts))
@@ -92,12 +106,14 @@ def quality_sweep(pipe, scenes: SceneBatch, calibration_captions: list[str], del
     images = {"dense": dense}
     bar = tqdm(list(deltas), desc="quality sweep", unit="delta", disable=not progress)
     for delta in bar:
-        record = {}
-        plan = pipe.calibrate(calibration_captions, delta=float(delta), num_steps=num_steps, progress=False,
-                              record=record)
-        variants = [("per-layer", plan)]
-        if include_global:
-            variants.append(("global", global_plan(plan, record["rse"], record["saving"])))
+        variants = []
+        for search in searches:
+            record = {}
+            plan = pipe.calibrate(calibration_captions, delta=float(delta), num_steps=num_steps, progress=False,
+                                  record=record, **SEARCHES[search])
+            variants.append((search, plan))
+            if include_global and search == "per-layer":
+                variants.append(("global", global_plan(plan, record["rse"], record["saving"])))
         for name, p in variants:
             out, seconds = generate(p)
             score = detector.score(out, targets)
@@ -106,7 +122,7 @@ def quality_sweep(pipe, scenes: SceneBatch, calibration_captions: list[str], del
                              psnr_db=float(np.mean(p_db)), psnr_min_db=float(np.min(p_db)),
                              ssim=float(np.mean(s)), ssim_min=float(np.min(s)), fidelity=score["object"],
                              fidelity_size=score["size"], seconds=round(seconds, 3),
-                             calibration_seconds=plan.notes["calibration_seconds"]))
+                             calibration_seconds=p.notes["calibration_seconds"]))
             images[f"{name} delta={delta:g}"] = out
         bar.set_postfix(kept=f"{rows[-1]['flops_kept']:.2f}")
     return rows, images
