@@ -147,7 +147,8 @@ def cmd_calibrate(args) -> int:
         negative = cond
     plan = calibrate(model, text, pooled, height=args.height, width=args.width, num_steps=args.steps,
                      guidance_scale=_guidance(args, model.config), delta=args.delta, c=args.c,
-                     candidates=tuple(args.candidates.split(",")), scheduler=scheduler, seed=args.seed, **negative)
+                     candidates=tuple(args.candidates.split(",")), scheduler=scheduler, seed=args.seed,
+                     rse_over_prompts=args.rse_over_prompts, budget_schedule=args.budget_schedule, **negative)
     plan.save(out)
     heatmap = save_heatmap(plan, out.with_suffix(".png"))
     print(plan.summary())
@@ -307,6 +308,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delta", type=float, default=0.2, help="RSE budget per (step, layer); larger compresses more")
     p.add_argument("--c", type=float, default=1.5, help="per-head eligibility: rse < c * delta / heads")
     p.add_argument("--candidates", default="cached,arrow_8,arrow_16,arrow_32", help="comma-separated methods")
+    p.add_argument("--rse-over-prompts", choices=["mean", "max"], default="mean",
+                   help="score a head's error over all calibration prompts pooled (mean, the paper's) or by its "
+                        "worst prompt (max: more conservative; better PSNR/SSIM at equal FLOPs on the testbed)")
+    p.add_argument("--budget-schedule", choices=["constant", "ramp"], default="constant",
+                   help="delta at every step (constant, the paper's) or rising with the step index, same total "
+                        "(ramp: protects the early steps)")
     p.add_argument("--height", type=int, default=64, help="image height in pixels (multiple of 16)")
     p.add_argument("--width", type=int, default=64, help="image width in pixels (multiple of 16)")
     p.add_argument("--steps", type=int, default=4, help="number of denoising steps the plan is for")

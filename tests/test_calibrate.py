@@ -188,7 +188,12 @@ def test_cli_calibrate_writes_plan_and_heatmap(tmp_path, capsys):
     assert "calibration took" in capsys.readouterr().out
     plan = CompressionPlan.load(out)
     assert plan.num_steps == 3 and plan.width == 48 and out.with_suffix(".png").stat().st_size > 1000
+    assert plan.notes["rse_over_prompts"] == "mean" and plan.notes["budget_schedule"] == "constant"
     assert cli_main(args) == 2  # refuses to overwrite
+    worst = tmp_path / "worst.json"
+    options = ["--rse-over-prompts", "max", "--budget-schedule", "ramp"]
+    assert cli_main(args[:2] + ["--out", str(worst)] + args[4:] + options) == 0
+    assert CompressionPlan.load(worst).notes["budget_schedule"] == "ramp"
     assert cli_main(["sample", str(FIXTURES / "flux_dev"), "--plan", str(out), "--steps", "3", "--height", "32",
                      "--width", "48", "--text-len", "4"]) == 0
     printed = capsys.readouterr().out

@@ -84,6 +84,8 @@ def _load_text_encoder(folder: Path, dtype) -> tuple[TextEncoderConfig, object, 
 class TestbedPipeline:
     """Tokenize -> text encoder -> jitted sampler scan (optionally with a compression plan) -> pixels."""
 
+    __test__ = False  # a name pytest would otherwise try to collect
+
     def __init__(self, transformer: Transformer, text_encoder: TextEncoder, tokenizer: WordTokenizer,
                  scheduler: SchedulerConfig, folder: Path | None = None):
         te_cfg, cfg = text_encoder.config, transformer.config
