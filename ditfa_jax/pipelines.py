@@ -163,10 +163,14 @@ class _Encoder:
         graphdef = self.graphdef
         self.apply = jax.jit(lambda state, ids: nnx.merge(graphdef, state)(ids))
         self.on_host = False
+        self.onload_s = 0.0  # seconds the last call spent moving offloaded parameters back to the device
 
     def __call__(self, ids):
+        self.onload_s = 0.0
         if self.on_host:
-            self.state, self.on_host = jax.device_put(self.state, self.device), False
+            start = time.perf_counter()
+            self.state, self.on_host = jax.block_until_ready(jax.device_put(self.state, self.device)), False
+            self.onload_s = time.perf_counter() - start
         return self.apply(self.state, jnp.asarray(ids, jnp.int32))
 
     def offload(self) -> None:
@@ -334,7 +338,8 @@ class _Pipeline:
         guidance_scale: default FLUX 3.5 (distilled, dev), SD3 7.0 (CFG with negative_prompt, default "").
         seed: an int (image i uses fold_in(key(seed), i)) or one seed per image. plan: a CompressionPlan (or its
         file) made for this model, size, text length and step count. latents: explicit initial noise.
-        Stage times (encode_s, denoise_s, decode_s) are left in `self.timings`.
+        Stage times (onload_s: moving offloaded text encoders back to the device; encode_s, denoise_s, decode_s)
+        are left in `self.timings`.
         """
         prompts = _as_list(prompt, "prompt")
         negative = None if negative_prompt is None else (
@@ -355,7 +360,8 @@ class _Pipeline:
         cond = self.encode(prompts, negative, max_sequence_length=max_sequence_length,
                            num_images=num_images, guidance_scale=guidance_scale)
         jax.block_until_ready(cond)
-        self.timings = {"encode_s": time.perf_counter() - start}
+        onload = sum(enc.onload_s for enc in self.text_encoders.values() if enc is not None)
+        self.timings = {"onload_s": onload, "encode_s": time.perf_counter() - start - onload}
         bar.update()
         bar.set_description("denoise")
         if latents is None:
