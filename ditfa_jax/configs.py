@@ -115,12 +115,16 @@ def config_to_dict(config: FluxConfig | SD3Config) -> dict:
     return {"_class_name": class_name, **dataclasses.asdict(config)}
 
 
-def read_config(path: str | Path) -> FluxConfig | SD3Config:
+def read_json(path: str | Path, what: str = "config") -> dict:
+    """A JSON file (a component's config.json, model_index.json, ...) as a dict, with errors that name the file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no transformer config at {path}")
+        raise FileNotFoundError(f"no {what} at {path}")
     try:
-        raw = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
-    return config_from_dict(raw, source=str(path))
+
+
+def read_config(path: str | Path) -> FluxConfig | SD3Config:
+    return config_from_dict(read_json(path, "transformer config"), source=str(path))

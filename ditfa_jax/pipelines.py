@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from ditfa_jax.configs import read_json
 from ditfa_jax.loading import Transformer, load_transformer
 from ditfa_jax.plan import CompressionPlan
 from ditfa_jax.sampler import pack_latents, sample, scheduler_for, unpack_latents
@@ -93,10 +94,7 @@ def _read_index(folder: Path) -> dict:
                 "gated model whose files were not downloaded: accept its licence on the Hugging Face Hub page, log "
                 "in (huggingface-cli login) and download the full repository again")
         raise FileNotFoundError(f"{folder}: no model_index.json, so not a diffusers pipeline folder; found {names}")
-    try:
-        return json.loads(index.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{index}: not valid JSON ({e})") from None
+    return read_json(index, "model_index.json")
 
 
 def check_pipeline_folder(folder: str | Path, components: dict[str, str | None]) -> dict:
@@ -248,7 +246,7 @@ class _Pipeline:
         model = load_transformer(folder / "transformer", dtype=dtype, progress=False)
         bar.update()
         vae = load_vae(folder / "vae", **dtype_kw)
-        vae_scale = 2 ** (len(json.loads((folder / "vae" / "config.json").read_text())["block_out_channels"]) - 1)
+        vae_scale = vae.config.downsample_factor
         if model.config.vae_scale_factor != vae_scale:
             model = Transformer(dataclasses.replace(model.config, vae_scale_factor=vae_scale), model.graphdef,
                                 model.state)

@@ -10,7 +10,6 @@ in float32; the residual stream keeps the parameter dtype.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import NamedTuple
 
@@ -18,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ditfa_jax.configs import read_json
 from ditfa_jax.models.layers import create_stack, linear, scan_stack
 
 ACTIVATIONS = {
@@ -29,17 +29,6 @@ ACTIVATIONS = {
     "silu": jax.nn.silu,
 }
 ARCHITECTURES = ("CLIPTextModel", "CLIPTextModelWithProjection")
-
-
-def read_json_config(path: str | Path) -> dict:
-    """A transformers `config.json` as a dict, with errors that name the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no config.json at {path}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
 def take_fields(raw: dict, required: tuple[str, ...], defaults: dict, source: str) -> dict:
@@ -91,7 +80,7 @@ class CLIPTextConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> CLIPTextConfig:
-        return cls.from_dict(read_json_config(path), source=str(path))
+        return cls.from_dict(read_json(path, "config.json"), source=str(path))
 
     def validate(self, source: str = "config") -> None:
         if self.hidden_size % self.num_attention_heads:

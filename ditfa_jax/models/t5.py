@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ditfa_jax.models.clip import ACTIVATIONS, Embedding, read_json_config, take_fields
+from ditfa_jax.configs import read_json
+from ditfa_jax.models.clip import ACTIVATIONS, Embedding, take_fields
 from ditfa_jax.models.layers import create_stack, linear, scan_stack
 
 
@@ -61,7 +62,7 @@ class T5Config:
 
     @classmethod
     def from_file(cls, path: str | Path) -> T5Config:
-        return cls.from_dict(read_json_config(path), source=str(path))
+        return cls.from_dict(read_json(path, "config.json"), source=str(path))
 
     def validate(self, source: str = "config") -> None:
         if not self.feed_forward_proj.startswith("gated-"):

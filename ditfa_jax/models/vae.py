@@ -20,12 +20,13 @@ SD3/FLUX-size decode of one image (CPU compile) needs 3 GiB of temporaries at 10
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from ditfa_jax.configs import read_json
 
 VAE_CLASS_NAME = "AutoencoderKL"
 ATTENTION_QUERY_CHUNK = 4096  # query rows per step of the mid-block attention (bounds its logits to chunk x tokens)
@@ -87,14 +88,7 @@ class VAEConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> VAEConfig:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no VAE config at {path}")
-        try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_dict(raw, source=str(path))
+        return cls.from_dict(read_json(path, "VAE config"), source=str(path))
 
 
 def conv(cin: int, cout: int, kernel: int, *, dtype, rngs: nnx.Rngs, stride: int = 1, padding=None) -> nnx.Conv:
