@@ -208,9 +208,12 @@ class _Pipeline:
     @classmethod
     def from_pretrained(cls, path: str | Path, *, dtype=None, offload_text_encoders: bool = False,
                         progress: bool = True, **skip):
-        """Load a diffusers pipeline folder. dtype: parameter dtype of every component (default: the
-        transformer's checkpoint dtype, float32 for the text encoders and VAE). offload_text_encoders: keep the text encoders in host memory between prompts (frees ~9.5 GB
-        of T5-XXL on the GPU; each encode moves them over and back)."""
+        """Load a diffusers pipeline folder.
+
+        dtype: parameter dtype of every component (default: the transformer's checkpoint dtype, float32 for the
+        text encoders and VAE). offload_text_encoders: keep the text encoders in host memory between prompts (frees
+        ~9.5 GB of T5-XXL on the GPU; each encode moves them over and back, timed as ``timings["onload_s"]``).
+        """
         folder = Path(path)
         components = cls._components()
         for name in skip:  # e.g. SD3 text_encoder_3=None
