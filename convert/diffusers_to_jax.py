@@ -17,13 +17,10 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from convert.streaming import ConversionError
 from ditfa_jax.configs import FluxConfig, SD3Config
 from ditfa_jax.models.flux import FluxTransformer
 from ditfa_jax.models.sd3 import SD3Transformer, layer_segments
-
-
-class ConversionError(ValueError):
-    """A checkpoint does not match the model its config describes."""
 
 
 def build_abstract(config, dtype):
