@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from convert.checkpoint import TensorSource
-from convert.diffusers_to_jax import ConversionError, to_target_layout, torch_shape
+from convert.streaming import ConversionError, to_nnx_layout, torch_shape
 from ditfa_jax.models.vae import AutoencoderKL, VAEConfig
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -65,7 +65,7 @@ def convert_vae_state(source: TensorSource, config: VAEConfig, dtype=jnp.float32
         if source.shape(key) != want:
             raise ConversionError(f"{source.describe()}: tensor {key!r} has shape {source.shape(key)}; "
                                   f"{config_path} expects {want}")
-        values[path] = jax.device_put(np.ascontiguousarray(to_target_layout(source.get(key), path).astype(dtype)))
+        values[path] = jax.device_put(np.ascontiguousarray(to_nnx_layout(source.get(key), path).astype(dtype)))
     if unexpected:
         raise ConversionError(f"{source.describe()}: {len(unexpected)} tensor(s) that the AutoencoderKL of "
                               f"{config_path} does not have (wrong config?): {sorted(unexpected)[:20]}")
