@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from convert.checkpoint import TensorSource
-from convert.clip import stream_into_module
+from convert.streaming import stream_into_state
 from ditfa_jax.models.t5 import T5Config, T5Encoder
 
 SHARED, EMBED_TOKENS = "shared.weight", "encoder.embed_tokens.weight"
@@ -41,7 +41,7 @@ def load_t5(folder: str | Path, *, dtype=jnp.float32) -> T5Encoder:
             return ".".join(["encoder.block", str(index), BLOCK_PARTS[parts[1]], *parts[2:]])
         return "encoder." + ".".join(parts)
 
-    def build():
-        return T5Encoder(config, dtype=dtype, rngs=nnx.Rngs(0))
-
-    return stream_into_module(source, build, torch_key, stacked=("block",), config_path=config_path, aliases=aliases)
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: T5Encoder(config, dtype=dtype, rngs=nnx.Rngs(0))))
+    state = stream_into_state(source, abstract, torch_key, expected_by=f"the model in {config_path}",
+                              stacked=("block",), aliases=aliases)
+    return nnx.merge(graphdef, state)
