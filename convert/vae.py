@@ -16,7 +16,8 @@ from convert.checkpoint import TensorSource
 from convert.streaming import stream_into_state
 from ditfa_jax.models.vae import AutoencoderKL, VAEConfig
 
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+WEIGHTS_PREFIX = "diffusion_pytorch_model"  # <prefix>.safetensors, or sharded: <prefix>.safetensors.index.json
+WEIGHTS_NAME = f"{WEIGHTS_PREFIX}.safetensors"
 
 
 def source_name(path: tuple) -> str:
@@ -33,8 +34,8 @@ def resolve_vae_folder(folder: str | Path) -> Path:
     for candidate in (folder, folder / "vae"):
         if (candidate / "config.json").is_file():
             return candidate
-    raise FileNotFoundError(f"{folder}: no VAE here; expected config.json with {WEIGHTS_NAME} (a pipeline's vae/ "
-                            "folder) or a pipeline folder holding vae/config.json")
+    raise FileNotFoundError(f"{folder}: no VAE here; expected config.json with {WEIGHTS_NAME} (a "
+                            "pipeline's vae/ folder) or a pipeline folder holding vae/config.json")
 
 
 def load_vae(folder: str | Path, *, dtype=jnp.float32) -> AutoencoderKL:
@@ -42,9 +43,8 @@ def load_vae(folder: str | Path, *, dtype=jnp.float32) -> AutoencoderKL:
     folder = resolve_vae_folder(folder)
     config_path = folder / "config.json"
     config = VAEConfig.from_file(config_path)
-    # Prefer the canonical file where a folder also holds variants (e.g. diffusion_pytorch_model.fp16.safetensors).
-    weights = folder / WEIGHTS_NAME if (folder / WEIGHTS_NAME).is_file() else folder
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: AutoencoderKL(config, dtype=dtype, rngs=nnx.Rngs(0))))
-    state = stream_into_state(TensorSource(weights), abstract, lambda path, _: source_name(path),
+    source = TensorSource(folder, prefix=WEIGHTS_PREFIX)
+    state = stream_into_state(source, abstract, lambda path, _: source_name(path),
                               expected_by=f"the AutoencoderKL of {config_path}")
     return nnx.merge(graphdef, state)

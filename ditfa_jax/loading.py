@@ -117,7 +117,7 @@ def load_transformer(path: str | Path, *, dtype=None, config: str | Path | None 
     weights, config_path = resolve_checkpoint(path)
     if config_path is not None and json.loads(config_path.read_text()).get(CONVERTED_MARKER):
         return load_converted(weights, dtype=dtype)
-    source = TensorSource(weights)
+    source = TensorSource(weights, prefix="diffusion_pytorch_model")
     if is_bfl_flux(source.keys()):
         source = BFLFluxSource(source)
         cfg = read_config(config) if config is not None else infer_flux_config(source)

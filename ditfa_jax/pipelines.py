@@ -11,7 +11,6 @@ pointer files instead of weights).
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from functools import cached_property
 from pathlib import Path
@@ -30,7 +29,6 @@ from ditfa_jax.tokenization import PromptTokenizer, load_tokenizer
 
 __all__ = ["FluxPipeline", "SD3Pipeline", "check_pipeline_folder", "load_pipeline"]
 
-LFS_HEADER = b"version https://git-lfs"
 _WEIGHTS = {"transformer": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
 
 
@@ -52,32 +50,10 @@ def _expected_files(component: str, kind: str | None) -> list[str]:
 
 
 def _check_weights(folder: Path, component: str) -> None:
-    """Single or sharded safetensors present, complete, and not git-lfs pointers."""
-    prefix = _weights_prefix(component)
-    single, index = folder / f"{prefix}.safetensors", folder / f"{prefix}.safetensors.index.json"
-    if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, AttributeError) as e:
-            raise ValueError(f"{index}: not a safetensors index (no weight_map: {e})") from None
-        missing = [s for s in shards if not (folder / s).is_file()]
-        if missing:
-            raise FileNotFoundError(f"{index} names shards that are not there: {missing} (partial download? "
-                                    "download the folder again)")
-        files = [folder / s for s in shards]
-    elif single.is_file():
-        files = [single]
-    else:
-        others = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.safetensors"))
-        found = f"; found {others} (only safetensors named {prefix}*.safetensors are read)" if others else ""
-        raise FileNotFoundError(f"{folder}: component {component!r} has no weights: expected {single.name} or "
-                                f"{index.name} with its shards{found}")
-    for f in files:
-        with open(f, "rb") as fh:
-            head = fh.read(len(LFS_HEADER))
-        if head == LFS_HEADER:
-            raise ValueError(f"{f} is a git-lfs pointer file, not the weights (the repository was cloned without "
-                             "git-lfs): run `git lfs pull` in it or download with huggingface-cli")
+    """Single or sharded safetensors present, complete, and not git-lfs pointers (before anything is loaded)."""
+    from convert.checkpoint import checkpoint_files
+
+    checkpoint_files(folder, prefix=_weights_prefix(component))
 
 
 def _read_index(folder: Path) -> dict:

@@ -197,3 +197,22 @@ def test_conversion_streams_tensors_within_twice_the_checkpoint_size():
     finally:
         tracemalloc.stop()
     assert peak < 2 * size, (peak, size)
+
+
+def test_checkpoint_files_prefer_canonical_names_and_refuse_lfs_pointers(tmp_path):
+    """A folder with precision variants beside the canonical weights reads the canonical ones; a git-lfs pointer
+    (a clone without git-lfs) is refused by every loader, not only by the pipeline's folder check."""
+    from convert.checkpoint import checkpoint_files
+    from convert.vae import load_vae
+
+    vae = tmp_path / "vae"
+    shutil.copytree(FIXTURES / "vae" / "flux", vae)
+    shutil.copyfile(vae / "diffusion_pytorch_model.safetensors", vae / "diffusion_pytorch_model.fp16.safetensors")
+    with pytest.raises(ValueError, match="several safetensors files"):
+        checkpoint_files(vae)  # without a prefix the variants are ambiguous
+    assert checkpoint_files(vae, prefix="diffusion_pytorch_model") == [vae / "diffusion_pytorch_model.safetensors"]
+    assert load_vae(vae).config.latent_channels == 16
+    (vae / "diffusion_pytorch_model.safetensors").write_text(
+        "version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n")
+    with pytest.raises(ValueError, match="git-lfs pointer file"):
+        load_vae(vae)
