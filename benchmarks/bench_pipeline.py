@@ -5,7 +5,8 @@ leaf then drawn with `jax.random` in its own dtype under jit, so no fp32 copy is
 (24 layers, d_model 4096, d_ff 10240, 64 heads, vocab 32128), CLIP-L text model, the FLUX transformer (19 + 38
 blocks, 3072 wide; `bench_plan.random_model`) and the 16-channel VAE (block_out_channels 128, 256, 512, 512). The
 tokenizers are the tiny fixture ones (ids only need the right lengths: 77 CLIP, 512 T5 tokens). Text encoders are
-offloaded to host memory after encoding; moving them back to the GPU is timed apart (`onload_s`), not in `encode_s`.
+stay on the GPU (peak memory includes T5-XXL's 9.5 GB); with `--offload-text-encoders` they go to host memory after
+encoding and each call moves them back, timed apart as `onload_s` (about 18 s per call for T5-XXL on an H100).
 
 Cases: 1024^2 and 2048^2, 28 steps, batch 1, dense and with a synthetic plan keeping ~32 % of the attention FLOPs
 (`bench_plan.random_plan`: heads drawn from full / arrow_8 / cached, step 0 full). Each case runs in its own process
@@ -87,7 +88,7 @@ def random_module(build):
     return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, fill(jax.random.key(0))))
 
 
-def build_pipeline(cfgs: dict) -> FluxPipeline:
+def build_pipeline(cfgs: dict, offload_text_encoders: bool) -> FluxPipeline:
     bf16 = jnp.bfloat16
     clip = random_module(lambda: CLIPTextModel(cfgs["clip"], dtype=bf16, rngs=nnx.Rngs(0)))
     t5 = random_module(lambda: T5Encoder(cfgs["t5"], dtype=bf16, rngs=nnx.Rngs(0)))
@@ -96,11 +97,11 @@ def build_pipeline(cfgs: dict) -> FluxPipeline:
                   "text_encoder_2": load_tokenizer(TOKENIZERS / "tokenizer_2", "t5")}
     return FluxPipeline(transformer=random_model(cfgs["flux"]), vae=vae, scheduler=FLUX_DEV_SCHEDULER,
                         text_encoders={"text_encoder": clip, "text_encoder_2": t5}, tokenizers=tokenizers,
-                        offload_text_encoders=True)
+                        offload_text_encoders=offload_text_encoders)
 
 
-def run_case(cfgs: dict, px: int, mode: str, tiny: bool) -> dict:
-    pipe = build_pipeline(cfgs)
+def run_case(cfgs: dict, px: int, mode: str, tiny: bool, offload: bool) -> dict:
+    pipe = build_pipeline(cfgs, offload)
     steps, length = cfgs["steps"], cfgs["max_sequence_length"]
     plan = None if mode == "dense" else random_plan(cfgs["flux"], px=px, steps=steps, target=0.32)
     calls = []
@@ -110,7 +111,8 @@ def run_case(cfgs: dict, px: int, mode: str, tiny: bool) -> dict:
         calls.append(dict(pipe.timings))
     best = {k: round(min(c[k] for c in calls[1:]), 3) for k in calls[0]}
     stats = jax.devices()[0].memory_stats() or {}
-    return {"kind": "pipeline", "tiny": tiny, "px": px, "steps": steps, "text_len": length, "run": mode,
+    return {"kind": "pipeline", "tiny": tiny, "offload_text_encoders": offload, "px": px, "steps": steps,
+            "text_len": length, "run": mode,
             "attention_flops_kept": 1.0 if plan is None else round(plan.flops_kept_fraction(), 4), **best,
             "total_s": round(sum(best.values()), 3), "first_call_s": round(sum(calls[0].values()), 1),
             "peak_gb": round(stats["peak_bytes_in_use"] / 1e9, 2) if "peak_bytes_in_use" in stats else None,
@@ -130,18 +132,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="small configs at 64 and 128 px (CPU smoke run)")
     parser.add_argument("--case", help="run one case in this process: PX:dense or PX:plan (e.g. 2048:plan)")
+    parser.add_argument("--offload-text-encoders", action="store_true",
+                        help="keep T5/CLIP in host memory between calls (less GPU memory, onload_s per call)")
     args = parser.parse_args()
     cfgs = TINY if args.tiny else FULL
     if args.case:
         px, mode = args.case.split(":")
         if mode not in ("dense", "plan") or int(px) not in cfgs["sizes"]:
             raise SystemExit(f"--case {args.case!r}: expected one of {[f'{s}:dense' for s in cfgs['sizes']]} or :plan")
-        record(run_case(cfgs, int(px), mode, args.tiny))
+        record(run_case(cfgs, int(px), mode, args.tiny, args.offload_text_encoders))
         return
     rows = []
     for px in cfgs["sizes"]:
         for mode in ("dense", "plan"):
-            cmd = [sys.executable, __file__, "--case", f"{px}:{mode}"] + (["--tiny"] if args.tiny else [])
+            cmd = [sys.executable, __file__, "--case", f"{px}:{mode}"] + (["--tiny"] if args.tiny else []) + (
+                ["--offload-text-encoders"] if args.offload_text_encoders else [])
             result = subprocess.run(cmd, capture_output=True, text=True)
             if result.returncode:
                 raise SystemExit(f"case {px}:{mode} failed:\n{result.stderr[-3000:]}")
