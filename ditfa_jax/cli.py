@@ -252,9 +252,9 @@ def cmd_bench(args) -> int:
                      "total_s": round(sum(best.values()), 4), "peak_gb_so_far": _peak_gb()})
         print(json.dumps(rows[-1]), flush=True)
     if out is not None:
-        from ditfa_jax.plan import _atomic_write
+        from ditfa_jax.files import atomic_write
 
-        _atomic_write(out, "".join(json.dumps(r) + "\n" for r in rows).encode())
+        atomic_write(out, "".join(json.dumps(r) + "\n" for r in rows).encode())
     print("\n| run | attention FLOPs kept | encoders onload s | encode s | denoise s | decode s | total s | "
           "peak GB (so far) |")
     print("|---|---|---|---|---|---|---|---|")

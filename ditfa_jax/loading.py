@@ -8,9 +8,6 @@ by `save_converted` (fast reload, no conversion).
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from functools import cached_property
 from pathlib import Path
 
@@ -24,6 +21,7 @@ from convert.bfl_flux import BFLFluxSource, infer_flux_config, is_bfl_flux
 from convert.checkpoint import TensorSource
 from convert.diffusers_to_jax import build_abstract, convert_state
 from ditfa_jax.configs import FluxConfig, SD3Config, config_from_dict, config_to_dict, read_config
+from ditfa_jax.files import atomic_folder
 from ditfa_jax.models.flux import rope_tables
 
 CONVERTED_MARKER = "ditfa_jax_converted"
@@ -132,20 +130,12 @@ def load_transformer(path: str | Path, *, dtype=None, config: str | Path | None 
 def save_converted(model: Transformer, out_dir: str | Path) -> Path:
     """Write converted params (safetensors, flax layout) + config for fast reloads; atomic (temp dir + rename)."""
     out_dir = Path(out_dir)
-    if out_dir.exists():
-        raise FileExistsError(f"{out_dir} exists; choose a new folder")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".partial-", dir=out_dir.parent))
-    try:
+    with atomic_folder(out_dir) as tmp:
         tensors = {"/".join(map(str, path)): np.asarray(var.get_value())
                    for path, var in nnx.to_flat_state(model.state)}
         save_file(tensors, str(tmp / CONVERTED_WEIGHTS))
         (tmp / "config.json").write_text(json.dumps({**config_to_dict(model.config), CONVERTED_MARKER: 1},
                                                     indent=2))
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -17,14 +17,13 @@ import hashlib
 import io
 import json
 import math
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from ditfa_jax.configs import config_to_dict
+from ditfa_jax.files import atomic_write
 from pallas_kernels.cost import PlanCost, plan_cost
 
 __all__ = [
@@ -346,7 +345,7 @@ class CompressionPlan:
     def save(self, path) -> Path:
         """Write the plan to ``path`` (JSON) atomically: a temp file in the same folder, then os.replace."""
         path = Path(path)
-        _atomic_write(path, self.to_json().encode())
+        atomic_write(path, self.to_json().encode())
         return path
 
     @classmethod
@@ -485,24 +484,6 @@ def sparkline(values) -> str:
     """One character per value in [0, 1], eight levels: a per-step curve that fits in a terminal line."""
     levels = np.clip(np.round(np.asarray(values, np.float64) * (len(_BARS) - 1)), 0, len(_BARS) - 1)
     return "".join(_BARS[int(v)] for v in levels)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write bytes to path via a temp file in the same folder + os.replace; no partial file on failure."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -673,5 +654,5 @@ def save_heatmap(plan: CompressionPlan, path, per_head: bool = False, *, cell: i
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     path = Path(path)
-    _atomic_write(path, buf.getvalue())
+    atomic_write(path, buf.getvalue())
     return path

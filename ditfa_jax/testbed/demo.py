@@ -12,14 +12,12 @@ the plan from the same noise, and writes into one new folder (atomically: a temp
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from ditfa_jax.files import atomic_folder
 from ditfa_jax.plan import save_heatmap
 from ditfa_jax.testbed import detector
 from ditfa_jax.testbed.metrics import image_grid, psnr, save_png, ssim
@@ -67,9 +65,7 @@ def run_demo(out: str | Path, *, checkpoint: str | Path | None = None, prompts: 
         "captions": texts, "calibration_captions": calibration,
     }
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".partial-", dir=out.parent))
-    try:
+    with atomic_folder(out, overwrite=overwrite) as tmp:
         plan.save(tmp / "plan.json")
         save_heatmap(plan, tmp / "plan.png")
         grid = image_grid([dense, compressed], labels=["dense", f"plan ({report['attention_flops_kept']:.0%} kept)"],
@@ -83,12 +79,6 @@ def run_demo(out: str | Path, *, checkpoint: str | Path | None = None, prompts: 
                 save_png(tmp / "images" / f"{i:02d}_{kind}.png", image, meta)
         (tmp / "report.json").write_text(json.dumps(report, indent=1))
         (tmp / "report.md").write_text(_markdown(report, p_db, s))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(f"attention FLOPs kept {report['attention_flops_kept']:.1%}, PSNR {report['psnr_db_mean']} dB, "
         f"SSIM {report['ssim_mean']}, fidelity {report['fidelity_dense']:.2f} dense / "
         f"{report['fidelity_compressed']:.2f} compressed -> {out}")

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
+import io
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
+
+from ditfa_jax.files import atomic_write
 
 __all__ = ["psnr", "ssim", "image_grid", "save_png"]
 
@@ -92,20 +93,12 @@ def save_png(path, image, metadata: dict | None = None) -> Path:
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
-    path = Path(path)
     pixels = _to_uint8(image)
     if not (pixels.ndim == 3 and pixels.shape[-1] in (3, 4) or pixels.ndim == 2):
         raise ValueError(f"save_png: expected one image [H, W, 3], [H, W, 4] or [H, W], got shape {pixels.shape}")
     info = PngInfo()
     for key, value in (metadata or {}).items():
         info.add_text(str(key), str(value))
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".partial", dir=path.parent)
-    os.close(fd)
-    try:
-        Image.fromarray(pixels).save(tmp, format="PNG", pnginfo=info)
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG", pnginfo=info)
+    return atomic_write(path, buf.getvalue())

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import jax
@@ -29,6 +27,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from ditfa_jax.calibrate import calibrate
+from ditfa_jax.files import atomic_folder
 from ditfa_jax.loading import Transformer, load_transformer, save_converted
 from ditfa_jax.plan import DEFAULT_CANDIDATES, CompressionPlan
 from ditfa_jax.sampler import sample
@@ -171,12 +170,7 @@ def save_pipeline(folder: str | Path, transformer: Transformer, text_encoder: Te
                   dtype=jnp.bfloat16) -> Path:
     """Write a testbed folder atomically (temp folder + rename; refuses an existing folder); weights in ``dtype``."""
     folder = Path(folder)
-    if folder.exists():
-        raise FileExistsError(f"{folder} exists; choose a new folder")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".partial-", dir=folder.parent))
-    tmp.chmod(0o755)
-    try:
+    with atomic_folder(folder) as tmp:
         cast = lambda a: np.asarray(jnp.asarray(a, dtype))  # noqa: E731
         state = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), transformer.state)
         save_converted(Transformer(transformer.config, transformer.graphdef, state), tmp / "transformer")
@@ -195,8 +189,4 @@ def save_pipeline(folder: str | Path, transformer: Transformer, text_encoder: Te
              "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}, indent=2))
         if training is not None:
             (tmp / "training.json").write_text(json.dumps(training, indent=1))
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
