@@ -238,17 +238,14 @@ def cmd_bench(args) -> int:
     prompts = [args.prompt] * args.batch
     rows = []
     for name, run_plan in [("dense", None)] + ([("plan", plan)] if plan is not None else []):
-        times = []
-        for _ in range(args.repeat + 1):  # the first call compiles
-            pipe(prompts, height=args.height, width=args.width, num_inference_steps=args.steps,
-                 guidance_scale=args.guidance, plan=run_plan, max_sequence_length=args.max_sequence_length,
-                 output_type="np")
-            times.append(dict(pipe.timings))
-        best = {k: round(min(t[k] for t in times[1:]), 4) for k in times[0]}
+        best, first_call = pipe.time_stages(prompts, repeat=args.repeat, height=args.height, width=args.width,
+                                            num_inference_steps=args.steps, guidance_scale=args.guidance,
+                                            plan=run_plan, max_sequence_length=args.max_sequence_length)
+        best = {k: round(v, 4) for k, v in best.items()}
         rows.append({"checkpoint": str(args.checkpoint), "run": name, "height": args.height, "width": args.width,
                      "steps": args.steps, "batch": args.batch,
                      "attention_flops_kept": 1.0 if run_plan is None else round(run_plan.flops_kept_fraction(), 4),
-                     "first_call_s": round(sum(times[0].values()), 2), **best,
+                     "first_call_s": round(first_call, 2), **best,
                      "total_s": round(sum(best.values()), 4), "peak_gb_so_far": _peak_gb()})
         print(json.dumps(rows[-1]), flush=True)
     if out is not None:

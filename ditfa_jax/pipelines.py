@@ -127,6 +127,18 @@ def _as_list(prompt, what: str) -> list[str]:
     return prompts
 
 
+def _negatives(negative_prompt, count: int) -> list[str] | None:
+    """Negative prompts as a list of `count` (one string is used for every prompt), or None."""
+    if negative_prompt is None:
+        return None
+    negatives = ([negative_prompt] * count if isinstance(negative_prompt, str)
+                 else _as_list(negative_prompt, "negative_prompt"))
+    if len(negatives) != count:
+        raise ValueError(f"negative_prompt has {len(negatives)} entries but prompt has {count}; give one "
+                         "negative prompt per prompt, or a single string for all")
+    return negatives
+
+
 class _Encoder:
     """A text encoder module as (graphdef, state) with a jitted apply; its state can be moved to host memory."""
 
@@ -199,7 +211,7 @@ class _Pipeline:
             components.pop(name.replace("text_encoder", "tokenizer"))
         index = check_pipeline_folder(folder, components)
         if index.get("_class_name") != cls.PIPELINE_CLASS:
-            other = {c.PIPELINE_CLASS: c.__name__ for c in (FluxPipeline, SD3Pipeline)}.get(index.get("_class_name"))
+            other = getattr(PIPELINES.get(index.get("_class_name")), "__name__", None)
             hint = f"; load it with {other}" if other else ""
             raise ValueError(f"{folder / 'model_index.json'}: _class_name is {index.get('_class_name')!r}, "
                              f"{cls.__name__} reads {cls.PIPELINE_CLASS!r} folders{hint}")
@@ -286,12 +298,9 @@ class _Pipeline:
             latents = unpack_latents(latents, height, width, self.vae_scale_factor)
         return self._decode(self.vae_state, latents)
 
-    def _check_request(self, prompts, negative, num_images, seed, latents, height, width):
+    def _check_request(self, prompts, num_images, seed, latents, height, width):
         if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
             raise ValueError(f"num_images (per prompt) must be an integer >= 1, got {num_images!r}")
-        if negative is not None and len(negative) != len(prompts):
-            raise ValueError(f"negative_prompt has {len(negative)} entries but prompt has {len(prompts)}; give one "
-                             "negative prompt per prompt, or a single string for all")
         total = len(prompts) * num_images
         if not isinstance(seed, int) and len(seed) != total:
             raise ValueError(f"seed is a list of {len(seed)} seeds but {len(prompts)} prompt(s) x num_images "
@@ -319,14 +328,12 @@ class _Pipeline:
         are left in `self.timings`.
         """
         prompts = _as_list(prompt, "prompt")
-        negative = None if negative_prompt is None else (
-            [negative_prompt] * len(prompts) if isinstance(negative_prompt, str)
-            else _as_list(negative_prompt, "negative_prompt"))
+        negative = _negatives(negative_prompt, len(prompts))
         guidance_scale = self.DEFAULT_GUIDANCE if guidance_scale is None else guidance_scale
         if output_type not in ("pil", "np", "latent"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
         height, width = height or self.default_size, width or self.default_size
-        self._check_request(prompts, negative, num_images, seed, latents, height, width)
+        self._check_request(prompts, num_images, seed, latents, height, width)
         text_len = self.text_len(max_sequence_length)
         if plan is not None:
             plan = CompressionPlan.load(plan) if isinstance(plan, (str, Path)) else plan
@@ -360,6 +367,18 @@ class _Pipeline:
         bar.update()
         bar.close()
         return _postprocess(images, output_type)
+
+
+    def time_stages(self, prompt, *, repeat: int = 2, **call) -> tuple[dict[str, float], float]:
+        """(best seconds of each stage over `repeat` calls, total seconds of the first call, which compiles).
+
+        `call` holds the keyword arguments of `__call__` (output_type is "np": decoding is timed, PIL is not).
+        """
+        calls = []
+        for _ in range(repeat + 1):
+            self(prompt, output_type="np", **call)
+            calls.append(dict(self.timings))
+        return {k: min(c[k] for c in calls[1:]) for k in calls[0]}, sum(calls[0].values())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -452,10 +471,7 @@ class SD3Pipeline(_Pipeline):
         dtype, rep = self.transformer.dtype, lambda x: jnp.repeat(x.astype(dtype), num_images, axis=0)  # noqa: E731
         out = {"prompt_embeds": rep(embeds), "pooled_prompt_embeds": rep(pooled)}
         if guidance_scale is not None and guidance_scale > 1:
-            negative = [""] * len(prompts) if negative_prompt is None else (
-                [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt))
-            if len(negative) != len(prompts):
-                raise ValueError(f"negative_prompt has {len(negative)} entries but prompt has {len(prompts)}")
+            negative = _negatives(negative_prompt, len(prompts)) or [""] * len(prompts)
             neg, neg_pooled = self._embed(negative, length)
             out.update(negative_prompt_embeds=rep(neg), negative_pooled_prompt_embeds=rep(neg_pooled))
         self._offload()
