@@ -36,13 +36,18 @@ def _timed(fn):
     return out, time.perf_counter() - start
 
 
+def _batched(pipe, texts, seeds, num_steps, plan, batch_size):
+    """Images for `texts`, `batch_size` captions per pipeline call (bounds device memory)."""
+    return np.concatenate([pipe(texts[i:i + batch_size], seeds=seeds[i:i + batch_size], num_steps=num_steps,
+                                plan=plan) for i in range(0, len(texts), batch_size)])
+
+
 def prompt_fidelity(pipe, scenes: SceneBatch, *, seeds=0, num_steps: int = DEFAULT_STEPS, plan=None,
                     batch_size: int = 256) -> tuple[dict, np.ndarray]:
     """(detector scores, images) for the scenes' captions; see `detector.score` for the fields."""
     texts = captions(scenes)
     seeds = seeds + np.arange(len(texts)) if np.isscalar(seeds) else np.asarray(seeds)
-    images = np.concatenate([pipe(texts[i:i + batch_size], seeds=seeds[i:i + batch_size], num_steps=num_steps,
-                                  plan=plan) for i in range(0, len(texts), batch_size)])
+    images = _batched(pipe, texts, seeds, num_steps, plan, batch_size)
     return detector.score(images, scenes), images
 
 
@@ -61,11 +66,6 @@ def global_plan(per_layer: CompressionPlan, rse: np.ndarray, saving: np.ndarray)
     windows = windows_from_choice(choice, per_layer.candidates, per_layer.image_tokens)
     return per_layer.replace(head_window=windows, notes={**per_layer.notes, "search": "global MILP",
                                                          "delta_total": total})
-
-
-def _batched(pipe, texts, seeds, num_steps, plan, batch_size):
-    return np.concatenate([pipe(texts[i:i + batch_size], seeds=seeds[i:i + batch_size], num_steps=num_steps,
-                                plan=plan) for i in range(0, len(texts), batch_size)])
 
 
 # Plan searches the sweep can compare: name -> options of `ditfa_jax.calibrate.calibrate` ("per-layer" is the paper's)
