@@ -113,7 +113,7 @@ def run_case(cfgs: dict, px: int, mode: str, tiny: bool, offload: bool) -> dict:
             "attention_flops_kept": 1.0 if plan is None else round(plan.flops_kept_fraction(), 4), **best,
             "total_s": round(sum(best.values()), 3), "first_call_s": round(first_call, 1),
             "peak_gb": round(stats["peak_bytes_in_use"] / 1e9, 2) if "peak_bytes_in_use" in stats else None,
-            "device": str(jax.devices()[0])}
+            "device": jax.devices()[0].device_kind, "jax": jax.__version__}
 
 
 def record(row: dict) -> None:
