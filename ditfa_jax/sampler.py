@@ -10,6 +10,7 @@ and scanned as data, so one compile serves a resolution and step count.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 
 import jax
@@ -104,9 +105,11 @@ def cache_shape(config, batch: int, tokens: int) -> tuple[int, ...]:
     return (config.total_layers, batch, tokens, config.num_attention_heads, config.attention_head_dim)
 
 
-def attention_cache(model: Transformer, batch: int, tokens: int) -> jax.Array:
-    """Zeroed cache in the model dtype (step 0 is full: never read)."""
-    return jnp.zeros(cache_shape(model.config, batch, tokens), model.dtype)
+def _zero_cache(cache_spec):
+    """The zeroed cache built inside the jitted sampler from a static (shape, dtype name), or None without a plan:
+    made in the program rather than passed in, so the loop's carry is its only copy (an input buffer that is not
+    donated would be a second one)."""
+    return None if cache_spec is None else jnp.zeros(cache_spec[0], cache_spec[1])
 
 
 def cache_bytes(config, batch: int, tokens: int, dtype=jnp.bfloat16) -> int:
@@ -170,7 +173,7 @@ def prepare_run(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, heig
 
 def sample(model: Transformer, latents, prompt_embeds, pooled_prompt_embeds, *, height: int, width: int,
            num_steps: int, guidance_scale: float, negative_prompt_embeds=None, negative_pooled_prompt_embeds=None,
-           scheduler: SchedulerConfig | None = None, plan=None, attention_impl: str = "auto"):
+           scheduler: SchedulerConfig | None = None, plan=None, attention_impl: str = "auto", memory: bool = False):
     """Run the full denoising loop; returns the final latents (FLUX: packed [B, S, C*4]; SD3: [B, C, H/8, W/8]).
 
     height/width are pixel sizes (the latents must match them). FLUX-dev uses `guidance_scale` as distilled
@@ -178,6 +181,8 @@ def sample(model: Transformer, latents, prompt_embeds, pooled_prompt_embeds, *, 
     `plan` (a `ditfa_jax.plan.CompressionPlan` made for this model, resolution, text length and step count) turns
     on head-wise compression: its per-step head windows are scanned and the attention cache is carried; CFG
     batches share the plan. An all-full plan runs the dense sampler.
+    memory=True compiles without running and returns the program's `memory_analysis()` (argument, output and
+    temporary bytes): what a plan costs in memory, found without a GPU.
     """
     latents = jnp.asarray(latents)
     _check_batch(latents, {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled_prompt_embeds,
@@ -190,19 +195,25 @@ def sample(model: Transformer, latents, prompt_embeds, pooled_prompt_embeds, *, 
         layout = "packed " if model.family == "flux" else ""
         raise ValueError(f"{model.family.upper()} latents for {height}x{width} must be {layout}"
                          f"[B, {', '.join(map(str, run.latent_shape))}]; got {latents.shape}")
-    windows, cache = _plan_inputs(model, plan, height=height, width=width, text_len=run.prompt_embeds.shape[1],
-                                  num_steps=num_steps, batch=run.prompt_embeds.shape[0], tokens=run.tokens)
-    schedule = (jnp.asarray(run.sigmas), jnp.asarray(run.timesteps), windows, cache)
+    windows, cache_spec = _plan_inputs(model, plan, height=height, width=width,
+                                       text_len=run.prompt_embeds.shape[1], num_steps=num_steps,
+                                       batch=run.prompt_embeds.shape[0], tokens=run.tokens)
+    schedule = (jnp.asarray(run.sigmas), jnp.asarray(run.timesteps), windows)
     if isinstance(model.config, FluxConfig):
         guidance = guidance_scale if model.config.guidance_embeds else None
-        return _flux_runner(model.graphdef, attention_impl)(model.state, latents, run.prompt_embeds, run.pooled,
-                                                             run.rope, guidance, *schedule)
-    return _sd3_runner(model.graphdef, attention_impl, run.cfg_guidance)(
-        model.state, latents, run.prompt_embeds, run.pooled, jnp.float32(guidance_scale), *schedule)
+        runner = _flux_runner(model.graphdef, attention_impl)
+        args = (model.state, latents, run.prompt_embeds, run.pooled, run.rope, guidance, *schedule)
+    else:
+        runner = _sd3_runner(model.graphdef, attention_impl, run.cfg_guidance)
+        args = (model.state, latents, run.prompt_embeds, run.pooled, jnp.float32(guidance_scale), *schedule)
+    if memory:
+        return runner.lower(*args, cache_spec=cache_spec).compile().memory_analysis()
+    return runner(*args, cache_spec=cache_spec)
 
 
 def _plan_inputs(model, plan, *, height, width, text_len, num_steps, batch, tokens):
-    """(head windows [steps, layers, H], zeroed cache) for a plan checked against these settings, or (None, None).
+    """(head windows [steps, layers, H], cache (shape, dtype name)) for a plan checked against these settings, or
+    (None, None).
 
     A plan that keeps every head full everywhere (e.g. calibrated with delta 0) runs the dense sampler: the same
     program as no plan, so the same result, and no cache memory.
@@ -212,7 +223,8 @@ def _plan_inputs(model, plan, *, height, width, text_len, num_steps, batch, toke
     plan.check_compatible(model.config, height=height, width=width, text_len=text_len, num_steps=num_steps)
     if np.all(np.asarray(plan.head_window) == -1):
         return None, None
-    return jnp.asarray(plan.head_window, jnp.int32), attention_cache(model, batch, tokens)
+    return (jnp.asarray(plan.head_window, jnp.int32),
+            (cache_shape(model.config, batch, tokens), jnp.dtype(model.dtype).name))
 
 
 _RUNNERS: dict = {}
@@ -221,9 +233,10 @@ _RUNNERS: dict = {}
 def _flux_runner(graphdef, attention_impl):
     key = ("flux", graphdef, attention_impl)
     if key not in _RUNNERS:
-        @jax.jit
-        def run(state, latents, prompt_embeds, pooled, rope, guidance, sigmas, timesteps, windows, cache):
+        @functools.partial(jax.jit, static_argnames="cache_spec")
+        def run(state, latents, prompt_embeds, pooled, rope, guidance, sigmas, timesteps, windows, cache_spec):
             model = nnx.merge(graphdef, state)
+            cache = _zero_cache(cache_spec)
             b = latents.shape[0]
             g = None if guidance is None else jnp.full((b,), guidance, jnp.float32)
 
@@ -241,9 +254,10 @@ def _flux_runner(graphdef, attention_impl):
 def _sd3_runner(graphdef, attention_impl, cfg_guidance: bool):
     key = ("sd3", graphdef, attention_impl, cfg_guidance)
     if key not in _RUNNERS:
-        @jax.jit
-        def run(state, latents, prompt_embeds, pooled, guidance_scale, sigmas, timesteps, windows, cache):
+        @functools.partial(jax.jit, static_argnames="cache_spec")
+        def run(state, latents, prompt_embeds, pooled, guidance_scale, sigmas, timesteps, windows, cache_spec):
             model = nnx.merge(graphdef, state)
+            cache = _zero_cache(cache_spec)
 
             def velocity(x, t, head_window, cache):
                 x_in = jnp.concatenate([x, x]) if cfg_guidance else x

@@ -177,17 +177,25 @@ def block_forward(block, carry, temb, rope, layer_plan, *, text_len: int, text_f
 def run_stacks(model, carry, temb, rope, plan, *, text_len: int, text_first: bool, impl: str):
     """Scan every block stack of `model` in order; returns (carry, per-layer attention outputs or None).
 
-    `plan` is None or (head_window [layers, H], cache [layers, ...]) over all layers of all stacks.
+    `plan` is None or (head_window [layers, H], cache [layers, ...]) over all layers of all stacks. The whole cache
+    rides in the scan carry and each layer overwrites its own slot (`dynamic_update_index_in_dim`), so XLA updates
+    it in place: the sampler holds one copy of the cache, not the old one, per-stack outputs and their concatenation.
     """
-    caches = []
+    cache = None if plan is None else plan[1]
     for index, (stack, first, count) in enumerate(model.stacks()):
         carry = model.enter_stack(index, carry)
-        stack_plan = None if plan is None else jax.tree_util.tree_map(lambda a: a[first:first + count], plan)
+        if plan is None:
+            carry, _ = scan_stack(stack, carry, None, lambda block, c, _: block_forward(
+                block, c, temb, rope, None, text_len=text_len, text_first=text_first, impl=impl))
+            continue
 
-        def body(block, c, layer_plan):
-            return block_forward(block, c, temb, rope, layer_plan, text_len=text_len, text_first=text_first,
-                                 impl=impl)
+        def body(block, c, layer):
+            c, cache = c
+            window, i = layer
+            out_c, out = block_forward(block, c, temb, rope, (window, jax.lax.dynamic_index_in_dim(
+                cache, i, keepdims=False)), text_len=text_len, text_first=text_first, impl=impl)
+            return (out_c, jax.lax.dynamic_update_index_in_dim(cache, out, i, 0)), None
 
-        carry, cache = scan_stack(stack, carry, stack_plan, body)
-        caches.append(cache)
-    return carry, (None if plan is None else jnp.concatenate(caches, axis=0))
+        layers = (plan[0][first:first + count], jnp.arange(first, first + count))
+        (carry, cache), _ = scan_stack(stack, (carry, cache), layers, body)
+    return carry, cache
