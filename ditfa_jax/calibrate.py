@@ -167,7 +167,7 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
               scheduler: SchedulerConfig | None = None, seed: int = 0, attention_impl: str = "auto",
               progress: bool = True, record: dict | None = None,
               cache_on_host: bool | None = None, rse_over_prompts: str = "mean",
-              budget_schedule: str = "constant") -> CompressionPlan:
+              budget_schedule: str = "constant", token_order: str = "raster") -> CompressionPlan:
     """Search a head-wise compression plan on calibration prompts (embeddings [N, L, dim], pooled [N, dim]).
 
     The pass samples from seeded noise exactly as `ditfa_jax.sample` would with the plan being built (FLUX: distilled
@@ -176,7 +176,8 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
 
     Beyond the paper (defaults reproduce it): ``rse_over_prompts="max"`` scores a head by its worst calibration
     prompt (`head_rse`), and ``budget_schedule="ramp"`` spends the same total budget unevenly, little at early steps
-    (`step_budgets`).
+    (`step_budgets`). ``token_order="hilbert"`` (or "morton") searches, and the plan runs, with the image tokens
+    along a space-filling curve, so that arrow bands are 2-D neighbourhoods (`ditfa_jax.plan.image_token_order`).
     """
     if rse_over_prompts not in RSE_REDUCTIONS:
         raise ValueError(f"rse_over_prompts={rse_over_prompts!r}: expected one of {RSE_REDUCTIONS}")
@@ -187,8 +188,10 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
     run = prepare_run(model, jnp.asarray(prompt_embeds, model.dtype), jnp.asarray(pooled_prompt_embeds, model.dtype),
                       height=height, width=width, num_steps=num_steps, guidance_scale=guidance_scale,
                       negative_prompt_embeds=negative_prompt_embeds,
-                      negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, scheduler=scheduler)
+                      negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, scheduler=scheduler,
+                      token_order=token_order)
     prompt_embeds, pooled, cfg_guidance = run.prompt_embeds, run.pooled, run.cfg_guidance
+    order = None if run.image_order is None else jnp.asarray(run.image_order)
     n = prompt_embeds.shape[0] // (2 if cfg_guidance else 1)
     text_len, image_tokens, sigmas, timesteps = prompt_embeds.shape[1], run.image_tokens, run.sigmas, run.timesteps
     rope = None if run.rope is None else tuple(jnp.asarray(t) for t in run.rope)
@@ -216,14 +219,15 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
         m = nnx.merge(graphdef, state)
         x_in = jnp.concatenate([x, x]) if cfg_guidance else x
         ts = jnp.full((x_in.shape[0],), t / 1000 if flux else t)
-        return m.embed(x_in.astype(model.dtype), prompt_embeds, pooled, ts, guidance)
+        return m.embed(x_in.astype(model.dtype), prompt_embeds, pooled, ts, guidance, image_order=order)
 
     enter = jax.jit(lambda index, carry: module.enter_stack(index, carry), static_argnums=0)
 
     @jax.jit
     def euler(state, x, carry, temb, sigma, sigma_next):
         m = nnx.merge(graphdef, state)
-        v = (m.unembed(carry, temb, text_len) if flux else m.unembed(carry, temb, *x.shape[2:])).astype(jnp.float32)
+        v = (m.unembed(carry, temb, text_len, order) if flux else m.unembed(carry, temb, *x.shape[2:], order)
+             ).astype(jnp.float32)
         if cfg_guidance:
             uncond, cond = jnp.split(v, 2)
             v = uncond + guidance_scale * (cond - uncond)
@@ -267,7 +271,7 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
         record.update(rse=rse_table, saving=np.array(saving))
     return CompressionPlan.from_config(
         model.config, head_window, height=height, width=width, text_len=text_len, candidates=tuple(candidates),
-        delta=delta, c=c,
+        delta=delta, c=c, token_order=token_order,
         notes=dict(calibration_seconds=round(time.perf_counter() - start_time, 2), prompts=int(n),
                    guidance_scale=float(guidance_scale), seed=seed, rse_used_max=float(rse_used.max()),
                    cache_on_host=bool(cache_on_host), rse_over_prompts=rse_over_prompts,

@@ -22,6 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
+# == ditfa_jax.plan.TOKEN_ORDERS (a test checks): written out so that building the parser does not import jax
+TOKEN_ORDER_CHOICES = ("raster", "morton", "hilbert")
+
 
 def _dtype(name: str):
     import jax.numpy as jnp
@@ -148,7 +151,8 @@ def cmd_calibrate(args) -> int:
     plan = calibrate(model, text, pooled, height=args.height, width=args.width, num_steps=args.steps,
                      guidance_scale=_guidance(args, model.config), delta=args.delta, c=args.c,
                      candidates=tuple(args.candidates.split(",")), scheduler=scheduler, seed=args.seed,
-                     rse_over_prompts=args.rse_over_prompts, budget_schedule=args.budget_schedule, **negative)
+                     rse_over_prompts=args.rse_over_prompts, budget_schedule=args.budget_schedule,
+                     token_order=args.token_order, **negative)
     plan.save(out)
     heatmap = save_heatmap(plan, out.with_suffix(".png"))
     print(plan.summary())
@@ -313,6 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-schedule", choices=["constant", "ramp"], default="constant",
                    help="delta at every step (constant, the paper's) or rising with the step index, same total "
                         "(ramp: protects the early steps)")
+    p.add_argument("--token-order", choices=TOKEN_ORDER_CHOICES, default="raster",
+                   help="order of the image tokens that arrow bands follow: raster (the paper's: a band is a strip "
+                        "of whole rows) or along a space-filling curve (hilbert, morton: a band is a 2-D "
+                        "neighbourhood); the plan records it and the sampler uses it")
     p.add_argument("--height", type=int, default=64, help="image height in pixels (multiple of 16)")
     p.add_argument("--width", type=int, default=64, help="image width in pixels (multiple of 16)")
     p.add_argument("--steps", type=int, default=4, help="number of denoising steps the plan is for")

@@ -35,6 +35,9 @@ __all__ = [
     "candidate_savings",
     "windows_from_choice",
     "image_tokens_for",
+    "image_grid",
+    "TOKEN_ORDERS",
+    "image_token_order",
     "save_heatmap",
 ]
 
@@ -112,14 +115,71 @@ def windows_from_choice(choice, candidates, n_img: int) -> np.ndarray:
     return np.where(choice < 0, FULL_WINDOW, windows[np.maximum(choice, 0)]).astype(np.int32)
 
 
-def image_tokens_for(config, height: int, width: int) -> int:
-    """Image tokens of a model at ``height`` x ``width`` pixels (FLUX: 2x2 packed latents; SD3: patchified)."""
+def image_grid(config, height: int, width: int) -> tuple[int, int]:
+    """(rows, cols) of image tokens of a model at ``height`` x ``width`` pixels (FLUX: 2x2 packed latents; SD3:
+    patchified)."""
     patch = 2 if config.family == "flux" else config.patch_size
     step = config.vae_scale_factor * patch
     for name, v in (("height", height), ("width", width)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0 or v % step:
             raise ValueError(f"{name}: expected a positive multiple of {step} pixels for {config.family}, got {v!r}")
-    return (height // step) * (width // step)
+    return height // step, width // step
+
+
+def image_tokens_for(config, height: int, width: int) -> int:
+    """Image tokens of a model at ``height`` x ``width`` pixels (FLUX: 2x2 packed latents; SD3: patchified)."""
+    rows, cols = image_grid(config, height, width)
+    return rows * cols
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Token order: which image tokens an arrow band holds
+
+TOKEN_ORDERS = ("raster", "morton", "hilbert")
+
+
+def _interleave_bits(v: np.ndarray) -> np.ndarray:
+    """Spread the bits of v (< 2**16) apart: bit i moves to bit 2i."""
+    v = v.astype(np.uint64)
+    for shift, mask in ((8, 0x00FF00FF), (4, 0x0F0F0F0F), (2, 0x33333333), (1, 0x55555555)):
+        v = (v | (v << np.uint64(shift))) & np.uint64(mask)
+    return v
+
+
+def _hilbert_index(side: int, row: np.ndarray, col: np.ndarray) -> np.ndarray:
+    """Position of each (row, col) along the Hilbert curve over a side x side grid (side a power of two)."""
+    x, y, d = col.astype(np.int64), row.astype(np.int64), np.zeros(row.shape, np.int64)
+    s = side // 2
+    while s > 0:
+        rx, ry = (x & s) > 0, (y & s) > 0
+        d += s * s * ((3 * rx) ^ ry)
+        # rotate the quadrant so the sub-curve starts where the parent curve enters it
+        flip = ~ry & rx
+        x, y = np.where(flip, side - 1 - x, x), np.where(flip, side - 1 - y, y)
+        x, y = np.where(~ry, y, x), np.where(~ry, x, y)
+        s //= 2
+    return d
+
+
+def image_token_order(name: str, rows: int, cols: int) -> np.ndarray | None:
+    """The order in which image tokens sit in the attention sequence, as raster indices (None for "raster").
+
+    Arrow heads attend within a band of the sequence. In raster order the band is a horizontal strip of whole rows;
+    along a space-filling curve ("morton": Z-order, "hilbert") a stretch of the sequence is a compact 2-D region,
+    so the band becomes a 2-D neighbourhood at the same cost. Full heads compute the same function in any order
+    (the model is equivariant to it: positions travel with the tokens). Grids that are not a power-of-two square
+    follow the curve of the enclosing one, skipping missing cells.
+    """
+    if name not in TOKEN_ORDERS:
+        raise ValueError(f"token_order {name!r}: expected one of {TOKEN_ORDERS}")
+    if name == "raster":
+        return None
+    row, col = np.divmod(np.arange(rows * cols), cols)
+    if name == "morton":
+        key = (_interleave_bits(row) << np.uint64(1)) | _interleave_bits(col)
+    else:
+        key = _hilbert_index(1 << max(rows - 1, cols - 1, 1).bit_length(), row, col)
+    return np.argsort(key, kind="stable").astype(np.int32)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -187,6 +247,7 @@ class CompressionPlan:
     schema_version: int = SCHEMA_VERSION
     model_config: dict | None = None
     notes: dict = dataclasses.field(default_factory=dict)
+    token_order: str = "raster"
 
     def __post_init__(self):
         put = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -212,6 +273,8 @@ class CompressionPlan:
             raise ValueError(f"model_config: expected a dict or None, got {type(self.model_config).__name__}")
         if not isinstance(self.notes, dict):
             raise ValueError(f"notes: expected a dict, got {type(self.notes).__name__}")
+        if self.token_order not in TOKEN_ORDERS:
+            raise ValueError(f"token_order: expected one of {TOKEN_ORDERS}, got {self.token_order!r}")
 
         hw = np.asarray(self.head_window)
         want = (self.num_steps, self.num_layers, self.num_heads)
@@ -236,7 +299,8 @@ class CompressionPlan:
     @classmethod
     def from_config(cls, config, head_window, *, height: int, width: int, text_len: int,
                     image_tokens: int | None = None, candidates=DEFAULT_CANDIDATES, delta: float | None = None,
-                    c: float | None = None, notes: dict | None = None) -> CompressionPlan:
+                    c: float | None = None, notes: dict | None = None, token_order: str = "raster"
+                    ) -> CompressionPlan:
         """A plan for ``config`` at ``height`` x ``width`` with the given windows [steps, layers, heads]."""
         want = image_tokens_for(config, height, width)
         if image_tokens is not None and image_tokens != want:
@@ -249,7 +313,7 @@ class CompressionPlan:
                    head_dim=config.attention_head_dim, height=height, width=width, image_tokens=want,
                    text_len=text_len, text_first=config.text_first,
                    num_steps=hw.shape[0] if hw.ndim else 0, candidates=candidates, delta=delta, c=c,
-                   model_config=_normalise_json(raw), notes=dict(notes or {}))
+                   model_config=_normalise_json(raw), notes=dict(notes or {}), token_order=token_order)
 
     @classmethod
     def full(cls, config, *, height: int, width: int, text_len: int, num_steps: int,
@@ -289,7 +353,8 @@ class CompressionPlan:
 
     def digest(self) -> str:
         """Short content hash (fingerprint, search settings and windows; not notes), e.g. for cache keys."""
-        meta = json.dumps([self.fingerprint(), list(self.candidates), self.delta, self.c], sort_keys=True)
+        meta = json.dumps([self.fingerprint(), list(self.candidates), self.delta, self.c]
+                          + ([self.token_order] if self.token_order != "raster" else []), sort_keys=True)
         h = hashlib.sha256(meta.encode())
         h.update(np.ascontiguousarray(self.head_window, dtype="<i4").tobytes())
         return h.hexdigest()[:16]
@@ -380,7 +445,7 @@ class CompressionPlan:
         unknown = sorted(set(raw) - set(fields) - informational)
         if unknown:
             raise ValueError(f"{source}: unknown field(s) {unknown}; expected {sorted(fields)}")
-        types = {"family": str, "model_class": str, "text_first": bool, "notes": dict}
+        types = {"family": str, "model_class": str, "text_first": bool, "notes": dict, "token_order": str}
         for name, t in types.items():
             if name in raw and not isinstance(raw[name], t):
                 raise ValueError(f"{source}: field '{name}' must be a {t.__name__}, got {raw[name]!r}")
@@ -466,6 +531,7 @@ class CompressionPlan:
         shares = ", ".join(f"{n} {int(v.sum()) / total:.1%}" for n, v in counts.items())
         search = ("hand-made" if self.delta is None else
                   f"delta={self.delta:g}" + ("" if self.c is None else f", c={self.c:g}"))
+        search += "" if self.token_order == "raster" else f", {self.token_order} token order"
         lo, hi = int(per_step.argmin()), int(per_step.argmax())
         return "\n".join([
             f"{self.model_class} {self.height}x{self.width} ({self.image_tokens} image + {self.text_len} text "

@@ -21,6 +21,7 @@ from flax import nnx
 from ditfa_jax.configs import VAE_SCALE_FACTOR, FluxConfig
 from ditfa_jax.loading import Transformer
 from ditfa_jax.models.flux import rope_tables
+from ditfa_jax.plan import image_token_order
 from ditfa_jax.scheduler import (FLUX_DEV_SCHEDULER, FLUX_SCHNELL_SCHEDULER, SD3_SCHEDULER, SchedulerConfig,
                                  flux_schedule, sd3_schedule)
 
@@ -122,7 +123,9 @@ class RunSetup:
     """What a sampling (or calibration) run derives from the model and settings, in one place.
 
     `prompt_embeds`/`pooled` are the conditioning batch the model sees (SD3 with CFG: [uncond; cond]); `rope` is
-    FLUX's RoPE table (None for SD3); `latent_shape` is one sample's latent shape.
+    FLUX's RoPE table (None for SD3), its image rows in `image_order`; `latent_shape` is one sample's latent shape;
+    `image_order` the order of the image tokens inside the blocks (raster indices; None: raster, see
+    `ditfa_jax.plan.image_token_order`).
     """
     latent_shape: tuple[int, ...]
     image_tokens: int
@@ -132,6 +135,7 @@ class RunSetup:
     prompt_embeds: jax.Array
     pooled: jax.Array
     cfg_guidance: bool
+    image_order: np.ndarray | None = None
 
     @property
     def tokens(self) -> int:
@@ -140,8 +144,10 @@ class RunSetup:
 
 def prepare_run(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height: int, width: int,
                 num_steps: int, guidance_scale: float, negative_prompt_embeds=None,
-                negative_pooled_prompt_embeds=None, scheduler: SchedulerConfig | None = None) -> RunSetup:
-    """Check the settings and derive the schedule, positions and conditioning batch of a run."""
+                negative_pooled_prompt_embeds=None, scheduler: SchedulerConfig | None = None,
+                token_order: str = "raster") -> RunSetup:
+    """Check the settings and derive the schedule, positions and conditioning batch of a run (image tokens in
+    `token_order` inside the blocks: a plan's `token_order`)."""
     cfg, scheduler = model.config, scheduler or default_scheduler(model)
     prompt_embeds, pooled = jnp.asarray(prompt_embeds), jnp.asarray(pooled_prompt_embeds)
     if pooled.shape[0] != prompt_embeds.shape[0]:
@@ -150,10 +156,12 @@ def prepare_run(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, heig
     if isinstance(cfg, FluxConfig):
         rows, cols = flux_latent_grid(height, width, cfg.vae_scale_factor)
         sigmas, timesteps = flux_schedule(scheduler, num_steps, rows * cols)
+        order = image_token_order(token_order, rows, cols)
+        image_ids = flux_image_ids(rows, cols)
         rope = rope_tables(np.concatenate([np.zeros((prompt_embeds.shape[1], 3), np.float32),
-                                           flux_image_ids(rows, cols)]), cfg.axes_dims_rope)
+                                           image_ids if order is None else image_ids[order]]), cfg.axes_dims_rope)
         return RunSetup((rows * cols, cfg.in_channels), rows * cols, sigmas, timesteps, rope, prompt_embeds, pooled,
-                        cfg_guidance=False)
+                        cfg_guidance=False, image_order=order)
     scale = cfg.vae_scale_factor
     step = scale * cfg.patch_size
     if height % step or width % step:
@@ -168,7 +176,8 @@ def prepare_run(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, heig
                              "and negative_pooled_prompt_embeds")
         prompt_embeds = jnp.concatenate([jnp.asarray(negative_prompt_embeds, prompt_embeds.dtype), prompt_embeds])
         pooled = jnp.concatenate([jnp.asarray(negative_pooled_prompt_embeds, pooled.dtype), pooled])
-    return RunSetup(latent_shape, image_tokens, sigmas, timesteps, None, prompt_embeds, pooled, cfg_guidance)
+    order = image_token_order(token_order, height // step, width // step)
+    return RunSetup(latent_shape, image_tokens, sigmas, timesteps, None, prompt_embeds, pooled, cfg_guidance, order)
 
 
 def sample(model: Transformer, latents, prompt_embeds, pooled_prompt_embeds, *, height: int, width: int,
@@ -188,9 +197,11 @@ def sample(model: Transformer, latents, prompt_embeds, pooled_prompt_embeds, *, 
     _check_batch(latents, {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled_prompt_embeds,
                            "negative_prompt_embeds": negative_prompt_embeds,
                            "negative_pooled_prompt_embeds": negative_pooled_prompt_embeds})
+    compressed = plan is not None and bool((np.asarray(plan.head_window) != -1).any())
     run = prepare_run(model, prompt_embeds, pooled_prompt_embeds, height=height, width=width, num_steps=num_steps,
                       guidance_scale=guidance_scale, negative_prompt_embeds=negative_prompt_embeds,
-                      negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, scheduler=scheduler)
+                      negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, scheduler=scheduler,
+                      token_order=plan.token_order if compressed else "raster")
     if latents.shape[1:] != run.latent_shape:
         layout = "packed " if model.family == "flux" else ""
         raise ValueError(f"{model.family.upper()} latents for {height}x{width} must be {layout}"
@@ -198,7 +209,8 @@ def sample(model: Transformer, latents, prompt_embeds, pooled_prompt_embeds, *, 
     windows, cache_spec = _plan_inputs(model, plan, height=height, width=width,
                                        text_len=run.prompt_embeds.shape[1], num_steps=num_steps,
                                        batch=run.prompt_embeds.shape[0], tokens=run.tokens)
-    schedule = (jnp.asarray(run.sigmas), jnp.asarray(run.timesteps), windows)
+    order = None if run.image_order is None else jnp.asarray(run.image_order)
+    schedule = (jnp.asarray(run.sigmas), jnp.asarray(run.timesteps), windows, order)
     if isinstance(model.config, FluxConfig):
         guidance = guidance_scale if model.config.guidance_embeds else None
         runner = _flux_runner(model.graphdef, attention_impl)
@@ -234,7 +246,8 @@ def _flux_runner(graphdef, attention_impl):
     key = ("flux", graphdef, attention_impl)
     if key not in _RUNNERS:
         @functools.partial(jax.jit, static_argnames="cache_spec")
-        def run(state, latents, prompt_embeds, pooled, rope, guidance, sigmas, timesteps, windows, cache_spec):
+        def run(state, latents, prompt_embeds, pooled, rope, guidance, sigmas, timesteps, windows, order,
+                cache_spec):
             model = nnx.merge(graphdef, state)
             cache = _zero_cache(cache_spec)
             b = latents.shape[0]
@@ -242,7 +255,8 @@ def _flux_runner(graphdef, attention_impl):
 
             def velocity(x, t, head_window, cache):
                 out = model(x, prompt_embeds, pooled, jnp.full((b,), t / 1000), rope, guidance=g,
-                            plan=None if cache is None else (head_window, cache), attention_impl=attention_impl)
+                            plan=None if cache is None else (head_window, cache), attention_impl=attention_impl,
+                            image_order=order)
                 return out if cache is not None else (out, None)
 
             return euler_scan(velocity, latents, sigmas, timesteps, windows, cache)
@@ -255,7 +269,8 @@ def _sd3_runner(graphdef, attention_impl, cfg_guidance: bool):
     key = ("sd3", graphdef, attention_impl, cfg_guidance)
     if key not in _RUNNERS:
         @functools.partial(jax.jit, static_argnames="cache_spec")
-        def run(state, latents, prompt_embeds, pooled, guidance_scale, sigmas, timesteps, windows, cache_spec):
+        def run(state, latents, prompt_embeds, pooled, guidance_scale, sigmas, timesteps, windows, order,
+                cache_spec):
             model = nnx.merge(graphdef, state)
             cache = _zero_cache(cache_spec)
 
@@ -263,7 +278,7 @@ def _sd3_runner(graphdef, attention_impl, cfg_guidance: bool):
                 x_in = jnp.concatenate([x, x]) if cfg_guidance else x
                 out = model(x_in.astype(model.context_embedder.kernel.dtype), prompt_embeds, pooled,
                             jnp.full((x_in.shape[0],), t), plan=None if cache is None else (head_window, cache),
-                            attention_impl=attention_impl)
+                            attention_impl=attention_impl, image_order=order)
                 v, cache = out if cache is not None else (out, None)
                 if cfg_guidance:
                     uncond, cond = jnp.split(v.astype(jnp.float32), 2)

@@ -256,3 +256,62 @@ def test_caching_sampler_holds_one_copy_of_the_cache():
              - dense.temp_size_in_bytes - dense.argument_size_in_bytes)
     cache = cache_bytes(cfg, 1, (px // 16) ** 2 + text_len)
     assert cache <= extra < 1.25 * cache, (extra / cache)
+
+
+@pytest.mark.parametrize("name", ["flux_dev", "sd35_medium"])
+def test_token_order_changes_only_what_arrow_heads_see(name):
+    """Plans along a space-filling curve: with full and cached heads only, the sampler's result does not depend on
+    the token order (the model is equivariant to it: positions travel with the tokens); with arrow heads it does,
+    since the band then holds other tokens."""
+    from ditfa_jax.sampler import prepare_run
+
+    model = load_transformer(FIXTURES / name, progress=False)
+    ref = dict(np.load(FIXTURES / name / "reference.npz"))
+    flux = name.startswith("flux")
+    cfg = model.config
+    side = 16 * cfg.vae_scale_factor * (2 if flux else cfg.patch_size)  # 16 x 16 image tokens: several key tiles
+    common = dict(height=side, width=side, num_steps=STEPS, guidance_scale=3.5 if flux else 7.0,
+                  scheduler=scheduler_for(FIXTURES / name, model))
+    if not flux:
+        common.update(negative_prompt_embeds=ref["sample_negative_prompt_embeds"],
+                      negative_pooled_prompt_embeds=ref["sample_negative_pooled"])
+    rng = np.random.default_rng(0)
+    text = (ref["sample_prompt_embeds"], ref["sample_pooled"])
+    shape = prepare_run(model, *text, **{k: v for k, v in common.items() if k != "num_steps"},
+                        num_steps=STEPS).latent_shape
+    args = (model, rng.standard_normal((2, *shape)).astype(np.float32), *text)
+    shape = (STEPS, cfg.total_layers, cfg.num_attention_heads)
+    full_or_cached = np.where(rng.random(shape) < 0.4, 0, -1).astype(np.int32)
+    full_or_cached[0] = -1
+    with_arrows = np.where(rng.random(shape) < 0.5, 2, full_or_cached).astype(np.int32)
+    with_arrows[0] = -1
+    text_len = ref["sample_prompt_embeds"].shape[1]
+
+    def run(windows, order):
+        plan = CompressionPlan.from_config(cfg, windows, height=common["height"], width=common["width"],
+                                           text_len=text_len, token_order=order)
+        return np.asarray(sample(*args, plan=plan, **common))
+
+    raster = run(full_or_cached, "raster")
+    for order in ("hilbert", "morton"):
+        np.testing.assert_allclose(run(full_or_cached, order), raster, rtol=1e-5, atol=1e-5)
+    assert np.abs(run(with_arrows, "hilbert") - run(with_arrows, "raster")).max() > 1e-3
+
+
+def test_calibrate_with_token_order(tmp_path):
+    """A search along the Hilbert curve records its order in the plan, and the sampler follows it."""
+    model = load_transformer(FIXTURES / "flux_dev", progress=False)
+    ref = dict(np.load(FIXTURES / "flux_dev" / "reference.npz"))
+    side = 16 * model.config.vae_scale_factor * 2  # 16 x 16 image tokens: arrow bands skip key tiles
+    common = dict(height=side, width=side, num_steps=STEPS, guidance_scale=3.5,
+                  scheduler=scheduler_for(FIXTURES / "flux_dev", model))
+    plan = calibrate(model, ref["sample_prompt_embeds"], ref["sample_pooled"], delta=2.0, progress=False,
+                     token_order="hilbert", candidates=("arrow_8", "arrow_16"), **common)
+    assert plan.token_order == "hilbert" and "hilbert token order" in plan.summary()
+    assert (plan.head_window > 0).any(), "the search picked no arrow head: the order would not matter"
+    assert CompressionPlan.load(plan.save(tmp_path / "plan.json")) == plan
+    latents = np.random.default_rng(1).standard_normal((2, 256, model.config.in_channels)).astype(np.float32)
+    args = (model, latents, ref["sample_prompt_embeds"], ref["sample_pooled"])
+    out = np.asarray(sample(*args, plan=plan, **common))
+    assert np.isfinite(out).all()
+    assert np.abs(out - np.asarray(sample(*args, plan=plan.replace(token_order="raster"), **common))).max() > 1e-3

@@ -18,7 +18,7 @@ from flax import nnx
 
 from ditfa_jax.configs import FluxConfig
 from ditfa_jax.models.layers import (AdaLayerNorm, FeedForward, RMSNorm, TimeTextEmbedding, create_stack,
-                                     layer_norm, linear, modulate, run_stacks)
+                                     layer_norm, linear, modulate, reorder_tokens, restore_tokens, run_stacks)
 
 
 def rope_tables(ids: np.ndarray, axes_dims: tuple[int, ...], theta: float = 10000.0) -> tuple[np.ndarray, np.ndarray]:
@@ -177,14 +177,16 @@ class FluxTransformer(nnx.Module):
 
     # ---- the pieces the sampler and the plan search share ----
 
-    def embed(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, guidance=None):
+    def embed(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, guidance=None,
+              image_order=None):
         """Inputs -> (carry of the first stack, conditioning vector temb).
 
         timestep/guidance are per-sample [B] floats as the FLUX pipeline passes them (sigma in [0, 1]; guidance
-        scale); they are scaled by 1000 here, as in diffusers.
+        scale); they are scaled by 1000 here, as in diffusers. `image_order` (raster indices, see
+        `ditfa_jax.plan.image_token_order`) puts the image tokens in that order for the blocks.
         """
         dtype = self.x_embedder.kernel.dtype
-        x = self.x_embedder(hidden_states.astype(dtype))
+        x = reorder_tokens(self.x_embedder(hidden_states.astype(dtype)), image_order)
         c = self.context_embedder(encoder_hidden_states.astype(dtype))
         timestep = jnp.asarray(timestep, dtype) * 1000
         guidance = None if guidance is None else jnp.asarray(guidance, dtype) * 1000
@@ -204,22 +206,25 @@ class FluxTransformer(nnx.Module):
             return jnp.concatenate([c, x], axis=1)
         return carry
 
-    def unembed(self, h, temb, text_len: int):
+    def unembed(self, h, temb, text_len: int, image_order=None):
+        """Final adaLN + projection of the image tokens, back in raster order."""
         scale, shift = self.norm_out(temb)
-        return self.proj_out(modulate(layer_norm(h[:, text_len:]), shift, scale))
+        return restore_tokens(self.proj_out(modulate(layer_norm(h[:, text_len:]), shift, scale)), image_order)
 
     def __call__(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, rope, guidance=None,
-                 plan=None, attention_impl: str = "auto"):
+                 plan=None, attention_impl: str = "auto", image_order=None):
         """One denoiser evaluation on packed latents [B, S_img, in_channels] -> velocity [B, S_img, out].
 
         `rope` is `rope_tables(cat(txt_ids, img_ids))`. `plan` is None or (head_window [layers, H],
         cache [layers, B, T, H, D]) over all double then single layers; with a plan the call returns
-        (output, new_cache), otherwise the output alone.
+        (output, new_cache), otherwise the output alone. `image_order` runs the blocks on the image tokens in that
+        order (inputs and outputs stay in raster order); `rope`'s image rows must then follow it too.
         """
-        carry, temb = self.embed(hidden_states, encoder_hidden_states, pooled_projections, timestep, guidance)
+        carry, temb = self.embed(hidden_states, encoder_hidden_states, pooled_projections, timestep, guidance,
+                                 image_order)
         text_len = encoder_hidden_states.shape[1]
         rope = tuple(jnp.asarray(t) for t in rope)
         carry, cache = run_stacks(self, carry, temb, rope, plan, text_len=text_len, text_first=True,
                                   impl=attention_impl)
-        out = self.unembed(carry, temb, text_len)
+        out = self.unembed(carry, temb, text_len, image_order)
         return out if plan is None else (out, cache)

@@ -86,6 +86,16 @@ class FeedForward(nnx.Module):
         return self.net_2(self.net_0(x))
 
 
+def reorder_tokens(x: jax.Array, image_order) -> jax.Array:
+    """Image tokens [B, S, ...] from raster order into `image_order` (raster indices; None keeps raster)."""
+    return x if image_order is None else jnp.take(x, jnp.asarray(image_order), axis=1)
+
+
+def restore_tokens(x: jax.Array, image_order) -> jax.Array:
+    """Inverse of `reorder_tokens`: tokens in `image_order` back to raster order."""
+    return x if image_order is None else jnp.take(x, jnp.argsort(jnp.asarray(image_order)), axis=1)
+
+
 def timestep_sinusoid(t: jax.Array, dim: int = 256, max_period: float = 10000.0) -> jax.Array:
     """diffusers' get_timestep_embedding with flip_sin_to_cos=True, downscale_freq_shift=0: [cos | sin]."""
     half = dim // 2

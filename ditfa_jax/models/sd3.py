@@ -22,7 +22,7 @@ from ditfa_jax.attention import joint_attention
 from ditfa_jax.configs import SD3Config
 from ditfa_jax.models.flux import merge_heads, split_heads
 from ditfa_jax.models.layers import (AdaLayerNorm, FeedForward, RMSNorm, TimeTextEmbedding, create_stack,
-                                     layer_norm, linear, modulate, run_stacks)
+                                     layer_norm, linear, modulate, reorder_tokens, restore_tokens, run_stacks)
 
 
 class Buffer(nnx.Variable):
@@ -175,14 +175,18 @@ class SD3Transformer(nnx.Module):
 
     # ---- the pieces the sampler and the plan search share ----
 
-    def embed(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, guidance=None):
-        """NCHW latents + prompt embeddings -> ((image tokens, text tokens), temb); timestep as the pipeline passes it."""
+    def embed(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, guidance=None,
+              image_order=None):
+        """NCHW latents + prompt embeddings -> ((image tokens, text tokens), temb); timestep as the pipeline passes it.
+
+        `image_order` (raster indices, see `ditfa_jax.plan.image_token_order`) puts the image tokens in that order
+        for the blocks, after the positional embedding."""
         del guidance  # SD3 has no guidance embedding (CFG happens in the sampler)
         p = self.config.patch_size
         if hidden_states.shape[2] % p or hidden_states.shape[3] % p:
             raise ValueError(f"latent height/width {hidden_states.shape[2:]} must be multiples of patch_size {p}")
         dtype = self.context_embedder.kernel.dtype
-        x = self.pos_embed(hidden_states.astype(dtype))
+        x = reorder_tokens(self.pos_embed(hidden_states.astype(dtype)), image_order)
         c = self.context_embedder(encoder_hidden_states.astype(dtype))
         return (x, c), self.time_text_embed(jnp.asarray(timestep, jnp.float32), pooled_projections.astype(dtype))
 
@@ -193,25 +197,27 @@ class SD3Transformer(nnx.Module):
     def enter_stack(index: int, carry):
         return carry
 
-    def unembed(self, carry, temb, height: int, width: int):
-        """Final adaLN + projection, then unpatchify to NCHW [B, C, height, width] (latent pixels)."""
+    def unembed(self, carry, temb, height: int, width: int, image_order=None):
+        """Final adaLN + projection, back to raster order, then unpatchify to NCHW [B, C, height, width]."""
         cfg, x = self.config, carry[0]
         p, co = cfg.patch_size, cfg.output_channels
         scale, shift = self.norm_out(temb)
-        x = self.proj_out(modulate(layer_norm(x), shift, scale))
+        x = restore_tokens(self.proj_out(modulate(layer_norm(x), shift, scale)), image_order)
         h, w = height // p, width // p
         return x.reshape(x.shape[0], h, w, p, p, co).transpose(0, 5, 1, 3, 2, 4).reshape(x.shape[0], co, height,
                                                                                           width)
 
     def __call__(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, plan=None,
-                 attention_impl: str = "auto"):
+                 attention_impl: str = "auto", image_order=None):
         """One denoiser evaluation; NCHW latents -> NCHW velocity; `timestep` [B] as the SD3 pipeline passes it.
 
         `plan` is None or (head_window [layers, H], cache [layers, B, T, H, D]); with a plan the call returns
-        (output, new_cache), otherwise the output alone.
+        (output, new_cache), otherwise the output alone. `image_order` runs the blocks on the image tokens in that
+        order (inputs and outputs stay NCHW).
         """
-        carry, temb = self.embed(hidden_states, encoder_hidden_states, pooled_projections, timestep)
+        carry, temb = self.embed(hidden_states, encoder_hidden_states, pooled_projections, timestep,
+                                 image_order=image_order)
         carry, cache = run_stacks(self, carry, temb, None, plan, text_len=encoder_hidden_states.shape[1],
                                   text_first=False, impl=attention_impl)
-        out = self.unembed(carry, temb, *hidden_states.shape[2:])
+        out = self.unembed(carry, temb, *hidden_states.shape[2:], image_order)
         return out if plan is None else (out, cache)

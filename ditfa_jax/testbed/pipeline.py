@@ -157,7 +157,7 @@ class TestbedPipeline:
                   candidates=DEFAULT_CANDIDATES, seed: int = 0, progress: bool = True,
                   record: dict | None = None, **search) -> CompressionPlan:
         """Search a compression plan on these calibration captions (`ditfa_jax.calibrate.calibrate`; ``search``:
-        its ``rse_over_prompts`` / ``budget_schedule`` options)."""
+        its ``rse_over_prompts`` / ``budget_schedule`` / ``token_order`` options)."""
         text, pooled = self.encode(captions)
         plan = calibrate(self.transformer, text, pooled, height=IMAGE_SIZE, width=IMAGE_SIZE, num_steps=num_steps,
                          guidance_scale=1.0, delta=delta, c=c, candidates=tuple(candidates),

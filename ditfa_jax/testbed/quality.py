@@ -74,6 +74,9 @@ SEARCHES = {
     "worst-prompt": {"rse_over_prompts": "max"},
     "ramp": {"budget_schedule": "ramp"},
     "worst-prompt+ramp": {"rse_over_prompts": "max", "budget_schedule": "ramp"},
+    "hilbert": {"token_order": "hilbert"},
+    "morton": {"token_order": "morton"},
+    "worst-prompt+hilbert": {"rse_over_prompts": "max", "token_order": "hilbert"},
 }
 
 
