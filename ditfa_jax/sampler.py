@@ -197,7 +197,7 @@ def sample(model: Transformer, latents, prompt_embeds, pooled_prompt_embeds, *, 
     _check_batch(latents, {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled_prompt_embeds,
                            "negative_prompt_embeds": negative_prompt_embeds,
                            "negative_pooled_prompt_embeds": negative_pooled_prompt_embeds})
-    compressed = plan is not None and bool((np.asarray(plan.head_window) != -1).any())
+    compressed = plan is not None and bool((np.asarray(plan.head_window) != -1).any())  # else: the dense program
     run = prepare_run(model, prompt_embeds, pooled_prompt_embeds, height=height, width=width, num_steps=num_steps,
                       guidance_scale=guidance_scale, negative_prompt_embeds=negative_prompt_embeds,
                       negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, scheduler=scheduler,
@@ -206,7 +206,7 @@ def sample(model: Transformer, latents, prompt_embeds, pooled_prompt_embeds, *, 
         layout = "packed " if model.family == "flux" else ""
         raise ValueError(f"{model.family.upper()} latents for {height}x{width} must be {layout}"
                          f"[B, {', '.join(map(str, run.latent_shape))}]; got {latents.shape}")
-    windows, cache_spec = _plan_inputs(model, plan, height=height, width=width,
+    windows, cache_spec = _plan_inputs(model, plan, compressed, height=height, width=width,
                                        text_len=run.prompt_embeds.shape[1], num_steps=num_steps,
                                        batch=run.prompt_embeds.shape[0], tokens=run.tokens)
     order = None if run.image_order is None else jnp.asarray(run.image_order)
@@ -223,7 +223,7 @@ def sample(model: Transformer, latents, prompt_embeds, pooled_prompt_embeds, *, 
     return runner(*args, cache_spec=cache_spec)
 
 
-def _plan_inputs(model, plan, *, height, width, text_len, num_steps, batch, tokens):
+def _plan_inputs(model, plan, compressed: bool, *, height, width, text_len, num_steps, batch, tokens):
     """(head windows [steps, layers, H], cache (shape, dtype name)) for a plan checked against these settings, or
     (None, None).
 
@@ -233,7 +233,7 @@ def _plan_inputs(model, plan, *, height, width, text_len, num_steps, batch, toke
     if plan is None:
         return None, None
     plan.check_compatible(model.config, height=height, width=width, text_len=text_len, num_steps=num_steps)
-    if np.all(np.asarray(plan.head_window) == -1):
+    if not compressed:
         return None, None
     return (jnp.asarray(plan.head_window, jnp.int32),
             (cache_shape(model.config, batch, tokens), jnp.dtype(model.dtype).name))
