@@ -191,7 +191,6 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
                       negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, scheduler=scheduler,
                       token_order=token_order)
     prompt_embeds, pooled, cfg_guidance = run.prompt_embeds, run.pooled, run.cfg_guidance
-    order = None if run.image_order is None else jnp.asarray(run.image_order)
     n = prompt_embeds.shape[0] // (2 if cfg_guidance else 1)
     text_len, image_tokens, sigmas, timesteps = prompt_embeds.shape[1], run.image_tokens, run.sigmas, run.timesteps
     rope = None if run.rope is None else tuple(jnp.asarray(t) for t in run.rope)
@@ -219,15 +218,15 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
         m = nnx.merge(graphdef, state)
         x_in = jnp.concatenate([x, x]) if cfg_guidance else x
         ts = jnp.full((x_in.shape[0],), t / 1000 if flux else t)
-        return m.embed(x_in.astype(model.dtype), prompt_embeds, pooled, ts, guidance, image_order=order)
+        return m.embed(x_in.astype(model.dtype), prompt_embeds, pooled, ts, guidance, image_order=run.image_order)
 
     enter = jax.jit(lambda index, carry: module.enter_stack(index, carry), static_argnums=0)
 
     @jax.jit
     def euler(state, x, carry, temb, sigma, sigma_next):
         m = nnx.merge(graphdef, state)
-        v = (m.unembed(carry, temb, text_len, order) if flux else m.unembed(carry, temb, *x.shape[2:], order)
-             ).astype(jnp.float32)
+        v = (m.unembed(carry, temb, text_len, run.image_order) if flux
+             else m.unembed(carry, temb, *x.shape[2:], run.image_order)).astype(jnp.float32)
         if cfg_guidance:
             uncond, cond = jnp.split(v, 2)
             v = uncond + guidance_scale * (cond - uncond)

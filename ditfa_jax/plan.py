@@ -35,7 +35,6 @@ __all__ = [
     "candidate_savings",
     "windows_from_choice",
     "image_tokens_for",
-    "image_grid",
     "TOKEN_ORDERS",
     "image_token_order",
     "save_heatmap",
@@ -115,21 +114,14 @@ def windows_from_choice(choice, candidates, n_img: int) -> np.ndarray:
     return np.where(choice < 0, FULL_WINDOW, windows[np.maximum(choice, 0)]).astype(np.int32)
 
 
-def image_grid(config, height: int, width: int) -> tuple[int, int]:
-    """(rows, cols) of image tokens of a model at ``height`` x ``width`` pixels (FLUX: 2x2 packed latents; SD3:
-    patchified)."""
+def image_tokens_for(config, height: int, width: int) -> int:
+    """Image tokens of a model at ``height`` x ``width`` pixels (FLUX: 2x2 packed latents; SD3: patchified)."""
     patch = 2 if config.family == "flux" else config.patch_size
     step = config.vae_scale_factor * patch
     for name, v in (("height", height), ("width", width)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0 or v % step:
             raise ValueError(f"{name}: expected a positive multiple of {step} pixels for {config.family}, got {v!r}")
-    return height // step, width // step
-
-
-def image_tokens_for(config, height: int, width: int) -> int:
-    """Image tokens of a model at ``height`` x ``width`` pixels (FLUX: 2x2 packed latents; SD3: patchified)."""
-    rows, cols = image_grid(config, height, width)
-    return rows * cols
+    return (height // step) * (width // step)
 
 
 # ----------------------------------------------------------------------------------------------------------------

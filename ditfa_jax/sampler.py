@@ -209,8 +209,7 @@ def sample(model: Transformer, latents, prompt_embeds, pooled_prompt_embeds, *, 
     windows, cache_spec = _plan_inputs(model, plan, compressed, height=height, width=width,
                                        text_len=run.prompt_embeds.shape[1], num_steps=num_steps,
                                        batch=run.prompt_embeds.shape[0], tokens=run.tokens)
-    order = None if run.image_order is None else jnp.asarray(run.image_order)
-    schedule = (jnp.asarray(run.sigmas), jnp.asarray(run.timesteps), windows, order)
+    schedule = (jnp.asarray(run.sigmas), jnp.asarray(run.timesteps), windows, run.image_order)
     if isinstance(model.config, FluxConfig):
         guidance = guidance_scale if model.config.guidance_embeds else None
         runner = _flux_runner(model.graphdef, attention_impl)
