@@ -56,7 +56,8 @@ def run_jax(case: dict) -> dict:
     from ditfa_jax.loading import Transformer
     from ditfa_jax.models.flux import FluxTransformer
     from ditfa_jax.models.sd3 import SD3Transformer
-    from ditfa_jax.sampler import flux_image_ids, sample
+    from ditfa_jax.models.flux import flux_image_ids
+    from ditfa_jax.sampler import sample
 
     flux = case["family"] == "flux"
     cfg = FluxConfig(**case["config"]) if flux else SD3Config(**case["config"])

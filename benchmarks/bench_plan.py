@@ -125,7 +125,7 @@ def bench_calibration(model, px: int, steps: int, prompts: int) -> None:
     text = jax.random.normal(keys[0], (prompts, TEXT, cfg.joint_attention_dim), jnp.bfloat16)
     pooled = jax.random.normal(keys[1], (prompts, cfg.pooled_projection_dim), jnp.bfloat16)
     start = time.perf_counter()
-    plan = calibrate(model, text, pooled, height=px, width=px, num_steps=steps, guidance_scale=3.5, delta=0.2)
+    plan = calibrate(model, text, pooled, height=px, width=px, num_steps=steps, guidance_scale=3.5, delta=0.2).plan
     wall = time.perf_counter() - start
     record(kind="calibration", px=px, steps=steps, prompts=prompts, seconds=round(wall, 1),
            s_per_step=round(wall / steps, 2), attention_flops_kept=round(plan.flops_kept_fraction(), 4),
@@ -137,12 +137,18 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer steps, for a smoke run")
     parser.add_argument("--layer-skip-only", action="store_true", help="only the q/k/v-skipping measurement")
     parser.add_argument("--calibration", help="only these calibrations, e.g. '2048:28:4,1024:50:8' (px:steps:prompts)")
+    parser.add_argument("--sampler", help="only the sampler rows at these sizes, e.g. '1024,2048' (10 steps)")
     args = parser.parse_args()
     cache_dir = os.path.join(os.environ.get("OUT", "/tmp"), "..", "jax_cache")
     jax.config.update("jax_compilation_cache_dir", os.path.abspath(cache_dir))
     model = random_model(FLUX_DEV)
     if args.layer_skip_only:
         bench_layer_skip(model, 2048, 10)
+        return
+    if args.sampler:
+        for px in args.sampler.split(","):
+            bench_sampler(model, int(px), 10)
+        print_tables()
         return
     if args.calibration:
         for case in args.calibration.split(","):
@@ -153,11 +159,18 @@ def main() -> None:
                                [(1024, 28, 8), (1024, 50, 8), (2048, 28, 8), (2048, 50, 8)]):
         bench_calibration(model, px, steps, prompts)
 
-    print("\n| sampler 2048^2 plan | attention FLOPs kept | ms/step | speedup vs dense |")
-    print("|---|---|---|---|")
+    print_tables()
+
+
+def print_tables() -> None:
+    print("\n| sampler size | plan | attention FLOPs kept | ms/step | speedup vs dense |")
+    print("|---|---|---|---|---|")
     for r in RESULTS:
         if r["kind"] == "sampler":
-            print(f"| {r['plan']} | {r['attention_flops_kept']:.3f} | {r['ms_per_step']} | {r['speedup_vs_dense']} |")
+            print(f"| {r['px']}^2 | {r['plan']} | {r['attention_flops_kept']:.3f} | {r['ms_per_step']} | "
+                  f"{r['speedup_vs_dense']} |")
+    if not any(r["kind"] == "calibration" for r in RESULTS):
+        return
     print("\n| calibration | prompts | steps | seconds | kept (delta 0.2) |")
     print("|---|---|---|---|---|")
     for r in RESULTS:

@@ -13,16 +13,15 @@ import numpy as np
 from flax import nnx
 
 from convert.streaming import ConversionError, stream_into_state
-from ditfa_jax.configs import FluxConfig
-from ditfa_jax.models.flux import FluxTransformer
-from ditfa_jax.models.sd3 import SD3Transformer, layer_segments
+from ditfa_jax.family import family_of
+from ditfa_jax.models.sd3 import layer_segments
 
 STACKS = ("transformer_blocks", "single_transformer_blocks", "segments")
 
 
 def build_abstract(config, dtype):
     """The model's graph and parameter shapes, without allocating any parameter."""
-    model_cls = FluxTransformer if isinstance(config, FluxConfig) else SD3Transformer
+    model_cls = family_of(config).module_class
     abstract = nnx.eval_shape(lambda: model_cls(config, dtype=dtype, rngs=nnx.Rngs(0)))
     return nnx.split(abstract)
 

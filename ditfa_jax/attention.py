@@ -1,25 +1,47 @@
 """The one attention entry point every MMDiT block calls.
 
 `joint_attention` takes q, k, v in [batch, tokens, heads, head_dim] plus where the text tokens sit (`text_len`,
-`text_first`), and dispatches to an implementation:
+`text_first`). Without a plan every head is exact attention through `dense_attention`:
 
-* ``"xla"``: plain softmax attention in XLA (any device; fp32 math for the softmax).
-* ``"cudnn"``: `jax.nn.dot_product_attention(implementation="cudnn")` (GPU, bf16/fp16).
-* ``"pallas"``: the head-wise compressed kernel (`pallas_kernels.headwise_attention`), used whenever a per-head
-  plan is given on a GPU. Elsewhere a plan runs the kernel's dense masked reference (same function, XLA; the
-  kernel's interpret mode is ~10x slower) unless ``"pallas"`` is asked for.
+* ``"xla"``: plain softmax attention in XLA (any device; fp32 math for the softmax);
+* ``"cudnn"``: `jax.nn.dot_product_attention(implementation="cudnn")` (GPU, bf16/fp16);
+* ``"auto"``: cuDNN for half precision on a GPU, XLA otherwise.
 
-A per-head plan is `head_window: int32[heads]` (-1 full, 0 cached, w > 0 arrow with image-band half-width w) and
-`cache: [batch, tokens, heads, head_dim]` holds the last computed output of each head (the value a cached head
-returns). Both are data, so one compiled model serves every step of a sampler whose plan changes per step.
+With a per-head plan (`head_window: int32[heads]`: -1 full, 0 cached, w > 0 arrow with image-band half-width w;
+`cache: [batch, tokens, heads, head_dim]` the last computed output of each head) the head-wise kernel runs, through
+the backend `pallas_kernels.headwise_attention` picks for the device (or the one `AttentionSettings.backend`
+names). Both are data, so one compiled model serves every step of a sampler whose plan changes per step.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas")
+IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionSettings:
+    """How attention runs; static under jit (hashable).
+
+    `implementation`: dense attention (IMPLEMENTATIONS). `backend`: the head-wise kernel backend for layers with a
+    plan (None: the first one that supports the device, see `pallas_kernels.BACKENDS`). `band`: the arrow band's
+    granularity (query, key tokens) of the plan being run (None: the kernel's default for the head size).
+    `shortcuts`: a layer whose heads are all full runs dense attention and one whose heads are all cached skips its
+    q/k/v projections (same function, less work); False sends every planned layer through the kernel backend, as
+    tests that check the kernel path need.
+    """
+    implementation: str = "auto"
+    backend: str | None = None
+    band: tuple[int, int] | None = None
+    shortcuts: bool = True
+
+    def __post_init__(self):
+        if self.implementation not in IMPLEMENTATIONS:
+            raise ValueError(f"attention implementation {self.implementation!r}: expected one of {IMPLEMENTATIONS}")
 
 
 def default_implementation(dtype) -> str:
@@ -46,6 +68,21 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: st
     return xla_attention(q, k, v)
 
 
+def headwise(q, k, v, head_window, cache, *, text_len: int, text_first: bool,
+             settings: AttentionSettings = AttentionSettings()) -> jax.Array:
+    """The head-wise kernel on one layer (no shortcut): the backend `settings` names or the device's default."""
+    import pallas_kernels  # deferred: the kernel package is only needed with a plan
+
+    # TEMP-MERGE: old kernel API until the backend registry lands
+    if not hasattr(pallas_kernels, "BACKENDS"):
+        bq, bk = settings.band or (None, None)
+        fn = (pallas_kernels.headwise_attention if settings.backend == "triton" or jax.default_backend() == "gpu"
+              else pallas_kernels.reference_headwise_attention)
+        return fn(q, k, v, head_window, cache, text_len=text_len, text_first=text_first, block_q=bq, block_k=bk)
+    return pallas_kernels.headwise_attention(q, k, v, head_window, cache, text_len=text_len, text_first=text_first,
+                                             band=settings.band, backend=settings.backend)
+
+
 def joint_attention(
     q: jax.Array,
     k: jax.Array,
@@ -55,13 +92,13 @@ def joint_attention(
     text_first: bool,
     head_window: jax.Array | None = None,
     cache: jax.Array | None = None,
-    implementation: str = "auto",
+    settings: AttentionSettings = AttentionSettings(),
 ) -> jax.Array:
     """Joint text-image attention of one layer; returns [batch, tokens, heads, head_dim] in q's dtype.
 
-    Without a plan (`head_window=None`) every head is exact attention. With a plan, the head-wise kernel runs and
-    cached heads return `cache`'s value for that head; a plan whose heads are all full runs the dense path (the
-    uncompressed model's attention). `implementation="pallas"` forces the kernel.
+    Without a plan (`head_window=None`) every head is exact attention. With a plan the head-wise kernel runs and
+    cached heads return `cache`'s value for that head; with `settings.shortcuts`, a step whose heads are all full
+    runs the dense path (the uncompressed model's attention, cuDNN on a GPU).
     """
     if q.ndim != 4 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(
@@ -69,26 +106,13 @@ def joint_attention(
             f"k {k.shape}, v {v.shape}")
     if not 0 <= text_len <= q.shape[1]:
         raise ValueError(f"text_len={text_len} must lie in [0, tokens={q.shape[1]}]")
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"unknown attention implementation {implementation!r}; expected one of {IMPLEMENTATIONS}")
+    if head_window is None:
+        return dense_attention(q, k, v, settings.implementation)
 
-    if head_window is not None or implementation == "pallas":
-        import pallas_kernels  # deferred: the kernel package is only needed with a plan
+    def compressed():
+        return headwise(q, k, v, head_window, cache, text_len=text_len, text_first=text_first, settings=settings)
 
-        if head_window is None:
-            head_window = jnp.full((q.shape[2],), -1, jnp.int32)
-
-        on_gpu = jax.default_backend() == "gpu"
-        kernel = (pallas_kernels.headwise_attention if implementation == "pallas" or on_gpu
-                  else pallas_kernels.reference_headwise_attention)
-
-        def compressed():
-            return kernel(q, k, v, head_window, cache, text_len=text_len, text_first=text_first)
-
-        if implementation == "pallas":
-            return compressed()
-        # An all-full plan (e.g. every step 0) takes the dense path: identical to the uncompressed model, and
-        # cuDNN is the fastest dense attention on a GPU.
-        return jax.lax.cond(jnp.all(head_window == -1), lambda: dense_attention(q, k, v, implementation), compressed)
-
-    return dense_attention(q, k, v, implementation)
+    if not settings.shortcuts:
+        return compressed()
+    return jax.lax.cond(jnp.all(head_window == -1), lambda: dense_attention(q, k, v, settings.implementation),
+                        compressed)

@@ -12,11 +12,13 @@ One sampling pass over the calibration prompts, layer by layer. At each step and
    they will at inference.
 
 Step 0 is always full and runs the layers uncompressed (no candidates). The per-layer caches live in pinned host
-memory when they would crowd the GPU, with transfers overlapped with compute. The result is a `CompressionPlan` for this model, resolution, text length and step count.
+memory when they would crowd the GPU, with transfers overlapped with compute. The result holds the plan for this
+model, resolution, text length and step count, the RSE table and the pass's final latents.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 
@@ -27,13 +29,16 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 import pallas_kernels
-from ditfa_jax.attention import joint_attention
-from ditfa_jax.configs import FluxConfig
+from ditfa_jax.attention import AttentionSettings, dense_attention, headwise
+from ditfa_jax.configs import VAE_SCALE_FACTOR
+from ditfa_jax.denoise import cache_bytes, cache_shape, embed, euler_step, guided_velocity, prepare_run
+from ditfa_jax.family import TokenLayout
 from ditfa_jax.loading import Transformer
 from ditfa_jax.milp import solve_layer
+from ditfa_jax.models.layers import attention_inputs, block_forward
 from ditfa_jax.plan import DEFAULT_CANDIDATES, CompressionPlan, candidate_savings, candidate_windows
-from ditfa_jax.sampler import cache_bytes, cache_shape, prepare_run
 from ditfa_jax.scheduler import SchedulerConfig
+from pallas_kernels.config import default_block_sizes as default_band  # TEMP-MERGE: pallas_kernels.schedule.default_band
 
 
 RSE_REDUCTIONS = ("mean", "max")
@@ -123,32 +128,29 @@ def _select_heads(outs: jax.Array, choice: jax.Array) -> jax.Array:
 class _LayerRunner:
     """Jitted per-layer pieces for one block stack (the layer index is data: one compile per stack).
 
-    `exact` runs a layer uncompressed (step 0). `probe` computes the exact attention and every candidate's output
-    for all heads at once, and their RSE; `apply` takes each head's chosen output from the probe (no attention is
-    recomputed) and finishes the block.
+    `exact` runs a layer uncompressed (step 0), as the sampler's `block_forward` does. `probe` computes the exact
+    attention and every candidate's output for all heads at once, and their RSE; `apply` takes each head's chosen
+    output from the probe (no attention is recomputed) and finishes the block.
     """
 
-    def __init__(self, stack, *, text_len: int, text_first: bool, windows: tuple[int, ...], impl: str):
+    def __init__(self, stack, *, layout: TokenLayout, windows: tuple[int, ...], settings: AttentionSettings):
         self.graphdef, self.state = nnx.split(stack)
         graphdef = self.graphdef
-        attend = functools.partial(joint_attention, text_len=text_len, text_first=text_first, implementation=impl)
+        where = dict(text_len=layout.text_len, text_first=layout.text_first)
 
         @jax.jit
         def exact(state, index, carry, temb, rope):
             block = nnx.merge(graphdef, _layer_state(state, index))
-            ctx = block.prepare(carry, temb)
-            out = attend(*block.qkv(ctx, rope))
-            return block.finish(carry, ctx, out), out
+            return block_forward(block, carry, temb, rope, None, layout, settings)
 
         @functools.partial(jax.jit, static_argnames="rse_over_prompts")
         def probe(state, index, carry, temb, rope, prev_out, rse_over_prompts):
             block = nnx.merge(graphdef, _layer_state(state, index))
-            ctx = block.prepare(carry, temb)
-            q, k, v = block.qkv(ctx, rope)
+            ctx, (q, k, v) = attention_inputs(block, carry, temb, rope)
             heads = q.shape[2]
-            y_full = attend(q, k, v)
-            outs = jnp.stack([y_full] + [attend(q, k, v, head_window=jnp.full((heads,), w, jnp.int32))
-                                         if w > 0 else prev_out for w in windows])
+            y_full = dense_attention(q, k, v, settings.implementation)
+            outs = jnp.stack([y_full] + [headwise(q, k, v, jnp.full((heads,), w, jnp.int32), None, **where,
+                                                  settings=settings) if w > 0 else prev_out for w in windows])
             return head_rse(outs[1:], y_full, rse_over_prompts), (ctx, outs)
 
         @jax.jit
@@ -161,97 +163,103 @@ class _LayerRunner:
         self.exact, self.probe, self.apply = exact, probe, apply
 
 
+@dataclasses.dataclass(frozen=True)
+class CalibrationResult:
+    """What a plan search produced.
+
+    `plan`: the compression plan. `rse`: float64 [steps, layers, heads, candidates], each head's RSE per candidate
+    along the compressed trajectory (NaN at step 0, which is always full). `saving`: float64 [heads, candidates],
+    the attention FLOPs each candidate removes (the MILP's objective). `final_latents`: the calibration pass's
+    last latents, as `sample(plan=plan)` gives them from the same noise (`noise_seed`).
+    """
+    plan: CompressionPlan
+    rse: np.ndarray
+    saving: np.ndarray
+    final_latents: jax.Array
+
+
 def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height: int, width: int, num_steps: int,
               guidance_scale: float, delta: float, c: float = 1.5, candidates=DEFAULT_CANDIDATES,
               negative_prompt_embeds=None, negative_pooled_prompt_embeds=None,
-              scheduler: SchedulerConfig | None = None, seed: int = 0, attention_impl: str = "auto",
-              progress: bool = True, record: dict | None = None,
-              cache_on_host: bool | None = None, rse_over_prompts: str = "mean",
-              budget_schedule: str = "constant", token_order: str = "raster") -> CompressionPlan:
+              scheduler: SchedulerConfig | None = None, seed: int = 0, vae_scale_factor: int = VAE_SCALE_FACTOR,
+              attention: AttentionSettings | None = None, band: tuple[int, int] | None = None,
+              progress: bool = True, cache_on_host: bool | None = None, rse_over_prompts: str = "mean",
+              budget_schedule: str = "constant", token_order: str = "raster") -> CalibrationResult:
     """Search a head-wise compression plan on calibration prompts (embeddings [N, L, dim], pooled [N, dim]).
 
-    The pass samples from seeded noise exactly as `ditfa_jax.sample` would with the plan being built (FLUX: distilled
-    guidance; SD3: CFG on [uncond, cond], which share the plan). Returns the plan; its `notes` hold the per-step
-    kept fraction, the RSE budget used and the time taken.
+    The pass samples from seeded noise (`seed`) with the core `ditfa_jax.sample` runs (`ditfa_jax.denoise`), the
+    plan being built applied as it goes (FLUX: distilled guidance; SD3: CFG on [uncond, cond], which share the
+    plan). Returns a `CalibrationResult`; the plan's `notes` hold the per-step kept fraction, the RSE budget used
+    and the time taken. `band` is the arrow band's granularity the plan records (default: the kernel's for the
+    head size).
 
     Beyond the paper (defaults reproduce it): ``rse_over_prompts="max"`` scores a head by its worst calibration
     prompt (`head_rse`), and ``budget_schedule="ramp"`` spends the same total budget unevenly, little at early steps
     (`step_budgets`). ``token_order="hilbert"`` (or "morton") searches, and the plan runs, with the image tokens
-    along a space-filling curve, so that arrow bands are 2-D neighbourhoods (`ditfa_jax.plan.image_token_order`).
+    along a space-filling curve, so that arrow bands are 2-D neighbourhoods (`ditfa_jax.token_order`).
     """
     if rse_over_prompts not in RSE_REDUCTIONS:
         raise ValueError(f"rse_over_prompts={rse_over_prompts!r}: expected one of {RSE_REDUCTIONS}")
     budgets = step_budgets(delta, num_steps, budget_schedule)
     start_time = time.perf_counter()
     cfg = model.config
-    flux = isinstance(cfg, FluxConfig)
-    run = prepare_run(model, jnp.asarray(prompt_embeds, model.dtype), jnp.asarray(pooled_prompt_embeds, model.dtype),
-                      height=height, width=width, num_steps=num_steps, guidance_scale=guidance_scale,
-                      negative_prompt_embeds=negative_prompt_embeds,
+    run = prepare_run(cfg, prompt_embeds, pooled_prompt_embeds, height=height, width=width, num_steps=num_steps,
+                      guidance_scale=guidance_scale, negative_prompt_embeds=negative_prompt_embeds,
                       negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, scheduler=scheduler,
-                      token_order=token_order)
-    prompt_embeds, pooled, cfg_guidance = run.prompt_embeds, run.pooled, run.cfg_guidance
-    n = prompt_embeds.shape[0] // (2 if cfg_guidance else 1)
-    text_len, image_tokens, sigmas, timesteps = prompt_embeds.shape[1], run.image_tokens, run.sigmas, run.timesteps
-    rope = None if run.rope is None else tuple(jnp.asarray(t) for t in run.rope)
+                      token_order=token_order, vae_scale_factor=vae_scale_factor, dtype=model.dtype)
+    layout, cond, family = run.layout, run.cond, run.family
+    band = tuple(band or default_band(cfg.attention_head_dim))
+    settings = dataclasses.replace(attention or AttentionSettings(), band=band)
+    n = cond.prompt_embeds.shape[0] // (2 if cond.cfg_scale is not None else 1)
     latents = jax.random.normal(jax.random.key(seed), (n, *run.latent_shape), jnp.float32)
-    guidance = jnp.full((n,), guidance_scale, jnp.float32) if flux and cfg.guidance_embeds else None
 
-    tokens, heads = image_tokens + text_len, cfg.num_attention_heads
-    windows = tuple(int(w) for w in candidate_windows(candidates, image_tokens))
-    saving = np.broadcast_to(candidate_savings(candidates, image_tokens=image_tokens, text_len=text_len,
-                                               text_first=cfg.text_first, head_dim=cfg.attention_head_dim),
+    tokens, heads = layout.tokens, cfg.num_attention_heads
+    windows = tuple(int(w) for w in candidate_windows(candidates, layout.image_tokens))
+    cost_kw = dict(tokens=tokens, text_len=layout.text_len, text_first=layout.text_first,
+                   head_dim=cfg.attention_head_dim, block_q=band[0], block_k=band[1])  # TEMP-MERGE: band=band
+    saving = np.broadcast_to(candidate_savings(candidates, image_tokens=layout.image_tokens, text_len=layout.text_len,
+                                               text_first=layout.text_first, head_dim=cfg.attention_head_dim,
+                                               block_q=band[0], block_k=band[1]),
                              (heads, len(windows)))
 
     def kept_fraction(step_windows):
-        return float(pallas_kernels.plan_cost(step_windows, batch=1, tokens=tokens, text_len=text_len,
-                                              text_first=cfg.text_first, head_dim=cfg.attention_head_dim
-                                              ).flop_fraction.mean())
+        return float(pallas_kernels.plan_cost(step_windows, batch=1, **cost_kw).flop_fraction.mean())
 
     module = model.module()
-    runners = [(_LayerRunner(stack, text_len=text_len, text_first=cfg.text_first, windows=windows,
-                             impl=attention_impl), first, count) for stack, first, count in module.stacks()]
+    runners = [(_LayerRunner(stack, layout=layout, windows=windows, settings=settings), first, count)
+               for stack, first, count in module.stacks()]
     graphdef, state = nnx.split(module)
 
     @jax.jit
-    def embed(state, x, t):
-        m = nnx.merge(graphdef, state)
-        x_in = jnp.concatenate([x, x]) if cfg_guidance else x
-        ts = jnp.full((x_in.shape[0],), t / 1000 if flux else t)
-        return m.embed(x_in.astype(model.dtype), prompt_embeds, pooled, ts, guidance, image_order=run.image_order)
+    def embed_step(state, x, t):
+        return embed(nnx.merge(graphdef, state), family, cond, x, t)
 
     enter = jax.jit(lambda index, carry: module.enter_stack(index, carry), static_argnums=0)
 
     @jax.jit
-    def euler(state, x, carry, temb, sigma, sigma_next):
-        m = nnx.merge(graphdef, state)
-        v = (m.unembed(carry, temb, text_len, run.image_order) if flux
-             else m.unembed(carry, temb, *x.shape[2:], run.image_order)).astype(jnp.float32)
-        if cfg_guidance:
-            uncond, cond = jnp.split(v, 2)
-            v = uncond + guidance_scale * (cond - uncond)
-        return x + (sigma_next - sigma) * v
+    def finish_step(state, x, carry, temb, sigma, sigma_next):
+        v = guided_velocity(nnx.merge(graphdef, state), cond, layout, carry, temb)
+        return euler_step(x, v, sigma, sigma_next)
 
-    batch = prompt_embeds.shape[0]
     if cache_on_host is None:
-        cache_on_host = _cache_exceeds_device(cache_bytes(cfg, batch, tokens, model.dtype))
-    caches = _LayerCaches(cfg.total_layers, cache_shape(cfg, batch, tokens)[1:], model.dtype, cache_on_host)
+        cache_on_host = _cache_exceeds_device(cache_bytes(cfg, run.batch, tokens, model.dtype))
+    caches = _LayerCaches(cfg.total_layers, cache_shape(cfg, run.batch, tokens)[1:], model.dtype, cache_on_host)
     head_window = np.full((num_steps, cfg.total_layers, heads), -1, np.int32)
     rse_used = np.zeros((num_steps, cfg.total_layers))
     rse_table = np.full((num_steps, cfg.total_layers, heads, len(windows)), np.nan)
     kept_per_step = []
     bar = tqdm(range(num_steps), desc=f"calibrating (delta={delta})", unit="step", disable=not progress)
     for step in bar:
-        carry, temb = embed(state, latents, timesteps[step])
+        carry, temb = embed_step(state, latents, run.timesteps[step])
         for stack_index, (runner, first, count) in enumerate(runners):
             carry = enter(stack_index, carry)
             for i in range(count):
                 layer = first + i
                 if step == 0:  # always full: the cached candidate has no value yet
-                    carry, out = runner.exact(runner.state, i, carry, temb, rope)
+                    carry, out = runner.exact(runner.state, i, carry, temb, cond.rope)
                     caches.store(layer, out)
                     continue
-                rse, probed = runner.probe(runner.state, i, carry, temb, rope, caches.fetch(layer),
+                rse, probed = runner.probe(runner.state, i, carry, temb, cond.rope, caches.fetch(layer),
                                            rse_over_prompts=rse_over_prompts)
                 rse_table[step, layer] = np.asarray(rse, np.float64)
                 choice = np.full(heads, -1)
@@ -262,17 +270,16 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
                     rse_used[step, layer] = rse_table[step, layer][chosen, choice[chosen]].sum()
                 carry, out = runner.apply(runner.state, i, carry, probed, jnp.asarray(choice + 1, jnp.int32))
                 caches.store(layer, out)
-        latents = euler(state, latents, carry, temb, sigmas[step], sigmas[step + 1])
+        latents = finish_step(state, latents, carry, temb, run.sigmas[step], run.sigmas[step + 1])
         kept_per_step.append(kept_fraction(head_window[step]))
         bar.set_postfix(kept=f"{kept_per_step[-1]:.2f}")
     jax.block_until_ready(latents)
-    if record is not None:
-        record.update(rse=rse_table, saving=np.array(saving))
-    return CompressionPlan.from_config(
-        model.config, head_window, height=height, width=width, text_len=text_len, candidates=tuple(candidates),
+    plan = CompressionPlan.from_config(
+        cfg, head_window, height=height, width=width, text_len=layout.text_len, candidates=tuple(candidates),
         delta=delta, c=c, token_order=token_order,
         notes=dict(calibration_seconds=round(time.perf_counter() - start_time, 2), prompts=int(n),
                    guidance_scale=float(guidance_scale), seed=seed, rse_used_max=float(rse_used.max()),
                    cache_on_host=bool(cache_on_host), rse_over_prompts=rse_over_prompts,
                    budget_schedule=budget_schedule,
                    kept_per_step=[round(k, 4) for k in kept_per_step]))
+    return CalibrationResult(plan=plan, rse=rse_table, saving=np.array(saving), final_latents=latents)

@@ -15,6 +15,8 @@ scheduler). `calibrate` takes prompts as text when the folder has text encoders,
 from __future__ import annotations
 
 import argparse
+import functools
+import io
 import json
 import sys
 import time
@@ -35,16 +37,62 @@ def _dtype(name: str):
 def cmd_convert(args) -> int:
     from ditfa_jax.loading import load_transformer, save_converted
 
-    model = load_transformer(args.checkpoint, dtype=_dtype(args.dtype), config=args.config)
+    model = load_transformer(args.checkpoint, dtype=_dtype(args.dtype), config=args.config, progress=True)
     out = save_converted(model, args.out_dir)
     print(f"converted {type(model.config).__name__} -> {out}")
     return 0
 
 
-def _prompt_inputs(args, cfg, batch: int):
+# ---- the settings of a run: from the command line, the plan and the model, checked before anything loads ----
+
+DEFAULT_STEPS = 28
+
+
+def _load_plan(args):
+    from ditfa_jax.plan import CompressionPlan
+
+    return CompressionPlan.load(args.plan) if getattr(args, "plan", None) else None
+
+
+def _from_plan(args, plan, flag: str, attr: str, plan_value, default):
+    """A setting given on the command line, else the plan's, else the default; a given value the plan contradicts
+    is an error naming both."""
+    given = getattr(args, attr)
+    if plan is None:
+        return default if given is None else given
+    if given is not None and given != plan_value:
+        raise ValueError(f"{flag} {given} conflicts with the plan {args.plan}, made for {plan_value}: drop {flag} "
+                         "(the plan's value is used) or calibrate a plan for it")
+    return plan_value
+
+
+def _geometry(args, plan, *, text_len_default: int) -> dict:
+    """height, width, steps and text length of a transformer-level run (sample, calibrate), checked against the
+    model before any weight loads; a plan supplies what the command line leaves out."""
+    from ditfa_jax.family import family_of, layout_for
+    from ditfa_jax.loading import transformer_config
+    from ditfa_jax.pipelines import vae_scale_factor_of
+
+    config = transformer_config(args.checkpoint)
+    vae = vae_scale_factor_of(args.checkpoint) if Path(args.checkpoint).is_dir() else 8
+    native = family_of(config).native_size(config, vae)
+    run = dict(height=_from_plan(args, plan, "--height", "height", plan and plan.height, native),
+               width=_from_plan(args, plan, "--width", "width", plan and plan.width, native),
+               steps=_from_plan(args, plan, "--steps", "steps", plan and plan.num_steps, DEFAULT_STEPS),
+               text_len=_from_plan(args, plan, "--text-len", "text_len", plan and plan.text_len, text_len_default))
+    for name in ("steps", "text_len"):
+        if run[name] < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {run[name]}")
+    layout_for(config, height=run["height"], width=run["width"], text_len=run["text_len"], vae_scale_factor=vae)
+    return dict(run, config=config, vae_scale_factor=vae)
+
+
+def _prompt_inputs(args, cfg, batch: int, text_len: int):
     """Prompt embeddings from --embeddings (.npz) or seeded random ones; (text, pooled, negative kwargs)."""
     import jax
     import jax.numpy as jnp
+
+    from ditfa_jax.family import family_of
 
     if args.embeddings:
         data = np.load(args.embeddings)
@@ -56,59 +104,64 @@ def _prompt_inputs(args, cfg, batch: int):
                     if k in data}
     else:
         key_text, key_pool = jax.random.split(jax.random.key(args.seed + 1))
-        text = jax.random.normal(key_text, (batch, args.text_len, cfg.joint_attention_dim))
+        text = jax.random.normal(key_text, (batch, text_len, cfg.joint_attention_dim))
         pooled = jax.random.normal(key_pool, (batch, cfg.pooled_projection_dim))
         negative = {}
-    if cfg.family == "sd3" and not negative:
+    if family_of(cfg).guidance(cfg) == "cfg" and not negative:
         negative = dict(negative_prompt_embeds=jnp.zeros_like(text), negative_pooled_prompt_embeds=jnp.zeros_like(pooled))
     return text, pooled, negative
 
 
 def _guidance(args, cfg) -> float:
-    return args.guidance if args.guidance is not None else (3.5 if cfg.family == "flux" else 7.0)
+    from ditfa_jax.family import family_of
+
+    return args.guidance if args.guidance is not None else family_of(cfg).default_guidance_scale
 
 
 def cmd_sample(args) -> int:
     import jax
     import jax.numpy as jnp
 
-    from ditfa_jax.configs import FluxConfig
+    from ditfa_jax.family import family_of, layout_for
     from ditfa_jax.loading import load_transformer
-    from ditfa_jax.plan import CompressionPlan, image_tokens_for
-    from ditfa_jax.sampler import cache_bytes, flux_latent_grid, sample, scheduler_for
+    from ditfa_jax.sampler import cache_bytes, sample, scheduler_for
 
-    model = load_transformer(args.checkpoint, dtype=_dtype(args.dtype))
-    cfg = model.config
-    text, pooled, negative = _prompt_inputs(args, cfg, args.batch)
+    out = Path(args.out) if args.out else None
+    if out is not None and out.exists() and not args.overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    plan = _load_plan(args)
+    run = _geometry(args, plan, text_len_default=16)
+    model = load_transformer(args.checkpoint, dtype=_dtype(args.dtype), progress=False)
+    cfg, family = model.config, family_of(model.config)
+    text, pooled, negative = _prompt_inputs(args, cfg, args.batch, run["text_len"])
     b = text.shape[0]
-    key_noise = jax.random.key(args.seed)
-    if isinstance(cfg, FluxConfig):
-        rows, cols = flux_latent_grid(args.height, args.width, cfg.vae_scale_factor)
-        latents = jax.random.normal(key_noise, (b, rows * cols, cfg.in_channels))
-    else:
-        scale = cfg.vae_scale_factor
-        latents = jax.random.normal(key_noise, (b, cfg.in_channels, args.height // scale, args.width // scale))
-    plan = CompressionPlan.load(args.plan) if args.plan else None
+    layout = layout_for(cfg, height=run["height"], width=run["width"], text_len=text.shape[1],
+                        vae_scale_factor=run["vae_scale_factor"])
+    latents = jax.random.normal(jax.random.key(args.seed), (b, *family.latent_shape(cfg, layout.grid)))
     scheduler = scheduler_for(args.checkpoint, model)
     timings = []
     for _ in range(2):  # first call compiles
         start = time.perf_counter()
-        final = sample(model, latents, text, pooled, height=args.height, width=args.width, num_steps=args.steps,
-                       guidance_scale=_guidance(args, cfg), scheduler=scheduler, plan=plan, **negative)
+        final = sample(model, latents, text, pooled, height=run["height"], width=run["width"],
+                       num_steps=run["steps"], guidance_scale=_guidance(args, cfg), scheduler=scheduler, plan=plan,
+                       vae_scale_factor=run["vae_scale_factor"], **negative)
         final.block_until_ready()
         timings.append(time.perf_counter() - start)
-    report = {"model": type(cfg).__name__, "checkpoint": str(args.checkpoint), "steps": args.steps,
-              "height": args.height, "width": args.width, "batch": b, "plan": args.plan,
+    cfg_batch = b * (2 if negative else 1)  # classifier-free guidance runs a doubled batch
+    report = {"model": type(cfg).__name__, "checkpoint": str(args.checkpoint), "steps": run["steps"],
+              "height": run["height"], "width": run["width"], "text_len": layout.text_len, "batch": b,
+              "plan": args.plan,
               "attention_flops_kept": None if plan is None else round(plan.flops_kept_fraction(), 4),
               "attention_cache_mb": 0.0 if plan is None else round(cache_bytes(
-                  cfg, b * (2 if cfg.family == "sd3" else 1),  # SD3 runs CFG on a doubled batch
-                  image_tokens_for(cfg, args.height, args.width) + text.shape[1], model.dtype) / 2 ** 20, 2),
+                  cfg, cfg_batch, layout.tokens, model.dtype) / 2 ** 20, 2),
               "first_call_s": round(timings[0], 3), "second_call_s": round(timings[1], 3),
               "final_latents_std": float(jnp.std(final)), "device": str(jax.devices()[0])}
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        np.save(out, np.asarray(final))
+    if out is not None:
+        from ditfa_jax.files import atomic_write
+
+        buf = io.BytesIO()
+        np.save(buf, np.asarray(final))
+        atomic_write(out, buf.getvalue())
         report["latents"] = str(out)
     print(json.dumps(report, indent=2))
     return 0
@@ -128,16 +181,23 @@ def _read_prompts(path: str | Path) -> list[str]:
 def cmd_calibrate(args) -> int:
     from ditfa_jax.calibrate import calibrate
     from ditfa_jax.loading import load_transformer
-    from ditfa_jax.plan import save_heatmap
+    from ditfa_jax.plan_pictures import save_heatmap
     from ditfa_jax.sampler import scheduler_for
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-    if args.prompts.isdigit():
-        model = load_transformer(args.checkpoint, dtype=_dtype(args.dtype))
+    text_prompts = not args.prompts.isdigit()
+    if text_prompts and args.text_len is not None:
+        raise ValueError("--text-len sets the length of random embeddings; with text --prompts the T5 length is "
+                         "--max-sequence-length")
+    run = _geometry(args, None, text_len_default=16)
+    if not text_prompts:
+        if int(args.prompts) < 1:
+            raise ValueError(f"--prompts must be a prompt file or a number >= 1, got {args.prompts}")
+        model = load_transformer(args.checkpoint, dtype=_dtype(args.dtype), progress=False)
         scheduler = scheduler_for(args.checkpoint, model)
-        text, pooled, negative = _prompt_inputs(args, model.config, int(args.prompts))
+        text, pooled, negative = _prompt_inputs(args, model.config, int(args.prompts), run["text_len"])
     else:
         from ditfa_jax.pipelines import load_pipeline
 
@@ -148,11 +208,12 @@ def cmd_calibrate(args) -> int:
                            guidance_scale=_guidance(args, model.config))
         text, pooled = cond.pop("prompt_embeds"), cond.pop("pooled_prompt_embeds")
         negative = cond
-    plan = calibrate(model, text, pooled, height=args.height, width=args.width, num_steps=args.steps,
-                     guidance_scale=_guidance(args, model.config), delta=args.delta, c=args.c,
-                     candidates=tuple(args.candidates.split(",")), scheduler=scheduler, seed=args.seed,
-                     rse_over_prompts=args.rse_over_prompts, budget_schedule=args.budget_schedule,
-                     token_order=args.token_order, **negative)
+    result = calibrate(model, text, pooled, height=run["height"], width=run["width"], num_steps=run["steps"],
+                       guidance_scale=_guidance(args, model.config), delta=args.delta, c=args.c,
+                       candidates=tuple(args.candidates.split(",")), scheduler=scheduler, seed=args.seed,
+                       vae_scale_factor=run["vae_scale_factor"], rse_over_prompts=args.rse_over_prompts,
+                       budget_schedule=args.budget_schedule, token_order=args.token_order, **negative)
+    plan = result.plan
     plan.save(out)
     heatmap = save_heatmap(plan, out.with_suffix(".png"))
     print(plan.summary())
@@ -189,9 +250,37 @@ def _write_images(images, metadata: list[dict], paths: list[Path]) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _pipeline_run(args, plan) -> dict:
+    """height, width, steps and T5 length of a pipeline run (generate, bench), checked against the folder's model
+    before anything loads; a plan supplies what the command line leaves out."""
+    from ditfa_jax.configs import read_json
+    from ditfa_jax.family import family_of, layout_for
+    from ditfa_jax.loading import transformer_config
+    from ditfa_jax.pipelines import PIPELINES, vae_scale_factor_of
+
+    folder = Path(args.checkpoint)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: not a pipeline folder (expected a diffusers folder with model_index.json)")
+    name = read_json(folder / "model_index.json", "model_index.json").get("_class_name")
+    if name not in PIPELINES:
+        raise ValueError(f"{folder / 'model_index.json'}: _class_name {name!r} is not supported; expected one of "
+                         f"{sorted(PIPELINES)}")
+    config, vae = transformer_config(folder / "transformer"), vae_scale_factor_of(folder)
+    native = family_of(config).native_size(config, vae)
+    length = None if plan is None else PIPELINES[name].max_sequence_length_for(plan.text_len)
+    run = dict(height=_from_plan(args, plan, "--height", "height", plan and plan.height, native),
+               width=_from_plan(args, plan, "--width", "width", plan and plan.width, native),
+               steps=_from_plan(args, plan, "--steps", "steps", plan and plan.num_steps, DEFAULT_STEPS),
+               max_sequence_length=_from_plan(args, plan, "--max-sequence-length", "max_sequence_length", length,
+                                              None))
+    if run["steps"] < 1:
+        raise ValueError(f"--steps must be >= 1, got {run['steps']}")
+    layout_for(config, height=run["height"], width=run["width"], text_len=0, vae_scale_factor=vae)
+    return run
+
+
 def cmd_generate(args) -> int:
     from ditfa_jax.pipelines import load_pipeline
-    from ditfa_jax.plan import CompressionPlan
 
     prompts = list(args.prompt or []) + (_read_prompts(args.prompts_file) if args.prompts_file else [])
     if not prompts:
@@ -203,16 +292,18 @@ def cmd_generate(args) -> int:
     if existing and not args.overwrite:
         raise FileExistsError(f"{existing[0]} exists ({len(existing)} of the {total} target files do); choose another "
                               "--out / --name or pass --overwrite")
-    plan = CompressionPlan.load(args.plan) if args.plan else None
+    plan = _load_plan(args)
+    run = _pipeline_run(args, plan)
     pipe = load_pipeline(args.checkpoint, dtype=_dtype(args.dtype), offload_text_encoders=args.offload_text_encoders)
-    images = pipe(prompts, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
-                  num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
-                  num_images=args.num_images, plan=plan, max_sequence_length=args.max_sequence_length, progress=True)
+    images = pipe(prompts, negative_prompt=args.negative_prompt, height=run["height"], width=run["width"],
+                  num_inference_steps=run["steps"], guidance_scale=args.guidance, seed=args.seed,
+                  num_images=args.num_images, plan=plan, max_sequence_length=run["max_sequence_length"],
+                  progress=True)
     common = {"negative_prompt": args.negative_prompt, "seed": args.seed, "model": str(args.checkpoint),
-              "pipeline": type(pipe).__name__, "steps": args.steps,
-              "guidance_scale": pipe.DEFAULT_GUIDANCE if args.guidance is None else args.guidance,
+              "pipeline": type(pipe).__name__, "steps": run["steps"],
+              "guidance_scale": pipe.default_guidance_scale if args.guidance is None else args.guidance,
               "height": images[0].height, "width": images[0].width,
-              "text_len": pipe.text_len(args.max_sequence_length),
+              "text_len": pipe.text_len(run["max_sequence_length"]),
               "plan": None if plan is None else {"file": str(args.plan), "digest": plan.digest(),
                                                  "attention_flops_kept": round(plan.flops_kept_fraction(), 4)},
               "software": "ditfa-jax"}
@@ -232,22 +323,24 @@ def _peak_gb() -> float | None:
 
 def cmd_bench(args) -> int:
     from ditfa_jax.pipelines import load_pipeline
-    from ditfa_jax.plan import CompressionPlan
 
     out = Path(args.out) if args.out else None
     if out is not None and out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-    plan = CompressionPlan.load(args.plan) if args.plan else None
+    plan = _load_plan(args)
+    run = _pipeline_run(args, plan)
+    if args.repeat < 1 or args.batch < 1:
+        raise ValueError(f"--repeat and --batch must be >= 1, got {args.repeat} and {args.batch}")
     pipe = load_pipeline(args.checkpoint, dtype=_dtype(args.dtype), offload_text_encoders=True)
     prompts = [args.prompt] * args.batch
     rows = []
     for name, run_plan in [("dense", None)] + ([("plan", plan)] if plan is not None else []):
-        best, first_call = pipe.time_stages(prompts, repeat=args.repeat, height=args.height, width=args.width,
-                                            num_inference_steps=args.steps, guidance_scale=args.guidance,
-                                            plan=run_plan, max_sequence_length=args.max_sequence_length)
+        best, first_call = pipe.time_stages(prompts, repeat=args.repeat, height=run["height"], width=run["width"],
+                                            num_inference_steps=run["steps"], guidance_scale=args.guidance,
+                                            plan=run_plan, max_sequence_length=run["max_sequence_length"])
         best = {k: round(v, 4) for k, v in best.items()}
-        rows.append({"checkpoint": str(args.checkpoint), "run": name, "height": args.height, "width": args.width,
-                     "steps": args.steps, "batch": args.batch,
+        rows.append({"checkpoint": str(args.checkpoint), "run": name, "height": run["height"],
+                     "width": run["width"], "steps": run["steps"], "batch": args.batch,
                      "attention_flops_kept": 1.0 if run_plan is None else round(run_plan.flops_kept_fraction(), 4),
                      "first_call_s": round(first_call, 2), **best,
                      "total_s": round(sum(best.values()), 4), "peak_gb_so_far": _peak_gb()})
@@ -276,12 +369,39 @@ def cmd_demo(args) -> int:
     return 0
 
 
+class _Help(argparse.HelpFormatter):
+    """Help text that shows each option's default where it has a fixed one (derived defaults are said in words)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and action.option_strings and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+SEED_HELP = ("random seed: the noise of image k is drawn from key fold_in(key(SEED), k), and random prompt "
+             "embeddings from key(SEED + 1); the same seed gives the same images")
+FROM_PLAN = "default: the plan's (--plan), else {}; a value the plan contradicts is an error"
+
+
+def _add_run_settings(p, *, text_len: bool) -> None:
+    """--height/--width/--steps (+ --text-len): a plan's settings unless given, checked against the model."""
+    p.add_argument("--height", type=int, help="image height in pixels, a multiple of the model's step (16 for "
+                                             "FLUX.1 and SD3); " + FROM_PLAN.format("the model's native size"))
+    p.add_argument("--width", type=int, help="image width in pixels; " + FROM_PLAN.format("the native size"))
+    p.add_argument("--steps", type=int, help="denoising steps; " + FROM_PLAN.format(DEFAULT_STEPS))
+    if text_len:
+        p.add_argument("--text-len", type=int, help="prompt tokens of random embeddings; "
+                                                    + FROM_PLAN.format(16))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ditfa", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    add = functools.partial(sub.add_parser, formatter_class=_Help)
 
-    p = sub.add_parser("convert", help="convert a checkpoint to JAX params for fast reloads")
+    p = add("convert", help="convert a checkpoint to JAX params for fast reloads")
     p.add_argument("checkpoint", help="diffusers pipeline/transformer folder or BFL single .safetensors file")
     p.add_argument("out_dir", help="new folder to write (refuses an existing one)")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
@@ -289,22 +409,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="diffusers config.json for a single-file checkpoint (non-standard shapes)")
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("sample", help="run the transformer's jitted sampler alone on random noise and embeddings")
+    p = add("sample", help="run the transformer's jitted sampler alone on random noise and embeddings",
+            description="Time the transformer's sampler (one jitted scan) on seeded random noise and prompt "
+                        "embeddings (or --embeddings), dense or with a plan; prints a JSON report.")
     p.add_argument("checkpoint", help="checkpoint folder or file (see `convert`)")
-    p.add_argument("--height", type=int, default=64, help="image height in pixels (multiple of 16)")
-    p.add_argument("--width", type=int, default=64, help="image width in pixels (multiple of 16)")
-    p.add_argument("--steps", type=int, default=4, help="number of denoising steps")
+    _add_run_settings(p, text_len=True)
     p.add_argument("--batch", type=int, default=1, help="images per call")
-    p.add_argument("--text-len", type=int, default=16, help="prompt tokens (random embeddings)")
     p.add_argument("--guidance", type=float, help="FLUX distilled guidance / SD3 CFG scale (default 3.5 / 7.0)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto")
+    p.add_argument("--seed", type=int, default=0, help=SEED_HELP)
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto", help="parameter dtype")
     p.add_argument("--out", help="write the final latents here (.npy)")
-    p.add_argument("--plan", help="compression plan (.json from `ditfa calibrate`)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.add_argument("--plan", help="compression plan (.json from `ditfa calibrate`); its settings are the defaults")
     p.add_argument("--embeddings", help=".npz with prompt_embeds, pooled_prompt_embeds (+ negative_*)")
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("calibrate", help="search a head-wise compression plan (single-layer RSE + MILP)")
+    p = add("calibrate", help="search a head-wise compression plan (single-layer RSE + MILP)",
+            description="Search a compression plan for a resolution, step count and text length on calibration "
+                        "prompts; writes the plan (which records these settings: `sample`, `generate` and "
+                        "`bench` take them from it) and its heatmap.")
     p.add_argument("checkpoint", help="checkpoint folder or file (see `convert`); a full pipeline folder for text "
                                       "--prompts")
     p.add_argument("--out", required=True, help="plan file to write (.json); the heatmap goes beside it (.png)")
@@ -321,43 +444,42 @@ def build_parser() -> argparse.ArgumentParser:
                    help="order of the image tokens that arrow bands follow: raster (the paper's: a band is a strip "
                         "of whole rows) or along a space-filling curve (hilbert, morton: a band is a 2-D "
                         "neighbourhood); the plan records it and the sampler uses it")
-    p.add_argument("--height", type=int, default=64, help="image height in pixels (multiple of 16)")
-    p.add_argument("--width", type=int, default=64, help="image width in pixels (multiple of 16)")
-    p.add_argument("--steps", type=int, default=4, help="number of denoising steps the plan is for")
+    p.add_argument("--height", type=int, help="image height in pixels (default: the model's native size)")
+    p.add_argument("--width", type=int, help="image width in pixels (default: the model's native size)")
+    p.add_argument("--steps", type=int, help=f"denoising steps the plan is for (default: {DEFAULT_STEPS})")
     p.add_argument("--prompts", default="8",
                    help="a text file with one calibration prompt per line (encoded with the folder's text encoders), "
-                        "or a number of random prompt embeddings (default 8; ignored with --embeddings)")
+                        "or a number of random prompt embeddings (ignored with --embeddings)")
     p.add_argument("--max-sequence-length", type=int,
-                   help="T5 tokens for text prompts (default FLUX-dev 512, schnell 256, SD3 256); generate with the "
-                        "same value, the plan is tied to the text length")
+                   help="T5 tokens for text prompts (default FLUX-dev 512, schnell 256, SD3 256); the plan records "
+                        "the text length and later commands take it from there")
     p.add_argument("--embeddings", help=".npz with prompt_embeds, pooled_prompt_embeds (+ negative_*)")
-    p.add_argument("--text-len", type=int, default=16, help="prompt tokens (random embeddings)")
+    p.add_argument("--text-len", type=int, help="prompt tokens of random embeddings (default: 16)")
     p.add_argument("--guidance", type=float, help="FLUX distilled guidance / SD3 CFG scale (default 3.5 / 7.0)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration noise (key(SEED)) and of random "
+                                                       "prompt embeddings (key(SEED + 1))")
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto", help="parameter dtype")
     p.add_argument("--overwrite", action="store_true", help="replace an existing plan file")
     p.set_defaults(func=cmd_calibrate)
 
-    p = sub.add_parser("generate", help="prompt(s) -> PNG images with a diffusers FLUX.1 / SD3 pipeline folder",
-                       description="Encode the prompts with the folder's text encoders, denoise in one jitted scan "
-                                   "(optionally with a compression plan) and decode with its VAE. Each PNG carries "
-                                   "the prompt, negative prompt, seed, model, steps, guidance and plan as text "
-                                   "metadata. Existing files are never overwritten unless --overwrite is given; on "
-                                   "failure nothing is written.")
+    p = add("generate", help="prompt(s) -> PNG images with a diffusers FLUX.1 / SD3 pipeline folder",
+            description="Encode the prompts with the folder's text encoders, denoise in one jitted scan "
+                        "(optionally with a compression plan, whose settings are the defaults) and decode with its "
+                        "VAE. Each PNG carries the prompt, negative prompt, seed, model, steps, guidance and plan "
+                        "as text metadata. Existing files are never overwritten unless --overwrite is given; on "
+                        "failure nothing is written.")
     p.add_argument("checkpoint", help="diffusers pipeline folder (model_index.json, text encoders, tokenizers, "
                                       "transformer, vae, scheduler)")
     p.add_argument("--prompt", action="append", help="a prompt; repeat for several (one batch)")
     p.add_argument("--prompts-file", help="text file with one prompt per line (added after --prompt)")
     p.add_argument("--negative-prompt", help="SD3 only: what to steer away from with CFG (default empty)")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    p.add_argument("--height", type=int, help="pixels; multiple of 16 (FLUX) / 16 (SD3); default: the model's "
-                                              "native size (1024 for FLUX.1 and SD3)")
-    p.add_argument("--width", type=int, help="pixels, as --height")
-    p.add_argument("--steps", type=int, default=28, help="denoising steps (schnell: 4)")
+    _add_run_settings(p, text_len=False)
     p.add_argument("--guidance", type=float, help="FLUX-dev distilled guidance / SD3 CFG scale (default 3.5 / 7.0)")
-    p.add_argument("--seed", type=int, default=0, help="image k of the batch uses noise key fold_in(key(seed), k)")
-    p.add_argument("--max-sequence-length", type=int, help="T5 tokens (default FLUX-dev 512, schnell 256, SD3 256)")
-    p.add_argument("--plan", help="compression plan (.json from `ditfa calibrate`) made for these settings")
+    p.add_argument("--seed", type=int, default=0, help=SEED_HELP)
+    p.add_argument("--max-sequence-length", type=int,
+                   help="T5 tokens; " + FROM_PLAN.format("FLUX-dev 512, schnell 256, SD3 256"))
+    p.add_argument("--plan", help="compression plan (.json from `ditfa calibrate`); its settings are the defaults")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
                    help="parameter dtype of every component (auto: the checkpoint's)")
     p.add_argument("--offload-text-encoders", action="store_true",
@@ -367,21 +489,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace existing files of the same names")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("bench", help="time encode / denoise / decode and peak memory, dense and with a plan",
-                       description="Run the full pipeline of a folder on one prompt repeated --batch times: a "
-                                   "warm-up call (compiles), then --repeat timed calls; reports the best time of "
-                                   "each stage (device-synchronised) and JAX's peak device memory so far (the "
-                                   "dense run comes first, so the plan row's peak includes it). Text encoders are "
-                                   "offloaded to host memory after encoding.")
+    p = add("bench", help="time encode / denoise / decode and peak memory, dense and with a plan",
+            description="Run the full pipeline of a folder on one prompt repeated --batch times: a warm-up call "
+                        "(compiles), then --repeat timed calls; reports the best time of each stage "
+                        "(device-synchronised) and JAX's peak device memory so far (the dense run comes first, "
+                        "so the plan row's peak includes it). Text encoders are offloaded to host memory after "
+                        "encoding. With --plan, its settings are the defaults.")
     p.add_argument("checkpoint", help="diffusers pipeline folder")
     p.add_argument("--plan", help="compression plan (.json) for these settings, timed after the dense run")
     p.add_argument("--prompt", default="a photo of a red fox in the snow", help="the prompt to encode")
     p.add_argument("--batch", type=int, default=1, help="images per call")
-    p.add_argument("--height", type=int, default=1024, help="pixels")
-    p.add_argument("--width", type=int, default=1024, help="pixels")
-    p.add_argument("--steps", type=int, default=28, help="denoising steps")
+    _add_run_settings(p, text_len=False)
     p.add_argument("--guidance", type=float, help="FLUX-dev distilled guidance / SD3 CFG scale (default 3.5 / 7.0)")
-    p.add_argument("--max-sequence-length", type=int, help="T5 tokens (default FLUX-dev 512, schnell 256, SD3 256)")
+    p.add_argument("--max-sequence-length", type=int,
+                   help="T5 tokens; " + FROM_PLAN.format("FLUX-dev 512, schnell 256, SD3 256"))
     p.add_argument("--repeat", type=int, default=2, help="timed calls after the warm-up (best is reported)")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
                    help="parameter dtype (auto: the checkpoint's)")
@@ -389,17 +510,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("demo", help="calibrate + generate dense vs compressed on the embedded testbed model",
-                       description="Search a plan for the trained testbed model (shipped in the package), generate "
-                                   "held-out captions densely and with the plan from the same noise, and write "
-                                   "the plan, heatmap, images, a side-by-side comparison and a report.")
+    p = add("demo", help="calibrate + generate dense vs compressed on the embedded testbed model",
+            description="Search a plan for the trained testbed model (shipped in the package), generate held-out "
+                        "captions densely and with the plan from the same noise, and write the plan, heatmap, "
+                        "images, a side-by-side comparison and a report.")
     p.add_argument("--out", default="outputs/demo", help="folder to write (refused if it exists, see --overwrite)")
     p.add_argument("--checkpoint", help="testbed folder (default: the weights shipped in ditfa_jax/testbed)")
     p.add_argument("--prompts", type=int, default=4, help="held-out captions to generate")
     p.add_argument("--calibration-prompts", type=int, default=4, help="training captions the plan search uses")
     p.add_argument("--steps", type=int, help="denoising steps (default: the testbed's 20)")
     p.add_argument("--delta", type=float, help="RSE budget per (step, layer) (default: ditfa_jax.testbed.demo's)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the captions drawn, the calibration noise and the "
+                                                       "generated images' noise")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     p.set_defaults(func=cmd_demo)
     return parser

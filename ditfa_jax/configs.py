@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import ClassVar
 
 
 class _HeadsMixin:
@@ -23,10 +24,7 @@ class _HeadsMixin:
         return self.out_channels or self.in_channels
 
 
-VAE_SCALE_FACTOR = 8  # pixels per latent cell: both the FLUX.1 and the SD3 VAE downsample 8x
-
-# Every config also carries `vae_scale_factor` (pixels per latent cell; not a diffusers transformer field, so absent
-# from real checkpoints and 8 there): 1 for a pixel-space model such as the trained testbed.
+VAE_SCALE_FACTOR = 8  # pixels per latent cell: both the FLUX.1 and the SD3 VAE downsample 8x (the pipeline's)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,10 +40,9 @@ class FluxConfig(_HeadsMixin):
     pooled_projection_dim: int = 768
     guidance_embeds: bool = False
     axes_dims_rope: tuple[int, ...] = (16, 56, 56)
-    vae_scale_factor: int = VAE_SCALE_FACTOR
 
-    family = "flux"
-    text_first = True  # FLUX concatenates [text, image]
+    family: ClassVar[str] = "flux"  # key of `ditfa_jax.family.FAMILIES`
+    model_class: ClassVar[str] = "FluxTransformer2DModel"  # diffusers' _class_name
 
     @property
     def total_layers(self) -> int:
@@ -73,10 +70,9 @@ class SD3Config(_HeadsMixin):
     pos_embed_max_size: int = 96
     dual_attention_layers: tuple[int, ...] = ()
     qk_norm: str | None = None
-    vae_scale_factor: int = VAE_SCALE_FACTOR
 
-    family = "sd3"
-    text_first = False  # SD3 concatenates [image, text]
+    family: ClassVar[str] = "sd3"
+    model_class: ClassVar[str] = "SD3Transformer2DModel"
 
     @property
     def total_layers(self) -> int:
@@ -93,7 +89,7 @@ class SD3Config(_HeadsMixin):
             raise ValueError(f"dual_attention_layers {bad} lie outside [0, num_layers={self.num_layers})")
 
 
-MODEL_CLASSES = {"FluxTransformer2DModel": FluxConfig, "SD3Transformer2DModel": SD3Config}
+MODEL_CLASSES = {cls.model_class: cls for cls in (FluxConfig, SD3Config)}
 
 
 def config_from_dict(raw: dict, source: str = "config") -> FluxConfig | SD3Config:
@@ -111,8 +107,7 @@ def config_from_dict(raw: dict, source: str = "config") -> FluxConfig | SD3Confi
 
 
 def config_to_dict(config: FluxConfig | SD3Config) -> dict:
-    class_name = {FluxConfig: "FluxTransformer2DModel", SD3Config: "SD3Transformer2DModel"}[type(config)]
-    return {"_class_name": class_name, **dataclasses.asdict(config)}
+    return {"_class_name": config.model_class, **dataclasses.asdict(config)}
 
 
 def read_json(path: str | Path, what: str = "config") -> dict:

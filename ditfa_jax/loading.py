@@ -22,7 +22,7 @@ from convert.checkpoint import TensorSource
 from convert.diffusers_to_jax import build_abstract, convert_state
 from ditfa_jax.configs import FluxConfig, SD3Config, config_from_dict, config_to_dict, read_config
 from ditfa_jax.files import atomic_folder
-from ditfa_jax.models.flux import rope_tables
+from ditfa_jax.family import family_of
 
 CONVERTED_MARKER = "ditfa_jax_converted"
 CONVERTED_WEIGHTS = "params.safetensors"
@@ -72,20 +72,9 @@ class Transformer:
         timestep = jnp.broadcast_to(jnp.asarray(timestep, jnp.float32), (batch,))
         kwargs = dict(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
                       pooled_projections=jnp.asarray(pooled_projections), timestep=timestep)
-        if isinstance(self.config, FluxConfig):
-            if img_ids is None or txt_ids is None:
-                raise ValueError("FLUX needs img_ids [S_img, 3] and txt_ids [S_txt, 3]")
-            img_ids, txt_ids = np.asarray(img_ids), np.asarray(txt_ids)
-            img_ids = img_ids[0] if img_ids.ndim == 3 else img_ids
-            txt_ids = txt_ids[0] if txt_ids.ndim == 3 else txt_ids
-            if img_ids.shape[0] != hidden_states.shape[1] or txt_ids.shape[0] != encoder_hidden_states.shape[1]:
-                raise ValueError(f"img_ids {img_ids.shape} / txt_ids {txt_ids.shape} do not match the token counts "
-                                 f"{hidden_states.shape[1]} / {encoder_hidden_states.shape[1]}")
-            kwargs["rope"] = rope_tables(np.concatenate([txt_ids, img_ids]), self.config.axes_dims_rope)
-            if self.config.guidance_embeds:
-                if guidance is None:
-                    raise ValueError("this FLUX model embeds guidance (dev): pass `guidance`")
-                kwargs["guidance"] = jnp.broadcast_to(jnp.asarray(guidance, jnp.float32), (batch,))
+        kwargs.update(family_of(self.config).forward_inputs(
+            self.config, hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states, img_ids=img_ids,
+            txt_ids=txt_ids, guidance=guidance))
         return self._apply(self.state, kwargs)
 
 
@@ -115,6 +104,21 @@ def load_transformer(path: str | Path, *, dtype=None, config: str | Path | None 
     weights, config_path = resolve_checkpoint(path)
     if config_path is not None and json.loads(config_path.read_text()).get(CONVERTED_MARKER):
         return load_converted(weights, dtype=dtype)
+    cfg, source = _config_and_source(weights, config_path, config)
+    graphdef, state = convert_state(source, cfg, dtype=dtype, progress=progress)
+    return Transformer(cfg, graphdef, state)
+
+
+def transformer_config(path: str | Path, *, config: str | Path | None = None) -> FluxConfig | SD3Config:
+    """The config of the transformer `load_transformer(path)` would load, read without loading any weight (a
+    single BFL file's architecture is read off its header), so that a run's settings can be checked first."""
+    weights, config_path = resolve_checkpoint(path)
+    if config_path is not None and config is None:
+        return read_config(config_path)
+    return _config_and_source(weights, config_path, config)[0]
+
+
+def _config_and_source(weights: Path, config_path: Path | None, config: str | Path | None):
     source = TensorSource(weights, prefix="diffusion_pytorch_model")
     if is_bfl_flux(source.keys()):
         source = BFLFluxSource(source)
@@ -123,8 +127,7 @@ def load_transformer(path: str | Path, *, dtype=None, config: str | Path | None 
         cfg = read_config(config if config is not None else config_path)
     else:
         raise ValueError(f"{weights}: a diffusers-layout single file needs its config.json (pass config=...)")
-    graphdef, state = convert_state(source, cfg, dtype=dtype, progress=progress)
-    return Transformer(cfg, graphdef, state)
+    return cfg, source
 
 
 def save_converted(model: Transformer, out_dir: str | Path) -> Path:

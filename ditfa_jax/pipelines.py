@@ -21,10 +21,11 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from ditfa_jax.configs import read_json
+from ditfa_jax.configs import VAE_SCALE_FACTOR, read_json
 from ditfa_jax.loading import Transformer, load_transformer
 from ditfa_jax.plan import CompressionPlan
-from ditfa_jax.sampler import pack_latents, sample, scheduler_for, unpack_latents
+from ditfa_jax.family import TokenLayout, family_of, layout_for
+from ditfa_jax.sampler import sample, scheduler_for
 from ditfa_jax.tokenization import PromptTokenizer, load_tokenizer
 
 __all__ = ["FluxPipeline", "SD3Pipeline", "check_pipeline_folder", "load_pipeline"]
@@ -106,6 +107,23 @@ def check_pipeline_folder(folder: str | Path, components: dict[str, str | None])
     return index
 
 
+def vae_scale_factor_of(folder: str | Path) -> int:
+    """Pixels per latent cell of a checkpoint folder's VAE, read from vae/config.json; a folder without a VAE may
+    declare it in model_index.json (`vae_scale_factor`: 1 for a pixel-space model such as the testbed); else 8."""
+    folder = Path(folder)
+    if (folder / "vae" / "config.json").is_file():
+        from ditfa_jax.models.vae import VAEConfig
+
+        return VAEConfig.from_file(folder / "vae" / "config.json").downsample_factor
+    index = folder / "model_index.json"
+    if index.is_file():
+        factor = read_json(index, "model_index.json").get("vae_scale_factor", VAE_SCALE_FACTOR)
+        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
+            raise ValueError(f"{index}: vae_scale_factor must be a positive integer, got {factor!r}")
+        return factor
+    return VAE_SCALE_FACTOR
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Shared pipeline machinery
 
@@ -170,7 +188,6 @@ class _Pipeline:
     """What FLUX and SD3 pipelines share: components, noise, the scan, decoding, timings."""
 
     PIPELINE_CLASS: str
-    DEFAULT_GUIDANCE: float
     TEXT_COMPONENTS: dict[str, str]  # text encoder -> its tokenizer kind, in order
 
     def __init__(self, *, transformer: Transformer, vae, scheduler, text_encoders: dict, tokenizers: dict,
@@ -180,6 +197,8 @@ class _Pipeline:
         self.text_encoders = {k: None if m is None else _Encoder(m) for k, m in text_encoders.items()}
         self.offload_text_encoders = offload_text_encoders
         self.vae_graphdef, self.vae_state = nnx.split(vae)
+        self.vae_scale_factor = vae.config.downsample_factor  # pixels per latent cell
+        self.family = family_of(transformer.config)
         self.timings: dict[str, float] = {}
 
     # --- loading ------------------------------------------------------------------------------------------------
@@ -237,10 +256,6 @@ class _Pipeline:
         model = load_transformer(folder / "transformer", dtype=dtype, progress=False)
         bar.update()
         vae = load_vae(folder / "vae", **dtype_kw)
-        vae_scale = vae.config.downsample_factor
-        if model.config.vae_scale_factor != vae_scale:
-            model = Transformer(dataclasses.replace(model.config, vae_scale_factor=vae_scale), model.graphdef,
-                                model.state)
         bar.update()
         bar.close()
         return cls(transformer=model, vae=vae, scheduler=scheduler_for(folder, model), text_encoders=text_encoders,
@@ -253,8 +268,18 @@ class _Pipeline:
         return self.transformer.config
 
     @property
-    def vae_scale_factor(self) -> int:
-        return self.config.vae_scale_factor
+    def default_size(self) -> int:
+        """Pixels per side when a call gives no height/width: the family's native size."""
+        return self.family.native_size(self.config, self.vae_scale_factor)
+
+    @property
+    def default_guidance_scale(self) -> float:
+        return self.family.default_guidance_scale
+
+    def layout(self, height: int, width: int, text_len: int) -> TokenLayout:
+        """Where the tokens of a request sit (checks the size fits the model and the VAE)."""
+        return layout_for(self.config, height=height, width=width, text_len=text_len,
+                          vae_scale_factor=self.vae_scale_factor)
 
     def _encode_ids(self, name: str, prompts: list[str], max_length: int):
         return self.text_encoders[name](self.tokenizers[name](prompts, max_length))
@@ -271,14 +296,11 @@ class _Pipeline:
         seeds = [seed] * batch if isinstance(seed, int) else list(seed)
         keys = [jax.random.fold_in(jax.random.key(s), i) if isinstance(seed, int) else jax.random.key(s)
                 for i, s in enumerate(seeds)]
-        scale = self.vae_scale_factor
-        if self.config.family == "flux":
-            c = self.config.in_channels // 4
-            draws = jnp.stack([jax.random.normal(k, (c, 2 * (height // (2 * scale)), 2 * (width // (2 * scale))))
-                               for k in keys])
-            return pack_latents(draws)
-        return jnp.stack([jax.random.normal(k, (self.config.in_channels, height // scale, width // scale))
-                          for k in keys])
+        grid = self.layout(height, width, 0).grid
+        packed = jax.ShapeDtypeStruct((1, *self.family.latent_shape(self.config, grid)), jnp.float32)
+        shape = jax.eval_shape(lambda x: self.family.unpack_latents(self.config, x, grid), packed).shape[1:]
+        # drawn in the VAE's latent space, as diffusers draws it, then packed for the sampler
+        return self.family.pack_latents(self.config, jnp.stack([jax.random.normal(k, shape) for k in keys]))
 
     @cached_property
     def _decode(self):
@@ -294,8 +316,7 @@ class _Pipeline:
 
     def decode(self, latents, height: int, width: int) -> jax.Array:
         """Final latents (as `sample` returns them) -> images NHWC, roughly in [-1, 1]."""
-        if self.config.family == "flux":
-            latents = unpack_latents(latents, height, width, self.vae_scale_factor)
+        latents = self.family.unpack_latents(self.config, latents, self.layout(height, width, 0).grid)
         return self._decode(self.vae_state, latents)
 
     def _check_request(self, prompts, num_images, seed, latents, height, width):
@@ -308,11 +329,7 @@ class _Pipeline:
         if latents is not None and np.shape(latents)[0] != total:
             raise ValueError(f"latents have batch {np.shape(latents)[0]} but {len(prompts)} prompt(s) x num_images "
                              f"{num_images} make {total} images")
-        step = self.vae_scale_factor * (2 if self.config.family == "flux" else self.config.patch_size)
-        for name, v in (("height", height), ("width", width)):
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v % step:
-                raise ValueError(f"{name}: {self.config.family.upper()} at vae_scale_factor {self.vae_scale_factor} "
-                                 f"needs a positive multiple of {step} pixels, got {v!r}")
+        self.layout(height, width, 0)
 
     def __call__(self, prompt, negative_prompt=None, height: int | None = None, width: int | None = None,
                  num_inference_steps: int = 28, guidance_scale: float | None = None, seed: int | list[int] = 0,
@@ -329,7 +346,7 @@ class _Pipeline:
         """
         prompts = _as_list(prompt, "prompt")
         negative = _negatives(negative_prompt, len(prompts))
-        guidance_scale = self.DEFAULT_GUIDANCE if guidance_scale is None else guidance_scale
+        guidance_scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
         if output_type not in ("pil", "np", "latent"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
         height, width = height or self.default_size, width or self.default_size
@@ -352,7 +369,8 @@ class _Pipeline:
             latents = self.noise(len(prompts) * num_images, height, width, seed)
         start = time.perf_counter()
         final = sample(self.transformer, latents, height=height, width=width, num_steps=num_inference_steps,
-                       guidance_scale=guidance_scale, scheduler=self.scheduler, plan=plan, **cond)
+                       guidance_scale=guidance_scale, scheduler=self.scheduler, plan=plan,
+                       vae_scale_factor=self.vae_scale_factor, **cond)
         final.block_until_ready()
         self.timings["denoise_s"] = time.perf_counter() - start
         bar.update()
@@ -389,12 +407,12 @@ class FluxPipeline(_Pipeline):
     """FLUX.1 dev / schnell: CLIP-L pooled output + T5 last hidden state; distilled guidance (dev)."""
 
     PIPELINE_CLASS = "FluxPipeline"
-    DEFAULT_GUIDANCE = 3.5
     TEXT_COMPONENTS = {"text_encoder": "clip", "text_encoder_2": "t5"}
 
-    @property
-    def default_size(self) -> int:
-        return 128 * self.vae_scale_factor
+    @staticmethod
+    def max_sequence_length_for(text_len: int) -> int:
+        """The T5 length that gives `text_len` text tokens (a plan's)."""
+        return text_len
 
     @property
     def default_max_sequence_length(self) -> int:
@@ -431,16 +449,17 @@ class SD3Pipeline(_Pipeline):
     """SD3 / SD3.5: CLIP-L + bigG penultimate states (padded to T5's width) then T5 states; CFG with negatives."""
 
     PIPELINE_CLASS = "StableDiffusion3Pipeline"
-    DEFAULT_GUIDANCE = 7.0
     TEXT_COMPONENTS = {"text_encoder": "clip", "text_encoder_2": "clip", "text_encoder_3": "t5"}
+    CLIP_LENGTH = 77
 
-    @property
-    def default_size(self) -> int:
-        return self.config.sample_size * self.vae_scale_factor
+    @staticmethod
+    def max_sequence_length_for(text_len: int) -> int:
+        """The T5 length that gives `text_len` text tokens (a plan's): they follow 77 CLIP tokens."""
+        return text_len - SD3Pipeline.CLIP_LENGTH
 
     def text_len(self, max_sequence_length: int | None) -> int:
         """Text tokens the transformer sees (a plan's text_len): 77 CLIP tokens + the T5 length."""
-        clip_len = self.tokenizers["text_encoder"].model_max_length or 77
+        clip_len = self.tokenizers["text_encoder"].model_max_length or self.CLIP_LENGTH
         return clip_len + (max_sequence_length or 256)
 
     def _clip(self, name: str, prompts: list[str]):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from ditfa_jax import load_transformer, sample
+from ditfa_jax.attention import AttentionSettings
 from ditfa_jax.calibrate import calibrate, head_rse, step_budgets
 from ditfa_jax.cli import main as cli_main
 from ditfa_jax.milp import solve_global
@@ -72,21 +73,24 @@ def searched(sd3_setup):
     model, ref, common = sd3_setup
     out = {}
     for delta in (0.0, 0.1, 0.5, 2.0):
-        record = {}
-        plan = calibrate(model, ref["sample_prompt_embeds"], ref["sample_pooled"], delta=delta, progress=False,
-                         record=record, **common)
-        out[delta] = (plan, record)
+        result = calibrate(model, ref["sample_prompt_embeds"], ref["sample_pooled"], delta=delta, progress=False,
+                           **common)
+        out[delta] = (result.plan, result)
     return out
 
 
 def test_delta_zero_is_all_full_and_samples_like_dense(sd3_setup, searched):
+    """delta 0 keeps every head full; the sampler then gives the dense latents, through the dense program (bit for
+    bit) and through the head-wise kernel itself (shortcuts off: every layer runs the plan path)."""
     model, ref, common = sd3_setup
     plan = searched[0.0][0]
     assert (plan.head_window == -1).all() and plan.flops_kept_fraction() == 1.0
     args = (model, ref["sample_latents_init"], ref["sample_prompt_embeds"], ref["sample_pooled"])
     dense = np.asarray(sample(*args, **common))
-    planned = np.asarray(sample(*args, plan=plan, **common))
-    np.testing.assert_array_equal(planned, dense)
+    np.testing.assert_array_equal(np.asarray(sample(*args, plan=plan, **common)), dense)
+    through_kernel = np.asarray(sample(*args, plan=plan, attention=AttentionSettings(shortcuts=False), **common))
+    assert not np.array_equal(through_kernel, dense)  # a different program ran ...
+    np.testing.assert_allclose(through_kernel, dense, rtol=1e-5, atol=1e-5)  # ... computing the same function
 
 
 def test_flops_kept_falls_as_delta_grows(searched):
@@ -96,8 +100,8 @@ def test_flops_kept_falls_as_delta_grows(searched):
 
 
 def test_filter_and_budget_hold_on_every_step_and_layer(searched):
-    for delta, (plan, record) in searched.items():
-        rse, heads = record["rse"], plan.num_heads
+    for delta, (plan, result) in searched.items():
+        rse, heads = result.rse, plan.num_heads
         windows = {int(w): m for m, w in enumerate(candidate_windows(plan.candidates, plan.image_tokens))}
         assert (plan.head_window[0] == -1).all()
         for s in range(1, plan.num_steps):
@@ -112,12 +116,13 @@ def test_filter_and_budget_hold_on_every_step_and_layer(searched):
 
 def test_worst_prompt_ramp_search_holds_its_per_step_budgets(sd3_setup, searched):
     model, ref, common = sd3_setup
-    delta, record = 2.0, {}
-    plan = calibrate(model, ref["sample_prompt_embeds"], ref["sample_pooled"], delta=delta, progress=False,
-                     record=record, rse_over_prompts="max", budget_schedule="ramp", **common)
+    delta = 2.0
+    result = calibrate(model, ref["sample_prompt_embeds"], ref["sample_pooled"], delta=delta, progress=False,
+                       rse_over_prompts="max", budget_schedule="ramp", **common)
+    plan, record = result.plan, {"rse": result.rse}
     assert plan.notes["rse_over_prompts"] == "max" and plan.notes["budget_schedule"] == "ramp"
     # step 1 sees the same (uncompressed) inputs in both searches: worst-prompt RSE >= pooled RSE
-    assert (record["rse"][1] >= searched[delta][1]["rse"][1] - 1e-6).all()
+    assert (record["rse"][1] >= searched[delta][1].rse[1] - 1e-6).all()
     budgets = step_budgets(delta, STEPS, "ramp")
     windows = {int(w): m for m, w in enumerate(candidate_windows(plan.candidates, plan.image_tokens))}
     assert (plan.head_window[0] == -1).all() and plan.flops_kept_fraction() < 1.0
@@ -142,9 +147,9 @@ def test_plan_settings_and_round_trip(searched, sd3_setup, tmp_path):
 
 def test_global_variant_on_recorded_table(searched):
     """One budget over all steps and layers, solved on the progressive pass's RSE table."""
-    plan, record = searched[0.5]
-    rse = record["rse"][1:]
-    saving = np.broadcast_to(record["saving"], rse.shape)
+    plan, result = searched[0.5]
+    rse = result.rse[1:]
+    saving = np.broadcast_to(result.saving, rse.shape)
     total = 0.5 * rse.shape[0] * rse.shape[1]  # the same total budget as per-layer delta 0.5
     choice = solve_global(rse, saving, total, c=1.5)
     picked = np.take_along_axis(rse, np.maximum(choice, 0)[..., None], -1)[..., 0]
@@ -202,7 +207,8 @@ def test_cli_calibrate_writes_plan_and_heatmap(tmp_path, capsys):
 
 
 def test_all_full_plan_is_the_dense_sampler_for_flux():
-    """FLUX: an all-full plan gives the dense sampler's latents bit for bit (it runs the dense program)."""
+    """FLUX: an all-full plan gives the dense sampler's latents bit for bit (it runs the dense program), and the
+    same latents through the head-wise kernel path (shortcuts off; the Pallas kernel in interpret mode)."""
     model = load_transformer(FIXTURES / "flux_dev", progress=False)
     ref = dict(np.load(FIXTURES / "flux_dev" / "reference.npz"))
     height, width = int(ref["sample_height"]), int(ref["sample_width"])
@@ -213,6 +219,10 @@ def test_all_full_plan_is_the_dense_sampler_for_flux():
                                 text_len=ref["sample_prompt_embeds"].shape[1], num_steps=STEPS)
     dense, planned = np.asarray(sample(*args, **common)), np.asarray(sample(*args, plan=plan, **common))
     np.testing.assert_array_equal(planned, dense)
+    kernel = AttentionSettings(backend="triton", shortcuts=False)
+    through_kernel = np.asarray(sample(*args, plan=plan, attention=kernel, **common))
+    assert not np.array_equal(through_kernel, dense)  # the kernel ran, not the dense program
+    np.testing.assert_allclose(through_kernel, dense, rtol=1e-5, atol=1e-5)
 
 
 def test_host_cache_gives_the_same_plan():
@@ -220,8 +230,9 @@ def test_host_cache_gives_the_same_plan():
     model = load_transformer(FIXTURES / "flux_dev", progress=False)
     ref = dict(np.load(FIXTURES / "flux_dev" / "reference.npz"))
     kwargs = dict(height=32, width=48, num_steps=3, guidance_scale=3.5, delta=1.0, progress=False)
-    on_device = calibrate(model, ref["sample_prompt_embeds"], ref["sample_pooled"], cache_on_host=False, **kwargs)
-    on_host = calibrate(model, ref["sample_prompt_embeds"], ref["sample_pooled"], cache_on_host=True, **kwargs)
+    on_device = calibrate(model, ref["sample_prompt_embeds"], ref["sample_pooled"], cache_on_host=False,
+                          **kwargs).plan
+    on_host = calibrate(model, ref["sample_prompt_embeds"], ref["sample_pooled"], cache_on_host=True, **kwargs).plan
     assert on_device.flops_kept_fraction() < 1.0  # something was compressed, cached heads included
     np.testing.assert_array_equal(on_host.head_window, on_device.head_window)
 
@@ -263,13 +274,13 @@ def test_token_order_changes_only_what_arrow_heads_see(name):
     """Plans along a space-filling curve: with full and cached heads only, the sampler's result does not depend on
     the token order (the model is equivariant to it: positions travel with the tokens); with arrow heads it does,
     since the band then holds other tokens."""
-    from ditfa_jax.sampler import prepare_run
+    from ditfa_jax.denoise import prepare_run
 
     model = load_transformer(FIXTURES / name, progress=False)
     ref = dict(np.load(FIXTURES / name / "reference.npz"))
     flux = name.startswith("flux")
     cfg = model.config
-    side = 16 * cfg.vae_scale_factor * (2 if flux else cfg.patch_size)  # 16 x 16 image tokens: several key tiles
+    side = 16 * 8 * (2 if flux else cfg.patch_size)  # 16 x 16 image tokens: several key tiles
     common = dict(height=side, width=side, num_steps=STEPS, guidance_scale=3.5 if flux else 7.0,
                   scheduler=scheduler_for(FIXTURES / name, model))
     if not flux:
@@ -277,7 +288,7 @@ def test_token_order_changes_only_what_arrow_heads_see(name):
                       negative_pooled_prompt_embeds=ref["sample_negative_pooled"])
     rng = np.random.default_rng(0)
     text = (ref["sample_prompt_embeds"], ref["sample_pooled"])
-    shape = prepare_run(model, *text, **{k: v for k, v in common.items() if k != "num_steps"},
+    shape = prepare_run(model.config, *text, **{k: v for k, v in common.items() if k != "num_steps"},
                         num_steps=STEPS).latent_shape
     args = (model, rng.standard_normal((2, *shape)).astype(np.float32), *text)
     shape = (STEPS, cfg.total_layers, cfg.num_attention_heads)
@@ -302,11 +313,11 @@ def test_calibrate_with_token_order(tmp_path):
     """A search along the Hilbert curve records its order in the plan, and the sampler follows it."""
     model = load_transformer(FIXTURES / "flux_dev", progress=False)
     ref = dict(np.load(FIXTURES / "flux_dev" / "reference.npz"))
-    side = 16 * model.config.vae_scale_factor * 2  # 16 x 16 image tokens: arrow bands skip key tiles
+    side = 16 * 8 * 2  # 16 x 16 image tokens: arrow bands skip key tiles
     common = dict(height=side, width=side, num_steps=STEPS, guidance_scale=3.5,
                   scheduler=scheduler_for(FIXTURES / "flux_dev", model))
     plan = calibrate(model, ref["sample_prompt_embeds"], ref["sample_pooled"], delta=2.0, progress=False,
-                     token_order="hilbert", candidates=("arrow_8", "arrow_16"), **common)
+                     token_order="hilbert", candidates=("arrow_8", "arrow_16"), **common).plan
     assert plan.token_order == "hilbert" and "hilbert token order" in plan.summary()
     assert (plan.head_window > 0).any(), "the search picked no arrow head: the order would not matter"
     assert CompressionPlan.load(plan.save(tmp_path / "plan.json")) == plan
@@ -315,3 +326,65 @@ def test_calibrate_with_token_order(tmp_path):
     out = np.asarray(sample(*args, plan=plan, **common))
     assert np.isfinite(out).all()
     assert np.abs(out - np.asarray(sample(*args, plan=plan.replace(token_order="raster"), **common))).max() > 1e-3
+
+
+@pytest.mark.parametrize("name", ["flux_dev", "sd35_medium"])
+def test_calibration_pass_samples_as_sample_does(name):
+    """The search's own pass is the sampler's loop: its final latents equal `sample(plan=the plan found)` from the
+    same noise (both run `ditfa_jax.denoise`; the search layer by layer, the sampler in one scan)."""
+    import jax
+
+    model = load_transformer(FIXTURES / name, progress=False)
+    ref = dict(np.load(FIXTURES / name / "reference.npz"))
+    flux = name.startswith("flux")
+    side = 16 * 8 * (2 if flux else model.config.patch_size)
+    common = dict(height=side, width=side, num_steps=STEPS, guidance_scale=3.5 if flux else 7.0,
+                  scheduler=scheduler_for(FIXTURES / name, model))
+    if not flux:
+        common.update(negative_prompt_embeds=ref["sample_negative_prompt_embeds"],
+                      negative_pooled_prompt_embeds=ref["sample_negative_pooled"])
+    text = (ref["sample_prompt_embeds"], ref["sample_pooled"])
+    result = calibrate(model, *text, delta=2.0, progress=False, seed=3, **common)
+    plan = result.plan
+    assert ((plan.head_window > 0).any() and (plan.head_window == 0).any() and (plan.head_window == -1).any()), \
+        "the plan should mix full, cached and arrow heads"
+    noise = jax.random.normal(jax.random.key(3), result.final_latents.shape, jnp.float32)
+    sampled = np.asarray(sample(model, noise, *text, plan=plan, **common))
+    np.testing.assert_allclose(np.asarray(result.final_latents), sampled, rtol=1e-4, atol=1e-4)
+    dense = np.asarray(sample(model, noise, *text, **common))
+    assert np.abs(sampled - dense).max() > 1e-2  # the plan changed the result: the comparison is not trivial
+
+
+@pytest.mark.parametrize("name", ["flux_dev", "sd35_medium"])
+def test_sampler_through_the_pallas_kernel_matches_the_reference_path(name):
+    """End to end through the Pallas kernel (Triton lowering, interpret mode on the CPU) with a mixed plan: the
+    same final latents as the dense masked reference backend (XLA), shortcuts off so every layer runs the kernel."""
+    model = load_transformer(FIXTURES / name, progress=False)
+    ref = dict(np.load(FIXTURES / name / "reference.npz"))
+    flux = name.startswith("flux")
+    cfg = model.config
+    side = 8 * 8 * (2 if flux else cfg.patch_size)  # 8 x 8 image tokens: a short but ragged sequence
+    common = dict(height=side, width=side, num_steps=3, guidance_scale=3.5 if flux else 7.0,
+                  scheduler=scheduler_for(FIXTURES / name, model))
+    if not flux:
+        common.update(negative_prompt_embeds=ref["sample_negative_prompt_embeds"],
+                      negative_pooled_prompt_embeds=ref["sample_negative_pooled"])
+    rng = np.random.default_rng(5)
+    text_len = ref["sample_prompt_embeds"].shape[1]
+    windows = rng.choice([-1, 0, 3, 9], size=(3, cfg.total_layers, cfg.num_attention_heads)).astype(np.int32)
+    windows[0] = -1
+    plan = CompressionPlan.from_config(cfg, windows, height=side, width=side, text_len=text_len, band=(16, 16))
+    from ditfa_jax.denoise import prepare_run
+
+    shape = prepare_run(cfg, ref["sample_prompt_embeds"], ref["sample_pooled"],
+                        **{k: v for k, v in common.items()}).latent_shape
+    args = (model, rng.standard_normal((2, *shape)).astype(np.float32), ref["sample_prompt_embeds"],
+            ref["sample_pooled"])
+    kernel = np.asarray(sample(*args, plan=plan, attention=AttentionSettings(backend="triton", shortcuts=False),
+                               **common))
+    reference = np.asarray(sample(*args, plan=plan, attention=AttentionSettings(backend="xla", shortcuts=False),
+                                  **common))
+    assert np.isfinite(kernel).all()
+    np.testing.assert_allclose(kernel, reference, rtol=1e-4, atol=1e-4)
+    dense = np.asarray(sample(*args, **common))
+    assert np.abs(reference - dense).max() > 1e-3  # the plan's arrow and cached heads changed the result

@@ -16,9 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ditfa_jax.attention import AttentionSettings
 from ditfa_jax.configs import FluxConfig
+from ditfa_jax.family import TokenLayout
 from ditfa_jax.models.layers import (AdaLayerNorm, FeedForward, RMSNorm, TimeTextEmbedding, create_stack,
                                      layer_norm, linear, modulate, reorder_tokens, restore_tokens, run_stacks)
+from ditfa_jax.scheduler import FLUX_DEV_SCHEDULER, FLUX_SCHNELL_SCHEDULER, SchedulerConfig, flux_schedule
 
 
 def rope_tables(ids: np.ndarray, axes_dims: tuple[int, ...], theta: float = 10000.0) -> tuple[np.ndarray, np.ndarray]:
@@ -206,10 +209,11 @@ class FluxTransformer(nnx.Module):
             return jnp.concatenate([c, x], axis=1)
         return carry
 
-    def unembed(self, h, temb, text_len: int, image_order=None):
-        """Final adaLN + projection of the image tokens, back in raster order."""
+    def unembed(self, h, temb, layout: TokenLayout, image_order=None):
+        """Final adaLN + projection of the image tokens, back in raster order: packed [B, S_img, out]."""
         scale, shift = self.norm_out(temb)
-        return restore_tokens(self.proj_out(modulate(layer_norm(h[:, text_len:]), shift, scale)), image_order)
+        return restore_tokens(self.proj_out(modulate(layer_norm(h[:, layout.text_len:]), shift, scale)),
+                              image_order)
 
     def __call__(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, rope, guidance=None,
                  plan=None, attention_impl: str = "auto", image_order=None):
@@ -224,7 +228,108 @@ class FluxTransformer(nnx.Module):
                                  image_order)
         text_len = encoder_hidden_states.shape[1]
         rope = tuple(jnp.asarray(t) for t in rope)
-        carry, cache = run_stacks(self, carry, temb, rope, plan, text_len=text_len, text_first=True,
-                                  impl=attention_impl)
-        out = self.unembed(carry, temb, text_len, image_order)
+        # packed tokens do not tell the grid's shape, only its size; FLUX's unembed reads text_len alone
+        layout = TokenLayout(grid=(1, hidden_states.shape[1]), text_len=text_len, text_first=True)
+        carry, cache = run_stacks(self, carry, temb, rope, plan, layout,
+                                  AttentionSettings(implementation=attention_impl))
+        out = self.unembed(carry, temb, layout, image_order)
         return out if plan is None else (out, cache)
+
+
+# ---- the FLUX family: geometry, packing, conditioning (`ditfa_jax.family.ModelFamily`) ----
+
+def flux_image_ids(rows: int, cols: int) -> np.ndarray:
+    """Position ids [rows*cols, 3] = (0, row, col), as FluxPipeline._prepare_latent_image_ids."""
+    ids = np.zeros((rows, cols, 3), np.float32)
+    ids[..., 1] = np.arange(rows)[:, None]
+    ids[..., 2] = np.arange(cols)[None, :]
+    return ids.reshape(rows * cols, 3)
+
+
+def pack_latents(latents: jax.Array) -> jax.Array:
+    """[B, C, H, W] -> [B, (H/2)*(W/2), C*4]: 2x2 latent patches become one token (FluxPipeline._pack_latents)."""
+    b, c, h, w = latents.shape
+    x = latents.reshape(b, c, h // 2, 2, w // 2, 2).transpose(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(packed: jax.Array, grid: tuple[int, int]) -> jax.Array:
+    """[B, rows*cols, C*4] -> [B, C, 2*rows, 2*cols] (FluxPipeline._unpack_latents) for a token grid."""
+    rows, cols = grid
+    b, s, c4 = packed.shape
+    if s != rows * cols:
+        raise ValueError(f"packed latents have {s} tokens, the grid {rows}x{cols} has {rows * cols}")
+    x = packed.reshape(b, rows, cols, c4 // 4, 2, 2).transpose(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, c4 // 4, rows * 2, cols * 2)
+
+
+class FluxFamily:
+    """FLUX.1 dev / schnell: packed 2x2 latents, [text, image] tokens, 3-axis RoPE, distilled guidance (dev)."""
+
+    name = "flux"
+    config_class = FluxConfig
+    module_class = FluxTransformer
+    text_first = True
+    latent_layout = "packed"
+
+    default_guidance_scale = 3.5
+
+    def guidance(self, config: FluxConfig) -> str:
+        return "distilled" if config.guidance_embeds else "none"
+
+    def native_size(self, config: FluxConfig, vae_scale_factor: int) -> int:
+        return 128 * vae_scale_factor  # FluxPipeline's default_sample_size
+
+    def latent_multiple(self, config: FluxConfig) -> int:
+        return 2
+
+    def token_grid(self, config: FluxConfig, latent_height: int, latent_width: int) -> tuple[int, int]:
+        if latent_height % 2 or latent_width % 2:
+            raise ValueError(f"FLUX packs 2x2 latent cells into a token: latent size {latent_height}x{latent_width} "
+                             "must be even")
+        return latent_height // 2, latent_width // 2
+
+    def latent_shape(self, config: FluxConfig, grid: tuple[int, int]) -> tuple[int, ...]:
+        return (grid[0] * grid[1], config.in_channels)
+
+    def pack_latents(self, config: FluxConfig, latents):
+        return pack_latents(latents)
+
+    def unpack_latents(self, config: FluxConfig, latents, grid: tuple[int, int]):
+        return unpack_latents(latents, grid)
+
+    def default_scheduler(self, config: FluxConfig) -> SchedulerConfig:
+        return FLUX_DEV_SCHEDULER if config.guidance_embeds else FLUX_SCHNELL_SCHEDULER
+
+    def schedule(self, scheduler: SchedulerConfig, num_steps: int, image_tokens: int):
+        return flux_schedule(scheduler, num_steps, image_tokens)
+
+    def model_timestep(self, timestep):
+        return timestep / 1000  # the pipeline passes sigma; the model scales by 1000 again
+
+    def positions(self, config: FluxConfig, layout: TokenLayout, image_order):
+        image_ids = flux_image_ids(*layout.grid)
+        if image_order is not None:
+            image_ids = image_ids[np.asarray(image_order)]
+        return rope_tables(np.concatenate([np.zeros((layout.text_len, 3), np.float32), image_ids]),
+                           config.axes_dims_rope)
+
+    def forward_inputs(self, config: FluxConfig, *, hidden_states, encoder_hidden_states, img_ids, txt_ids,
+                       guidance) -> dict:
+        if img_ids is None or txt_ids is None:
+            raise ValueError("FLUX needs img_ids [S_img, 3] and txt_ids [S_txt, 3]")
+        img_ids, txt_ids = np.asarray(img_ids), np.asarray(txt_ids)
+        img_ids = img_ids[0] if img_ids.ndim == 3 else img_ids
+        txt_ids = txt_ids[0] if txt_ids.ndim == 3 else txt_ids
+        if img_ids.shape[0] != hidden_states.shape[1] or txt_ids.shape[0] != encoder_hidden_states.shape[1]:
+            raise ValueError(f"img_ids {img_ids.shape} / txt_ids {txt_ids.shape} do not match the token counts "
+                             f"{hidden_states.shape[1]} / {encoder_hidden_states.shape[1]}")
+        extra = {"rope": rope_tables(np.concatenate([txt_ids, img_ids]), config.axes_dims_rope)}
+        if config.guidance_embeds:
+            if guidance is None:
+                raise ValueError("this FLUX model embeds guidance (dev): pass `guidance`")
+            extra["guidance"] = jnp.broadcast_to(jnp.asarray(guidance, jnp.float32), (hidden_states.shape[0],))
+        return extra
+
+
+FAMILY = FluxFamily()

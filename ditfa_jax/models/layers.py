@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ditfa_jax.attention import joint_attention
+from ditfa_jax.attention import AttentionSettings, joint_attention
 
 
 def linear(in_features: int, out_features: int, *, dtype, rngs: nnx.Rngs, bias: bool = True) -> nnx.Linear:
@@ -163,28 +163,35 @@ def scan_stack(stack, carry, xs, body):
     return jax.lax.scan(step, carry, (state, xs))
 
 
-def block_forward(block, carry, temb, rope, layer_plan, *, text_len: int, text_first: bool, impl: str):
-    """One MMDiT block: adaLN (`prepare`), q/k/v, joint attention, then `finish`; returns (carry, attention output).
+def attention_inputs(block, carry, temb, rope):
+    """adaLN (`prepare`) then q, k, v of one MMDiT block: (ctx for `finish`, (q, k, v) [B, T, H, D])."""
+    ctx = block.prepare(carry, temb)
+    return ctx, block.qkv(ctx, rope)
 
-    With a plan, `layer_plan = (head_window [H], cache [B, T, H, D])`: the head-wise kernel runs, cached heads
-    return the cache, and when every head is cached the q/k/v projections and the kernel are skipped altogether.
+
+def block_forward(block, carry, temb, rope, layer_plan, layout, settings: AttentionSettings):
+    """One MMDiT block: adaLN, q/k/v, joint attention, then `finish`; returns (carry, attention output).
+
+    With a plan, `layer_plan = (head_window [H], cache [B, T, H, D])`: the head-wise kernel runs and cached heads
+    return the cache; with `settings.shortcuts`, a layer whose heads are all cached skips q/k/v and the kernel.
     The attention output (all rows, before the output projection) is what the next step's cache holds.
     """
-    ctx = block.prepare(carry, temb)
     head_window, cache = layer_plan if layer_plan is not None else (None, None)
+    ctx = block.prepare(carry, temb)
 
     def attend():
         q, k, v = block.qkv(ctx, rope)
-        return joint_attention(q, k, v, text_len=text_len, text_first=text_first, head_window=head_window,
-                               cache=cache, implementation=impl)
+        return joint_attention(q, k, v, text_len=layout.text_len, text_first=layout.text_first,
+                               head_window=head_window, cache=cache, settings=settings)
 
-    if layer_plan is None:
-        return block.finish(carry, ctx, attend()), None
-    out = jax.lax.cond(jnp.all(head_window == 0), lambda: cache, attend)
+    if layer_plan is None or not settings.shortcuts:
+        out = attend()
+    else:
+        out = jax.lax.cond(jnp.all(head_window == 0), lambda: cache, attend)
     return block.finish(carry, ctx, out), out
 
 
-def run_stacks(model, carry, temb, rope, plan, *, text_len: int, text_first: bool, impl: str):
+def run_stacks(model, carry, temb, rope, plan, layout, settings: AttentionSettings):
     """Scan every block stack of `model` in order; returns (carry, per-layer attention outputs or None).
 
     `plan` is None or (head_window [layers, H], cache [layers, ...]) over all layers of all stacks. The whole cache
@@ -195,15 +202,15 @@ def run_stacks(model, carry, temb, rope, plan, *, text_len: int, text_first: boo
     for index, (stack, first, count) in enumerate(model.stacks()):
         carry = model.enter_stack(index, carry)
         if plan is None:
-            carry, _ = scan_stack(stack, carry, None, lambda block, c, _: block_forward(
-                block, c, temb, rope, None, text_len=text_len, text_first=text_first, impl=impl))
+            carry, _ = scan_stack(stack, carry, None, lambda block, c, _: (block_forward(
+                block, c, temb, rope, None, layout, settings)[0], None))
             continue
 
         def body(block, c, layer):
             c, cache = c
             window, i = layer
             out_c, out = block_forward(block, c, temb, rope, (window, jax.lax.dynamic_index_in_dim(
-                cache, i, keepdims=False)), text_len=text_len, text_first=text_first, impl=impl)
+                cache, i, keepdims=False)), layout, settings)
             return (out_c, jax.lax.dynamic_update_index_in_dim(cache, out, i, 0)), None
 
         layers = (plan[0][first:first + count], jnp.arange(first, first + count))

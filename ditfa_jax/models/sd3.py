@@ -18,11 +18,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ditfa_jax.attention import joint_attention
+from ditfa_jax.attention import AttentionSettings, joint_attention
 from ditfa_jax.configs import SD3Config
+from ditfa_jax.family import TokenLayout
 from ditfa_jax.models.flux import merge_heads, split_heads
 from ditfa_jax.models.layers import (AdaLayerNorm, FeedForward, RMSNorm, TimeTextEmbedding, create_stack,
                                      layer_norm, linear, modulate, reorder_tokens, restore_tokens, run_stacks)
+from ditfa_jax.scheduler import SD3_SCHEDULER, SchedulerConfig, sd3_schedule
 
 
 class Buffer(nnx.Variable):
@@ -197,15 +199,15 @@ class SD3Transformer(nnx.Module):
     def enter_stack(index: int, carry):
         return carry
 
-    def unembed(self, carry, temb, height: int, width: int, image_order=None):
-        """Final adaLN + projection, back to raster order, then unpatchify to NCHW [B, C, height, width]."""
+    def unembed(self, carry, temb, layout: TokenLayout, image_order=None):
+        """Final adaLN + projection, back to raster order, then unpatchify to NCHW [B, C, rows*p, cols*p]."""
         cfg, x = self.config, carry[0]
         p, co = cfg.patch_size, cfg.output_channels
         scale, shift = self.norm_out(temb)
         x = restore_tokens(self.proj_out(modulate(layer_norm(x), shift, scale)), image_order)
-        h, w = height // p, width // p
-        return x.reshape(x.shape[0], h, w, p, p, co).transpose(0, 5, 1, 3, 2, 4).reshape(x.shape[0], co, height,
-                                                                                          width)
+        h, w = layout.grid
+        return x.reshape(x.shape[0], h, w, p, p, co).transpose(0, 5, 1, 3, 2, 4).reshape(x.shape[0], co, h * p,
+                                                                                          w * p)
 
     def __call__(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, plan=None,
                  attention_impl: str = "auto", image_order=None):
@@ -217,7 +219,67 @@ class SD3Transformer(nnx.Module):
         """
         carry, temb = self.embed(hidden_states, encoder_hidden_states, pooled_projections, timestep,
                                  image_order=image_order)
-        carry, cache = run_stacks(self, carry, temb, None, plan, text_len=encoder_hidden_states.shape[1],
-                                  text_first=False, impl=attention_impl)
-        out = self.unembed(carry, temb, *hidden_states.shape[2:], image_order)
+        p = self.config.patch_size
+        layout = TokenLayout(grid=(hidden_states.shape[2] // p, hidden_states.shape[3] // p),
+                             text_len=encoder_hidden_states.shape[1], text_first=False)
+        carry, cache = run_stacks(self, carry, temb, None, plan, layout, AttentionSettings(implementation=attention_impl))
+        out = self.unembed(carry, temb, layout, image_order)
         return out if plan is None else (out, cache)
+
+
+# ---- the SD3 family: geometry, conditioning (`ditfa_jax.family.ModelFamily`) ----
+
+class SD3Family:
+    """SD3 / SD3.5: NCHW latents patchified in the model, [image, text] tokens, a learned position table, CFG."""
+
+    name = "sd3"
+    config_class = SD3Config
+    module_class = SD3Transformer
+    text_first = False
+    latent_layout = "NCHW"
+
+    default_guidance_scale = 7.0
+
+    def guidance(self, config: SD3Config) -> str:
+        return "cfg"
+
+    def native_size(self, config: SD3Config, vae_scale_factor: int) -> int:
+        return config.sample_size * vae_scale_factor
+
+    def latent_multiple(self, config: SD3Config) -> int:
+        return config.patch_size
+
+    def token_grid(self, config: SD3Config, latent_height: int, latent_width: int) -> tuple[int, int]:
+        p = config.patch_size
+        if latent_height % p or latent_width % p:
+            raise ValueError(f"SD3 patchifies {p}x{p} latent cells into a token: latent size "
+                             f"{latent_height}x{latent_width} must be a multiple of {p}")
+        return latent_height // p, latent_width // p
+
+    def latent_shape(self, config: SD3Config, grid: tuple[int, int]) -> tuple[int, ...]:
+        return (config.in_channels, grid[0] * config.patch_size, grid[1] * config.patch_size)
+
+    def pack_latents(self, config: SD3Config, latents):
+        return latents
+
+    def unpack_latents(self, config: SD3Config, latents, grid: tuple[int, int]):
+        return latents
+
+    def default_scheduler(self, config: SD3Config) -> SchedulerConfig:
+        return SD3_SCHEDULER
+
+    def schedule(self, scheduler: SchedulerConfig, num_steps: int, image_tokens: int):
+        return sd3_schedule(scheduler, num_steps, image_tokens)
+
+    def model_timestep(self, timestep):
+        return timestep
+
+    def positions(self, config: SD3Config, layout: TokenLayout, image_order):
+        return None  # the position table is added inside `embed`
+
+    def forward_inputs(self, config: SD3Config, *, hidden_states, encoder_hidden_states, img_ids, txt_ids,
+                       guidance) -> dict:
+        return {}
+
+
+FAMILY = SD3Family()

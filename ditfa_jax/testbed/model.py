@@ -1,7 +1,7 @@
 """The testbed text-to-image model: a small learned text encoder feeding a FLUX-style MMDiT in pixel space.
 
 The transformer is the project's own :class:`ditfa_jax.models.flux.FluxTransformer` with a small config: 64x64 RGB
-pixels packed 2x2 into 32x32 = 1024 image tokens of 12 channels (``vae_scale_factor`` 1: no VAE), 6 heads of 32,
+pixels packed 2x2 into 32x32 = 1024 image tokens of 12 channels (a pixel-space model: its pipeline samples at ``vae_scale_factor`` 1), 6 heads of 32,
 2 double-stream + 8 single-stream blocks, 32 text tokens first, so 1056 tokens per attention. The text encoder
 (token + learned position embeddings, pre-LN transformer layers) plays T5's part (per-token states, padding
 zeroed) and CLIP's (a pooled vector from the masked mean). Together about 7.5M parameters.
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ditfa_jax.configs import FluxConfig
-from ditfa_jax.sampler import pack_latents, unpack_latents
+from ditfa_jax.models.flux import pack_latents, unpack_latents
 from ditfa_jax.scheduler import SchedulerConfig
 from ditfa_jax.testbed.world import IMAGE_SIZE
 
@@ -26,7 +26,7 @@ __all__ = ["TRANSFORMER_CONFIG", "SCHEDULER", "DEFAULT_STEPS", "TextEncoderConfi
 TRANSFORMER_CONFIG = FluxConfig(
     patch_size=1, in_channels=12, num_layers=2, num_single_layers=8, attention_head_dim=32, num_attention_heads=6,
     joint_attention_dim=128, pooled_projection_dim=128, guidance_embeds=False, axes_dims_rope=(8, 12, 12),
-    vae_scale_factor=1)
+)
 SCHEDULER = SchedulerConfig(shift=1.0)  # sigmas linspace(1, 1/n, n), unshifted: matches the logit-normal training
 DEFAULT_STEPS = 20
 
@@ -90,5 +90,5 @@ def images_to_latents(images: jax.Array) -> jax.Array:
 
 def latents_to_images(latents: jax.Array) -> jax.Array:
     """Packed tokens [N, 1024, 12] -> images [N, 64, 64, 3] in [0, 1] (clipped)."""
-    pixels = unpack_latents(latents, IMAGE_SIZE, IMAGE_SIZE, vae_scale_factor=1)
+    pixels = unpack_latents(latents, (IMAGE_SIZE // 2, IMAGE_SIZE // 2))
     return jnp.clip((jnp.transpose(pixels, (0, 2, 3, 1)) + 1) / 2, 0, 1)

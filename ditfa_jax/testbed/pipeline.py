@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from ditfa_jax.calibrate import calibrate
+from ditfa_jax.calibrate import CalibrationResult, calibrate
 from ditfa_jax.files import atomic_folder
 from ditfa_jax.loading import Transformer, load_transformer, save_converted
 from ditfa_jax.plan import DEFAULT_CANDIDATES, CompressionPlan
@@ -150,19 +150,20 @@ class TestbedPipeline:
         text, pooled = self.encode(captions)
         final = sample(self.transformer, self.initial_noise(seeds), text, pooled, height=IMAGE_SIZE,
                        width=IMAGE_SIZE, num_steps=num_steps, guidance_scale=1.0, scheduler=self.scheduler,
-                       plan=plan, attention_impl=attention_impl)
+                       plan=plan, vae_scale_factor=1, attention_impl=attention_impl)
         return np.asarray(latents_to_images(final), np.float32)
 
     def calibrate(self, captions: list[str], *, delta: float, num_steps: int = DEFAULT_STEPS, c: float = 1.5,
-                  candidates=DEFAULT_CANDIDATES, seed: int = 0, progress: bool = True,
-                  record: dict | None = None, **search) -> CompressionPlan:
+                  candidates=DEFAULT_CANDIDATES, seed: int = 0, progress: bool = True, **search) -> CalibrationResult:
         """Search a compression plan on these calibration captions (`ditfa_jax.calibrate.calibrate`; ``search``:
-        its ``rse_over_prompts`` / ``budget_schedule`` / ``token_order`` options)."""
+        its ``rse_over_prompts`` / ``budget_schedule`` / ``token_order`` options). The plan's notes name the
+        captions."""
         text, pooled = self.encode(captions)
-        plan = calibrate(self.transformer, text, pooled, height=IMAGE_SIZE, width=IMAGE_SIZE, num_steps=num_steps,
-                         guidance_scale=1.0, delta=delta, c=c, candidates=tuple(candidates),
-                         scheduler=self.scheduler, seed=seed, progress=progress, record=record, **search)
-        return plan.replace(notes={**plan.notes, "calibration_captions": list(captions)})
+        result = calibrate(self.transformer, text, pooled, height=IMAGE_SIZE, width=IMAGE_SIZE, num_steps=num_steps,
+                           guidance_scale=1.0, delta=delta, c=c, candidates=tuple(candidates),
+                           scheduler=self.scheduler, seed=seed, vae_scale_factor=1, progress=progress, **search)
+        plan = result.plan.replace(notes={**result.plan.notes, "calibration_captions": list(captions)})
+        return dataclasses.replace(result, plan=plan)
 
 
 def save_pipeline(folder: str | Path, transformer: Transformer, text_encoder: TextEncoder, *,
@@ -184,7 +185,7 @@ def save_pipeline(folder: str | Path, transformer: Transformer, text_encoder: Te
         (tmp / COMPONENT_FILES["scheduler"]).write_text(json.dumps(
             {"_class_name": "FlowMatchEulerDiscreteScheduler", **dataclasses.asdict(scheduler)}, indent=2))
         (tmp / "model_index.json").write_text(json.dumps(
-            {"_class_name": PIPELINE_CLASS, "transformer": ["ditfa_jax", "FluxTransformer"],
+            {"_class_name": PIPELINE_CLASS, "vae_scale_factor": 1, "transformer": ["ditfa_jax", "FluxTransformer"],
              "text_encoder": ["ditfa_jax.testbed", "TextEncoder"], "tokenizer": ["tokenizers", "WordLevel"],
              "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}, indent=2))
         if training is not None:

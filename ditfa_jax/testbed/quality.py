@@ -111,12 +111,11 @@ def quality_sweep(pipe, scenes: SceneBatch, calibration_captions: list[str], del
     for delta in bar:
         variants = []
         for search in searches:
-            record = {}
-            plan = pipe.calibrate(calibration_captions, delta=float(delta), num_steps=num_steps, progress=False,
-                                  record=record, **SEARCHES[search])
-            variants.append((search, plan))
+            result = pipe.calibrate(calibration_captions, delta=float(delta), num_steps=num_steps, progress=False,
+                                    **SEARCHES[search])
+            variants.append((search, result.plan))
             if include_global and search == "per-layer":
-                variants.append(("global", global_plan(plan, record["rse"], record["saving"])))
+                variants.append(("global", global_plan(result.plan, result.rse, result.saving)))
         for name, p in variants:
             out, seconds = generate(p)
             score = detector.score(out, targets)

@@ -30,8 +30,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from ditfa_jax.loading import Transformer
-from ditfa_jax.models.flux import FluxTransformer, rope_tables
-from ditfa_jax.sampler import flux_image_ids
+from ditfa_jax.models.flux import FluxTransformer, flux_image_ids, rope_tables
 from ditfa_jax.testbed.model import (SCHEDULER, TRANSFORMER_CONFIG, TextEncoder, TextEncoderConfig,
                                      images_to_latents)
 from ditfa_jax.testbed.tokenizer import MAX_LENGTH, SHIPPED_TOKENIZER, WordTokenizer

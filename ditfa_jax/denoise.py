@@ -1,0 +1,167 @@
+"""The one denoising core: a run's setup, the velocity of one denoiser evaluation and the Euler step.
+
+`ditfa_jax.sampler.sample` scans `velocity` + `euler_step` over the steps in one jitted program; the plan search
+(`ditfa_jax.calibrate`) runs the same `embed`, blocks and `guided_velocity` + `euler_step` layer by layer, so a
+search samples exactly as `sample` does with the plan being built. Everything family-specific is asked of the
+model family (`ditfa_jax.family`): FLUX-dev feeds the guidance scale to the model (distilled guidance), SD3 runs
+classifier-free guidance on a doubled batch [uncond, cond]. Latents are carried in float32 (diffusers steps in
+float32 and casts back to the model dtype; we keep the float32 value).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ditfa_jax.attention import AttentionSettings
+from ditfa_jax.family import ModelFamily, TokenLayout, family_of, layout_for
+from ditfa_jax.models.layers import run_stacks
+from ditfa_jax.scheduler import SchedulerConfig
+from ditfa_jax.plan import image_token_order  # TEMP-MERGE: ditfa_jax.token_order
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Conditioning:
+    """What the denoiser is conditioned on, as traced data of the jitted program.
+
+    `prompt_embeds`/`pooled`: the batch the model sees (with CFG: [uncond; cond]); `guidance`: FLUX-dev's distilled
+    guidance per sample, or None; `cfg_scale`: the CFG scale (float32 scalar), or None without CFG; `rope`: FLUX's
+    RoPE tables, or None; `image_order`: raster indices of the image tokens inside the blocks, or None (raster).
+    """
+    prompt_embeds: jax.Array
+    pooled: jax.Array
+    guidance: jax.Array | None = None
+    cfg_scale: jax.Array | None = None
+    rope: tuple | None = None
+    image_order: jax.Array | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSetup:
+    """What a sampling (or calibration) run derives from the model and settings, in one place.
+
+    `layout` (static) places the tokens; `latent_shape` is one sample's latent; `sigmas`/`timesteps` the schedule
+    (host arrays, scanned as data); `cond` the conditioning.
+    """
+    family: ModelFamily
+    layout: TokenLayout
+    latent_shape: tuple[int, ...]
+    sigmas: np.ndarray
+    timesteps: np.ndarray
+    cond: Conditioning
+
+    @property
+    def batch(self) -> int:
+        """Rows of the batch the model sees (twice the latents' batch with CFG)."""
+        return self.cond.prompt_embeds.shape[0]
+
+
+def default_scheduler(config) -> SchedulerConfig:
+    return family_of(config).default_scheduler(config)
+
+
+def prepare_run(config, prompt_embeds, pooled_prompt_embeds, *, height: int, width: int, num_steps: int,
+                guidance_scale: float, negative_prompt_embeds=None, negative_pooled_prompt_embeds=None,
+                scheduler: SchedulerConfig | None = None, token_order: str = "raster", vae_scale_factor: int = 8,
+                dtype=None) -> RunSetup:
+    """Check the settings and derive the layout, schedule, positions and conditioning of a run.
+
+    height/width are pixels of `vae_scale_factor` per latent cell; the image tokens run in `token_order` inside
+    the blocks (a plan's). Prompt embeddings are cast to `dtype` when given.
+    """
+    family = family_of(config)
+    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
+        raise ValueError(f"num_steps: expected an integer >= 1, got {num_steps!r}")
+    cast = (lambda a: jnp.asarray(a, dtype)) if dtype is not None else jnp.asarray  # noqa: E731
+    prompt_embeds, pooled = cast(prompt_embeds), cast(pooled_prompt_embeds)
+    if prompt_embeds.ndim != 3 or pooled.ndim != 2 or pooled.shape[0] != prompt_embeds.shape[0]:
+        raise ValueError(f"prompt_embeds must be [B, L, dim] and pooled_prompt_embeds [B, dim] of one batch; got "
+                         f"{prompt_embeds.shape} and {pooled.shape}")
+    layout = layout_for(config, height=height, width=width, text_len=prompt_embeds.shape[1],
+                        vae_scale_factor=vae_scale_factor)
+    sigmas, timesteps = family.schedule(scheduler or family.default_scheduler(config), num_steps,
+                                        layout.image_tokens)
+    order = image_token_order(token_order, *layout.grid)
+    kind = family.guidance(config)
+    batch = prompt_embeds.shape[0]
+    guidance = jnp.full((batch,), guidance_scale, jnp.float32) if kind == "distilled" else None
+    cfg_scale = None
+    if kind == "cfg" and guidance_scale > 1:
+        if negative_prompt_embeds is None or negative_pooled_prompt_embeds is None:
+            raise ValueError(f"{family.name} with guidance_scale > 1 runs classifier-free guidance: pass "
+                             "negative_prompt_embeds and negative_pooled_prompt_embeds")
+        prompt_embeds = jnp.concatenate([jnp.asarray(negative_prompt_embeds, prompt_embeds.dtype), prompt_embeds])
+        pooled = jnp.concatenate([jnp.asarray(negative_pooled_prompt_embeds, pooled.dtype), pooled])
+        cfg_scale = jnp.float32(guidance_scale)
+    rope = family.positions(config, layout, order)
+    cond = Conditioning(prompt_embeds, pooled, guidance, cfg_scale,
+                        None if rope is None else tuple(jnp.asarray(t) for t in rope),
+                        None if order is None else jnp.asarray(order))
+    return RunSetup(family, layout, family.latent_shape(config, layout.grid), sigmas, timesteps, cond)
+
+
+# ---- the pieces of one denoiser evaluation (pure functions of the NNX module, used under jit) ----
+
+def embed(module, family: ModelFamily, cond: Conditioning, x, t):
+    """Latents x [B, ...] (float32) at scheduler timestep t -> (carry of the first block stack, temb)."""
+    x_in = jnp.concatenate([x, x]) if cond.cfg_scale is not None else x
+    timestep = jnp.full((x_in.shape[0],), family.model_timestep(t), jnp.float32)
+    return module.embed(x_in, cond.prompt_embeds, cond.pooled, timestep, cond.guidance,
+                        image_order=cond.image_order)
+
+
+def guided_velocity(module, cond: Conditioning, layout: TokenLayout, carry, temb):
+    """The last stack's carry -> the velocity in float32, classifier-free guidance applied."""
+    v = module.unembed(carry, temb, layout, cond.image_order).astype(jnp.float32)
+    if cond.cfg_scale is not None:
+        uncond, conditioned = jnp.split(v, 2)
+        v = uncond + cond.cfg_scale * (conditioned - uncond)
+    return v
+
+
+def velocity(module, family: ModelFamily, cond: Conditioning, layout: TokenLayout, settings: AttentionSettings,
+             x, t, head_window=None, cache=None):
+    """One denoiser evaluation: (velocity float32, new attention cache or None).
+
+    With a plan, `head_window` [layers, H] is this step's plan and `cache` [layers, B, T, H, D] each layer's last
+    computed attention output."""
+    carry, temb = embed(module, family, cond, x, t)
+    plan = None if cache is None else (head_window, cache)
+    carry, cache = run_stacks(module, carry, temb, cond.rope, plan, layout, settings)
+    return guided_velocity(module, cond, layout, carry, temb), cache
+
+
+def euler_step(x, v, sigma, sigma_next):
+    """x_{i+1} = x_i + (sigma_{i+1} - sigma_i) * v(x_i, t_i), in float32."""
+    return x + (sigma_next - sigma) * v
+
+
+def denoise(module, family: ModelFamily, cond: Conditioning, layout: TokenLayout, settings: AttentionSettings,
+            latents, sigmas, timesteps, head_windows=None, cache=None):
+    """The whole loop as one `lax.scan` over the steps: final latents (float32).
+
+    With a plan, `head_windows` [steps, layers, H] is scanned as data and the cache carried."""
+
+    def step(carry, xs):
+        x, cache = carry
+        t, sigma, sigma_next, head_window = xs
+        v, cache = velocity(module, family, cond, layout, settings, x, t, head_window, cache)
+        return (euler_step(x, v, sigma, sigma_next), cache), None
+
+    (x, _), _ = jax.lax.scan(step, (latents.astype(jnp.float32), cache),
+                             (timesteps, sigmas[:-1], sigmas[1:], head_windows))
+    return x
+
+
+def cache_shape(config, batch: int, tokens: int) -> tuple[int, ...]:
+    """Shape of the per-layer attention cache: [layers, batch, tokens, heads, head_dim]."""
+    return (config.total_layers, batch, tokens, config.num_attention_heads, config.attention_head_dim)
+
+
+def cache_bytes(config, batch: int, tokens: int, dtype=jnp.bfloat16) -> int:
+    """Memory the caching sampler holds for the per-layer attention outputs."""
+    return int(np.prod(cache_shape(config, batch, tokens))) * jnp.dtype(dtype).itemsize
