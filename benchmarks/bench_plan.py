@@ -29,8 +29,9 @@ import pallas_kernels
 from ditfa_jax.calibrate import calibrate
 from ditfa_jax.configs import FluxConfig
 from ditfa_jax.loading import Transformer
+from ditfa_jax.methods import method_window
 from ditfa_jax.models.flux import FluxTransformer
-from ditfa_jax.plan import CompressionPlan, image_tokens_for, method_window
+from ditfa_jax.plan import CompressionPlan, image_tokens_for
 from ditfa_jax.sampler import cache_bytes, sample
 
 FLUX_DEV = FluxConfig(guidance_embeds=True)

@@ -30,8 +30,9 @@ import pallas_kernels
 from ditfa_jax.attention import joint_attention
 from ditfa_jax.configs import FluxConfig
 from ditfa_jax.loading import Transformer
+from ditfa_jax.methods import DEFAULT_CANDIDATES, candidate_savings, candidate_windows
 from ditfa_jax.milp import solve_layer
-from ditfa_jax.plan import DEFAULT_CANDIDATES, CompressionPlan, candidate_savings, candidate_windows
+from ditfa_jax.plan import CompressionPlan
 from ditfa_jax.sampler import cache_bytes, cache_shape, prepare_run
 from ditfa_jax.scheduler import SchedulerConfig
 
@@ -177,7 +178,7 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
     Beyond the paper (defaults reproduce it): ``rse_over_prompts="max"`` scores a head by its worst calibration
     prompt (`head_rse`), and ``budget_schedule="ramp"`` spends the same total budget unevenly, little at early steps
     (`step_budgets`). ``token_order="hilbert"`` (or "morton") searches, and the plan runs, with the image tokens
-    along a space-filling curve, so that arrow bands are 2-D neighbourhoods (`ditfa_jax.plan.image_token_order`).
+    along a space-filling curve, so that arrow bands are 2-D neighbourhoods (`ditfa_jax.token_order.image_token_order`).
     """
     if rse_over_prompts not in RSE_REDUCTIONS:
         raise ValueError(f"rse_over_prompts={rse_over_prompts!r}: expected one of {RSE_REDUCTIONS}")

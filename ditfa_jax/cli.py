@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-# == ditfa_jax.plan.TOKEN_ORDERS (a test checks): written out so that building the parser does not import jax
+# == ditfa_jax.token_order.TOKEN_ORDERS (a test checks): written out so that building the parser does not import jax
 TOKEN_ORDER_CHOICES = ("raster", "morton", "hilbert")
 
 
@@ -128,7 +128,7 @@ def _read_prompts(path: str | Path) -> list[str]:
 def cmd_calibrate(args) -> int:
     from ditfa_jax.calibrate import calibrate
     from ditfa_jax.loading import load_transformer
-    from ditfa_jax.plan import save_heatmap
+    from ditfa_jax.plan_pictures import save_heatmap
     from ditfa_jax.sampler import scheduler_for
 
     out = Path(args.out)

@@ -1,117 +1,43 @@
 """Compression plans: one attention method per (step, layer, head), saved as a small JSON file.
 
 A plan's payload is ``head_window: int32 [steps, layers, heads]`` in the kernel's encoding (-1 full, 0 cached,
-w > 0 arrow with image-band half-width w tokens, see :mod:`pallas_kernels.schedule`); the sampler scans over its
-first axis. Everything else is metadata that ties the plan to the model and run it was calibrated for (model class,
+w > 0 arrow with image-band half-width w tokens, see :mod:`ditfa_jax.methods`); the sampler scans over its first
+axis. Everything else is metadata that ties the plan to the model and run it was calibrated for (model class,
 layer/head counts, resolution, text length, step count), so a plan cannot silently be applied to another setting.
 
-Candidate methods are named ``"cached"`` and ``"arrow_K"``: arrow_K's half-width is ``max(1, n_img // (2*K))``
-image tokens (DiTFastAttnV2). Layers are counted in run order (FLUX: the double-stream blocks, then the
-single-stream blocks; SD3: the joint blocks). Step 0 is always full: a cached head needs a computed value first.
+Layers are counted in run order (FLUX: the double-stream blocks, then the single-stream blocks; SD3: the joint
+blocks). Step 0 is always full: a cached head needs a computed value first.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import math
-import re
 from pathlib import Path
 
 import numpy as np
 
 from ditfa_jax.configs import config_to_dict
 from ditfa_jax.files import atomic_write
+from ditfa_jax.methods import (CACHED_WINDOW, DEFAULT_CANDIDATES, FULL_WINDOW, candidate_windows, check_candidates,
+                               method_window)
+from ditfa_jax.token_order import TOKEN_ORDERS
 from pallas_kernels.cost import PlanCost, plan_cost
 
-__all__ = [
-    "SCHEMA_VERSION",
-    "DEFAULT_CANDIDATES",
-    "CompressionPlan",
-    "method_window",
-    "candidate_windows",
-    "candidate_savings",
-    "windows_from_choice",
-    "image_tokens_for",
-    "TOKEN_ORDERS",
-    "image_token_order",
-    "save_heatmap",
-]
+__all__ = ["SCHEMA_VERSION", "CompressionPlan", "image_tokens_for", "sparkline"]
 
 SCHEMA_VERSION = 1
-DEFAULT_CANDIDATES = ("cached", "arrow_8", "arrow_16", "arrow_32")
-FULL_WINDOW = -1
-CACHED_WINDOW = 0
 
 _FAMILY_OF_CLASS = {"FluxTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3"}
 _TEXT_FIRST = {"flux": True, "sd3": False}
-_ARROW = re.compile(r"arrow_([1-9][0-9]*)")
 _FORMAT = "ditfa-jax compression plan"
 _LEGEND = "head_window[step][layer][head]: -1 full, 0 cached, w>0 arrow (image-band half-width w tokens)"
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Methods
-
-
-def _arrow_k(name) -> int | None:
-    m = _ARROW.fullmatch(name) if isinstance(name, str) else None
-    return int(m.group(1)) if m else None
-
-
-def method_window(name: str, n_img: int) -> int:
-    """Head window of a method for ``n_img`` image tokens: "full" -> -1, "cached" -> 0,
-    "arrow_K" -> max(1, n_img // (2*K))."""
-    if isinstance(n_img, bool) or not isinstance(n_img, (int, np.integer)) or n_img < 1:
-        raise ValueError(f"n_img: expected a positive number of image tokens, got {n_img!r}")
-    if name == "full":
-        return FULL_WINDOW
-    if name == "cached":
-        return CACHED_WINDOW
-    k = _arrow_k(name)
-    if k is None:
-        raise ValueError(f"method name {name!r}: expected 'full', 'cached' or 'arrow_K' with an integer K >= 1")
-    return max(1, int(n_img) // (2 * k))
-
-
-def _check_candidates(candidates) -> tuple[str, ...]:
-    if isinstance(candidates, str) or not isinstance(candidates, (tuple, list)) or not candidates:
-        raise ValueError(f"candidates: expected a non-empty tuple of method names, got {candidates!r}")
-    for name in candidates:
-        if name != "cached" and _arrow_k(name) is None:
-            raise ValueError(f"candidates: {name!r} is not a candidate method; expected 'cached' or 'arrow_K'")
-    if len(set(candidates)) != len(candidates):
-        raise ValueError(f"candidates: names must be distinct, got {tuple(candidates)}")
-    return tuple(candidates)
-
-
-def candidate_windows(candidates, n_img: int) -> np.ndarray:
-    """int32 [M]: the head window of each candidate method."""
-    return np.array([method_window(n, n_img) for n in _check_candidates(candidates)], dtype=np.int32)
-
-
-def candidate_savings(candidates, *, image_tokens: int, text_len: int, text_first: bool, head_dim: int,
-                      block_q: int | None = None, block_k: int | None = None) -> np.ndarray:
-    """float64 [M]: fraction of one head's attention FLOPs each candidate removes (cached: 1.0), from
-    :func:`pallas_kernels.plan_cost` (the kernel's tile-aligned band). This is the MILP's ``saving``."""
-    windows = candidate_windows(candidates, image_tokens)
-    cost = plan_cost(windows, batch=1, tokens=image_tokens + text_len, text_len=text_len, text_first=text_first,
-                     head_dim=head_dim, block_q=block_q, block_k=block_k)
-    return np.asarray(cost.saving, dtype=np.float64)
-
-
-def windows_from_choice(choice, candidates, n_img: int) -> np.ndarray:
-    """Solver output (candidate index per head, -1 = full; any shape) -> int32 head windows of the same shape."""
-    windows = candidate_windows(candidates, n_img)
-    choice = np.asarray(choice)
-    if not np.issubdtype(choice.dtype, np.integer):
-        raise ValueError(f"choice: expected integer method indices, got dtype {choice.dtype}")
-    if choice.size and (choice.min() < -1 or choice.max() >= len(windows)):
-        raise ValueError(f"choice: indices must lie in [-1, {len(windows) - 1}] for candidates {tuple(candidates)}, "
-                         f"got range [{choice.min()}, {choice.max()}]")
-    return np.where(choice < 0, FULL_WINDOW, windows[np.maximum(choice, 0)]).astype(np.int32)
+# Geometry (pixels -> image tokens). Here for now: it is moving into the model-family interface.
 
 
 def image_tokens_for(config, height: int, width: int) -> int:
@@ -122,56 +48,6 @@ def image_tokens_for(config, height: int, width: int) -> int:
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0 or v % step:
             raise ValueError(f"{name}: expected a positive multiple of {step} pixels for {config.family}, got {v!r}")
     return (height // step) * (width // step)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Token order: which image tokens an arrow band holds
-
-TOKEN_ORDERS = ("raster", "morton", "hilbert")
-
-
-def _interleave_bits(v: np.ndarray) -> np.ndarray:
-    """Spread the bits of v (< 2**16) apart: bit i moves to bit 2i."""
-    v = v.astype(np.uint64)
-    for shift, mask in ((8, 0x00FF00FF), (4, 0x0F0F0F0F), (2, 0x33333333), (1, 0x55555555)):
-        v = (v | (v << np.uint64(shift))) & np.uint64(mask)
-    return v
-
-
-def _hilbert_index(side: int, row: np.ndarray, col: np.ndarray) -> np.ndarray:
-    """Position of each (row, col) along the Hilbert curve over a side x side grid (side a power of two)."""
-    x, y, d = col.astype(np.int64), row.astype(np.int64), np.zeros(row.shape, np.int64)
-    s = side // 2
-    while s > 0:
-        rx, ry = (x & s) > 0, (y & s) > 0
-        d += s * s * ((3 * rx) ^ ry)
-        # rotate the quadrant so the sub-curve starts where the parent curve enters it
-        flip = ~ry & rx
-        x, y = np.where(flip, side - 1 - x, x), np.where(flip, side - 1 - y, y)
-        x, y = np.where(~ry, y, x), np.where(~ry, x, y)
-        s //= 2
-    return d
-
-
-def image_token_order(name: str, rows: int, cols: int) -> np.ndarray | None:
-    """The order in which image tokens sit in the attention sequence, as raster indices (None for "raster").
-
-    Arrow heads attend within a band of the sequence. In raster order the band is a horizontal strip of whole rows;
-    along a space-filling curve ("morton": Z-order, "hilbert") a stretch of the sequence is a compact 2-D region,
-    so the band becomes a 2-D neighbourhood at the same cost. Full heads compute the same function in any order
-    (the model is equivariant to it: positions travel with the tokens). Grids that are not a power-of-two square
-    follow the curve of the enclosing one, skipping missing cells.
-    """
-    if name not in TOKEN_ORDERS:
-        raise ValueError(f"token_order {name!r}: expected one of {TOKEN_ORDERS}")
-    if name == "raster":
-        return None
-    row, col = np.divmod(np.arange(rows * cols), cols)
-    if name == "morton":
-        key = (_interleave_bits(row) << np.uint64(1)) | _interleave_bits(col)
-    else:
-        key = _hilbert_index(1 << max(rows - 1, cols - 1, 1).bit_length(), row, col)
-    return np.argsort(key, kind="stable").astype(np.int32)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -258,7 +134,7 @@ class CompressionPlan:
         for name, minimum in (("num_layers", 1), ("num_heads", 1), ("head_dim", 1), ("height", 1), ("width", 1),
                               ("image_tokens", 1), ("text_len", 0), ("num_steps", 1)):
             put(name, _int_field(name, getattr(self, name), minimum))
-        put("candidates", _check_candidates(self.candidates))
+        put("candidates", check_candidates(self.candidates))
         put("delta", _opt_float("delta", self.delta, positive=False))
         put("c", _opt_float("c", self.c, positive=True))
         if self.model_config is not None and not isinstance(self.model_config, dict):
@@ -542,175 +418,3 @@ def sparkline(values) -> str:
     """One character per value in [0, 1], eight levels: a per-step curve that fits in a terminal line."""
     levels = np.clip(np.round(np.asarray(values, np.float64) * (len(_BARS) - 1)), 0, len(_BARS) - 1)
     return "".join(_BARS[int(v)] for v in levels)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Heat map (Pillow only)
-
-# viridis at 0, 0.1, ..., 1 (matplotlib's values, rounded to 8 bits); linear in between.
-_VIRIDIS = np.array([(68, 1, 84), (72, 36, 117), (65, 68, 135), (53, 95, 141), (42, 120, 142), (33, 145, 140),
-                     (34, 168, 132), (68, 191, 112), (122, 209, 81), (189, 223, 38), (253, 231, 37)], np.float64)
-_METHOD_COLOURS = {"full": (215, 215, 215), "cached": (68, 1, 84)}
-_ARROW_COLOURS = [(33, 145, 140), (94, 201, 98), (253, 231, 37), (59, 82, 139), (230, 120, 40), (200, 80, 160)]
-_OTHER_COLOUR = (220, 50, 50)
-
-
-def _viridis(x) -> np.ndarray:
-    """uint8 [..., 3] colours for values in [0, 1] (clipped)."""
-    x = np.clip(np.asarray(x, np.float64), 0.0, 1.0) * (len(_VIRIDIS) - 1)
-    i = np.minimum(np.floor(x).astype(int), len(_VIRIDIS) - 2)
-    t = (x - i)[..., None]
-    return np.round(_VIRIDIS[i] * (1 - t) + _VIRIDIS[i + 1] * t).astype(np.uint8)
-
-
-def _font(size: int):
-    from PIL import ImageFont
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, OSError, ImportError):  # old Pillow or no FreeType: fixed bitmap font
-        return ImageFont.load_default()
-
-
-def _text_size(draw, text, font) -> tuple[int, int]:
-    x0, y0, x1, y1 = draw.textbbox((0, 0), text, font=font)
-    return x1 - x0, y1 - y0
-
-
-def _tick_step(n: int, cell: int, min_px: int) -> int:
-    for k in (1, 2, 5, 10, 20, 25, 50, 100, 200, 500, 1000):
-        if k * cell >= min_px or k >= n:
-            return k
-    return max(1, n // 10)
-
-
-def _vertical_text(img, xy, text, font, fill=(0, 0, 0)) -> None:
-    """Paste ``text`` rotated 90 degrees (reading bottom to top) with its top-left corner at ``xy``."""
-    from PIL import Image, ImageDraw
-    probe = ImageDraw.Draw(img)
-    w, h = _text_size(probe, text, font)
-    tile = Image.new("RGBA", (w + 4, h + 6), (255, 255, 255, 0))
-    ImageDraw.Draw(tile).text((2, 0), text, font=font, fill=fill + (255,))
-    tile = tile.rotate(90, expand=True)
-    img.paste(tile, xy, tile)
-
-
-def _render_kept(plan: CompressionPlan, cell: int | None):
-    from PIL import Image, ImageDraw
-    data = plan.flops_kept_per_step_layer()                      # [S, L]
-    s, n_layers = data.shape
-    cell = cell or max(6, min(40, 900 // max(s, n_layers)))
-    font, small = _font(14), _font(11)
-    left, top, right, bottom = 64, 64, 110, 56
-    mw, mh = n_layers * cell, s * cell
-    kept = plan.flops_kept_fraction()
-    search = "hand-made plan" if plan.delta is None else f"delta={plan.delta:g}"
-    title = f"attention FLOPs kept {kept:.1%}, {search}"
-    subtitle = (f"{plan.model_class} {plan.height}x{plan.width}, {s} steps x {n_layers} layers x "
-                f"{plan.num_heads} heads")
-    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    text_w = max(_text_size(measure, title, font)[0], _text_size(measure, subtitle, small)[0])
-    img = Image.new("RGB", (max(left + mw + right, left + text_w + 16), top + max(mh, 100) + bottom),
-                    (255, 255, 255))  # wide enough for the titles, tall enough for the colour bar's label
-    draw = ImageDraw.Draw(img)
-    cells = Image.fromarray(_viridis(data)).resize((mw, mh), Image.NEAREST)
-    img.paste(cells, (left, top))
-    draw.rectangle((left - 1, top - 1, left + mw, top + mh), outline=(0, 0, 0))
-
-    draw.text((left, 8), title, font=font, fill=(0, 0, 0))
-    draw.text((left, 28), subtitle, font=small, fill=(60, 60, 60))
-    # layer ticks (x) and step ticks (y); step 0 at the top
-    kx = _tick_step(n_layers, cell, 26)
-    for layer in range(0, n_layers, kx):
-        x = left + layer * cell + cell // 2
-        draw.line((x, top + mh, x, top + mh + 4), fill=(0, 0, 0))
-        w, _ = _text_size(draw, str(layer), small)
-        draw.text((x - w // 2, top + mh + 6), str(layer), font=small, fill=(0, 0, 0))
-    ky = _tick_step(s, cell, 16)
-    for step in range(0, s, ky):
-        y = top + step * cell + cell // 2
-        draw.line((left - 5, y, left - 1, y), fill=(0, 0, 0))
-        w, h = _text_size(draw, str(step), small)
-        draw.text((left - 8 - w, y - h // 2 - 2), str(step), font=small, fill=(0, 0, 0))
-    w, _ = _text_size(draw, "layer", font)
-    draw.text((left + mw // 2 - w // 2, top + mh + 26), "layer", font=font, fill=(0, 0, 0))
-    _vertical_text(img, (8, top + mh // 2 - 20), "step", font)
-    # colour bar: 1 at the top, 0 at the bottom
-    bx, bw = left + mw + 24, 16
-    ramp = _viridis(np.linspace(1.0, 0.0, mh))[:, None, :].repeat(bw, axis=1)
-    img.paste(Image.fromarray(ramp), (bx, top))
-    draw.rectangle((bx - 1, top - 1, bx + bw, top + mh), outline=(0, 0, 0))
-    for label, y in (("1", top), ("0.5", top + mh // 2), ("0", top + mh)):
-        _, h = _text_size(draw, label, small)
-        draw.line((bx + bw, y, bx + bw + 4, y), fill=(0, 0, 0))
-        draw.text((bx + bw + 7, y - h // 2 - 2), label, font=small, fill=(0, 0, 0))
-    _vertical_text(img, (bx + bw + 34, top + mh // 2 - 40), "FLOPs kept", small)
-    return img
-
-
-def _render_heads(plan: CompressionPlan, cell: int | None):
-    from PIL import Image, ImageDraw
-    s, n_layers, n_heads = plan.shape
-    cell = cell or 4
-    names = plan.method_names()
-    palette = []
-    arrow_i = 0
-    for n in names:
-        if n in _METHOD_COLOURS:
-            palette.append(_METHOD_COLOURS[n])
-        elif n.startswith("arrow_"):
-            palette.append(_ARROW_COLOURS[arrow_i % len(_ARROW_COLOURS)])
-            arrow_i += 1
-        else:
-            palette.append(_OTHER_COLOUR)
-    palette = np.array(palette, np.uint8)
-    code = plan.method_codes()
-    counts = plan.method_counts()
-
-    font, small = _font(14), _font(11)
-    pw, ph = n_heads * cell, s * cell
-    gap_x, gap_y, label_h = 8, 6, 14
-    ncols = max(1, min(n_layers, math.ceil(math.sqrt(n_layers * (ph + gap_y + label_h) / (pw + gap_x)))))
-    nrows = math.ceil(n_layers / ncols)
-    left, top = 12, 88
-    width = max(left + ncols * (pw + gap_x) + 12, 560)
-    img = Image.new("RGB", (width, top + nrows * (ph + gap_y + label_h) + 24), (255, 255, 255))
-    draw = ImageDraw.Draw(img)
-    kept = plan.flops_kept_fraction()
-    search = "hand-made plan" if plan.delta is None else f"delta={plan.delta:g}"
-    draw.text((left, 6), f"methods per head: attention FLOPs kept {kept:.1%}, {search}", font=font, fill=(0, 0, 0))
-    draw.text((left, 26), f"one panel per layer: step 0..{s - 1} top to bottom, head 0..{n_heads - 1} left to right",
-              font=small, fill=(60, 60, 60))
-    x = left
-    for i, n in enumerate(names):  # legend with each method's share of heads
-        label = f"{n} {int(counts[n].sum()) / code.size:.0%}"
-        draw.rectangle((x, 50, x + 12, 62), fill=tuple(int(v) for v in palette[i]), outline=(0, 0, 0))
-        draw.text((x + 16, 49), label, font=small, fill=(0, 0, 0))
-        x += 16 + _text_size(draw, label, small)[0] + 14
-    for layer in range(n_layers):
-        r, col = divmod(layer, ncols)
-        x0 = left + col * (pw + gap_x)
-        y0 = top + r * (ph + gap_y + label_h)
-        draw.text((x0, y0), f"layer {layer}", font=small, fill=(0, 0, 0))
-        panel = Image.fromarray(palette[code[:, layer, :]]).resize((pw, ph), Image.NEAREST)
-        img.paste(panel, (x0, y0 + label_h))
-    return img
-
-
-def save_heatmap(plan: CompressionPlan, path, per_head: bool = False, *, cell: int | None = None) -> Path:
-    """Write a PNG of the plan (atomically).
-
-    Default: steps (rows, step 0 on top) x layers (columns), colour = fraction of the attention FLOPs kept in that
-    (step, layer), viridis 0..1 with a colour bar. ``per_head=True``: one [steps x heads] panel per layer with a
-    colour per method (full / cached / each arrow) and a legend. ``cell``: pixels per cell (default 6..16 for the
-    map, 4 for the per-head panels).
-    """
-    if not isinstance(plan, CompressionPlan):
-        raise ValueError(f"plan: expected a CompressionPlan, got {type(plan).__name__}")
-    if cell is not None and (isinstance(cell, bool) or not isinstance(cell, int) or cell < 1):
-        raise ValueError(f"cell: expected a positive number of pixels, got {cell!r}")
-    img = _render_heads(plan, cell) if per_head else _render_kept(plan, cell)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    path = Path(path)
-    atomic_write(path, buf.getvalue())
-    return path

@@ -21,9 +21,9 @@ from flax import nnx
 from ditfa_jax.configs import VAE_SCALE_FACTOR, FluxConfig
 from ditfa_jax.loading import Transformer
 from ditfa_jax.models.flux import rope_tables
-from ditfa_jax.plan import image_token_order
 from ditfa_jax.scheduler import (FLUX_DEV_SCHEDULER, FLUX_SCHNELL_SCHEDULER, SD3_SCHEDULER, SchedulerConfig,
                                  flux_schedule, sd3_schedule)
+from ditfa_jax.token_order import image_token_order
 
 
 
@@ -125,7 +125,7 @@ class RunSetup:
     `prompt_embeds`/`pooled` are the conditioning batch the model sees (SD3 with CFG: [uncond; cond]); `rope` is
     FLUX's RoPE table (None for SD3), its image rows in `image_order`; `latent_shape` is one sample's latent shape;
     `image_order` the order of the image tokens inside the blocks (raster indices; None: raster, see
-    `ditfa_jax.plan.image_token_order`).
+    `ditfa_jax.token_order.image_token_order`).
     """
     latent_shape: tuple[int, ...]
     image_tokens: int

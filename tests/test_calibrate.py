@@ -10,9 +10,10 @@ import pytest
 from ditfa_jax import load_transformer, sample
 from ditfa_jax.calibrate import calibrate, head_rse, step_budgets
 from ditfa_jax.cli import main as cli_main
+from ditfa_jax.methods import candidate_windows
 from ditfa_jax.milp import solve_global
 from ditfa_jax.models.flux import rope_tables
-from ditfa_jax.plan import CompressionPlan, candidate_windows
+from ditfa_jax.plan import CompressionPlan
 from ditfa_jax.sampler import scheduler_for
 
 FIXTURES = Path(__file__).parent / "fixtures"

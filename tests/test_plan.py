@@ -1,16 +1,15 @@
-"""Compression plans: validation, JSON round trip, compatibility checks, FLOP accounting, heat maps (CPU)."""
+"""Compression plans: validation, JSON round trip, compatibility checks, FLOP accounting, summary (CPU)."""
 
 import json
 import os
 
 import numpy as np
 import pytest
-from PIL import Image
 
 import pallas_kernels as pk
 from ditfa_jax.configs import FluxConfig, SD3Config
-from ditfa_jax.plan import (DEFAULT_CANDIDATES, CompressionPlan, candidate_savings, candidate_windows,
-                            image_tokens_for, method_window, save_heatmap, windows_from_choice)
+from ditfa_jax.methods import DEFAULT_CANDIDATES, windows_from_choice
+from ditfa_jax.plan import CompressionPlan, image_tokens_for, sparkline
 
 FLUX = FluxConfig(guidance_embeds=True)          # FLUX.1-dev shape: 19 + 38 layers, 24 heads, head_dim 128
 SD3 = SD3Config(num_layers=24, num_attention_heads=24, caption_projection_dim=1536)  # SD3-medium shape
@@ -28,37 +27,7 @@ def flux_plan(steps=50, height=1024, width=1024, seed=0, **kw):
     return full.replace(head_window=hw, delta=0.2, c=1.5, **kw)
 
 
-# --- methods ------------------------------------------------------------------------------------------------------
-
-def test_method_window():
-    assert method_window("full", 4096) == -1
-    assert method_window("cached", 4096) == 0
-    assert method_window("arrow_8", 4096) == 256
-    assert method_window("arrow_16", 4096) == 128
-    assert method_window("arrow_32", 16384) == 256
-    assert method_window("arrow_32", 16) == 1          # never below 1 (0 would mean cached)
-    assert candidate_windows(DEFAULT_CANDIDATES, 4096).tolist() == [0, 256, 128, 64]
-    for bad in ("arrow_0", "arrow_x", "arrow", "Arrow_8", "dense", 8):
-        with pytest.raises(ValueError, match="method name"):
-            method_window(bad, 4096)
-    with pytest.raises(ValueError, match="n_img"):
-        method_window("arrow_8", 0)
-
-
-def test_candidate_savings_match_plan_cost():
-    sav = candidate_savings(DEFAULT_CANDIDATES, image_tokens=4096, text_len=512, text_first=True, head_dim=128)
-    want = pk.plan_cost(np.array([0, 256, 128, 64]), batch=1, tokens=4608, text_len=512, text_first=True,
-                        head_dim=128).saving
-    np.testing.assert_allclose(sav, want)
-    assert sav[0] == 1.0 and (0 < sav[1:]).all() and (sav[1:] < 1).all()
-
-
-def test_windows_from_choice():
-    hw = windows_from_choice(np.array([[-1, 0, 1, 3]]), DEFAULT_CANDIDATES, 4096)
-    assert hw.dtype == np.int32 and hw.tolist() == [[-1, 0, 256, 64]]
-    with pytest.raises(ValueError, match=r"choice: indices must lie in \[-1, 3\]"):
-        windows_from_choice(np.array([4]), DEFAULT_CANDIDATES, 4096)
-
+# --- geometry ------------------------------------------------------------------------------------------------------
 
 def test_image_tokens_for():
     assert image_tokens_for(FLUX, 1024, 1024) == 4096
@@ -279,85 +248,9 @@ def test_method_counts_and_summary():
     assert f"{p.flops_kept_fraction():.1%}" in text
 
 
-# --- heat maps -----------------------------------------------------------------------------------------------------
-
-def n_colours(rgb):
-    rgb = rgb.astype(np.int64)
-    return len(np.unique(rgb[..., 0] << 16 | rgb[..., 1] << 8 | rgb[..., 2]))
-
-
-def test_heatmap(tmp_path):
-    p = flux_plan(steps=50)
-    path = save_heatmap(p, tmp_path / "map.png")
-    img = Image.open(path)
-    assert img.format == "PNG" and 600 <= img.width <= 1600 and 500 <= img.height <= 1400
-    assert n_colours(np.asarray(img.convert("RGB"))[100:400, 100:400]) > 10   # not uniform
-    small = save_heatmap(flux_plan(steps=4), tmp_path / "small.png")
-    assert Image.open(small).height >= 4 * 6              # cells of >= 6 px
-    per_head = Image.open(save_heatmap(p, tmp_path / "heads.png", per_head=True))
-    assert per_head.format == "PNG" and per_head.width >= 57 and per_head.height >= 50
-    assert n_colours(np.asarray(per_head.convert("RGB"))) >= 5  # full, cached, three arrows (plus text)
-    assert sorted(f.name for f in tmp_path.iterdir()) == ["heads.png", "map.png", "small.png"]
-    with pytest.raises(ValueError, match="plan: expected a CompressionPlan"):
-        save_heatmap(p.head_window, tmp_path / "x.png")
-
-
 def test_sparkline_levels_and_summary_curve():
-    from ditfa_jax.plan import sparkline
-
     assert sparkline([0.0, 0.5, 1.0]) == "▁▅█"
     assert sparkline([-1.0, 2.0]) == "▁█"  # clipped to [0, 1]
-
-
-def _grid_positions(order, cols):
-    return np.stack(np.divmod(np.asarray(order), cols), axis=-1)
-
-
-def test_image_token_order_curves():
-    from ditfa_jax.cli import TOKEN_ORDER_CHOICES
-    from ditfa_jax.plan import TOKEN_ORDERS, image_token_order
-
-    assert set(TOKEN_ORDER_CHOICES) == set(TOKEN_ORDERS)
-    assert image_token_order("raster", 4, 6) is None
-    for rows, cols in ((16, 16), (6, 10), (64, 96), (1, 5)):
-        for name in ("hilbert", "morton"):
-            order = image_token_order(name, rows, cols)
-            assert order.dtype == np.int32 and sorted(order.tolist()) == list(range(rows * cols)), (name, rows, cols)
-    steps = np.abs(np.diff(_grid_positions(image_token_order("hilbert", 16, 16), 16), axis=0)).sum(-1)
-    assert (steps == 1).all()  # the Hilbert curve moves to a grid neighbour at every step
-    z = _grid_positions(image_token_order("morton", 8, 8), 8)
-    for start in range(0, 64, 4):  # every aligned run of 4 Z-order tokens is a 2x2 square
-        block = z[start:start + 4]
-        assert np.ptp(block[:, 0]) == 1 and np.ptp(block[:, 1]) == 1
-    with pytest.raises(ValueError, match="token_order 'snake'"):
-        image_token_order("snake", 4, 4)
-
-
-def test_arrow_band_along_a_curve_is_a_2d_neighbourhood():
-    """The keys an image query of an arrow head sees, in image coordinates: a strip of whole rows in raster order, a
-    compact region along the Hilbert curve (same count of tiles, so the same cost)."""
-    from ditfa_jax.plan import image_token_order
-
-    rows = cols = 32
-    n_img, text_len, block = rows * cols, 64, 64  # text fills whole tiles: no image key rides in a text tile
-    from pallas_kernels.schedule import dense_mask
-
-    mask = dense_mask(np.array([64]), tokens=n_img + text_len, text_len=text_len, text_first=True,
-                         block_q=block, block_k=block)[0]
-    img_mask = mask[text_len:, text_len:]
-    query = n_img // 2 + cols // 2  # an image token near the centre, by sequence position
-    raster_seen = np.flatnonzero(img_mask[query])
-    order = image_token_order("hilbert", rows, cols)
-    hilbert_seen = order[img_mask[query]]  # sequence positions -> raster indices
-    assert len(hilbert_seen) == len(raster_seen)
-    width = lambda idx: np.ptp(idx % cols) + 1  # noqa: E731
-    height = lambda idx: np.ptp(idx // cols) + 1  # noqa: E731
-    assert width(raster_seen) == cols and height(raster_seen) <= len(raster_seen) // cols + 1
-    assert width(hilbert_seen) < cols and height(hilbert_seen) < rows
-    # here: 192 keys in a 6 x 32 strip (raster) vs a 16 x 16 box (Hilbert); the query's grid neighbours are inside
-    q = order[query]
-    neighbours = [q - 1, q + 1, q - cols, q + cols]
-    assert np.isin(neighbours, hilbert_seen).sum() >= 3
 
 
 def test_token_order_in_plan_files(tmp_path):

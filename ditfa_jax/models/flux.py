@@ -183,7 +183,7 @@ class FluxTransformer(nnx.Module):
 
         timestep/guidance are per-sample [B] floats as the FLUX pipeline passes them (sigma in [0, 1]; guidance
         scale); they are scaled by 1000 here, as in diffusers. `image_order` (raster indices, see
-        `ditfa_jax.plan.image_token_order`) puts the image tokens in that order for the blocks.
+        `ditfa_jax.token_order.image_token_order`) puts the image tokens in that order for the blocks.
         """
         dtype = self.x_embedder.kernel.dtype
         x = reorder_tokens(self.x_embedder(hidden_states.astype(dtype)), image_order)

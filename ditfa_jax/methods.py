@@ -1,0 +1,90 @@
+"""Attention methods a plan can give a head, by name, and their head windows.
+
+A head window (int32) is the kernel's encoding of a method (see :mod:`pallas_kernels.schedule`): -1 full,
+0 cached, w > 0 arrow with an image band of half-width w tokens. Candidate methods are named ``"cached"`` and
+``"arrow_K"``: arrow_K's half-width is ``max(1, n_img // (2*K))`` image tokens (DiTFastAttnV2).
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from pallas_kernels.cost import plan_cost
+
+__all__ = [
+    "DEFAULT_CANDIDATES",
+    "FULL_WINDOW",
+    "CACHED_WINDOW",
+    "method_window",
+    "check_candidates",
+    "candidate_windows",
+    "candidate_savings",
+    "windows_from_choice",
+]
+
+DEFAULT_CANDIDATES = ("cached", "arrow_8", "arrow_16", "arrow_32")
+FULL_WINDOW = -1
+CACHED_WINDOW = 0
+
+_ARROW = re.compile(r"arrow_([1-9][0-9]*)")
+
+
+def _arrow_k(name) -> int | None:
+    m = _ARROW.fullmatch(name) if isinstance(name, str) else None
+    return int(m.group(1)) if m else None
+
+
+def method_window(name: str, n_img: int) -> int:
+    """Head window of a method for ``n_img`` image tokens: "full" -> -1, "cached" -> 0,
+    "arrow_K" -> max(1, n_img // (2*K))."""
+    if isinstance(n_img, bool) or not isinstance(n_img, (int, np.integer)) or n_img < 1:
+        raise ValueError(f"n_img: expected a positive number of image tokens, got {n_img!r}")
+    if name == "full":
+        return FULL_WINDOW
+    if name == "cached":
+        return CACHED_WINDOW
+    k = _arrow_k(name)
+    if k is None:
+        raise ValueError(f"method name {name!r}: expected 'full', 'cached' or 'arrow_K' with an integer K >= 1")
+    return max(1, int(n_img) // (2 * k))
+
+
+def check_candidates(candidates) -> tuple[str, ...]:
+    """The candidate names as a tuple, or ValueError: a non-empty list of distinct "cached"/"arrow_K" names."""
+    if isinstance(candidates, str) or not isinstance(candidates, (tuple, list)) or not candidates:
+        raise ValueError(f"candidates: expected a non-empty tuple of method names, got {candidates!r}")
+    for name in candidates:
+        if name != "cached" and _arrow_k(name) is None:
+            raise ValueError(f"candidates: {name!r} is not a candidate method; expected 'cached' or 'arrow_K'")
+    if len(set(candidates)) != len(candidates):
+        raise ValueError(f"candidates: names must be distinct, got {tuple(candidates)}")
+    return tuple(candidates)
+
+
+def candidate_windows(candidates, n_img: int) -> np.ndarray:
+    """int32 [M]: the head window of each candidate method."""
+    return np.array([method_window(n, n_img) for n in check_candidates(candidates)], dtype=np.int32)
+
+
+def candidate_savings(candidates, *, image_tokens: int, text_len: int, text_first: bool, head_dim: int,
+                      block_q: int | None = None, block_k: int | None = None) -> np.ndarray:
+    """float64 [M]: fraction of one head's attention FLOPs each candidate removes (cached: 1.0), from
+    :func:`pallas_kernels.plan_cost` (the kernel's tile-aligned band). This is the MILP's ``saving``."""
+    windows = candidate_windows(candidates, image_tokens)
+    cost = plan_cost(windows, batch=1, tokens=image_tokens + text_len, text_len=text_len, text_first=text_first,
+                     head_dim=head_dim, block_q=block_q, block_k=block_k)
+    return np.asarray(cost.saving, dtype=np.float64)
+
+
+def windows_from_choice(choice, candidates, n_img: int) -> np.ndarray:
+    """Solver output (candidate index per head, -1 = full; any shape) -> int32 head windows of the same shape."""
+    windows = candidate_windows(candidates, n_img)
+    choice = np.asarray(choice)
+    if not np.issubdtype(choice.dtype, np.integer):
+        raise ValueError(f"choice: expected integer method indices, got dtype {choice.dtype}")
+    if choice.size and (choice.min() < -1 or choice.max() >= len(windows)):
+        raise ValueError(f"choice: indices must lie in [-1, {len(windows) - 1}] for candidates {tuple(candidates)}, "
+                         f"got range [{choice.min()}, {choice.max()}]")
+    return np.where(choice < 0, FULL_WINDOW, windows[np.maximum(choice, 0)]).astype(np.int32)
