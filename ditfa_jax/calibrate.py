@@ -32,7 +32,7 @@ from ditfa_jax.configs import FluxConfig
 from ditfa_jax.loading import Transformer
 from ditfa_jax.methods import DEFAULT_CANDIDATES, candidate_savings, candidate_windows
 from ditfa_jax.milp import solve_layer
-from ditfa_jax.plan import CompressionPlan
+from ditfa_jax.plan import CompressionPlan, default_band
 from ditfa_jax.sampler import cache_bytes, cache_shape, prepare_run
 from ditfa_jax.scheduler import SchedulerConfig
 
@@ -199,15 +199,16 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
     guidance = jnp.full((n,), guidance_scale, jnp.float32) if flux and cfg.guidance_embeds else None
 
     tokens, heads = image_tokens + text_len, cfg.num_attention_heads
+    band = default_band(cfg.attention_head_dim)
     windows = tuple(int(w) for w in candidate_windows(candidates, image_tokens))
     saving = np.broadcast_to(candidate_savings(candidates, image_tokens=image_tokens, text_len=text_len,
-                                               text_first=cfg.text_first, head_dim=cfg.attention_head_dim),
-                             (heads, len(windows)))
+                                               text_first=cfg.text_first, head_dim=cfg.attention_head_dim,
+                                               band=band), (heads, len(windows)))
 
     def kept_fraction(step_windows):
         return float(pallas_kernels.plan_cost(step_windows, batch=1, tokens=tokens, text_len=text_len,
-                                              text_first=cfg.text_first, head_dim=cfg.attention_head_dim
-                                              ).flop_fraction.mean())
+                                              text_first=cfg.text_first, head_dim=cfg.attention_head_dim,
+                                              block_q=band[0], block_k=band[1]).flop_fraction.mean())
 
     module = model.module()
     runners = [(_LayerRunner(stack, text_len=text_len, text_first=cfg.text_first, windows=windows,
@@ -271,7 +272,7 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
         record.update(rse=rse_table, saving=np.array(saving))
     return CompressionPlan.from_config(
         model.config, head_window, height=height, width=width, text_len=text_len, candidates=tuple(candidates),
-        delta=delta, c=c, token_order=token_order,
+        delta=delta, c=c, token_order=token_order, band=band,
         notes=dict(calibration_seconds=round(time.perf_counter() - start_time, 2), prompts=int(n),
                    guidance_scale=float(guidance_scale), seed=seed, rse_used_max=float(rse_used.max()),
                    cache_on_host=bool(cache_on_host), rse_over_prompts=rse_over_prompts,

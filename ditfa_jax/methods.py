@@ -3,6 +3,10 @@
 A head window (int32) is the kernel's encoding of a method (see :mod:`pallas_kernels.schedule`): -1 full,
 0 cached, w > 0 arrow with an image band of half-width w tokens. Candidate methods are named ``"cached"`` and
 ``"arrow_K"``: arrow_K's half-width is ``max(1, n_img // (2*K))`` image tokens (DiTFastAttnV2).
+
+The band of an arrow head is aligned to a granularity, ``band = (query, key)`` tokens: the sequence is cut into
+query and key blocks of those sizes, and a query block sees every key block that its window touches. The band is
+part of what a plan computes (a plan records it), independent of the tiles a kernel backend runs.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ __all__ = [
     "CACHED_WINDOW",
     "method_window",
     "check_candidates",
+    "check_band",
     "candidate_windows",
     "candidate_savings",
     "windows_from_choice",
@@ -63,18 +68,28 @@ def check_candidates(candidates) -> tuple[str, ...]:
     return tuple(candidates)
 
 
+def check_band(band) -> tuple[int, int]:
+    """The band granularity as a tuple, or ValueError: (query, key) tokens, two powers of two >= 16."""
+    ok = isinstance(band, (tuple, list)) and len(band) == 2 and all(
+        not isinstance(b, bool) and isinstance(b, (int, np.integer)) and b >= 16 and b & (b - 1) == 0 for b in band)
+    if not ok:
+        raise ValueError(f"band: expected (query, key) tokens, two powers of two >= 16, got {band!r}")
+    return int(band[0]), int(band[1])
+
+
 def candidate_windows(candidates, n_img: int) -> np.ndarray:
     """int32 [M]: the head window of each candidate method."""
     return np.array([method_window(n, n_img) for n in check_candidates(candidates)], dtype=np.int32)
 
 
 def candidate_savings(candidates, *, image_tokens: int, text_len: int, text_first: bool, head_dim: int,
-                      block_q: int | None = None, block_k: int | None = None) -> np.ndarray:
-    """float64 [M]: fraction of one head's attention FLOPs each candidate removes (cached: 1.0), from
-    :func:`pallas_kernels.plan_cost` (the kernel's tile-aligned band). This is the MILP's ``saving``."""
+                      band: tuple[int, int]) -> np.ndarray:
+    """float64 [M]: fraction of one head's attention FLOPs each candidate removes (cached: 1.0) with arrow bands
+    of granularity ``band``, from :func:`pallas_kernels.plan_cost`. This is the MILP's ``saving``."""
     windows = candidate_windows(candidates, image_tokens)
+    bq, bk = check_band(band)
     cost = plan_cost(windows, batch=1, tokens=image_tokens + text_len, text_len=text_len, text_first=text_first,
-                     head_dim=head_dim, block_q=block_q, block_k=block_k)
+                     head_dim=head_dim, block_q=bq, block_k=bk)
     return np.asarray(cost.saving, dtype=np.float64)
 
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 import pallas_kernels as pk
-from ditfa_jax.methods import (DEFAULT_CANDIDATES, candidate_savings, candidate_windows, method_window,
-                               windows_from_choice)
+from ditfa_jax.methods import (DEFAULT_CANDIDATES, candidate_savings, candidate_windows, check_band,
+                               method_window, windows_from_choice)
 
 
 def test_method_window():
@@ -24,11 +24,25 @@ def test_method_window():
 
 
 def test_candidate_savings_match_plan_cost():
-    sav = candidate_savings(DEFAULT_CANDIDATES, image_tokens=4096, text_len=512, text_first=True, head_dim=128)
+    kw = dict(image_tokens=4096, text_len=512, text_first=True, head_dim=128)
+    sav = candidate_savings(DEFAULT_CANDIDATES, band=(128, 128), **kw)
     want = pk.plan_cost(np.array([0, 256, 128, 64]), batch=1, tokens=4608, text_len=512, text_first=True,
                         head_dim=128).saving
     np.testing.assert_allclose(sav, want)
     assert sav[0] == 1.0 and (0 < sav[1:]).all() and (sav[1:] < 1).all()
+    fine = candidate_savings(DEFAULT_CANDIDATES, band=(32, 16), **kw)  # the band, not the default tiles, counts
+    np.testing.assert_allclose(fine, pk.plan_cost(np.array([0, 256, 128, 64]), batch=1, tokens=4608, text_len=512,
+                                                  text_first=True, head_dim=128, block_q=32, block_k=16).saving)
+    assert fine[0] == 1.0 and (fine[1:] > sav[1:]).all()
+    with pytest.raises(ValueError, match="band: expected"):
+        candidate_savings(DEFAULT_CANDIDATES, band=(128, 100), **kw)
+
+
+def test_check_band():
+    assert check_band([128, 64]) == (128, 64) and check_band((16, 16)) == (16, 16)
+    for bad in ((128, 48), (8, 16), (0, 64), (128,), (128, 64, 64), "128", (128.0, 64), (True, 64), None):
+        with pytest.raises(ValueError, match=r"band: expected \(query, key\) tokens, two powers of two >= 16"):
+            check_band(bad)
 
 
 def test_windows_from_choice():

@@ -2,6 +2,8 @@
 
 import json
 import os
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,7 +11,7 @@ import pytest
 import pallas_kernels as pk
 from ditfa_jax.configs import FluxConfig, SD3Config
 from ditfa_jax.methods import DEFAULT_CANDIDATES, windows_from_choice
-from ditfa_jax.plan import CompressionPlan, image_tokens_for, sparkline
+from ditfa_jax.plan import SCHEMA_VERSION, V1_BAND, CompressionPlan, default_band, image_tokens_for, sparkline
 
 FLUX = FluxConfig(guidance_embeds=True)          # FLUX.1-dev shape: 19 + 38 layers, 24 heads, head_dim 128
 SD3 = SD3Config(num_layers=24, num_attention_heads=24, caption_projection_dim=1536)  # SD3-medium shape
@@ -43,10 +45,15 @@ def test_full_plan():
     p = CompressionPlan.full(FLUX, height=1024, width=768, text_len=512, num_steps=28)
     assert p.shape == (28, 57, 24) and p.head_window.dtype == np.int32 and (p.head_window == -1).all()
     assert (p.family, p.model_class, p.image_tokens, p.text_first) == ("flux", "FluxTransformer2DModel", 3072, True)
-    assert p.delta is None and p.c is None and p.schema_version == 1
+    assert p.delta is None and p.c is None and SCHEMA_VERSION == 2
+    assert p.token_grid == (64, 48) and p.band == (128, 128) == V1_BAND[128]  # rows x cols; head_dim 128
     assert not p.head_window.flags.writeable
     s = CompressionPlan.full(SD3, height=1024, width=1024, text_len=333, num_steps=28)
     assert (s.family, s.text_first, s.shape) == ("sd3", False, (28, 24, 24))
+    assert s.token_grid == (64, 64) and s.band == (128, 64) == default_band(64)
+    assert CompressionPlan.full(SD3, height=1024, width=1024, text_len=333, num_steps=2, band=(64, 32)).band == (64, 32)
+    with pytest.raises(ValueError, match="band: no default band for head_dim 48"):
+        default_band(48)
 
 
 @pytest.mark.parametrize("change, match", [
@@ -71,7 +78,14 @@ def test_bad_head_window(change, match):
     ("candidates", ("full",), r"candidates: 'full' is not a candidate method"),
     ("delta", -0.1, r"delta: expected a finite value >= 0"),
     ("c", 0.0, r"c: expected a finite value > 0"),
-    ("schema_version", 2, r"schema_version: this ditfa-jax reads schema 1, got 2"),
+    ("band", (128, 48), r"band: expected \(query, key\) tokens, two powers of two >= 16, got \(128, 48\)"),
+    ("band", (8, 8), r"band: expected .* powers of two >= 16"),
+    ("band", (128,), r"band: expected"),
+    ("band", "128x128", r"band: expected"),
+    ("band", (128.0, 128), r"band: expected"),
+    ("token_grid", (64, 32), r"token_grid: 64 x 32 = 2048 tokens, but image_tokens is 4096"),
+    ("token_grid", (32, 128), r"token_grid: 32 x 128 tokens do not cut 1024x1024 pixels into equal square tokens"),
+    ("token_grid", (64,), r"token_grid: expected \(rows, cols\), two integers >= 1"),
 ])
 def test_bad_metadata(field, value, match):
     with pytest.raises(ValueError, match=match):
@@ -89,8 +103,9 @@ def test_round_trip(tmp_path):
     assert q.model_config == p.model_config and q.model_config["_class_name"] == "FluxTransformer2DModel"
     assert q != p.replace(delta=0.6) and q.digest() != p.replace(delta=0.6).digest()
     raw = json.loads(path.read_text())                   # plain, readable JSON
-    assert raw["candidate_windows"] == {"cached": 0, "arrow_8": 256, "arrow_16": 128, "arrow_32": 64}
-    assert len(raw["head_window"]) == 50 and len(raw["head_window"][1][2]) == 24
+    head = raw["methods"]["head"]
+    assert head["candidate_windows"] == {"cached": 0, "arrow_8": 256, "arrow_16": 128, "arrow_32": 64}
+    assert len(head["head_window"]) == 50 and len(head["head_window"][1][2]) == 24
     s = CompressionPlan.full(SD3, height=512, width=512, text_len=333, num_steps=3)
     assert CompressionPlan.load(s.save(tmp_path / "sd3.json")) == s
 
@@ -133,25 +148,106 @@ def _edited(tmp_path, edit, name="bad.json"):
     return path
 
 
+def _head(raw):
+    return raw["methods"]["head"]
+
+
 @pytest.mark.parametrize("edit, match", [
-    (lambda r: r.pop("num_heads"), r"missing field\(s\) \['num_heads'\]"),
+    (lambda r: r["model"].pop("num_heads"), r"missing model\.num_heads"),
+    (lambda r: r["run"].pop("text_len"), r"missing run\.text_len"),
     (lambda r: r.pop("schema_version"), r"missing field 'schema_version'"),
-    (lambda r: r.update(schema_version=2), r"field 'schema_version' is 2; this ditfa-jax reads schema 1"),
-    (lambda r: r.update(head_window=[row[:-1] for row in r["head_window"]]),
-     r"head_window: expected shape \[steps, layers, heads\] = \[3, 57, 24\].*got \[3, 56, 24\]"),
-    (lambda r: r["head_window"][1][0].pop(), r"field 'head_window' must be integer lists.*ragged"),
-    (lambda r: r["head_window"][1][0].__setitem__(0, 1.5), r"field 'head_window' must be integer lists.*float"),
-    (lambda r: r["head_window"][0][3].__setitem__(5, 0), r"head_window: step 0 must be all full.*layer 3, head 5"),
-    (lambda r: r.update(num_steps=4), r"head_window: expected shape .*\[4, 57, 24\]"),
-    (lambda r: r.update(text_first="yes"), r"field 'text_first' must be a bool"),
-    (lambda r: r.update(candidates="cached"), r"field 'candidates' must be a list"),
-    (lambda r: r.update(extra=1), r"unknown field\(s\) \['extra'\]"),
+    (lambda r: r.update(schema_version=3), r"field 'schema_version' is 3; this ditfa-jax reads schemas 1 and 2"),
+    (lambda r: r.update(schema_version=True), r"field 'schema_version' is True"),
+    (lambda r: _head(r).update(head_window=[row[:-1] for row in _head(r)["head_window"]]),
+     r"methods\.head\.head_window: expected shape \[steps, layers, heads\] = \[3, 57, 24\].*got \[3, 56, 24\]"),
+    (lambda r: _head(r)["head_window"][1][0].pop(), r"methods\.head\.head_window: expected integer lists.*ragged"),
+    (lambda r: _head(r)["head_window"][1][0].__setitem__(0, 1.5),
+     r"methods\.head\.head_window: expected integer lists.*float"),
+    (lambda r: _head(r)["head_window"][0][3].__setitem__(5, 0),
+     r"methods\.head\.head_window: step 0 must be all full.*layer 3, head 5"),
+    (lambda r: r["run"].update(num_steps=4), r"methods\.head\.head_window: expected shape .*\[4, 57, 24\]"),
+    (lambda r: r["model"].update(text_first="yes"), r"model\.text_first: expected a bool, got 'yes'"),
+    (lambda r: r["search"].update(candidates="cached"), r"search\.candidates: expected a list of method names"),
+    (lambda r: r["search"].update(candidates=["cached", "dense"]), r"search\.candidates: 'dense' is not a candidate"),
+    (lambda r: r["run"].update(text_len="512"), r"run\.text_len: expected an integer >= 0, got '512'"),
+    (lambda r: r["run"].update(height=1024.0), r"run\.height: expected an integer >= 1, got 1024\.0"),
+    (lambda r: r["model"].update(family=5), r"model\.family: expected a str, got 5"),
+    (lambda r: r["model"].update(config=[1]), r"model\.config: expected a dict or None, got list"),
+    (lambda r: r.update(notes=[]), r"notes: expected a dict, got list"),
+    (lambda r: r["search"].update(delta=-1), r"search\.delta: expected a finite value >= 0"),
+    (lambda r: r["run"].update(token_order="zigzag"), r"run\.token_order: expected one of"),
+    (lambda r: r.update(extra=1), r"unknown top-level key\(s\) \['extra'\]"),
+    (lambda r: r["run"].update(extra=1), r"unknown key\(s\) \['run\.extra'\]; run holds"),
+    (lambda r: r.pop("notes"), r"missing top-level key\(s\) \['notes'\]"),
+    (lambda r: r.update(format="something else"), r"format: expected 'ditfa-jax compression plan'"),
+    (lambda r: r.update(run=[]), r"run: expected a JSON object, got list"),
+    # the methods section: one entry per kind of method; "head" is the only one known and required
+    (lambda r: r["methods"].update(step={}), r"methods: unknown kind\(s\) of method \['step'\]; this ditfa-jax "
+                                             r"knows \['head'\]"),
+    (lambda r: r["methods"].pop("head"), r"missing methods\.head"),
+    (lambda r: r.update(methods=[]), r"methods: expected a JSON object, got list"),
+    (lambda r: _head(r).pop("band"), r"missing methods\.head\.band"),
+    (lambda r: _head(r).update(extra=1), r"unknown key\(s\) \['methods\.head\.extra'\]"),
+    (lambda r: _head(r).update(band=[128, 96]), r"methods\.head\.band: expected \(query, key\) tokens, two powers "
+                                                r"of two >= 16, got \(128, 96\)"),
+    (lambda r: _head(r).update(band=[8, 8]), r"methods\.head\.band: expected"),
+    (lambda r: _head(r).update(band=128), r"methods\.head\.band: expected .* got 128"),
+    (lambda r: _head(r).update(band=[128, 64, 64]), r"methods\.head\.band: expected"),
+    (lambda r: _head(r).update(band=[128.0, 128]), r"methods\.head\.band: expected"),
+    (lambda r: _head(r)["candidate_windows"].update(arrow_8=100),
+     r"methods\.head\.candidate_windows: .* is not what search\.candidates gives"),
+    # the token grid must hold the image tokens and cut the image into square tokens
+    (lambda r: r["run"].update(token_grid=[64, 32]), r"run\.token_grid: 64 x 32 = 2048 tokens, but image_tokens is "
+                                                     r"4096"),
+    (lambda r: r["run"].update(token_grid=[32, 128]), r"run\.token_grid: 32 x 128 tokens do not cut 1024x1024"),
+    (lambda r: r["run"].update(token_grid="64x64"), r"run\.token_grid: expected \(rows, cols\)"),
+    (lambda r: r["run"].update(token_grid=[64, 64.0]), r"run\.token_grid: expected \(rows, cols\)"),
+    (lambda r: r["run"].update(image_tokens=4095), r"run\.token_grid: 64 x 64 = 4096 tokens, but image_tokens is "
+                                                   r"4095"),
 ])
 def test_bad_files(tmp_path, edit, match):
     path = _edited(tmp_path, edit)
     with pytest.raises(ValueError, match=match) as e:
         CompressionPlan.load(path)
     assert str(path) in str(e.value)
+
+
+def test_file_layout(tmp_path):
+    plan = flux_plan(steps=3, notes={"prompts": 8}).replace(token_order="hilbert")
+    text = plan.to_json()
+    raw = json.loads(text)
+    assert list(raw) == ["format", "schema_version", "model", "run", "search", "methods", "notes"]
+    assert (raw["format"], raw["schema_version"]) == ("ditfa-jax compression plan", 2)
+    assert list(raw["model"]) == ["family", "model_class", "num_layers", "num_heads", "head_dim", "text_first",
+                                  "config"]
+    assert raw["model"]["config"] == plan.model_config and "vae_scale_factor" not in plan.model_config
+    assert raw["run"] == {"height": 1024, "width": 1024, "token_grid": [64, 64], "image_tokens": 4096,
+                          "text_len": 512, "num_steps": 3, "token_order": "hilbert"}
+    assert raw["search"] == {"candidates": list(DEFAULT_CANDIDATES), "delta": 0.2, "c": 1.5}
+    assert list(raw["methods"]) == ["head"]
+    assert list(raw["methods"]["head"]) == ["band", "legend", "candidate_windows", "head_window"]
+    assert raw["methods"]["head"]["band"] == [128, 128] and raw["notes"] == {"prompts": 8}
+    assert raw["methods"]["head"]["head_window"] == plan.head_window.tolist()
+    rows = [line.strip() for line in text.splitlines() if re.fullmatch(r"\[-?[0-9][-0-9,]*\],?", line.strip())]
+    assert len(rows) == 3 * 57 and rows[0] == "[" + ",".join(["-1"] * 24) + "],"  # one line per (step, layer)
+    assert CompressionPlan.from_dict(raw) == plan
+    del raw["methods"]["head"]["legend"], raw["methods"]["head"]["candidate_windows"]  # derived, may be left out
+    assert CompressionPlan.from_dict(raw) == plan
+
+
+def test_band_in_files_cost_and_digest(tmp_path):
+    plan = flux_plan(steps=4, height=1024, width=512)
+    fine = plan.replace(band=(64, 32))
+    again = CompressionPlan.load(fine.save(tmp_path / "fine.json"))
+    assert again == fine and again.band == (64, 32) and again != plan
+    assert fine.digest() != plan.digest() and again.digest() == fine.digest()
+    assert fine.replace(band=(128, 128)).digest() == plan.digest()
+    want = pk.plan_cost(plan.head_window, batch=1, tokens=2048 + 512, text_len=512, text_first=True, head_dim=128,
+                        block_q=64, block_k=32)
+    np.testing.assert_array_equal(fine.cost().flops, want.flops)
+    assert (fine.cost().block_q, fine.cost().block_k) == (64, 32)
+    assert fine.flops_kept_fraction() < plan.flops_kept_fraction()  # a finer band drops more of the keys
+    assert "band 64x32" in fine.summary() and "band 128x128" in plan.summary()
 
 
 def test_not_a_plan_file(tmp_path):
@@ -180,6 +276,7 @@ def test_check_compatible_accepts_its_run():
                 axes_dims_rope=(32, 112, 112)), {}, "head_dim", "128", "256"),
     (FLUX, {"height": 2048}, "height", "1024", "2048"),
     (FLUX, {"width": 768}, "image_tokens", "4096", "3072"),
+    (FLUX, {"width": 768}, "token_grid", "(64, 64)", "(64, 48)"),
     (FLUX, {"text_len": 256}, "text_len", "512", "256"),
     (FLUX, {"num_steps": 28}, "num_steps", "5", "28"),
     (FluxConfig(guidance_embeds=False), {}, "model_config.guidance_embeds", "True", "False"),  # dev vs schnell
@@ -253,12 +350,106 @@ def test_sparkline_levels_and_summary_curve():
     assert sparkline([-1.0, 2.0]) == "▁█"  # clipped to [0, 1]
 
 
+# --- schema-1 files ------------------------------------------------------------------------------------------------
+
+V1_PLANS = Path(__file__).parent / "fixtures" / "plans"
+# What the schema-1 code (commit b932bc9) computed for each fixture: digest, flops_kept_fraction(), cost band.
+V1_MEANING = {
+    "flux_v1.json": ("56b8cff37b2f8708", 0.7925170068027212, (128, 128), (16, 24), 2931818496),
+    "sd3_hilbert_v1.json": ("32a80cdac4f02593", 0.8086540616800496, (128, 64), (24, 16), 565224192),
+    "testbed_v1.json": ("89aededef6c7070e", 0.6345168860320375, (128, 64), (32, 32), 16302473216),
+}
+V1_CONFIGS = {
+    "flux_v1.json": FluxConfig(num_layers=2, num_single_layers=1, num_attention_heads=3, guidance_embeds=True),
+    "sd3_hilbert_v1.json": SD3Config(num_layers=2, num_attention_heads=2, attention_head_dim=64,
+                                     caption_projection_dim=128),
+}
+
+
+def _v1_raw(name="flux_v1.json"):
+    return json.loads((V1_PLANS / name).read_text())
+
+
+@pytest.mark.parametrize("name", sorted(V1_MEANING))
+def test_v1_file_loads_with_its_old_meaning(name, tmp_path):
+    raw = _v1_raw(name)
+    assert raw["schema_version"] == 1
+    plan = CompressionPlan.load(V1_PLANS / name)
+    digest, kept, band, grid, flops = V1_MEANING[name]
+    assert plan.head_window.tolist() == raw["head_window"]
+    assert plan.band == band == V1_BAND[raw["head_dim"]] and plan.token_grid == grid
+    assert (plan.cost().block_q, plan.cost().block_k) == band and int(plan.cost().flops.sum()) == flops
+    assert plan.flops_kept_fraction() == kept and plan.digest() == digest
+    assert (plan.delta, plan.c, plan.token_order, plan.notes) == (raw["delta"], raw["c"], raw["token_order"],
+                                                                raw["notes"])
+    assert "vae_scale_factor" in raw["model_config"] and "vae_scale_factor" not in plan.model_config
+    assert plan.model_config == {k: v for k, v in raw["model_config"].items() if k != "vae_scale_factor"}
+    resaved = plan.save(tmp_path / name)
+    assert json.loads(resaved.read_text())["schema_version"] == 2
+    again = CompressionPlan.load(resaved)
+    assert again == plan and again.digest() == digest and again.flops_kept_fraction() == kept
+
+
+def test_v1_file_is_compatible_with_its_model():
+    from ditfa_jax.testbed.model import TRANSFORMER_CONFIG  # vae_scale_factor 1
+
+    for name, config in V1_CONFIGS.items() | {"testbed_v1.json": TRANSFORMER_CONFIG}.items():
+        plan = CompressionPlan.load(V1_PLANS / name)
+        plan.check_compatible(config, height=plan.height, width=plan.width, text_len=plan.text_len,
+                              num_steps=plan.num_steps)
+
+
+def test_v1_file_without_vae_scale_factor_reads_8():
+    raw = _v1_raw()
+    del raw["model_config"]["vae_scale_factor"]
+    assert CompressionPlan.from_dict(raw) == CompressionPlan.load(V1_PLANS / "flux_v1.json")
+    bare = _v1_raw("sd3_hilbert_v1.json")
+    del bare["model_config"]  # hand-made: no config at all
+    plan = CompressionPlan.from_dict(bare)
+    assert plan.model_config is None and plan.token_grid == (24, 16)
+    raw = _v1_raw("testbed_v1.json")  # 64x64 pixels at 16 pixels per token are not 1024 tokens
+    del raw["model_config"]["vae_scale_factor"]
+    with pytest.raises(ValueError, match=r"plan: image_tokens: 1024 does not match 64x64 pixels at 16 pixels per "
+                                         r"token \(vae_scale_factor 8 x patch 2\)"):
+        CompressionPlan.from_dict(raw)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda r: r.pop("num_heads"), r"missing field\(s\) \['num_heads'\]"),
+    (lambda r: r.update(extra=1), r"unknown field\(s\) \['extra'\]"),
+    (lambda r: r.update(band=[64, 64]), r"unknown field\(s\) \['band'\]"),  # schema 1 has no band
+    (lambda r: r["head_window"][1][0].pop(), r"head_window: expected integer lists.*ragged"),
+    (lambda r: r["head_window"][0][1].__setitem__(2, 0), r"head_window: step 0 must be all full.*layer 1, head 2"),
+    (lambda r: r.update(num_steps=5), r"head_window: expected shape .*\[5, 3, 3\]"),
+    (lambda r: r.update(text_first="yes"), r"text_first: expected a bool, got 'yes'"),
+    (lambda r: r.update(candidates="cached"), r"candidates: expected a list of method names"),
+    (lambda r: r.update(text_len=-1), r"text_len: expected an integer >= 0"),
+    (lambda r: r.update(token_order="zigzag"), r"token_order: expected one of"),
+    (lambda r: r.update(image_tokens=385), r"image_tokens: 385 does not match 256x384 pixels at 16 pixels"),
+    (lambda r: r["model_config"].update(vae_scale_factor=16), r"image_tokens: 384 does not match 256x384 pixels at "
+                                                              r"32 pixels per token \(vae_scale_factor 16"),
+    (lambda r: r["model_config"].update(vae_scale_factor="8"), r"model_config\.vae_scale_factor: expected an "
+                                                               r"integer >= 1"),
+    (lambda r: r.update(head_dim=48), r"head_dim: 48 has no schema-1 band"),
+    (lambda r: r.update(head_dim=0), r"head_dim: expected an integer >= 1, got 0"),
+    (lambda r: r.update(height="256"), r"height: expected an integer >= 1, got '256'"),
+])
+def test_bad_v1_files(tmp_path, edit, match):
+    raw = _v1_raw()
+    edit(raw)
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=match) as e:
+        CompressionPlan.load(path)
+    assert str(path) in str(e.value)
+
+
 def test_token_order_in_plan_files(tmp_path):
     plan = flux_plan(steps=3).replace(token_order="hilbert")
     assert CompressionPlan.load(plan.save(tmp_path / "p.json")) == plan
     assert plan.digest() != plan.replace(token_order="raster").digest()
-    raw = json.loads(plan.replace(token_order="raster").to_json())
-    del raw["token_order"]  # files written before the field existed read as raster
+    raw = _v1_raw()
+    del raw["token_order"]  # schema-1 files written before the field existed read as raster
     assert CompressionPlan.from_dict(raw).token_order == "raster"
     raw["token_order"] = "zigzag"
     with pytest.raises(ValueError, match="token_order: expected one of"):
