@@ -29,8 +29,10 @@ import pallas_kernels
 from ditfa_jax.calibrate import calibrate
 from ditfa_jax.configs import FluxConfig
 from ditfa_jax.loading import Transformer
+from ditfa_jax.methods import method_window
 from ditfa_jax.models.flux import FluxTransformer
-from ditfa_jax.plan import CompressionPlan, image_tokens_for, method_window
+from ditfa_jax.family import layout_for
+from ditfa_jax.plan import CompressionPlan
 from ditfa_jax.sampler import cache_bytes, sample
 
 FLUX_DEV = FluxConfig(guidance_embeds=True)
@@ -55,7 +57,7 @@ def random_model(cfg: FluxConfig) -> Transformer:
 
 def random_plan(cfg, *, px: int, steps: int, target: float, seed: int = 0) -> CompressionPlan:
     """Heads drawn from {full, arrow_8, cached}; proportions chosen so the plan keeps ~target of the FLOPs."""
-    n_img = image_tokens_for(cfg, px, px)
+    n_img = layout_for(cfg, height=px, width=px, text_len=TEXT, vae_scale_factor=8).image_tokens
     tokens, layers, heads = n_img + TEXT, cfg.total_layers, cfg.num_attention_heads
     arrow = method_window("arrow_8", n_img)
     arrow_kept = float(pallas_kernels.plan_cost(np.array([arrow]), batch=1, tokens=tokens, text_len=TEXT,

@@ -34,11 +34,11 @@ from ditfa_jax.configs import VAE_SCALE_FACTOR
 from ditfa_jax.denoise import cache_bytes, cache_shape, embed, euler_step, guided_velocity, prepare_run
 from ditfa_jax.family import TokenLayout
 from ditfa_jax.loading import Transformer
+from ditfa_jax.methods import DEFAULT_CANDIDATES, candidate_savings, candidate_windows
 from ditfa_jax.milp import solve_layer
 from ditfa_jax.models.layers import attention_inputs, block_forward
-from ditfa_jax.plan import DEFAULT_CANDIDATES, CompressionPlan, candidate_savings, candidate_windows
+from ditfa_jax.plan import CompressionPlan, default_band
 from ditfa_jax.scheduler import SchedulerConfig
-from pallas_kernels.config import default_block_sizes as default_band  # TEMP-MERGE: pallas_kernels.schedule.default_band
 
 
 RSE_REDUCTIONS = ("mean", "max")
@@ -215,15 +215,14 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
 
     tokens, heads = layout.tokens, cfg.num_attention_heads
     windows = tuple(int(w) for w in candidate_windows(candidates, layout.image_tokens))
-    cost_kw = dict(tokens=tokens, text_len=layout.text_len, text_first=layout.text_first,
-                   head_dim=cfg.attention_head_dim, block_q=band[0], block_k=band[1])  # TEMP-MERGE: band=band
     saving = np.broadcast_to(candidate_savings(candidates, image_tokens=layout.image_tokens, text_len=layout.text_len,
                                                text_first=layout.text_first, head_dim=cfg.attention_head_dim,
-                                               block_q=band[0], block_k=band[1]),
-                             (heads, len(windows)))
+                                               band=band), (heads, len(windows)))
 
     def kept_fraction(step_windows):
-        return float(pallas_kernels.plan_cost(step_windows, batch=1, **cost_kw).flop_fraction.mean())
+        return float(pallas_kernels.plan_cost(step_windows, batch=1, tokens=tokens, text_len=layout.text_len,
+                                              text_first=layout.text_first, head_dim=cfg.attention_head_dim,
+                                              block_q=band[0], block_k=band[1]).flop_fraction.mean())
 
     module = model.module()
     runners = [(_LayerRunner(stack, layout=layout, windows=windows, settings=settings), first, count)
@@ -276,7 +275,7 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
     jax.block_until_ready(latents)
     plan = CompressionPlan.from_config(
         cfg, head_window, height=height, width=width, text_len=layout.text_len, candidates=tuple(candidates),
-        delta=delta, c=c, token_order=token_order,
+        vae_scale_factor=vae_scale_factor, delta=delta, c=c, token_order=token_order, band=band,
         notes=dict(calibration_seconds=round(time.perf_counter() - start_time, 2), prompts=int(n),
                    guidance_scale=float(guidance_scale), seed=seed, rse_used_max=float(rse_used.max()),
                    cache_on_host=bool(cache_on_host), rse_over_prompts=rse_over_prompts,

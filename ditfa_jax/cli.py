@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-# == ditfa_jax.plan.TOKEN_ORDERS (a test checks): written out so that building the parser does not import jax
+# == ditfa_jax.token_order.TOKEN_ORDERS (a test checks): written out so that building the parser does not import jax
 TOKEN_ORDER_CHOICES = ("raster", "morton", "hilbert")
 
 
@@ -374,7 +374,8 @@ class _Help(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if action.default not in (None, False, argparse.SUPPRESS) and action.option_strings and "default" not in text:
+        fixed = not any(action.default is v for v in (None, False, True, argparse.SUPPRESS))
+        if fixed and action.option_strings and "default" not in text:
             text += " (default: %(default)s)"
         return text
 

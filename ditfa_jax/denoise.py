@@ -20,7 +20,7 @@ from ditfa_jax.attention import AttentionSettings
 from ditfa_jax.family import ModelFamily, TokenLayout, family_of, layout_for
 from ditfa_jax.models.layers import run_stacks
 from ditfa_jax.scheduler import SchedulerConfig
-from ditfa_jax.plan import image_token_order  # TEMP-MERGE: ditfa_jax.token_order
+from ditfa_jax.token_order import image_token_order
 
 
 @jax.tree_util.register_dataclass

@@ -355,7 +355,7 @@ class _Pipeline:
         if plan is not None:
             plan = CompressionPlan.load(plan) if isinstance(plan, (str, Path)) else plan
             plan.check_compatible(self.config, height=height, width=width, text_len=text_len,
-                                  num_steps=num_inference_steps)
+                                  num_steps=num_inference_steps, vae_scale_factor=self.vae_scale_factor)
         bar = tqdm(total=3, desc="encode", disable=not progress)
         start = time.perf_counter()
         cond = self.encode(prompts, negative, max_sequence_length=max_sequence_length,

@@ -1,185 +1,80 @@
 """Compression plans: one attention method per (step, layer, head), saved as a small JSON file.
 
 A plan's payload is ``head_window: int32 [steps, layers, heads]`` in the kernel's encoding (-1 full, 0 cached,
-w > 0 arrow with image-band half-width w tokens, see :mod:`pallas_kernels.schedule`); the sampler scans over its
-first axis. Everything else is metadata that ties the plan to the model and run it was calibrated for (model class,
-layer/head counts, resolution, text length, step count), so a plan cannot silently be applied to another setting.
+w > 0 arrow with image-band half-width w tokens, see :mod:`ditfa_jax.methods`), with arrow bands of granularity
+``band``; the sampler scans over its first axis. Everything else is metadata that ties the plan to the model and
+run it was calibrated for (model class, layer/head counts, resolution, token grid, text length, step count), so a
+plan cannot silently be applied to another setting.
 
-Candidate methods are named ``"cached"`` and ``"arrow_K"``: arrow_K's half-width is ``max(1, n_img // (2*K))``
-image tokens (DiTFastAttnV2). Layers are counted in run order (FLUX: the double-stream blocks, then the
-single-stream blocks; SD3: the joint blocks). Step 0 is always full: a cached head needs a computed value first.
+Layers are counted in run order (FLUX: the double-stream blocks, then the single-stream blocks; SD3: the joint
+blocks). Step 0 is always full: a cached head needs a computed value first.
+
+File layout (schema 2; schema-1 files still load, with their old meaning)::
+
+    {"format": "ditfa-jax compression plan", "schema_version": 2,
+     "model": {"family", "model_class", "num_layers", "num_heads", "head_dim", "text_first", "config"},
+     "run": {"height", "width", "token_grid", "image_tokens", "text_len", "num_steps", "token_order"},
+     "search": {"candidates", "delta", "c"},
+     "methods": {"head": {"band", "legend", "candidate_windows", "head_window"}},
+     "notes": {...}}
+
+``methods`` holds one entry per kind of method a plan assigns; "head" (per (step, layer, head)) is the only kind
+today, and later kinds (per step, per block range) are added there without a format change.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import math
-import re
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 
-from ditfa_jax.configs import config_to_dict
+from ditfa_jax.configs import MODEL_CLASSES, VAE_SCALE_FACTOR, config_from_dict, config_to_dict
+from ditfa_jax.family import families, family_of, layout_for
 from ditfa_jax.files import atomic_write
+from ditfa_jax.methods import (CACHED_WINDOW, DEFAULT_CANDIDATES, FULL_WINDOW, candidate_windows, check_band,
+                               check_candidates, method_window)
+from ditfa_jax.token_order import TOKEN_ORDERS
 from pallas_kernels.cost import PlanCost, plan_cost
 
-__all__ = [
-    "SCHEMA_VERSION",
-    "DEFAULT_CANDIDATES",
-    "CompressionPlan",
-    "method_window",
-    "candidate_windows",
-    "candidate_savings",
-    "windows_from_choice",
-    "image_tokens_for",
-    "TOKEN_ORDERS",
-    "image_token_order",
-    "save_heatmap",
-]
+__all__ = ["SCHEMA_VERSION", "V1_BAND", "CompressionPlan", "default_band", "sparkline"]
 
-SCHEMA_VERSION = 1
-DEFAULT_CANDIDATES = ("cached", "arrow_8", "arrow_16", "arrow_32")
-FULL_WINDOW = -1
-CACHED_WINDOW = 0
+SCHEMA_VERSION = 2
 
-_FAMILY_OF_CLASS = {"FluxTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3"}
-_TEXT_FIRST = {"flux": True, "sd3": False}
-_ARROW = re.compile(r"arrow_([1-9][0-9]*)")
+# The arrow band (query, key tokens) that every schema-1 plan meant (the kernel's block sizes then), per head_dim;
+# also the default for new plans. Equals pallas_kernels.schedule.default_band.
+V1_BAND = MappingProxyType({16: (128, 64), 32: (128, 64), 64: (128, 64), 128: (128, 128), 256: (64, 64)})
+
 _FORMAT = "ditfa-jax compression plan"
 _LEGEND = "head_window[step][layer][head]: -1 full, 0 cached, w>0 arrow (image-band half-width w tokens)"
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Methods
+def default_band(head_dim: int) -> tuple[int, int]:
+    """The band of a new plan with heads of ``head_dim``."""
+    if head_dim not in V1_BAND:
+        raise ValueError(f"band: no default band for head_dim {head_dim!r} (known: {sorted(V1_BAND)}); pass one")
+    return V1_BAND[head_dim]
 
 
-def _arrow_k(name) -> int | None:
-    m = _ARROW.fullmatch(name) if isinstance(name, str) else None
-    return int(m.group(1)) if m else None
-
-
-def method_window(name: str, n_img: int) -> int:
-    """Head window of a method for ``n_img`` image tokens: "full" -> -1, "cached" -> 0,
-    "arrow_K" -> max(1, n_img // (2*K))."""
-    if isinstance(n_img, bool) or not isinstance(n_img, (int, np.integer)) or n_img < 1:
-        raise ValueError(f"n_img: expected a positive number of image tokens, got {n_img!r}")
-    if name == "full":
-        return FULL_WINDOW
-    if name == "cached":
-        return CACHED_WINDOW
-    k = _arrow_k(name)
-    if k is None:
-        raise ValueError(f"method name {name!r}: expected 'full', 'cached' or 'arrow_K' with an integer K >= 1")
-    return max(1, int(n_img) // (2 * k))
-
-
-def _check_candidates(candidates) -> tuple[str, ...]:
-    if isinstance(candidates, str) or not isinstance(candidates, (tuple, list)) or not candidates:
-        raise ValueError(f"candidates: expected a non-empty tuple of method names, got {candidates!r}")
-    for name in candidates:
-        if name != "cached" and _arrow_k(name) is None:
-            raise ValueError(f"candidates: {name!r} is not a candidate method; expected 'cached' or 'arrow_K'")
-    if len(set(candidates)) != len(candidates):
-        raise ValueError(f"candidates: names must be distinct, got {tuple(candidates)}")
-    return tuple(candidates)
-
-
-def candidate_windows(candidates, n_img: int) -> np.ndarray:
-    """int32 [M]: the head window of each candidate method."""
-    return np.array([method_window(n, n_img) for n in _check_candidates(candidates)], dtype=np.int32)
-
-
-def candidate_savings(candidates, *, image_tokens: int, text_len: int, text_first: bool, head_dim: int,
-                      block_q: int | None = None, block_k: int | None = None) -> np.ndarray:
-    """float64 [M]: fraction of one head's attention FLOPs each candidate removes (cached: 1.0), from
-    :func:`pallas_kernels.plan_cost` (the kernel's tile-aligned band). This is the MILP's ``saving``."""
-    windows = candidate_windows(candidates, image_tokens)
-    cost = plan_cost(windows, batch=1, tokens=image_tokens + text_len, text_len=text_len, text_first=text_first,
-                     head_dim=head_dim, block_q=block_q, block_k=block_k)
-    return np.asarray(cost.saving, dtype=np.float64)
-
-
-def windows_from_choice(choice, candidates, n_img: int) -> np.ndarray:
-    """Solver output (candidate index per head, -1 = full; any shape) -> int32 head windows of the same shape."""
-    windows = candidate_windows(candidates, n_img)
-    choice = np.asarray(choice)
-    if not np.issubdtype(choice.dtype, np.integer):
-        raise ValueError(f"choice: expected integer method indices, got dtype {choice.dtype}")
-    if choice.size and (choice.min() < -1 or choice.max() >= len(windows)):
-        raise ValueError(f"choice: indices must lie in [-1, {len(windows) - 1}] for candidates {tuple(candidates)}, "
-                         f"got range [{choice.min()}, {choice.max()}]")
-    return np.where(choice < 0, FULL_WINDOW, windows[np.maximum(choice, 0)]).astype(np.int32)
-
-
-def image_tokens_for(config, height: int, width: int) -> int:
-    """Image tokens of a model at ``height`` x ``width`` pixels (FLUX: 2x2 packed latents; SD3: patchified)."""
-    patch = 2 if config.family == "flux" else config.patch_size
-    step = config.vae_scale_factor * patch
-    for name, v in (("height", height), ("width", width)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0 or v % step:
-            raise ValueError(f"{name}: expected a positive multiple of {step} pixels for {config.family}, got {v!r}")
-    return (height // step) * (width // step)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Token order: which image tokens an arrow band holds
-
-TOKEN_ORDERS = ("raster", "morton", "hilbert")
-
-
-def _interleave_bits(v: np.ndarray) -> np.ndarray:
-    """Spread the bits of v (< 2**16) apart: bit i moves to bit 2i."""
-    v = v.astype(np.uint64)
-    for shift, mask in ((8, 0x00FF00FF), (4, 0x0F0F0F0F), (2, 0x33333333), (1, 0x55555555)):
-        v = (v | (v << np.uint64(shift))) & np.uint64(mask)
-    return v
-
-
-def _hilbert_index(side: int, row: np.ndarray, col: np.ndarray) -> np.ndarray:
-    """Position of each (row, col) along the Hilbert curve over a side x side grid (side a power of two)."""
-    x, y, d = col.astype(np.int64), row.astype(np.int64), np.zeros(row.shape, np.int64)
-    s = side // 2
-    while s > 0:
-        rx, ry = (x & s) > 0, (y & s) > 0
-        d += s * s * ((3 * rx) ^ ry)
-        # rotate the quadrant so the sub-curve starts where the parent curve enters it
-        flip = ~ry & rx
-        x, y = np.where(flip, side - 1 - x, x), np.where(flip, side - 1 - y, y)
-        x, y = np.where(~ry, y, x), np.where(~ry, x, y)
-        s //= 2
-    return d
-
-
-def image_token_order(name: str, rows: int, cols: int) -> np.ndarray | None:
-    """The order in which image tokens sit in the attention sequence, as raster indices (None for "raster").
-
-    Arrow heads attend within a band of the sequence. In raster order the band is a horizontal strip of whole rows;
-    along a space-filling curve ("morton": Z-order, "hilbert") a stretch of the sequence is a compact 2-D region,
-    so the band becomes a 2-D neighbourhood at the same cost. Full heads compute the same function in any order
-    (the model is equivariant to it: positions travel with the tokens). Grids that are not a power-of-two square
-    follow the curve of the enclosing one, skipping missing cells.
-    """
-    if name not in TOKEN_ORDERS:
-        raise ValueError(f"token_order {name!r}: expected one of {TOKEN_ORDERS}")
-    if name == "raster":
-        return None
-    row, col = np.divmod(np.arange(rows * cols), cols)
-    if name == "morton":
-        key = (_interleave_bits(row) << np.uint64(1)) | _interleave_bits(col)
-    else:
-        key = _hilbert_index(1 << max(rows - 1, cols - 1, 1).bit_length(), row, col)
-    return np.argsort(key, kind="stable").astype(np.int32)
+def _token_grid_for(config, height: int, width: int, vae_scale_factor: int) -> tuple[int, int]:
+    """(rows, cols) of the image tokens of a model at ``height`` x ``width`` pixels (the family's geometry)."""
+    return layout_for(config, height=height, width=width, text_len=0, vae_scale_factor=vae_scale_factor).grid
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The plan
 
 
+def _is_int(v) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, np.integer))
+
+
 def _int_field(name: str, v, minimum: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
+    if not _is_int(v) or v < minimum:
         raise ValueError(f"{name}: expected an integer >= {minimum}, got {v!r}")
     return int(v)
 
@@ -210,11 +105,18 @@ def _json_default(o):
     raise TypeError(f"{type(o).__name__} is not JSON serialisable")
 
 
+def _model_config(config) -> dict:
+    """The config dict a plan records and compares."""
+    return _normalise_json(config_to_dict(config))
+
+
 @dataclasses.dataclass(frozen=True, eq=False, kw_only=True)
 class CompressionPlan:
     """Per-(step, layer, head) attention methods plus the setting they were calibrated for.
 
     ``head_window``: int32 [num_steps, num_layers, num_heads] (-1 full, 0 cached, w>0 arrow), read-only.
+    ``band``: (query, key) tokens, the granularity of the arrow bands (what a head computes, and so the cost).
+    ``token_grid``: (rows, cols) of the image tokens, rows * cols = image_tokens.
     ``candidates``/``delta``/``c``: the search that made it (``delta``/``c`` None for hand-made plans).
     ``model_config``: the model's config dict (optional); when present, :meth:`check_compatible` also compares it,
     which tells apart models with equal layer/head counts (e.g. SD3-medium and SD3.5-medium).
@@ -222,6 +124,7 @@ class CompressionPlan:
     """
 
     head_window: np.ndarray
+    band: tuple[int, int]
     family: str
     model_class: str
     num_layers: int
@@ -229,6 +132,7 @@ class CompressionPlan:
     head_dim: int
     height: int
     width: int
+    token_grid: tuple[int, int]
     image_tokens: int
     text_len: int
     text_first: bool
@@ -236,29 +140,28 @@ class CompressionPlan:
     candidates: tuple[str, ...] = DEFAULT_CANDIDATES
     delta: float | None = None
     c: float | None = None
-    schema_version: int = SCHEMA_VERSION
     model_config: dict | None = None
     notes: dict = dataclasses.field(default_factory=dict)
     token_order: str = "raster"
 
     def __post_init__(self):
         put = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
-        if self.schema_version != SCHEMA_VERSION:
-            raise ValueError(f"schema_version: this ditfa-jax reads schema {SCHEMA_VERSION}, got "
-                             f"{self.schema_version!r}")
-        if self.model_class not in _FAMILY_OF_CLASS:
-            raise ValueError(f"model_class: expected one of {sorted(_FAMILY_OF_CLASS)}, got {self.model_class!r}")
-        if self.family != _FAMILY_OF_CLASS[self.model_class]:
-            raise ValueError(f"family: {self.model_class} is family {_FAMILY_OF_CLASS[self.model_class]!r}, "
+        if self.model_class not in MODEL_CLASSES:
+            raise ValueError(f"model_class: expected one of {sorted(MODEL_CLASSES)}, got {self.model_class!r}")
+        family = families()[MODEL_CLASSES[self.model_class].family]
+        if self.family != family.name:
+            raise ValueError(f"family: {self.model_class} is family {family.name!r}, "
                              f"got {self.family!r}")
-        if not isinstance(self.text_first, (bool, np.bool_)) or bool(self.text_first) != _TEXT_FIRST[self.family]:
-            raise ValueError(f"text_first: {self.family} puts text {'first' if _TEXT_FIRST[self.family] else 'last'} "
-                             f"(text_first={_TEXT_FIRST[self.family]}), got {self.text_first!r}")
+        if not isinstance(self.text_first, (bool, np.bool_)) or bool(self.text_first) != family.text_first:
+            raise ValueError(f"text_first: {self.family} puts text {'first' if family.text_first else 'last'} "
+                             f"(text_first={family.text_first}), got {self.text_first!r}")
         put("text_first", bool(self.text_first))
         for name, minimum in (("num_layers", 1), ("num_heads", 1), ("head_dim", 1), ("height", 1), ("width", 1),
                               ("image_tokens", 1), ("text_len", 0), ("num_steps", 1)):
             put(name, _int_field(name, getattr(self, name), minimum))
-        put("candidates", _check_candidates(self.candidates))
+        put("token_grid", self._checked_grid())
+        put("band", check_band(self.band))
+        put("candidates", check_candidates(self.candidates))
         put("delta", _opt_float("delta", self.delta, positive=False))
         put("c", _opt_float("c", self.c, positive=True))
         if self.model_config is not None and not isinstance(self.model_config, dict):
@@ -286,36 +189,54 @@ class CompressionPlan:
         hw.setflags(write=False)
         put("head_window", hw)
 
+    def _checked_grid(self) -> tuple[int, int]:
+        """token_grid as a tuple, or ValueError: it holds image_tokens and cuts the image into square tokens."""
+        g = self.token_grid
+        if not (isinstance(g, (tuple, list)) and len(g) == 2 and all(_is_int(v) and v >= 1 for v in g)):
+            raise ValueError(f"token_grid: expected (rows, cols), two integers >= 1, got {g!r}")
+        rows, cols = int(g[0]), int(g[1])
+        if rows * cols != self.image_tokens:
+            raise ValueError(f"token_grid: {rows} x {cols} = {rows * cols} tokens, but image_tokens is "
+                             f"{self.image_tokens}")
+        if self.height % rows or self.width % cols or self.height // rows != self.width // cols:
+            raise ValueError(f"token_grid: {rows} x {cols} tokens do not cut {self.height}x{self.width} pixels "
+                             f"into equal square tokens")
+        return rows, cols
+
     # --- construction ------------------------------------------------------------------------------------------
 
     @classmethod
     def from_config(cls, config, head_window, *, height: int, width: int, text_len: int,
-                    image_tokens: int | None = None, candidates=DEFAULT_CANDIDATES, delta: float | None = None,
-                    c: float | None = None, notes: dict | None = None, token_order: str = "raster"
-                    ) -> CompressionPlan:
-        """A plan for ``config`` at ``height`` x ``width`` with the given windows [steps, layers, heads]."""
-        want = image_tokens_for(config, height, width)
-        if image_tokens is not None and image_tokens != want:
-            raise ValueError(f"image_tokens: {config.family} at {height}x{width} has {want} image tokens, "
+                    vae_scale_factor: int = VAE_SCALE_FACTOR, image_tokens: int | None = None,
+                    candidates=DEFAULT_CANDIDATES, delta: float | None = None, c: float | None = None,
+                    notes: dict | None = None, token_order: str = "raster",
+                    band: tuple[int, int] | None = None) -> CompressionPlan:
+        """A plan for ``config`` at ``height`` x ``width`` pixels (``vae_scale_factor`` per latent cell) with the
+        given windows [steps, layers, heads] (``band`` None: :func:`default_band` of the model's head_dim)."""
+        rows, cols = _token_grid_for(config, height, width, vae_scale_factor)
+        if image_tokens is not None and image_tokens != rows * cols:
+            raise ValueError(f"image_tokens: {config.family} at {height}x{width} has {rows * cols} image tokens, "
                              f"got {image_tokens}")
         hw = np.asarray(head_window)
-        raw = config_to_dict(config)
-        return cls(head_window=hw, family=config.family, model_class=raw["_class_name"],
+        return cls(head_window=hw, band=default_band(config.attention_head_dim) if band is None else band,
+                   family=config.family, model_class=config.model_class,
                    num_layers=config.total_layers, num_heads=config.num_attention_heads,
-                   head_dim=config.attention_head_dim, height=height, width=width, image_tokens=want,
-                   text_len=text_len, text_first=config.text_first,
+                   head_dim=config.attention_head_dim, height=height, width=width, token_grid=(rows, cols),
+                   image_tokens=rows * cols, text_len=text_len, text_first=family_of(config).text_first,
                    num_steps=hw.shape[0] if hw.ndim else 0, candidates=candidates, delta=delta, c=c,
-                   model_config=_normalise_json(raw), notes=dict(notes or {}), token_order=token_order)
+                   model_config=_model_config(config), notes=dict(notes or {}), token_order=token_order)
 
     @classmethod
     def full(cls, config, *, height: int, width: int, text_len: int, num_steps: int,
-             image_tokens: int | None = None, candidates=DEFAULT_CANDIDATES, notes: dict | None = None
-             ) -> CompressionPlan:
+             vae_scale_factor: int = VAE_SCALE_FACTOR, image_tokens: int | None = None,
+             candidates=DEFAULT_CANDIDATES, notes: dict | None = None,
+             band: tuple[int, int] | None = None) -> CompressionPlan:
         """The uncompressed plan (every head full at every step)."""
         num_steps = _int_field("num_steps", num_steps, 1)
         hw = np.full((num_steps, config.total_layers, config.num_attention_heads), FULL_WINDOW, np.int32)
         return cls.from_config(config, hw, height=height, width=width, text_len=text_len,
-                               image_tokens=image_tokens, candidates=candidates, notes=notes)
+                               vae_scale_factor=vae_scale_factor, image_tokens=image_tokens, candidates=candidates,
+                               notes=notes, band=band)
 
     def replace(self, **changes) -> CompressionPlan:
         """A copy with some fields changed (validated again)."""
@@ -331,33 +252,45 @@ class CompressionPlan:
         """The setting the plan is valid for: model class/shape, resolution, token counts, step count."""
         return {"model_class": self.model_class, "family": self.family, "num_layers": self.num_layers,
                 "num_heads": self.num_heads, "head_dim": self.head_dim, "text_first": self.text_first,
-                "height": self.height, "width": self.width, "image_tokens": self.image_tokens,
-                "text_len": self.text_len, "num_steps": self.num_steps}
+                "height": self.height, "width": self.width, "token_grid": self.token_grid,
+                "image_tokens": self.image_tokens, "text_len": self.text_len, "num_steps": self.num_steps}
 
     @staticmethod
-    def run_fingerprint(config, *, height: int, width: int, text_len: int, num_steps: int) -> dict:
+    def run_fingerprint(config, *, height: int, width: int, text_len: int, num_steps: int,
+                        vae_scale_factor: int = VAE_SCALE_FACTOR) -> dict:
         """:meth:`fingerprint` of a requested run (what a plan must match)."""
-        return {"model_class": config_to_dict(config)["_class_name"], "family": config.family,
+        rows, cols = _token_grid_for(config, height, width, vae_scale_factor)
+        return {"model_class": config.model_class, "family": config.family,
                 "num_layers": config.total_layers, "num_heads": config.num_attention_heads,
-                "head_dim": config.attention_head_dim, "text_first": config.text_first, "height": height,
-                "width": width, "image_tokens": image_tokens_for(config, height, width), "text_len": text_len,
+                "head_dim": config.attention_head_dim, "text_first": family_of(config).text_first, "height": height,
+                "width": width, "token_grid": (rows, cols), "image_tokens": rows * cols, "text_len": text_len,
                 "num_steps": num_steps}
 
     def digest(self) -> str:
-        """Short content hash (fingerprint, search settings and windows; not notes), e.g. for cache keys."""
-        meta = json.dumps([self.fingerprint(), list(self.candidates), self.delta, self.c]
-                          + ([self.token_order] if self.token_order != "raster" else []), sort_keys=True)
-        h = hashlib.sha256(meta.encode())
+        """Short content hash (fingerprint, search settings, band and windows; not notes), e.g. for cache keys.
+
+        Equal to the schema-1 digest for plans with the schema-1 band and raster order (PNG metadata keeps meaning).
+        """
+        fingerprint = self.fingerprint()
+        del fingerprint["token_grid"]  # implied by height, width and image_tokens
+        meta = [fingerprint, list(self.candidates), self.delta, self.c]
+        if self.token_order != "raster":
+            meta.append(self.token_order)
+        if self.band != V1_BAND.get(self.head_dim):
+            meta.append({"band": list(self.band)})
+        h = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
         h.update(np.ascontiguousarray(self.head_window, dtype="<i4").tobytes())
         return h.hexdigest()[:16]
 
-    def check_compatible(self, config, *, height: int, width: int, text_len: int, num_steps: int) -> None:
+    def check_compatible(self, config, *, height: int, width: int, text_len: int, num_steps: int,
+                         vae_scale_factor: int = VAE_SCALE_FACTOR) -> None:
         """Raise ValueError naming every field where this plan differs from the requested run."""
-        want = self.run_fingerprint(config, height=height, width=width, text_len=text_len, num_steps=num_steps)
+        want = self.run_fingerprint(config, height=height, width=width, text_len=text_len, num_steps=num_steps,
+                                    vae_scale_factor=vae_scale_factor)
         have = self.fingerprint()
         bad = [f"  {k}: plan has {have[k]!r}, requested {want[k]!r}" for k in want if have[k] != want[k]]
         if not bad and self.model_config is not None:  # same shape: tell apart variants (e.g. SD3 vs SD3.5-medium)
-            cfg = _normalise_json(config_to_dict(config))
+            cfg = _model_config(config)
             keys = sorted(set(cfg) | set(self.model_config))
             bad += [f"  model_config.{k}: plan has {self.model_config.get(k)!r}, requested {cfg.get(k)!r}"
                     for k in keys if self.model_config.get(k) != cfg.get(k)]
@@ -376,28 +309,17 @@ class CompressionPlan:
     # --- files -------------------------------------------------------------------------------------------------
 
     def to_json(self) -> str:
-        """The file text: indented metadata, then head_window with one line per (step, layer)."""
-        n_img = self.image_tokens
-        meta = {"format": _FORMAT, "schema_version": self.schema_version}
-        for f in dataclasses.fields(self):
-            if f.name not in ("head_window", "schema_version", "notes", "model_config"):
-                v = getattr(self, f.name)
-                meta[f.name] = list(v) if isinstance(v, tuple) else v
-        meta["candidate_windows"] = {n: method_window(n, n_img) for n in self.candidates}
-        meta["model_config"] = self.model_config
-        meta["notes"] = self.notes
-        meta["legend"] = _LEGEND
-        marker = "@@HEAD_WINDOW@@"
-        meta["head_window"] = marker
-        text = json.dumps(meta, indent=2, default=_json_default)
-        steps = []
-        for step in self.head_window.tolist():
-            rows = ",\n      ".join(json.dumps(row, separators=(",", ":")) for row in step)
-            steps.append("[\n      " + rows + "\n    ]")
-        arr = "[\n    " + ",\n    ".join(steps) + "\n  ]"
-        head, sep, tail = text.rpartition(json.dumps(marker))
-        assert sep, "placeholder lost"
-        return head + arr + tail + "\n"
+        """The file text (schema 2): indented objects, each list of numbers or names on one line, so head_window
+        reads one line per (step, layer)."""
+        doc = {"format": _FORMAT, "schema_version": SCHEMA_VERSION}
+        for section, keys in _SECTIONS.items():
+            doc[section] = {key: getattr(self, field) for key, field in keys.items()}
+        doc["methods"] = {"head": {
+            "band": self.band, "legend": _LEGEND,
+            "candidate_windows": {n: method_window(n, self.image_tokens) for n in self.candidates},
+            "head_window": self.head_window}}
+        doc["notes"] = self.notes
+        return _dump(_normalise_json(doc)) + "\n"
 
     def save(self, path) -> Path:
         """Write the plan to ``path`` (JSON) atomically: a temp file in the same folder, then os.replace."""
@@ -407,7 +329,7 @@ class CompressionPlan:
 
     @classmethod
     def load(cls, path) -> CompressionPlan:
-        """Read and validate a plan file; errors name the file and the field."""
+        """Read and validate a plan file (schema 2 or 1); errors name the file and the field."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no compression plan at {path}")
@@ -424,51 +346,32 @@ class CompressionPlan:
             raise ValueError(f"{source}: expected a JSON object at the top level, got {type(raw).__name__}")
         if "schema_version" not in raw:
             raise ValueError(f"{source}: missing field 'schema_version' (is this a ditfa-jax compression plan?)")
-        if raw["schema_version"] != SCHEMA_VERSION:
-            raise ValueError(f"{source}: field 'schema_version' is {raw['schema_version']!r}; this ditfa-jax reads "
-                             f"schema {SCHEMA_VERSION}")
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        informational = {"format", "candidate_windows", "legend"}
-        required = [n for n, f in fields.items()
-                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-        missing = [n for n in required if n not in raw]
-        if missing:
-            raise ValueError(f"{source}: missing field(s) {missing}")
-        unknown = sorted(set(raw) - set(fields) - informational)
-        if unknown:
-            raise ValueError(f"{source}: unknown field(s) {unknown}; expected {sorted(fields)}")
-        types = {"family": str, "model_class": str, "text_first": bool, "notes": dict, "token_order": str}
-        for name, t in types.items():
-            if name in raw and not isinstance(raw[name], t):
-                raise ValueError(f"{source}: field '{name}' must be a {t.__name__}, got {raw[name]!r}")
-        if "candidates" in raw:
-            if not isinstance(raw["candidates"], list) or not all(isinstance(n, str) for n in raw["candidates"]):
-                raise ValueError(f"{source}: field 'candidates' must be a list of method names, got "
-                                 f"{raw['candidates']!r}")
-        hw = raw["head_window"]
+        version = raw["schema_version"]
+        if not _is_int(version) or version not in (1, SCHEMA_VERSION):
+            raise ValueError(f"{source}: field 'schema_version' is {version!r}; this ditfa-jax reads schemas 1 and "
+                             f"{SCHEMA_VERSION}")
         try:
-            arr = np.array(hw) if isinstance(hw, list) else None
-        except ValueError:
-            arr = None
-        if arr is None or arr.ndim != 3 or not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
-            got = "ragged/non-integer lists" if arr is None else f"shape {list(arr.shape)} dtype {arr.dtype}"
-            raise ValueError(f"{source}: field 'head_window' must be integer lists [steps][layers][heads], got {got}")
-        kwargs = {n: raw[n] for n in fields if n in raw}
-        kwargs["head_window"] = arr.astype(np.int64)
-        if "candidates" in kwargs:
-            kwargs["candidates"] = tuple(kwargs["candidates"])
-        try:
-            return cls(**kwargs)
+            kwargs, paths = (_v1_fields(raw), {}) if version == 1 else (_v2_fields(raw), _FILE_PATHS)
+            try:
+                plan = cls(**kwargs)
+            except ValueError as e:  # name the field by its place in the file
+                field, sep, rest = str(e).partition(": ")
+                raise ValueError(f"{paths.get(field, field)}{sep}{rest}") from None
+            if version == SCHEMA_VERSION:
+                _check_candidate_windows(plan, raw["methods"]["head"])
         except ValueError as e:
             raise ValueError(f"{source}: {e}") from None
+        return plan
 
     # --- accounting --------------------------------------------------------------------------------------------
 
-    def cost(self, batch: int = 1, *, block_q: int | None = None, block_k: int | None = None) -> PlanCost:
-        """Exact attention FLOPs per head, :class:`pallas_kernels.PlanCost` over [steps, layers, heads]."""
+    def cost(self, batch: int = 1) -> PlanCost:
+        """Exact attention FLOPs per head with the plan's band, :class:`pallas_kernels.PlanCost` over
+        [steps, layers, heads]."""
         uniq, inv = np.unique(self.head_window, return_inverse=True)  # a head's cost depends on its window only
         pc = plan_cost(uniq, batch=batch, tokens=self.image_tokens + self.text_len, text_len=self.text_len,
-                       text_first=self.text_first, head_dim=self.head_dim, block_q=block_q, block_k=block_k)
+                       text_first=self.text_first, head_dim=self.head_dim, block_q=self.band[0],
+                       block_k=self.band[1])
         inv = inv.reshape(self.head_window.shape)
         per_head = {f.name: getattr(pc, f.name)[inv] for f in dataclasses.fields(pc)
                     if isinstance(getattr(pc, f.name), np.ndarray)}  # every per-head array, whatever PlanCost holds
@@ -527,7 +430,8 @@ class CompressionPlan:
         lo, hi = int(per_step.argmin()), int(per_step.argmax())
         return "\n".join([
             f"{self.model_class} {self.height}x{self.width} ({self.image_tokens} image + {self.text_len} text "
-            f"tokens): {self.num_steps} steps x {self.num_layers} layers x {self.num_heads} heads, {search}",
+            f"tokens, band {self.band[0]}x{self.band[1]}): {self.num_steps} steps x {self.num_layers} layers x "
+            f"{self.num_heads} heads, {search}",
             f"attention FLOPs kept {kept:.1%} (removed {1 - kept:.1%})",
             f"heads: {shares}",
             f"per step kept: min {per_step[lo]:.1%} (step {lo}), max {per_step[hi]:.1%} (step {hi})",
@@ -545,172 +449,143 @@ def sparkline(values) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Heat map (Pillow only)
+# The file
 
-# viridis at 0, 0.1, ..., 1 (matplotlib's values, rounded to 8 bits); linear in between.
-_VIRIDIS = np.array([(68, 1, 84), (72, 36, 117), (65, 68, 135), (53, 95, 141), (42, 120, 142), (33, 145, 140),
-                     (34, 168, 132), (68, 191, 112), (122, 209, 81), (189, 223, 38), (253, 231, 37)], np.float64)
-_METHOD_COLOURS = {"full": (215, 215, 215), "cached": (68, 1, 84)}
-_ARROW_COLOURS = [(33, 145, 140), (94, 201, 98), (253, 231, 37), (59, 82, 139), (230, 120, 40), (200, 80, 160)]
-_OTHER_COLOUR = (220, 50, 50)
+# Schema 2: file section -> {key: CompressionPlan field}. methods.head and notes are written apart.
+_SECTIONS = {
+    "model": {"family": "family", "model_class": "model_class", "num_layers": "num_layers", "num_heads": "num_heads",
+              "head_dim": "head_dim", "text_first": "text_first", "config": "model_config"},
+    "run": {k: k for k in ("height", "width", "token_grid", "image_tokens", "text_len", "num_steps", "token_order")},
+    "search": {k: k for k in ("candidates", "delta", "c")},
+}
+_TOP_KEYS = ("format", "schema_version", *_SECTIONS, "methods", "notes")
+_METHOD_KINDS = ("head",)
+_HEAD_KEYS = ("band", "head_window")
+_HEAD_DERIVED = ("legend", "candidate_windows")  # written for readers of the file, optional when read
+_FILE_PATHS = ({field: f"{section}.{key}" for section, keys in _SECTIONS.items() for key, field in keys.items()}
+               | {"band": "methods.head.band", "head_window": "methods.head.head_window"})
+
+# Schema 1: one flat object.
+_V1_REQUIRED = ("head_window", "family", "model_class", "num_layers", "num_heads", "head_dim", "height", "width",
+                "image_tokens", "text_len", "text_first", "num_steps")
+_V1_OPTIONAL = ("candidates", "delta", "c", "model_config", "notes", "token_order")
+_V1_INFORMATIONAL = ("format", "schema_version", "candidate_windows", "legend")
 
 
-def _viridis(x) -> np.ndarray:
-    """uint8 [..., 3] colours for values in [0, 1] (clipped)."""
-    x = np.clip(np.asarray(x, np.float64), 0.0, 1.0) * (len(_VIRIDIS) - 1)
-    i = np.minimum(np.floor(x).astype(int), len(_VIRIDIS) - 2)
-    t = (x - i)[..., None]
-    return np.round(_VIRIDIS[i] * (1 - t) + _VIRIDIS[i + 1] * t).astype(np.uint8)
+def _dump(v, indent: str = "") -> str:
+    """JSON text: objects and nested lists indented by two spaces, each list of scalars compact on one line."""
+    inner = indent + "  "
+    if isinstance(v, dict) and v:
+        items = ",\n".join(f"{inner}{json.dumps(k)}: {_dump(x, inner)}" for k, x in v.items())
+        return "{\n" + items + "\n" + indent + "}"
+    if isinstance(v, list) and any(isinstance(x, (dict, list)) for x in v):
+        return "[\n" + ",\n".join(inner + _dump(x, inner) for x in v) + "\n" + indent + "]"
+    return json.dumps(v, separators=(",", ":"))
 
 
-def _font(size: int):
-    from PIL import ImageFont
+def _keys(obj, path: str, required, optional=()) -> None:
+    """Check that obj is a JSON object with the keys ``required`` (and maybe ``optional``), naming the path."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    missing = [f"{path}.{k}" for k in required if k not in obj]
+    if missing:
+        raise ValueError(f"missing {', '.join(missing)}")
+    unknown = sorted(set(obj) - set(required) - set(optional))
+    if unknown:
+        raise ValueError(f"unknown key(s) {[f'{path}.{k}' for k in unknown]}; {path} holds {[*required, *optional]}")
+
+
+def _v2_fields(raw: dict) -> dict:
+    """CompressionPlan keyword arguments from a schema-2 file."""
+    unknown = sorted(set(raw) - set(_TOP_KEYS))
+    if unknown:
+        raise ValueError(f"unknown top-level key(s) {unknown}; expected {list(_TOP_KEYS)}")
+    missing = [k for k in _TOP_KEYS if k not in raw]
+    if missing:
+        raise ValueError(f"missing top-level key(s) {missing}")
+    if raw["format"] != _FORMAT:
+        raise ValueError(f"format: expected {_FORMAT!r}, got {raw['format']!r}")
+    kwargs = {}
+    for section, keys in _SECTIONS.items():
+        _keys(raw[section], section, tuple(keys))
+        kwargs.update({field: raw[section][key] for key, field in keys.items()})
+    methods = raw["methods"]
+    if not isinstance(methods, dict):
+        raise ValueError(f"methods: expected a JSON object, got {type(methods).__name__}")
+    unknown = sorted(set(methods) - set(_METHOD_KINDS))
+    if unknown:
+        raise ValueError(f"methods: unknown kind(s) of method {unknown}; this ditfa-jax knows {list(_METHOD_KINDS)}")
+    if "head" not in methods:
+        raise ValueError("missing methods.head (the per-head methods, required in schema 2)")
+    _keys(methods["head"], "methods.head", _HEAD_KEYS, optional=_HEAD_DERIVED)
+    kwargs.update({k: methods["head"][k] for k in _HEAD_KEYS}, notes=raw["notes"])
+    return _typed(kwargs, _FILE_PATHS)
+
+
+def _v1_fields(raw: dict) -> dict:
+    """CompressionPlan keyword arguments from a schema-1 file, with its meaning: the schema-1 band, and the token
+    grid of the model config's vae_scale_factor (8 if absent) times the patch; vae_scale_factor leaves the config."""
+    missing = [k for k in _V1_REQUIRED if k not in raw]
+    if missing:
+        raise ValueError(f"missing field(s) {missing}")
+    unknown = sorted(set(raw) - set(_V1_REQUIRED) - set(_V1_OPTIONAL) - set(_V1_INFORMATIONAL))
+    if unknown:
+        raise ValueError(f"unknown field(s) {unknown}; expected {sorted(_V1_REQUIRED + _V1_OPTIONAL)}")
+    kwargs = _typed({k: raw[k] for k in _V1_REQUIRED + _V1_OPTIONAL if k in raw}, {})
+    config = kwargs.get("model_config")
+    vae, patch = VAE_SCALE_FACTOR, None
+    if isinstance(config, dict):
+        vae = _int_field("model_config.vae_scale_factor", config.get("vae_scale_factor", vae), 1)
+        kwargs["model_config"] = config = {k: v for k, v in config.items() if k != "vae_scale_factor"}
+    if kwargs.get("model_class") in MODEL_CLASSES:  # else the plan refuses it by name
+        model = (config_from_dict({**config, "_class_name": kwargs["model_class"]}, source="model_config")
+                 if isinstance(config, dict) else MODEL_CLASSES[kwargs["model_class"]]())
+        patch = family_of(model).latent_multiple(model)
+    h, w, n, head_dim = (kwargs[k] for k in ("height", "width", "image_tokens", "head_dim"))
+    kwargs["token_grid"] = None
+    if patch and all(_is_int(v) and v >= 1 for v in (h, w, n)):  # else the plan refuses them by name
+        step = vae * patch
+        if h % step or w % step or (h // step) * (w // step) != n:
+            raise ValueError(f"image_tokens: {n} does not match {h}x{w} pixels at {step} pixels per token "
+                             f"(vae_scale_factor {vae} x patch {patch})")
+        kwargs["token_grid"] = (h // step, w // step)
+    if _is_int(head_dim) and head_dim >= 1 and head_dim not in V1_BAND:
+        raise ValueError(f"head_dim: {head_dim} has no schema-1 band (known for head_dim {sorted(V1_BAND)})")
+    kwargs["band"] = V1_BAND.get(head_dim)
+    return kwargs
+
+
+def _typed(kwargs: dict, paths: dict) -> dict:
+    """kwargs with JSON lists made tuples (head_window: an array); a value of the wrong JSON type is refused by its
+    path in the file."""
+    where = lambda field: paths.get(field, field)  # noqa: E731
+    for field, kind in (("family", str), ("model_class", str), ("token_order", str), ("text_first", bool)):
+        if field in kwargs and not isinstance(kwargs[field], kind):
+            raise ValueError(f"{where(field)}: expected a {kind.__name__}, got {kwargs[field]!r}")
+    if "candidates" in kwargs:
+        names = kwargs["candidates"]
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"{where('candidates')}: expected a list of method names, got {names!r}")
+        kwargs["candidates"] = tuple(names)
+    for field in ("band", "token_grid"):
+        if isinstance(kwargs.get(field), list):
+            kwargs[field] = tuple(kwargs[field])
+    hw = kwargs["head_window"]
     try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, OSError, ImportError):  # old Pillow or no FreeType: fixed bitmap font
-        return ImageFont.load_default()
+        arr = np.array(hw) if isinstance(hw, list) else None
+    except ValueError:
+        arr = None
+    if arr is None or arr.ndim != 3 or not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
+        got = "ragged/non-integer lists" if arr is None else f"shape {list(arr.shape)} dtype {arr.dtype}"
+        raise ValueError(f"{where('head_window')}: expected integer lists [steps][layers][heads], got {got}")
+    kwargs["head_window"] = arr.astype(np.int64)
+    return kwargs
 
 
-def _text_size(draw, text, font) -> tuple[int, int]:
-    x0, y0, x1, y1 = draw.textbbox((0, 0), text, font=font)
-    return x1 - x0, y1 - y0
-
-
-def _tick_step(n: int, cell: int, min_px: int) -> int:
-    for k in (1, 2, 5, 10, 20, 25, 50, 100, 200, 500, 1000):
-        if k * cell >= min_px or k >= n:
-            return k
-    return max(1, n // 10)
-
-
-def _vertical_text(img, xy, text, font, fill=(0, 0, 0)) -> None:
-    """Paste ``text`` rotated 90 degrees (reading bottom to top) with its top-left corner at ``xy``."""
-    from PIL import Image, ImageDraw
-    probe = ImageDraw.Draw(img)
-    w, h = _text_size(probe, text, font)
-    tile = Image.new("RGBA", (w + 4, h + 6), (255, 255, 255, 0))
-    ImageDraw.Draw(tile).text((2, 0), text, font=font, fill=fill + (255,))
-    tile = tile.rotate(90, expand=True)
-    img.paste(tile, xy, tile)
-
-
-def _render_kept(plan: CompressionPlan, cell: int | None):
-    from PIL import Image, ImageDraw
-    data = plan.flops_kept_per_step_layer()                      # [S, L]
-    s, n_layers = data.shape
-    cell = cell or max(6, min(40, 900 // max(s, n_layers)))
-    font, small = _font(14), _font(11)
-    left, top, right, bottom = 64, 64, 110, 56
-    mw, mh = n_layers * cell, s * cell
-    kept = plan.flops_kept_fraction()
-    search = "hand-made plan" if plan.delta is None else f"delta={plan.delta:g}"
-    title = f"attention FLOPs kept {kept:.1%}, {search}"
-    subtitle = (f"{plan.model_class} {plan.height}x{plan.width}, {s} steps x {n_layers} layers x "
-                f"{plan.num_heads} heads")
-    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    text_w = max(_text_size(measure, title, font)[0], _text_size(measure, subtitle, small)[0])
-    img = Image.new("RGB", (max(left + mw + right, left + text_w + 16), top + max(mh, 100) + bottom),
-                    (255, 255, 255))  # wide enough for the titles, tall enough for the colour bar's label
-    draw = ImageDraw.Draw(img)
-    cells = Image.fromarray(_viridis(data)).resize((mw, mh), Image.NEAREST)
-    img.paste(cells, (left, top))
-    draw.rectangle((left - 1, top - 1, left + mw, top + mh), outline=(0, 0, 0))
-
-    draw.text((left, 8), title, font=font, fill=(0, 0, 0))
-    draw.text((left, 28), subtitle, font=small, fill=(60, 60, 60))
-    # layer ticks (x) and step ticks (y); step 0 at the top
-    kx = _tick_step(n_layers, cell, 26)
-    for layer in range(0, n_layers, kx):
-        x = left + layer * cell + cell // 2
-        draw.line((x, top + mh, x, top + mh + 4), fill=(0, 0, 0))
-        w, _ = _text_size(draw, str(layer), small)
-        draw.text((x - w // 2, top + mh + 6), str(layer), font=small, fill=(0, 0, 0))
-    ky = _tick_step(s, cell, 16)
-    for step in range(0, s, ky):
-        y = top + step * cell + cell // 2
-        draw.line((left - 5, y, left - 1, y), fill=(0, 0, 0))
-        w, h = _text_size(draw, str(step), small)
-        draw.text((left - 8 - w, y - h // 2 - 2), str(step), font=small, fill=(0, 0, 0))
-    w, _ = _text_size(draw, "layer", font)
-    draw.text((left + mw // 2 - w // 2, top + mh + 26), "layer", font=font, fill=(0, 0, 0))
-    _vertical_text(img, (8, top + mh // 2 - 20), "step", font)
-    # colour bar: 1 at the top, 0 at the bottom
-    bx, bw = left + mw + 24, 16
-    ramp = _viridis(np.linspace(1.0, 0.0, mh))[:, None, :].repeat(bw, axis=1)
-    img.paste(Image.fromarray(ramp), (bx, top))
-    draw.rectangle((bx - 1, top - 1, bx + bw, top + mh), outline=(0, 0, 0))
-    for label, y in (("1", top), ("0.5", top + mh // 2), ("0", top + mh)):
-        _, h = _text_size(draw, label, small)
-        draw.line((bx + bw, y, bx + bw + 4, y), fill=(0, 0, 0))
-        draw.text((bx + bw + 7, y - h // 2 - 2), label, font=small, fill=(0, 0, 0))
-    _vertical_text(img, (bx + bw + 34, top + mh // 2 - 40), "FLOPs kept", small)
-    return img
-
-
-def _render_heads(plan: CompressionPlan, cell: int | None):
-    from PIL import Image, ImageDraw
-    s, n_layers, n_heads = plan.shape
-    cell = cell or 4
-    names = plan.method_names()
-    palette = []
-    arrow_i = 0
-    for n in names:
-        if n in _METHOD_COLOURS:
-            palette.append(_METHOD_COLOURS[n])
-        elif n.startswith("arrow_"):
-            palette.append(_ARROW_COLOURS[arrow_i % len(_ARROW_COLOURS)])
-            arrow_i += 1
-        else:
-            palette.append(_OTHER_COLOUR)
-    palette = np.array(palette, np.uint8)
-    code = plan.method_codes()
-    counts = plan.method_counts()
-
-    font, small = _font(14), _font(11)
-    pw, ph = n_heads * cell, s * cell
-    gap_x, gap_y, label_h = 8, 6, 14
-    ncols = max(1, min(n_layers, math.ceil(math.sqrt(n_layers * (ph + gap_y + label_h) / (pw + gap_x)))))
-    nrows = math.ceil(n_layers / ncols)
-    left, top = 12, 88
-    width = max(left + ncols * (pw + gap_x) + 12, 560)
-    img = Image.new("RGB", (width, top + nrows * (ph + gap_y + label_h) + 24), (255, 255, 255))
-    draw = ImageDraw.Draw(img)
-    kept = plan.flops_kept_fraction()
-    search = "hand-made plan" if plan.delta is None else f"delta={plan.delta:g}"
-    draw.text((left, 6), f"methods per head: attention FLOPs kept {kept:.1%}, {search}", font=font, fill=(0, 0, 0))
-    draw.text((left, 26), f"one panel per layer: step 0..{s - 1} top to bottom, head 0..{n_heads - 1} left to right",
-              font=small, fill=(60, 60, 60))
-    x = left
-    for i, n in enumerate(names):  # legend with each method's share of heads
-        label = f"{n} {int(counts[n].sum()) / code.size:.0%}"
-        draw.rectangle((x, 50, x + 12, 62), fill=tuple(int(v) for v in palette[i]), outline=(0, 0, 0))
-        draw.text((x + 16, 49), label, font=small, fill=(0, 0, 0))
-        x += 16 + _text_size(draw, label, small)[0] + 14
-    for layer in range(n_layers):
-        r, col = divmod(layer, ncols)
-        x0 = left + col * (pw + gap_x)
-        y0 = top + r * (ph + gap_y + label_h)
-        draw.text((x0, y0), f"layer {layer}", font=small, fill=(0, 0, 0))
-        panel = Image.fromarray(palette[code[:, layer, :]]).resize((pw, ph), Image.NEAREST)
-        img.paste(panel, (x0, y0 + label_h))
-    return img
-
-
-def save_heatmap(plan: CompressionPlan, path, per_head: bool = False, *, cell: int | None = None) -> Path:
-    """Write a PNG of the plan (atomically).
-
-    Default: steps (rows, step 0 on top) x layers (columns), colour = fraction of the attention FLOPs kept in that
-    (step, layer), viridis 0..1 with a colour bar. ``per_head=True``: one [steps x heads] panel per layer with a
-    colour per method (full / cached / each arrow) and a legend. ``cell``: pixels per cell (default 6..16 for the
-    map, 4 for the per-head panels).
-    """
-    if not isinstance(plan, CompressionPlan):
-        raise ValueError(f"plan: expected a CompressionPlan, got {type(plan).__name__}")
-    if cell is not None and (isinstance(cell, bool) or not isinstance(cell, int) or cell < 1):
-        raise ValueError(f"cell: expected a positive number of pixels, got {cell!r}")
-    img = _render_heads(plan, cell) if per_head else _render_kept(plan, cell)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    path = Path(path)
-    atomic_write(path, buf.getvalue())
-    return path
+def _check_candidate_windows(plan: CompressionPlan, head: dict) -> None:
+    """methods.head.candidate_windows, when present, must be what search.candidates gives (it is derived)."""
+    want = {n: method_window(n, plan.image_tokens) for n in plan.candidates}
+    if "candidate_windows" in head and head["candidate_windows"] != want:
+        raise ValueError(f"methods.head.candidate_windows: {head['candidate_windows']!r} is not what search.candidates "
+                         f"gives at run.image_tokens {plan.image_tokens} ({want}); it is derived: edit "
+                         f"search.candidates, or drop it")

@@ -77,7 +77,7 @@ def sample(model: Transformer, latents, prompt_embeds, pooled_prompt_embeds, *, 
     windows, cache_spec = None, None
     if plan is not None:
         plan.check_compatible(model.config, height=height, width=width, text_len=run.layout.text_len,
-                              num_steps=num_steps)
+                              num_steps=num_steps, vae_scale_factor=vae_scale_factor)
         if compressed:
             windows = jnp.asarray(plan.head_window, jnp.int32)
             cache_spec = (cache_shape(model.config, run.batch, run.layout.tokens), jnp.dtype(model.dtype).name)

@@ -11,9 +11,10 @@ from ditfa_jax import load_transformer, sample
 from ditfa_jax.attention import AttentionSettings
 from ditfa_jax.calibrate import calibrate, head_rse, step_budgets
 from ditfa_jax.cli import main as cli_main
+from ditfa_jax.methods import candidate_windows
 from ditfa_jax.milp import solve_global
 from ditfa_jax.models.flux import rope_tables
-from ditfa_jax.plan import CompressionPlan, candidate_windows
+from ditfa_jax.plan import CompressionPlan
 from ditfa_jax.sampler import scheduler_for
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -344,10 +345,10 @@ def test_calibration_pass_samples_as_sample_does(name):
         common.update(negative_prompt_embeds=ref["sample_negative_prompt_embeds"],
                       negative_pooled_prompt_embeds=ref["sample_negative_pooled"])
     text = (ref["sample_prompt_embeds"], ref["sample_pooled"])
-    result = calibrate(model, *text, delta=2.0, progress=False, seed=3, **common)
+    result = calibrate(model, *text, delta=0.5, progress=False, seed=3, **common)
     plan = result.plan
     assert ((plan.head_window > 0).any() and (plan.head_window == 0).any() and (plan.head_window == -1).any()), \
-        "the plan should mix full, cached and arrow heads"
+        "the plan should mix full (step 0), cached and arrow heads"
     noise = jax.random.normal(jax.random.key(3), result.final_latents.shape, jnp.float32)
     sampled = np.asarray(sample(model, noise, *text, plan=plan, **common))
     np.testing.assert_allclose(np.asarray(result.final_latents), sampled, rtol=1e-4, atol=1e-4)

@@ -245,5 +245,6 @@ def test_cli_generate_plan_mismatch_writes_nothing(tmp_path, flux, capsys):
     out = tmp_path / "imgs"
     assert cli_main(["generate", str(PIPES / "flux_tiny"), "--prompt", "a", "--height", "64", "--width", "64",
                      "--steps", "3", "--max-sequence-length", "16", "--plan", str(plan), "--out", str(out)]) == 2
-    assert "num_steps" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--steps 3 conflicts with the plan" in err and "made for 2" in err
     assert not out.exists() or not any(out.iterdir())

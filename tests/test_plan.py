@@ -1,16 +1,17 @@
-"""Compression plans: validation, JSON round trip, compatibility checks, FLOP accounting, heat maps (CPU)."""
+"""Compression plans: validation, JSON round trip, compatibility checks, FLOP accounting, summary (CPU)."""
 
 import json
 import os
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 import pallas_kernels as pk
 from ditfa_jax.configs import FluxConfig, SD3Config
-from ditfa_jax.plan import (DEFAULT_CANDIDATES, CompressionPlan, candidate_savings, candidate_windows,
-                            image_tokens_for, method_window, save_heatmap, windows_from_choice)
+from ditfa_jax.methods import DEFAULT_CANDIDATES, windows_from_choice
+from ditfa_jax.plan import SCHEMA_VERSION, V1_BAND, CompressionPlan, default_band, sparkline
 
 FLUX = FluxConfig(guidance_embeds=True)          # FLUX.1-dev shape: 19 + 38 layers, 24 heads, head_dim 128
 SD3 = SD3Config(num_layers=24, num_attention_heads=24, caption_projection_dim=1536)  # SD3-medium shape
@@ -28,56 +29,21 @@ def flux_plan(steps=50, height=1024, width=1024, seed=0, **kw):
     return full.replace(head_window=hw, delta=0.2, c=1.5, **kw)
 
 
-# --- methods ------------------------------------------------------------------------------------------------------
-
-def test_method_window():
-    assert method_window("full", 4096) == -1
-    assert method_window("cached", 4096) == 0
-    assert method_window("arrow_8", 4096) == 256
-    assert method_window("arrow_16", 4096) == 128
-    assert method_window("arrow_32", 16384) == 256
-    assert method_window("arrow_32", 16) == 1          # never below 1 (0 would mean cached)
-    assert candidate_windows(DEFAULT_CANDIDATES, 4096).tolist() == [0, 256, 128, 64]
-    for bad in ("arrow_0", "arrow_x", "arrow", "Arrow_8", "dense", 8):
-        with pytest.raises(ValueError, match="method name"):
-            method_window(bad, 4096)
-    with pytest.raises(ValueError, match="n_img"):
-        method_window("arrow_8", 0)
-
-
-def test_candidate_savings_match_plan_cost():
-    sav = candidate_savings(DEFAULT_CANDIDATES, image_tokens=4096, text_len=512, text_first=True, head_dim=128)
-    want = pk.plan_cost(np.array([0, 256, 128, 64]), batch=1, tokens=4608, text_len=512, text_first=True,
-                        head_dim=128).saving
-    np.testing.assert_allclose(sav, want)
-    assert sav[0] == 1.0 and (0 < sav[1:]).all() and (sav[1:] < 1).all()
-
-
-def test_windows_from_choice():
-    hw = windows_from_choice(np.array([[-1, 0, 1, 3]]), DEFAULT_CANDIDATES, 4096)
-    assert hw.dtype == np.int32 and hw.tolist() == [[-1, 0, 256, 64]]
-    with pytest.raises(ValueError, match=r"choice: indices must lie in \[-1, 3\]"):
-        windows_from_choice(np.array([4]), DEFAULT_CANDIDATES, 4096)
-
-
-def test_image_tokens_for():
-    assert image_tokens_for(FLUX, 1024, 1024) == 4096
-    assert image_tokens_for(FLUX, 2048, 2048) == 16384
-    assert image_tokens_for(SD3, 1024, 1024) == 4096
-    with pytest.raises(ValueError, match="height: expected a positive multiple of 16"):
-        image_tokens_for(FLUX, 1000, 1024)
-
-
 # --- construction and validation -----------------------------------------------------------------------------------
 
 def test_full_plan():
     p = CompressionPlan.full(FLUX, height=1024, width=768, text_len=512, num_steps=28)
     assert p.shape == (28, 57, 24) and p.head_window.dtype == np.int32 and (p.head_window == -1).all()
     assert (p.family, p.model_class, p.image_tokens, p.text_first) == ("flux", "FluxTransformer2DModel", 3072, True)
-    assert p.delta is None and p.c is None and p.schema_version == 1
+    assert p.delta is None and p.c is None and SCHEMA_VERSION == 2
+    assert p.token_grid == (64, 48) and p.band == (128, 128) == V1_BAND[128]  # rows x cols; head_dim 128
     assert not p.head_window.flags.writeable
     s = CompressionPlan.full(SD3, height=1024, width=1024, text_len=333, num_steps=28)
     assert (s.family, s.text_first, s.shape) == ("sd3", False, (28, 24, 24))
+    assert s.token_grid == (64, 64) and s.band == (128, 64) == default_band(64)
+    assert CompressionPlan.full(SD3, height=1024, width=1024, text_len=333, num_steps=2, band=(64, 32)).band == (64, 32)
+    with pytest.raises(ValueError, match="band: no default band for head_dim 48"):
+        default_band(48)
 
 
 @pytest.mark.parametrize("change, match", [
@@ -102,7 +68,14 @@ def test_bad_head_window(change, match):
     ("candidates", ("full",), r"candidates: 'full' is not a candidate method"),
     ("delta", -0.1, r"delta: expected a finite value >= 0"),
     ("c", 0.0, r"c: expected a finite value > 0"),
-    ("schema_version", 2, r"schema_version: this ditfa-jax reads schema 1, got 2"),
+    ("band", (128, 48), r"band: expected \(query, key\) tokens, two powers of two >= 16, got \(128, 48\)"),
+    ("band", (8, 8), r"band: expected .* powers of two >= 16"),
+    ("band", (128,), r"band: expected"),
+    ("band", "128x128", r"band: expected"),
+    ("band", (128.0, 128), r"band: expected"),
+    ("token_grid", (64, 32), r"token_grid: 64 x 32 = 2048 tokens, but image_tokens is 4096"),
+    ("token_grid", (32, 128), r"token_grid: 32 x 128 tokens do not cut 1024x1024 pixels into equal square tokens"),
+    ("token_grid", (64,), r"token_grid: expected \(rows, cols\), two integers >= 1"),
 ])
 def test_bad_metadata(field, value, match):
     with pytest.raises(ValueError, match=match):
@@ -120,8 +93,9 @@ def test_round_trip(tmp_path):
     assert q.model_config == p.model_config and q.model_config["_class_name"] == "FluxTransformer2DModel"
     assert q != p.replace(delta=0.6) and q.digest() != p.replace(delta=0.6).digest()
     raw = json.loads(path.read_text())                   # plain, readable JSON
-    assert raw["candidate_windows"] == {"cached": 0, "arrow_8": 256, "arrow_16": 128, "arrow_32": 64}
-    assert len(raw["head_window"]) == 50 and len(raw["head_window"][1][2]) == 24
+    head = raw["methods"]["head"]
+    assert head["candidate_windows"] == {"cached": 0, "arrow_8": 256, "arrow_16": 128, "arrow_32": 64}
+    assert len(head["head_window"]) == 50 and len(head["head_window"][1][2]) == 24
     s = CompressionPlan.full(SD3, height=512, width=512, text_len=333, num_steps=3)
     assert CompressionPlan.load(s.save(tmp_path / "sd3.json")) == s
 
@@ -164,25 +138,106 @@ def _edited(tmp_path, edit, name="bad.json"):
     return path
 
 
+def _head(raw):
+    return raw["methods"]["head"]
+
+
 @pytest.mark.parametrize("edit, match", [
-    (lambda r: r.pop("num_heads"), r"missing field\(s\) \['num_heads'\]"),
+    (lambda r: r["model"].pop("num_heads"), r"missing model\.num_heads"),
+    (lambda r: r["run"].pop("text_len"), r"missing run\.text_len"),
     (lambda r: r.pop("schema_version"), r"missing field 'schema_version'"),
-    (lambda r: r.update(schema_version=2), r"field 'schema_version' is 2; this ditfa-jax reads schema 1"),
-    (lambda r: r.update(head_window=[row[:-1] for row in r["head_window"]]),
-     r"head_window: expected shape \[steps, layers, heads\] = \[3, 57, 24\].*got \[3, 56, 24\]"),
-    (lambda r: r["head_window"][1][0].pop(), r"field 'head_window' must be integer lists.*ragged"),
-    (lambda r: r["head_window"][1][0].__setitem__(0, 1.5), r"field 'head_window' must be integer lists.*float"),
-    (lambda r: r["head_window"][0][3].__setitem__(5, 0), r"head_window: step 0 must be all full.*layer 3, head 5"),
-    (lambda r: r.update(num_steps=4), r"head_window: expected shape .*\[4, 57, 24\]"),
-    (lambda r: r.update(text_first="yes"), r"field 'text_first' must be a bool"),
-    (lambda r: r.update(candidates="cached"), r"field 'candidates' must be a list"),
-    (lambda r: r.update(extra=1), r"unknown field\(s\) \['extra'\]"),
+    (lambda r: r.update(schema_version=3), r"field 'schema_version' is 3; this ditfa-jax reads schemas 1 and 2"),
+    (lambda r: r.update(schema_version=True), r"field 'schema_version' is True"),
+    (lambda r: _head(r).update(head_window=[row[:-1] for row in _head(r)["head_window"]]),
+     r"methods\.head\.head_window: expected shape \[steps, layers, heads\] = \[3, 57, 24\].*got \[3, 56, 24\]"),
+    (lambda r: _head(r)["head_window"][1][0].pop(), r"methods\.head\.head_window: expected integer lists.*ragged"),
+    (lambda r: _head(r)["head_window"][1][0].__setitem__(0, 1.5),
+     r"methods\.head\.head_window: expected integer lists.*float"),
+    (lambda r: _head(r)["head_window"][0][3].__setitem__(5, 0),
+     r"methods\.head\.head_window: step 0 must be all full.*layer 3, head 5"),
+    (lambda r: r["run"].update(num_steps=4), r"methods\.head\.head_window: expected shape .*\[4, 57, 24\]"),
+    (lambda r: r["model"].update(text_first="yes"), r"model\.text_first: expected a bool, got 'yes'"),
+    (lambda r: r["search"].update(candidates="cached"), r"search\.candidates: expected a list of method names"),
+    (lambda r: r["search"].update(candidates=["cached", "dense"]), r"search\.candidates: 'dense' is not a candidate"),
+    (lambda r: r["run"].update(text_len="512"), r"run\.text_len: expected an integer >= 0, got '512'"),
+    (lambda r: r["run"].update(height=1024.0), r"run\.height: expected an integer >= 1, got 1024\.0"),
+    (lambda r: r["model"].update(family=5), r"model\.family: expected a str, got 5"),
+    (lambda r: r["model"].update(config=[1]), r"model\.config: expected a dict or None, got list"),
+    (lambda r: r.update(notes=[]), r"notes: expected a dict, got list"),
+    (lambda r: r["search"].update(delta=-1), r"search\.delta: expected a finite value >= 0"),
+    (lambda r: r["run"].update(token_order="zigzag"), r"run\.token_order: expected one of"),
+    (lambda r: r.update(extra=1), r"unknown top-level key\(s\) \['extra'\]"),
+    (lambda r: r["run"].update(extra=1), r"unknown key\(s\) \['run\.extra'\]; run holds"),
+    (lambda r: r.pop("notes"), r"missing top-level key\(s\) \['notes'\]"),
+    (lambda r: r.update(format="something else"), r"format: expected 'ditfa-jax compression plan'"),
+    (lambda r: r.update(run=[]), r"run: expected a JSON object, got list"),
+    # the methods section: one entry per kind of method; "head" is the only one known and required
+    (lambda r: r["methods"].update(step={}), r"methods: unknown kind\(s\) of method \['step'\]; this ditfa-jax "
+                                             r"knows \['head'\]"),
+    (lambda r: r["methods"].pop("head"), r"missing methods\.head"),
+    (lambda r: r.update(methods=[]), r"methods: expected a JSON object, got list"),
+    (lambda r: _head(r).pop("band"), r"missing methods\.head\.band"),
+    (lambda r: _head(r).update(extra=1), r"unknown key\(s\) \['methods\.head\.extra'\]"),
+    (lambda r: _head(r).update(band=[128, 96]), r"methods\.head\.band: expected \(query, key\) tokens, two powers "
+                                                r"of two >= 16, got \(128, 96\)"),
+    (lambda r: _head(r).update(band=[8, 8]), r"methods\.head\.band: expected"),
+    (lambda r: _head(r).update(band=128), r"methods\.head\.band: expected .* got 128"),
+    (lambda r: _head(r).update(band=[128, 64, 64]), r"methods\.head\.band: expected"),
+    (lambda r: _head(r).update(band=[128.0, 128]), r"methods\.head\.band: expected"),
+    (lambda r: _head(r)["candidate_windows"].update(arrow_8=100),
+     r"methods\.head\.candidate_windows: .* is not what search\.candidates gives"),
+    # the token grid must hold the image tokens and cut the image into square tokens
+    (lambda r: r["run"].update(token_grid=[64, 32]), r"run\.token_grid: 64 x 32 = 2048 tokens, but image_tokens is "
+                                                     r"4096"),
+    (lambda r: r["run"].update(token_grid=[32, 128]), r"run\.token_grid: 32 x 128 tokens do not cut 1024x1024"),
+    (lambda r: r["run"].update(token_grid="64x64"), r"run\.token_grid: expected \(rows, cols\)"),
+    (lambda r: r["run"].update(token_grid=[64, 64.0]), r"run\.token_grid: expected \(rows, cols\)"),
+    (lambda r: r["run"].update(image_tokens=4095), r"run\.token_grid: 64 x 64 = 4096 tokens, but image_tokens is "
+                                                   r"4095"),
 ])
 def test_bad_files(tmp_path, edit, match):
     path = _edited(tmp_path, edit)
     with pytest.raises(ValueError, match=match) as e:
         CompressionPlan.load(path)
     assert str(path) in str(e.value)
+
+
+def test_file_layout(tmp_path):
+    plan = flux_plan(steps=3, notes={"prompts": 8}).replace(token_order="hilbert")
+    text = plan.to_json()
+    raw = json.loads(text)
+    assert list(raw) == ["format", "schema_version", "model", "run", "search", "methods", "notes"]
+    assert (raw["format"], raw["schema_version"]) == ("ditfa-jax compression plan", 2)
+    assert list(raw["model"]) == ["family", "model_class", "num_layers", "num_heads", "head_dim", "text_first",
+                                  "config"]
+    assert raw["model"]["config"] == plan.model_config and "vae_scale_factor" not in plan.model_config
+    assert raw["run"] == {"height": 1024, "width": 1024, "token_grid": [64, 64], "image_tokens": 4096,
+                          "text_len": 512, "num_steps": 3, "token_order": "hilbert"}
+    assert raw["search"] == {"candidates": list(DEFAULT_CANDIDATES), "delta": 0.2, "c": 1.5}
+    assert list(raw["methods"]) == ["head"]
+    assert list(raw["methods"]["head"]) == ["band", "legend", "candidate_windows", "head_window"]
+    assert raw["methods"]["head"]["band"] == [128, 128] and raw["notes"] == {"prompts": 8}
+    assert raw["methods"]["head"]["head_window"] == plan.head_window.tolist()
+    rows = [line.strip() for line in text.splitlines() if re.fullmatch(r"\[-?[0-9][-0-9,]*\],?", line.strip())]
+    assert len(rows) == 3 * 57 and rows[0] == "[" + ",".join(["-1"] * 24) + "],"  # one line per (step, layer)
+    assert CompressionPlan.from_dict(raw) == plan
+    del raw["methods"]["head"]["legend"], raw["methods"]["head"]["candidate_windows"]  # derived, may be left out
+    assert CompressionPlan.from_dict(raw) == plan
+
+
+def test_band_in_files_cost_and_digest(tmp_path):
+    plan = flux_plan(steps=4, height=1024, width=512)
+    fine = plan.replace(band=(64, 32))
+    again = CompressionPlan.load(fine.save(tmp_path / "fine.json"))
+    assert again == fine and again.band == (64, 32) and again != plan
+    assert fine.digest() != plan.digest() and again.digest() == fine.digest()
+    assert fine.replace(band=(128, 128)).digest() == plan.digest()
+    want = pk.plan_cost(plan.head_window, batch=1, tokens=2048 + 512, text_len=512, text_first=True, head_dim=128,
+                        block_q=64, block_k=32)
+    np.testing.assert_array_equal(fine.cost().flops, want.flops)
+    assert (fine.cost().block_q, fine.cost().block_k) == (64, 32)
+    assert fine.flops_kept_fraction() < plan.flops_kept_fraction()  # a finer band drops more of the keys
+    assert "band 64x32" in fine.summary() and "band 128x128" in plan.summary()
 
 
 def test_not_a_plan_file(tmp_path):
@@ -211,6 +266,7 @@ def test_check_compatible_accepts_its_run():
                 axes_dims_rope=(32, 112, 112)), {}, "head_dim", "128", "256"),
     (FLUX, {"height": 2048}, "height", "1024", "2048"),
     (FLUX, {"width": 768}, "image_tokens", "4096", "3072"),
+    (FLUX, {"width": 768}, "token_grid", "(64, 64)", "(64, 48)"),
     (FLUX, {"text_len": 256}, "text_len", "512", "256"),
     (FLUX, {"num_steps": 28}, "num_steps", "5", "28"),
     (FluxConfig(guidance_embeds=False), {}, "model_config.guidance_embeds", "True", "False"),  # dev vs schnell
@@ -279,93 +335,114 @@ def test_method_counts_and_summary():
     assert f"{p.flops_kept_fraction():.1%}" in text
 
 
-# --- heat maps -----------------------------------------------------------------------------------------------------
-
-def n_colours(rgb):
-    rgb = rgb.astype(np.int64)
-    return len(np.unique(rgb[..., 0] << 16 | rgb[..., 1] << 8 | rgb[..., 2]))
-
-
-def test_heatmap(tmp_path):
-    p = flux_plan(steps=50)
-    path = save_heatmap(p, tmp_path / "map.png")
-    img = Image.open(path)
-    assert img.format == "PNG" and 600 <= img.width <= 1600 and 500 <= img.height <= 1400
-    assert n_colours(np.asarray(img.convert("RGB"))[100:400, 100:400]) > 10   # not uniform
-    small = save_heatmap(flux_plan(steps=4), tmp_path / "small.png")
-    assert Image.open(small).height >= 4 * 6              # cells of >= 6 px
-    per_head = Image.open(save_heatmap(p, tmp_path / "heads.png", per_head=True))
-    assert per_head.format == "PNG" and per_head.width >= 57 and per_head.height >= 50
-    assert n_colours(np.asarray(per_head.convert("RGB"))) >= 5  # full, cached, three arrows (plus text)
-    assert sorted(f.name for f in tmp_path.iterdir()) == ["heads.png", "map.png", "small.png"]
-    with pytest.raises(ValueError, match="plan: expected a CompressionPlan"):
-        save_heatmap(p.head_window, tmp_path / "x.png")
-
-
 def test_sparkline_levels_and_summary_curve():
-    from ditfa_jax.plan import sparkline
-
     assert sparkline([0.0, 0.5, 1.0]) == "▁▅█"
     assert sparkline([-1.0, 2.0]) == "▁█"  # clipped to [0, 1]
 
 
-def _grid_positions(order, cols):
-    return np.stack(np.divmod(np.asarray(order), cols), axis=-1)
+# --- schema-1 files ------------------------------------------------------------------------------------------------
+
+V1_PLANS = Path(__file__).parent / "fixtures" / "plans"
+# What the schema-1 code (commit b932bc9) computed for each fixture: digest, flops_kept_fraction(), cost band.
+V1_MEANING = {
+    "flux_v1.json": ("56b8cff37b2f8708", 0.7925170068027212, (128, 128), (16, 24), 2931818496),
+    "sd3_hilbert_v1.json": ("32a80cdac4f02593", 0.8086540616800496, (128, 64), (24, 16), 565224192),
+    "testbed_v1.json": ("89aededef6c7070e", 0.6345168860320375, (128, 64), (32, 32), 16302473216),
+}
+V1_CONFIGS = {
+    "flux_v1.json": FluxConfig(num_layers=2, num_single_layers=1, num_attention_heads=3, guidance_embeds=True),
+    "sd3_hilbert_v1.json": SD3Config(num_layers=2, num_attention_heads=2, attention_head_dim=64,
+                                     caption_projection_dim=128),
+}
 
 
-def test_image_token_order_curves():
-    from ditfa_jax.cli import TOKEN_ORDER_CHOICES
-    from ditfa_jax.plan import TOKEN_ORDERS, image_token_order
-
-    assert set(TOKEN_ORDER_CHOICES) == set(TOKEN_ORDERS)
-    assert image_token_order("raster", 4, 6) is None
-    for rows, cols in ((16, 16), (6, 10), (64, 96), (1, 5)):
-        for name in ("hilbert", "morton"):
-            order = image_token_order(name, rows, cols)
-            assert order.dtype == np.int32 and sorted(order.tolist()) == list(range(rows * cols)), (name, rows, cols)
-    steps = np.abs(np.diff(_grid_positions(image_token_order("hilbert", 16, 16), 16), axis=0)).sum(-1)
-    assert (steps == 1).all()  # the Hilbert curve moves to a grid neighbour at every step
-    z = _grid_positions(image_token_order("morton", 8, 8), 8)
-    for start in range(0, 64, 4):  # every aligned run of 4 Z-order tokens is a 2x2 square
-        block = z[start:start + 4]
-        assert np.ptp(block[:, 0]) == 1 and np.ptp(block[:, 1]) == 1
-    with pytest.raises(ValueError, match="token_order 'snake'"):
-        image_token_order("snake", 4, 4)
+def _v1_raw(name="flux_v1.json"):
+    return json.loads((V1_PLANS / name).read_text())
 
 
-def test_arrow_band_along_a_curve_is_a_2d_neighbourhood():
-    """The keys an image query of an arrow head sees, in image coordinates: a strip of whole rows in raster order, a
-    compact region along the Hilbert curve (same count of tiles, so the same cost)."""
-    from ditfa_jax.plan import image_token_order
+@pytest.mark.parametrize("name", sorted(V1_MEANING))
+def test_v1_file_loads_with_its_old_meaning(name, tmp_path):
+    raw = _v1_raw(name)
+    assert raw["schema_version"] == 1
+    plan = CompressionPlan.load(V1_PLANS / name)
+    digest, kept, band, grid, flops = V1_MEANING[name]
+    assert plan.head_window.tolist() == raw["head_window"]
+    assert plan.band == band == V1_BAND[raw["head_dim"]] and plan.token_grid == grid
+    assert (plan.cost().block_q, plan.cost().block_k) == band and int(plan.cost().flops.sum()) == flops
+    assert plan.flops_kept_fraction() == kept and plan.digest() == digest
+    assert (plan.delta, plan.c, plan.token_order, plan.notes) == (raw["delta"], raw["c"], raw["token_order"],
+                                                                raw["notes"])
+    assert "vae_scale_factor" in raw["model_config"] and "vae_scale_factor" not in plan.model_config
+    assert plan.model_config == {k: v for k, v in raw["model_config"].items() if k != "vae_scale_factor"}
+    resaved = plan.save(tmp_path / name)
+    assert json.loads(resaved.read_text())["schema_version"] == 2
+    again = CompressionPlan.load(resaved)
+    assert again == plan and again.digest() == digest and again.flops_kept_fraction() == kept
 
-    rows = cols = 32
-    n_img, text_len, block = rows * cols, 64, 64  # text fills whole tiles: no image key rides in a text tile
-    from pallas_kernels.schedule import dense_mask
 
-    mask = dense_mask(np.array([64]), tokens=n_img + text_len, text_len=text_len, text_first=True,
-                         block_q=block, block_k=block)[0]
-    img_mask = mask[text_len:, text_len:]
-    query = n_img // 2 + cols // 2  # an image token near the centre, by sequence position
-    raster_seen = np.flatnonzero(img_mask[query])
-    order = image_token_order("hilbert", rows, cols)
-    hilbert_seen = order[img_mask[query]]  # sequence positions -> raster indices
-    assert len(hilbert_seen) == len(raster_seen)
-    width = lambda idx: np.ptp(idx % cols) + 1  # noqa: E731
-    height = lambda idx: np.ptp(idx // cols) + 1  # noqa: E731
-    assert width(raster_seen) == cols and height(raster_seen) <= len(raster_seen) // cols + 1
-    assert width(hilbert_seen) < cols and height(hilbert_seen) < rows
-    # here: 192 keys in a 6 x 32 strip (raster) vs a 16 x 16 box (Hilbert); the query's grid neighbours are inside
-    q = order[query]
-    neighbours = [q - 1, q + 1, q - cols, q + cols]
-    assert np.isin(neighbours, hilbert_seen).sum() >= 3
+def test_v1_file_is_compatible_with_its_model():
+    from ditfa_jax.testbed.model import TRANSFORMER_CONFIG  # sampled at vae_scale_factor 1
+
+    for name, config, vae in [(n, c, 8) for n, c in V1_CONFIGS.items()] + [("testbed_v1.json", TRANSFORMER_CONFIG, 1)]:
+        plan = CompressionPlan.load(V1_PLANS / name)
+        plan.check_compatible(config, height=plan.height, width=plan.width, text_len=plan.text_len,
+                              num_steps=plan.num_steps, vae_scale_factor=vae)
+        with pytest.raises(ValueError, match="token_grid"):
+            plan.check_compatible(config, height=plan.height, width=plan.width, text_len=plan.text_len,
+                                  num_steps=plan.num_steps, vae_scale_factor=2 * vae)
+
+
+def test_v1_file_without_vae_scale_factor_reads_8():
+    raw = _v1_raw()
+    del raw["model_config"]["vae_scale_factor"]
+    assert CompressionPlan.from_dict(raw) == CompressionPlan.load(V1_PLANS / "flux_v1.json")
+    bare = _v1_raw("sd3_hilbert_v1.json")
+    del bare["model_config"]  # hand-made: no config at all
+    plan = CompressionPlan.from_dict(bare)
+    assert plan.model_config is None and plan.token_grid == (24, 16)
+    raw = _v1_raw("testbed_v1.json")  # 64x64 pixels at 16 pixels per token are not 1024 tokens
+    del raw["model_config"]["vae_scale_factor"]
+    with pytest.raises(ValueError, match=r"plan: image_tokens: 1024 does not match 64x64 pixels at 16 pixels per "
+                                         r"token \(vae_scale_factor 8 x patch 2\)"):
+        CompressionPlan.from_dict(raw)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda r: r.pop("num_heads"), r"missing field\(s\) \['num_heads'\]"),
+    (lambda r: r.update(extra=1), r"unknown field\(s\) \['extra'\]"),
+    (lambda r: r.update(band=[64, 64]), r"unknown field\(s\) \['band'\]"),  # schema 1 has no band
+    (lambda r: r["head_window"][1][0].pop(), r"head_window: expected integer lists.*ragged"),
+    (lambda r: r["head_window"][0][1].__setitem__(2, 0), r"head_window: step 0 must be all full.*layer 1, head 2"),
+    (lambda r: r.update(num_steps=5), r"head_window: expected shape .*\[5, 3, 3\]"),
+    (lambda r: r.update(text_first="yes"), r"text_first: expected a bool, got 'yes'"),
+    (lambda r: r.update(candidates="cached"), r"candidates: expected a list of method names"),
+    (lambda r: r.update(text_len=-1), r"text_len: expected an integer >= 0"),
+    (lambda r: r.update(token_order="zigzag"), r"token_order: expected one of"),
+    (lambda r: r.update(image_tokens=385), r"image_tokens: 385 does not match 256x384 pixels at 16 pixels"),
+    (lambda r: r["model_config"].update(vae_scale_factor=16), r"image_tokens: 384 does not match 256x384 pixels at "
+                                                              r"32 pixels per token \(vae_scale_factor 16"),
+    (lambda r: r["model_config"].update(vae_scale_factor="8"), r"model_config\.vae_scale_factor: expected an "
+                                                               r"integer >= 1"),
+    (lambda r: r.update(head_dim=48), r"head_dim: 48 has no schema-1 band"),
+    (lambda r: r.update(head_dim=0), r"head_dim: expected an integer >= 1, got 0"),
+    (lambda r: r.update(height="256"), r"height: expected an integer >= 1, got '256'"),
+])
+def test_bad_v1_files(tmp_path, edit, match):
+    raw = _v1_raw()
+    edit(raw)
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=match) as e:
+        CompressionPlan.load(path)
+    assert str(path) in str(e.value)
 
 
 def test_token_order_in_plan_files(tmp_path):
     plan = flux_plan(steps=3).replace(token_order="hilbert")
     assert CompressionPlan.load(plan.save(tmp_path / "p.json")) == plan
     assert plan.digest() != plan.replace(token_order="raster").digest()
-    raw = json.loads(plan.replace(token_order="raster").to_json())
-    del raw["token_order"]  # files written before the field existed read as raster
+    raw = _v1_raw()
+    del raw["token_order"]  # schema-1 files written before the field existed read as raster
     assert CompressionPlan.from_dict(raw).token_order == "raster"
     raw["token_order"] = "zigzag"
     with pytest.raises(ValueError, match="token_order: expected one of"):

@@ -186,7 +186,7 @@ class FluxTransformer(nnx.Module):
 
         timestep/guidance are per-sample [B] floats as the FLUX pipeline passes them (sigma in [0, 1]; guidance
         scale); they are scaled by 1000 here, as in diffusers. `image_order` (raster indices, see
-        `ditfa_jax.plan.image_token_order`) puts the image tokens in that order for the blocks.
+        `ditfa_jax.token_order.image_token_order`) puts the image tokens in that order for the blocks.
         """
         dtype = self.x_embedder.kernel.dtype
         x = reorder_tokens(self.x_embedder(hidden_states.astype(dtype)), image_order)
@@ -209,10 +209,11 @@ class FluxTransformer(nnx.Module):
             return jnp.concatenate([c, x], axis=1)
         return carry
 
-    def unembed(self, h, temb, layout: TokenLayout, image_order=None):
-        """Final adaLN + projection of the image tokens, back in raster order: packed [B, S_img, out]."""
+    def unembed(self, carry, temb, layout: TokenLayout, image_order=None):
+        """Final adaLN + projection of the image tokens of the joint sequence `carry`, back in raster order:
+        packed [B, S_img, out]."""
         scale, shift = self.norm_out(temb)
-        return restore_tokens(self.proj_out(modulate(layer_norm(h[:, layout.text_len:]), shift, scale)),
+        return restore_tokens(self.proj_out(modulate(layer_norm(carry[:, layout.text_len:]), shift, scale)),
                               image_order)
 
     def __call__(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, rope, guidance=None,

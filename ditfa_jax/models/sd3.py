@@ -181,7 +181,7 @@ class SD3Transformer(nnx.Module):
               image_order=None):
         """NCHW latents + prompt embeddings -> ((image tokens, text tokens), temb); timestep as the pipeline passes it.
 
-        `image_order` (raster indices, see `ditfa_jax.plan.image_token_order`) puts the image tokens in that order
+        `image_order` (raster indices, see `ditfa_jax.token_order.image_token_order`) puts the image tokens in that order
         for the blocks, after the positional embedding."""
         del guidance  # SD3 has no guidance embedding (CFG happens in the sampler)
         p = self.config.patch_size

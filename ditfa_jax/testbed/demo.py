@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from ditfa_jax.files import atomic_folder
-from ditfa_jax.plan import save_heatmap
+from ditfa_jax.plan_pictures import save_heatmap
 from ditfa_jax.testbed import detector
 from ditfa_jax.testbed.metrics import image_grid, psnr, save_png, ssim
 from ditfa_jax.testbed.model import DEFAULT_STEPS

@@ -29,7 +29,8 @@ from safetensors.numpy import load_file, save_file
 from ditfa_jax.calibrate import CalibrationResult, calibrate
 from ditfa_jax.files import atomic_folder
 from ditfa_jax.loading import Transformer, load_transformer, save_converted
-from ditfa_jax.plan import DEFAULT_CANDIDATES, CompressionPlan
+from ditfa_jax.methods import DEFAULT_CANDIDATES
+from ditfa_jax.plan import CompressionPlan
 from ditfa_jax.sampler import sample
 from ditfa_jax.scheduler import SchedulerConfig
 from ditfa_jax.testbed.model import DEFAULT_STEPS, TextEncoder, TextEncoderConfig, latents_to_images

@@ -13,8 +13,9 @@ import time
 import numpy as np
 from tqdm.auto import tqdm
 
+from ditfa_jax.methods import windows_from_choice
 from ditfa_jax.milp import solve_global
-from ditfa_jax.plan import CompressionPlan, windows_from_choice
+from ditfa_jax.plan import CompressionPlan
 from ditfa_jax.testbed import detector
 from ditfa_jax.testbed.metrics import image_grid, psnr, ssim
 from ditfa_jax.testbed.model import DEFAULT_STEPS

@@ -1,0 +1,105 @@
+"""Attention methods a plan can give a head, by name, and their head windows.
+
+A head window (int32) is the kernel's encoding of a method (see :mod:`pallas_kernels.schedule`): -1 full,
+0 cached, w > 0 arrow with an image band of half-width w tokens. Candidate methods are named ``"cached"`` and
+``"arrow_K"``: arrow_K's half-width is ``max(1, n_img // (2*K))`` image tokens (DiTFastAttnV2).
+
+The band of an arrow head is aligned to a granularity, ``band = (query, key)`` tokens: the sequence is cut into
+query and key blocks of those sizes, and a query block sees every key block that its window touches. The band is
+part of what a plan computes (a plan records it), independent of the tiles a kernel backend runs.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from pallas_kernels.cost import plan_cost
+
+__all__ = [
+    "DEFAULT_CANDIDATES",
+    "FULL_WINDOW",
+    "CACHED_WINDOW",
+    "method_window",
+    "check_candidates",
+    "check_band",
+    "candidate_windows",
+    "candidate_savings",
+    "windows_from_choice",
+]
+
+DEFAULT_CANDIDATES = ("cached", "arrow_8", "arrow_16", "arrow_32")
+FULL_WINDOW = -1
+CACHED_WINDOW = 0
+
+_ARROW = re.compile(r"arrow_([1-9][0-9]*)")
+
+
+def _arrow_k(name) -> int | None:
+    m = _ARROW.fullmatch(name) if isinstance(name, str) else None
+    return int(m.group(1)) if m else None
+
+
+def method_window(name: str, n_img: int) -> int:
+    """Head window of a method for ``n_img`` image tokens: "full" -> -1, "cached" -> 0,
+    "arrow_K" -> max(1, n_img // (2*K))."""
+    if isinstance(n_img, bool) or not isinstance(n_img, (int, np.integer)) or n_img < 1:
+        raise ValueError(f"n_img: expected a positive number of image tokens, got {n_img!r}")
+    if name == "full":
+        return FULL_WINDOW
+    if name == "cached":
+        return CACHED_WINDOW
+    k = _arrow_k(name)
+    if k is None:
+        raise ValueError(f"method name {name!r}: expected 'full', 'cached' or 'arrow_K' with an integer K >= 1")
+    return max(1, int(n_img) // (2 * k))
+
+
+def check_candidates(candidates) -> tuple[str, ...]:
+    """The candidate names as a tuple, or ValueError: a non-empty list of distinct "cached"/"arrow_K" names."""
+    if isinstance(candidates, str) or not isinstance(candidates, (tuple, list)) or not candidates:
+        raise ValueError(f"candidates: expected a non-empty tuple of method names, got {candidates!r}")
+    for name in candidates:
+        if name != "cached" and _arrow_k(name) is None:
+            raise ValueError(f"candidates: {name!r} is not a candidate method; expected 'cached' or 'arrow_K'")
+    if len(set(candidates)) != len(candidates):
+        raise ValueError(f"candidates: names must be distinct, got {tuple(candidates)}")
+    return tuple(candidates)
+
+
+def check_band(band) -> tuple[int, int]:
+    """The band granularity as a tuple, or ValueError: (query, key) tokens, two powers of two >= 16."""
+    ok = isinstance(band, (tuple, list)) and len(band) == 2 and all(
+        not isinstance(b, bool) and isinstance(b, (int, np.integer)) and b >= 16 and b & (b - 1) == 0 for b in band)
+    if not ok:
+        raise ValueError(f"band: expected (query, key) tokens, two powers of two >= 16, got {band!r}")
+    return int(band[0]), int(band[1])
+
+
+def candidate_windows(candidates, n_img: int) -> np.ndarray:
+    """int32 [M]: the head window of each candidate method."""
+    return np.array([method_window(n, n_img) for n in check_candidates(candidates)], dtype=np.int32)
+
+
+def candidate_savings(candidates, *, image_tokens: int, text_len: int, text_first: bool, head_dim: int,
+                      band: tuple[int, int]) -> np.ndarray:
+    """float64 [M]: fraction of one head's attention FLOPs each candidate removes (cached: 1.0) with arrow bands
+    of granularity ``band``, from :func:`pallas_kernels.plan_cost`. This is the MILP's ``saving``."""
+    windows = candidate_windows(candidates, image_tokens)
+    bq, bk = check_band(band)
+    cost = plan_cost(windows, batch=1, tokens=image_tokens + text_len, text_len=text_len, text_first=text_first,
+                     head_dim=head_dim, block_q=bq, block_k=bk)
+    return np.asarray(cost.saving, dtype=np.float64)
+
+
+def windows_from_choice(choice, candidates, n_img: int) -> np.ndarray:
+    """Solver output (candidate index per head, -1 = full; any shape) -> int32 head windows of the same shape."""
+    windows = candidate_windows(candidates, n_img)
+    choice = np.asarray(choice)
+    if not np.issubdtype(choice.dtype, np.integer):
+        raise ValueError(f"choice: expected integer method indices, got dtype {choice.dtype}")
+    if choice.size and (choice.min() < -1 or choice.max() >= len(windows)):
+        raise ValueError(f"choice: indices must lie in [-1, {len(windows) - 1}] for candidates {tuple(candidates)}, "
+                         f"got range [{choice.min()}, {choice.max()}]")
+    return np.where(choice < 0, FULL_WINDOW, windows[np.maximum(choice, 0)]).astype(np.int32)

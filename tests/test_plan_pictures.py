@@ -1,0 +1,41 @@
+"""Plan pictures: the FLOPs-kept heat map and the per-head method panels (CPU, Pillow)."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ditfa_jax.configs import FluxConfig
+from ditfa_jax.methods import DEFAULT_CANDIDATES, windows_from_choice
+from ditfa_jax.plan import CompressionPlan
+from ditfa_jax.plan_pictures import save_heatmap
+
+FLUX = FluxConfig(guidance_embeds=True)  # FLUX.1-dev shape: 19 + 38 layers, 24 heads, head_dim 128
+
+
+def flux_plan(steps):
+    """A 1024 px FLUX plan with random methods after step 0."""
+    full = CompressionPlan.full(FLUX, height=1024, width=1024, text_len=512, num_steps=steps)
+    choice = np.random.default_rng(0).integers(-1, len(DEFAULT_CANDIDATES), size=full.shape)
+    choice[0] = -1
+    return full.replace(head_window=windows_from_choice(choice, DEFAULT_CANDIDATES, full.image_tokens), delta=0.2)
+
+
+def n_colours(rgb):
+    rgb = rgb.astype(np.int64)
+    return len(np.unique(rgb[..., 0] << 16 | rgb[..., 1] << 8 | rgb[..., 2]))
+
+
+def test_heatmap(tmp_path):
+    p = flux_plan(steps=50)
+    path = save_heatmap(p, tmp_path / "map.png")
+    img = Image.open(path)
+    assert img.format == "PNG" and 600 <= img.width <= 1600 and 500 <= img.height <= 1400
+    assert n_colours(np.asarray(img.convert("RGB"))[100:400, 100:400]) > 10   # not uniform
+    small = save_heatmap(flux_plan(steps=4), tmp_path / "small.png")
+    assert Image.open(small).height >= 4 * 6              # cells of >= 6 px
+    per_head = Image.open(save_heatmap(p, tmp_path / "heads.png", per_head=True))
+    assert per_head.format == "PNG" and per_head.width >= 57 and per_head.height >= 50
+    assert n_colours(np.asarray(per_head.convert("RGB"))) >= 5  # full, cached, three arrows (plus text)
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["heads.png", "map.png", "small.png"]
+    with pytest.raises(ValueError, match="plan: expected a CompressionPlan"):
+        save_heatmap(p.head_window, tmp_path / "x.png")
