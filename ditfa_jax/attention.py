@@ -78,12 +78,11 @@ def joint_attention(
         if head_window is None:
             head_window = jnp.full((q.shape[2],), -1, jnp.int32)
 
-        on_gpu = jax.default_backend() == "gpu"
-        kernel = (pallas_kernels.headwise_attention if implementation == "pallas" or on_gpu
-                  else pallas_kernels.reference_headwise_attention)
+        backend = "triton" if implementation == "pallas" else None  # None: the platform's default backend
 
         def compressed():
-            return kernel(q, k, v, head_window, cache, text_len=text_len, text_first=text_first)
+            return pallas_kernels.headwise_attention(q, k, v, head_window, cache, text_len=text_len,
+                                                     text_first=text_first, backend=backend)
 
         if implementation == "pallas":
             return compressed()

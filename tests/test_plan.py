@@ -343,7 +343,7 @@ def test_arrow_band_along_a_curve_is_a_2d_neighbourhood():
     from pallas_kernels.schedule import dense_mask
 
     mask = dense_mask(np.array([64]), tokens=n_img + text_len, text_len=text_len, text_first=True,
-                         block_q=block, block_k=block)[0]
+                      band=(block, block))[0]
     img_mask = mask[text_len:, text_len:]
     query = n_img // 2 + cols // 2  # an image token near the centre, by sequence position
     raster_seen = np.flatnonzero(img_mask[query])
