@@ -228,9 +228,9 @@ def small_checks():
             q, k, v, c = (rand(x, (2, tokens, 6, d), dtype) for x in ks)
             hw = np.array([-1, 0, 3, 40, 0, 2000], np.int32)
             kw = dict(text_len=text_len, text_first=text_first, band=(bq, bk))
+            config = pk.TritonConfig(interpret=INTERPRET)
             try:
-                out = pk.headwise_attention(q, k, v, hw, c, backend="triton", config=pk.TritonConfig(interpret=INTERPRET),
-                                            **kw)
+                out = pk.headwise_attention(q, k, v, hw, c, backend="triton", config=config, **kw)
                 ref = pk.headwise_attention(q, k, v, hw, c, backend="xla", **kw)
                 sel = hw != 0
                 e = rel_err(out[:, :, sel], ref[:, :, sel])
