@@ -7,7 +7,9 @@ shape, then times it for the plans all-full, all-arrow(8/16/32)
 all-cached, against ``jax.nn.dot_product_attention(implementation="cudnn")``
 (dense) and PyTorch FlexAttention (compiled) given the same tile-granular
 block mask (and, for FLUX-2K arrow_8, the token-level arrow mask of the
-reference measurements).  Optionally sweeps block sizes / warps / stages.
+reference measurements).  Optionally sweeps the Triton backend's launch
+configuration (execution tiles dividing the default band, warps, stages, loop
+structure); the band, hence the computed function, stays the default.
 
 Timing: JAX calls are dispatched back to back (async) N times and the host
 waits once; the time per call is the median over repetitions (warm-up first).
@@ -43,8 +45,8 @@ import jax.numpy as jnp  # noqa: E402
 
 import pallas_kernels as pk  # noqa: E402
 from pallas_kernels import schedule  # noqa: E402
-from pallas_kernels.config import SINGLE_LOOP, SORT_HEADS, default_launch  # noqa: E402,E501
-from pallas_kernels.headwise import _headwise_jit  # noqa: E402
+
+DEFAULT = pk.TritonConfig()  # the defaults of the options below (single_loop, sort_heads)
 
 # name: (batch, text_len, n_img, heads, head_dim, text_first)
 SHAPES = {
@@ -127,18 +129,19 @@ _OURS_CACHE: dict = {}
 
 
 def _kernel(text_len, text_first, bq, bk, nw, ns, **options):
-    """The jit-level kernel entry with every static argument bound (q, k, v, head_window, cache remain)."""
-    return functools.partial(_headwise_jit, text_len=text_len, text_first=text_first, block_q=bq, block_k=bk,
-                             interpret=INTERPRET, num_warps=nw, num_stages=ns, **options)
+    """The Triton backend under the default band with this launch config (q, k, v, head_window, cache remain)."""
+    config = pk.TritonConfig(block_q=bq, block_k=bk, num_warps=nw, num_stages=ns, interpret=INTERPRET, **options)
+    return functools.partial(pk.headwise_attention, text_len=text_len, text_first=text_first, backend="triton",
+                             config=config)
 
 
 def ours_fn(
-    tokens, text_len, text_first, bq, bk, nw, ns, *, cache, single_loop=SINGLE_LOOP, sort_heads=SORT_HEADS, donate=True
+    tokens, text_len, text_first, bq, bk, nw, ns, *, cache, single_loop=DEFAULT.single_loop,
+    sort_heads=DEFAULT.sort_heads, donate=True
 ):
     key = (tokens, text_len, text_first, bq, bk, nw, ns, cache, single_loop, sort_heads, donate)
     if key not in _OURS_CACHE:
-        f = _kernel(text_len, text_first, bq, bk, nw, ns, sort_heads=sort_heads, count_tiles=False,
-                    single_loop=single_loop)
+        f = _kernel(text_len, text_first, bq, bk, nw, ns, sort_heads=sort_heads, single_loop=single_loop)
         if cache:
             _OURS_CACHE[key] = jax.jit(f, donate_argnums=(4,) if donate else ())
         else:
@@ -214,7 +217,7 @@ def env_info():
 
 
 def small_checks():
-    """fp32 and bf16 on small shapes with non-default blocks, both orders."""
+    """fp32 and bf16 on small shapes with non-default bands, both orders."""
     for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)):
         for text_first, tokens, text_len, d, bq, bk in (
             (True, 1101, 77, 128, 64, 64),
@@ -224,10 +227,11 @@ def small_checks():
             ks = jax.random.split(jax.random.PRNGKey(tokens), 4)
             q, k, v, c = (rand(x, (2, tokens, 6, d), dtype) for x in ks)
             hw = np.array([-1, 0, 3, 40, 0, 2000], np.int32)
-            kw = dict(text_len=text_len, text_first=text_first, block_q=bq, block_k=bk)
+            kw = dict(text_len=text_len, text_first=text_first, band=(bq, bk))
+            config = pk.TritonConfig(interpret=INTERPRET)
             try:
-                out = pk.headwise_attention(q, k, v, hw, c, **kw)
-                ref = pk.reference_headwise_attention(q, k, v, hw, c, **kw)
+                out = pk.headwise_attention(q, k, v, hw, c, backend="triton", config=config, **kw)
+                ref = pk.headwise_attention(q, k, v, hw, c, backend="xla", **kw)
                 sel = hw != 0
                 e = rel_err(out[:, :, sel], ref[:, :, sel])
                 bits = bool(
@@ -243,7 +247,7 @@ def small_checks():
                 ok = e <= tol and bits
                 log(
                     f"check small {jnp.dtype(dtype).name} T={tokens} D={d} "
-                    f"text_first={text_first} blocks=({bq},{bk}): rel_err={e:.2e} "
+                    f"text_first={text_first} band=({bq},{bk}): rel_err={e:.2e} "
                     f"cached_bitexact={bits} {'OK' if ok else 'FAIL'}"
                 )
                 RESULTS["checks"].append(
@@ -263,19 +267,20 @@ def small_checks():
     save()
 
 
-def shape_checks(name, q, k, v, plans, text_len, text_first, bq, bk):
-    """Compiled kernel vs dense reference (head slices) on this shape."""
+def shape_checks(name, q, k, v, plans, text_len, text_first):
+    """Compiled kernel vs dense reference (head slices) on this shape, default band and config."""
     heads = q.shape[2]
     cache = rand(jax.random.PRNGKey(99), q.shape, q.dtype)
-    kw = dict(text_len=text_len, text_first=text_first, block_q=bq, block_k=bk)
+    kw = dict(text_len=text_len, text_first=text_first)
     for plan in ("mixed", "arrow32"):
         hw = plans[plan]
-        out = pk.headwise_attention(q, k, v, hw, cache, **kw)
+        out = pk.headwise_attention(q, k, v, hw, cache, backend="triton", config=pk.TritonConfig(interpret=INTERPRET),
+                                    **kw)
         for h in sorted(
             {int(np.argmax(hw == -1)) if (hw == -1).any() else 0, int(np.argmax(hw > 0)) if (hw > 0).any() else 0}
         ):
             sl = slice(h, h + 1)
-            ref = pk.reference_headwise_attention(q[:, :, sl], k[:, :, sl], v[:, :, sl], hw[sl], None, **kw)
+            ref = pk.headwise_attention(q[:, :, sl], k[:, :, sl], v[:, :, sl], hw[sl], None, backend="xla", **kw)
             e = rel_err(out[:, :, sl], ref)
             ok = e <= 1e-2
             log(f"check {name} {plan} head {h} (w={hw[h]}): rel_err={e:.2e} {'OK' if ok else 'FAIL'}")
@@ -298,8 +303,8 @@ def shape_checks(name, q, k, v, plans, text_len, text_first, bq, bk):
 def bench_shape(name, args, sweep_cfgs):
     batch, text_len, n_img, heads, d, text_first = SHAPES[name]
     tokens = text_len + n_img
-    bq, bk = pk.default_block_sizes(d)
-    nw, ns = default_launch(d, 2, bq, bk)
+    default = pk.get_backend("triton").default_config((batch, tokens, heads, d), jnp.bfloat16, pk.default_band(d))
+    bq, bk, nw, ns = default.block_q, default.block_k, default.num_warps, default.num_stages
     log(
         f"\n=== {name}: B={batch} T={tokens} ({text_len} text "
         f"{'first' if text_first else 'last'}) H={heads} D={d} "
@@ -312,7 +317,7 @@ def bench_shape(name, args, sweep_cfgs):
     dense_flops = 4 * batch * heads * tokens * tokens * d
 
     try:
-        shape_checks(name, q, k, v, plans, text_len, text_first, bq, bk)
+        shape_checks(name, q, k, v, plans, text_len, text_first)
     except Exception as ex:
         log(f"check {name} FAILED: {type(ex).__name__}: {str(ex)[:800]}")
         traceback.print_exc()
@@ -345,10 +350,11 @@ def bench_shape(name, args, sweep_cfgs):
         hwj = jnp.asarray(hw)
         variants = [("ours", dict(cache=(hw == 0).any()))]
         if plan in ("full", "arrow8") and args.loop_variants:
-            variants.append(("ours-2loops", dict(cache=False, single_loop=not SINGLE_LOOP)))
+            variants.append(("ours-2loops", dict(cache=False, single_loop=not DEFAULT.single_loop)))
         if plan in ("mixed", "mixed2"):
             variants += [
-                ("ours-sorted" if not SORT_HEADS else "ours-unsorted", dict(cache=True, sort_heads=not SORT_HEADS))
+                ("ours-sorted" if not DEFAULT.sort_heads else "ours-unsorted",
+                 dict(cache=True, sort_heads=not DEFAULT.sort_heads))
             ]
         if plan == "mixed":
             variants += [("ours-nodonate", dict(cache=True, donate=False))]
@@ -421,17 +427,17 @@ def bench_shape(name, args, sweep_cfgs):
         sbq, sbk, snw, sns, single = cfg
         for plan in ("full", "arrow8"):
             hw = plans[plan]
-            cost = pk.plan_cost(
-                hw,
-                batch=batch,
-                tokens=tokens,
-                text_len=text_len,
-                text_first=text_first,
-                head_dim=d,
-                block_q=sbq,
-                block_k=sbk,
-            )
             try:
+                cost = pk.plan_cost(
+                    hw,
+                    batch=batch,
+                    tokens=tokens,
+                    text_len=text_len,
+                    text_first=text_first,
+                    head_dim=d,
+                    block_q=sbq,
+                    block_k=sbk,
+                )
                 f = ours_fn(tokens, text_len, text_first, sbq, sbk, snw, sns, cache=False, single_loop=single)
                 ms, lo, hi, n = time_jax(f, (q, k, v, jnp.asarray(hw)), reps=5)
             except Exception as ex:
@@ -545,8 +551,8 @@ def bench_flex(name, st):
                 np.where(hw == 0, -1, hw),
                 text_len=text_len,
                 text_first=text_first,
-                block_q=bq,
-                block_k=bk,
+                band=(bq, bk),
+                backend="triton",
             )
             ot = to_torch(ours).float()
             sel = torch.as_tensor(hw != 0, device="cuda")

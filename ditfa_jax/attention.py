@@ -73,12 +73,6 @@ def headwise(q, k, v, head_window, cache, *, text_len: int, text_first: bool,
     """The head-wise kernel on one layer (no shortcut): the backend `settings` names or the device's default."""
     import pallas_kernels  # deferred: the kernel package is only needed with a plan
 
-    # TEMP-MERGE: old kernel API until the backend registry lands
-    if not hasattr(pallas_kernels, "BACKENDS"):
-        bq, bk = settings.band or (None, None)
-        fn = (pallas_kernels.headwise_attention if settings.backend == "triton" or jax.default_backend() == "gpu"
-              else pallas_kernels.reference_headwise_attention)
-        return fn(q, k, v, head_window, cache, text_len=text_len, text_first=text_first, block_q=bq, block_k=bk)
     return pallas_kernels.headwise_attention(q, k, v, head_window, cache, text_len=text_len, text_first=text_first,
                                              band=settings.band, backend=settings.backend)
 

@@ -37,7 +37,7 @@ from ditfa_jax.loading import Transformer
 from ditfa_jax.methods import DEFAULT_CANDIDATES, candidate_savings, candidate_windows
 from ditfa_jax.milp import solve_layer
 from ditfa_jax.models.layers import attention_inputs, block_forward
-from ditfa_jax.plan import CompressionPlan, default_band
+from ditfa_jax.plan import CompressionPlan
 from ditfa_jax.scheduler import SchedulerConfig
 
 
@@ -208,7 +208,7 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
                       negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, scheduler=scheduler,
                       token_order=token_order, vae_scale_factor=vae_scale_factor, dtype=model.dtype)
     layout, cond, family = run.layout, run.cond, run.family
-    band = tuple(band or default_band(cfg.attention_head_dim))
+    band = tuple(band or pallas_kernels.default_band(cfg.attention_head_dim))
     settings = dataclasses.replace(attention or AttentionSettings(), band=band)
     n = cond.prompt_embeds.shape[0] // (2 if cond.cfg_scale is not None else 1)
     latents = jax.random.normal(jax.random.key(seed), (n, *run.latent_shape), jnp.float32)
@@ -222,7 +222,7 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
     def kept_fraction(step_windows):
         return float(pallas_kernels.plan_cost(step_windows, batch=1, tokens=tokens, text_len=layout.text_len,
                                               text_first=layout.text_first, head_dim=cfg.attention_head_dim,
-                                              block_q=band[0], block_k=band[1]).flop_fraction.mean())
+                                              band=band).flop_fraction.mean())
 
     module = model.module()
     runners = [(_LayerRunner(stack, layout=layout, windows=windows, settings=settings), first, count)

@@ -87,9 +87,8 @@ def candidate_savings(candidates, *, image_tokens: int, text_len: int, text_firs
     """float64 [M]: fraction of one head's attention FLOPs each candidate removes (cached: 1.0) with arrow bands
     of granularity ``band``, from :func:`pallas_kernels.plan_cost`. This is the MILP's ``saving``."""
     windows = candidate_windows(candidates, image_tokens)
-    bq, bk = check_band(band)
     cost = plan_cost(windows, batch=1, tokens=image_tokens + text_len, text_len=text_len, text_first=text_first,
-                     head_dim=head_dim, block_q=bq, block_k=bk)
+                     head_dim=head_dim, band=check_band(band))
     return np.asarray(cost.saving, dtype=np.float64)
 
 

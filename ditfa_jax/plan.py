@@ -39,25 +39,19 @@ from ditfa_jax.files import atomic_write
 from ditfa_jax.methods import (CACHED_WINDOW, DEFAULT_CANDIDATES, FULL_WINDOW, candidate_windows, check_band,
                                check_candidates, method_window)
 from ditfa_jax.token_order import TOKEN_ORDERS
+import pallas_kernels
 from pallas_kernels.cost import PlanCost, plan_cost
 
-__all__ = ["SCHEMA_VERSION", "V1_BAND", "CompressionPlan", "default_band", "sparkline"]
+__all__ = ["SCHEMA_VERSION", "V1_BAND", "CompressionPlan", "sparkline"]
 
 SCHEMA_VERSION = 2
 
-# The arrow band (query, key tokens) that every schema-1 plan meant (the kernel's block sizes then), per head_dim;
-# also the default for new plans. Equals pallas_kernels.schedule.default_band.
+# The arrow band (query, key tokens) that every schema-1 plan meant (the kernel's block sizes then), per head_dim.
+# Frozen here: new plans take `pallas_kernels.default_band` (equal today, a test checks), which may change.
 V1_BAND = MappingProxyType({16: (128, 64), 32: (128, 64), 64: (128, 64), 128: (128, 128), 256: (64, 64)})
 
 _FORMAT = "ditfa-jax compression plan"
 _LEGEND = "head_window[step][layer][head]: -1 full, 0 cached, w>0 arrow (image-band half-width w tokens)"
-
-
-def default_band(head_dim: int) -> tuple[int, int]:
-    """The band of a new plan with heads of ``head_dim``."""
-    if head_dim not in V1_BAND:
-        raise ValueError(f"band: no default band for head_dim {head_dim!r} (known: {sorted(V1_BAND)}); pass one")
-    return V1_BAND[head_dim]
 
 
 def _token_grid_for(config, height: int, width: int, vae_scale_factor: int) -> tuple[int, int]:
@@ -212,13 +206,13 @@ class CompressionPlan:
                     notes: dict | None = None, token_order: str = "raster",
                     band: tuple[int, int] | None = None) -> CompressionPlan:
         """A plan for ``config`` at ``height`` x ``width`` pixels (``vae_scale_factor`` per latent cell) with the
-        given windows [steps, layers, heads] (``band`` None: :func:`default_band` of the model's head_dim)."""
+        given windows [steps, layers, heads] (``band`` None: `pallas_kernels.default_band` of the head size)."""
         rows, cols = _token_grid_for(config, height, width, vae_scale_factor)
         if image_tokens is not None and image_tokens != rows * cols:
             raise ValueError(f"image_tokens: {config.family} at {height}x{width} has {rows * cols} image tokens, "
                              f"got {image_tokens}")
         hw = np.asarray(head_window)
-        return cls(head_window=hw, band=default_band(config.attention_head_dim) if band is None else band,
+        return cls(head_window=hw, band=pallas_kernels.default_band(config.attention_head_dim) if band is None else band,
                    family=config.family, model_class=config.model_class,
                    num_layers=config.total_layers, num_heads=config.num_attention_heads,
                    head_dim=config.attention_head_dim, height=height, width=width, token_grid=(rows, cols),
@@ -370,8 +364,7 @@ class CompressionPlan:
         [steps, layers, heads]."""
         uniq, inv = np.unique(self.head_window, return_inverse=True)  # a head's cost depends on its window only
         pc = plan_cost(uniq, batch=batch, tokens=self.image_tokens + self.text_len, text_len=self.text_len,
-                       text_first=self.text_first, head_dim=self.head_dim, block_q=self.band[0],
-                       block_k=self.band[1])
+                       text_first=self.text_first, head_dim=self.head_dim, band=self.band)
         inv = inv.reshape(self.head_window.shape)
         per_head = {f.name: getattr(pc, f.name)[inv] for f in dataclasses.fields(pc)
                     if isinstance(getattr(pc, f.name), np.ndarray)}  # every per-head array, whatever PlanCost holds

@@ -2,25 +2,36 @@
 
 Public API:
 
-* :func:`headwise_attention` -- the kernel (Pallas, Triton lowering on GPU,
-  interpret mode on CPU);
-* :func:`reference_headwise_attention` -- the same function, dense pure JAX;
-* :func:`plan_cost` -- tiles and FLOPs a plan computes (host, numpy);
-* :mod:`schedule` -- the tile schedule all three share;
-* :func:`default_block_sizes` -- block sizes per head_dim.
+* :func:`headwise_attention` -- the function, on a chosen or the platform's
+  default backend;
+* :data:`BACKENDS`, :func:`get_backend` -- the registered backends, in order
+  of preference: ``"triton"`` (Pallas, Triton lowering on a GPU, interpret
+  mode elsewhere when named) and ``"xla"`` (dense masked reference, any
+  platform); :class:`TritonConfig` is the Triton backend's launch
+  configuration;
+* :func:`reference_headwise_attention` -- :func:`headwise_attention` on
+  backend ``"xla"``;
+* :func:`plan_cost`, :class:`PlanCost` -- tiles and FLOPs a plan computes
+  (host, numpy);
+* :mod:`schedule` -- the single definition of the function (tile schedule);
+* :func:`default_band` -- the band granularity per head_dim.
 """
 
 from pallas_kernels import schedule
-from pallas_kernels.config import default_block_sizes
+from pallas_kernels.api import BACKENDS, Backend, get_backend, headwise_attention, reference_headwise_attention
 from pallas_kernels.cost import PlanCost, plan_cost
-from pallas_kernels.headwise import headwise_attention
-from pallas_kernels.reference import reference_headwise_attention
+from pallas_kernels.schedule import default_band
+from pallas_kernels.triton_backend import TritonConfig
 
 __all__ = [
     "headwise_attention",
     "reference_headwise_attention",
+    "BACKENDS",
+    "Backend",
+    "get_backend",
+    "TritonConfig",
     "plan_cost",
     "PlanCost",
     "schedule",
-    "default_block_sizes",
+    "default_band",
 ]

@@ -1,4 +1,4 @@
-"""Argument checks shared by the kernel and the reference."""
+"""Argument checks shared by the public entry points (every backend, and the cost)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.config import default_block_sizes
+from pallas_kernels.schedule import default_band
 
 _FLOAT_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
@@ -25,8 +25,25 @@ def _pow2(n: int) -> bool:
     return n > 0 and (n & (n - 1)) == 0
 
 
-def validate(q, k, v, head_window, cache, *, text_len, text_first, block_q, block_k):
-    """Checks the arguments; returns ``(head_window_int32, block_q, block_k)``.
+def check_block(name: str, b) -> int:
+    """A tile size: a Python int, power of two >= 16."""
+    if not isinstance(b, (int, np.integer)) or isinstance(b, bool) or not _pow2(int(b)) or b < 16:
+        raise ValueError(f"{name}: expected a power of two >= 16, got {b!r}")
+    return int(b)
+
+
+def resolve_band(band, head_dim: int) -> tuple[int, int]:
+    """``band`` as a pair of ints; None gives :func:`default_band` ``(head_dim)``."""
+    if band is None:
+        return default_band(head_dim)
+    if not isinstance(band, (tuple, list)) or len(band) != 2:
+        raise ValueError(f"band: expected a pair (band_q, band_k) of powers of two >= 16, got {band!r}")
+    return check_block("band (band_q)", band[0]), check_block("band (band_k)", band[1])
+
+
+def validate(q, k, v, head_window, cache, *, text_len, text_first, band):
+    """Checks the arguments; returns ``(head_window_int32, band)``, ``band``
+    resolved to its default when None.
 
     Raises ValueError naming the argument, what it got and what was expected.
     Values of ``head_window`` are checked only when it is concrete (not traced
@@ -57,12 +74,7 @@ def validate(q, k, v, head_window, cache, *, text_len, text_first, block_q, bloc
     if not isinstance(text_first, (bool, np.bool_)):
         raise ValueError(f"text_first: expected a static bool, got {type(text_first).__name__}")
 
-    dq, dk = default_block_sizes(head_dim)
-    block_q = dq if block_q is None else block_q
-    block_k = dk if block_k is None else block_k
-    for name, b in (("block_q", block_q), ("block_k", block_k)):
-        if not isinstance(b, (int, np.integer)) or not _pow2(int(b)) or b < 16:
-            raise ValueError(f"{name}: expected a power of two >= 16, got {b!r}")
+    band = resolve_band(band, head_dim)
 
     hw_shape, hw_dtype = _shape_dtype(head_window, "head_window")
     if hw_shape != (heads,):
@@ -95,4 +107,4 @@ def validate(q, k, v, head_window, cache, *, text_len, text_first, block_q, bloc
     hw = jnp.asarray(head_window)
     if hw.dtype != jnp.int32:
         hw = hw.astype(jnp.int32)
-    return hw, int(block_q), int(block_k)
+    return hw, band

@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 
 from pallas_kernels import schedule
-from pallas_kernels.config import default_block_sizes
+from pallas_kernels._validate import check_block, resolve_band
 
 __all__ = ["PlanCost", "plan_cost"]
 
@@ -19,16 +19,19 @@ class PlanCost:
     Two FLOP counts are given, both ``4 * D`` per (query, key) pair (``2*D`` for
     QK^T and ``2*D`` for PV; softmax not counted):
 
-    * ``flops``: exact count over the (query, key) pairs of real tokens that the
-      kernel attends to (the tile-granular mask of :mod:`pallas_kernels.schedule`,
-      padding excluded).  Use this (or ``saved_flops``) to rank plans.
-    * ``tile_flops``: ``4 * BQ * BK * D`` per computed tile, i.e. what the
-      kernel issues to the tensor cores including padding rows/columns.
+    * ``flops``: exact count over the (query, key) pairs of real tokens that
+      the plan attends to (the band-granular mask of
+      :mod:`pallas_kernels.schedule`, padding excluded); it depends on ``band``
+      only.  Use this (or ``saved_flops``) to rank plans.
+    * ``tile_flops``: ``4 * BQ * BK * D`` per computed execution tile
+      (``BQ, BK = block_q, block_k``), i.e. what a tiled kernel issues to the
+      tensor cores including padding rows/columns.
 
     ``dense_*`` are the same quantities for full attention on every head;
-    ``tiles`` counts (batch, query tile, key tile) triples that run and
-    ``programs`` the (batch, query tile) pairs that compute anything (each costs
-    a fixed Q load, pipeline fill and output store on top of its tiles).
+    ``tiles`` counts (batch, query tile, key tile) execution-tile triples that
+    run and ``programs`` the (batch, query tile) pairs that compute anything
+    (each costs a fixed Q load, pipeline fill and output store on top of its
+    tiles).
 
     FLOPs over-state the time saved by arrow heads: their programs visit few
     tiles, so the fixed per-program cost weighs more.  :meth:`time_estimate`
@@ -36,6 +39,7 @@ class PlanCost:
     are in benchmarks/RESULTS.md ("Head-wise attention kernel").
     """
 
+    band: tuple[int, int]
     block_q: int
     block_k: int
     tiles: np.ndarray  # int64 [..., H]
@@ -101,6 +105,7 @@ def plan_cost(
     text_len: int,
     text_first: bool,
     head_dim: int,
+    band: tuple[int, int] | None = None,
     block_q: int | None = None,
     block_k: int | None = None,
 ) -> PlanCost:
@@ -108,8 +113,10 @@ def plan_cost(
 
     ``head_window``: integer array ``[..., H]`` (numpy or anything
     ``np.asarray`` accepts; leading axes, e.g. steps and layers, are kept):
-    -1 full, 0 cached, w > 0 arrow.  Block sizes default to
-    :func:`pallas_kernels.default_block_sizes` ``(head_dim)``, as in the kernel.
+    -1 full, 0 cached, w > 0 arrow.  ``band`` (the computed function) defaults
+    to :func:`pallas_kernels.default_band` ``(head_dim)``; the execution tiles
+    ``block_q``, ``block_k`` (tile and program counts) default to the band and
+    must divide it.
     """
     hw = np.asarray(head_window)
     if hw.ndim < 1 or not np.issubdtype(hw.dtype, np.integer):
@@ -118,16 +125,25 @@ def plan_cost(
         raise ValueError(f"head_window: values must be >= -1, got min {hw.min()}")
     if not 0 <= text_len <= tokens:
         raise ValueError(f"text_len={text_len} must be in [0, tokens={tokens}]")
-    dq, dk = default_block_sizes(head_dim)
-    bq = dq if block_q is None else block_q
-    bk = dk if block_k is None else block_k
+    band = resolve_band(band, head_dim)
+    bq = band[0] if block_q is None else check_block("block_q", block_q)
+    bk = band[1] if block_k is None else check_block("block_k", block_k)
+    schedule.check_band(band, bq, bk)
     hw = np.clip(hw, -1, np.iinfo(np.int32).max).astype(np.int64)
 
     nq = schedule.num_tiles(tokens, bq)
     nk = schedule.num_tiles(tokens, bk)
     qt = np.arange(nq, dtype=np.int64)
     t0, t1, b0, b1 = schedule.kv_tile_ranges(
-        qt, hw[..., None], tokens=tokens, text_len=text_len, text_first=text_first, block_q=bq, block_k=bk, xp=np
+        qt,
+        hw[..., None],
+        tokens=tokens,
+        text_len=text_len,
+        text_first=text_first,
+        block_q=bq,
+        block_k=bk,
+        band=band,
+        xp=np,
     )
     tiles_q = (t1 - t0) + (b1 - b0)  # [..., H, nq]
     keys_q = _valid(t0, t1, bk, tokens) + _valid(b0, b1, bk, tokens)
@@ -136,6 +152,7 @@ def plan_cost(
     pairs = batch * (rows_q * keys_q).sum(-1)
     unit = 4 * head_dim
     return PlanCost(
+        band=band,
         block_q=bq,
         block_k=bk,
         tiles=tiles.astype(np.int64),

@@ -1,7 +1,8 @@
-"""Dense pure-JAX reference of :func:`pallas_kernels.headwise_attention`."""
+"""Backend "xla": the head-wise function computed densely with an explicit mask (any platform)."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -9,47 +10,46 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import schedule
-from pallas_kernels._validate import validate
 
-__all__ = ["reference_headwise_attention"]
+__all__ = ["XlaConfig", "XlaBackend"]
 
 
-def reference_headwise_attention(
-    q,
-    k,
-    v,
-    head_window,
-    cache=None,
-    *,
-    text_len: int,
-    text_first: bool,
-    block_q: int | None = None,
-    block_k: int | None = None,
-) -> jax.Array:
-    """Same function as the kernel, computed densely with an explicit mask.
+@dataclasses.dataclass(frozen=True)
+class XlaConfig:
+    """Launch configuration of the XLA backend: it has no options."""
 
-    The mask is :func:`pallas_kernels.schedule.dense_mask` (tile-granular band,
-    so ``block_q``/``block_k`` must match the kernel's; both default to
-    :func:`pallas_kernels.default_block_sizes`).  Math in float32 (HIGHEST
-    precision dots); result in q's dtype.  Cached heads (window 0) return
-    ``cache[:, :, h, :]`` exactly; with ``cache=None`` a traced 0 computes as
-    full, like the kernel.  Memory is O(heads * tokens^2): for tests.
+
+class XlaBackend:
+    """Dense masked attention in XLA: the mask is :func:`pallas_kernels.schedule.dense_mask`.
+
+    Math in float32 (HIGHEST precision dots); result in q's dtype.  Cached
+    heads (window 0) return ``cache[:, :, h, :]`` exactly; with ``cache=None``
+    a traced 0 computes as full, like every backend.  Memory is
+    O(heads * tokens^2): for tests, CPU runs and small shapes.
     """
-    hw, bq, bk = validate(
-        q, k, v, head_window, cache, text_len=text_len, text_first=text_first, block_q=block_q, block_k=block_k
-    )
-    return _reference(q, k, v, hw, cache, text_len=int(text_len), text_first=bool(text_first), block_q=bq, block_k=bk)
+
+    name = "xla"
+    config_type = XlaConfig
+
+    def default_config(self, q_shape, dtype, band) -> XlaConfig:
+        return XlaConfig()
+
+    def supports(self, q_shape, dtype, band, platform) -> str | None:
+        return None
+
+    def __call__(self, q, k, v, head_window, cache, *, text_len, text_first, band, config):
+        """Validated arguments (``head_window`` int32, ``band`` a pair) -> output."""
+        return _reference(q, k, v, head_window, cache, text_len=int(text_len), text_first=bool(text_first),
+                          band=tuple(band))
 
 
-@functools.partial(jax.jit, static_argnames=("text_len", "text_first", "block_q", "block_k"))
-def _reference(q, k, v, hw, cache, *, text_len, text_first, block_q, block_k):
+@functools.partial(jax.jit, static_argnames=("text_len", "text_first", "band"))
+def _reference(q, k, v, hw, cache, *, text_len, text_first, band):
     _, tokens, _, head_dim = q.shape
     if cache is None:
         hw = jnp.where(hw == 0, -1, hw)
     hw = jnp.maximum(hw, -1)
-    mask = schedule.dense_mask(
-        hw, tokens=tokens, text_len=text_len, text_first=text_first, block_q=block_q, block_k=block_k, xp=jnp
-    )  # [H, Tq, Tk]
+    mask = schedule.dense_mask(hw, tokens=tokens, text_len=text_len, text_first=text_first, band=band, xp=jnp)
     qf, kf, vf = (x.astype(jnp.float32) for x in (q, k, v))
     s = jnp.einsum("bqhd,bkhd->bhqk", qf, kf, precision=jax.lax.Precision.HIGHEST) / math.sqrt(head_dim)
     s = jnp.where(mask[None], s, -jnp.inf)

@@ -1,20 +1,29 @@
 """Tile schedule of head-wise attention: which key tiles each query tile visits.
 
 This module is the single definition of the masked function that
-:func:`pallas_kernels.headwise_attention` computes.  The kernel calls
-:func:`kv_tile_ranges` on scalars inside the Pallas kernel body, the dense
-reference expands it to a token mask (:func:`dense_mask`), and the cost model
+:func:`pallas_kernels.headwise_attention` computes, whatever the backend.  The
+Triton kernel calls :func:`kv_tile_ranges` on scalars inside its body, the XLA
+backend expands it to a token mask (:func:`dense_mask`), and the cost model
 (:func:`pallas_kernels.plan_cost`) sums it with numpy.  Everything here is plain
 elementwise integer arithmetic written against an array namespace ``xp``
-(``numpy`` or ``jax.numpy``), so the three users share one piece of code.
+(``numpy`` or ``jax.numpy``), so all users share one piece of code.
 
-Tokens are tiled along the sequence: query tile ``qt`` holds tokens
-``[qt*BQ, (qt+1)*BQ)`` and key tile ``kt`` holds ``[kt*BK, (kt+1)*BK)``, clipped
-to ``tokens`` (the last tile of each may be partial; its missing tokens are
-padding and are masked exactly).  The image region is ``[text_len, tokens)``
-when ``text_first`` (FLUX) and ``[0, tokens - text_len)`` otherwise (SD3).
+Two tilings of the sequence appear here:
 
-Head window ``w`` (one int32 per head):
+* the **band** ``(band_q, band_k)``: the granularity at which the arrow band is
+  defined.  It is part of the computed function (plans are calibrated under
+  it); :func:`default_band` gives the default per ``head_dim``;
+* the **execution tiles** ``(block_q, block_k)``: what a backend runs.  They
+  must divide the band; the function does not depend on them.
+
+Query tile ``qt`` of size ``BQ`` holds tokens ``[qt*BQ, (qt+1)*BQ)`` and key
+tile ``kt`` of size ``BK`` holds ``[kt*BK, (kt+1)*BK)``, clipped to ``tokens``
+(the last tile of each may be partial; its missing tokens are padding and are
+masked exactly).  The image region is ``[text_len, tokens)`` when
+``text_first`` (FLUX) and ``[0, tokens - text_len)`` otherwise (SD3).
+
+Head window ``w`` (one int32 per head), stated for band tiles
+(``BQ, BK = band``):
 
 * ``w == -1`` (any ``w < 0``) **full**: every query tile visits every key tile.
 * ``w == 0`` **cached**: nothing is visited; the output is the cache.
@@ -31,24 +40,34 @@ Head window ``w`` (one int32 per head):
        (img0 + min(i_hi + w, n_img - 1)) // BK]`` inclusive, minus text tiles.
 
   Inside a visited tile every (non-padding) key is attended to, so the computed
-  band is the smallest tile-aligned superset of the nominal band: image query
-  ``i`` sees every image key ``j`` with ``|i - j| <= w`` and more (at most
-  ``BQ - 1 + BK - 1`` extra keys on each side).  This is the reference
+  band is the smallest band-tile-aligned superset of the nominal band: image
+  query ``i`` sees every image key ``j`` with ``|i - j| <= w`` and more (at
+  most ``BQ - 1 + BK - 1`` extra keys on each side).  This is the reference
   kernel's band (DiTFastAttnV2: ``floor((j*BM - w)/BN) .. ceil(((j+1)*BM + w)/BN)``
   clamped to the image) made exact for partial tiles and either token order.
+
+Execution tiles that divide the band visit exactly the band tiles' tokens:
+execution query tile ``qt`` uses the ranges of band query tile
+``(qt*block_q) // band_q``, each band key tile spanning ``band_k // block_k``
+execution key tiles.
 
 For every (query tile, head) the visited key tiles are two disjoint half-open
 ranges ``[t0, t1)`` and ``[b0, b1)`` of key-tile indices (either may be
 empty); for a full tile ``[t0, t1) = [0, n_k)`` and the second is empty.
-The kernel runs one loop per range, so no score needs masking except the
+A kernel runs one loop per range, so no score needs masking except the
 key padding of the last (partial) key tile.
 """
 
 from __future__ import annotations
 
+import types
+
 import numpy as np
 
 __all__ = [
+    "DEFAULT_BAND",
+    "default_band",
+    "check_band",
     "num_tiles",
     "image_region",
     "text_key_tile_range",
@@ -58,6 +77,41 @@ __all__ = [
     "dense_mask",
     "rotate_text_tiles_first",
 ]
+
+
+# head_dim -> (band_q, band_k).  Frozen: plans of schema v1 were calibrated
+# under exactly this table (it equals the H100 tiles of the Triton kernel).
+DEFAULT_BAND = types.MappingProxyType(
+    {
+        16: (128, 64),
+        32: (128, 64),
+        64: (128, 64),
+        128: (128, 128),
+        256: (64, 64),
+    }
+)
+
+
+def default_band(head_dim: int) -> tuple[int, int]:
+    """``(band_q, band_k)`` used when the caller passes ``band=None``."""
+    if head_dim in DEFAULT_BAND:
+        return DEFAULT_BAND[head_dim]
+    raise ValueError(f"head_dim={head_dim} is not supported: expected one of {sorted(DEFAULT_BAND)}")
+
+
+def check_band(band, block_q: int, block_k: int) -> tuple[int, int]:
+    """The band of execution tiles ``(block_q, block_k)``: ``band``, or the
+    tiles themselves when ``band`` is None.  Raises ValueError unless the tiles
+    divide the band."""
+    if band is None:
+        return block_q, block_k
+    band_q, band_k = (int(b) for b in band)
+    if band_q % block_q or band_k % block_k:
+        raise ValueError(
+            f"execution tiles (block_q, block_k) = ({block_q}, {block_k}) must divide "
+            f"the band (band_q, band_k) = ({band_q}, {band_k})"
+        )
+    return band_q, band_k
 
 
 def num_tiles(tokens: int, block: int) -> int:
@@ -94,15 +148,35 @@ def query_tile_has_text(qt, *, tokens: int, text_len: int, text_first: bool, blo
     return q_hi >= tokens - text_len
 
 
-def kv_tile_ranges(qt, w, *, tokens: int, text_len: int, text_first: bool, block_q: int, block_k: int, xp=np):
-    """Key-tile ranges visited by query tile ``qt`` of a head with window ``w``.
+def kv_tile_ranges(
+    qt, w, *, tokens: int, text_len: int, text_first: bool, block_q: int, block_k: int, band=None, xp=np
+):
+    """Key-tile ranges visited by execution query tile ``qt`` of a head with window ``w``.
 
     ``qt`` and ``w`` are integer scalars or broadcastable arrays (numpy or jax,
     int32); ``xp`` is the matching namespace.  Returns ``(t0, t1, b0, b1)``, each
-    of the broadcast shape, meaning the half-open key-tile ranges ``[t0, t1)``
-    and ``[b0, b1)`` (disjoint, ``t0 <= t1``, ``b0 <= b1``).  ``w < 0``: full,
-    ``w == 0``: cached (nothing), ``w > 0``: arrow (see the module docstring).
+    of the broadcast shape, meaning the half-open ranges ``[t0, t1)`` and
+    ``[b0, b1)`` of execution key tiles (``block_k`` tokens; disjoint,
+    ``t0 <= t1``, ``b0 <= b1``).  ``w < 0``: full, ``w == 0``: cached
+    (nothing), ``w > 0``: arrow (see the module docstring).  ``band``:
+    ``(band_q, band_k)``, divisible by the execution tiles; None means the
+    execution tiles themselves.
     """
+    band_q, band_k = check_band(band, block_q, block_k)
+    rq, rk = band_q // block_q, band_k // block_k
+    qt = xp.asarray(qt)
+    band_qt = qt if rq == 1 else qt // rq
+    ranges = _band_tile_ranges(
+        band_qt, w, tokens=tokens, text_len=text_len, text_first=text_first, block_q=band_q, block_k=band_k, xp=xp
+    )
+    if rk == 1:
+        return ranges
+    nk = num_tiles(tokens, block_k)
+    return tuple(xp.minimum(r * rk, nk) for r in ranges)
+
+
+def _band_tile_ranges(qt, w, *, tokens: int, text_len: int, text_first: bool, block_q: int, block_k: int, xp):
+    """:func:`kv_tile_ranges` of band query tile ``qt`` in band key tiles (``block_* = band_*``)."""
     nk = num_tiles(tokens, block_k)
     img0, img1 = image_region(tokens, text_len, text_first)
     n_img = img1 - img0
@@ -153,8 +227,11 @@ def rotate_text_tiles_first(tokens: int, text_len: int, text_first: bool, block_
     return ((tokens - text_len) // block_q) % nq
 
 
-def tile_visit_matrix(head_window, *, tokens: int, text_len: int, text_first: bool, block_q: int, block_k: int, xp=np):
-    """Boolean ``[..., H, n_q, n_k]``: does query tile ``qt`` visit key tile ``kt``."""
+def tile_visit_matrix(
+    head_window, *, tokens: int, text_len: int, text_first: bool, block_q: int, block_k: int, band=None, xp=np
+):
+    """Boolean ``[..., H, n_q, n_k]``: does execution query tile ``qt`` visit
+    execution key tile ``kt`` (``band`` as in :func:`kv_tile_ranges`)."""
     nq = num_tiles(tokens, block_q)
     nk = num_tiles(tokens, block_k)
     hw = xp.asarray(head_window).astype(xp.int32)
@@ -167,18 +244,21 @@ def tile_visit_matrix(head_window, *, tokens: int, text_len: int, text_first: bo
         text_first=text_first,
         block_q=block_q,
         block_k=block_k,
+        band=band,
         xp=xp,
     )
     kt = xp.arange(nk, dtype=xp.int32)
     return ((kt >= t0) & (kt < t1)) | ((kt >= b0) & (kt < b1))
 
 
-def dense_mask(head_window, *, tokens: int, text_len: int, text_first: bool, block_q: int, block_k: int, xp=np):
+def dense_mask(head_window, *, tokens: int, text_len: int, text_first: bool, band, xp=np):
     """Boolean token mask ``[..., H, tokens, tokens]`` (query, key) of the
-    function the kernel computes: visited tiles expanded to tokens."""
+    function computed under ``band = (band_q, band_k)``: visited band tiles
+    expanded to tokens (the same for any execution tiles dividing the band)."""
+    band_q, band_k = (int(b) for b in band)
     vis = tile_visit_matrix(
-        head_window, tokens=tokens, text_len=text_len, text_first=text_first, block_q=block_q, block_k=block_k, xp=xp
+        head_window, tokens=tokens, text_len=text_len, text_first=text_first, block_q=band_q, block_k=band_k, xp=xp
     )
-    qi = xp.arange(tokens) // block_q
-    ki = xp.arange(tokens) // block_k
+    qi = xp.arange(tokens) // band_q
+    ki = xp.arange(tokens) // band_k
     return vis[..., qi, :][..., :, ki]

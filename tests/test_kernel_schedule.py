@@ -70,6 +70,7 @@ geometry = st.tuples(
         st.just(g),
         st.integers(0, g[0]),  # text_len
         st.lists(st.one_of(st.just(-1), st.just(0), st.integers(1, g[0] + 20)), min_size=1, max_size=5),
+        st.tuples(st.sampled_from([1, 2, 4]), st.sampled_from([1, 2, 4])),  # band / execution tiles
     )
 )
 
@@ -77,20 +78,47 @@ geometry = st.tuples(
 @settings(max_examples=60, deadline=None)
 @given(geometry)
 def test_schedule_matches_brute_force_and_covers_nominal(case):
-    (tokens, bq, bk, text_first), text_len, hw = case
+    (tokens, bq, bk, text_first), text_len, hw, (rq, rk) = case
     hw = np.array(hw, np.int32)
-    kw = dict(tokens=tokens, text_len=text_len, text_first=text_first, block_q=bq, block_k=bk)
-    vis = schedule.tile_visit_matrix(hw, **kw)
-    np.testing.assert_array_equal(vis, brute_force_visits(hw, tokens, text_len, text_first, bq, bk))
-    mask = schedule.dense_mask(hw, **kw)
+    band = (bq * rq, bk * rk)
+    kw = dict(tokens=tokens, text_len=text_len, text_first=text_first)
+    # At band granularity the schedule is the brute-force statement ...
+    vis = schedule.tile_visit_matrix(hw, block_q=band[0], block_k=band[1], **kw)
+    np.testing.assert_array_equal(vis, brute_force_visits(hw, tokens, text_len, text_first, *band))
+    mask = schedule.dense_mask(hw, band=band, **kw)
     nom = nominal_mask(hw, tokens, text_len, text_first)
     assert not np.any(nom & ~mask), "tile band must contain the nominal band"
-    # Two disjoint ranges, each within [0, nk).
-    nq, nk = vis.shape[1:]
-    t0, t1, b0, b1 = schedule.kv_tile_ranges(np.arange(nq)[None], hw[:, None], **kw)
+    # ... and execution tiles dividing the band visit exactly the band's tokens.
+    fine = schedule.tile_visit_matrix(hw, block_q=bq, block_k=bk, band=band, **kw)
+    pos = np.arange(tokens)
+    np.testing.assert_array_equal(fine[:, pos // bq][:, :, pos // bk], mask)
+    # Two disjoint ranges of execution tiles, each within [0, nk).
+    nq, nk = fine.shape[1:]
+    t0, t1, b0, b1 = schedule.kv_tile_ranges(np.arange(nq)[None], hw[:, None], block_q=bq, block_k=bk, band=band, **kw)
     assert np.all((0 <= t0) & (t0 <= t1) & (t1 <= nk))
     assert np.all((0 <= b0) & (b0 <= b1) & (b1 <= nk))
     assert np.all((b1 <= t0) | (t1 <= b0) | (b0 == b1) | (t0 == t1))
+
+
+def test_band_must_be_divisible_by_the_execution_tiles():
+    kw = dict(tokens=100, text_len=10, text_first=True)
+    for tiles, band in (((64, 16), (32, 64)), ((32, 48), (64, 64)), ((32, 32), (48, 64))):
+        with pytest.raises(ValueError, match="must divide the band"):
+            schedule.kv_tile_ranges(0, 3, block_q=tiles[0], block_k=tiles[1], band=band, **kw)
+    # band=None is the execution tiles.
+    a = schedule.tile_visit_matrix(np.array([5, -1, 0]), block_q=32, block_k=16, **kw)
+    b = schedule.tile_visit_matrix(np.array([5, -1, 0]), block_q=32, block_k=16, band=(32, 16), **kw)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_default_band_table():
+    assert dict(schedule.DEFAULT_BAND) == {16: (128, 64), 32: (128, 64), 64: (128, 64), 128: (128, 128),
+                                           256: (64, 64)}
+    assert pk.default_band(128) == (128, 128)
+    with pytest.raises(TypeError):
+        schedule.DEFAULT_BAND[64] = (64, 64)
+    with pytest.raises(ValueError, match="head_dim=48"):
+        pk.default_band(48)
 
 
 def test_flux_arrow8_band_matches_reference_kernel_formula():
@@ -126,12 +154,14 @@ def test_sd3_order_text_last():
 @settings(max_examples=40, deadline=None)
 @given(geometry, st.integers(1, 3), st.sampled_from([16, 64, 128]))
 def test_plan_cost_counts_tiles_and_mask(case, batch, head_dim):
-    (tokens, bq, bk, text_first), text_len, hw = case
+    (tokens, bq, bk, text_first), text_len, hw, (rq, rk) = case
     hw = np.array(hw, np.int32)
+    band = (bq * rq, bk * rk)
     kw = dict(tokens=tokens, text_len=text_len, text_first=text_first)
-    cost = pk.plan_cost(hw, batch=batch, head_dim=head_dim, block_q=bq, block_k=bk, **kw)
-    vis = schedule.tile_visit_matrix(hw, block_q=bq, block_k=bk, **kw)
-    mask = schedule.dense_mask(hw, block_q=bq, block_k=bk, **kw)
+    cost = pk.plan_cost(hw, batch=batch, head_dim=head_dim, band=band, block_q=bq, block_k=bk, **kw)
+    vis = schedule.tile_visit_matrix(hw, block_q=bq, block_k=bk, band=band, **kw)
+    mask = schedule.dense_mask(hw, band=band, **kw)
+    assert (cost.band, cost.block_q, cost.block_k) == (band, bq, bk)
     np.testing.assert_array_equal(cost.tiles, batch * vis.sum((1, 2)))
     np.testing.assert_array_equal(cost.programs, batch * vis.any(-1).sum(-1))
     np.testing.assert_allclose(cost.time_estimate(2.0, 3.0), (2.0 * cost.tiles + 3.0 * cost.programs).sum())
@@ -144,12 +174,16 @@ def test_plan_cost_counts_tiles_and_mask(case, batch, head_dim):
     assert cost.total_flops == cost.flops.sum()
     assert np.all(cost.flops[hw == 0] == 0)
     assert np.all(cost.flops[hw == -1] == cost.dense_flops)
+    # FLOPs are the band's: the same with execution tiles equal to the band.
+    at_band = pk.plan_cost(hw, batch=batch, head_dim=head_dim, band=band, **kw)
+    assert (at_band.block_q, at_band.block_k) == band
+    np.testing.assert_array_equal(at_band.flops, cost.flops)
 
 
 def test_plan_cost_defaults_and_leading_axes():
     plans = np.array([[-1, -1, -1], [0, 0, 0], [-1, 0, 256]], np.int32)
     cost = pk.plan_cost(plans, batch=1, tokens=4608, text_len=512, text_first=True, head_dim=128)
-    assert (cost.block_q, cost.block_k) == pk.default_block_sizes(128)
+    assert cost.band == (cost.block_q, cost.block_k) == pk.default_band(128)
     assert cost.tiles.shape == (3, 3)
     np.testing.assert_allclose(cost.flop_fraction[:2], [1.0, 0.0])
     np.testing.assert_allclose(cost.saving[0], 0.0)
@@ -168,3 +202,7 @@ def test_plan_cost_bad_input():
         pk.plan_cost(np.array([0.5]), batch=1, tokens=64, text_len=8, text_first=True, head_dim=64)
     with pytest.raises(ValueError, match="text_len"):
         pk.plan_cost(np.array([1]), batch=1, tokens=64, text_len=65, text_first=True, head_dim=64)
+    with pytest.raises(ValueError, match="band"):
+        pk.plan_cost(np.array([1]), batch=1, tokens=64, text_len=8, text_first=True, head_dim=64, band=(48, 64))
+    with pytest.raises(ValueError, match="must divide the band"):
+        pk.plan_cost(np.array([1]), batch=1, tokens=64, text_len=8, text_first=True, head_dim=64, block_q=256)

@@ -32,7 +32,7 @@ def test_candidate_savings_match_plan_cost():
     assert sav[0] == 1.0 and (0 < sav[1:]).all() and (sav[1:] < 1).all()
     fine = candidate_savings(DEFAULT_CANDIDATES, band=(32, 16), **kw)  # the band, not the default tiles, counts
     np.testing.assert_allclose(fine, pk.plan_cost(np.array([0, 256, 128, 64]), batch=1, tokens=4608, text_len=512,
-                                                  text_first=True, head_dim=128, block_q=32, block_k=16).saving)
+                                                  text_first=True, head_dim=128, band=(32, 16)).saving)
     assert fine[0] == 1.0 and (fine[1:] > sav[1:]).all()
     with pytest.raises(ValueError, match="band: expected"):
         candidate_savings(DEFAULT_CANDIDATES, band=(128, 100), **kw)

@@ -11,7 +11,8 @@ import pytest
 import pallas_kernels as pk
 from ditfa_jax.configs import FluxConfig, SD3Config
 from ditfa_jax.methods import DEFAULT_CANDIDATES, windows_from_choice
-from ditfa_jax.plan import SCHEMA_VERSION, V1_BAND, CompressionPlan, default_band, sparkline
+from ditfa_jax.plan import SCHEMA_VERSION, V1_BAND, CompressionPlan, sparkline
+from pallas_kernels import default_band
 
 FLUX = FluxConfig(guidance_embeds=True)          # FLUX.1-dev shape: 19 + 38 layers, 24 heads, head_dim 128
 SD3 = SD3Config(num_layers=24, num_attention_heads=24, caption_projection_dim=1536)  # SD3-medium shape
@@ -42,8 +43,11 @@ def test_full_plan():
     assert (s.family, s.text_first, s.shape) == ("sd3", False, (28, 24, 24))
     assert s.token_grid == (64, 64) and s.band == (128, 64) == default_band(64)
     assert CompressionPlan.full(SD3, height=1024, width=1024, text_len=333, num_steps=2, band=(64, 32)).band == (64, 32)
-    with pytest.raises(ValueError, match="band: no default band for head_dim 48"):
-        default_band(48)
+
+
+def test_schema_1_band_is_the_kernels_default_today():
+    """New plans take the kernel's default band; schema-1 files keep V1_BAND whatever that default becomes."""
+    assert {d: default_band(d) for d in V1_BAND} == dict(V1_BAND)
 
 
 @pytest.mark.parametrize("change, match", [
@@ -233,7 +237,7 @@ def test_band_in_files_cost_and_digest(tmp_path):
     assert fine.digest() != plan.digest() and again.digest() == fine.digest()
     assert fine.replace(band=(128, 128)).digest() == plan.digest()
     want = pk.plan_cost(plan.head_window, batch=1, tokens=2048 + 512, text_len=512, text_first=True, head_dim=128,
-                        block_q=64, block_k=32)
+                        band=(64, 32))
     np.testing.assert_array_equal(fine.cost().flops, want.flops)
     assert (fine.cost().block_q, fine.cost().block_k) == (64, 32)
     assert fine.flops_kept_fraction() < plan.flops_kept_fraction()  # a finer band drops more of the keys

@@ -35,7 +35,7 @@ def test_arrow_band_along_a_curve_is_a_2d_neighbourhood():
     rows = cols = 32
     n_img, text_len, block = rows * cols, 64, 64  # text fills whole tiles: no image key rides in a text tile
     mask = dense_mask(np.array([64]), tokens=n_img + text_len, text_len=text_len, text_first=True,
-                      block_q=block, block_k=block)[0]
+                      band=(block, block))[0]
     img_mask = mask[text_len:, text_len:]
     query = n_img // 2 + cols // 2  # an image token near the centre, by sequence position
     raster_seen = np.flatnonzero(img_mask[query])

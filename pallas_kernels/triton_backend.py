@@ -1,19 +1,19 @@
-"""Head-wise arrow attention in Pallas (Triton lowering), with cached heads.
+"""Backend "triton": head-wise attention in Pallas (Triton lowering), with cached heads.
 
 One launch computes a layer's joint attention where every head follows its
 own method (full / arrow band / cached), chosen by the int32 data array
 ``head_window``; see :mod:`pallas_kernels.schedule` for the exact function.
+This module holds the backend's launch configuration (:class:`TritonConfig`,
+tuned defaults) and its kernel.
 
 Kernel structure (one program = one (batch, head, query tile)):
 
-* grid order: one program per (batch, head, query tile), batch fastest, heads
-  in index order, and inside a head the query tiles holding text (full rows,
-  the heavy ones of an arrow head) first.  Optionally (``sort_heads``) heads
-  are ranked heavy-first (full, wider arrows, narrower, cached last) by every
-  program from the window vector, without any sort outside the kernel; on the
-  H100 that was equal at FLUX-2K and 2-11 % slower on mixed plans at
-  FLUX-1K/SD3-1K than index order, which interleaves heavy and light
-  programs, so it is off by default (config.SORT_HEADS);
+* grid order: one program per (batch, head, execution query tile), batch
+  fastest, heads in index order, and inside a head the query tiles holding
+  text (full rows, the heavy ones of an arrow head) first.  Optionally
+  (``sort_heads``) heads are ranked heavy-first (full, wider arrows, narrower,
+  cached last) by every program from the window vector, without any sort
+  outside the kernel;
 * the program computes its key-tile ranges ``[t0, t1)`` (text tiles, or all
   for full rows) and ``[b0, b1)`` (band) with
   :func:`pallas_kernels.schedule.kv_tile_ranges` and runs one pipelined
@@ -29,10 +29,26 @@ Kernel structure (one program = one (batch, head, query tile)):
   after the call, e.g. the previous output carried by a ``lax.scan``, or a
   ``jit`` argument in ``donate_argnums``); otherwise XLA inserts one copy of
   the cache before the kernel.
+
+Tuned defaults, chosen on an H100 80GB HBM3 (jax 0.11.2, bf16, 2026-11-22),
+see benchmarks/RESULTS.md, section "Head-wise attention kernel".  Execution
+tiles default to the band (:data:`pallas_kernels.schedule.DEFAULT_BAND`,
+which equals these measurements):
+
+* D=128 (FLUX): 128x128 tiles, 8 warps, 3 stages -- best full (482 TFLOP/s at
+  FLUX-2K) and best arrow_8 of the sweep (128/64 blocks, 4/8 warps, 2/3
+  stages);
+* D=64 (SD3): 128x64 tiles, 8 warps, 3 stages -- best full (0.695 ms at
+  SD3-1K); 64x64 with 4 warps was 5 % faster on arrow_8 but 6 % slower on
+  full, and 4 warps at 128x64 (the first guess) was 35-45 % slower;
+* heads in index order: ranking them heavy-first was 2-11 % slower on mixed
+  plans at FLUX-1K/SD3-1K (index order interleaves heavy and light programs)
+  and equal at FLUX-2K; one pipelined loop over both key-tile ranges.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -43,16 +59,122 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import schedule
-from pallas_kernels._validate import validate
-from pallas_kernels.config import SINGLE_LOOP, SORT_HEADS, default_launch
+from pallas_kernels._validate import check_block, validate
 
-__all__ = ["headwise_attention"]
+__all__ = ["TritonConfig", "TritonBackend", "headwise_attention_with_tile_counts"]
 
 _LOG2E = math.log2(math.e)
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
+# (head_dim, itemsize) -> (num_warps, num_stages) for the compiled kernel.
+_TUNED_LAUNCH = {
+    (64, 2): (8, 3),
+    (128, 2): (8, 3),
+}
+_SORT_HEADS = False
+_SINGLE_LOOP = True
 
-def headwise_attention(
+
+def _default_launch(head_dim: int, itemsize: int, block_q: int) -> tuple[int, int]:
+    """``(num_warps, num_stages)`` for the Triton compilation."""
+    if itemsize >= 4:
+        # float32 tiles are twice as large: keep shared memory within the H100's
+        # 227 KiB by not multi-buffering the key/value tiles.
+        return (8 if head_dim >= 128 or block_q >= 128 else 4), 1
+    if (head_dim, itemsize) in _TUNED_LAUNCH:
+        return _TUNED_LAUNCH[(head_dim, itemsize)]
+    return (8 if head_dim >= 128 else 4), 2
+
+
+@dataclasses.dataclass(frozen=True)
+class TritonConfig:
+    """Launch configuration of the Triton backend: how the function is run, never which function.
+
+    ``None`` fields take the tuned default for the call (see
+    :meth:`TritonBackend.default_config`): execution tiles ``block_q``,
+    ``block_k`` = the band (they may be smaller, dividing it), ``num_warps``
+    and ``num_stages`` from the H100 tuning, ``interpret`` = not on a GPU.
+    ``single_loop``: one loop over both key-tile ranges (else one per range);
+    ``sort_heads``: run heads heavy-first (else in index order).
+    """
+
+    block_q: int | None = None
+    block_k: int | None = None
+    num_warps: int | None = None
+    num_stages: int | None = None
+    single_loop: bool = _SINGLE_LOOP
+    sort_heads: bool = _SORT_HEADS
+    interpret: bool | None = None
+
+    def __post_init__(self):
+        for name in ("block_q", "block_k"):
+            if getattr(self, name) is not None:
+                check_block(f"TritonConfig.{name}", getattr(self, name))
+        for name in ("num_warps", "num_stages"):
+            n = getattr(self, name)
+            if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+                raise ValueError(f"TritonConfig.{name}: expected a positive int, got {n!r}")
+
+
+class TritonBackend:
+    """The Pallas kernel lowered through Triton: compiled on a GPU, interpret mode elsewhere."""
+
+    name = "triton"
+    config_type = TritonConfig
+
+    def default_config(self, q_shape, dtype, band) -> TritonConfig:
+        """Tuned launch configuration for ``q_shape``, ``dtype`` and ``band``."""
+        return self._complete(TritonConfig(), q_shape, dtype, band)
+
+    def supports(self, q_shape, dtype, band, platform) -> str | None:
+        """None when it runs there; ``platform=None`` (named by the caller): anywhere, interpret mode off a GPU."""
+        if platform is not None and platform != "gpu":
+            return f"compiles for a GPU only (platform {platform!r}); name it to run it in interpret mode"
+        return None
+
+    def __call__(self, q, k, v, head_window, cache, *, text_len, text_first, band, config):
+        """Validated arguments (``head_window`` int32, ``band`` a pair) -> output."""
+        return self._run(q, k, v, head_window, cache, text_len, text_first, band, config, count_tiles=False)
+
+    def _complete(self, config, q_shape, dtype, band) -> TritonConfig:
+        """``config`` with every None field set to its default; checks the tiles divide the band."""
+        head_dim, itemsize = q_shape[-1], jnp.dtype(dtype).itemsize
+        bq = band[0] if config.block_q is None else config.block_q
+        bk = band[1] if config.block_k is None else config.block_k
+        schedule.check_band(band, bq, bk)
+        nw, ns = _default_launch(head_dim, itemsize, bq)
+        return dataclasses.replace(
+            config,
+            block_q=bq,
+            block_k=bk,
+            num_warps=nw if config.num_warps is None else config.num_warps,
+            num_stages=ns if config.num_stages is None else config.num_stages,
+            interpret=jax.default_backend() != "gpu" if config.interpret is None else config.interpret,
+        )
+
+    def _run(self, q, k, v, hw, cache, text_len, text_first, band, config, *, count_tiles):
+        cfg = self._complete(TritonConfig() if config is None else config, q.shape, q.dtype, band)
+        return _headwise_jit(
+            q,
+            k,
+            v,
+            hw,
+            cache,
+            text_len=int(text_len),
+            text_first=bool(text_first),
+            band=tuple(band),
+            block_q=cfg.block_q,
+            block_k=cfg.block_k,
+            interpret=bool(cfg.interpret),
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+            sort_heads=cfg.sort_heads,
+            count_tiles=count_tiles,
+            single_loop=cfg.single_loop,
+        )
+
+
+def headwise_attention_with_tile_counts(
     q,
     k,
     v,
@@ -61,58 +183,14 @@ def headwise_attention(
     *,
     text_len: int,
     text_first: bool,
-    block_q: int | None = None,
-    block_k: int | None = None,
-    interpret: bool | None = None,
-) -> jax.Array:
-    """Joint attention where each head is full, arrow or cached.
-
-    Args:
-      q, k, v: ``[batch, tokens, heads, head_dim]``, bfloat16/float16/float32,
-        same shape and dtype; ``head_dim`` in {16, 32, 64, 128, 256}.
-      head_window: int32 ``[heads]`` data (may be traced; changing it does not
-        recompile): -1 full, 0 cached, w > 0 arrow with image-band half-width w
-        tokens (band defined at tile granularity, see
-        :mod:`pallas_kernels.schedule`).
-      cache: ``[batch, tokens, heads, head_dim]`` in q's dtype, the previous
-        output; required when any head is cached.  Heads with window 0 return
-        ``cache[:, :, h, :]`` bit for bit and are not computed.  If ``cache`` is
-        None, a concrete ``head_window`` containing 0 raises ValueError; a
-        traced one cannot be checked and its zeros compute as full attention.
-        Give the call a donatable cache (dead afterwards) to avoid a copy.
-      text_len: number of text tokens (static).
-      text_first: True for [text, image] (FLUX), False for [image, text] (SD3).
-      block_q, block_k: tile sizes (powers of two >= 16); default
-        :func:`pallas_kernels.default_block_sizes` ``(head_dim)``.
-      interpret: None = interpret mode unless the default backend is a GPU.
-
-    Returns:
-      ``[batch, tokens, heads, head_dim]`` in q's dtype; softmax scale
-      ``1/sqrt(head_dim)``.
-    """
-    hw, bq, bk = validate(
-        q, k, v, head_window, cache, text_len=text_len, text_first=text_first, block_q=block_q, block_k=block_k
-    )
-    if interpret is None:
-        interpret = jax.default_backend() != "gpu"
-    nw, ns = default_launch(q.shape[-1], jnp.dtype(q.dtype).itemsize, bq, bk)
-    return _headwise_jit(
-        q,
-        k,
-        v,
-        hw,
-        cache,
-        text_len=int(text_len),
-        text_first=bool(text_first),
-        block_q=bq,
-        block_k=bk,
-        interpret=bool(interpret),
-        num_warps=nw,
-        num_stages=ns,
-        sort_heads=SORT_HEADS,
-        count_tiles=False,
-        single_loop=SINGLE_LOOP,
-    )
+    band: tuple[int, int] | None = None,
+    config: TritonConfig | None = None,
+):
+    """:func:`pallas_kernels.headwise_attention` on backend "triton", also
+    returning int32 ``[batch, heads, n_q]``: the key tiles each program
+    attended to (execution tiles).  For tests and benchmarks."""
+    hw, band = validate(q, k, v, head_window, cache, text_len=text_len, text_first=text_first, band=band)
+    return TritonBackend()._run(q, k, v, hw, cache, text_len, text_first, band, config, count_tiles=True)
 
 
 # ----------------------------------------------------------------------------
@@ -172,6 +250,7 @@ def _kernel(
     tokens,
     text_len,
     text_first,
+    band,
     block_q,
     block_k,
     q_rotation,
@@ -200,7 +279,15 @@ def _kernel(
     qt = (item % nq + q_rotation) % nq
     w = hw_ref[h]
     t0, t1, b0, b1 = schedule.kv_tile_ranges(
-        qt, w, tokens=tokens, text_len=text_len, text_first=text_first, block_q=block_q, block_k=block_k, xp=jnp
+        qt,
+        w,
+        tokens=tokens,
+        text_len=text_len,
+        text_first=text_first,
+        block_q=block_q,
+        block_k=block_k,
+        band=band,
+        xp=jnp,
     )
     n_tiles = (t1 - t0) + (b1 - b0)
 
@@ -297,6 +384,7 @@ def _kernel(
     static_argnames=(
         "text_len",
         "text_first",
+        "band",
         "block_q",
         "block_k",
         "interpret",
@@ -316,14 +404,15 @@ def _headwise_jit(
     *,
     text_len,
     text_first,
+    band,
     block_q,
     block_k,
     interpret,
     num_warps,
     num_stages,
-    sort_heads=SORT_HEADS,
-    count_tiles=False,
-    single_loop=SINGLE_LOOP,
+    sort_heads,
+    count_tiles,
+    single_loop,
 ):
     batch, tokens, heads, head_dim = q.shape
     has_cache = cache is not None
@@ -342,6 +431,7 @@ def _headwise_jit(
         tokens=tokens,
         text_len=text_len,
         text_first=text_first,
+        band=band,
         block_q=block_q,
         block_k=block_k,
         q_rotation=schedule.rotate_text_tiles_first(tokens, text_len, text_first, block_q),

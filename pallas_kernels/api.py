@@ -1,0 +1,146 @@
+"""Public entry point of head-wise attention and the registry of its backends.
+
+Every backend computes the same function (:mod:`pallas_kernels.schedule`,
+fixed by ``band``); they differ in where they run and how fast.  A backend
+is an object with
+
+* ``name`` and ``config_type`` (a frozen dataclass of launch options, which
+  never change the result);
+* ``default_config(q_shape, dtype, band)``: the tuned configuration;
+* ``supports(q_shape, dtype, band, platform)``: None when it runs there,
+  otherwise the reason; ``platform`` is ``jax.default_backend()`` for the
+  automatic choice and None when the caller names the backend (it may then run
+  emulated, e.g. Triton's interpret mode on a CPU);
+* ``__call__(q, k, v, head_window, cache, *, text_len, text_first, band,
+  config)`` on validated arguments.
+
+:data:`BACKENDS` lists them in order of preference; ``backend=None`` takes the
+first that supports the call on the default platform.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import jax
+
+from pallas_kernels._validate import validate
+from pallas_kernels.reference import XlaBackend
+from pallas_kernels.triton_backend import TritonBackend
+
+__all__ = ["Backend", "BACKENDS", "get_backend", "headwise_attention", "reference_headwise_attention"]
+
+
+class Backend(Protocol):
+    """What :func:`headwise_attention` needs of a backend (see the module docstring)."""
+
+    name: str
+    config_type: type
+
+    def default_config(self, q_shape: tuple[int, ...], dtype, band: tuple[int, int]) -> Any: ...
+
+    def supports(self, q_shape: tuple[int, ...], dtype, band: tuple[int, int], platform: str | None) -> str | None: ...
+
+    def __call__(self, q, k, v, head_window, cache, *, text_len, text_first, band, config) -> jax.Array: ...
+
+
+# In order of preference for the automatic choice.
+BACKENDS: dict[str, Backend] = {
+    b.name: b
+    for b in (
+        TritonBackend(),
+        XlaBackend(),
+    )
+}
+
+
+def get_backend(name: str) -> Backend:
+    """The registered backend ``name``; ValueError naming the registered ones otherwise."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend {name!r} is unknown; registered backends: {list(BACKENDS)}")
+    return BACKENDS[name]
+
+
+def _select(backend, config, q_shape, dtype, band) -> Backend:
+    if backend is None and config is not None:
+        # A config names its backend.
+        backend = next((b.name for b in BACKENDS.values() if isinstance(config, b.config_type)), None)
+        if backend is None:
+            raise ValueError(f"config: {type(config).__name__} belongs to no registered backend {list(BACKENDS)}")
+    if backend is not None:
+        chosen = get_backend(backend)
+        reason = chosen.supports(q_shape, dtype, band, None)
+        if reason is not None:
+            supported = [b.name for b in BACKENDS.values() if b.supports(q_shape, dtype, band, None) is None]
+            raise ValueError(
+                f"backend {backend!r} does not support q {q_shape} {dtype} with band {band}: {reason}; "
+                f"backends supporting it: {supported}"
+            )
+        return chosen
+    platform = jax.default_backend()
+    for b in BACKENDS.values():
+        if b.supports(q_shape, dtype, band, platform) is None:
+            return b
+    reasons = "; ".join(f"{b.name}: {b.supports(q_shape, dtype, band, platform)}" for b in BACKENDS.values())
+    raise ValueError(f"no backend supports q {q_shape} {dtype} with band {band} on {platform!r} ({reasons})")
+
+
+def headwise_attention(
+    q,
+    k,
+    v,
+    head_window,
+    cache=None,
+    *,
+    text_len: int,
+    text_first: bool,
+    band: tuple[int, int] | None = None,
+    backend: str | None = None,
+    config=None,
+) -> jax.Array:
+    """Joint attention where each head is full, arrow or cached.
+
+    Args:
+      q, k, v: ``[batch, tokens, heads, head_dim]``, bfloat16/float16/float32,
+        same shape and dtype; ``head_dim`` in {16, 32, 64, 128, 256}.
+      head_window: int32 ``[heads]`` data (may be traced; changing it does not
+        recompile): -1 full, 0 cached, w > 0 arrow with image-band half-width w
+        tokens (band defined at ``band`` granularity, see
+        :mod:`pallas_kernels.schedule`).
+      cache: ``[batch, tokens, heads, head_dim]`` in q's dtype, the previous
+        output; required when any head is cached.  Heads with window 0 return
+        ``cache[:, :, h, :]`` bit for bit and are not computed.  If ``cache`` is
+        None, a concrete ``head_window`` containing 0 raises ValueError; a
+        traced one cannot be checked and its zeros compute as full attention.
+        Give the call a donatable cache (dead afterwards) to avoid a copy.
+      text_len: number of text tokens (static).
+      text_first: True for [text, image] (FLUX), False for [image, text] (SD3).
+      band: ``(band_q, band_k)``, powers of two >= 16, the granularity of the
+        arrow band (part of the function); default
+        :func:`pallas_kernels.default_band` ``(head_dim)``.
+      backend: a name in :data:`BACKENDS`; None picks the first that supports
+        the call on ``jax.default_backend()`` (or the one ``config`` belongs to).
+      config: the backend's launch configuration (its ``config_type``); None
+        takes its ``default_config``.
+
+    Returns:
+      ``[batch, tokens, heads, head_dim]`` in q's dtype; softmax scale
+      ``1/sqrt(head_dim)``.
+    """
+    hw, band = validate(q, k, v, head_window, cache, text_len=text_len, text_first=text_first, band=band)
+    chosen = _select(backend, config, tuple(q.shape), q.dtype, band)
+    if config is None:
+        config = chosen.default_config(tuple(q.shape), q.dtype, band)
+    elif not isinstance(config, chosen.config_type):
+        raise ValueError(
+            f"config: backend {chosen.name!r} takes a {chosen.config_type.__name__}, got {type(config).__name__}"
+        )
+    return chosen(q, k, v, hw, cache, text_len=text_len, text_first=text_first, band=band, config=config)
+
+
+def reference_headwise_attention(
+    q, k, v, head_window, cache=None, *, text_len: int, text_first: bool, band: tuple[int, int] | None = None
+) -> jax.Array:
+    """:func:`headwise_attention` on backend "xla" (dense, any platform)."""
+    return headwise_attention(q, k, v, head_window, cache, text_len=text_len, text_first=text_first, band=band,
+                              backend="xla")
