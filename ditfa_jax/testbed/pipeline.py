@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
+from ditfa_jax.attention import AttentionSettings
 from ditfa_jax.calibrate import CalibrationResult, calibrate
 from ditfa_jax.files import atomic_folder
 from ditfa_jax.loading import Transformer, load_transformer, save_converted
@@ -141,8 +142,9 @@ class TestbedPipeline:
         return jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys)
 
     def __call__(self, captions: list[str], *, seeds=0, num_steps: int = DEFAULT_STEPS,
-                 plan: CompressionPlan | None = None, attention_impl: str = "auto") -> np.ndarray:
-        """Images float32 [N, 64, 64, 3] in [0, 1]; ``seeds`` is one per caption or an int (seed + index)."""
+                 plan: CompressionPlan | None = None, attention: AttentionSettings | None = None) -> np.ndarray:
+        """Images float32 [N, 64, 64, 3] in [0, 1]; ``seeds`` is one per caption or an int (seed + index).
+        ``attention``: how attention runs (`ditfa_jax.attention.AttentionSettings`)."""
         captions = [captions] if isinstance(captions, str) else list(captions)
         seeds = np.asarray(seeds + np.arange(len(captions)) if np.isscalar(seeds) else seeds)
         if seeds.shape != (len(captions),):
@@ -151,7 +153,7 @@ class TestbedPipeline:
         text, pooled = self.encode(captions)
         final = sample(self.transformer, self.initial_noise(seeds), text, pooled, height=IMAGE_SIZE,
                        width=IMAGE_SIZE, num_steps=num_steps, guidance_scale=1.0, scheduler=self.scheduler,
-                       plan=plan, vae_scale_factor=1, attention_impl=attention_impl)
+                       plan=plan, vae_scale_factor=1, attention=attention)
         return np.asarray(latents_to_images(final), np.float32)
 
     def calibrate(self, captions: list[str], *, delta: float, num_steps: int = DEFAULT_STEPS, c: float = 1.5,
