@@ -760,9 +760,11 @@ def write_readme(summary: list, bfl_patched: bool):
 def main() -> int:
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
-    if FIX.exists():
-        shutil.rmtree(FIX)
-    FIX.mkdir(parents=True)
+    keep = {"plans"}  # schema-1 plan files: written by an old version, they cannot be remade
+    FIX.mkdir(parents=True, exist_ok=True)
+    for entry in FIX.iterdir():
+        if entry.name not in keep:
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
 
     print(f"torch {torch.__version__}  diffusers {diffusers.__version__}  numpy {np.__version__}")
     summary = []
