@@ -170,7 +170,7 @@ class CalibrationResult:
     `plan`: the compression plan. `rse`: float64 [steps, layers, heads, candidates], each head's RSE per candidate
     along the compressed trajectory (NaN at step 0, which is always full). `saving`: float64 [heads, candidates],
     the attention FLOPs each candidate removes (the MILP's objective). `final_latents`: the calibration pass's
-    last latents, as `sample(plan=plan)` gives them from the same noise (`noise_seed`).
+    last latents, as `sample(plan=plan)` gives them from the same noise (`jax.random.normal(key(seed), ...)`).
     """
     plan: CompressionPlan
     rse: np.ndarray

@@ -10,7 +10,6 @@ pointer files instead of weights).
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from functools import cached_property
 from pathlib import Path
