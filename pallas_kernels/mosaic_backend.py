@@ -344,8 +344,16 @@ def _headwise_jit(q, k, v, hw, cache, *, text_len, text_first, band, block_k, nu
         interpret=plgpu.InterpretGPUParams() if interpret else None,
         kernel_name="headwise_attention_mgpu",
     )
+    # TMA views the token axis in groups of 8 rows (the SMEM tiling): other lengths are padded (one copy).
+    pad = (-tokens) % 8
+    if pad:
+        q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
+        if cache is not None:
+            cache = jnp.pad(cache, ((0, 0), (0, pad), (0, 0), (0, 0)))
     if cache is None:
-        return launch(out_type=jax.ShapeDtypeStruct(q.shape, q.dtype))(hw, q, k, v)
-    out = jax.new_ref(cache)
-    launch(out_type=())(hw, q, k, v, out)
-    return jax.freeze(out)
+        out = launch(out_type=jax.ShapeDtypeStruct(q.shape, q.dtype))(hw, q, k, v)
+    else:
+        ref = jax.new_ref(cache)
+        launch(out_type=())(hw, q, k, v, ref)
+        out = jax.freeze(ref)
+    return out[:, :tokens] if pad else out
