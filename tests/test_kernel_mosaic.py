@@ -54,7 +54,7 @@ def test_lowers_to_mosaic_gpu(shape, text_len, text_first, config, cache):
     """The compiled (not interpreted) kernel lowers for CUDA on a CPU-only jaxlib (stops before ptxas)."""
     txt = _lower_for_cuda(shape, cache, text_len=text_len, text_first=text_first,
                           config=pk.MosaicConfig(**{**config.__dict__, "interpret": False}))
-    assert "mosaic_gpu" in txt
+    assert "custom_call @mosaic_gpu" in txt
     assert "callback" not in txt  # not interpret mode
     if cache:
         assert "output_operand_alias" in txt
