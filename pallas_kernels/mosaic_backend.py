@@ -25,6 +25,11 @@ tiles), three warpgroups):
   is the cache, passed in as a ``jax.new_ref`` (lowered to an operand alias),
   so the cache passes through bit for bit, with no copy when it is donated.
 
+TMA moves tiles in groups of 8 token rows (the SMEM tiling), so a token
+count that is not a multiple of 8 (SD3: 4096 + 333) is padded to one outside
+the kernel (a copy of q, k, v and the cache, and a slice of the output); the
+padding keys are masked like any key past ``tokens``.
+
 The grid is not persistent: one CTA per (head, query-tile pair, batch), query
 tiles holding text first.  Off a GPU it runs in Mosaic GPU interpret mode,
 where plain dots replace wgmma (the interpreter does not run wgmma
