@@ -17,9 +17,16 @@ Plans with cached heads chain the output into the next call's donated cache,
 as in a denoising loop, so the cache is aliased in place.  Torch uses
 ``triton.testing.do_bench`` (CUDA events, median).
 
+The Mosaic GPU backend ("mosaic_gpu", default config) is one more variant:
+on every shape and plan its output (into a cache poisoned with NaN on the
+computed heads) is checked against the dense reference per head and, all-full,
+against cuDNN, then timed like the Triton backend.
+
 Usage (on the GPU machine, repository root):
   PYTHONUNBUFFERED=1 python3 benchmarks/bench_attention.py [--sweep]
       [--shapes FLUX-1K,FLUX-2K,SD3-1K] [--no-flex] [--budget-s 520]
+      [--quick]  (plans full, arrow8, mixed, cached; no small checks or Triton variants; Flex arrow8 only)
+      [--backends triton,mosaic_gpu]
 Writes bench.json and bench_log.txt under $OUT (or --out) and prints a short
 table last.
 """
@@ -56,6 +63,8 @@ SHAPES = {
 }
 
 INTERPRET = False  # --cpu-smoke: tiny shapes, interpret mode, no GPU
+QUICK_PLANS = ("full", "arrow8", "mixed", "cached")
+BACKEND_LIST = ("triton", "mosaic_gpu")
 DENSE_IMPL = "cudnn"
 T0 = time.time()
 LOG_LINES: list[str] = []
@@ -100,6 +109,11 @@ def time_jax(fn, args, chain=None, target_ms=40.0, reps=7):
     """Median ms per call of ``fn(*args)`` dispatched back to back."""
     args = list(args)
     out = None
+    if INTERPRET:  # --cpu-smoke: one call, the timing means nothing
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        ms = (time.perf_counter() - t) * 1e3
+        return ms, ms, ms, 1
     for _ in range(3):
         out = fn(*args)
         if chain is not None:
@@ -167,6 +181,107 @@ def ours_unrolled(tokens, text_len, text_first, bq, bk, nw, ns, n=16):
 
         _UNROLL_CACHE[key] = jax.jit(many, donate_argnums=(4,))
     return _UNROLL_CACHE[key]
+
+
+_MOSAIC_CACHE: dict = {}
+
+
+def mosaic_fn(text_len, text_first, *, cache):
+    """The mosaic_gpu backend, default config, under jit (the cache donated when given)."""
+    key = (text_len, text_first, cache)
+    if key not in _MOSAIC_CACHE:
+        f = functools.partial(pk.headwise_attention, text_len=text_len, text_first=text_first, backend="mosaic_gpu",
+                              config=pk.MosaicConfig(interpret=INTERPRET))
+        if cache:
+            _MOSAIC_CACHE[key] = jax.jit(f, donate_argnums=(4,))
+        else:
+            _MOSAIC_CACHE[key] = jax.jit(lambda q, k, v, hw: f(q, k, v, hw, None))
+    return _MOSAIC_CACHE[key]
+
+
+def same_bits(x, y):
+    u = jnp.uint16 if jnp.dtype(x.dtype).itemsize == 2 else jnp.uint32
+    return bool(jnp.all(jax.lax.bitcast_convert_type(x, u) == jax.lax.bitcast_convert_type(y, u)))
+
+
+def mosaic_checks(name, q, k, v, plans, text_len, text_first, cudnn_out):
+    """mosaic_gpu on this shape, every plan: output written into a cache poisoned with NaN on the computed heads;
+    computed heads finite and (one full, one arrow head) within 1e-2 of the reference; cached heads bit-exact;
+    all-full within 1e-2 of cuDNN.  Returns True when every check passed."""
+    ok_all = True
+    base = rand(jax.random.PRNGKey(98), q.shape, q.dtype)
+    kw = dict(text_len=text_len, text_first=text_first)
+    for plan, hw in plans.items():
+        computed = hw != 0
+        cache = jnp.where(jnp.asarray(computed)[None, None, :, None], jnp.nan, base)
+        out = mosaic_fn(text_len, text_first, cache=True)(q, k, v, jnp.asarray(hw), jnp.copy(cache))
+        res = dict(kind="mosaic", shape=name, plan=plan)
+        res["finite"] = bool(jnp.all(jnp.isfinite(out[:, :, computed]))) if computed.any() else True
+        res["cached_bitexact"] = same_bits(out[:, :, ~computed], base[:, :, ~computed]) if (~computed).any() else True
+        errs = {}
+        for h in sorted({int(np.argmax(hw == -1)) if (hw == -1).any() else -1,
+                         int(np.argmax(hw > 0)) if (hw > 0).any() else -1} - {-1}):
+            sl = slice(h, h + 1)
+            ref = pk.headwise_attention(q[:, :, sl], k[:, :, sl], v[:, :, sl], hw[sl], None, backend="xla", **kw)
+            errs[f"head{h}(w={hw[h]})"] = rel_err(out[:, :, sl], ref)
+            del ref
+        res["rel_err_vs_reference"] = errs
+        if plan == "full" and cudnn_out is not None:
+            res["rel_err_vs_cudnn"] = rel_err(out, cudnn_out)
+        ok = res["finite"] and res["cached_bitexact"] and all(e <= 1e-2 for e in errs.values())
+        ok = ok and res.get("rel_err_vs_cudnn", 0.0) <= 1e-2
+        res["ok"] = ok
+        ok_all &= ok
+        RESULTS["checks"].append(res)
+        log(f"check {name} {plan} mosaic_gpu: finite={res['finite']} cached_bitexact={res['cached_bitexact']} "
+            + " ".join(f"{h}:{e:.2e}" for h, e in errs.items())
+            + (f" vs cudnn {res['rel_err_vs_cudnn']:.2e}" if "rel_err_vs_cudnn" in res else "")
+            + f" {'OK' if ok else 'FAIL'}")
+        del out
+    save()
+    return ok_all
+
+
+def bench_mosaic(name, q, k, v, plans, text_len, text_first, cudnn_ms, cudnn_out):
+    """Checks (:func:`mosaic_checks`), then times mosaic_gpu on every plan (cache chained and donated)."""
+    batch, tokens, heads, d = q.shape
+    try:
+        ok = mosaic_checks(name, q, k, v, plans, text_len, text_first, cudnn_out)
+    except Exception as ex:
+        log(f"check {name} mosaic_gpu FAILED: {type(ex).__name__}: {str(ex)[:800]}")
+        traceback.print_exc()
+        return
+    if not ok:
+        log(f"{name} mosaic_gpu: checks failed, timing anyway (marked)")
+    cache = rand(jax.random.PRNGKey(99), q.shape, q.dtype)
+    full_ms = None
+    cfg = pk.get_backend("mosaic_gpu").default_config(q.shape, q.dtype, pk.default_band(d))
+    for plan, hw in plans.items():
+        cost = pk.plan_cost(hw, batch=batch, tokens=tokens, text_len=text_len, text_first=text_first, head_dim=d)
+        try:
+            if (hw == 0).any():
+                f = mosaic_fn(text_len, text_first, cache=True)
+                ms, lo, hi, n = time_jax(f, (q, k, v, jnp.asarray(hw), jnp.copy(cache)), chain=4)
+            else:
+                ms, lo, hi, n = time_jax(mosaic_fn(text_len, text_first, cache=False), (q, k, v, jnp.asarray(hw)))
+        except Exception as ex:
+            log(f"{name} {plan} mosaic_gpu FAILED: {type(ex).__name__}: {str(ex)[:800]}")
+            continue
+        tile_flops = int(cost.total_tile_flops)
+        tfl = tile_flops / ms / 1e9 if tile_flops else 0.0
+        if plan == "full":
+            full_ms = ms
+        rec = dict(shape=name, plan=plan, impl="mosaic_gpu", ms=ms, lo=lo, hi=hi, n=n, checks_ok=ok,
+                   block_k=cfg.block_k, num_stages=cfg.num_stages, tile_fraction=float(cost.tile_fraction),
+                   tile_tflops=tfl, speedup_vs_cudnn=(cudnn_ms / ms) if cudnn_ms else None)
+        if full_ms is not None:
+            rec["predicted_ms"] = full_ms * float(cost.tile_fraction)
+        record(**rec)
+        log(f"{name} {plan:8s} {'mosaic_gpu':14s}: {ms:8.3f} ms [{lo:.3f}-{hi:.3f} n={n}] "
+            f"tiles {cost.tile_fraction:6.1%} {tfl:5.0f} TFLOP/s(tiles)"
+            + (f" x{cudnn_ms / ms:.2f} vs cudnn" if cudnn_ms else "")
+            + (f" pred {rec['predicted_ms']:.3f}" if "predicted_ms" in rec else "")
+            + ("" if ok else " CHECKS FAILED"))
 
 
 def rel_err(x, ref):
@@ -314,22 +429,29 @@ def bench_shape(name, args, sweep_cfgs):
     shape = (batch, tokens, heads, d)
     q, k, v, cache = (rand(x, shape, jnp.bfloat16) for x in ks)
     plans = plans_for(n_img, heads)
+    if args.quick:
+        plans = {p: plans[p] for p in QUICK_PLANS}
     dense_flops = 4 * batch * heads * tokens * tokens * d
+    triton = "triton" in BACKEND_LIST
 
-    try:
-        shape_checks(name, q, k, v, plans, text_len, text_first)
-    except Exception as ex:
-        log(f"check {name} FAILED: {type(ex).__name__}: {str(ex)[:800]}")
-        traceback.print_exc()
+    if triton:
+        try:
+            shape_checks(name, q, k, v, plans_for(n_img, heads), text_len, text_first)
+        except Exception as ex:
+            log(f"check {name} FAILED: {type(ex).__name__}: {str(ex)[:800]}")
+            traceback.print_exc()
 
     # cuDNN dense.
-    cudnn_ms = None
+    cudnn_ms = cudnn_out = None
     try:
         f = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation=DENSE_IMPL))
+        cudnn_out = f(q, k, v)
         ms, lo, hi, n = time_jax(f, (q, k, v))
         cudnn_ms = ms
         log(f"{name} cudnn dense: {ms:.3f} ms [{lo:.3f}-{hi:.3f}, n={n}] {dense_flops / ms / 1e9:.0f} TFLOP/s")
         record(shape=name, plan="full", impl="jax-cudnn-dense", ms=ms, lo=lo, hi=hi, tflops=dense_flops / ms / 1e9)
+        if not triton:
+            raise StopIteration
         out_full = ours_fn(tokens, text_len, text_first, bq, bk, nw, ns, cache=False)(
             q, k, v, jnp.asarray(plans["full"])
         )
@@ -337,12 +459,18 @@ def bench_shape(name, args, sweep_cfgs):
         log(f"check {name} all-full vs cudnn: rel_err={e:.2e} {'OK' if e <= 1e-2 else 'FAIL'}")
         RESULTS["checks"].append(dict(kind="full-vs-cudnn", shape=name, rel_err=e, ok=e <= 1e-2))
         del out_full
+    except StopIteration:
+        pass
     except Exception as ex:
         log(f"{name} cudnn FAILED: {type(ex).__name__}: {str(ex)[:400]}")
 
+    if "mosaic_gpu" in BACKEND_LIST:
+        bench_mosaic(name, q, k, v, plans, text_len, text_first, cudnn_ms, cudnn_out)
+    del cudnn_out
+
     # Ours, default config.
     full_ms = None
-    for plan, hw in plans.items():
+    for plan, hw in plans.items() if triton else ():
         cost = pk.plan_cost(
             hw, batch=batch, tokens=tokens, text_len=text_len, text_first=text_first, head_dim=d, block_q=bq, block_k=bk
         )
@@ -360,6 +488,8 @@ def bench_shape(name, args, sweep_cfgs):
             variants += [("ours-nodonate", dict(cache=True, donate=False))]
         if plan in ("mixed", "cached"):
             variants.append(("ours-unrolled16", dict(cache=True, unrolled=16)))
+        if args.quick:
+            variants = variants[:1]
         for impl, opt in variants:
             try:
                 if opt.get("unrolled"):
@@ -526,7 +656,7 @@ def bench_flex(name, st):
         return t.permute(0, 2, 1, 3).contiguous()  # [B, H, T, D]
 
     qt, kt, vt = (to_torch(st[n]) for n in ("q", "k", "v"))
-    for plan in ("full", "arrow8", "arrow16", "arrow32", "mixed", "mixed2"):
+    for plan in ("arrow8",) if args.quick else ("full", "arrow8", "arrow16", "arrow32", "mixed", "mixed2"):
         if elapsed() > args.budget_s * 0.92:
             log(f"flex {name}: skipped {plan} (time)")
             break
@@ -672,6 +802,38 @@ def table():
     return "\n".join(lines)
 
 
+def backend_table():
+    """cuDNN / Triton / Mosaic GPU side by side (the last table printed)."""
+    recs = RESULTS["records"]
+
+    def ms(shape, plan, impl):
+        r = next((r for r in recs if r["shape"] == shape and r["plan"] == plan and r["impl"] == impl), None)
+        return r
+
+    lines = ["", "| shape | plan | tiles | cuDNN dense ms | triton ms | mosaic_gpu ms | mosaic x cuDNN | "
+             "mosaic / triton speed-up | mosaic predicted ms (full x tiles) | mosaic checks |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for shape in SHAPES:
+        cud = ms(shape, "full", "jax-cudnn-dense")
+        for plan in ("full", "arrow8", "arrow16", "arrow32", "mixed", "mixed2", "cached"):
+            tr, mo = ms(shape, plan, "ours"), ms(shape, plan, "mosaic_gpu")
+            if not (tr or mo):
+                continue
+            frac = (mo or tr)["tile_fraction"]
+            f = lambda r: f"{r['ms']:.3f}" if r else ""  # noqa: E731
+            lines.append(
+                f"| {shape} | {plan} | {frac:.1%} | {f(cud) if plan == 'full' else ''} | {f(tr)} | {f(mo)} | "
+                + (f"{cud['ms'] / mo['ms']:.2f}" if cud and mo else "") + " | "
+                + (f"{tr['ms'] / mo['ms']:.2f}" if tr and mo else "") + " | "
+                + (f"{mo['predicted_ms']:.3f}" if mo and "predicted_ms" in mo else "") + " | "
+                + (("OK" if mo["checks_ok"] else "FAIL") if mo else "") + " |")
+    bad = [c for c in RESULTS["checks"] if c.get("ok") is False or "error" in c]
+    lines.append(f"checks: {len(RESULTS['checks'])} run, {len(bad)} failed"
+                 + (": " + "; ".join(f"{c.get('kind')} {c.get('shape', '')} {c.get('plan', '')}" for c in bad[:12])
+                    if bad else ""))
+    return "\n".join(lines)
+
+
 # (block_q, block_k, num_warps, num_stages, single_loop); run 1 (2026-11-22)
 # swept FLUX-2K and SD3-1K over the first grid, run 2 over the second.
 SWEEP_RUN1 = {
@@ -708,7 +870,13 @@ if __name__ == "__main__":
     ap.add_argument("--budget-s", type=float, default=520.0)
     ap.add_argument("--out", default=os.environ.get("OUT"))
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes in interpret mode (script test, no GPU)")
+    ap.add_argument("--quick", action="store_true", help="plans " + ",".join(QUICK_PLANS) + "; no small checks, "
+                    "no Triton variants, Flex arrow8 only")
+    ap.add_argument("--backends", default=",".join(BACKEND_LIST), help="ours to run: triton, mosaic_gpu")
     args = ap.parse_args()
+    BACKEND_LIST = tuple(b for b in args.backends.split(",") if b)
+    if args.quick:
+        args.no_small = True
     if args.cpu_smoke:
         INTERPRET, DENSE_IMPL = True, "xla"
         SHAPES.clear()
@@ -751,4 +919,5 @@ if __name__ == "__main__":
             save()
     log(f"\ntotal {elapsed():.0f}s")
     log(table())
+    log(backend_table())
     save()

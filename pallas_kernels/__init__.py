@@ -5,7 +5,9 @@ Public API:
 * :func:`headwise_attention` -- the function, on a chosen or the platform's
   default backend;
 * :data:`BACKENDS`, :func:`get_backend` -- the registered backends, in order
-  of preference: ``"triton"`` (Pallas, Triton lowering on a GPU, interpret
+  of preference: ``"mosaic_gpu"`` (Pallas Mosaic GPU on Hopper, interpret
+  mode elsewhere when named; kept out of the automatic choice while
+  ``api.MOSAIC_GPU_DEFAULT`` is False; :class:`MosaicConfig`), ``"triton"`` (Pallas, Triton lowering on a GPU, interpret
   mode elsewhere when named) and ``"xla"`` (dense masked reference, any
   platform); :class:`TritonConfig` is the Triton backend's launch
   configuration;
@@ -20,6 +22,7 @@ Public API:
 from pallas_kernels import schedule
 from pallas_kernels.api import BACKENDS, Backend, get_backend, headwise_attention, reference_headwise_attention
 from pallas_kernels.cost import PlanCost, plan_cost
+from pallas_kernels.mosaic_backend import MosaicConfig
 from pallas_kernels.schedule import default_band
 from pallas_kernels.triton_backend import TritonConfig
 
@@ -30,6 +33,7 @@ __all__ = [
     "Backend",
     "get_backend",
     "TritonConfig",
+    "MosaicConfig",
     "plan_cost",
     "PlanCost",
     "schedule",

@@ -15,7 +15,8 @@ is an object with
   config)`` on validated arguments.
 
 :data:`BACKENDS` lists them in order of preference; ``backend=None`` takes the
-first that supports the call on the default platform.
+first that supports the call on the default platform ("mosaic_gpu" only once
+:data:`MOSAIC_GPU_DEFAULT` is True).
 """
 
 from __future__ import annotations
@@ -25,10 +26,16 @@ from typing import Any, Protocol
 import jax
 
 from pallas_kernels._validate import validate
+from pallas_kernels.mosaic_backend import MosaicBackend
 from pallas_kernels.reference import XlaBackend
 from pallas_kernels.triton_backend import TritonBackend
 
-__all__ = ["Backend", "BACKENDS", "get_backend", "headwise_attention", "reference_headwise_attention"]
+__all__ = [
+    "Backend", "BACKENDS", "MOSAIC_GPU_DEFAULT", "get_backend", "headwise_attention", "reference_headwise_attention",
+]
+
+# Whether the automatic choice may take "mosaic_gpu" (first in the preference order); naming it always works.
+MOSAIC_GPU_DEFAULT = False
 
 
 class Backend(Protocol):
@@ -48,6 +55,7 @@ class Backend(Protocol):
 BACKENDS: dict[str, Backend] = {
     b.name: b
     for b in (
+        MosaicBackend(),
         TritonBackend(),
         XlaBackend(),
     )
@@ -59,6 +67,10 @@ def get_backend(name: str) -> Backend:
     if name not in BACKENDS:
         raise ValueError(f"backend {name!r} is unknown; registered backends: {list(BACKENDS)}")
     return BACKENDS[name]
+
+
+def _automatic(b: Backend) -> bool:
+    return b.name != "mosaic_gpu" or MOSAIC_GPU_DEFAULT
 
 
 def _select(backend, config, q_shape, dtype, band) -> Backend:
@@ -78,10 +90,11 @@ def _select(backend, config, q_shape, dtype, band) -> Backend:
             )
         return chosen
     platform = jax.default_backend()
-    for b in BACKENDS.values():
+    candidates = [b for b in BACKENDS.values() if _automatic(b)]
+    for b in candidates:
         if b.supports(q_shape, dtype, band, platform) is None:
             return b
-    reasons = "; ".join(f"{b.name}: {b.supports(q_shape, dtype, band, platform)}" for b in BACKENDS.values())
+    reasons = "; ".join(f"{b.name}: {b.supports(q_shape, dtype, band, platform)}" for b in candidates)
     raise ValueError(f"no backend supports q {q_shape} {dtype} with band {band} on {platform!r} ({reasons})")
 
 

@@ -1,4 +1,7 @@
-"""Semantics every head-wise attention backend must meet (triton in interpret mode on CPU, xla).
+"""Semantics every head-wise attention backend must meet (mosaic_gpu and triton in interpret mode on CPU, xla).
+
+A backend runs the cases it supports (``supports(..., platform=None)``) and skips the others; the
+"Hopper tiles" section holds cases every backend supports (bf16/fp16, head_dim 64/128, band >= 128x64).
 
 The oracle is brute-force float64 numpy built from the method's definition (full / cached / arrow with a band of
 half-width w at band-tile granularity), not from pallas_kernels.schedule or any backend.
@@ -19,13 +22,21 @@ from pallas_kernels import api
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 BACKEND_NAMES = list(pk.BACKENDS)
-TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2, jnp.float16: 1e-2}
 
 # Backend configs whose execution tiles are finer than the band (backends without execution tiles: none).
 FINE_TILE_CONFIGS = {
     "triton": lambda band: [pk.TritonConfig(block_q=band[0] // 2, block_k=band[1] // 2),
                             pk.TritonConfig(block_q=band[0] // 4, block_k=band[1], single_loop=False)],
+    "mosaic_gpu": lambda band: [pk.MosaicConfig(block_k=64, pingpong=False, num_stages=3)] if band[1] >= 128 else [],
 }
+
+
+def need(backend, shape, dtype, band):
+    """Skips the test where ``backend`` does not support the call (it raises ValueError there instead)."""
+    reason = pk.get_backend(backend).supports(tuple(shape), jnp.dtype(dtype), tuple(band), None)
+    if reason is not None:
+        pytest.skip(f"{backend}: {reason}")
 
 
 # ------------------------------------------------------------------ oracle
@@ -139,6 +150,7 @@ cases = st.fixed_dictionaries(
 
 def run_random_case(backend, case, dtype):
     c, hw = case
+    need(backend, (c["batch"], c["tokens"], c["heads"], c["head_dim"]), dtype, c["band"])
     text_len = int(round(c["text_frac"] * c["tokens"]))
     q, k, v, cache = qkvc(c["batch"], c["tokens"], c["heads"], c["head_dim"], dtype, c["seed"])
     hw = np.array(hw, np.int32)
@@ -171,6 +183,7 @@ def test_random_plans_bf16(backend, case):
 def test_mixed_plan_both_orders_padded(backend, text_first, dtype):
     # full, cached, arrow 5, arrow wider than the image; T = 173 is not a multiple of the band tiles.
     b, t, h, d, text_len, band = 2, 173, 4, 32, 45, (32, 16)
+    need(backend, (b, t, h, d), dtype, band)
     q, k, v, cache = qkvc(b, t, h, d, dtype, seed=1)
     hw = np.array([-1, 0, 5, 1000], np.int32)
     cache = poisoned(cache, hw)
@@ -190,6 +203,7 @@ def test_mixed_plan_both_orders_padded(backend, text_first, dtype):
 )
 def test_all_full_is_full_attention(backend, tokens, text_len, text_first, dtype):
     b, h, d = 2, 3, 64
+    need(backend, (b, tokens, h, d), dtype, (32, 32))
     q, k, v, _ = qkvc(b, tokens, h, d, dtype, seed=tokens)
     hw = np.full((h,), -1, np.int32)
     out = pk.headwise_attention(q, k, v, hw, text_len=text_len, text_first=text_first, band=(32, 32), backend=backend)
@@ -202,6 +216,7 @@ def test_all_full_is_full_attention(backend, tokens, text_len, text_first, dtype
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_all_cached_is_cache_bit_for_bit(backend, dtype):
     b, t, h, d = 2, 77, 3, 32
+    need(backend, (b, t, h, d), dtype, (16, 16))
     q, k, v, cache = qkvc(b, t, h, d, dtype, seed=7)
     cache = cache.at[0, 0, 0, 0].set(jnp.nan)  # must pass through untouched
     hw = np.zeros((h,), np.int32)
@@ -213,6 +228,7 @@ def test_all_cached_is_cache_bit_for_bit(backend, dtype):
 def test_default_band_flux_like_shape(backend):
     # Default band (128x128 for D=128) on a short FLUX-like sequence; FLUX's arrow_8 window w = n_img // 16.
     b, t, h, d, text_len = 1, 300, 3, 128, 44
+    need(backend, (b, t, h, d), jnp.bfloat16, pk.default_band(d))
     q, k, v, cache = qkvc(b, t, h, d, jnp.bfloat16, seed=4)
     hw = np.array([(t - text_len) // 16, -1, 0], np.int32)
     cache = poisoned(cache, hw)
@@ -228,6 +244,7 @@ def test_default_band_flux_like_shape(backend):
 def test_band_coarser_than_execution_tiles(backend, text_first):
     """The band fixes the function: execution tiles finer than the band give the result of tiles equal to it."""
     b, t, h, d, text_len, band = 1, 203, 4, 16, 37, (64, 64)
+    need(backend, (b, t, h, d), jnp.float32, band)
     q, k, v, cache = qkvc(b, t, h, d, jnp.float32, seed=21)
     hw = np.array([3, 0, 40, -1], np.int32)
     cache = poisoned(cache, hw)
@@ -249,6 +266,7 @@ def test_band_coarser_than_execution_tiles(backend, text_first):
 @pytest.mark.parametrize("backend", BACKEND_NAMES)
 def test_plan_changes_inside_scan_without_recompiling(backend):
     b, t, h, d = 1, 120, 4, 32
+    need(backend, (b, t, h, d), jnp.float32, (32, 32))
     q, k, v, _ = qkvc(b, t, h, d, jnp.float32, seed=5)
     kw = dict(text_len=24, text_first=True, band=(32, 32))
     plans = jnp.array([[-1, -1, -1, -1], [0, 3, -1, 9], [0, 0, 20, -1], [5, 0, 0, 0]], jnp.int32)
@@ -279,11 +297,139 @@ def test_plan_changes_inside_scan_without_recompiling(backend):
 @pytest.mark.parametrize("backend", BACKEND_NAMES)
 def test_traced_zero_without_cache_computes_full(backend):
     b, t, h, d = 1, 64, 2, 16
+    need(backend, (b, t, h, d), jnp.float32, (16, 16))
     q, k, v, _ = qkvc(b, t, h, d, jnp.float32, seed=9)
     kw = dict(text_len=16, text_first=True, band=(16, 16))
     f = jax.jit(lambda q, k, v, hw: pk.headwise_attention(q, k, v, hw, backend=backend, **kw))
     out = f(q, k, v, jnp.array([0, 4], jnp.int32))
     check(out, q, k, v, np.array([-1, 4]), None, tol=1e-5, **kw)
+
+
+# ----------------------------------------------------------- Hopper tiles
+# bf16/fp16, head_dim 64/128, bands >= 128x64: cases every backend runs (mosaic_gpu needs them). Small
+# token counts keep mosaic_gpu's interpret mode (seconds per call) cheap.
+
+
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+@pytest.mark.parametrize("text_first,dtype", [(True, jnp.bfloat16), (False, jnp.float16)])
+def test_hopper_tiles_mixed_plan_padded(backend, text_first, dtype):
+    # T = 261: not a multiple of 8, of the key tile or of the query tile.
+    b, t, h, d, text_len, band = 1, 261, 3, 64, 45, (128, 64)
+    q, k, v, cache = qkvc(b, t, h, d, dtype, seed=31)
+    hw = np.array([9, -1, 0], np.int32)
+    cache = poisoned(cache, hw)
+    kw = dict(text_len=text_len, text_first=text_first, band=band)
+    out = pk.headwise_attention(q, k, v, hw, cache, backend=backend, **kw)
+    check(out, q, k, v, hw, cache, tol=TOL[dtype], **kw)
+    if text_first:  # the arrow skips key tiles here
+        full = oracle(q, k, v, np.full(h, -1), **kw)
+        assert rel_err(out[:, :, 0], full[:, :, 0]) > 1e-3
+
+
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+def test_hopper_tiles_d128_default_band_and_finer_tiles(backend):
+    b, t, h, d, text_len = 1, 200, 3, 128, 30
+    q, k, v, cache = qkvc(b, t, h, d, jnp.bfloat16, seed=32)
+    hw = np.array([(t - text_len) // 16, -1, 0], np.int32)
+    cache = poisoned(cache, hw)
+    kw = dict(text_len=text_len, text_first=True, band=pk.default_band(d))
+    for config in [None] + FINE_TILE_CONFIGS.get(backend, lambda band: [])(kw["band"])[:1]:
+        out = pk.headwise_attention(q, k, v, hw, cache, backend=backend, config=config, **kw)
+        check(out, q, k, v, hw, cache, tol=TOL[jnp.bfloat16], **kw)
+
+
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+def test_hopper_tiles_all_full_is_full_attention(backend):
+    b, t, h, d, text_len, band = 2, 150, 2, 64, 40, (128, 64)
+    q, k, v, _ = qkvc(b, t, h, d, jnp.float16, seed=33)
+    hw = np.full((h,), -1, np.int32)
+    out = pk.headwise_attention(q, k, v, hw, text_len=text_len, text_first=False, band=band, backend=backend)
+    xla = jax.nn.dot_product_attention(q, k, v, implementation="xla")
+    assert rel_err(out, xla) <= TOL[jnp.float16]
+    check(out, q, k, v, hw, None, text_len=text_len, text_first=False, band=band, tol=TOL[jnp.float16])
+
+
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+def test_hopper_tiles_all_cached_is_cache_bit_for_bit(backend):
+    b, t, h, d = 2, 77, 3, 64
+    _, _, _, cache = qkvc(b, t, h, d, jnp.bfloat16, seed=34)
+    q, k, v = (jnp.full_like(cache, jnp.nan) for _ in range(3))  # never read
+    cache = cache.at[0, 0, 0, 0].set(jnp.nan)
+    hw = np.zeros((h,), np.int32)
+    out = pk.headwise_attention(q, k, v, hw, cache, text_len=10, text_first=True, band=(128, 64), backend=backend)
+    assert same_bits(out, cache)
+
+
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+def test_hopper_tiles_plan_changes_inside_scan_without_recompiling(backend):
+    b, t, h, d = 1, 140, 3, 64
+    q, k, v, _ = qkvc(b, t, h, d, jnp.bfloat16, seed=35)
+    kw = dict(text_len=24, text_first=True, band=(128, 64))
+    plans = jnp.array([[-1, -1, -1], [0, 3, -1], [5, 0, 0]], jnp.int32)
+
+    @jax.jit
+    def denoise(q, k, v, plans):
+        def step(prev, hw):
+            out = pk.headwise_attention(q, k, v, hw, prev, backend=backend, **kw)
+            return out, out
+
+        return jax.lax.scan(step, jnp.full_like(q, jnp.nan), plans)[1]
+
+    outs = denoise(q, k, v, plans)
+    prev = jnp.full_like(q, jnp.nan)
+    for s in range(plans.shape[0]):
+        check(outs[s], q, k, v, plans[s], prev, tol=TOL[jnp.bfloat16], **kw)
+        prev = outs[s]
+
+    @jax.jit
+    def one(q, k, v, hw, cache):
+        return pk.headwise_attention(q, k, v, hw, cache, backend=backend, **kw)
+
+    for s in (1, 2):
+        one(q, k, v, plans[s], outs[0]).block_until_ready()
+    assert one._cache_size() == 1
+
+
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+def test_hopper_tiles_traced_zero_without_cache_computes_full(backend):
+    b, t, h, d = 1, 130, 2, 64
+    q, k, v, _ = qkvc(b, t, h, d, jnp.bfloat16, seed=36)
+    kw = dict(text_len=16, text_first=True, band=(128, 64))
+    f = jax.jit(lambda q, k, v, hw: pk.headwise_attention(q, k, v, hw, backend=backend, **kw))
+    out = f(q, k, v, jnp.array([0, 4], jnp.int32))
+    check(out, q, k, v, np.array([-1, 4]), None, tol=TOL[jnp.bfloat16], **kw)
+
+
+hopper_cases = st.fixed_dictionaries(
+    dict(
+        batch=st.integers(1, 2),
+        tokens=st.integers(40, 280),
+        heads=st.integers(1, 3),
+        head_dim=st.sampled_from([64, 128]),
+        band=st.tuples(st.sampled_from([128, 256]), st.sampled_from([64, 128])),
+        text_first=st.booleans(),
+        text_frac=st.floats(0.0, 0.5),
+        kind=st.sampled_from(["mixed", "mixed", "full", "cached"]),
+        seed=st.integers(0, 2**16),
+    )
+).flatmap(
+    lambda c: st.tuples(
+        st.just(c),
+        st.lists(
+            {"mixed": st.one_of(st.just(-1), st.just(0), st.integers(1, c["tokens"] + 16)),
+             "full": st.just(-1), "cached": st.just(0)}[c["kind"]],
+            min_size=c["heads"],
+            max_size=c["heads"],
+        ),
+    )
+)
+
+
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+@settings(max_examples=4, deadline=None)  # few: mosaic_gpu's interpret mode takes seconds per example
+@given(case=hopper_cases, dtype=st.sampled_from([jnp.bfloat16, jnp.float16]))
+def test_hopper_tiles_random_plans(backend, case, dtype):
+    run_random_case(backend, case, dtype)
 
 
 # --------------------------------------------------------------- bad input
@@ -364,6 +510,16 @@ def calls(monkeypatch):
 
 def test_registry():
     assert BACKEND_NAMES[-1] == "xla" and "triton" in BACKEND_NAMES
+    assert BACKEND_NAMES[0] == "mosaic_gpu" and api.MOSAIC_GPU_DEFAULT is False
+    mosaic = pk.get_backend("mosaic_gpu")
+    assert mosaic.supports((1, 64, 2, 64), jnp.bfloat16, (128, 64), None) is None
+    assert mosaic.supports((1, 64, 2, 128), jnp.float16, (256, 128), None) is None
+    assert mosaic.supports((1, 64, 2, 64), jnp.bfloat16, (128, 64), "cpu")
+    for args in (((1, 64, 2, 64), jnp.float32, (128, 64)), ((1, 64, 2, 32), jnp.bfloat16, (128, 64)),
+                 ((1, 64, 2, 64), jnp.bfloat16, (64, 64)), ((1, 64, 2, 64), jnp.bfloat16, (128, 32))):
+        assert mosaic.supports(*args, None)
+    if jax.default_backend() != "gpu":
+        assert mosaic.supports((1, 64, 2, 64), jnp.bfloat16, (128, 64), "gpu")  # no Hopper device here
     for name, b in pk.BACKENDS.items():
         assert b.name == name and pk.get_backend(name) is b
         cfg = b.default_config((1, 64, 2, 64), jnp.bfloat16, (128, 64))
@@ -392,6 +548,33 @@ def test_automatic_choice_takes_first_supported(calls):
     # A config names its backend (here run in interpret mode off a GPU).
     _call(config=pk.TritonConfig())
     assert calls[-1] == "triton"
+
+
+class Fake:
+    """A backend that supports everything and computes nothing."""
+
+    def __init__(self, name):
+        self.name, self.config_type = name, type(name, (), {})
+
+    def default_config(self, *a):
+        return self.config_type()
+
+    def supports(self, *a):
+        return None
+
+    def __call__(self, *a, **kw):
+        return self.name
+
+
+def test_mosaic_gpu_automatic_only_behind_its_switch(monkeypatch):
+    monkeypatch.setattr(api, "BACKENDS", {n: Fake(n) for n in ("mosaic_gpu", "triton", "xla")})
+    q = jnp.ones((1, 40, 2, 16), jnp.float32)
+    hw = np.array([-1, 3], np.int32)
+    run = lambda **kw: pk.headwise_attention(q, q, q, hw, text_len=8, text_first=True, band=(16, 16), **kw)  # noqa: E731
+    assert run() == "triton"
+    assert run(backend="mosaic_gpu") == "mosaic_gpu"
+    monkeypatch.setattr(api, "MOSAIC_GPU_DEFAULT", True)
+    assert run() == "mosaic_gpu"
 
 
 def test_unknown_or_unsupported_backend(calls, monkeypatch):

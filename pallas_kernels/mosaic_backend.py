@@ -1,0 +1,364 @@
+"""Backend "mosaic_gpu": head-wise attention in Pallas Mosaic GPU (Hopper), with cached heads.
+
+The same function as every backend (:mod:`pallas_kernels.schedule`).  Kernel
+structure (``plgpu.kernel``, one program = one (batch, head, pair of query
+tiles), three warpgroups):
+
+* every program reads ``head_window[h]`` from memory and computes its two
+  key-tile ranges with :func:`pallas_kernels.schedule.kv_tile_ranges` for its
+  ``2 * 64`` query rows (the band's query size is a multiple of 128, so both
+  compute warpgroups visit the same key tiles); the loops have dynamic bounds,
+  so one compiled kernel serves every plan.  The range ending at the last key
+  tile goes second, so the padded key tile (``tokens % block_k != 0``), if
+  visited, is the final step and the only one whose scores are masked;
+* warpgroup 2 (memory) streams the K/V tiles of both ranges by TMA straight
+  from ``[B, T, H, D]`` into ``num_stages``-deep SMEM rings (input dtype),
+  released by the compute warpgroups on "consumed" barriers; out-of-bounds
+  rows are zero-filled by the TMA unit;
+* warpgroups 0 and 1 (compute) each load 64 query rows, run wgmma for
+  ``Q K^T`` and ``P V`` with the online softmax of :func:`_softmax_step` in
+  between (base 2, ``1/sqrt(D)`` folded into the exp2 factor) and optionally
+  alternate their matmuls on a schedule barrier (``pingpong``) so that one's
+  softmax overlaps the other's wgmma; the result goes back through SMEM by
+  TMA (rows past ``tokens`` are clipped by the TMA unit);
+* cached heads (window 0): every warpgroup returns at once; the output buffer
+  is the cache, passed in as a ``jax.new_ref`` (lowered to an operand alias),
+  so the cache passes through bit for bit, with no copy when it is donated.
+
+TMA moves tiles in groups of 8 token rows (the SMEM tiling), so a token
+count that is not a multiple of 8 (SD3: 4096 + 333) is padded to one outside
+the kernel (a copy of q, k, v and the cache, and a slice of the output); the
+padding keys are masked like any key past ``tokens``.
+
+The grid is not persistent: one CTA per (head, query-tile pair, batch), query
+tiles holding text first.  Off a GPU it runs in Mosaic GPU interpret mode,
+where plain dots replace wgmma (the interpreter does not run wgmma
+accumulators).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels import schedule
+
+__all__ = ["MosaicConfig", "MosaicBackend"]
+
+_LOG2E = math.log2(math.e)
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+_BLOCK_Q = 64  # query rows per compute warpgroup (one wgmma M tile)
+_COMPUTE_WGS = 2
+_PROGRAM_Q = _BLOCK_Q * _COMPUTE_WGS
+_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+_HEAD_DIMS = (64, 128)
+
+
+def _default_stages(head_dim: int, block_k: int) -> int:
+    """SMEM ring depth within Hopper's 227 KiB: Q/O 2x64xD + (K + V) stages x block_k x D, 2 bytes each."""
+    budget = 220 * 1024 - _PROGRAM_Q * head_dim * 2
+    return max(2, min(4, budget // (2 * block_k * head_dim * 2)))
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicConfig:
+    """Launch configuration of the Mosaic GPU backend: how the function is run, never which function.
+
+    ``block_k``: key tile (64 or 128, dividing the band's ``band_k``; None:
+    ``min(band_k, 128)``); ``num_stages``: K/V ring depth (None: as deep as
+    SMEM allows, 2 to 4); ``pingpong``: alternate the two compute
+    warpgroups' matmuls; ``interpret``: Mosaic GPU interpret mode (None: when
+    the default backend is not a GPU).
+    """
+
+    block_k: int | None = None
+    num_stages: int | None = None
+    pingpong: bool = True
+    interpret: bool | None = None
+
+    def __post_init__(self):
+        if self.block_k is not None and self.block_k not in (64, 128):
+            raise ValueError(f"MosaicConfig.block_k: expected 64 or 128, got {self.block_k!r}")
+        n = self.num_stages
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 2):
+            raise ValueError(f"MosaicConfig.num_stages: expected an int >= 2, got {n!r}")
+
+
+class MosaicBackend:
+    """The Pallas kernel lowered through Mosaic GPU: compiled on Hopper (sm_90), interpret mode elsewhere."""
+
+    name = "mosaic_gpu"
+    config_type = MosaicConfig
+
+    def default_config(self, q_shape, dtype, band) -> MosaicConfig:
+        """Launch configuration for ``q_shape``, ``dtype`` and ``band``."""
+        return self._complete(MosaicConfig(), q_shape, band)
+
+    def supports(self, q_shape, dtype, band, platform) -> str | None:
+        """None when it runs there; ``platform=None`` (named by the caller): judge the shape only."""
+        if jnp.dtype(dtype) not in _DTYPES:
+            return f"dtype {jnp.dtype(dtype).name} is not bfloat16 or float16"
+        head_dim = q_shape[-1]
+        if head_dim not in _HEAD_DIMS:
+            return f"head_dim {head_dim} is not one of {list(_HEAD_DIMS)}"
+        band_q, band_k = band
+        if band_q % _PROGRAM_Q or band_k % 64:
+            return f"band {tuple(band)}: needs band_q a multiple of {_PROGRAM_Q} and band_k a multiple of 64"
+        if platform is None:
+            return None
+        if platform != "gpu":
+            return f"compiles for a Hopper GPU only (platform {platform!r}); name it to run it in interpret mode"
+        cc = getattr(jax.devices()[0], "compute_capability", None)
+        if cc is None or not str(cc).startswith("9."):
+            return f"needs compute capability 9.x (Hopper), got {cc}"
+        return None
+
+    def __call__(self, q, k, v, head_window, cache, *, text_len, text_first, band, config):
+        """Validated arguments (``head_window`` int32, ``band`` a pair) -> output."""
+        cfg = self._complete(config or MosaicConfig(), q.shape, band)
+        return _headwise_jit(
+            q, k, v, head_window, cache, text_len=int(text_len), text_first=bool(text_first), band=tuple(band),
+            block_k=cfg.block_k, num_stages=cfg.num_stages, pingpong=cfg.pingpong, interpret=bool(cfg.interpret),
+        )
+
+    def _complete(self, config, q_shape, band) -> MosaicConfig:
+        """``config`` with every None field set to its default; checks the tiles divide the band."""
+        bk = min(band[1], 128) if config.block_k is None else config.block_k
+        schedule.check_band(band, _PROGRAM_Q, bk)
+        return dataclasses.replace(
+            config,
+            block_k=bk,
+            num_stages=_default_stages(q_shape[-1], bk) if config.num_stages is None else config.num_stages,
+            interpret=jax.default_backend() != "gpu" if config.interpret is None else config.interpret,
+        )
+
+
+# ----------------------------------------------------------------------------
+# Tile math: one online-softmax step over a key tile.
+
+
+def _softmax_step(s, carry, *, qk_scale, n_valid=None):
+    """Scores ``s`` [block_q, block_k] (float32) of one key tile -> (rescaled acc, m, l, unnormalised p).
+
+    ``m`` is kept in the scaled base-2 domain, so ``exp2(s * qk_scale - m)`` is
+    one FMA per score.  ``n_valid``: keys ``>= n_valid`` of the tile are padding.
+    """
+    acc, m_prev, l_prev = carry
+    if n_valid is not None:
+        col = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA)
+        s = jnp.where(col < n_valid, s, _MASK_VALUE)
+    m_next = jnp.maximum(m_prev, s.max(axis=1) * qk_scale)
+    alpha = jnp.exp2(m_prev - m_next)
+    p = jnp.exp2(s * qk_scale - lax.broadcast_in_dim(m_next, s.shape, [0]))
+    l_next = l_prev * alpha + p.sum(axis=1)
+    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+    return acc, m_next, l_next, p
+
+
+# ----------------------------------------------------------------------------
+# Kernel: schedule lookup, memory warpgroup, compute warpgroups.
+
+
+def _kernel(
+    hw_ref, q_ref, k_ref, v_ref, o_ref,
+    q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, k_free, v_free, sched_bar,
+    *, tokens, text_len, text_first, band, block_k, num_stages, q_rotation, pingpong, interpret,
+):
+    head_dim = q_ref.shape[-1]
+    dtype = q_ref.dtype
+    n_prog = schedule.num_tiles(tokens, _PROGRAM_Q)
+    nk = schedule.num_tiles(tokens, block_k)
+    pad_k = tokens % block_k != 0
+    last_valid = tokens - (nk - 1) * block_k  # real keys in the last key tile
+    qk_scale = _LOG2E / math.sqrt(head_dim)
+
+    b = lax.axis_index("batch")
+    h = lax.axis_index("heads")
+    p = lax.rem(lax.axis_index("q") + q_rotation, n_prog)
+    wg = lax.axis_index("wg")
+
+    t0, t1, b0, b1 = schedule.kv_tile_ranges(
+        p, hw_ref[h], tokens=tokens, text_len=text_len, text_first=text_first,
+        block_q=_PROGRAM_Q, block_k=block_k, band=band, xp=jnp,
+    )
+    # Virtual step i runs key tile a0 + i, then c0 + (i - n_a): the range ending at n_k goes last.
+    t_last = t1 == nk
+    a0 = jnp.where(t_last, b0, t0)
+    n_a = jnp.where(t_last, b1 - b0, t1 - t0)
+    c0 = jnp.where(t_last, t0, b0)
+    n = (t1 - t0) + (b1 - b0)
+    n_unmasked = n
+    if pad_k:
+        ends_padded = ((t1 == nk) & (t1 > t0)) | ((b1 == nk) & (b1 > b0))
+        n_unmasked = n - ends_padded.astype(jnp.int32)
+
+    def key_tile(i):
+        return jnp.where(i < n_a, a0 + i, c0 + (i - n_a))
+
+    def slot_of(i):
+        return lax.rem(i, num_stages)
+
+    def sched():
+        if pingpong:
+            plgpu.barrier_arrive(sched_bar)
+            plgpu.barrier_wait(sched_bar)
+
+    @pl.when((n > 0) & (wg == _COMPUTE_WGS))
+    def _memory_wg():
+        plgpu.set_max_registers(40, action="decrease")
+
+        def load(i, reuse):
+            slot = slot_of(i)
+            rows = (b, pl.ds(key_tile(i) * block_k, block_k), h)
+            if reuse:
+                plgpu.barrier_wait(k_free.at[slot])
+            plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_bar.at[slot])
+            if reuse:
+                plgpu.barrier_wait(v_free.at[slot])
+            plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_bar.at[slot])
+
+        for i in range(num_stages):  # fill the ring
+            pl.when(i < n)(functools.partial(load, jnp.int32(i), False))
+
+        @pl.loop(num_stages, jnp.maximum(n, num_stages))
+        def _refill(i):
+            load(i, True)
+
+        for s in range(num_stages):  # await the last release of every slot used
+            @pl.when(s < n)
+            def _drain():
+                plgpu.barrier_wait(k_free.at[s])
+                plgpu.barrier_wait(v_free.at[s])
+
+    @pl.when((n > 0) & (wg < _COMPUTE_WGS))
+    def _compute_wg():
+        plgpu.set_max_registers(232, action="increase")
+        q_tile = q_smem.at[wg]
+        rows = (b, pl.ds(p * _PROGRAM_Q + wg * _BLOCK_Q, _BLOCK_Q), h)
+        plgpu.copy_gmem_to_smem(q_ref.at[rows], q_tile, q_bar.at[wg])
+        plgpu.barrier_wait(q_bar.at[wg])
+        plgpu.barrier_wait(k_bar.at[0])
+
+        def scores(slot):
+            k_tile = k_smem.at[slot]
+            if interpret:
+                s = jnp.dot(q_tile[...], k_tile[...].T, preferred_element_type=jnp.float32)
+                sched()
+                return s
+
+            def issue(acc_ref):
+                plgpu.wgmma(acc_ref, q_tile, k_tile.transpose((1, 0)))
+                sched()
+                return acc_ref[...]
+
+            return pl.run_scoped(issue, plgpu.ACC((_BLOCK_Q, block_k), jnp.float32))
+
+        def accumulate(acc, pv_in, slot, i):
+            def next_k():
+                pl.when(i + 1 < n)(lambda: plgpu.barrier_wait(k_bar.at[slot_of(i + 1)]))
+
+            if interpret:
+                acc = acc + jnp.dot(pv_in, v_smem.at[slot][...], preferred_element_type=jnp.float32)
+                next_k()
+                return acc
+
+            def issue(acc_ref):
+                plgpu.wgmma(acc_ref, pv_in, v_smem.at[slot])
+                next_k()  # overlaps the wgmma in flight
+
+            return pl.run_state(issue)(plgpu.ACC.init(acc))
+
+        def step(i, carry, n_valid=None):
+            slot = slot_of(i)
+            s = scores(slot)
+            plgpu.barrier_arrive(k_free.at[slot])
+            acc, m, l, pr = _softmax_step(s, carry, qk_scale=qk_scale, n_valid=n_valid)
+            pr = pr.astype(dtype)
+            if pingpong:
+                plgpu.barrier_arrive(sched_bar)
+            plgpu.barrier_wait(v_bar.at[slot])
+            if pingpong:
+                plgpu.barrier_wait(sched_bar)
+            acc = accumulate(acc, pr, slot, i)
+            plgpu.barrier_arrive(v_free.at[slot])
+            return acc, m, l
+
+        carry = (
+            plgpu.layout_cast(jnp.zeros((_BLOCK_Q, head_dim), jnp.float32), plgpu.Layout.WGMMA),
+            plgpu.layout_cast(jnp.full((_BLOCK_Q,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
+            plgpu.layout_cast(jnp.zeros((_BLOCK_Q,), jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
+        )
+        pl.when(wg == 1)(sched)  # warpgroup 0 issues its matmuls first
+        carry = lax.fori_loop(0, n_unmasked, step, carry)
+        if pad_k:
+            carry = lax.fori_loop(n_unmasked, n, functools.partial(step, n_valid=last_valid), carry)
+        pl.when(wg == 0)(sched)
+        acc, _, l = carry
+        q_tile[...] = (acc / lax.broadcast_in_dim(l, acc.shape, [0])).astype(dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(q_tile, o_ref.at[rows])
+        plgpu.wait_smem_to_gmem(0)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("text_len", "text_first", "band", "block_k", "num_stages", "pingpong", "interpret")
+)
+def _headwise_jit(q, k, v, hw, cache, *, text_len, text_first, band, block_k, num_stages, pingpong, interpret):
+    batch, tokens, heads, head_dim = q.shape
+    if cache is None:
+        hw = jnp.where(hw == 0, -1, hw)  # documented: no cache -> full
+    hw = jnp.maximum(hw, -1)
+    n_prog = schedule.num_tiles(tokens, _PROGRAM_Q)
+    rotation = schedule.rotate_text_tiles_first(tokens, text_len, text_first, _PROGRAM_Q)
+
+    if interpret:
+        transforms = ()
+    else:
+        transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    scratch = (
+        plgpu.SMEM((_COMPUTE_WGS, _BLOCK_Q, head_dim), q.dtype, transforms=transforms),
+        plgpu.SMEM((num_stages, block_k, head_dim), q.dtype, transforms=transforms),
+        plgpu.SMEM((num_stages, block_k, head_dim), q.dtype, transforms=transforms),
+        plgpu.Barrier(num_barriers=_COMPUTE_WGS),
+        plgpu.Barrier(num_barriers=num_stages),
+        plgpu.Barrier(num_barriers=num_stages),
+        plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=num_stages),
+        plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=num_stages),
+        plgpu.Barrier(num_arrivals=_COMPUTE_WGS),
+    )
+    body = functools.partial(
+        _kernel, tokens=tokens, text_len=text_len, text_first=text_first, band=band, block_k=block_k,
+        num_stages=num_stages, q_rotation=rotation, pingpong=pingpong, interpret=interpret,
+    )
+    launch = functools.partial(
+        plgpu.kernel,
+        body,
+        scratch_types=scratch,
+        grid=(heads, n_prog, batch),
+        grid_names=("heads", "q", "batch"),
+        num_threads=_COMPUTE_WGS + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=plgpu.InterpretGPUParams() if interpret else None,
+        kernel_name="headwise_attention_mgpu",
+    )
+    # TMA views the token axis in groups of 8 rows (the SMEM tiling): other lengths are padded (one copy).
+    pad = (-tokens) % 8
+    if pad:
+        q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
+        if cache is not None:
+            cache = jnp.pad(cache, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    if cache is None:
+        out = launch(out_type=jax.ShapeDtypeStruct(q.shape, q.dtype))(hw, q, k, v)
+    else:
+        ref = jax.new_ref(cache)
+        launch(out_type=())(hw, q, k, v, ref)
+        out = jax.freeze(ref)
+    return out[:, :tokens] if pad else out
