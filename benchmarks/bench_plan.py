@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 import pallas_kernels
+from ditfa_jax.attention import AttentionSettings, dense_attention
 from ditfa_jax.calibrate import calibrate
 from ditfa_jax.configs import FluxConfig
 from ditfa_jax.loading import Transformer
@@ -74,7 +75,7 @@ def random_plan(cfg, *, px: int, steps: int, target: float, seed: int = 0) -> Co
                                        notes=dict(synthetic=True, target=target))
 
 
-def time_sampler(model, px: int, steps: int, plan) -> tuple[float, float]:
+def time_sampler(model, px: int, steps: int, plan, backend: str | None = None) -> tuple[float, float]:
     """(first call s, best of 2 compiled calls in ms per step) of the sampler on seeded random inputs, batch 1."""
     cfg = model.config
     keys = jax.random.split(jax.random.key(0), 3)
@@ -86,22 +87,50 @@ def time_sampler(model, px: int, steps: int, plan) -> tuple[float, float]:
     for _ in range(3):
         start = time.perf_counter()
         jax.block_until_ready(sample(model, latents, text, pooled, height=px, width=px, num_steps=steps,
-                                     guidance_scale=3.5, plan=plan))
+                                     guidance_scale=3.5, plan=plan, attention=AttentionSettings(backend=backend)))
         times.append(time.perf_counter() - start)
     return times[0], min(times[1:]) / steps * 1e3
 
 
-def bench_sampler(model, px: int, steps: int) -> None:
+def dense_attention_ms(cfg, px: int, reps: int = 50) -> float:
+    """One layer's dense (cuDNN on a GPU) attention at this size, ms: median of `reps` calls chained in one jit."""
+    tokens = (px // 16) ** 2 + TEXT
+    q, k, v = (jax.random.normal(key, (1, tokens, cfg.num_attention_heads, cfg.attention_head_dim), jnp.bfloat16)
+               for key in jax.random.split(jax.random.key(7), 3))
+
+    @jax.jit
+    def chained(q, k, v):
+        for _ in range(10):
+            q = dense_attention(q, k, v)
+        return q
+
+    jax.block_until_ready(chained(q, k, v))
+    times = []
+    for _ in range(reps // 10):
+        start = time.perf_counter()
+        jax.block_until_ready(chained(q, k, v))
+        times.append((time.perf_counter() - start) / 10 * 1e3)
+    return float(np.median(times))
+
+
+def bench_sampler(model, px: int, steps: int, backend: str | None = None) -> None:
+    """Dense and ~60 / 45 / 32 % plans; each plan's Amdahl bound from the dense step and the dense attention time
+    of this run (all layers' attention scaled by the FLOPs kept, the rest unchanged)."""
     cfg = model.config
     rows = px // 16
+    attention_ms = dense_attention_ms(cfg, px) * cfg.total_layers
     dense_ms = None
     for target in (None, 0.60, 0.45, 0.32):
         plan = None if target is None else random_plan(cfg, px=px, steps=steps, target=target)
-        first, ms = time_sampler(model, px, steps, plan)
+        first, ms = time_sampler(model, px, steps, plan, backend)
         dense_ms = ms if target is None else dense_ms
+        kept = 1.0 if plan is None else plan.flops_kept_fraction()
+        bound = dense_ms / (dense_ms - attention_ms * (1 - kept))
         record(kind="sampler", px=px, steps=steps, plan="dense" if plan is None else f"~{target:.0%}",
-               attention_flops_kept=1.0 if plan is None else round(plan.flops_kept_fraction(), 4),
-               ms_per_step=round(ms, 2), speedup_vs_dense=round(dense_ms / ms, 3), first_call_s=round(first, 2),
+               backend=backend or "auto", attention_flops_kept=round(kept, 4), ms_per_step=round(ms, 2),
+               speedup_vs_dense=round(dense_ms / ms, 3), amdahl_bound=round(bound, 3),
+               of_bound=round(dense_ms / ms / bound, 3), dense_attention_ms_per_step=round(attention_ms, 2),
+               first_call_s=round(first, 2),
                cache_gb=0.0 if plan is None else round(cache_bytes(cfg, 1, rows * rows + TEXT) / 1e9, 2))
 
 
@@ -140,6 +169,7 @@ def main() -> None:
     parser.add_argument("--layer-skip-only", action="store_true", help="only the q/k/v-skipping measurement")
     parser.add_argument("--calibration", help="only these calibrations, e.g. '2048:28:4,1024:50:8' (px:steps:prompts)")
     parser.add_argument("--sampler", help="only the sampler rows at these sizes, e.g. '1024,2048' (10 steps)")
+    parser.add_argument("--backend", help="head-wise kernel backend of the plans (default: the device's choice)")
     args = parser.parse_args()
     cache_dir = os.path.join(os.environ.get("OUT", "/tmp"), "..", "jax_cache")
     jax.config.update("jax_compilation_cache_dir", os.path.abspath(cache_dir))
@@ -149,7 +179,7 @@ def main() -> None:
         return
     if args.sampler:
         for px in args.sampler.split(","):
-            bench_sampler(model, int(px), 10)
+            bench_sampler(model, int(px), 10, args.backend)
         print_tables()
         return
     if args.calibration:
@@ -165,12 +195,12 @@ def main() -> None:
 
 
 def print_tables() -> None:
-    print("\n| sampler size | plan | attention FLOPs kept | ms/step | speedup vs dense |")
-    print("|---|---|---|---|---|")
+    print("\n| sampler size | backend | plan | attention FLOPs kept | ms/step | speedup vs dense | Amdahl bound | of bound |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in RESULTS:
         if r["kind"] == "sampler":
-            print(f"| {r['px']}^2 | {r['plan']} | {r['attention_flops_kept']:.3f} | {r['ms_per_step']} | "
-                  f"{r['speedup_vs_dense']} |")
+            print(f"| {r['px']}^2 | {r['backend']} | {r['plan']} | {r['attention_flops_kept']:.3f} | {r['ms_per_step']} | "
+                  f"{r['speedup_vs_dense']} | {r['amdahl_bound']} | {r['of_bound']} |")
     if not any(r["kind"] == "calibration" for r in RESULTS):
         return
     print("\n| calibration | prompts | steps | seconds | kept (delta 0.2) |")
