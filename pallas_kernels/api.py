@@ -15,8 +15,8 @@ is an object with
   config)`` on validated arguments.
 
 :data:`BACKENDS` lists them in order of preference; ``backend=None`` takes the
-first that supports the call on the default platform ("mosaic_gpu" only once
-:data:`MOSAIC_GPU_DEFAULT` is True).
+first that supports the call on the default platform ("mosaic_gpu" only for the
+head sizes in :data:`MOSAIC_GPU_AUTOMATIC_HEAD_DIMS`).
 """
 
 from __future__ import annotations
@@ -31,11 +31,13 @@ from pallas_kernels.reference import XlaBackend
 from pallas_kernels.triton_backend import TritonBackend
 
 __all__ = [
-    "Backend", "BACKENDS", "MOSAIC_GPU_DEFAULT", "get_backend", "headwise_attention", "reference_headwise_attention",
+    "Backend", "BACKENDS", "MOSAIC_GPU_AUTOMATIC_HEAD_DIMS", "get_backend", "headwise_attention", "reference_headwise_attention",
 ]
 
-# Whether the automatic choice may take "mosaic_gpu" (first in the preference order); naming it always works.
-MOSAIC_GPU_DEFAULT = False
+# Head sizes for which the automatic choice may take "mosaic_gpu" (first in the preference order; on Hopper GPUs
+# only, its `supports` says): measured on the H200, it beats the Triton backend 1.27-1.33x at head_dim 128 (FLUX)
+# and is slower at 64 (SD3: 0.85-0.93x), benchmarks/RESULTS.md. Naming a backend always works.
+MOSAIC_GPU_AUTOMATIC_HEAD_DIMS = (128,)
 
 
 class Backend(Protocol):
@@ -69,8 +71,8 @@ def get_backend(name: str) -> Backend:
     return BACKENDS[name]
 
 
-def _automatic(b: Backend) -> bool:
-    return b.name != "mosaic_gpu" or MOSAIC_GPU_DEFAULT
+def _automatic(b: Backend, q_shape) -> bool:
+    return b.name != "mosaic_gpu" or q_shape[-1] in MOSAIC_GPU_AUTOMATIC_HEAD_DIMS
 
 
 def _select(backend, config, q_shape, dtype, band) -> Backend:
@@ -90,7 +92,7 @@ def _select(backend, config, q_shape, dtype, band) -> Backend:
             )
         return chosen
     platform = jax.default_backend()
-    candidates = [b for b in BACKENDS.values() if _automatic(b)]
+    candidates = [b for b in BACKENDS.values() if _automatic(b, q_shape)]
     for b in candidates:
         if b.supports(q_shape, dtype, band, platform) is None:
             return b

@@ -510,7 +510,7 @@ def calls(monkeypatch):
 
 def test_registry():
     assert BACKEND_NAMES[-1] == "xla" and "triton" in BACKEND_NAMES
-    assert BACKEND_NAMES[0] == "mosaic_gpu" and api.MOSAIC_GPU_DEFAULT is False
+    assert BACKEND_NAMES[0] == "mosaic_gpu" and api.MOSAIC_GPU_AUTOMATIC_HEAD_DIMS == (128,)
     mosaic = pk.get_backend("mosaic_gpu")
     assert mosaic.supports((1, 64, 2, 64), jnp.bfloat16, (128, 64), None) is None
     assert mosaic.supports((1, 64, 2, 128), jnp.float16, (256, 128), None) is None
@@ -566,15 +566,29 @@ class Fake:
         return self.name
 
 
-def test_mosaic_gpu_automatic_only_behind_its_switch(monkeypatch):
+def test_mosaic_gpu_is_automatic_only_at_its_head_sizes(monkeypatch):
+    """The automatic choice takes mosaic_gpu (when it supports the device) only at the head sizes where it was
+    measured faster than Triton; naming it always works."""
     monkeypatch.setattr(api, "BACKENDS", {n: Fake(n) for n in ("mosaic_gpu", "triton", "xla")})
-    q = jnp.ones((1, 40, 2, 16), jnp.float32)
     hw = np.array([-1, 3], np.int32)
-    run = lambda **kw: pk.headwise_attention(q, q, q, hw, text_len=8, text_first=True, band=(16, 16), **kw)  # noqa: E731
-    assert run() == "triton"
-    assert run(backend="mosaic_gpu") == "mosaic_gpu"
-    monkeypatch.setattr(api, "MOSAIC_GPU_DEFAULT", True)
-    assert run() == "mosaic_gpu"
+
+    def run(head_dim, **kw):
+        q = jnp.ones((1, 40, 2, head_dim), jnp.float32)
+        return pk.headwise_attention(q, q, q, hw, text_len=8, text_first=True, band=(16, 16), **kw)
+
+    assert run(128) == "mosaic_gpu" and run(64) == "triton"
+    assert run(64, backend="mosaic_gpu") == "mosaic_gpu"
+    monkeypatch.setattr(api, "MOSAIC_GPU_AUTOMATIC_HEAD_DIMS", ())
+    assert run(128) == "triton"
+
+
+def test_automatic_choice_on_this_cpu_is_the_reference():
+    """On a CPU neither Pallas backend is taken automatically (mosaic_gpu needs a Hopper GPU, triton a GPU)."""
+    q = jnp.asarray(np.random.default_rng(0).standard_normal((1, 64, 2, 128)), jnp.bfloat16)
+    hw = np.array([-1, 3], np.int32)
+    out = pk.headwise_attention(q, q, q, hw, text_len=8, text_first=True)
+    ref = pk.headwise_attention(q, q, q, hw, text_len=8, text_first=True, backend="xla")
+    assert np.array_equal(np.asarray(out), np.asarray(ref))
 
 
 def test_unknown_or_unsupported_backend(calls, monkeypatch):
