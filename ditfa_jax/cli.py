@@ -10,6 +10,10 @@
 `generate` and `bench` need a complete diffusers pipeline folder (text encoders, tokenizers, transformer, VAE,
 scheduler). `calibrate` takes prompts as text when the folder has text encoders, prompt embeddings from an .npz
 (`prompt_embeds`, `pooled_prompt_embeds`, optional `negative_*`), or draws random embeddings.
+
+Every CHECKPOINT / FOLDER (and demo's --checkpoint) may be a Hugging Face repo id instead, "org/name" or
+"org/name@revision": the files the command needs are fetched into the local Hugging Face cache (json files first,
+so that settings are checked before any weight downloads); HF_HUB_OFFLINE=1 reads only that cache.
 """
 
 from __future__ import annotations
@@ -70,11 +74,13 @@ def _geometry(args, plan, *, text_len_default: int) -> dict:
     """height, width, steps and text length of a transformer-level run (sample, calibrate), checked against the
     model before any weight loads; a plan supplies what the command line leaves out."""
     from ditfa_jax.family import family_of, layout_for
+    from ditfa_jax.hub import CONFIGS, resolve
     from ditfa_jax.loading import transformer_config
     from ditfa_jax.pipelines import vae_scale_factor_of
 
     config = transformer_config(args.checkpoint)
-    vae = vae_scale_factor_of(args.checkpoint) if Path(args.checkpoint).is_dir() else 8
+    folder = resolve(args.checkpoint, CONFIGS)  # a repo id's json files, fetched before any weight
+    vae = vae_scale_factor_of(folder) if folder.is_dir() else 8
     native = family_of(config).native_size(config, vae)
     run = dict(height=_from_plan(args, plan, "--height", "height", plan and plan.height, native),
                width=_from_plan(args, plan, "--width", "width", plan and plan.width, native),
@@ -255,10 +261,11 @@ def _pipeline_run(args, plan) -> dict:
     before anything loads; a plan supplies what the command line leaves out."""
     from ditfa_jax.configs import read_json
     from ditfa_jax.family import family_of, layout_for
+    from ditfa_jax.hub import CONFIGS, resolve
     from ditfa_jax.loading import transformer_config
     from ditfa_jax.pipelines import PIPELINES, vae_scale_factor_of
 
-    folder = Path(args.checkpoint)
+    folder = resolve(args.checkpoint, CONFIGS)  # a repo id's json files, fetched before any weight
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: not a pipeline folder (expected a diffusers folder with model_index.json)")
     name = read_json(folder / "model_index.json", "model_index.json").get("_class_name")
