@@ -131,7 +131,8 @@ def _explain(e: Exception, repo_id: str, revision: str | None, spec: str) -> str
     incomplete = getattr(errors, "IncompleteSnapshotError", None)
     if incomplete is not None and isinstance(e, incomplete):
         return (f"{repo_id}: the copy in the Hugging Face cache is incomplete and the hub cannot be reached to "
-                f"finish it ({_said(e)}): run again with network access (unset HF_HUB_OFFLINE) to fetch the missing files")
+                f"finish it ({_said(e)}): run again with network access (unset HF_HUB_OFFLINE) to fetch the missing "
+                "files")
     if isinstance(e, errors.LocalEntryNotFoundError):
         cache = getattr(constants, "HF_HUB_CACHE", "the Hugging Face cache")
         if _offline():
@@ -164,5 +165,5 @@ def snapshot_check(path, folder: Path):
         else:
             todo = (f"The repository does not provide them: is https://huggingface.co/{repo_id} a diffusers-format "
                     "FLUX.1 / SD3 model (a folder per component)?")
-        problem = str(e).replace(f"{folder}/", "").replace(str(folder), ".").rstrip(".")
+        problem = str(e).replace(f"{folder}/", "").rstrip(".")  # paths inside the snapshot, relative to it
         raise HubError(f"{path}: its copy in the Hugging Face cache ({folder}) is incomplete: {problem}. {todo}") from e

@@ -4,6 +4,7 @@ stubbed hub client; the files each component fetches."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,22 +23,29 @@ from ditfa_jax.cli import main as cli_main
 from ditfa_jax.configs import FluxConfig, SD3Config
 from ditfa_jax.hub import HubError
 from ditfa_jax.loading import transformer_config
-from ditfa_jax.pipelines import FluxPipeline, SD3Pipeline, load_pipeline
+from ditfa_jax.pipelines import FluxPipeline, SD3Pipeline, load_pipeline, vae_scale_factor_of
+from ditfa_jax.sampler import scheduler_for
+from ditfa_jax.testbed.pipeline import SHIPPED_CHECKPOINT, TestbedPipeline
 from tools.make_hub_fixture import TINY_REPOS, make_hub_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 FLUX_TINY = ROOT / "tests/fixtures/pipelines/flux_tiny"
-FLUX, SD3 = "ditfa-test/flux-tiny", "ditfa-test/sd3-tiny"
+FLUX, SD3, TESTBED = "ditfa-test/flux-tiny", "ditfa-test/sd3-tiny", "ditfa-test/testbed"
 
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
-    """The two tiny pipelines as cached repos; flux-tiny's `sd3` branch holds the SD3 folder (a second revision)."""
+    """The two tiny pipelines as cached repos; flux-tiny's `sd3` branch holds the SD3 folder (a second revision);
+    a partial download; the testbed (1 pixel per latent cell) with a scheduler shift of its own."""
     root = tmp_path_factory.mktemp("hf_cache")
     for repo_id, folder in TINY_REPOS.items():
         make_hub_cache(root, repo_id, folder)
     make_hub_cache(root, FLUX, TINY_REPOS[SD3], revisions=("sd3",))
     make_hub_cache(root, "ditfa-test/flux-partial", FLUX_TINY, skip=("vae/diffusion_pytorch_model.safetensors",))
+    testbed = shutil.copytree(SHIPPED_CHECKPOINT, tmp_path_factory.mktemp("testbed") / "checkpoint")
+    scheduler = testbed / "scheduler" / "scheduler_config.json"
+    scheduler.write_text(json.dumps({**json.loads(scheduler.read_text()), "shift": 2.5}))
+    make_hub_cache(root, TESTBED, testbed)
     return root
 
 
@@ -91,7 +99,8 @@ def test_partial_snapshot_names_the_missing_file(offline):
     with pytest.raises(HubError) as err:
         FluxPipeline.from_pretrained("ditfa-test/flux-partial", progress=False)
     message = str(err.value)
-    assert "is incomplete: vae: no *.safetensors" in message and "expected diffusion_pytorch_model.safetensors" in message
+    assert "is incomplete: vae: no *.safetensors" in message
+    assert "expected diffusion_pytorch_model.safetensors" in message
     assert "unset HF_HUB_OFFLINE" in message
 
 
@@ -111,6 +120,13 @@ def test_a_local_folder_wins_over_a_repo_id_of_the_same_name(offline, tmp_path, 
     assert isinstance(transformer_config(FLUX), FluxConfig)
 
 
+def test_scheduler_and_vae_scale_are_read_from_the_repo(offline):
+    pipe = TestbedPipeline.from_pretrained(TESTBED)
+    assert pipe.folder.is_relative_to(offline)
+    assert scheduler_for(TESTBED, pipe.transformer).shift == 2.5  # the repo's, not the family default (1.0)
+    assert vae_scale_factor_of(TESTBED) == 1 and vae_scale_factor_of(FLUX) == 8
+
+
 # ---- the CLI, offline ----------------------------------------------------------------------------------------
 
 
@@ -122,6 +138,14 @@ def test_cli_generate_by_repo_id(offline, tmp_path):
 
     png = Image.open(out / "image_000.png")
     assert png.size == (32, 32) and png.text["model"] == FLUX
+
+
+def test_cli_reads_the_pixels_per_latent_cell_from_the_repo(offline, capsys):
+    """36 pixels fit the testbed (1 pixel per latent cell, in its model_index.json, read by id), not a VAE of 8."""
+    capsys.readouterr()
+    assert cli_main(["sample", TESTBED, "--steps", "1", "--text-len", "4", "--height", "36", "--width", "36"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["height"], report["checkpoint"]) == (36, TESTBED)
 
 
 def test_cli_subprocess_with_the_real_environment(offline, tmp_path):
