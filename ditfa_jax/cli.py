@@ -410,7 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     add = functools.partial(sub.add_parser, formatter_class=_Help)
 
     p = add("convert", help="convert a checkpoint to JAX params for fast reloads")
-    p.add_argument("checkpoint", help="diffusers pipeline/transformer folder or BFL single .safetensors file")
+    p.add_argument("checkpoint", help="diffusers pipeline/transformer folder, BFL single .safetensors file, or "
+                                      "Hugging Face repo id (org/name[@revision])")
     p.add_argument("out_dir", help="new folder to write (refuses an existing one)")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
                    help="parameter dtype (auto: keep the checkpoint's)")
@@ -420,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("sample", help="run the transformer's jitted sampler alone on random noise and embeddings",
             description="Time the transformer's sampler (one jitted scan) on seeded random noise and prompt "
                         "embeddings (or --embeddings), dense or with a plan; prints a JSON report.")
-    p.add_argument("checkpoint", help="checkpoint folder or file (see `convert`)")
+    p.add_argument("checkpoint", help="checkpoint folder, file or repo id (see `convert`)")
     _add_run_settings(p, text_len=True)
     p.add_argument("--batch", type=int, default=1, help="images per call")
     p.add_argument("--guidance", type=float, help="FLUX distilled guidance / SD3 CFG scale (default 3.5 / 7.0)")
@@ -436,8 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
             description="Search a compression plan for a resolution, step count and text length on calibration "
                         "prompts; writes the plan (which records these settings: `sample`, `generate` and "
                         "`bench` take them from it) and its heatmap.")
-    p.add_argument("checkpoint", help="checkpoint folder or file (see `convert`); a full pipeline folder for text "
-                                      "--prompts")
+    p.add_argument("checkpoint", help="checkpoint folder, file or repo id (see `convert`); a full pipeline for "
+                                      "text --prompts")
     p.add_argument("--out", required=True, help="plan file to write (.json); the heatmap goes beside it (.png)")
     p.add_argument("--delta", type=float, default=0.2, help="RSE budget per (step, layer); larger compresses more")
     p.add_argument("--c", type=float, default=1.5, help="per-head eligibility: rse < c * delta / heads")
@@ -477,7 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "as text metadata. Existing files are never overwritten unless --overwrite is given; on "
                         "failure nothing is written.")
     p.add_argument("checkpoint", help="diffusers pipeline folder (model_index.json, text encoders, tokenizers, "
-                                      "transformer, vae, scheduler)")
+                                      "transformer, vae, scheduler) or Hugging Face repo id (org/name[@revision])")
     p.add_argument("--prompt", action="append", help="a prompt; repeat for several (one batch)")
     p.add_argument("--prompts-file", help="text file with one prompt per line (added after --prompt)")
     p.add_argument("--negative-prompt", help="SD3 only: what to steer away from with CFG (default empty)")
@@ -503,7 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(device-synchronised) and JAX's peak device memory so far (the dense run comes first, "
                         "so the plan row's peak includes it). Text encoders are offloaded to host memory after "
                         "encoding. With --plan, its settings are the defaults.")
-    p.add_argument("checkpoint", help="diffusers pipeline folder")
+    p.add_argument("checkpoint", help="diffusers pipeline folder or Hugging Face repo id")
     p.add_argument("--plan", help="compression plan (.json) for these settings, timed after the dense run")
     p.add_argument("--prompt", default="a photo of a red fox in the snow", help="the prompt to encode")
     p.add_argument("--batch", type=int, default=1, help="images per call")
@@ -523,7 +524,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "captions densely and with the plan from the same noise, and write the plan, heatmap, "
                         "images, a side-by-side comparison and a report.")
     p.add_argument("--out", default="outputs/demo", help="folder to write (refused if it exists, see --overwrite)")
-    p.add_argument("--checkpoint", help="testbed folder (default: the weights shipped in ditfa_jax/testbed)")
+    p.add_argument("--checkpoint", help="testbed folder or repo id (default: the weights shipped in "
+                                                "ditfa_jax/testbed)")
     p.add_argument("--prompts", type=int, default=4, help="held-out captions to generate")
     p.add_argument("--calibration-prompts", type=int, default=4, help="training captions the plan search uses")
     p.add_argument("--steps", type=int, help="denoising steps (default: the testbed's 20)")
