@@ -10,6 +10,10 @@
 `generate` and `bench` need a complete diffusers pipeline folder (text encoders, tokenizers, transformer, VAE,
 scheduler). `calibrate` takes prompts as text when the folder has text encoders, prompt embeddings from an .npz
 (`prompt_embeds`, `pooled_prompt_embeds`, optional `negative_*`), or draws random embeddings.
+
+Every CHECKPOINT / FOLDER (and demo's --checkpoint) may be a Hugging Face repo id instead, "org/name" or
+"org/name@revision": the files the command needs are fetched into the local Hugging Face cache (json files first,
+so that settings are checked before any weight downloads); HF_HUB_OFFLINE=1 reads only that cache.
 """
 
 from __future__ import annotations
@@ -70,11 +74,13 @@ def _geometry(args, plan, *, text_len_default: int) -> dict:
     """height, width, steps and text length of a transformer-level run (sample, calibrate), checked against the
     model before any weight loads; a plan supplies what the command line leaves out."""
     from ditfa_jax.family import family_of, layout_for
+    from ditfa_jax.hub import CONFIGS, resolve
     from ditfa_jax.loading import transformer_config
     from ditfa_jax.pipelines import vae_scale_factor_of
 
     config = transformer_config(args.checkpoint)
-    vae = vae_scale_factor_of(args.checkpoint) if Path(args.checkpoint).is_dir() else 8
+    folder = resolve(args.checkpoint, CONFIGS)  # a repo id's json files, fetched before any weight
+    vae = vae_scale_factor_of(folder) if folder.is_dir() else 8
     native = family_of(config).native_size(config, vae)
     run = dict(height=_from_plan(args, plan, "--height", "height", plan and plan.height, native),
                width=_from_plan(args, plan, "--width", "width", plan and plan.width, native),
@@ -255,10 +261,11 @@ def _pipeline_run(args, plan) -> dict:
     before anything loads; a plan supplies what the command line leaves out."""
     from ditfa_jax.configs import read_json
     from ditfa_jax.family import family_of, layout_for
+    from ditfa_jax.hub import CONFIGS, resolve
     from ditfa_jax.loading import transformer_config
     from ditfa_jax.pipelines import PIPELINES, vae_scale_factor_of
 
-    folder = Path(args.checkpoint)
+    folder = resolve(args.checkpoint, CONFIGS)  # a repo id's json files, fetched before any weight
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: not a pipeline folder (expected a diffusers folder with model_index.json)")
     name = read_json(folder / "model_index.json", "model_index.json").get("_class_name")
@@ -403,7 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     add = functools.partial(sub.add_parser, formatter_class=_Help)
 
     p = add("convert", help="convert a checkpoint to JAX params for fast reloads")
-    p.add_argument("checkpoint", help="diffusers pipeline/transformer folder or BFL single .safetensors file")
+    p.add_argument("checkpoint", help="diffusers pipeline/transformer folder, BFL single .safetensors file, or "
+                                      "Hugging Face repo id (org/name[@revision])")
     p.add_argument("out_dir", help="new folder to write (refuses an existing one)")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
                    help="parameter dtype (auto: keep the checkpoint's)")
@@ -413,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("sample", help="run the transformer's jitted sampler alone on random noise and embeddings",
             description="Time the transformer's sampler (one jitted scan) on seeded random noise and prompt "
                         "embeddings (or --embeddings), dense or with a plan; prints a JSON report.")
-    p.add_argument("checkpoint", help="checkpoint folder or file (see `convert`)")
+    p.add_argument("checkpoint", help="checkpoint folder, file or repo id (see `convert`)")
     _add_run_settings(p, text_len=True)
     p.add_argument("--batch", type=int, default=1, help="images per call")
     p.add_argument("--guidance", type=float, help="FLUX distilled guidance / SD3 CFG scale (default 3.5 / 7.0)")
@@ -429,8 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
             description="Search a compression plan for a resolution, step count and text length on calibration "
                         "prompts; writes the plan (which records these settings: `sample`, `generate` and "
                         "`bench` take them from it) and its heatmap.")
-    p.add_argument("checkpoint", help="checkpoint folder or file (see `convert`); a full pipeline folder for text "
-                                      "--prompts")
+    p.add_argument("checkpoint", help="checkpoint folder, file or repo id (see `convert`); a full pipeline for "
+                                      "text --prompts")
     p.add_argument("--out", required=True, help="plan file to write (.json); the heatmap goes beside it (.png)")
     p.add_argument("--delta", type=float, default=0.2, help="RSE budget per (step, layer); larger compresses more")
     p.add_argument("--c", type=float, default=1.5, help="per-head eligibility: rse < c * delta / heads")
@@ -470,7 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "as text metadata. Existing files are never overwritten unless --overwrite is given; on "
                         "failure nothing is written.")
     p.add_argument("checkpoint", help="diffusers pipeline folder (model_index.json, text encoders, tokenizers, "
-                                      "transformer, vae, scheduler)")
+                                      "transformer, vae, scheduler) or Hugging Face repo id (org/name[@revision])")
     p.add_argument("--prompt", action="append", help="a prompt; repeat for several (one batch)")
     p.add_argument("--prompts-file", help="text file with one prompt per line (added after --prompt)")
     p.add_argument("--negative-prompt", help="SD3 only: what to steer away from with CFG (default empty)")
@@ -496,7 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(device-synchronised) and JAX's peak device memory so far (the dense run comes first, "
                         "so the plan row's peak includes it). Text encoders are offloaded to host memory after "
                         "encoding. With --plan, its settings are the defaults.")
-    p.add_argument("checkpoint", help="diffusers pipeline folder")
+    p.add_argument("checkpoint", help="diffusers pipeline folder or Hugging Face repo id")
     p.add_argument("--plan", help="compression plan (.json) for these settings, timed after the dense run")
     p.add_argument("--prompt", default="a photo of a red fox in the snow", help="the prompt to encode")
     p.add_argument("--batch", type=int, default=1, help="images per call")
@@ -516,7 +524,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "captions densely and with the plan from the same noise, and write the plan, heatmap, "
                         "images, a side-by-side comparison and a report.")
     p.add_argument("--out", default="outputs/demo", help="folder to write (refused if it exists, see --overwrite)")
-    p.add_argument("--checkpoint", help="testbed folder (default: the weights shipped in ditfa_jax/testbed)")
+    p.add_argument("--checkpoint", help="testbed folder or repo id (default: the weights shipped in "
+                                                "ditfa_jax/testbed)")
     p.add_argument("--prompts", type=int, default=4, help="held-out captions to generate")
     p.add_argument("--calibration-prompts", type=int, default=4, help="training captions the plan search uses")
     p.add_argument("--steps", type=int, help="denoising steps (default: the testbed's 20)")

@@ -2,7 +2,8 @@
 
 `load_transformer(path)` accepts a diffusers pipeline folder (with `transformer/`), a transformer folder
 (`config.json` + safetensors, single or sharded), an original BFL single-file FLUX checkpoint, or a folder written
-by `save_converted` (fast reload, no conversion).
+by `save_converted` (fast reload, no conversion); each may also be a Hugging Face repo id ("org/name", see
+`ditfa_jax.hub`), whose transformer files are fetched into the local Hugging Face cache.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from convert.diffusers_to_jax import build_abstract, convert_state
 from ditfa_jax.configs import FluxConfig, SD3Config, config_from_dict, config_to_dict, read_config
 from ditfa_jax.files import atomic_folder
 from ditfa_jax.family import family_of
+from ditfa_jax.hub import CONFIGS, TRANSFORMER, resolve, snapshot_check
 
 CONVERTED_MARKER = "ditfa_jax_converted"
 CONVERTED_WEIGHTS = "params.safetensors"
@@ -94,28 +96,34 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
         "save_converted")
 
 
-def load_transformer(path: str | Path, *, dtype=None, config: str | Path | None = None,
-                     progress: bool = True) -> Transformer:
-    """Load a FLUX.1 or SD3/SD3.5 transformer as a `Transformer`.
+def load_transformer(path: str | Path, *, dtype=None, config: str | Path | None = None, progress: bool = True,
+                     revision: str | None = None) -> Transformer:
+    """Load a FLUX.1 or SD3/SD3.5 transformer as a `Transformer` from a checkpoint path or a repo id.
 
     dtype: parameter dtype (default: the checkpoint's). config: a diffusers config.json for a single-file checkpoint
-    whose architecture cannot be read off its shapes (e.g. a non-standard RoPE split).
+    whose architecture cannot be read off its shapes (e.g. a non-standard RoPE split). revision: of a repo id.
     """
-    weights, config_path = resolve_checkpoint(path)
-    if config_path is not None and json.loads(config_path.read_text()).get(CONVERTED_MARKER):
-        return load_converted(weights, dtype=dtype)
-    cfg, source = _config_and_source(weights, config_path, config)
+    folder = resolve(path, TRANSFORMER, revision=revision)
+    with snapshot_check(path, folder):
+        weights, config_path = resolve_checkpoint(folder)
+        if config_path is not None and json.loads(config_path.read_text()).get(CONVERTED_MARKER):
+            return load_converted(weights, dtype=dtype)
+        cfg, source = _config_and_source(weights, config_path, config)
     graphdef, state = convert_state(source, cfg, dtype=dtype, progress=progress)
     return Transformer(cfg, graphdef, state)
 
 
-def transformer_config(path: str | Path, *, config: str | Path | None = None) -> FluxConfig | SD3Config:
+def transformer_config(path: str | Path, *, config: str | Path | None = None,
+                       revision: str | None = None) -> FluxConfig | SD3Config:
     """The config of the transformer `load_transformer(path)` would load, read without loading any weight (a
-    single BFL file's architecture is read off its header), so that a run's settings can be checked first."""
-    weights, config_path = resolve_checkpoint(path)
-    if config_path is not None and config is None:
-        return read_config(config_path)
-    return _config_and_source(weights, config_path, config)[0]
+    single BFL file's architecture is read off its header; of a repo id only the json files are fetched), so that a
+    run's settings can be checked first."""
+    folder = resolve(path, CONFIGS, revision=revision)
+    with snapshot_check(path, folder):
+        weights, config_path = resolve_checkpoint(folder)
+        if config_path is not None and config is None:
+            return read_config(config_path)
+        return _config_and_source(weights, config_path, config)[0]
 
 
 def _config_and_source(weights: Path, config_path: Path | None, config: str | Path | None):

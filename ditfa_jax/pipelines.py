@@ -5,7 +5,8 @@ model_index.json) load every component of a diffusers folder; calling the pipeli
 diffusers' FluxPipeline / StableDiffusion3Pipeline do, runs `ditfa_jax.sampler.sample` (optionally with a
 compression plan) from seeded noise and decodes with the VAE. A folder is checked before anything is loaded: each
 component the pipeline needs, and signs of a partial or gated download (missing shards, `.incomplete` files, git-lfs
-pointer files instead of weights).
+pointer files instead of weights). Each takes a Hugging Face repo id as well ("black-forest-labs/FLUX.1-dev", see
+`ditfa_jax.hub`): the files a pipeline needs are fetched into the local Hugging Face cache.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from ditfa_jax.configs import VAE_SCALE_FACTOR, read_json
+from ditfa_jax.hub import CONFIGS, PIPELINE, resolve, snapshot_check
 from ditfa_jax.loading import Transformer, load_transformer
 from ditfa_jax.plan import CompressionPlan
 from ditfa_jax.family import TokenLayout, family_of, layout_for
@@ -107,9 +109,10 @@ def check_pipeline_folder(folder: str | Path, components: dict[str, str | None])
 
 
 def vae_scale_factor_of(folder: str | Path) -> int:
-    """Pixels per latent cell of a checkpoint folder's VAE, read from vae/config.json; a folder without a VAE may
-    declare it in model_index.json (`vae_scale_factor`: 1 for a pixel-space model such as the testbed); else 8."""
-    folder = Path(folder)
+    """Pixels per latent cell of a checkpoint folder's (or repo id's) VAE, read from vae/config.json; a folder
+    without a VAE may declare it in model_index.json (`vae_scale_factor`: 1 for a pixel-space model such as the
+    testbed); else 8."""
+    folder = resolve(folder, CONFIGS)
     if (folder / "vae" / "config.json").is_file():
         from ditfa_jax.models.vae import VAEConfig
 
@@ -213,21 +216,23 @@ class _Pipeline:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, dtype=None, offload_text_encoders: bool = False,
-                        progress: bool = True, **skip):
-        """Load a diffusers pipeline folder.
+                        progress: bool = True, revision: str | None = None, **skip):
+        """Load a diffusers pipeline folder, or a Hugging Face repo id ("org/name", fetched into the local cache).
 
         dtype: parameter dtype of every component (default: the transformer's checkpoint dtype, float32 for the
         text encoders and VAE). offload_text_encoders: keep the text encoders in host memory between prompts (frees
         ~9.5 GB of T5-XXL on the GPU; each encode moves them over and back, timed as ``timings["onload_s"]``).
+        revision: branch, tag or commit of a repo id.
         """
-        folder = Path(path)
         components = cls._components()
         for name in skip:  # e.g. SD3 text_encoder_3=None
             if skip[name] is not None or name not in components or not name.startswith("text_encoder"):
                 raise TypeError(f"unexpected argument {name}={skip[name]!r} (only text_encoder_N=None is accepted)")
             components.pop(name)
             components.pop(name.replace("text_encoder", "tokenizer"))
-        index = check_pipeline_folder(folder, components)
+        folder = resolve(path, PIPELINE, revision=revision)
+        with snapshot_check(path, folder):
+            index = check_pipeline_folder(folder, components)
         if index.get("_class_name") != cls.PIPELINE_CLASS:
             other = getattr(PIPELINES.get(index.get("_class_name")), "__name__", None)
             hint = f"; load it with {other}" if other else ""
@@ -238,7 +243,7 @@ class _Pipeline:
         from convert.vae import load_vae
 
         absent = lambda name: name not in components or index.get(name, [None])[:1] == [None]  # noqa: E731
-        bar = tqdm(total=len(cls.TEXT_COMPONENTS) + 2, desc=f"loading {folder.name}", unit="part",
+        bar = tqdm(total=len(cls.TEXT_COMPONENTS) + 2, desc=f"loading {Path(path).name}", unit="part",
                    disable=not progress)
         text_encoders, tokenizers = {}, {}
         dtype_kw = {} if dtype is None else {"dtype": dtype}  # their loaders default to float32
@@ -499,11 +504,13 @@ class SD3Pipeline(_Pipeline):
 PIPELINES = {cls.PIPELINE_CLASS: cls for cls in (FluxPipeline, SD3Pipeline)}
 
 
-def load_pipeline(path: str | Path, **kwargs) -> FluxPipeline | SD3Pipeline:
-    """The pipeline model_index.json names (FluxPipeline or StableDiffusion3Pipeline); kwargs as from_pretrained."""
-    folder = Path(path)
-    name = _read_index(folder).get("_class_name")
+def load_pipeline(path: str | Path, *, revision: str | None = None, **kwargs) -> FluxPipeline | SD3Pipeline:
+    """The pipeline model_index.json names (FluxPipeline or StableDiffusion3Pipeline), from a folder or a repo id
+    (whose model_index.json is read before any weight is fetched); kwargs as from_pretrained."""
+    folder = resolve(path, CONFIGS, revision=revision)
+    with snapshot_check(path, folder):
+        name = _read_index(folder).get("_class_name")
     if name not in PIPELINES:
         raise ValueError(f"{folder / 'model_index.json'}: _class_name {name!r} is not supported; expected one of "
                          f"{sorted(PIPELINES)}")
-    return PIPELINES[name].from_pretrained(folder, **kwargs)
+    return PIPELINES[name].from_pretrained(path, revision=revision, **kwargs)

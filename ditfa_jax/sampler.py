@@ -21,6 +21,7 @@ from ditfa_jax.attention import AttentionSettings
 from ditfa_jax.configs import VAE_SCALE_FACTOR
 from ditfa_jax.denoise import cache_bytes, cache_shape, default_scheduler, denoise, prepare_run
 from ditfa_jax.family import family_of
+from ditfa_jax.hub import CONFIGS, resolve
 from ditfa_jax.loading import Transformer
 from ditfa_jax.scheduler import SchedulerConfig
 
@@ -28,9 +29,9 @@ __all__ = ["sample", "scheduler_for", "cache_bytes", "cache_shape"]
 
 
 def scheduler_for(checkpoint: str | Path | None, model: Transformer) -> SchedulerConfig:
-    """The checkpoint folder's scheduler/scheduler_config.json if present, else the family default."""
+    """The checkpoint folder's (or repo id's) scheduler/scheduler_config.json if present, else the family default."""
     if checkpoint is not None:
-        path = Path(checkpoint) / "scheduler" / "scheduler_config.json"
+        path = resolve(checkpoint, CONFIGS) / "scheduler" / "scheduler_config.json"
         if path.is_file():
             return SchedulerConfig.from_file(path)
     return default_scheduler(model.config)

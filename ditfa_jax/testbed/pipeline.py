@@ -29,6 +29,7 @@ from safetensors.numpy import load_file, save_file
 from ditfa_jax.attention import AttentionSettings
 from ditfa_jax.calibrate import CalibrationResult, calibrate
 from ditfa_jax.files import atomic_folder
+from ditfa_jax.hub import PIPELINE, resolve
 from ditfa_jax.loading import Transformer, load_transformer, save_converted
 from ditfa_jax.methods import DEFAULT_CANDIDATES
 from ditfa_jax.plan import CompressionPlan
@@ -111,8 +112,9 @@ class TestbedPipeline:
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, *, dtype=None) -> "TestbedPipeline":
-        """Load a testbed folder (default: the weights shipped in the package); dtype default: `default_dtype()`."""
-        folder = Path(path) if path is not None else SHIPPED_CHECKPOINT
+        """Load a testbed folder or repo id (default: the weights shipped in the package); dtype default:
+        `default_dtype()`."""
+        folder = resolve(path, PIPELINE) if path is not None else SHIPPED_CHECKPOINT
         dtype = dtype or default_dtype()
         index = folder / "model_index.json"
         if not index.is_file():
