@@ -22,6 +22,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from ditfa_jax.configs import VAE_SCALE_FACTOR, read_json
+from ditfa_jax.denoise import NonFiniteError
 from ditfa_jax.loading import Transformer, load_transformer
 from ditfa_jax.plan import CompressionPlan
 from ditfa_jax.family import TokenLayout, family_of, layout_for
@@ -54,7 +55,7 @@ def _check_weights(folder: Path, component: str) -> None:
     """Single or sharded safetensors present, complete, and not git-lfs pointers (before anything is loaded)."""
     from convert.checkpoint import checkpoint_files
 
-    checkpoint_files(folder, prefix=_weights_prefix(component))
+    checkpoint_files(folder, prefix=_weights_prefix(component), what=f"{component} weights")
 
 
 def _read_index(folder: Path) -> dict:
@@ -382,6 +383,9 @@ class _Pipeline:
         images = self.decode(final, height, width)
         images.block_until_ready()
         self.timings["decode_s"] = time.perf_counter() - start
+        if not bool(jnp.isfinite(images).all()):
+            raise NonFiniteError(f"the VAE of {self.folder or 'this pipeline'} decoded finite latents into NaN/Inf "
+                                 "pixels; check its weights and the dtype (fp16/bf16 overflow?)")
         bar.update()
         bar.close()
         return _postprocess(images, output_type)

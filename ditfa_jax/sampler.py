@@ -19,9 +19,11 @@ from flax import nnx
 
 from ditfa_jax.attention import AttentionSettings
 from ditfa_jax.configs import VAE_SCALE_FACTOR
-from ditfa_jax.denoise import cache_bytes, cache_shape, default_scheduler, denoise, prepare_run
+from ditfa_jax.denoise import (activation_bytes, cache_bytes, cache_shape, check_finite_steps, default_scheduler,
+                               denoise, prepare_run)
 from ditfa_jax.family import family_of
 from ditfa_jax.loading import Transformer
+from ditfa_jax.memory import check_fits, state_bytes
 from ditfa_jax.scheduler import SchedulerConfig
 
 __all__ = ["sample", "scheduler_for", "cache_bytes", "cache_shape"]
@@ -87,12 +89,17 @@ def sample(model: Transformer, latents, prompt_embeds, pooled_prompt_embeds, *, 
                   cache_spec=cache_spec)
     if memory:
         return _run.lower(*args, **static).compile().memory_analysis()
-    return _run(*args, **static)
+    need = (state_bytes(model.state) + activation_bytes(model.config, run.batch, run.layout.tokens, model.dtype)
+            + (0 if cache_spec is None else cache_bytes(model.config, run.batch, run.layout.tokens, model.dtype)))
+    check_fits(need, f"sampling {latents.shape[0]} x {height}x{width} (parameters + activations)", host=False)
+    final, finite = _run(*args, **static)
+    check_finite_steps(finite, run.sigmas)
+    return final
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "layout", "settings", "cache_spec"))
 def _run(state, latents, cond, sigmas, timesteps, windows, *, graphdef, layout, settings, cache_spec):
-    """The jitted sampler. The zeroed cache (static (shape, dtype name), or None without a plan) is made inside
+    """The jitted sampler: (final latents, per-step finite flags). The zeroed cache (static (shape, dtype name), or None without a plan) is made inside
     the program rather than passed in, so the loop's carry is its only copy (an input buffer that is not donated
     would be a second one)."""
     module = nnx.merge(graphdef, state)
