@@ -46,6 +46,16 @@ def torch_shape(nnx_shape: tuple, path: tuple) -> tuple:
     return tuple(nnx_shape[::-1])
 
 
+def torch_index(index: tuple, path: tuple) -> tuple:
+    """An element's index in the torch layout from its index in the NNX layout (the inverse of `to_nnx_layout`)."""
+    if path[-1] != "kernel":
+        return index
+    if len(index) == 4:
+        kh, kw, cin, cout = index
+        return (cout, cin, kh, kw)
+    return index[::-1]
+
+
 def stream_into_state(source, state: nnx.State, key_of: Callable[[tuple, int | None], str], *, expected_by: str,
                       stacked: tuple[str, ...] = (), aliases: dict[str, str] | None = None,
                       ignored: frozenset[str] = frozenset(), progress: bool = False) -> nnx.State:
@@ -100,7 +110,7 @@ def stream_into_state(source, state: nnx.State, key_of: Callable[[tuple, int | N
             raise ConversionError(f"{where}: tied tensors {alias!r} and {key!r} differ; expected equal copies")
     for path, var in targets.items():
         var.set_value(jax.device_put(buffers.pop(path)))
-    check_finite(targets, key_of, where, stacked=stacked)
+    check_finite(targets, key_of, where, stacked=stacked, index_of=torch_index)
     return state
 
 
@@ -112,10 +122,10 @@ def _finite_flags(values):
 
 
 def check_finite(targets: dict, name_of: Callable[[tuple, int | None], str], where: str, *,
-                 stacked: tuple[str, ...] = ()) -> None:
+                 stacked: tuple[str, ...] = (), index_of: Callable[[tuple, tuple], tuple] = lambda i, p: i) -> None:
     """Refuse NaN/Inf in the filled variables `targets` (path -> variable), naming the first bad tensor:
     `name_of(path, layer)` is its checkpoint name (layer: the index along the leading axis of a parameter under
-    the modules in `stacked`, else None)."""
+    the modules in `stacked`, else None) and `index_of(index, path)` an element's index in the checkpoint."""
     paths = list(targets)
     flags = jax.device_get(_finite_flags([targets[p].get_value() for p in paths])) if paths else []
     for path, ok in zip(paths, flags):
@@ -127,7 +137,7 @@ def check_finite(targets: dict, name_of: Callable[[tuple, int | None], str], whe
             part = value if index is None else value[index]
             bad = ~np.isfinite(part)
             if bad.any():
-                first = tuple(int(i) for i in np.argwhere(bad)[0])
+                first = index_of(tuple(int(i) for i in np.argwhere(bad)[0]), path)
                 raise ConversionError(f"{where}: tensor {name_of(path, index)!r} holds {int(bad.sum())} NaN/Inf "
                                       f"value(s) (first at index {first}); the checkpoint is corrupt (download it "
                                       "again) or was saved from a diverged run")

@@ -38,7 +38,8 @@ def _describe(hint) -> str:
     if typing.get_origin(hint) in (types.UnionType, typing.Union):
         return " or ".join("null" if a is type(None) else _describe(a) for a in typing.get_args(hint))
     if typing.get_origin(hint) is tuple:
-        return f"a list of {_describe(typing.get_args(hint)[0])}s"
+        entry = typing.get_args(hint)[0]
+        return "a list of " + {int: "integers", float: "finite numbers", str: "strings"}.get(entry, str(entry))
     return {bool: "true/false", int: "an integer", float: "a finite number", str: "a string"}.get(hint, str(hint))
 
 

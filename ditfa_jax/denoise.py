@@ -190,3 +190,15 @@ def activation_bytes(config, batch: int, tokens: int, dtype=jnp.bfloat16) -> int
     v, attention output and 4x MLP hidden state ([batch, tokens, 9 * inner_dim] in `dtype`); for refusing a run
     that cannot fit (`ditfa_jax.memory.check_fits`), not for promising one does."""
     return batch * tokens * 9 * config.inner_dim * jnp.dtype(dtype).itemsize
+
+
+def check_memory(config, *, dtype, batch: int, tokens: int) -> None:
+    """Refuse, from the config alone (shapes only, nothing allocated), a transformer whose parameters cannot fit
+    the host and the device, or a run of `batch` x `tokens` whose parameters + activations cannot fit the device."""
+    from convert.diffusers_to_jax import build_abstract
+    from ditfa_jax.memory import check_fits, state_bytes
+
+    params = state_bytes(build_abstract(config, jnp.dtype(dtype))[1])
+    check_fits(params, f"the parameters of this {type(config).__name__} ({jnp.dtype(dtype).name})")
+    check_fits(params + activation_bytes(config, batch, tokens, dtype),
+               f"a run of {batch} x {tokens} tokens (parameters + activations)", host=False)

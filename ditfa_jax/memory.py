@@ -60,8 +60,8 @@ def check_fits(need: int, what: str, *, host: bool = True) -> None:
         limits.append(("host memory (the CPU is the device)", host_bytes()))
     for name, limit in limits:
         if need > limit:
-            raise InsufficientMemoryError(f"{what} needs at least {_gib(need)} but the {name} is {_gib(limit)}: "
-                                          "it cannot fit (check the config's sizes, or use a smaller dtype)")
+            raise InsufficientMemoryError(f"{what} cannot fit: it needs at least {_gib(need)} and the {name} is "
+                                          f"{_gib(limit)} (check the config's sizes and the run's, or the dtype)")
 
 
 def check_parameters(state, what: str) -> None:

@@ -324,6 +324,10 @@ class _Pipeline:
         if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
             raise ValueError(f"num_images (per prompt) must be an integer >= 1, got {num_images!r}")
         total = len(prompts) * num_images
+        seeds = [seed] if isinstance(seed, int) else list(seed)
+        bad = [s for s in seeds if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2 ** 32]
+        if bad:
+            raise ValueError(f"seed: expected integers in 0..{2 ** 32 - 1} (JAX keys take 32-bit seeds), got {bad[:3]}")
         if not isinstance(seed, int) and len(seed) != total:
             raise ValueError(f"seed is a list of {len(seed)} seeds but {len(prompts)} prompt(s) x num_images "
                              f"{num_images} make {total} images; give one seed per image or a single int")
@@ -352,6 +356,10 @@ class _Pipeline:
             raise ValueError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
         height, width = height or self.default_size, width or self.default_size
         self._check_request(prompts, num_images, seed, latents, height, width)
+        if max_sequence_length is not None and (isinstance(max_sequence_length, bool) or not isinstance(
+                max_sequence_length, int) or not 1 <= max_sequence_length <= 512):
+            raise ValueError(f"max_sequence_length: expected an integer in 1..512 (T5's limit), got "
+                             f"{max_sequence_length!r}")
         text_len = self.text_len(max_sequence_length)
         if plan is not None:
             plan = CompressionPlan.load(plan) if isinstance(plan, (str, Path)) else plan

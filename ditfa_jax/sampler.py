@@ -21,7 +21,7 @@ from ditfa_jax.attention import AttentionSettings
 from ditfa_jax.configs import VAE_SCALE_FACTOR
 from ditfa_jax.denoise import (activation_bytes, cache_bytes, cache_shape, check_finite_steps, default_scheduler,
                                denoise, prepare_run)
-from ditfa_jax.family import family_of
+from ditfa_jax.family import family_of, layout_for
 from ditfa_jax.loading import Transformer
 from ditfa_jax.memory import check_fits, state_bytes
 from ditfa_jax.scheduler import SchedulerConfig
@@ -67,6 +67,14 @@ def sample(model: Transformer, latents, prompt_embeds, pooled_prompt_embeds, *, 
                            "negative_prompt_embeds": negative_prompt_embeds,
                            "negative_pooled_prompt_embeds": negative_pooled_prompt_embeds})
     compressed = plan is not None and (not settings.shortcuts or bool((np.asarray(plan.head_window) != -1).any()))
+    text_len = np.shape(prompt_embeds)[1] if np.ndim(prompt_embeds) == 3 else 0  # prepare_run checks the shape
+    layout = layout_for(model.config, height=height, width=width, text_len=text_len,
+                        vae_scale_factor=vae_scale_factor)  # checked here too: the memory check needs the tokens
+    batch = latents.shape[0] * (2 if family_of(model.config).guidance(model.config) == "cfg" and guidance_scale > 1
+                                else 1)
+    need = (state_bytes(model.state) + activation_bytes(model.config, batch, layout.tokens, model.dtype)
+            + (cache_bytes(model.config, batch, layout.tokens, model.dtype) if compressed else 0))
+    check_fits(need, f"sampling {latents.shape[0]} x {height}x{width} (parameters + activations)", host=False)
     run = prepare_run(model.config, prompt_embeds, pooled_prompt_embeds, height=height, width=width,
                       num_steps=num_steps, guidance_scale=guidance_scale,
                       negative_prompt_embeds=negative_prompt_embeds,
@@ -89,9 +97,6 @@ def sample(model: Transformer, latents, prompt_embeds, pooled_prompt_embeds, *, 
                   cache_spec=cache_spec)
     if memory:
         return _run.lower(*args, **static).compile().memory_analysis()
-    need = (state_bytes(model.state) + activation_bytes(model.config, run.batch, run.layout.tokens, model.dtype)
-            + (0 if cache_spec is None else cache_bytes(model.config, run.batch, run.layout.tokens, model.dtype)))
-    check_fits(need, f"sampling {latents.shape[0]} x {height}x{width} (parameters + activations)", host=False)
     final, finite = _run(*args, **static)
     check_finite_steps(finite, run.sigmas)
     return final
