@@ -219,10 +219,9 @@ def cmd_sample(args) -> int:
     import jax.numpy as jnp
 
     from ditfa_jax.family import family_of, layout_for
+    from ditfa_jax.files import check_output
     from ditfa_jax.loading import load_transformer
     from ditfa_jax.sampler import cache_bytes, sample, scheduler_for
-
-    from ditfa_jax.files import check_output
 
     out = check_output(args.out, overwrite=args.overwrite) if args.out else None
     plan = _load_plan(args)
@@ -277,10 +276,9 @@ def _read_prompts(path: str | Path) -> list[str]:
 def cmd_calibrate(args) -> int:
     from ditfa_jax.calibrate import calibrate
     from ditfa_jax.loading import load_transformer
+    from ditfa_jax.files import check_output
     from ditfa_jax.plan_pictures import save_heatmap
     from ditfa_jax.sampler import scheduler_for
-
-    from ditfa_jax.files import check_output
 
     out = check_output(args.out, overwrite=args.overwrite)
     check_output(out.with_suffix(".png"), overwrite=args.overwrite)
@@ -397,13 +395,12 @@ def _pipeline_run(args, plan, *, batch: int) -> dict:
 
 
 def cmd_generate(args) -> int:
+    from ditfa_jax.files import check_output
     from ditfa_jax.pipelines import load_pipeline
 
     prompts = list(args.prompt or []) + (_read_prompts(args.prompts_file) if args.prompts_file else [])
     if not prompts:
         raise ValueError("no prompt: pass --prompt TEXT (repeatable) or --prompts-file FILE")
-    from ditfa_jax.files import check_output
-
     total = len(prompts) * args.num_images
     out = check_output(args.out, folder=True)
     paths = [out / f"{args.name}{k:03d}.png" for k in range(total)]
@@ -441,15 +438,12 @@ def _peak_gb() -> float | None:
 
 
 def cmd_bench(args) -> int:
-    from ditfa_jax.pipelines import load_pipeline
-
     from ditfa_jax.files import check_output
+    from ditfa_jax.pipelines import load_pipeline
 
     out = check_output(args.out, overwrite=args.overwrite) if args.out else None
     plan = _load_plan(args)
     run = _pipeline_run(args, plan, batch=args.batch)
-    if args.repeat < 1 or args.batch < 1:
-        raise ValueError(f"--repeat and --batch must be >= 1, got {args.repeat} and {args.batch}")
     pipe = load_pipeline(args.checkpoint, dtype=_dtype(args.dtype), offload_text_encoders=True)
     prompts = [args.prompt] * args.batch
     rows = []
@@ -481,10 +475,9 @@ def cmd_bench(args) -> int:
 def cmd_demo(args) -> int:
     from ditfa_jax.files import check_output
     from ditfa_jax.testbed.demo import DEFAULT_DELTA, run_demo
-
-    check_output(args.out, folder=True)
     from ditfa_jax.testbed.model import DEFAULT_STEPS
 
+    check_output(args.out, folder=True)
     run_demo(args.out, checkpoint=args.checkpoint, prompts=args.prompts, calibration_prompts=args.calibration_prompts,
              num_steps=args.steps or DEFAULT_STEPS, delta=DEFAULT_DELTA if args.delta is None else args.delta,
              seed=args.seed, overwrite=args.overwrite)
@@ -509,8 +502,8 @@ class _Help(argparse.HelpFormatter):
         return text
 
 
-SEED_HELP = ("random seed: the noise of image k is drawn from key fold_in(key(SEED), k), and random prompt "
-             "embeddings from key(SEED + 1); the same seed gives the same images")
+SEED_HELP = ("random seed in 0..2^32-1: the noise of image k is drawn from key fold_in(key(SEED), k), and random "
+             "prompt embeddings from key(SEED + 1); the same seed gives the same images")
 FROM_PLAN = "default: the plan's (--plan), else {}; a value the plan contradicts is an error"
 
 
@@ -526,8 +519,7 @@ def _add_run_settings(p, *, text_len: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="ditfa", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="ditfa", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     add = functools.partial(sub.add_parser, formatter_class=_Help)
 
@@ -561,8 +553,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="checkpoint folder or file (see `convert`); a full pipeline folder for text "
                                       "--prompts")
     p.add_argument("--out", required=True, help="plan file to write (.json); the heatmap goes beside it (.png)")
-    p.add_argument("--delta", type=NON_NEGATIVE, default=0.2, help="RSE budget per (step, layer); larger compresses more")
-    p.add_argument("--c", type=_float_at_least(0.0, above=True), default=1.5, help="per-head eligibility: rse < c * delta / heads")
+    p.add_argument("--delta", type=NON_NEGATIVE, default=0.2,
+                   help="RSE budget per (step, layer); larger compresses more")
+    p.add_argument("--c", type=_float_at_least(0.0, above=True), default=1.5,
+                   help="per-head eligibility: rse < c * delta / heads")
     p.add_argument("--candidates", default="cached,arrow_8,arrow_16,arrow_32", help="comma-separated methods")
     p.add_argument("--rse-over-prompts", choices=["mean", "max"], default="mean",
                    help="score a head's error over all calibration prompts pooled (mean, the paper's) or by its "
@@ -605,7 +599,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative-prompt", help="SD3 only: what to steer away from with CFG (default empty)")
     p.add_argument("--num-images", type=POSITIVE, default=1, help="images per prompt")
     _add_run_settings(p, text_len=False)
-    p.add_argument("--guidance", type=NON_NEGATIVE, help="FLUX-dev distilled guidance / SD3 CFG scale (default 3.5 / 7.0)")
+    p.add_argument("--guidance", type=NON_NEGATIVE,
+                   help="FLUX-dev distilled guidance / SD3 CFG scale (default 3.5 / 7.0)")
     p.add_argument("--seed", type=SEED, default=0, help=SEED_HELP)
     p.add_argument("--max-sequence-length", type=SEQUENCE_LENGTH,
                    help="T5 tokens; " + FROM_PLAN.format("FLUX-dev 512, schnell 256, SD3 256"))
@@ -631,7 +626,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="a photo of a red fox in the snow", help="the prompt to encode")
     p.add_argument("--batch", type=POSITIVE, default=1, help="images per call")
     _add_run_settings(p, text_len=False)
-    p.add_argument("--guidance", type=NON_NEGATIVE, help="FLUX-dev distilled guidance / SD3 CFG scale (default 3.5 / 7.0)")
+    p.add_argument("--guidance", type=NON_NEGATIVE,
+                   help="FLUX-dev distilled guidance / SD3 CFG scale (default 3.5 / 7.0)")
     p.add_argument("--max-sequence-length", type=SEQUENCE_LENGTH,
                    help="T5 tokens; " + FROM_PLAN.format("FLUX-dev 512, schnell 256, SD3 256"))
     p.add_argument("--repeat", type=POSITIVE, default=2, help="timed calls after the warm-up (best is reported)")
@@ -650,7 +646,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", type=POSITIVE, default=4, help="held-out captions to generate")
     p.add_argument("--calibration-prompts", type=POSITIVE, default=4, help="training captions the plan search uses")
     p.add_argument("--steps", type=STEPS, help="denoising steps (default: the testbed's 20)")
-    p.add_argument("--delta", type=NON_NEGATIVE, help="RSE budget per (step, layer) (default: ditfa_jax.testbed.demo's)")
+    p.add_argument("--delta", type=NON_NEGATIVE,
+                   help="RSE budget per (step, layer) (default: ditfa_jax.testbed.demo's)")
     p.add_argument("--seed", type=SEED, default=0, help="seed of the captions drawn, the calibration noise and the "
                                                        "generated images' noise")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")

@@ -70,11 +70,12 @@ def sample(model: Transformer, latents, prompt_embeds, pooled_prompt_embeds, *, 
     text_len = np.shape(prompt_embeds)[1] if np.ndim(prompt_embeds) == 3 else 0  # prepare_run checks the shape
     layout = layout_for(model.config, height=height, width=width, text_len=text_len,
                         vae_scale_factor=vae_scale_factor)  # checked here too: the memory check needs the tokens
-    batch = latents.shape[0] * (2 if family_of(model.config).guidance(model.config) == "cfg" and guidance_scale > 1
-                                else 1)
-    need = (state_bytes(model.state) + activation_bytes(model.config, batch, layout.tokens, model.dtype)
-            + (cache_bytes(model.config, batch, layout.tokens, model.dtype) if compressed else 0))
-    check_fits(need, f"sampling {latents.shape[0]} x {height}x{width} (parameters + activations)", host=False)
+    if not memory:  # memory=True only compiles: it may ask about a machine larger than this one
+        cfg = family_of(model.config).guidance(model.config) == "cfg" and guidance_scale > 1
+        batch = latents.shape[0] * (2 if cfg else 1)
+        check_fits(state_bytes(model.state) + activation_bytes(model.config, batch, layout.tokens, model.dtype)
+                   + (cache_bytes(model.config, batch, layout.tokens, model.dtype) if compressed else 0),
+                   f"sampling {latents.shape[0]} x {height}x{width} (parameters + activations)", host=False)
     run = prepare_run(model.config, prompt_embeds, pooled_prompt_embeds, height=height, width=width,
                       num_steps=num_steps, guidance_scale=guidance_scale,
                       negative_prompt_embeds=negative_prompt_embeds,
@@ -104,9 +105,9 @@ def sample(model: Transformer, latents, prompt_embeds, pooled_prompt_embeds, *, 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "layout", "settings", "cache_spec"))
 def _run(state, latents, cond, sigmas, timesteps, windows, *, graphdef, layout, settings, cache_spec):
-    """The jitted sampler: (final latents, per-step finite flags). The zeroed cache (static (shape, dtype name), or None without a plan) is made inside
-    the program rather than passed in, so the loop's carry is its only copy (an input buffer that is not donated
-    would be a second one)."""
+    """The jitted sampler: (final latents, per-step finite flags). The zeroed cache (static (shape, dtype name), or
+    None without a plan) is made inside the program rather than passed in, so the loop's carry is its only copy (an
+    input buffer that is not donated would be a second one)."""
     module = nnx.merge(graphdef, state)
     cache = None if cache_spec is None else jnp.zeros(cache_spec[0], cache_spec[1])
     return denoise(module, family_of(module.config), cond, layout, settings, latents, sigmas, timesteps, windows,
