@@ -28,7 +28,7 @@ def load_clip(folder: str | Path, *, dtype=jnp.float32) -> CLIPTextModel:
     folder = Path(folder)
     config_path = folder / "config.json"
     config = CLIPTextConfig.from_file(config_path)
-    source = TensorSource(folder, prefix="model")
+    source = TensorSource(folder, prefix="model", what="CLIP text encoder weights")
     prefix = PREFIX if any(k.startswith(PREFIX) for k in source.keys()) else ""
 
     def torch_key(path: tuple, index: int | None) -> str:

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from convert.streaming import ConversionError, stream_into_state
+from convert.streaming import FLOAT_DTYPES, ConversionError, stream_into_state
 from ditfa_jax.family import family_of
 from ditfa_jax.models.sd3 import layer_segments
 
@@ -57,4 +57,9 @@ def convert_state(source, config, dtype=None, progress: bool = True):
 def _checkpoint_dtype(source, keys) -> np.dtype:
     """The dtype of the checkpoint's weights (read off one projection, without loading it)."""
     weights = [k for k in keys if k.endswith(".weight") and "norm" not in k]
-    return source.dtype(weights[0] if weights else keys[0])
+    key = weights[0] if weights else keys[0]
+    dtype = source.dtype(key)
+    if str(dtype) not in FLOAT_DTYPES:
+        raise ConversionError(f"{source.describe()}: tensor {key!r} is {dtype}; expected floating-point weights (F32, "
+                              "F16, BF16 or F64): quantised checkpoints are not supported")
+    return dtype

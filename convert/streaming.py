@@ -3,9 +3,11 @@
 A loader supplies the model-specific part, `key_of(path, index)`: the checkpoint key of each parameter slot (`path`
 in the NNX state; `index` the layer of a stacked parameter, or None). Everything else happens here, once: every
 checkpoint key must name a slot (or be a known tied copy or harmless buffer), every slot must be in the checkpoint,
-every shape is checked from the file headers before any tensor is read, and tensors are then read one at a time
-into preallocated host buffers of the target dtype (torch -> NNX layout on the way) before the state is filled.
-A failure therefore leaves nothing half-made, and host memory stays near one copy of the parameters.
+every shape and dtype is checked from the file headers before any tensor is read (and the parameters' size
+against the machine's memory), and tensors are then read one at a time into preallocated host buffers of the
+target dtype (torch -> NNX layout on the way) before the state is filled. NaN or infinite weights are found on
+the device (one reduction per parameter) and named. A failure therefore leaves nothing half-made, and host memory
+stays near one copy of the parameters.
 """
 
 from __future__ import annotations
@@ -13,9 +15,14 @@ from __future__ import annotations
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
+
+from ditfa_jax.memory import check_parameters
+
+FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")
 
 
 class ConversionError(ValueError):
@@ -39,6 +46,16 @@ def torch_shape(nnx_shape: tuple, path: tuple) -> tuple:
     return tuple(nnx_shape[::-1])
 
 
+def torch_index(index: tuple, path: tuple) -> tuple:
+    """An element's index in the torch layout from its index in the NNX layout (the inverse of `to_nnx_layout`)."""
+    if path[-1] != "kernel":
+        return index
+    if len(index) == 4:
+        kh, kw, cin, cout = index
+        return (cout, cin, kh, kw)
+    return index[::-1]
+
+
 def stream_into_state(source, state: nnx.State, key_of: Callable[[tuple, int | None], str], *, expected_by: str,
                       stacked: tuple[str, ...] = (), aliases: dict[str, str] | None = None,
                       ignored: frozenset[str] = frozenset(), progress: bool = False) -> nnx.State:
@@ -50,6 +67,7 @@ def stream_into_state(source, state: nnx.State, key_of: Callable[[tuple, int | N
     error messages (e.g. "the model in <folder>/config.json").
     """
     targets = dict(nnx.to_flat_state(state))
+    check_parameters(state, expected_by)  # before the per-layer loops below: a config can claim 10^9 layers
     expected = {}  # checkpoint key -> (state path, layer index or None)
     for path, var in targets.items():
         for index in (range(var.get_value().shape[0]) if path[0] in stacked else [None]):
@@ -72,6 +90,9 @@ def stream_into_state(source, state: nnx.State, key_of: Callable[[tuple, int | N
         if source.shape(key) != want:
             raise ConversionError(f"{where}: tensor {key!r} has shape {source.shape(key)}; {expected_by} expects "
                                   f"{want}")
+        if str(source.dtype(key)) not in FLOAT_DTYPES:
+            raise ConversionError(f"{where}: tensor {key!r} is {source.dtype(key)}; {expected_by} expects floating-"
+                                  "point weights (F32, F16, BF16 or F64): quantised checkpoints are not supported")
 
     buffers = {path: np.empty(var.get_value().shape, var.get_value().dtype) for path, var in targets.items()}
 
@@ -89,4 +110,34 @@ def stream_into_state(source, state: nnx.State, key_of: Callable[[tuple, int | N
             raise ConversionError(f"{where}: tied tensors {alias!r} and {key!r} differ; expected equal copies")
     for path, var in targets.items():
         var.set_value(jax.device_put(buffers.pop(path)))
+    check_finite(targets, key_of, where, stacked=stacked, index_of=torch_index)
     return state
+
+
+@jax.jit
+def _finite_flags(values):
+    """One flag per array: its float32 sum is finite (any NaN/Inf makes it so; an overflowing sum of finite values
+    is a false alarm that `check_finite` clears on the host)."""
+    return jnp.stack([jnp.isfinite(jnp.sum(v, dtype=jnp.float32)) for v in values])
+
+
+def check_finite(targets: dict, name_of: Callable[[tuple, int | None], str], where: str, *,
+                 stacked: tuple[str, ...] = (), index_of: Callable[[tuple, tuple], tuple] = lambda i, p: i) -> None:
+    """Refuse NaN/Inf in the filled variables `targets` (path -> variable), naming the first bad tensor:
+    `name_of(path, layer)` is its checkpoint name (layer: the index along the leading axis of a parameter under
+    the modules in `stacked`, else None) and `index_of(index, path)` an element's index in the checkpoint."""
+    paths = list(targets)
+    flags = jax.device_get(_finite_flags([targets[p].get_value() for p in paths])) if paths else []
+    for path, ok in zip(paths, flags):
+        if ok:
+            continue
+        value = np.asarray(targets[path].get_value())
+        layers = range(value.shape[0]) if path[0] in stacked else [None]
+        for index in layers:
+            part = value if index is None else value[index]
+            bad = ~np.isfinite(part)
+            if bad.any():
+                first = index_of(tuple(int(i) for i in np.argwhere(bad)[0]), path)
+                raise ConversionError(f"{where}: tensor {name_of(path, index)!r} holds {int(bad.sum())} NaN/Inf "
+                                      f"value(s) (first at index {first}); the checkpoint is corrupt (download it "
+                                      "again) or was saved from a diverged run")

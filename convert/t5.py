@@ -27,7 +27,7 @@ def load_t5(folder: str | Path, *, dtype=jnp.float32) -> T5Encoder:
     folder = Path(folder)
     config_path = folder / "config.json"
     config = T5Config.from_file(config_path)
-    source = TensorSource(folder, prefix="model")
+    source = TensorSource(folder, prefix="model", what="T5 encoder weights")
     embedding = SHARED if SHARED in source or EMBED_TOKENS not in source else EMBED_TOKENS
     aliases = {EMBED_TOKENS: SHARED} if embedding == SHARED and EMBED_TOKENS in source else {}
 

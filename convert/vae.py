@@ -44,7 +44,7 @@ def load_vae(folder: str | Path, *, dtype=jnp.float32) -> AutoencoderKL:
     config_path = folder / "config.json"
     config = VAEConfig.from_file(config_path)
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: AutoencoderKL(config, dtype=dtype, rngs=nnx.Rngs(0))))
-    source = TensorSource(folder, prefix=WEIGHTS_PREFIX)
+    source = TensorSource(folder, prefix=WEIGHTS_PREFIX, what="VAE weights")
     state = stream_into_state(source, abstract, lambda path, _: source_name(path),
                               expected_by=f"the AutoencoderKL of {config_path}")
     return nnx.merge(graphdef, state)

@@ -14,6 +14,10 @@ scheduler). `calibrate` takes prompts as text when the folder has text encoders,
 Every CHECKPOINT / FOLDER (and demo's --checkpoint) may be a Hugging Face repo id instead, "org/name" or
 "org/name@revision": the files the command needs are fetched into the local Hugging Face cache (json files first,
 so that settings are checked before any weight downloads); HF_HUB_OFFLINE=1 reads only that cache.
+
+Exit status: 0 done; 2 the request was refused before anything was written (a bad argument, input file, config or
+output path, or a model or run that cannot fit in memory); 1 the run failed (NaN/Inf output, out of memory, an I/O
+error), leaving nothing half-written. Either way the reason is one line on stderr.
 """
 
 from __future__ import annotations
@@ -32,15 +36,80 @@ import numpy as np
 TOKEN_ORDER_CHOICES = ("raster", "morton", "hilbert")
 
 
+# ---- argument types: a bad value is refused while parsing, with the range that is accepted ----
+
+MAX_SEED = 2 ** 32 - 1  # JAX keys take 32-bit seeds (larger ones wrap around and repeat smaller seeds' noise)
+MAX_SEQUENCE_LENGTH = 512  # T5's limit in the FLUX and SD3 pipelines
+
+
+def _int_in(lo: int, hi: int | None = None):
+    """An argparse type: an integer in [lo, hi]."""
+    accepted = f"an integer >= {lo}" if hi is None else f"an integer in {lo}..{hi}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {accepted}, got {text!r}") from None
+        if value < lo or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"expected {accepted}, got {value}")
+        return value
+
+    return parse
+
+
+def _float_at_least(lo: float, *, above: bool = False):
+    """An argparse type: a finite number >= lo (> lo with `above`)."""
+    accepted = f"a finite number {'>' if above else '>='} {lo}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {accepted}, got {text!r}") from None
+        if not np.isfinite(value) or value < lo or (above and value == lo):
+            raise argparse.ArgumentTypeError(f"expected {accepted}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _file_prefix(text: str) -> str:
+    """An argparse type: a file name prefix, which must stay inside --out (no folder separators)."""
+    if any(sep and sep in text for sep in ("/", "\\", "\0")):
+        raise argparse.ArgumentTypeError(f"expected a file name prefix without '/' (the files go into --out), got "
+                                         f"{text!r}")
+    return text
+
+
+POSITIVE = _int_in(1)
+SEED = _int_in(0, MAX_SEED)
+STEPS = _int_in(1, 10_000)
+PIXELS = _int_in(1, 2 ** 16)
+SEQUENCE_LENGTH = _int_in(1, MAX_SEQUENCE_LENGTH)
+NON_NEGATIVE = _float_at_least(0.0)
+
+
 def _dtype(name: str):
     import jax.numpy as jnp
 
     return {"bf16": jnp.bfloat16, "fp32": jnp.float32, "auto": None}[name]
 
 
+def _param_dtype(args):
+    """The parameter dtype a memory check assumes before loading: fp32 if asked, else bf16 (a lower bound)."""
+    import jax.numpy as jnp
+
+    return jnp.float32 if args.dtype == "fp32" else jnp.bfloat16
+
+
 def cmd_convert(args) -> int:
+    from ditfa_jax.files import check_output, exists_error
     from ditfa_jax.loading import load_transformer, save_converted
 
+    out = check_output(args.out_dir, folder=True)
+    if out.exists():
+        raise exists_error(out)
     model = load_transformer(args.checkpoint, dtype=_dtype(args.dtype), config=args.config, progress=True)
     out = save_converted(model, args.out_dir)
     print(f"converted {type(model.config).__name__} -> {out}")
@@ -70,7 +139,7 @@ def _from_plan(args, plan, flag: str, attr: str, plan_value, default):
     return plan_value
 
 
-def _geometry(args, plan, *, text_len_default: int) -> dict:
+def _geometry(args, plan, *, text_len_default: int, batch: int) -> dict:
     """height, width, steps and text length of a transformer-level run (sample, calibrate), checked against the
     model before any weight loads; a plan supplies what the command line leaves out."""
     from ditfa_jax.family import family_of, layout_for
@@ -89,8 +158,35 @@ def _geometry(args, plan, *, text_len_default: int) -> dict:
     for name in ("steps", "text_len"):
         if run[name] < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {run[name]}")
-    layout_for(config, height=run["height"], width=run["width"], text_len=run["text_len"], vae_scale_factor=vae)
+    layout = layout_for(config, height=run["height"], width=run["width"], text_len=run["text_len"],
+                        vae_scale_factor=vae)
+    _check_memory(args, config, layout, batch)
     return dict(run, config=config, vae_scale_factor=vae)
+
+
+def _check_memory(args, config, layout, batch: int) -> None:
+    """Refuse, before anything loads, a model or run that cannot fit in memory (parameters + activations)."""
+    from ditfa_jax.denoise import check_memory
+    from ditfa_jax.family import family_of
+
+    cfg_batch = batch * (2 if family_of(config).guidance(config) == "cfg" else 1)
+    check_memory(config, dtype=_param_dtype(args), batch=cfg_batch, tokens=layout.tokens)
+
+
+def _load_npz(path):
+    """An .npz of arrays, with errors that name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no embeddings file at {path}")
+    import zipfile
+
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path}: not a readable .npz of arrays ({e})") from None
+    if not hasattr(data, "files"):
+        raise ValueError(f"{path}: a single array, not an .npz holding prompt_embeds and pooled_prompt_embeds")
+    return data
 
 
 def _prompt_inputs(args, cfg, batch: int, text_len: int):
@@ -101,7 +197,7 @@ def _prompt_inputs(args, cfg, batch: int, text_len: int):
     from ditfa_jax.family import family_of
 
     if args.embeddings:
-        data = np.load(args.embeddings)
+        data = _load_npz(args.embeddings)
         missing = [k for k in ("prompt_embeds", "pooled_prompt_embeds") if k not in data]
         if missing:
             raise ValueError(f"{args.embeddings}: missing arrays {missing}; found {sorted(data.files)}")
@@ -109,7 +205,7 @@ def _prompt_inputs(args, cfg, batch: int, text_len: int):
         negative = {k: jnp.asarray(data[k]) for k in ("negative_prompt_embeds", "negative_pooled_prompt_embeds")
                     if k in data}
     else:
-        key_text, key_pool = jax.random.split(jax.random.key(args.seed + 1))
+        key_text, key_pool = jax.random.split(jax.random.key((args.seed + 1) % (MAX_SEED + 1)))
         text = jax.random.normal(key_text, (batch, text_len, cfg.joint_attention_dim))
         pooled = jax.random.normal(key_pool, (batch, cfg.pooled_projection_dim))
         negative = {}
@@ -129,14 +225,13 @@ def cmd_sample(args) -> int:
     import jax.numpy as jnp
 
     from ditfa_jax.family import family_of, layout_for
+    from ditfa_jax.files import check_output
     from ditfa_jax.loading import load_transformer
     from ditfa_jax.sampler import cache_bytes, sample, scheduler_for
 
-    out = Path(args.out) if args.out else None
-    if out is not None and out.exists() and not args.overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    out = check_output(args.out, overwrite=args.overwrite) if args.out else None
     plan = _load_plan(args)
-    run = _geometry(args, plan, text_len_default=16)
+    run = _geometry(args, plan, text_len_default=16, batch=args.batch)
     model = load_transformer(args.checkpoint, dtype=_dtype(args.dtype), progress=False)
     cfg, family = model.config, family_of(model.config)
     text, pooled, negative = _prompt_inputs(args, cfg, args.batch, run["text_len"])
@@ -167,7 +262,7 @@ def cmd_sample(args) -> int:
 
         buf = io.BytesIO()
         np.save(buf, np.asarray(final))
-        atomic_write(out, buf.getvalue())
+        atomic_write(out, buf.getvalue(), overwrite=args.overwrite)
         report["latents"] = str(out)
     print(json.dumps(report, indent=2))
     return 0
@@ -187,27 +282,27 @@ def _read_prompts(path: str | Path) -> list[str]:
 def cmd_calibrate(args) -> int:
     from ditfa_jax.calibrate import calibrate
     from ditfa_jax.loading import load_transformer
+    from ditfa_jax.files import check_output
     from ditfa_jax.plan_pictures import save_heatmap
     from ditfa_jax.sampler import scheduler_for
 
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    out = check_output(args.out, overwrite=args.overwrite)
+    check_output(out.with_suffix(".png"), overwrite=args.overwrite)
     text_prompts = not args.prompts.isdigit()
     if text_prompts and args.text_len is not None:
         raise ValueError("--text-len sets the length of random embeddings; with text --prompts the T5 length is "
                          "--max-sequence-length")
-    run = _geometry(args, None, text_len_default=16)
+    if not text_prompts and int(args.prompts) < 1:
+        raise ValueError(f"--prompts must be a prompt file or a number >= 1, got {args.prompts}")
+    prompts = _read_prompts(args.prompts) if text_prompts else None
+    run = _geometry(args, None, text_len_default=16, batch=len(prompts) if text_prompts else int(args.prompts))
     if not text_prompts:
-        if int(args.prompts) < 1:
-            raise ValueError(f"--prompts must be a prompt file or a number >= 1, got {args.prompts}")
         model = load_transformer(args.checkpoint, dtype=_dtype(args.dtype), progress=False)
         scheduler = scheduler_for(args.checkpoint, model)
         text, pooled, negative = _prompt_inputs(args, model.config, int(args.prompts), run["text_len"])
     else:
         from ditfa_jax.pipelines import load_pipeline
 
-        prompts = _read_prompts(args.prompts)
         pipe = load_pipeline(args.checkpoint, dtype=_dtype(args.dtype), offload_text_encoders=True)
         model, scheduler = pipe.transformer, pipe.scheduler
         cond = pipe.encode(prompts, max_sequence_length=args.max_sequence_length,
@@ -220,8 +315,13 @@ def cmd_calibrate(args) -> int:
                        vae_scale_factor=run["vae_scale_factor"], rse_over_prompts=args.rse_over_prompts,
                        budget_schedule=args.budget_schedule, token_order=args.token_order, **negative)
     plan = result.plan
-    plan.save(out)
-    heatmap = save_heatmap(plan, out.with_suffix(".png"))
+    plan.save(out, overwrite=args.overwrite)
+    try:
+        heatmap = save_heatmap(plan, out.with_suffix(".png"), overwrite=args.overwrite)
+    except BaseException:
+        if not args.overwrite:
+            out.unlink(missing_ok=True)  # the plan written just now: both files or neither
+        raise
     print(plan.summary())
     print(f"calibration took {plan.notes['calibration_seconds']} s; plan -> {out}; heatmap -> {heatmap}")
     return 0
@@ -238,25 +338,38 @@ def _png_metadata(settings: dict):
     return info
 
 
-def _write_images(images, metadata: list[dict], paths: list[Path]) -> None:
-    """All PNGs or none: each goes to a temp folder beside the targets, then every file is renamed into place."""
+def _write_images(images, metadata: list[dict], paths: list[Path], *, overwrite: bool) -> None:
+    """All PNGs or none: each goes to a temp folder beside the targets, then every file is moved into place:
+    replacing (overwrite) or create-if-absent, removing the ones placed so far if one name was taken meanwhile."""
     import os
     import shutil
     import tempfile
 
+    from ditfa_jax.files import cleanup_on_signal, place_new_file
+
     folder = paths[0].parent
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".ditfa-generate-", dir=folder))
-    try:
-        for img, meta, path in zip(images, metadata, paths):
-            img.save(tmp / path.name, pnginfo=_png_metadata(meta))
-        for path in paths:
-            os.replace(tmp / path.name, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with cleanup_on_signal():
+        tmp = Path(tempfile.mkdtemp(prefix=".ditfa-generate-", dir=folder))
+        placed = []
+        try:
+            for img, meta, path in zip(images, metadata, paths):
+                img.save(tmp / path.name, pnginfo=_png_metadata(meta))
+            for path in paths:
+                if overwrite:
+                    os.replace(tmp / path.name, path)
+                else:
+                    place_new_file(tmp / path.name, path)
+                    placed.append(path)
+        except BaseException:
+            for path in placed:
+                path.unlink(missing_ok=True)
+            raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _pipeline_run(args, plan) -> dict:
+def _pipeline_run(args, plan, *, batch: int) -> dict:
     """height, width, steps and T5 length of a pipeline run (generate, bench), checked against the folder's model
     before anything loads; a plan supplies what the command line leaves out."""
     from ditfa_jax.configs import read_json
@@ -282,25 +395,28 @@ def _pipeline_run(args, plan) -> dict:
                                               None))
     if run["steps"] < 1:
         raise ValueError(f"--steps must be >= 1, got {run['steps']}")
-    layout_for(config, height=run["height"], width=run["width"], text_len=0, vae_scale_factor=vae)
+    layout = layout_for(config, height=run["height"], width=run["width"], text_len=run["max_sequence_length"] or 0,
+                        vae_scale_factor=vae)
+    _check_memory(args, config, layout, batch)
     return run
 
 
 def cmd_generate(args) -> int:
+    from ditfa_jax.files import check_output
     from ditfa_jax.pipelines import load_pipeline
 
     prompts = list(args.prompt or []) + (_read_prompts(args.prompts_file) if args.prompts_file else [])
     if not prompts:
         raise ValueError("no prompt: pass --prompt TEXT (repeatable) or --prompts-file FILE")
     total = len(prompts) * args.num_images
-    out = Path(args.out)
+    out = check_output(args.out, folder=True)
     paths = [out / f"{args.name}{k:03d}.png" for k in range(total)]
     existing = [str(p) for p in paths if p.exists()]
     if existing and not args.overwrite:
         raise FileExistsError(f"{existing[0]} exists ({len(existing)} of the {total} target files do); choose another "
                               "--out / --name or pass --overwrite")
     plan = _load_plan(args)
-    run = _pipeline_run(args, plan)
+    run = _pipeline_run(args, plan, batch=total)
     pipe = load_pipeline(args.checkpoint, dtype=_dtype(args.dtype), offload_text_encoders=args.offload_text_encoders)
     images = pipe(prompts, negative_prompt=args.negative_prompt, height=run["height"], width=run["width"],
                   num_inference_steps=run["steps"], guidance_scale=args.guidance, seed=args.seed,
@@ -315,7 +431,7 @@ def cmd_generate(args) -> int:
                                                  "attention_flops_kept": round(plan.flops_kept_fraction(), 4)},
               "software": "ditfa-jax"}
     metadata = [{"prompt": prompts[k // args.num_images], "image_index": k, **common} for k in range(total)]
-    _write_images(images, metadata, paths)
+    _write_images(images, metadata, paths, overwrite=args.overwrite)
     timings = ", ".join(f"{k} {v:.2f}" for k, v in pipe.timings.items())
     print(f"{total} image(s) -> {out} ({timings})")
     return 0
@@ -329,15 +445,12 @@ def _peak_gb() -> float | None:
 
 
 def cmd_bench(args) -> int:
+    from ditfa_jax.files import check_output
     from ditfa_jax.pipelines import load_pipeline
 
-    out = Path(args.out) if args.out else None
-    if out is not None and out.exists() and not args.overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    out = check_output(args.out, overwrite=args.overwrite) if args.out else None
     plan = _load_plan(args)
-    run = _pipeline_run(args, plan)
-    if args.repeat < 1 or args.batch < 1:
-        raise ValueError(f"--repeat and --batch must be >= 1, got {args.repeat} and {args.batch}")
+    run = _pipeline_run(args, plan, batch=args.batch)
     pipe = load_pipeline(args.checkpoint, dtype=_dtype(args.dtype), offload_text_encoders=True)
     prompts = [args.prompt] * args.batch
     rows = []
@@ -355,7 +468,7 @@ def cmd_bench(args) -> int:
     if out is not None:
         from ditfa_jax.files import atomic_write
 
-        atomic_write(out, "".join(json.dumps(r) + "\n" for r in rows).encode())
+        atomic_write(out, "".join(json.dumps(r) + "\n" for r in rows).encode(), overwrite=args.overwrite)
     print("\n| run | attention FLOPs kept | encoders onload s | encode s | denoise s | decode s | total s | "
           "peak GB (so far) |")
     print("|---|---|---|---|---|---|---|---|")
@@ -367,13 +480,22 @@ def cmd_bench(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    from ditfa_jax.files import check_output
     from ditfa_jax.testbed.demo import DEFAULT_DELTA, run_demo
     from ditfa_jax.testbed.model import DEFAULT_STEPS
 
+    check_output(args.out, folder=True)
     run_demo(args.out, checkpoint=args.checkpoint, prompts=args.prompts, calibration_prompts=args.calibration_prompts,
              num_steps=args.steps or DEFAULT_STEPS, delta=DEFAULT_DELTA if args.delta is None else args.delta,
              seed=args.seed, overwrite=args.overwrite)
     return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    """A parser whose errors are one line (`ditfa CMD: error: ...`, exit status 2), like every refused request."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 class _Help(argparse.HelpFormatter):
@@ -387,25 +509,24 @@ class _Help(argparse.HelpFormatter):
         return text
 
 
-SEED_HELP = ("random seed: the noise of image k is drawn from key fold_in(key(SEED), k), and random prompt "
-             "embeddings from key(SEED + 1); the same seed gives the same images")
+SEED_HELP = ("random seed in 0..2^32-1: the noise of image k is drawn from key fold_in(key(SEED), k), and random "
+             "prompt embeddings from key(SEED + 1); the same seed gives the same images")
 FROM_PLAN = "default: the plan's (--plan), else {}; a value the plan contradicts is an error"
 
 
 def _add_run_settings(p, *, text_len: bool) -> None:
     """--height/--width/--steps (+ --text-len): a plan's settings unless given, checked against the model."""
-    p.add_argument("--height", type=int, help="image height in pixels, a multiple of the model's step (16 for "
+    p.add_argument("--height", type=PIXELS, help="image height in pixels, a multiple of the model's step (16 for "
                                              "FLUX.1 and SD3); " + FROM_PLAN.format("the model's native size"))
-    p.add_argument("--width", type=int, help="image width in pixels; " + FROM_PLAN.format("the native size"))
-    p.add_argument("--steps", type=int, help="denoising steps; " + FROM_PLAN.format(DEFAULT_STEPS))
+    p.add_argument("--width", type=PIXELS, help="image width in pixels; " + FROM_PLAN.format("the native size"))
+    p.add_argument("--steps", type=STEPS, help="denoising steps; " + FROM_PLAN.format(DEFAULT_STEPS))
     if text_len:
-        p.add_argument("--text-len", type=int, help="prompt tokens of random embeddings; "
+        p.add_argument("--text-len", type=POSITIVE, help="prompt tokens of random embeddings; "
                                                     + FROM_PLAN.format(16))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ditfa", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="ditfa", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     add = functools.partial(sub.add_parser, formatter_class=_Help)
 
@@ -423,9 +544,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "embeddings (or --embeddings), dense or with a plan; prints a JSON report.")
     p.add_argument("checkpoint", help="checkpoint folder, file or repo id (see `convert`)")
     _add_run_settings(p, text_len=True)
-    p.add_argument("--batch", type=int, default=1, help="images per call")
-    p.add_argument("--guidance", type=float, help="FLUX distilled guidance / SD3 CFG scale (default 3.5 / 7.0)")
-    p.add_argument("--seed", type=int, default=0, help=SEED_HELP)
+    p.add_argument("--batch", type=POSITIVE, default=1, help="images per call")
+    p.add_argument("--guidance", type=NON_NEGATIVE, help="FLUX distilled guidance / SD3 CFG scale (default 3.5 / 7.0)")
+    p.add_argument("--seed", type=SEED, default=0, help=SEED_HELP)
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto", help="parameter dtype")
     p.add_argument("--out", help="write the final latents here (.npy)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
@@ -440,8 +561,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="checkpoint folder, file or repo id (see `convert`); a full pipeline for "
                                       "text --prompts")
     p.add_argument("--out", required=True, help="plan file to write (.json); the heatmap goes beside it (.png)")
-    p.add_argument("--delta", type=float, default=0.2, help="RSE budget per (step, layer); larger compresses more")
-    p.add_argument("--c", type=float, default=1.5, help="per-head eligibility: rse < c * delta / heads")
+    p.add_argument("--delta", type=NON_NEGATIVE, default=0.2,
+                   help="RSE budget per (step, layer); larger compresses more")
+    p.add_argument("--c", type=_float_at_least(0.0, above=True), default=1.5,
+                   help="per-head eligibility: rse < c * delta / heads")
     p.add_argument("--candidates", default="cached,arrow_8,arrow_16,arrow_32", help="comma-separated methods")
     p.add_argument("--rse-over-prompts", choices=["mean", "max"], default="mean",
                    help="score a head's error over all calibration prompts pooled (mean, the paper's) or by its "
@@ -453,19 +576,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="order of the image tokens that arrow bands follow: raster (the paper's: a band is a strip "
                         "of whole rows) or along a space-filling curve (hilbert, morton: a band is a 2-D "
                         "neighbourhood); the plan records it and the sampler uses it")
-    p.add_argument("--height", type=int, help="image height in pixels (default: the model's native size)")
-    p.add_argument("--width", type=int, help="image width in pixels (default: the model's native size)")
-    p.add_argument("--steps", type=int, help=f"denoising steps the plan is for (default: {DEFAULT_STEPS})")
+    p.add_argument("--height", type=PIXELS, help="image height in pixels (default: the model's native size)")
+    p.add_argument("--width", type=PIXELS, help="image width in pixels (default: the model's native size)")
+    p.add_argument("--steps", type=STEPS, help=f"denoising steps the plan is for (default: {DEFAULT_STEPS})")
     p.add_argument("--prompts", default="8",
                    help="a text file with one calibration prompt per line (encoded with the folder's text encoders), "
                         "or a number of random prompt embeddings (ignored with --embeddings)")
-    p.add_argument("--max-sequence-length", type=int,
+    p.add_argument("--max-sequence-length", type=SEQUENCE_LENGTH,
                    help="T5 tokens for text prompts (default FLUX-dev 512, schnell 256, SD3 256); the plan records "
                         "the text length and later commands take it from there")
     p.add_argument("--embeddings", help=".npz with prompt_embeds, pooled_prompt_embeds (+ negative_*)")
-    p.add_argument("--text-len", type=int, help="prompt tokens of random embeddings (default: 16)")
-    p.add_argument("--guidance", type=float, help="FLUX distilled guidance / SD3 CFG scale (default 3.5 / 7.0)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the calibration noise (key(SEED)) and of random "
+    p.add_argument("--text-len", type=POSITIVE, help="prompt tokens of random embeddings (default: 16)")
+    p.add_argument("--guidance", type=NON_NEGATIVE, help="FLUX distilled guidance / SD3 CFG scale (default 3.5 / 7.0)")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the calibration noise (key(SEED)) and of random "
                                                        "prompt embeddings (key(SEED + 1))")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto", help="parameter dtype")
     p.add_argument("--overwrite", action="store_true", help="replace an existing plan file")
@@ -482,11 +605,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", help="a prompt; repeat for several (one batch)")
     p.add_argument("--prompts-file", help="text file with one prompt per line (added after --prompt)")
     p.add_argument("--negative-prompt", help="SD3 only: what to steer away from with CFG (default empty)")
-    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    p.add_argument("--num-images", type=POSITIVE, default=1, help="images per prompt")
     _add_run_settings(p, text_len=False)
-    p.add_argument("--guidance", type=float, help="FLUX-dev distilled guidance / SD3 CFG scale (default 3.5 / 7.0)")
-    p.add_argument("--seed", type=int, default=0, help=SEED_HELP)
-    p.add_argument("--max-sequence-length", type=int,
+    p.add_argument("--guidance", type=NON_NEGATIVE,
+                   help="FLUX-dev distilled guidance / SD3 CFG scale (default 3.5 / 7.0)")
+    p.add_argument("--seed", type=SEED, default=0, help=SEED_HELP)
+    p.add_argument("--max-sequence-length", type=SEQUENCE_LENGTH,
                    help="T5 tokens; " + FROM_PLAN.format("FLUX-dev 512, schnell 256, SD3 256"))
     p.add_argument("--plan", help="compression plan (.json from `ditfa calibrate`); its settings are the defaults")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
@@ -494,7 +618,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--offload-text-encoders", action="store_true",
                    help="keep text encoders in host memory after encoding (frees ~9.5 GB of T5-XXL on the GPU)")
     p.add_argument("--out", default="outputs/images", help="folder for the PNGs")
-    p.add_argument("--name", default="image_", help="file name prefix: <out>/<name>000.png, ...")
+    p.add_argument("--name", default="image_", type=_file_prefix,
+                   help="file name prefix: <out>/<name>000.png, ... (no '/': the files stay in --out)")
     p.add_argument("--overwrite", action="store_true", help="replace existing files of the same names")
     p.set_defaults(func=cmd_generate)
 
@@ -507,12 +632,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="diffusers pipeline folder or Hugging Face repo id")
     p.add_argument("--plan", help="compression plan (.json) for these settings, timed after the dense run")
     p.add_argument("--prompt", default="a photo of a red fox in the snow", help="the prompt to encode")
-    p.add_argument("--batch", type=int, default=1, help="images per call")
+    p.add_argument("--batch", type=POSITIVE, default=1, help="images per call")
     _add_run_settings(p, text_len=False)
-    p.add_argument("--guidance", type=float, help="FLUX-dev distilled guidance / SD3 CFG scale (default 3.5 / 7.0)")
-    p.add_argument("--max-sequence-length", type=int,
+    p.add_argument("--guidance", type=NON_NEGATIVE,
+                   help="FLUX-dev distilled guidance / SD3 CFG scale (default 3.5 / 7.0)")
+    p.add_argument("--max-sequence-length", type=SEQUENCE_LENGTH,
                    help="T5 tokens; " + FROM_PLAN.format("FLUX-dev 512, schnell 256, SD3 256"))
-    p.add_argument("--repeat", type=int, default=2, help="timed calls after the warm-up (best is reported)")
+    p.add_argument("--repeat", type=POSITIVE, default=2, help="timed calls after the warm-up (best is reported)")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
                    help="parameter dtype (auto: the checkpoint's)")
     p.add_argument("--out", help="write the rows as JSON lines here")
@@ -525,25 +651,39 @@ def build_parser() -> argparse.ArgumentParser:
                         "images, a side-by-side comparison and a report.")
     p.add_argument("--out", default="outputs/demo", help="folder to write (refused if it exists, see --overwrite)")
     p.add_argument("--checkpoint", help="testbed folder or repo id (default: the weights shipped in "
-                                                "ditfa_jax/testbed)")
-    p.add_argument("--prompts", type=int, default=4, help="held-out captions to generate")
-    p.add_argument("--calibration-prompts", type=int, default=4, help="training captions the plan search uses")
-    p.add_argument("--steps", type=int, help="denoising steps (default: the testbed's 20)")
-    p.add_argument("--delta", type=float, help="RSE budget per (step, layer) (default: ditfa_jax.testbed.demo's)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the captions drawn, the calibration noise and the "
+                                        "ditfa_jax/testbed)")
+    p.add_argument("--prompts", type=POSITIVE, default=4, help="held-out captions to generate")
+    p.add_argument("--calibration-prompts", type=POSITIVE, default=4, help="training captions the plan search uses")
+    p.add_argument("--steps", type=STEPS, help="denoising steps (default: the testbed's 20)")
+    p.add_argument("--delta", type=NON_NEGATIVE,
+                   help="RSE budget per (step, layer) (default: ditfa_jax.testbed.demo's)")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the captions drawn, the calibration noise and the "
                                                        "generated images' noise")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     p.set_defaults(func=cmd_demo)
+    for command in sub.choices.values():
+        command.set_defaults(parser=command)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run a command: 0 done; 2 refused (a bad request: nothing was written); 1 failed (NaN/Inf, out of memory, I/O:
+    nothing half-written). Both errors are one line on stderr; anything else is a bug and shows its traceback."""
+    args, extra = build_parser().parse_known_args(argv)
+    if extra:  # reported by the command's parser, so the message names the command
+        args.parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"ditfa {args.command}: error: {e}", file=sys.stderr)
+        print(f"ditfa {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except (FloatingPointError, MemoryError, OSError) as e:  # FloatingPointError: denoise.NonFiniteError
+        print(f"ditfa {args.command}: failed: {_one_line(e) or type(e).__name__}", file=sys.stderr)
+        return 1
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
 
 
 if __name__ == "__main__":

@@ -142,19 +142,37 @@ def euler_step(x, v, sigma, sigma_next):
 
 def denoise(module, family: ModelFamily, cond: Conditioning, layout: TokenLayout, settings: AttentionSettings,
             latents, sigmas, timesteps, head_windows=None, cache=None):
-    """The whole loop as one `lax.scan` over the steps: final latents (float32).
+    """The whole loop as one `lax.scan` over the steps: (final latents float32, finite [steps] bool).
 
-    With a plan, `head_windows` [steps, layers, H] is scanned as data and the cache carried."""
+    `finite[i]` says whether the latents after step i are all finite (one reduction per step, on the device), so
+    a NaN is traced to the step that made it (`check_finite_steps`). With a plan, `head_windows` [steps, layers,
+    H] is scanned as data and the cache carried."""
 
     def step(carry, xs):
         x, cache = carry
         t, sigma, sigma_next, head_window = xs
         v, cache = velocity(module, family, cond, layout, settings, x, t, head_window, cache)
-        return (euler_step(x, v, sigma, sigma_next), cache), None
+        x = euler_step(x, v, sigma, sigma_next)
+        return (x, cache), jnp.isfinite(x).all()
 
-    (x, _), _ = jax.lax.scan(step, (latents.astype(jnp.float32), cache),
-                             (timesteps, sigmas[:-1], sigmas[1:], head_windows))
-    return x
+    (x, _), finite = jax.lax.scan(step, (latents.astype(jnp.float32), cache),
+                                  (timesteps, sigmas[:-1], sigmas[1:], head_windows))
+    return x, finite
+
+
+class NonFiniteError(FloatingPointError):
+    """A run produced NaN or infinite values (latents or pixels)."""
+
+
+def check_finite_steps(finite, sigmas) -> None:
+    """Raise NonFiniteError naming the first step whose latents are not all finite (`denoise`'s flags)."""
+    finite = np.asarray(finite)
+    if finite.all():
+        return
+    first = int(np.argmin(finite))
+    raise NonFiniteError(f"sampling produced NaN/Inf latents, first at step {first + 1} of {len(finite)} (sigma "
+                         f"{float(sigmas[first]):.4g} -> {float(sigmas[first + 1]):.4g}); check the inputs (noise, "
+                         "prompt embeddings: all finite?) and the dtype (fp16/bf16 overflow?)")
 
 
 def cache_shape(config, batch: int, tokens: int) -> tuple[int, ...]:
@@ -164,4 +182,23 @@ def cache_shape(config, batch: int, tokens: int) -> tuple[int, ...]:
 
 def cache_bytes(config, batch: int, tokens: int, dtype=jnp.bfloat16) -> int:
     """Memory the caching sampler holds for the per-layer attention outputs."""
-    return int(np.prod(cache_shape(config, batch, tokens))) * jnp.dtype(dtype).itemsize
+    return int(np.prod(cache_shape(config, batch, tokens), dtype=np.float64)) * jnp.dtype(dtype).itemsize
+
+
+def activation_bytes(config, batch: int, tokens: int, dtype=jnp.bfloat16) -> int:
+    """A lower bound of the activations one denoiser evaluation holds at once: one block's residual stream, q, k,
+    v, attention output and 4x MLP hidden state ([batch, tokens, 9 * inner_dim] in `dtype`); for refusing a run
+    that cannot fit (`ditfa_jax.memory.check_fits`), not for promising one does."""
+    return batch * tokens * 9 * config.inner_dim * jnp.dtype(dtype).itemsize
+
+
+def check_memory(config, *, dtype, batch: int, tokens: int) -> None:
+    """Refuse, from the config alone (shapes only, nothing allocated), a transformer whose parameters cannot fit
+    the host and the device, or a run of `batch` x `tokens` whose parameters + activations cannot fit the device."""
+    from convert.diffusers_to_jax import build_abstract
+    from ditfa_jax.memory import check_fits, state_bytes
+
+    params = state_bytes(build_abstract(config, jnp.dtype(dtype))[1])
+    check_fits(params, f"the parameters of this {type(config).__name__} ({jnp.dtype(dtype).name})")
+    check_fits(params + activation_bytes(config, batch, tokens, dtype),
+               f"a run of {batch} x {tokens} tokens (parameters + activations)", host=False)

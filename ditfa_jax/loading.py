@@ -16,15 +16,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
 from convert.bfl_flux import BFLFluxSource, infer_flux_config, is_bfl_flux
 from convert.checkpoint import TensorSource
-from convert.diffusers_to_jax import build_abstract, convert_state
-from ditfa_jax.configs import FluxConfig, SD3Config, config_from_dict, config_to_dict, read_config
+from convert.diffusers_to_jax import STACKS, build_abstract, convert_state
+from convert.streaming import FLOAT_DTYPES, ConversionError, check_finite
+from ditfa_jax.configs import FluxConfig, SD3Config, config_from_dict, config_to_dict, read_config, read_json
 from ditfa_jax.files import atomic_folder
 from ditfa_jax.family import family_of
 from ditfa_jax.hub import CONFIGS, TRANSFORMER, resolve, snapshot_check
+from ditfa_jax.memory import check_parameters
 
 CONVERTED_MARKER = "ditfa_jax_converted"
 CONVERTED_WEIGHTS = "params.safetensors"
@@ -106,7 +108,7 @@ def load_transformer(path: str | Path, *, dtype=None, config: str | Path | None 
     folder = resolve(path, TRANSFORMER, revision=revision)
     with snapshot_check(path, folder):
         weights, config_path = resolve_checkpoint(folder)
-        if config_path is not None and json.loads(config_path.read_text()).get(CONVERTED_MARKER):
+        if config_path is not None and read_json(config_path, "transformer config").get(CONVERTED_MARKER):
             return load_converted(weights, dtype=dtype)
         cfg, source = _config_and_source(weights, config_path, config)
     graphdef, state = convert_state(source, cfg, dtype=dtype, progress=progress)
@@ -127,7 +129,7 @@ def transformer_config(path: str | Path, *, config: str | Path | None = None,
 
 
 def _config_and_source(weights: Path, config_path: Path | None, config: str | Path | None):
-    source = TensorSource(weights, prefix="diffusion_pytorch_model")
+    source = TensorSource(weights, prefix="diffusion_pytorch_model", what="transformer weights")
     if is_bfl_flux(source.keys()):
         source = BFLFluxSource(source)
         cfg = read_config(config) if config is not None else infer_flux_config(source)
@@ -151,17 +153,33 @@ def save_converted(model: Transformer, out_dir: str | Path) -> Path:
 
 
 def load_converted(folder: Path, dtype=None) -> Transformer:
-    raw = json.loads((folder / "config.json").read_text())
-    cfg = config_from_dict(raw, source=str(folder / "config.json"))
-    tensors = load_file(str(folder / CONVERTED_WEIGHTS))
-    first = next(v for k, v in tensors.items() if not k.endswith("pos_embed"))
-    dtype = jnp.dtype(dtype or first.dtype)
-    graphdef, state = build_abstract(cfg, dtype)
-    for p, var in nnx.to_flat_state(state):
-        key = "/".join(map(str, p))
-        if key not in tensors:
-            raise ValueError(f"{folder / CONVERTED_WEIGHTS}: missing {key!r}")
-        var.set_value(jnp.asarray(tensors.pop(key), var.get_value().dtype))
-    if tensors:
-        raise ValueError(f"{folder / CONVERTED_WEIGHTS}: unexpected tensors {sorted(tensors)[:10]}")
+    """A folder written by `save_converted`, with the checks of a conversion: names, shapes, dtypes, memory, NaN."""
+    config_path = folder / "config.json"
+    cfg = config_from_dict(read_json(config_path, "transformer config"), source=str(config_path))
+    source = TensorSource(folder / CONVERTED_WEIGHTS, what="converted transformer params")
+    where = str(folder / CONVERTED_WEIGHTS)
+    keys = [k for k in source.keys() if not k.endswith("pos_embed")]
+    if not keys:
+        raise ConversionError(f"{where}: holds no parameters")
+    checkpoint_dtype = source.dtype(keys[0])
+    if str(checkpoint_dtype) not in FLOAT_DTYPES:
+        raise ConversionError(f"{where}: tensor {keys[0]!r} is {checkpoint_dtype}; expected floating-point params")
+    graphdef, state = build_abstract(cfg, jnp.dtype(dtype or checkpoint_dtype))
+    check_parameters(state, f"the {type(cfg).__name__} of {config_path}")
+    targets = dict(nnx.to_flat_state(state))
+    names = {"/".join(map(str, p)): p for p in targets}
+    missing = sorted(set(names) - set(source.keys()))
+    unexpected = sorted(set(source.keys()) - set(names))
+    if missing or unexpected:
+        raise ConversionError(f"{where}: does not match {config_path}: missing {missing[:10]}, unexpected "
+                              f"{unexpected[:10]} (written for another config?)")
+    for key, p in names.items():
+        want = targets[p].get_value().shape
+        if source.shape(key) != tuple(want) or str(source.dtype(key)) not in FLOAT_DTYPES:
+            raise ConversionError(f"{where}: tensor {key!r} is {source.dtype(key)} {source.shape(key)}; "
+                                  f"{config_path} expects floating-point {tuple(want)}")
+    for key, p in names.items():
+        targets[p].set_value(jnp.asarray(source.get(key), targets[p].get_value().dtype))
+    check_finite(targets, lambda p, index: "/".join(map(str, p)) + ("" if index is None else f" (layer {index})"),
+                 where, stacked=STACKS)
     return Transformer(cfg, graphdef, state)

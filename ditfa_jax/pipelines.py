@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from ditfa_jax.configs import VAE_SCALE_FACTOR, read_json
 from ditfa_jax.hub import CONFIGS, PIPELINE, resolve, snapshot_check
+from ditfa_jax.denoise import NonFiniteError
 from ditfa_jax.loading import Transformer, load_transformer
 from ditfa_jax.plan import CompressionPlan
 from ditfa_jax.family import TokenLayout, family_of, layout_for
@@ -55,7 +56,7 @@ def _check_weights(folder: Path, component: str) -> None:
     """Single or sharded safetensors present, complete, and not git-lfs pointers (before anything is loaded)."""
     from convert.checkpoint import checkpoint_files
 
-    checkpoint_files(folder, prefix=_weights_prefix(component))
+    checkpoint_files(folder, prefix=_weights_prefix(component), what=f"{component} weights")
 
 
 def _read_index(folder: Path) -> dict:
@@ -327,6 +328,10 @@ class _Pipeline:
         if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
             raise ValueError(f"num_images (per prompt) must be an integer >= 1, got {num_images!r}")
         total = len(prompts) * num_images
+        seeds = [seed] if isinstance(seed, int) else list(seed)
+        bad = [s for s in seeds if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2 ** 32]
+        if bad:
+            raise ValueError(f"seed: expected integers in 0..{2 ** 32 - 1} (JAX keys take 32-bit seeds), got {bad[:3]}")
         if not isinstance(seed, int) and len(seed) != total:
             raise ValueError(f"seed is a list of {len(seed)} seeds but {len(prompts)} prompt(s) x num_images "
                              f"{num_images} make {total} images; give one seed per image or a single int")
@@ -355,6 +360,10 @@ class _Pipeline:
             raise ValueError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
         height, width = height or self.default_size, width or self.default_size
         self._check_request(prompts, num_images, seed, latents, height, width)
+        if max_sequence_length is not None and (isinstance(max_sequence_length, bool) or not isinstance(
+                max_sequence_length, int) or not 1 <= max_sequence_length <= 512):
+            raise ValueError(f"max_sequence_length: expected an integer in 1..512 (T5's limit), got "
+                             f"{max_sequence_length!r}")
         text_len = self.text_len(max_sequence_length)
         if plan is not None:
             plan = CompressionPlan.load(plan) if isinstance(plan, (str, Path)) else plan
@@ -386,6 +395,9 @@ class _Pipeline:
         images = self.decode(final, height, width)
         images.block_until_ready()
         self.timings["decode_s"] = time.perf_counter() - start
+        if not bool(jnp.isfinite(images).all()):
+            raise NonFiniteError(f"the VAE of {self.folder or 'this pipeline'} decoded finite latents into NaN/Inf "
+                                 "pixels; check its weights and the dtype (fp16/bf16 overflow?)")
         bar.update()
         bar.close()
         return _postprocess(images, output_type)

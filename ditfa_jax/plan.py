@@ -315,10 +315,11 @@ class CompressionPlan:
         doc["notes"] = self.notes
         return _dump(_normalise_json(doc)) + "\n"
 
-    def save(self, path) -> Path:
-        """Write the plan to ``path`` (JSON) atomically: a temp file in the same folder, then os.replace."""
+    def save(self, path, *, overwrite: bool = True) -> Path:
+        """Write the plan to ``path`` (JSON) atomically: a temp file in the same folder, then moved into place
+        (an existing file is replaced, or with overwrite=False refused: `ditfa_jax.files.atomic_write`)."""
         path = Path(path)
-        atomic_write(path, self.to_json().encode())
+        atomic_write(path, self.to_json().encode(), overwrite=overwrite)
         return path
 
     @classmethod

@@ -162,8 +162,9 @@ def _render_heads(plan: CompressionPlan, cell: int | None):
     return img
 
 
-def save_heatmap(plan: CompressionPlan, path, per_head: bool = False, *, cell: int | None = None) -> Path:
-    """Write a PNG of the plan (atomically).
+def save_heatmap(plan: CompressionPlan, path, per_head: bool = False, *, cell: int | None = None,
+                 overwrite: bool = True) -> Path:
+    """Write a PNG of the plan (atomically; an existing file is replaced unless overwrite=False).
 
     Default: steps (rows, step 0 on top) x layers (columns), colour = fraction of the attention FLOPs kept in that
     (step, layer), viridis 0..1 with a colour bar. ``per_head=True``: one [steps x heads] panel per layer with a
@@ -178,5 +179,5 @@ def save_heatmap(plan: CompressionPlan, path, per_head: bool = False, *, cell: i
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     path = Path(path)
-    atomic_write(path, buf.getvalue())
+    atomic_write(path, buf.getvalue(), overwrite=overwrite)
     return path

@@ -19,10 +19,12 @@ from flax import nnx
 
 from ditfa_jax.attention import AttentionSettings
 from ditfa_jax.configs import VAE_SCALE_FACTOR
-from ditfa_jax.denoise import cache_bytes, cache_shape, default_scheduler, denoise, prepare_run
-from ditfa_jax.family import family_of
+from ditfa_jax.denoise import (activation_bytes, cache_bytes, cache_shape, check_finite_steps, default_scheduler,
+                               denoise, prepare_run)
+from ditfa_jax.family import family_of, layout_for
 from ditfa_jax.hub import CONFIGS, resolve
 from ditfa_jax.loading import Transformer
+from ditfa_jax.memory import check_fits, state_bytes
 from ditfa_jax.scheduler import SchedulerConfig
 
 __all__ = ["sample", "scheduler_for", "cache_bytes", "cache_shape"]
@@ -66,6 +68,15 @@ def sample(model: Transformer, latents, prompt_embeds, pooled_prompt_embeds, *, 
                            "negative_prompt_embeds": negative_prompt_embeds,
                            "negative_pooled_prompt_embeds": negative_pooled_prompt_embeds})
     compressed = plan is not None and (not settings.shortcuts or bool((np.asarray(plan.head_window) != -1).any()))
+    text_len = np.shape(prompt_embeds)[1] if np.ndim(prompt_embeds) == 3 else 0  # prepare_run checks the shape
+    layout = layout_for(model.config, height=height, width=width, text_len=text_len,
+                        vae_scale_factor=vae_scale_factor)  # checked here too: the memory check needs the tokens
+    if not memory:  # memory=True only compiles: it may ask about a machine larger than this one
+        cfg = family_of(model.config).guidance(model.config) == "cfg" and guidance_scale > 1
+        batch = latents.shape[0] * (2 if cfg else 1)
+        check_fits(state_bytes(model.state) + activation_bytes(model.config, batch, layout.tokens, model.dtype)
+                   + (cache_bytes(model.config, batch, layout.tokens, model.dtype) if compressed else 0),
+                   f"sampling {latents.shape[0]} x {height}x{width} (parameters + activations)", host=False)
     run = prepare_run(model.config, prompt_embeds, pooled_prompt_embeds, height=height, width=width,
                       num_steps=num_steps, guidance_scale=guidance_scale,
                       negative_prompt_embeds=negative_prompt_embeds,
@@ -88,14 +99,16 @@ def sample(model: Transformer, latents, prompt_embeds, pooled_prompt_embeds, *, 
                   cache_spec=cache_spec)
     if memory:
         return _run.lower(*args, **static).compile().memory_analysis()
-    return _run(*args, **static)
+    final, finite = _run(*args, **static)
+    check_finite_steps(finite, run.sigmas)
+    return final
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "layout", "settings", "cache_spec"))
 def _run(state, latents, cond, sigmas, timesteps, windows, *, graphdef, layout, settings, cache_spec):
-    """The jitted sampler. The zeroed cache (static (shape, dtype name), or None without a plan) is made inside
-    the program rather than passed in, so the loop's carry is its only copy (an input buffer that is not donated
-    would be a second one)."""
+    """The jitted sampler: (final latents, per-step finite flags). The zeroed cache (static (shape, dtype name), or
+    None without a plan) is made inside the program rather than passed in, so the loop's carry is its only copy (an
+    input buffer that is not donated would be a second one)."""
     module = nnx.merge(graphdef, state)
     cache = None if cache_spec is None else jnp.zeros(cache_spec[0], cache_spec[1])
     return denoise(module, family_of(module.config), cond, layout, settings, latents, sigmas, timesteps, windows,

@@ -9,41 +9,50 @@ space timesteps evenly between its shifted sigma_max and sigma_min (shift 3.0).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 
+from ditfa_jax.configs import CheckedConfig, read_json, setting
+
+SCHEDULER_CLASS = "FlowMatchEulerDiscreteScheduler"
+
 
 @dataclasses.dataclass(frozen=True)
-class SchedulerConfig:
-    num_train_timesteps: int = 1000
-    shift: float = 1.0
-    use_dynamic_shifting: bool = False
-    base_shift: float = 0.5
-    max_shift: float = 1.15
-    base_image_seq_len: int = 256
-    max_image_seq_len: int = 4096
-    time_shift_type: str = "exponential"
+class SchedulerConfig(CheckedConfig):
+    """diffusers' FlowMatchEulerDiscreteScheduler fields; every one has diffusers' default."""
+
+    num_train_timesteps: int = setting(1000, min=1, max=1_000_000)
+    shift: float = setting(1.0, above=0)
+    use_dynamic_shifting: bool = setting(False)
+    base_shift: float = setting(0.5)
+    max_shift: float = setting(1.15)
+    base_image_seq_len: int = setting(256, min=1)
+    max_image_seq_len: int = setting(4096, min=1)
+    time_shift_type: str = setting("exponential", choices=("exponential", "linear"))
 
     UNSUPPORTED = ("invert_sigmas", "shift_terminal", "use_karras_sigmas", "use_exponential_sigmas",
                    "use_beta_sigmas", "stochastic_sampling")
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "scheduler config") -> "SchedulerConfig":
-        used = [k for k in cls.UNSUPPORTED if raw.get(k)]
+        if not isinstance(raw, dict):
+            raise ValueError(f"{source}: expected a JSON object of scheduler fields, got {type(raw).__name__}")
+        if raw.get("_class_name", SCHEDULER_CLASS) != SCHEDULER_CLASS:
+            raise ValueError(f"{source}: _class_name={raw['_class_name']!r}; only {SCHEDULER_CLASS!r} is supported")
+        used = [k for k in cls.UNSUPPORTED if raw.get(k) not in (None, False)]
         if used:
             raise ValueError(f"{source}: scheduler options {used} are not supported (plain flow-match Euler only)")
-        if raw.get("time_shift_type", "exponential") not in ("exponential", "linear"):
-            raise ValueError(f"{source}: time_shift_type must be 'exponential' or 'linear'")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in raw.items() if k in fields and v is not None})
+        config = cls(**cls.fields_from(raw, source))
+        if config.use_dynamic_shifting and config.max_image_seq_len == config.base_image_seq_len:
+            raise ValueError(f"{source}: max_image_seq_len and base_image_seq_len are both "
+                             f"{config.base_image_seq_len}; dynamic shifting interpolates between two lengths")
+        return config
 
     @classmethod
     def from_file(cls, path: str | Path) -> "SchedulerConfig":
-        path = Path(path)
-        return cls.from_dict(json.loads(path.read_text()), source=str(path))
+        return cls.from_dict(read_json(path, "scheduler config"), source=str(path))
 
 
 FLUX_DEV_SCHEDULER = SchedulerConfig(shift=3.0, use_dynamic_shifting=True)

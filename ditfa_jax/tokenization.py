@@ -4,7 +4,8 @@ They rebuild the backend exactly as transformers 5's `CLIPTokenizer` / `T5Tokeni
 replaces whatever pipeline a tokenizer.json carries), so ids match transformers': CLIP is byte-level BPE with `</w>`
 word ends, NFC + whitespace collapse + lowercasing, `<|startoftext|> ... <|endoftext|>`; T5 is the SentencePiece
 unigram model with `... </s>`. Calls pad to `max_length` and truncate as the diffusers pipelines ask
-(`padding="max_length", truncation=True`), warning with the removed text when a prompt is cut.
+(`padding="max_length", truncation=True`), warning with the cut's size and its first and last words when a prompt
+is cut.
 """
 
 from __future__ import annotations
@@ -41,6 +42,14 @@ def _special_tokens(folder: Path, defaults: dict) -> dict:
     return found
 
 
+def shorten(text: str, first: int = 6, last: int = 3) -> str:
+    """`text` with its middle words elided when it has more than first + last words (for one-line warnings)."""
+    words = text.split()
+    if len(words) <= first + last:
+        return " ".join(words)
+    return f"{' '.join(words[:first])} ... {' '.join(words[-last:])}"
+
+
 class PromptTokenizer:
     """Prompts -> int32 ids [B, max_length], padded and truncated as transformers does for the pipelines."""
 
@@ -69,9 +78,10 @@ class PromptTokenizer:
         full = self.backend.encode_batch(prompts)
         for i, enc in enumerate(full):
             if len(enc.ids) > max_length:
-                removed = self.decode(enc.ids[max_length - 1:-1])
-                warnings.warn(f"{self.kind} tokenizer: prompt {i} is longer than {max_length} tokens; this part was "
-                              f"cut: {removed!r}", stacklevel=3)
+                removed = enc.ids[max_length - 1:-1]
+                text = self.decode(removed)
+                warnings.warn(f"{self.kind} tokenizer: prompt {i} is longer than {max_length} tokens; {len(removed)} "
+                              f"token(s) cut ({len(text.split())} words): {shorten(text)!r}", stacklevel=3)
         self.backend.enable_truncation(max_length)
         self.backend.enable_padding(length=max_length, pad_id=self.pad_id, pad_token=self.pad_token)
         ids = np.array([enc.ids for enc in self.backend.encode_batch(prompts)], np.int32)

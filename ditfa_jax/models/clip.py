@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ditfa_jax.configs import read_json
+from ditfa_jax.configs import CheckedConfig, read_json, setting
 from ditfa_jax.models.layers import create_stack, linear, scan_stack
 
 ACTIVATIONS = {
@@ -31,28 +31,21 @@ ACTIVATIONS = {
 ARCHITECTURES = ("CLIPTextModel", "CLIPTextModelWithProjection")
 
 
-def take_fields(raw: dict, required: tuple[str, ...], defaults: dict, source: str) -> dict:
-    """The config fields a model needs: `required` must be present, `defaults` are transformers' own."""
-    missing = [name for name in required if raw.get(name) is None]
-    if missing:
-        raise ValueError(f"{source}: missing required field(s) {missing}")
-    return {name: raw[name] for name in required} | {name: raw.get(name, value) for name, value in defaults.items()}
-
-
 @dataclasses.dataclass(frozen=True)
-class CLIPTextConfig:
-    """The fields of transformers' CLIPTextConfig that shape the text encoder."""
+class CLIPTextConfig(CheckedConfig):
+    """The fields of transformers' CLIPTextConfig that shape the text encoder (the sizes are required in a file;
+    the rest default as transformers does)."""
 
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    max_position_embeddings: int
-    eos_token_id: int
-    hidden_act: str = "quick_gelu"
-    layer_norm_eps: float = 1e-5
-    projection_dim: int | None = None  # set: CLIPTextModelWithProjection
+    vocab_size: int = setting(min=1)
+    hidden_size: int = setting(min=1)
+    intermediate_size: int = setting(min=1)
+    num_hidden_layers: int = setting(min=1)
+    num_attention_heads: int = setting(min=1)
+    max_position_embeddings: int = setting(min=1)
+    eos_token_id: int = setting(min=0)
+    hidden_act: str = setting("quick_gelu", choices=tuple(ACTIVATIONS))
+    layer_norm_eps: float = setting(1e-5, above=0)
+    projection_dim: int | None = setting(None, min=1)  # set: CLIPTextModelWithProjection
 
     @property
     def head_dim(self) -> int:
@@ -60,20 +53,20 @@ class CLIPTextConfig:
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "config") -> CLIPTextConfig:
-        model_type = raw.get("model_type")
+        model_type = raw.get("model_type") if isinstance(raw, dict) else None
         if model_type != "clip_text_model":
             hint = " (a full CLIPModel config: pass the text encoder's own folder)" if model_type == "clip" else ""
             raise ValueError(f"{source}: expected a CLIP text encoder config (model_type 'clip_text_model'), got "
                              f"model_type={model_type!r}{hint}")
         architectures = raw.get("architectures") or []
+        architectures = architectures if isinstance(architectures, list) else [architectures]
         known = [a for a in architectures if a in ARCHITECTURES]
         if len(known) != 1:
             raise ValueError(f"{source}: 'architectures' must name one of {list(ARCHITECTURES)}; got {architectures}")
-        required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                    "max_position_embeddings", "eos_token_id")
-        if known[0] == "CLIPTextModelWithProjection":
-            required += ("projection_dim",)
-        fields = take_fields(raw, required, {"hidden_act": "quick_gelu", "layer_norm_eps": 1e-5}, source)
+        projection = known[0] == "CLIPTextModelWithProjection"
+        if projection and raw.get("projection_dim") is None:
+            raise ValueError(f"{source}: missing required field(s) ['projection_dim'] (a CLIPTextModelWithProjection)")
+        fields = cls.fields_from({k: v for k, v in raw.items() if projection or k != "projection_dim"}, source)
         config = cls(**fields)
         config.validate(source)
         return config
@@ -86,9 +79,6 @@ class CLIPTextConfig:
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"{source}: hidden_size {self.hidden_size} is not divisible by num_attention_heads "
                              f"{self.num_attention_heads}")
-        if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"{source}: hidden_act={self.hidden_act!r} is not supported; expected one of "
-                             f"{sorted(ACTIVATIONS)}")
 
 
 class CLIPOutput(NamedTuple):

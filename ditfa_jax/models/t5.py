@@ -19,25 +19,28 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ditfa_jax.configs import read_json
-from ditfa_jax.models.clip import ACTIVATIONS, Embedding, take_fields
+from ditfa_jax.configs import CheckedConfig, read_json, setting
+from ditfa_jax.models.clip import ACTIVATIONS, Embedding
 from ditfa_jax.models.layers import create_stack, linear, scan_stack
 
 
 @dataclasses.dataclass(frozen=True)
-class T5Config:
-    """The fields of transformers' T5Config that shape the encoder (gated FFN only: T5 v1.1, the one SD3/FLUX use)."""
+class T5Config(CheckedConfig):
+    """The fields of transformers' T5Config that shape the encoder (gated FFN only: T5 v1.1, the one SD3/FLUX use).
 
-    vocab_size: int
-    d_model: int
-    d_kv: int
-    d_ff: int
-    num_layers: int
-    num_heads: int
-    relative_attention_num_buckets: int = 32
-    relative_attention_max_distance: int = 128
-    layer_norm_epsilon: float = 1e-6
-    feed_forward_proj: str = "gated-gelu"
+    The sizes are required in a file; the rest default as transformers does (`feed_forward_proj`: "relu" in a
+    file, as transformers reads it; "gated-gelu" when constructed here)."""
+
+    vocab_size: int = setting(min=1)
+    d_model: int = setting(min=1)
+    d_kv: int = setting(min=1)
+    d_ff: int = setting(min=1)
+    num_layers: int = setting(min=1)
+    num_heads: int = setting(min=1)
+    relative_attention_num_buckets: int = setting(32, min=2)
+    relative_attention_max_distance: int = setting(128, min=1)
+    layer_norm_epsilon: float = setting(1e-6, above=0)
+    feed_forward_proj: str = setting("gated-gelu")
 
     @property
     def dense_act_fn(self) -> str:
@@ -46,13 +49,10 @@ class T5Config:
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "config") -> T5Config:
-        model_type = raw.get("model_type")
+        model_type = raw.get("model_type") if isinstance(raw, dict) else None
         if model_type != "t5":
             raise ValueError(f"{source}: expected a T5 encoder config (model_type 't5'), got model_type={model_type!r}")
-        required = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads")
-        defaults = {"relative_attention_num_buckets": 32, "relative_attention_max_distance": 128,
-                    "layer_norm_epsilon": 1e-6, "feed_forward_proj": "relu"}  # transformers' defaults
-        config = cls(**take_fields(raw, required, defaults, source))
+        config = cls(**cls.fields_from(raw, source, defaults={"feed_forward_proj": "relu"}))  # transformers'
         config.validate(source)
         stored = raw.get("dense_act_fn")
         if stored is not None and stored != config.dense_act_fn:

@@ -26,35 +26,37 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ditfa_jax.configs import read_json
+from ditfa_jax.configs import CheckedConfig, read_json, setting
 
 VAE_CLASS_NAME = "AutoencoderKL"
 ATTENTION_QUERY_CHUNK = 4096  # query rows per step of the mid-block attention (bounds its logits to chunk x tokens)
 
 
 @dataclasses.dataclass(frozen=True)
-class VAEConfig:
+class VAEConfig(CheckedConfig):
     """diffusers' `vae/config.json` fields (defaults: diffusers' own, used where a field is absent).
 
-    `latents_mean`/`latents_std` and `force_upcast` are ignored: the SD3/FLUX pipelines scale latents with
-    `scaling_factor` and `shift_factor` alone, and the dtype is the caller's choice.
+    The sizes and `scaling_factor` are required in a file: diffusers' defaults describe the SD1 VAE, so a default
+    would build another model (or scale latents wrongly). `latents_mean`/`latents_std` and `force_upcast` are
+    ignored: the SD3/FLUX pipelines scale latents with `scaling_factor` and `shift_factor` alone, and the dtype is
+    the caller's choice.
     """
 
-    in_channels: int = 3
-    out_channels: int = 3
-    down_block_types: tuple[str, ...] = ("DownEncoderBlock2D",)
-    up_block_types: tuple[str, ...] = ("UpDecoderBlock2D",)
-    block_out_channels: tuple[int, ...] = (64,)
-    layers_per_block: int = 1
-    act_fn: str = "silu"
-    latent_channels: int = 4
-    norm_num_groups: int = 32
-    sample_size: int | tuple[int, ...] = 32
-    scaling_factor: float = 0.18215
-    shift_factor: float | None = None
-    use_quant_conv: bool = True
-    use_post_quant_conv: bool = True
-    mid_block_add_attention: bool = True
+    in_channels: int = setting(3, min=1)
+    out_channels: int = setting(3, min=1)
+    down_block_types: tuple[str, ...] = setting(("DownEncoderBlock2D",), required=True)
+    up_block_types: tuple[str, ...] = setting(("UpDecoderBlock2D",), required=True)
+    block_out_channels: tuple[int, ...] = setting((64,), required=True, min=1)
+    layers_per_block: int = setting(1, required=True, min=1)
+    act_fn: str = setting("silu", choices=("silu",))
+    latent_channels: int = setting(4, required=True, min=1)
+    norm_num_groups: int = setting(32, required=True, min=1)
+    sample_size: int | tuple[int, ...] = setting(32, min=1)
+    scaling_factor: float = setting(0.18215, required=True, above=0)
+    shift_factor: float | None = setting(None)
+    use_quant_conv: bool = setting(True)
+    use_post_quant_conv: bool = setting(True)
+    mid_block_add_attention: bool = setting(True)
 
     @property
     def downsample_factor(self) -> int:
@@ -63,14 +65,14 @@ class VAEConfig:
 
     def validate(self, source: str = "config") -> None:
         n = len(self.block_out_channels)
+        if n == 0:
+            raise ValueError(f"{source}: block_out_channels is empty; expected one channel count per block")
         if self.down_block_types != ("DownEncoderBlock2D",) * n:
             raise ValueError(f"{source}: down_block_types must be {n} x 'DownEncoderBlock2D' (one per "
                              f"block_out_channels entry); got {list(self.down_block_types)}")
         if self.up_block_types != ("UpDecoderBlock2D",) * n:
             raise ValueError(f"{source}: up_block_types must be {n} x 'UpDecoderBlock2D' (one per "
                              f"block_out_channels entry); got {list(self.up_block_types)}")
-        if self.act_fn != "silu":
-            raise ValueError(f"{source}: act_fn={self.act_fn!r} is not supported; expected 'silu'")
         bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
         if bad:
             raise ValueError(f"{source}: block_out_channels {list(self.block_out_channels)} must all be multiples "
@@ -79,10 +81,10 @@ class VAEConfig:
     @classmethod
     def from_dict(cls, raw: dict, source: str = "config") -> VAEConfig:
         """Build from a diffusers config dict; other fields (diffusers bookkeeping) are ignored."""
-        if raw.get("_class_name") != VAE_CLASS_NAME:
-            raise ValueError(f"{source}: _class_name={raw.get('_class_name')!r}; expected {VAE_CLASS_NAME!r}")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        config = cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in raw.items() if k in fields})
+        if not isinstance(raw, dict) or raw.get("_class_name") != VAE_CLASS_NAME:
+            found = raw.get("_class_name") if isinstance(raw, dict) else type(raw).__name__
+            raise ValueError(f"{source}: _class_name={found!r}; expected {VAE_CLASS_NAME!r}")
+        config = cls(**cls.fields_from(raw, source))
         config.validate(source)
         return config
 
