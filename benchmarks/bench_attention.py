@@ -59,6 +59,7 @@ DEFAULT = pk.TritonConfig()  # the defaults of the options below (single_loop, s
 SHAPES = {
     "FLUX-1K": (1, 512, 4096, 24, 128, True),
     "FLUX-2K": (1, 512, 16384, 24, 128, True),
+    "FLUX-4K": (1, 512, 65536, 24, 128, True),
     "SD3-1K": (2, 333, 4096, 24, 64, False),
 }
 
@@ -430,7 +431,7 @@ def bench_shape(name, args, sweep_cfgs):
     q, k, v, cache = (rand(x, shape, jnp.bfloat16) for x in ks)
     plans = plans_for(n_img, heads)
     if args.quick:
-        plans = {p: plans[p] for p in QUICK_PLANS}
+        plans = {p: plans[p] for p in args.plans.split(",")}
     dense_flops = 4 * batch * heads * tokens * tokens * d
     triton = "triton" in BACKEND_LIST
 
@@ -873,6 +874,7 @@ if __name__ == "__main__":
     ap.add_argument("--quick", action="store_true", help="plans " + ",".join(QUICK_PLANS) + "; no small checks, "
                     "no Triton variants, Flex arrow8 only")
     ap.add_argument("--backends", default=",".join(BACKEND_LIST), help="ours to run: triton, mosaic_gpu")
+    ap.add_argument("--plans", default=",".join(QUICK_PLANS), help="with --quick: the plans to time")
     args = ap.parse_args()
     BACKEND_LIST = tuple(b for b in args.backends.split(",") if b)
     if args.quick:
