@@ -123,29 +123,33 @@ def check(out, q, k, v, hw, cache, *, text_len, text_first, band, tol):
 
 # ------------------------------------------------------------ random plans
 
-cases = st.fixed_dictionaries(
-    dict(
-        batch=st.integers(1, 2),
-        tokens=st.integers(8, 300),
-        heads=st.integers(1, 4),
-        head_dim=st.sampled_from([16, 32, 64]),
-        band=st.tuples(st.sampled_from([16, 32, 64]), st.sampled_from([16, 32, 64])),
-        text_first=st.booleans(),
-        text_frac=st.floats(0.0, 1.0),
-        kind=st.sampled_from(["mixed", "mixed", "full", "cached"]),
-        seed=st.integers(0, 2**16),
+def plan_cases(*, tokens, heads, head_dims, band_q, band_k, max_text_frac):
+    """Random shapes and plans (one method per head: mixed, all full or all cached) within these ranges."""
+    shapes = st.fixed_dictionaries(
+        dict(
+            batch=st.integers(1, 2),
+            tokens=st.integers(*tokens),
+            heads=st.integers(1, heads),
+            head_dim=st.sampled_from(head_dims),
+            band=st.tuples(st.sampled_from(band_q), st.sampled_from(band_k)),
+            text_first=st.booleans(),
+            text_frac=st.floats(0.0, max_text_frac),
+            kind=st.sampled_from(["mixed", "mixed", "full", "cached"]),
+            seed=st.integers(0, 2**16),
+        )
     )
-).flatmap(
-    lambda c: st.tuples(
-        st.just(c),
-        st.lists(
-            {"mixed": st.one_of(st.just(-1), st.just(0), st.integers(1, c["tokens"] + 16)),
-             "full": st.just(-1), "cached": st.just(0)}[c["kind"]],
-            min_size=c["heads"],
-            max_size=c["heads"],
-        ),
+    windows = lambda c: {  # noqa: E731
+        "mixed": st.one_of(st.just(-1), st.just(0), st.integers(1, c["tokens"] + 16)),
+        "full": st.just(-1),
+        "cached": st.just(0),
+    }[c["kind"]]
+    return shapes.flatmap(
+        lambda c: st.tuples(st.just(c), st.lists(windows(c), min_size=c["heads"], max_size=c["heads"]))
     )
-)
+
+
+cases = plan_cases(tokens=(8, 300), heads=4, head_dims=[16, 32, 64], band_q=[16, 32, 64], band_k=[16, 32, 64],
+                   max_text_frac=1.0)
 
 
 def run_random_case(backend, case, dtype):
@@ -400,29 +404,8 @@ def test_hopper_tiles_traced_zero_without_cache_computes_full(backend):
     check(out, q, k, v, np.array([-1, 4]), None, tol=TOL[jnp.bfloat16], **kw)
 
 
-hopper_cases = st.fixed_dictionaries(
-    dict(
-        batch=st.integers(1, 2),
-        tokens=st.integers(40, 280),
-        heads=st.integers(1, 3),
-        head_dim=st.sampled_from([64, 128]),
-        band=st.tuples(st.sampled_from([128, 256]), st.sampled_from([64, 128])),
-        text_first=st.booleans(),
-        text_frac=st.floats(0.0, 0.5),
-        kind=st.sampled_from(["mixed", "mixed", "full", "cached"]),
-        seed=st.integers(0, 2**16),
-    )
-).flatmap(
-    lambda c: st.tuples(
-        st.just(c),
-        st.lists(
-            {"mixed": st.one_of(st.just(-1), st.just(0), st.integers(1, c["tokens"] + 16)),
-             "full": st.just(-1), "cached": st.just(0)}[c["kind"]],
-            min_size=c["heads"],
-            max_size=c["heads"],
-        ),
-    )
-)
+hopper_cases = plan_cases(tokens=(40, 280), heads=3, head_dims=[64, 128], band_q=[128, 256], band_k=[64, 128],
+                          max_text_frac=0.5)
 
 
 @pytest.mark.parametrize("backend", BACKEND_NAMES)
