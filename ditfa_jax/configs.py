@@ -170,7 +170,7 @@ class FluxConfig(_HeadsMixin, CheckedConfig):
     guidance_embeds: bool = setting(False)
     axes_dims_rope: tuple[int, ...] = setting((16, 56, 56), min=1)
 
-    family: ClassVar[str] = "flux"  # key of `ditfa_jax.family.FAMILIES`
+    family: ClassVar[str] = "flux"  # key of `ditfa_jax.family.families()`
     model_class: ClassVar[str] = "FluxTransformer2DModel"  # diffusers' _class_name
 
     @property
