@@ -267,13 +267,9 @@ def test_band_coarser_than_execution_tiles(backend, text_first):
 # ---------------------------------------------------------- traced plans
 
 
-@pytest.mark.parametrize("backend", BACKEND_NAMES)
-def test_plan_changes_inside_scan_without_recompiling(backend):
-    b, t, h, d = 1, 120, 4, 32
-    need(backend, (b, t, h, d), jnp.float32, (32, 32))
-    q, k, v, _ = qkvc(b, t, h, d, jnp.float32, seed=5)
-    kw = dict(text_len=24, text_first=True, band=(32, 32))
-    plans = jnp.array([[-1, -1, -1, -1], [0, 3, -1, 9], [0, 0, 20, -1], [5, 0, 0, 0]], jnp.int32)
+def check_plans_in_scan(backend, q, k, v, plans, *, recompile_steps, tol, **kw):
+    """Per-step plans scanned as data: each step right (its cached heads the previous output), and one compile
+    serves every plan."""
 
     @jax.jit
     def denoise(q, k, v, plans):
@@ -286,16 +282,33 @@ def test_plan_changes_inside_scan_without_recompiling(backend):
     outs = denoise(q, k, v, plans)
     prev = jnp.full_like(q, jnp.nan)
     for s in range(plans.shape[0]):
-        check(outs[s], q, k, v, plans[s], prev, tol=1e-5, **kw)
+        check(outs[s], q, k, v, plans[s], prev, tol=tol, **kw)
         prev = outs[s]
 
     @jax.jit
     def one(q, k, v, hw, cache):
         return pk.headwise_attention(q, k, v, hw, cache, backend=backend, **kw)
 
-    for s in range(plans.shape[0]):
+    for s in recompile_steps:
         one(q, k, v, plans[s], outs[0]).block_until_ready()
     assert one._cache_size() == 1
+
+
+def check_traced_zero_without_cache(backend, q, k, v, *, tol, **kw):
+    """A traced 0 (cached) with no cache to read computes as full."""
+    f = jax.jit(lambda q, k, v, hw: pk.headwise_attention(q, k, v, hw, backend=backend, **kw))
+    out = f(q, k, v, jnp.array([0, 4], jnp.int32))
+    check(out, q, k, v, np.array([-1, 4]), None, tol=tol, **kw)
+
+
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+def test_plan_changes_inside_scan_without_recompiling(backend):
+    b, t, h, d = 1, 120, 4, 32
+    need(backend, (b, t, h, d), jnp.float32, (32, 32))
+    q, k, v, _ = qkvc(b, t, h, d, jnp.float32, seed=5)
+    plans = jnp.array([[-1, -1, -1, -1], [0, 3, -1, 9], [0, 0, 20, -1], [5, 0, 0, 0]], jnp.int32)
+    check_plans_in_scan(backend, q, k, v, plans, recompile_steps=range(4), tol=1e-5, text_len=24, text_first=True,
+                        band=(32, 32))
 
 
 @pytest.mark.parametrize("backend", BACKEND_NAMES)
@@ -303,10 +316,7 @@ def test_traced_zero_without_cache_computes_full(backend):
     b, t, h, d = 1, 64, 2, 16
     need(backend, (b, t, h, d), jnp.float32, (16, 16))
     q, k, v, _ = qkvc(b, t, h, d, jnp.float32, seed=9)
-    kw = dict(text_len=16, text_first=True, band=(16, 16))
-    f = jax.jit(lambda q, k, v, hw: pk.headwise_attention(q, k, v, hw, backend=backend, **kw))
-    out = f(q, k, v, jnp.array([0, 4], jnp.int32))
-    check(out, q, k, v, np.array([-1, 4]), None, tol=1e-5, **kw)
+    check_traced_zero_without_cache(backend, q, k, v, tol=1e-5, text_len=16, text_first=True, band=(16, 16))
 
 
 # ----------------------------------------------------------- Hopper tiles
@@ -366,42 +376,17 @@ def test_hopper_tiles_all_cached_is_cache_bit_for_bit(backend):
 
 @pytest.mark.parametrize("backend", BACKEND_NAMES)
 def test_hopper_tiles_plan_changes_inside_scan_without_recompiling(backend):
-    b, t, h, d = 1, 140, 3, 64
-    q, k, v, _ = qkvc(b, t, h, d, jnp.bfloat16, seed=35)
-    kw = dict(text_len=24, text_first=True, band=(128, 64))
+    q, k, v, _ = qkvc(1, 140, 3, 64, jnp.bfloat16, seed=35)
     plans = jnp.array([[-1, -1, -1], [0, 3, -1], [5, 0, 0]], jnp.int32)
-
-    @jax.jit
-    def denoise(q, k, v, plans):
-        def step(prev, hw):
-            out = pk.headwise_attention(q, k, v, hw, prev, backend=backend, **kw)
-            return out, out
-
-        return jax.lax.scan(step, jnp.full_like(q, jnp.nan), plans)[1]
-
-    outs = denoise(q, k, v, plans)
-    prev = jnp.full_like(q, jnp.nan)
-    for s in range(plans.shape[0]):
-        check(outs[s], q, k, v, plans[s], prev, tol=TOL[jnp.bfloat16], **kw)
-        prev = outs[s]
-
-    @jax.jit
-    def one(q, k, v, hw, cache):
-        return pk.headwise_attention(q, k, v, hw, cache, backend=backend, **kw)
-
-    for s in (1, 2):
-        one(q, k, v, plans[s], outs[0]).block_until_ready()
-    assert one._cache_size() == 1
+    check_plans_in_scan(backend, q, k, v, plans, recompile_steps=(1, 2), tol=TOL[jnp.bfloat16], text_len=24,
+                        text_first=True, band=(128, 64))
 
 
 @pytest.mark.parametrize("backend", BACKEND_NAMES)
 def test_hopper_tiles_traced_zero_without_cache_computes_full(backend):
-    b, t, h, d = 1, 130, 2, 64
-    q, k, v, _ = qkvc(b, t, h, d, jnp.bfloat16, seed=36)
-    kw = dict(text_len=16, text_first=True, band=(128, 64))
-    f = jax.jit(lambda q, k, v, hw: pk.headwise_attention(q, k, v, hw, backend=backend, **kw))
-    out = f(q, k, v, jnp.array([0, 4], jnp.int32))
-    check(out, q, k, v, np.array([-1, 4]), None, tol=TOL[jnp.bfloat16], **kw)
+    q, k, v, _ = qkvc(1, 130, 2, 64, jnp.bfloat16, seed=36)
+    check_traced_zero_without_cache(backend, q, k, v, tol=TOL[jnp.bfloat16], text_len=16, text_first=True,
+                                    band=(128, 64))
 
 
 hopper_cases = plan_cases(tokens=(40, 280), heads=3, head_dims=[64, 128], band_q=[128, 256], band_k=[64, 128],
