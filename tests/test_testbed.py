@@ -63,14 +63,21 @@ def test_tiny_quality_sweep(pipe):
     scenes = heldout_scenes(2, seed=9, objects=None)
     calibration = captions(sample_scenes(np.random.default_rng(1), 2, split="train"))
     rows, images = quality_sweep(pipe, scenes, calibration, [0.5], num_steps=4, searches=("per-layer", "worst-prompt"),
-                                 progress=False)
-    assert [r["search"] for r in rows] == ["dense", "per-layer", "global", "worst-prompt"]
-    assert set(images) == {"dense", "per-layer delta=0.5", "global delta=0.5", "worst-prompt delta=0.5"}
+                                 fewer_steps=(2, 3), progress=False)
+    assert [(r["search"], r["steps"]) for r in rows] == [("dense", 4), ("fewer steps", 3), ("fewer steps", 2),
+                                                         ("per-layer", 4), ("global", 4), ("worst-prompt", 4)]
+    assert set(images) == {"dense", "dense 3 steps", "dense 2 steps", "per-layer delta=0.5", "global delta=0.5",
+                           "worst-prompt delta=0.5"}
+    assert [r["cost"] for r in rows[:3]] == [1.0, 0.75, 0.5]  # the plain baseline: fewer dense steps
     for row in rows[1:]:
-        assert 0.0 < row["flops_kept"] < 1.0, row
         assert np.isfinite(row["psnr_db"]) and 0.0 < row["ssim"] < 1.0 and 0.0 <= row["fidelity"] <= 1.0, row
+        assert row["frechet"] is None  # no feature network given
+    for row in rows[3:]:
+        assert 0.0 < row["flops_kept"] < 1.0 and 0.8 < row["cost"] < 1.0, row  # attention ~17 % of a 1K step
     with pytest.raises(ValueError, match="unknown searches"):
         quality_sweep(pipe, scenes, calibration, [0.5], searches=("greedy",), progress=False)
+    with pytest.raises(ValueError, match="fewer_steps"):
+        quality_sweep(pipe, scenes, calibration, [0.5], num_steps=4, fewer_steps=(4,), progress=False)
 
 
 def test_demo_command_end_to_end(tmp_path, capsys):

@@ -16,12 +16,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ditfa_jax.configs import FluxConfig
-from ditfa_jax.models.flux import pack_latents, unpack_latents
 from ditfa_jax.scheduler import SchedulerConfig
-from ditfa_jax.testbed.world import IMAGE_SIZE
+from ditfa_jax.testbed.tokenizer import MAX_LENGTH
 
-__all__ = ["TRANSFORMER_CONFIG", "SCHEDULER", "DEFAULT_STEPS", "TextEncoderConfig", "TextEncoder",
-           "images_to_latents", "latents_to_images"]
+__all__ = ["TRANSFORMER_CONFIG", "SCHEDULER", "DEFAULT_STEPS", "TEXT_LENGTH", "GUIDANCE_SCALE", "CAPTION_DROPOUT",
+           "TextEncoderConfig", "TextEncoder"]
 
 TRANSFORMER_CONFIG = FluxConfig(
     patch_size=1, in_channels=12, num_layers=2, num_single_layers=8, attention_head_dim=32, num_attention_heads=6,
@@ -29,6 +28,9 @@ TRANSFORMER_CONFIG = FluxConfig(
 )
 SCHEDULER = SchedulerConfig(shift=1.0)  # sigmas linspace(1, 1/n, n), unshifted: matches the logit-normal training
 DEFAULT_STEPS = 20
+TEXT_LENGTH = MAX_LENGTH  # text tokens per caption (the tokenizer's padded length)
+GUIDANCE_SCALE = 1.0  # no guidance: trained without caption dropout
+CAPTION_DROPOUT = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,15 +82,3 @@ class TextEncoder(nnx.Module):
         pooled = x.sum(1) / jnp.maximum(mask.sum(1, keepdims=True), 1)
         return x, self.pooled_projection(pooled)
 
-
-def images_to_latents(images: jax.Array) -> jax.Array:
-    """Images [N, 64, 64, 3] in [0, 1] -> the transformer's packed tokens [N, 1024, 12] in [-1, 1]."""
-    if images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3):
-        raise ValueError(f"expected images [N, {IMAGE_SIZE}, {IMAGE_SIZE}, 3], got shape {images.shape}")
-    return pack_latents(jnp.transpose(2 * images - 1, (0, 3, 1, 2)))
-
-
-def latents_to_images(latents: jax.Array) -> jax.Array:
-    """Packed tokens [N, 1024, 12] -> images [N, 64, 64, 3] in [0, 1] (clipped)."""
-    pixels = unpack_latents(latents, (IMAGE_SIZE // 2, IMAGE_SIZE // 2))
-    return jnp.clip((jnp.transpose(pixels, (0, 2, 3, 1)) + 1) / 2, 0, 1)

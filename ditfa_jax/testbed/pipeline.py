@@ -2,7 +2,7 @@
 
 A testbed folder mirrors a diffusers pipeline folder::
 
-    model_index.json                  names the components
+    model_index.json                  names the components, the testbed ("v1", "v2"), the CFG scale, the image size
     transformer/                      FLUX-style MMDiT, converted JAX params (`ditfa_jax.loading.save_converted`)
     text_encoder/config.json          TextEncoderConfig
     text_encoder/model.safetensors    its parameters (flat NNX paths)
@@ -35,9 +35,10 @@ from ditfa_jax.methods import DEFAULT_CANDIDATES
 from ditfa_jax.plan import CompressionPlan
 from ditfa_jax.sampler import sample
 from ditfa_jax.scheduler import SchedulerConfig
-from ditfa_jax.testbed.model import DEFAULT_STEPS, TextEncoder, TextEncoderConfig, latents_to_images
+from ditfa_jax.family import family_of
+from ditfa_jax.testbed.model import DEFAULT_STEPS, TextEncoder, TextEncoderConfig
+from ditfa_jax.testbed.testbeds import Testbed, get_testbed, latents_to_images
 from ditfa_jax.testbed.tokenizer import WordTokenizer
-from ditfa_jax.testbed.world import IMAGE_SIZE
 
 __all__ = ["SHIPPED_CHECKPOINT", "TestbedPipeline", "save_pipeline"]
 
@@ -89,7 +90,8 @@ class TestbedPipeline:
     __test__ = False  # a name pytest would otherwise try to collect
 
     def __init__(self, transformer: Transformer, text_encoder: TextEncoder, tokenizer: WordTokenizer,
-                 scheduler: SchedulerConfig, folder: Path | None = None):
+                 scheduler: SchedulerConfig, folder: Path | None = None, *, testbed: str = "v1",
+                 guidance_scale: float = 1.0, image_size: int = 64):
         te_cfg, cfg = text_encoder.config, transformer.config
         if (te_cfg.width, te_cfg.pooled_dim) != (cfg.joint_attention_dim, cfg.pooled_projection_dim):
             raise ValueError(f"text encoder width/pooled_dim ({te_cfg.width}, {te_cfg.pooled_dim}) do not match the "
@@ -98,6 +100,11 @@ class TestbedPipeline:
         if tokenizer.vocab_size != te_cfg.vocab_size:
             raise ValueError(f"tokenizer has {tokenizer.vocab_size} words, the text encoder {te_cfg.vocab_size}")
         self.transformer, self.tokenizer, self.scheduler, self.folder = transformer, tokenizer, scheduler, folder
+        self.testbed: Testbed = get_testbed(testbed)
+        self.guidance_scale, self.image_size = float(guidance_scale), int(image_size)
+        if self.guidance_scale > 1 and family_of(cfg).guidance(cfg) != "cfg":
+            raise ValueError(f"guidance_scale {guidance_scale}: this {family_of(cfg).name} testbed model has no "
+                             "classifier-free guidance (expected 1.0)")
         self.text_encoder_graphdef, self.text_encoder_state = nnx.split(text_encoder)
         graphdef = self.text_encoder_graphdef
         self._encode = jax.jit(lambda state, ids, mask: nnx.merge(graphdef, state)(ids, mask))
@@ -112,15 +119,24 @@ class TestbedPipeline:
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, *, dtype=None) -> "TestbedPipeline":
-        """Load a testbed folder or repo id (default: the weights shipped in the package); dtype default:
-        `default_dtype()`."""
-        folder = resolve(path, PIPELINE) if path is not None else SHIPPED_CHECKPOINT
+        """Load a testbed folder or repo id (default: the v1 weights shipped in the package; "v2" names the v2
+        ones); dtype default: `default_dtype()`."""
+        if path is None or (path in ("v1", "v2") and not Path(path).exists()):
+            folder = get_testbed(path or "v1").checkpoint
+            if not (folder / "model_index.json").is_file():
+                raise FileNotFoundError(f"{folder}: the {path} testbed weights are not in this install (train them: "
+                                        f"python -m ditfa_jax.testbed.train --testbed {path} --out DIR)")
+        else:
+            folder = resolve(path, PIPELINE)
         dtype = dtype or default_dtype()
         index = folder / "model_index.json"
         if not index.is_file():
             raise FileNotFoundError(f"{folder}: not a testbed checkpoint folder (no model_index.json)")
-        if json.loads(index.read_text()).get("_class_name") != PIPELINE_CLASS:
+        meta = json.loads(index.read_text())
+        if meta.get("_class_name") != PIPELINE_CLASS:
             raise ValueError(f"{index}: _class_name is not {PIPELINE_CLASS!r}")
+        if meta.get("testbed", "v1") not in ("v1", "v2"):
+            raise ValueError(f"{index}: testbed {meta['testbed']!r} is not one of ['v1', 'v2']")
         for component, rel in COMPONENT_FILES.items():
             if not (folder / rel).is_file():
                 raise FileNotFoundError(f"{folder}: component {component!r} is missing (expected {rel})")
@@ -128,7 +144,9 @@ class TestbedPipeline:
         _, graphdef, state = _load_text_encoder(folder, dtype)
         tokenizer = WordTokenizer.from_file(folder / COMPONENT_FILES["tokenizer"])
         scheduler = SchedulerConfig.from_file(folder / COMPONENT_FILES["scheduler"])
-        return cls(transformer, nnx.merge(graphdef, state), tokenizer, scheduler, folder)
+        return cls(transformer, nnx.merge(graphdef, state), tokenizer, scheduler, folder,
+                   testbed=meta.get("testbed", "v1"), guidance_scale=meta.get("guidance_scale", 1.0),
+                   image_size=meta.get("image_size", 64))
 
     # ---- generation -------------------------------------------------------------------------------------------
 
@@ -137,26 +155,45 @@ class TestbedPipeline:
         ids, mask = self.tokenizer.encode(list(captions), max_length=self.text_len)
         return self._encode(self.text_encoder_state, jnp.asarray(ids), jnp.asarray(mask))
 
+    def negative(self, n: int) -> dict:
+        """CFG's uncond embeddings (the empty caption, as trained with caption dropout) for n captions, or {}."""
+        if self.guidance_scale <= 1:
+            return {}
+        text, pooled = self.encode([""] * n)
+        return {"negative_prompt_embeds": text, "negative_pooled_prompt_embeds": pooled}
+
     def initial_noise(self, seeds) -> jax.Array:
-        """Packed noise [N, 1024, 12], one independent draw per seed (same seed -> same noise in any batch)."""
+        """Noise in the sampler's latent layout (v1: packed [N, 1024, 12]; v2: [N, 3, 64, 64]), one independent
+        draw per seed (same seed -> same noise in any batch)."""
+        cfg = self.transformer.config
+        family = family_of(cfg)
+        shape = family.latent_shape(cfg, family.token_grid(cfg, self.image_size, self.image_size))
         keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
-        shape = ((IMAGE_SIZE // 2) ** 2, self.transformer.config.in_channels)
         return jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys)
 
     def __call__(self, captions: list[str], *, seeds=0, num_steps: int = DEFAULT_STEPS,
-                 plan: CompressionPlan | None = None, attention: AttentionSettings | None = None) -> np.ndarray:
-        """Images float32 [N, 64, 64, 3] in [0, 1]; ``seeds`` is one per caption or an int (seed + index).
-        ``attention``: how attention runs (`ditfa_jax.attention.AttentionSettings`)."""
+                 plan: CompressionPlan | None = None, attention: AttentionSettings | None = None,
+                 guidance_scale: float | None = None) -> np.ndarray:
+        """Images float32 [N, S, S, 3] in [0, 1]; ``seeds`` is one per caption or an int (seed + index).
+        ``attention``: how attention runs (`ditfa_jax.attention.AttentionSettings`); ``guidance_scale``: the CFG
+        scale (default: the folder's)."""
         captions = [captions] if isinstance(captions, str) else list(captions)
         seeds = np.asarray(seeds + np.arange(len(captions)) if np.isscalar(seeds) else seeds)
         if seeds.shape != (len(captions),):
             raise ValueError(f"seeds: expected an int or one seed per caption ({len(captions)}), got shape "
                              f"{seeds.shape}")
-        text, pooled = self.encode(captions)
-        final = sample(self.transformer, self.initial_noise(seeds), text, pooled, height=IMAGE_SIZE,
-                       width=IMAGE_SIZE, num_steps=num_steps, guidance_scale=1.0, scheduler=self.scheduler,
-                       plan=plan, vae_scale_factor=1, attention=attention)
-        return np.asarray(latents_to_images(final), np.float32)
+        pipe = self if guidance_scale is None else self.with_guidance(guidance_scale)
+        text, pooled = pipe.encode(captions)
+        final = sample(pipe.transformer, pipe.initial_noise(seeds), text, pooled, height=pipe.image_size,
+                       width=pipe.image_size, num_steps=num_steps, guidance_scale=pipe.guidance_scale,
+                       scheduler=pipe.scheduler, plan=plan, vae_scale_factor=1, attention=attention,
+                       **pipe.negative(len(captions)))
+        return np.asarray(latents_to_images(pipe.transformer.config, final, pipe.image_size), np.float32)
+
+    def with_guidance(self, guidance_scale: float) -> "TestbedPipeline":
+        """This pipeline sampling with another CFG scale (shares the weights)."""
+        return TestbedPipeline(self.transformer, self.text_encoder, self.tokenizer, self.scheduler, self.folder,
+                               testbed=self.testbed.name, guidance_scale=guidance_scale, image_size=self.image_size)
 
     def calibrate(self, captions: list[str], *, delta: float, num_steps: int = DEFAULT_STEPS, c: float = 1.5,
                   candidates=DEFAULT_CANDIDATES, seed: int = 0, progress: bool = True, **search) -> CalibrationResult:
@@ -164,15 +201,17 @@ class TestbedPipeline:
         its ``rse_over_prompts`` / ``budget_schedule`` / ``token_order`` options). The plan's notes name the
         captions."""
         text, pooled = self.encode(captions)
-        result = calibrate(self.transformer, text, pooled, height=IMAGE_SIZE, width=IMAGE_SIZE, num_steps=num_steps,
-                           guidance_scale=1.0, delta=delta, c=c, candidates=tuple(candidates),
-                           scheduler=self.scheduler, seed=seed, vae_scale_factor=1, progress=progress, **search)
+        result = calibrate(self.transformer, text, pooled, height=self.image_size, width=self.image_size,
+                           num_steps=num_steps, guidance_scale=self.guidance_scale, delta=delta, c=c,
+                           candidates=tuple(candidates), scheduler=self.scheduler, seed=seed, vae_scale_factor=1,
+                           progress=progress, **self.negative(len(captions)), **search)
         plan = result.plan.replace(notes={**result.plan.notes, "calibration_captions": list(captions)})
         return dataclasses.replace(result, plan=plan)
 
 
 def save_pipeline(folder: str | Path, transformer: Transformer, text_encoder: TextEncoder, *,
                   scheduler: SchedulerConfig, tokenizer_file: str | Path, training: dict | None = None,
+                  testbed: str = "v1", guidance_scale: float = 1.0, image_size: int = 64,
                   dtype=jnp.bfloat16) -> Path:
     """Write a testbed folder atomically (temp folder + rename; refuses an existing folder); weights in ``dtype``."""
     folder = Path(folder)
@@ -190,7 +229,9 @@ def save_pipeline(folder: str | Path, transformer: Transformer, text_encoder: Te
         (tmp / COMPONENT_FILES["scheduler"]).write_text(json.dumps(
             {"_class_name": "FlowMatchEulerDiscreteScheduler", **dataclasses.asdict(scheduler)}, indent=2))
         (tmp / "model_index.json").write_text(json.dumps(
-            {"_class_name": PIPELINE_CLASS, "vae_scale_factor": 1, "transformer": ["ditfa_jax", "FluxTransformer"],
+            {"_class_name": PIPELINE_CLASS, "vae_scale_factor": 1, "testbed": testbed,
+             "guidance_scale": guidance_scale, "image_size": image_size,
+             "transformer": ["ditfa_jax", family_of(transformer.config).module_class.__name__],
              "text_encoder": ["ditfa_jax.testbed", "TextEncoder"], "tokenizer": ["tokenizers", "WordLevel"],
              "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}, indent=2))
         if training is not None:

@@ -1,34 +1,40 @@
-"""What compression costs on the testbed: prompt fidelity, and dense-vs-compressed image quality over a delta grid.
+"""What compression costs on the testbed: prompt fidelity, and quality against cost over a grid of methods.
 
 `prompt_fidelity` scores the model on held-out captions with the world's detector. `quality_sweep` generates the
 same captions from the same noise densely and with plans searched at each delta (per (step, layer) MILP, and
-optionally the global MILP over the same recorded RSE table with the same total budget), and reports PSNR / SSIM
-against the dense images, the detector's fidelity, the attention FLOPs kept and the wall time.
+optionally the global MILP over the same recorded RSE table with the same total budget), and always with the plain
+baseline at equal cost: dense with fewer steps. Every row reports its cost (a FLUX.1-dev-sized step's measured time,
+`ditfa_jax.cost_model`), PSNR / SSIM against the dense images, the detector's prompt fidelity, the Fréchet distance
+to ground-truth renders of the same captions (when the testbed ships a feature network) and the wall time.
 """
 
 from __future__ import annotations
 
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from ditfa_jax.cost_model import StepCostModel, get_cost_model, plan_cost, steps_cost
 from ditfa_jax.methods import windows_from_choice
 from ditfa_jax.milp import solve_global
 from ditfa_jax.plan import CompressionPlan
-from ditfa_jax.testbed import detector
 from ditfa_jax.testbed.metrics import image_grid, psnr, ssim
 from ditfa_jax.testbed.model import DEFAULT_STEPS
-from ditfa_jax.testbed.world import SceneBatch, captions, sample_scenes
+from ditfa_jax.testbed.testbeds import get_testbed
 
 __all__ = ["heldout_scenes", "prompt_fidelity", "global_plan", "quality_sweep", "comparison_grid", "line_plot"]
 
 
-def heldout_scenes(n: int, *, seed: int = 1234, objects: int | None = 1) -> SceneBatch:
-    """N held-out scenes (captions never trained on); ``objects`` fixes the object count (None: 1 to 3)."""
+def heldout_scenes(n: int, *, seed: int = 1234, objects: int | None = 1, testbed: str = "v1", **options):
+    """N held-out scenes (captions never trained on) of a testbed's world; ``objects`` fixes the object count (None:
+    1 to the world's maximum); ``options`` go to the world's ``sample_scenes`` (v2: ``mention="all"``)."""
+    world = get_testbed(testbed).world
     rng = np.random.default_rng(seed)
-    lo, hi = (1, 3) if objects is None else (objects, objects)
-    return sample_scenes(rng, n, split="heldout", min_objects=lo, max_objects=hi)
+    lo, hi = (1, world.MAX_OBJECTS) if objects is None else (objects, objects)
+    return world.sample_scenes(rng, n, split="heldout", min_objects=lo, max_objects=hi, **options)
 
 
 def _timed(fn):
@@ -37,19 +43,20 @@ def _timed(fn):
     return out, time.perf_counter() - start
 
 
-def _batched(pipe, texts, seeds, num_steps, plan, batch_size):
+def _batched(pipe, texts, seeds, num_steps, plan, batch_size, **options):
     """Images for `texts`, `batch_size` captions per pipeline call (bounds device memory)."""
     return np.concatenate([pipe(texts[i:i + batch_size], seeds=seeds[i:i + batch_size], num_steps=num_steps,
-                                plan=plan) for i in range(0, len(texts), batch_size)])
+                                plan=plan, **options) for i in range(0, len(texts), batch_size)])
 
 
-def prompt_fidelity(pipe, scenes: SceneBatch, *, seeds=0, num_steps: int = DEFAULT_STEPS, plan=None,
-                    batch_size: int = 256) -> tuple[dict, np.ndarray]:
-    """(detector scores, images) for the scenes' captions; see `detector.score` for the fields."""
-    texts = captions(scenes)
+def prompt_fidelity(pipe, scenes, *, seeds=0, num_steps: int = DEFAULT_STEPS, plan=None,
+                    batch_size: int = 256, **options) -> tuple[dict, np.ndarray]:
+    """(detector scores, images) for the scenes' captions; see the testbed detector's `score` for the fields;
+    ``options`` go to the pipeline call (``guidance_scale``)."""
+    texts = pipe.testbed.world.captions(scenes)
     seeds = seeds + np.arange(len(texts)) if np.isscalar(seeds) else np.asarray(seeds)
-    images = _batched(pipe, texts, seeds, num_steps, plan, batch_size)
-    return detector.score(images, scenes), images
+    images = _batched(pipe, texts, seeds, num_steps, plan, batch_size, **options)
+    return pipe.testbed.detector.score(images, scenes), images
 
 
 def global_plan(per_layer: CompressionPlan, rse: np.ndarray, saving: np.ndarray) -> CompressionPlan:
@@ -81,33 +88,53 @@ SEARCHES = {
 }
 
 
-def quality_sweep(pipe, scenes: SceneBatch, calibration_captions: list[str], deltas, *, seeds_per_caption: int = 1,
+def quality_sweep(pipe, scenes, calibration_captions: list[str], deltas, *, seeds_per_caption: int = 1,
                   num_steps: int = DEFAULT_STEPS, include_global: bool = True, searches=("per-layer",),
+                  fewer_steps=(), cost_model: StepCostModel | str = "h200-flux-dev-1024", frechet=None,
                   batch_size: int = 256, progress: bool = True) -> tuple[list[dict], dict]:
-    """Rows of metrics (one per search variant and delta, dense first) and the images by row name.
+    """Rows of metrics (dense first, then dense with each of ``fewer_steps``, then one per search and delta) and
+    the images by row name.
 
     ``searches`` names entries of `SEARCHES`; ``include_global`` adds the global MILP over the paper search's
     recorded RSE table. Every caption of ``scenes`` is generated ``seeds_per_caption`` times (seeds 0..k-1 offset
-    per caption) from the same noise in every variant. Wall time is the second of two identical generation calls
-    (the first compiles).
+    per caption) from the same noise in every row. ``cost`` is the row's run time relative to dense with all steps
+    under ``cost_model``. ``frechet`` (a `ditfa_jax.testbed.features.FrechetScorer`, or None to skip) scores each
+    row's images against ground-truth renders of the same captions. Wall time is the second of two identical
+    generation calls (the first compiles).
     """
     unknown = [s for s in searches if s not in SEARCHES]
     if unknown:
         raise ValueError(f"unknown searches {unknown}; expected names from {list(SEARCHES)}")
-    texts = [t for t in captions(scenes) for _ in range(seeds_per_caption)]
-    targets = SceneBatch.concatenate([scenes[i] for i in range(len(scenes)) for _ in range(seeds_per_caption)])
+    bad = [n for n in fewer_steps if not 1 <= int(n) < num_steps]
+    if bad:
+        raise ValueError(f"fewer_steps {bad}: expected step counts in 1..{num_steps - 1}")
+    cost_model = get_cost_model(cost_model) if isinstance(cost_model, str) else cost_model
+    world, detector = pipe.testbed.world, pipe.testbed.detector
+    texts = [t for t in world.captions(scenes) for _ in range(seeds_per_caption)]
+    targets = type(scenes).concatenate([scenes[i] for i in range(len(scenes)) for _ in range(seeds_per_caption)])
+    truth = world.render_scenes(targets)
     seeds = np.arange(len(texts))
 
-    def generate(plan):
-        _batched(pipe, texts[:batch_size], seeds[:batch_size], num_steps, plan, batch_size)  # compile
-        return _timed(lambda: _batched(pipe, texts, seeds, num_steps, plan, batch_size))
+    def generate(plan, steps=num_steps):
+        _batched(pipe, texts[:batch_size], seeds[:batch_size], steps, plan, batch_size)  # compile
+        return _timed(lambda: _batched(pipe, texts, seeds, steps, plan, batch_size))
+
+    def row(name, images, seconds, *, delta, steps, kept, cost, calibration_seconds=0.0):
+        score = detector.score(images, targets)
+        p_db, s = psnr(images, dense), ssim(images, dense)
+        return dict(search=name, delta=delta, steps=steps, flops_kept=round(kept, 4), cost=round(cost, 4),
+                    psnr_db=float(np.mean(p_db)), psnr_min_db=float(np.min(p_db)), ssim=float(np.mean(s)),
+                    ssim_min=float(np.min(s)), fidelity=score["object"], fidelity_size=score["size"],
+                    frechet=None if frechet is None else round(float(frechet.score(images, truth)), 4),
+                    seconds=round(seconds, 3), calibration_seconds=calibration_seconds)
 
     dense, dense_s = generate(None)
-    dense_score = detector.score(dense, targets)
-    rows = [dict(search="dense", delta=0.0, flops_kept=1.0, psnr_db=float("inf"), psnr_min_db=float("inf"),
-                 ssim=1.0, ssim_min=1.0, fidelity=dense_score["object"], fidelity_size=dense_score["size"],
-                 seconds=round(dense_s, 3), calibration_seconds=0.0)]
+    rows = [row("dense", dense, dense_s, delta=0.0, steps=num_steps, kept=1.0, cost=1.0)]
     images = {"dense": dense}
+    for n in sorted({int(n) for n in fewer_steps}, reverse=True):
+        out, seconds = generate(None, n)
+        rows.append(row("fewer steps", out, seconds, delta=0.0, steps=n, kept=1.0, cost=steps_cost(n, num_steps)))
+        images[f"dense {n} steps"] = out
     bar = tqdm(list(deltas), desc="quality sweep", unit="delta", disable=not progress)
     for delta in bar:
         variants = []
@@ -119,13 +146,8 @@ def quality_sweep(pipe, scenes: SceneBatch, calibration_captions: list[str], del
                 variants.append(("global", global_plan(result.plan, result.rse, result.saving)))
         for name, p in variants:
             out, seconds = generate(p)
-            score = detector.score(out, targets)
-            p_db, s = psnr(out, dense), ssim(out, dense)
-            rows.append(dict(search=name, delta=float(delta), flops_kept=round(p.flops_kept_fraction(), 4),
-                             psnr_db=float(np.mean(p_db)), psnr_min_db=float(np.min(p_db)),
-                             ssim=float(np.mean(s)), ssim_min=float(np.min(s)), fidelity=score["object"],
-                             fidelity_size=score["size"], seconds=round(seconds, 3),
-                             calibration_seconds=p.notes["calibration_seconds"]))
+            rows.append(row(name, out, seconds, delta=float(delta), steps=num_steps, kept=p.flops_kept_fraction(),
+                            cost=plan_cost(p, cost_model), calibration_seconds=p.notes["calibration_seconds"]))
             images[f"{name} delta={delta:g}"] = out
         bar.set_postfix(kept=f"{rows[-1]['flops_kept']:.2f}")
     return rows, images
@@ -137,8 +159,9 @@ def comparison_grid(images: dict[str, np.ndarray], names: list[str], columns: in
 
 
 def line_plot(series: dict[str, list[tuple[float, float]]], *, title: str, xlabel: str, ylabel: str,
-              size=(520, 320)):
-    """A small line chart (Pillow): each series a list of (x, y) points; returns a PIL image."""
+              size=(520, 320), lines: bool = True):
+    """A small line chart (Pillow): each series a list of (x, y) points (``lines=False``: a scatter plot); returns
+    a PIL image."""
     from PIL import Image, ImageDraw
 
     w, h = size
@@ -165,12 +188,12 @@ def line_plot(series: dict[str, list[tuple[float, float]]], *, title: str, xlabe
         _, py = to_px(x0, y)
         draw.text((px - 10, h - bottom + 4), f"{x:.2f}", fill="black")
         draw.text((4, py - 6), f"{y:.3g}", fill="black")
-    colours = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189)]
+    colours = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (140, 86, 75)]
     for i, (name, points) in enumerate(series.items()):
         points = sorted((x, y) for x, y in points if np.isfinite(y))
         colour = colours[i % len(colours)]
         px = [to_px(x, y) for x, y in points]
-        if len(px) > 1:
+        if lines and len(px) > 1:
             draw.line(px, fill=colour, width=2)
         for x, y in px:
             draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
@@ -179,3 +202,71 @@ def line_plot(series: dict[str, list[tuple[float, float]]], *, title: str, xlabe
     draw.text(((left + w - right) // 2 - 40, h - 18), xlabel, fill="black")
     draw.text((w - right + 8, h - bottom - 14), ylabel, fill="black")
     return img
+
+
+def attention_structure(pipe, captions: list[str], *, num_steps: int = DEFAULT_STEPS, seed: int = 0,
+                        arrow: int = 8) -> dict[str, np.ndarray]:
+    """Per (step, layer, head) of dense sampling: how local and how stable each attention head is.
+
+    ``band_mass`` [steps, layers, heads]: the share of image queries' attention probability that arrow(``arrow``)
+    keeps at token level (every text key plus the image keys within ``image_tokens // (2 * arrow)`` raster
+    positions), averaged over image queries and the batch (both CFG halves). ``step_similarity`` [steps - 1,
+    layers, heads]: cosine similarity of each head's attention output (all tokens of the batch) with its output
+    at the previous step, which is what caching a head bets on. Sampling is the pipeline's (same noise per seed,
+    same CFG), with attention computed explicitly so that its probabilities can be read.
+    """
+    from flax import nnx
+
+    from ditfa_jax.denoise import embed, euler_step, guided_velocity, prepare_run
+    from ditfa_jax.models.layers import scan_stack
+
+    model, size = pipe.transformer, pipe.image_size
+    text, pooled = pipe.encode(captions)
+    run = prepare_run(model.config, text, pooled, height=size, width=size, num_steps=num_steps,
+                      guidance_scale=pipe.guidance_scale, scheduler=pipe.scheduler, vae_scale_factor=1,
+                      dtype=model.dtype, **pipe.negative(len(captions)))
+    layout, cond, family = run.layout, run.cond, run.family
+    n_img, n_txt = layout.image_tokens, layout.text_len
+    image_rows = np.arange(n_img) + (n_txt if layout.text_first else 0)  # token index of raster image position
+    near = np.abs(np.arange(n_img)[:, None] - np.arange(n_img)[None, :]) <= n_img // (2 * arrow)
+    kept = np.ones((n_img, layout.tokens), bool)  # [image query, key]: text keys always kept
+    kept[:, image_rows] = near
+    kept, image_rows = jnp.asarray(kept), jnp.asarray(image_rows)
+    graphdef, state = model.graphdef, model.state
+
+    @jax.jit
+    def step(state, x, t, sigma, sigma_next):
+        module = nnx.merge(graphdef, state)
+        carry, temb = embed(module, family, cond, x, t)
+        masses, outs = [], []
+        for index, (stack, _, _) in enumerate(module.stacks()):
+            carry = module.enter_stack(index, carry)
+
+            def body(block, c, _):
+                ctx = block.prepare(c, temb)
+                q, k, v = block.qkv(ctx, cond.rope)
+                logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+                probs = jax.nn.softmax(logits / np.sqrt(q.shape[-1]), axis=-1)
+                out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v,
+                                 preferred_element_type=jnp.float32).astype(q.dtype)
+                mass = jnp.where(kept, probs[:, :, image_rows, :], 0).sum(-1).mean((0, 2))  # [H]
+                return block.finish(c, ctx, out), (mass, out.astype(jnp.float32))
+
+            carry, (mass, out) = scan_stack(stack, carry, None, body)
+            masses.append(mass)
+            outs.append(out)
+        v = guided_velocity(module, cond, layout, carry, temb)
+        return euler_step(x, v, sigma, sigma_next), jnp.concatenate(masses), jnp.concatenate(outs)
+
+    x = pipe.initial_noise(seed + np.arange(len(captions)))
+    band_mass, similarity, previous = [], [], None
+    for i in range(num_steps):
+        x, mass, outs = step(state, x, run.timesteps[i], run.sigmas[i], run.sigmas[i + 1])
+        band_mass.append(np.asarray(mass))
+        if previous is not None:
+            dot = jnp.sum(outs * previous, axis=(1, 2, 4))
+            norms = jnp.sqrt(jnp.sum(outs ** 2, axis=(1, 2, 4)) * jnp.sum(previous ** 2, axis=(1, 2, 4)))
+            similarity.append(np.asarray(dot / jnp.maximum(norms, 1e-30)))
+        previous = outs
+    return {"band_mass": np.stack(band_mass), "step_similarity": np.stack(similarity) if similarity else
+            np.zeros((0,) + band_mass[0].shape)}

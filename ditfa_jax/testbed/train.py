@@ -1,13 +1,15 @@
-"""The training recipe of the testbed model: rectified flow on the synthetic world, optax, one seed.
+"""The training recipe of the testbed models: rectified flow on a synthetic world, optax, one seed.
 
-Each step draws a batch of training-split scenes on the host (captions, word ids), renders them on the device
-inside the jitted step, and regresses the velocity ``noise - x0`` at ``x_t = (1 - sigma) x0 + sigma noise`` with
-sigma logit-normal (SD3's choice), passed to the model as FLUX's timestep (sigma; the model scales it by 1000).
+Each step draws a batch of training-split scenes of the testbed's world on the host (captions, word ids; with
+caption dropout, a share of the captions replaced by the empty one, the uncond branch of CFG), renders them on the
+device inside the jitted step, and regresses the velocity ``noise - x0`` at ``x_t = (1 - sigma) x0 + sigma noise``
+with sigma logit-normal (SD3's choice). The forward pass is the sampler's (`embed`, the block stacks, `unembed`),
+the timestep given as the family's pipeline gives it.
 Parameters are fp32 (AdamW, gradient clipping, an EMA whose weights are the ones shipped); the forward pass runs in
 ``compute_dtype``. The adaLN modulations and the final projection start at zero, so every block starts as the
 identity (DiT's adaLN-Zero).
 
-    python -m ditfa_jax.testbed.train --out runs/testbed --steps 6000
+    python -m ditfa_jax.testbed.train --out runs/testbed --steps 6000 [--testbed v2]
 
 writes a testbed folder (`ditfa_jax.testbed.pipeline`) with the EMA weights in bf16, ``training.json`` (this
 recipe, the loss curve, throughput, device) and ``loss.png``.
@@ -29,12 +31,13 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
+from ditfa_jax.attention import AttentionSettings
+from ditfa_jax.family import family_of, layout_for
 from ditfa_jax.loading import Transformer
-from ditfa_jax.models.flux import FluxTransformer, flux_image_ids, rope_tables
-from ditfa_jax.testbed.model import (SCHEDULER, TRANSFORMER_CONFIG, TextEncoder, TextEncoderConfig,
-                                     images_to_latents)
-from ditfa_jax.testbed.tokenizer import MAX_LENGTH, SHIPPED_TOKENIZER, WordTokenizer
-from ditfa_jax.testbed.world import IMAGE_SIZE, render, sample_scenes, captions as scene_captions
+from ditfa_jax.models.layers import run_stacks
+from ditfa_jax.testbed.model import TextEncoder, TextEncoderConfig
+from ditfa_jax.testbed.testbeds import Testbed, get_testbed, images_to_latents
+from ditfa_jax.testbed.tokenizer import WordTokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,18 +55,27 @@ class TrainConfig:
     log_every: int = 50
     time_limit_s: float | None = None  # stop after this much training time (the steps reached are recorded)
     init_from: str | None = None  # start from a testbed folder's weights (a continued run; its record is kept)
+    testbed: str = "v1"  # which world and model (`ditfa_jax.testbed.testbeds`)
+    caption_dropout: float | None = None  # share of empty captions (None: the testbed's, 0 for v1)
 
 
 class TestbedModel(nnx.Module):
     """Text encoder + MMDiT as one module, so one optimizer and one EMA cover both."""
 
-    def __init__(self, vocab_size: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
-        self.text_encoder = TextEncoder(TextEncoderConfig(vocab_size=vocab_size, max_length=MAX_LENGTH), rngs=rngs)
-        self.transformer = FluxTransformer(TRANSFORMER_CONFIG, dtype=dtype, rngs=rngs)
+    def __init__(self, vocab_size: int, testbed: Testbed, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        config = testbed.model.TRANSFORMER_CONFIG
+        self.text_encoder = TextEncoder(TextEncoderConfig(vocab_size=vocab_size, max_length=testbed.model.TEXT_LENGTH),
+                                        rngs=rngs)
+        self.transformer = family_of(config).module_class(config, dtype=dtype, rngs=rngs)
 
-    def __call__(self, latents, ids, mask, sigma, rope, attention_impl="auto"):
+    def __call__(self, latents, ids, mask, sigma, layout, rope, settings: AttentionSettings):
+        """The velocity at noise level sigma [B], as the sampler evaluates it (no guidance)."""
         text, pooled = self.text_encoder(ids, mask)
-        return self.transformer(latents, text, pooled, sigma, rope, attention_impl=attention_impl)
+        family = family_of(self.transformer.config)
+        timestep = family.model_timestep(1000 * sigma)  # the scheduler's timestep, as the family's model takes it
+        carry, temb = self.transformer.embed(latents, text, pooled, timestep)
+        carry, _ = run_stacks(self.transformer, carry, temb, rope, None, layout, settings)
+        return self.transformer.unembed(carry, temb, layout)
 
 
 def _zero_init(state) -> None:
@@ -77,10 +89,10 @@ def _zero_init(state) -> None:
             var.set_value(jnp.zeros_like(var.get_value()))
 
 
-def init_model(vocab_size: int, seed: int, compute_dtype=jnp.float32) -> TestbedModel:
+def init_model(vocab_size: int, seed: int, compute_dtype=jnp.float32, testbed: str = "v1") -> TestbedModel:
     """The model whose layers compute in ``compute_dtype`` (the transformer's Linear layers fix their computation
     dtype at construction; the text encoder's follow its parameters)."""
-    model = TestbedModel(vocab_size, dtype=compute_dtype, rngs=nnx.Rngs(seed))
+    model = TestbedModel(vocab_size, get_testbed(testbed), dtype=compute_dtype, rngs=nnx.Rngs(seed))
     _zero_init(nnx.state(model, nnx.Param))
     return model
 
@@ -103,11 +115,12 @@ def _load_weights(folder: str, params):
     return params, (json.loads(record.read_text()) if record.is_file() else None)
 
 
-def testbed_rope() -> tuple[np.ndarray, np.ndarray]:
-    """RoPE tables of the testbed's [32 text, 32x32 image] tokens (text ids zero, as in FLUX)."""
-    side = IMAGE_SIZE // 2
-    ids = np.concatenate([np.zeros((MAX_LENGTH, 3), np.float32), flux_image_ids(side, side)])
-    return rope_tables(ids, TRANSFORMER_CONFIG.axes_dims_rope)
+def testbed_layout(testbed: Testbed):
+    """(token layout, positional tables or None) of the testbed's images and captions, as the sampler builds them."""
+    config, size = testbed.model.TRANSFORMER_CONFIG, testbed.world.IMAGE_SIZE
+    layout = layout_for(config, height=size, width=size, text_len=testbed.model.TEXT_LENGTH, vae_scale_factor=1)
+    rope = family_of(config).positions(config, layout, None)
+    return layout, None if rope is None else tuple(jnp.asarray(t) for t in rope)
 
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
@@ -119,17 +132,21 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
 
 def make_train_step(graphdef, tx, cfg: TrainConfig):
     """Jitted (params, opt_state, ema, scenes, ids, mask, key, step) -> (params, opt_state, ema, loss)."""
-    rope = tuple(jnp.asarray(t) for t in testbed_rope())
+    testbed = get_testbed(cfg.testbed)
+    layout, rope = testbed_layout(testbed)
+    config, render = testbed.model.TRANSFORMER_CONFIG, testbed.world.render
+    settings = AttentionSettings(implementation=cfg.attention_impl)
     dtype = jnp.dtype(cfg.compute_dtype)
 
     def loss_fn(params, scenes, ids, mask, key):
-        x0 = images_to_latents(render(**scenes))
+        x0 = images_to_latents(config, render(**scenes))
         key_noise, key_sigma = jax.random.split(key)
         noise = jax.random.normal(key_noise, x0.shape, jnp.float32)
         sigma = jax.nn.sigmoid(jax.random.normal(key_sigma, (x0.shape[0],), jnp.float32))
-        x_t = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
+        s = sigma.reshape((-1,) + (1,) * (x0.ndim - 1))
+        x_t = (1 - s) * x0 + s * noise
         compute = jax.tree_util.tree_map(lambda p: p.astype(dtype), params)
-        v = nnx.merge(graphdef, compute)(x_t.astype(dtype), ids, mask, sigma, rope, cfg.attention_impl)
+        v = nnx.merge(graphdef, compute)(x_t.astype(dtype), ids, mask, sigma, layout, rope, settings)
         return jnp.mean(jnp.square(v.astype(jnp.float32) - (noise - x0)))
 
     @jax.jit
@@ -144,16 +161,25 @@ def make_train_step(graphdef, tx, cfg: TrainConfig):
     return step
 
 
-def _batch(rng: np.random.Generator, tokenizer: WordTokenizer, n: int):
-    scenes = sample_scenes(rng, n, split="train")
-    ids, mask = tokenizer.encode(scene_captions(scenes), max_length=MAX_LENGTH)
+def _batch(rng: np.random.Generator, testbed: Testbed, tokenizer: WordTokenizer, n: int, caption_dropout: float):
+    """Training-split scenes (render arguments), their word ids and mask; dropped captions are empty (all padding)."""
+    world = testbed.world
+    scenes = world.sample_scenes(rng, n, split="train")
+    ids, mask = tokenizer.encode(world.captions(scenes), max_length=testbed.model.TEXT_LENGTH)
+    if caption_dropout > 0:
+        keep = rng.random(n) >= caption_dropout
+        ids, mask = ids * keep[:, None], mask & keep[:, None]
     return scenes.arrays(), ids, mask
 
 
 def train(cfg: TrainConfig, *, progress: bool = True) -> tuple[TestbedModel, dict]:
     """Train from scratch; returns (the EMA model in fp32, the training record)."""
-    tokenizer = WordTokenizer.from_file()
-    model = init_model(tokenizer.vocab_size, cfg.seed, jnp.dtype(cfg.compute_dtype))
+    testbed = get_testbed(cfg.testbed)
+    dropout = testbed.model.CAPTION_DROPOUT if cfg.caption_dropout is None else cfg.caption_dropout
+    if not 0 <= dropout < 1:
+        raise ValueError(f"caption_dropout {dropout}: expected a share in [0, 1)")
+    tokenizer = WordTokenizer.from_file(testbed.tokenizer_file)
+    model = init_model(tokenizer.vocab_size, cfg.seed, jnp.dtype(cfg.compute_dtype), cfg.testbed)
     graphdef, params = nnx.split(model, nnx.Param)
     params = jax.tree_util.tree_map(lambda p: p.astype(jnp.float32), params)  # fp32 master weights
     previous = None
@@ -168,7 +194,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> tuple[TestbedModel, dic
     curve, window, start, steps_done = [], [], None, 0
     bar = tqdm(range(cfg.steps), desc="training testbed", unit="step", disable=not progress)
     for index in bar:
-        scenes, ids, mask = _batch(rng, tokenizer, cfg.batch_size)
+        scenes, ids, mask = _batch(rng, testbed, tokenizer, cfg.batch_size, dropout)
         params, opt_state, ema, loss = step_fn(params, opt_state, ema, scenes, ids, mask,
                                                jax.random.fold_in(key, index), index)
         window.append(loss)
@@ -187,7 +213,8 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> tuple[TestbedModel, dic
                 break
     jax.block_until_ready(ema)
     seconds = time.perf_counter() - start
-    record = {"recipe": dataclasses.asdict(cfg), "steps_done": steps_done, "loss_curve": curve,
+    record = {"recipe": {**dataclasses.asdict(cfg), "caption_dropout": dropout}, "steps_done": steps_done,
+              "loss_curve": curve,
               "train_seconds_after_compile": round(seconds, 1),
               "steps_per_second": round((steps_done - 1) / max(seconds, 1e-9), 2),
               "parameters": int(sum(p.size for p in jax.tree_util.tree_leaves(params))),
@@ -226,17 +253,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="testbed folder to write (must not exist)")
     for field in dataclasses.fields(TrainConfig):
         kind = {"steps": int, "batch_size": int, "warmup_steps": int, "seed": int, "log_every": int}.get(field.name)
-        kind = kind or (str if field.name in ("compute_dtype", "attention_impl", "init_from") else float)
+        kind = kind or (str if field.name in ("compute_dtype", "attention_impl", "init_from", "testbed") else float)
         parser.add_argument(f"--{field.name.replace('_', '-')}", type=kind, default=field.default)
     args = parser.parse_args(argv)
     out = Path(args.out)
     if out.exists():
         parser.error(f"--out {out} exists; choose a new folder")
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    testbed = get_testbed(cfg.testbed)
     model, record = train(cfg)
-    transformer = Transformer(TRANSFORMER_CONFIG, *nnx.split(model.transformer))
-    save_pipeline(out, transformer, model.text_encoder, scheduler=SCHEDULER, tokenizer_file=SHIPPED_TOKENIZER,
-                  training=record)
+    transformer = Transformer(testbed.model.TRANSFORMER_CONFIG, *nnx.split(model.transformer))
+    save_pipeline(out, transformer, model.text_encoder, scheduler=testbed.model.SCHEDULER,
+                  tokenizer_file=testbed.tokenizer_file, training=record, testbed=testbed.name,
+                  guidance_scale=testbed.model.GUIDANCE_SCALE, image_size=testbed.world.IMAGE_SIZE)
     save_loss_plot(record["loss_curve"], out / "loss.png")
     print(json.dumps({k: v for k, v in record.items() if k != "loss_curve"}, indent=1))
     return 0

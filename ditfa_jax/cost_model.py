@@ -1,0 +1,93 @@
+"""What a run costs in time on a target GPU, from measurements: one axis on which every method can be compared.
+
+A `StepCostModel` is the measured time of one transformer step of a model at one resolution as a function of the
+attention FLOPs kept in that step, piecewise linear through measured points: (0, the step without attention: every
+head cached), the compressed sampler's measured steps, and (1, the dense step). Between measured points it
+interpolates; it never extrapolates beyond them. A run's cost is the sum of its steps' times; dense with fewer
+steps costs that many dense steps. Costs are reported relative to the dense run with all its steps.
+
+The models here are FLUX.1-dev-sized steps (random bf16 weights, batch 1, 512 text tokens) measured on the
+project's H200 with the Mosaic GPU backend (`benchmarks/RESULTS.md`, "End to end"): the small testbed models'
+own step times are dominated by overheads, so the testbed sweep prices its plans with these.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+__all__ = ["StepCostModel", "COST_MODELS", "get_cost_model", "plan_cost", "steps_cost"]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepCostModel:
+    """Step time (ms) against the attention FLOPs kept in the step, through measured points."""
+
+    name: str
+    description: str
+    kept: tuple[float, ...]  # attention FLOPs kept, increasing, first 0.0 and last 1.0
+    step_ms: tuple[float, ...]  # measured step time at each `kept`
+    source: str  # device, date, versions and the command that measured it
+
+    def __post_init__(self):
+        kept, ms = np.asarray(self.kept, float), np.asarray(self.step_ms, float)
+        if kept.shape != ms.shape or kept.size < 2 or kept[0] != 0.0 or kept[-1] != 1.0 or np.any(np.diff(kept) <= 0):
+            raise ValueError(f"cost model {self.name!r}: kept must rise from 0.0 to 1.0 with one time per point, got "
+                             f"kept={self.kept}, step_ms={self.step_ms}")
+        if np.any(ms <= 0):
+            raise ValueError(f"cost model {self.name!r}: step times must be positive, got {self.step_ms}")
+
+    @property
+    def dense_ms(self) -> float:
+        return float(self.step_ms[-1])
+
+    @property
+    def attention_share(self) -> float:
+        """Share of the dense step spent in attention."""
+        return 1.0 - self.step_ms[0] / self.step_ms[-1]
+
+    def step_time(self, kept) -> np.ndarray:
+        """Step time (ms) at attention FLOPs kept ``kept`` (scalar or array in [0, 1])."""
+        kept = np.asarray(kept, float)
+        if np.any((kept < 0) | (kept > 1)):
+            raise ValueError(f"attention FLOPs kept must lie in [0, 1], got {kept.min()}..{kept.max()}")
+        return np.interp(kept, self.kept, self.step_ms)
+
+
+def _flux_dev(size: int, dense: float, attention: float, measured: dict[float, float]) -> StepCostModel:
+    points = {0.0: dense - attention, **measured, 1.0: dense}
+    return StepCostModel(
+        name=f"h200-flux-dev-{size}", description=f"FLUX.1-dev-sized step at {size}^2 on an H200 (Mosaic GPU backend)",
+        kept=tuple(sorted(points)), step_ms=tuple(points[k] for k in sorted(points)),
+        source="NVIDIA H200, 2026-12-01, jax 0.11.2: benchmarks/bench_plan.py --sampler 1024,2048 --backend "
+               "mosaic_gpu (dense step; one layer of cuDNN attention x 57 layers for the attention time; random "
+               "full / arrow_8 / cached plans at ~60 / 45 / 32 % kept); raw benchmarks/mosaic/sampler_mosaic_h200.jsonl")
+
+
+COST_MODELS = {
+    m.name: m for m in (
+        _flux_dev(1024, 143.63, 25.1, {0.321: 131.95, 0.450: 134.35, 0.600: 137.69}),
+        _flux_dev(2048, 709.2, 318.4, {0.319: 507.59, 0.449: 546.35, 0.599: 595.81}),
+    )
+}
+
+
+def get_cost_model(name: str) -> StepCostModel:
+    if name not in COST_MODELS:
+        raise ValueError(f"cost model {name!r}: expected one of {sorted(COST_MODELS)}")
+    return COST_MODELS[name]
+
+
+def plan_cost(plan, model: StepCostModel) -> float:
+    """A compression plan's run time relative to the dense run of the same step count, its steps priced by their
+    attention FLOPs kept (`CompressionPlan.flops_kept_per_step`)."""
+    kept = np.asarray(plan.flops_kept_per_step(), float)
+    return float(model.step_time(kept).sum() / (len(kept) * model.dense_ms))
+
+
+def steps_cost(steps: int, full_steps: int) -> float:
+    """Dense sampling with ``steps`` instead of ``full_steps`` steps, relative to the full run."""
+    if not 1 <= steps <= full_steps:
+        raise ValueError(f"steps {steps}: expected 1..{full_steps}")
+    return steps / full_steps
