@@ -5,17 +5,20 @@ the palette colour of nearest hue (blending with grey or with the colour's own d
 unchanged); each colour's connected components are objects. Thin components (at most ``MAX_RIM_DEPTH`` px from
 their outline everywhere) are dropped: they are the anti-aliased rim where one object overlaps another of a
 different colour, whose mixed hue can be nearest a third palette colour. Holes (a smaller object lying on top) are
-filled. An object that touches no other object is measured from its bounding box: size class by extent, centre at
-the box centre (region = grid cell of the centre), shape = the :func:`world.shape_sdfs` template stretched over the
-box with the best IoU. An object touching another (so perhaps partly hidden) is fitted instead: the (shape, size,
-centre) whose template best matches its pixels, ignoring the pixels covered by the other objects. Texture: inside
-the object (its mask eroded by one pixel) the chroma relative to the palette colour's is ~1 (the colour) or ~DARK
-(the dark shade); the dark fraction tells plain (~0) from dotted (~0.15) from striped (~0.5).
+filled. Geometry is fitted with the world's own templates (:func:`world.shape_sdfs` at the three diameters): an
+object that touches no other object gets its size class from its bounding-box extent, then the (shape, centre) near
+the box centre whose template best matches its pixels (IoU); an object touching another (so perhaps partly hidden)
+gets the best (shape, size, centre) over a wider search, ignoring the pixels covered by the other objects. Region =
+grid cell of the fitted centre. Texture: inside the fitted outline (away from the anti-aliased rim and the other
+objects) the chroma relative to the palette colour's is ~1 (the colour) or ~DARK (the dark shade); the dark fraction
+tells plain (~0) from dotted (~0.18) from striped (~0.5).
 
 The background: the non-object pixels (object mask dilated by two pixels) of a plain background have no variance
-and a mean of 0.5 / 0.75 / 0.25; a textured one is told by its gradients: stripes have one gradient direction
-(structure-tensor anisotropy near 1), and among the others the ratio of the gradient's RMS to the grey level's
-standard deviation (~2 pi / period) separates wavy (long periods) from checked from grainy (periods of ~2-3 px).
+and a mean of 0.5 / 0.75 / 0.25; a textured one is told by its gradients: the ratio of the forward differences' RMS
+to the grey level's standard deviation (~2 pi / period) is highest for grainy (periods ~2-3 px; measured >= 1.83,
+the others <= 1.52), stripes have one gradient direction (structure-tensor anisotropy >= 0.96, the others <= 0.32),
+and of the rest wavy has the long periods (ratio <= 0.63, checked >= 0.97). On 400 ground-truth renders every
+background was recognised; on generated images this is a cruder figure than the object scores.
 """
 
 from __future__ import annotations
@@ -27,8 +30,8 @@ import numpy as np
 from scipy import ndimage
 
 from ditfa_jax.testbed.v2.world import (ATTRIBUTES, BACKGROUND_GREYS, BACKGROUNDS, COLOUR_NAMES, DARK, DIAMETERS,
-                                        IMAGE_SIZE, MAX_OBJECTS, PALETTE, REGIONS, SHAPES, SIZES, TEXTURES,
-                                        SceneBatch, captions, parse_caption, region_of, shape_sdfs)
+                                        IMAGE_SIZE, PALETTE, REGIONS, SHAPES, SIZES, TEXTURES,
+                                        SceneBatch, captions, parse_caption, region_of)
 
 __all__ = ["DetectedObject", "detect", "classify_background", "score"]
 

@@ -175,11 +175,22 @@ def _sample_raw(rng: np.random.Generator, n: int, min_objects: int, max_objects:
 
     centre = lo + rng.random((n, MAX_OBJECTS, 2)) * (hi - lo)
     bad = np.flatnonzero(~_placement_ok(centre, size, colour, present))
-    for _ in range(200):  # rejection sampling of the centres of the scenes that fail (~half of 5-object scenes)
+    # rejection sampling of the centres of the scenes that fail (~half of the 5-object scenes at first), 16
+    # candidate placements per failing scene and round, the first valid one kept; a scene still failing after 8
+    # rounds (e.g. five large objects of one colour) gets new colours too
+    tries = 16
+    for round_ in range(200):
         if not bad.size:
             break
-        centre[bad] = lo[bad] + rng.random((bad.size, MAX_OBJECTS, 2)) * (hi[bad] - lo[bad])
-        bad = bad[~_placement_ok(centre[bad], size[bad], colour[bad], present[bad])]
+        if round_ % 8 == 7:
+            colour[bad] = np.where(present[bad], rng.integers(0, len(COLOURS), (bad.size, MAX_OBJECTS)), -1)
+        rep = np.repeat(bad, tries)
+        cand = lo[rep] + rng.random((rep.size, MAX_OBJECTS, 2)) * (hi[rep] - lo[rep])
+        ok = _placement_ok(cand, size[rep], colour[rep], present[rep]).reshape(bad.size, tries)
+        done = ok.any(axis=1)
+        first = np.argmax(ok, axis=1)
+        centre[bad[done]] = cand.reshape(bad.size, tries, MAX_OBJECTS, 2)[np.flatnonzero(done), first[done]]
+        bad = bad[~done]
     else:
         raise RuntimeError("sample_scenes: could not place the objects")
 
@@ -241,30 +252,29 @@ def sample_scenes(rng: np.random.Generator, n: int, *, split: str = "train", min
 # Captions
 
 
+def _words(names, fmt: str) -> np.ndarray:
+    return np.array([""] + [fmt.format(n) for n in names], dtype=object)
+
+
+_SIZE_W, _TEXTURE_W, _COLOUR_W = _words(SIZES, "{} "), _words(TEXTURES, "{} "), _words(COLOUR_NAMES, "{} ")
+_NOUN_W = np.array(["object", *SHAPES], dtype=object)
+_REGION_W = _words(REGIONS, " {}")
+_BG_W = _words(_BG_PHRASES, " {}")
+
+
 def captions(scenes: SceneBatch) -> list[str]:
     """One caption per scene: the mentioned attributes of each object in stored order, then maybe the background."""
-    region = scenes.region
-    out = []
-    for i in range(len(scenes)):
-        phrases = []
-        for k in range(int(scenes.num_objects[i])):
-            m = scenes.mentioned[i, k]
-            words = ["a"]
-            if m[0]:
-                words.append(SIZES[scenes.size[i, k]])
-            if m[1]:
-                words.append(TEXTURES[scenes.texture[i, k]])
-            if m[2]:
-                words.append(COLOUR_NAMES[scenes.colour[i, k]])
-            words.append(SHAPES[scenes.shape[i, k]] if m[3] else "object")
-            if m[4]:
-                words.append(REGIONS[region[i, k]])
-            phrases.append(" ".join(words))
-        text = " and ".join(phrases)
-        if scenes.background_mentioned[i]:
-            text += " " + _BG_PHRASES[scenes.background[i]]
-        out.append(text)
-    return out
+    m = scenes.mentioned
+
+    def pick(words, index, a):  # the attribute's word where mentioned, else "" ("object" for the shape)
+        return words[np.where(m[..., a], index + 1, 0)]
+
+    phrases = ("a " + pick(_SIZE_W, scenes.size, 0) + pick(_TEXTURE_W, scenes.texture, 1)
+               + pick(_COLOUR_W, scenes.colour, 2) + pick(_NOUN_W, scenes.shape, 3)
+               + pick(_REGION_W, scenes.region, 4))
+    background = _BG_W[np.where(scenes.background_mentioned, scenes.background + 1, 0)]
+    return [" and ".join(row[:n]) + bg
+            for row, n, bg in zip(phrases.tolist(), scenes.num_objects.tolist(), background.tolist())]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
