@@ -38,9 +38,15 @@ def _longest_caption() -> int:
 MAX_LENGTH = max(32, 8 * -(-_longest_caption() // 8))
 
 
-def build_tokenizer() -> Tokenizer:
-    """The WordLevel tokenizer (lowercase, whitespace split) over :func:`vocabulary`, as shipped."""
-    vocab = {w: i for i, w in enumerate(vocabulary())}
+def build_tokenizer(words: list[str] | None = None) -> Tokenizer:
+    """The WordLevel tokenizer (lowercase, whitespace split) over ``words`` (default: :func:`vocabulary`, as shipped).
+
+    ``words`` must start with ``<pad>``, ``<unk>`` and hold no duplicates (another world's vocabulary, e.g. v2's).
+    """
+    words = vocabulary() if words is None else list(words)
+    if words[:2] != [PAD, UNK] or len(set(words)) != len(words):
+        raise ValueError(f"build_tokenizer: words must start with {PAD!r}, {UNK!r} and be distinct")
+    vocab = {w: i for i, w in enumerate(words)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
