@@ -130,8 +130,9 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
                        optax.adamw(schedule, b1=0.9, b2=0.99, weight_decay=cfg.weight_decay, mask=decay_mask))
 
 
-def make_train_step(graphdef, tx, cfg: TrainConfig):
-    """Jitted (params, opt_state, ema, scenes, ids, mask, key, step) -> (params, opt_state, ema, loss)."""
+def make_train_step(graphdef, buffers, tx, cfg: TrainConfig):
+    """Jitted (params, opt_state, ema, scenes, ids, mask, key, step) -> (params, opt_state, ema, loss); ``buffers``
+    are the model's fixed non-parameter state (SD3's position table)."""
     testbed = get_testbed(cfg.testbed)
     layout, rope = testbed_layout(testbed)
     config, render = testbed.model.TRANSFORMER_CONFIG, testbed.world.render
@@ -146,7 +147,7 @@ def make_train_step(graphdef, tx, cfg: TrainConfig):
         s = sigma.reshape((-1,) + (1,) * (x0.ndim - 1))
         x_t = (1 - s) * x0 + s * noise
         compute = jax.tree_util.tree_map(lambda p: p.astype(dtype), params)
-        v = nnx.merge(graphdef, compute)(x_t.astype(dtype), ids, mask, sigma, layout, rope, settings)
+        v = nnx.merge(graphdef, compute, buffers)(x_t.astype(dtype), ids, mask, sigma, layout, rope, settings)
         return jnp.mean(jnp.square(v.astype(jnp.float32) - (noise - x0)))
 
     @jax.jit
@@ -180,7 +181,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> tuple[TestbedModel, dic
         raise ValueError(f"caption_dropout {dropout}: expected a share in [0, 1)")
     tokenizer = WordTokenizer.from_file(testbed.tokenizer_file)
     model = init_model(tokenizer.vocab_size, cfg.seed, jnp.dtype(cfg.compute_dtype), cfg.testbed)
-    graphdef, params = nnx.split(model, nnx.Param)
+    graphdef, params, buffers = nnx.split(model, nnx.Param, ...)
     params = jax.tree_util.tree_map(lambda p: p.astype(jnp.float32), params)  # fp32 master weights
     previous = None
     if cfg.init_from:
@@ -188,7 +189,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> tuple[TestbedModel, dic
     tx = make_optimizer(cfg)
     opt_state = tx.init(params)
     ema = jax.tree_util.tree_map(jnp.copy, params)
-    step_fn = make_train_step(graphdef, tx, cfg)
+    step_fn = make_train_step(graphdef, buffers, tx, cfg)
     rng = np.random.default_rng(cfg.seed)
     key = jax.random.key(cfg.seed)
     curve, window, start, steps_done = [], [], None, 0
