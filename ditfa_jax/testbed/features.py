@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -155,28 +157,15 @@ def _label_metrics(logits: np.ndarray, labels: np.ndarray) -> dict:
             "exact_match": round(float(np.mean(np.all(guess == truth, axis=1))), 5)}
 
 
-def train_feature_net(draw_batch: DrawBatch, *, num_labels: int, steps: int = 1500, batch_size: int = 128,
-                      learning_rate: float = 2e-3, seed: int = 0, progress: bool = True,
-                      config: FeatureNetConfig | None = None, heldout_size: int = 512,
-                      log_every: int = 50) -> tuple[FeatureNet, dict]:
-    """Train a FeatureNet to predict the multi-hot labels of renders drawn by ``draw_batch(rng, n)`` (sigmoid
-    cross-entropy, AdamW with warm-up and cosine decay). Seeded: one seed gives one set of weights on one machine.
-    Returns (net, record): the recipe, loss curve and label accuracy on a fresh held-out batch."""
+@functools.lru_cache(maxsize=8)
+def _training_step(graphdef, steps: int, learning_rate: float):
+    """(warm-up steps, optimizer, jitted step) of one recipe; cached so that runs of one recipe compile once."""
     import optax
-    from tqdm.auto import tqdm
 
-    if steps < 1 or batch_size < 1:
-        raise ValueError(f"train_feature_net: expected steps >= 1 and batch_size >= 1, got {steps}, {batch_size}")
-    config = config or FeatureNetConfig(num_labels=num_labels)
-    if config.num_labels != num_labels:
-        raise ValueError(f"train_feature_net: num_labels {num_labels} but config.num_labels {config.num_labels}")
-    net = FeatureNet(config, rngs=nnx.Rngs(seed))
-    graphdef, params = nnx.split(net, nnx.Param)
     warmup = min(100, max(steps // 10, 1))
     schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup, max(steps, warmup + 1),
                                                   end_value=learning_rate * 0.05)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=1e-4))
-    opt_state = tx.init(params)
 
     def loss_fn(params, images, labels):
         _, logits = nnx.merge(graphdef, params)(images)
@@ -187,6 +176,28 @@ def train_feature_net(draw_batch: DrawBatch, *, num_labels: int, steps: int = 15
         loss, grads = jax.value_and_grad(loss_fn)(params, images, labels)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
+
+    return warmup, tx, step
+
+
+def train_feature_net(draw_batch: DrawBatch, *, num_labels: int, steps: int = 1500, batch_size: int = 128,
+                      learning_rate: float = 2e-3, seed: int = 0, progress: bool = True,
+                      config: FeatureNetConfig | None = None, heldout_size: int = 512,
+                      log_every: int = 50) -> tuple[FeatureNet, dict]:
+    """Train a FeatureNet to predict the multi-hot labels of renders drawn by ``draw_batch(rng, n)`` (sigmoid
+    cross-entropy, AdamW with warm-up and cosine decay). Seeded: one seed gives one set of weights on one machine.
+    Returns (net, record): the recipe, loss curve and label accuracy on a fresh held-out batch."""
+    from tqdm.auto import tqdm
+
+    if steps < 1 or batch_size < 1:
+        raise ValueError(f"train_feature_net: expected steps >= 1 and batch_size >= 1, got {steps}, {batch_size}")
+    config = config or FeatureNetConfig(num_labels=num_labels)
+    if config.num_labels != num_labels:
+        raise ValueError(f"train_feature_net: num_labels {num_labels} but config.num_labels {config.num_labels}")
+    net = FeatureNet(config, rngs=nnx.Rngs(seed))
+    graphdef, params = nnx.split(net, nnx.Param)
+    warmup, tx, step = _training_step(graphdef, steps, learning_rate)
+    opt_state = tx.init(params)
 
     rng = np.random.default_rng(seed)
     curve, window, start = [], [], None
@@ -328,7 +339,9 @@ def frechet_distance(features_a, features_b, eps: float = 1e-6) -> float:
         raise ValueError("frechet_distance: the features hold NaN or inf")
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
-    root = linalg.sqrtm(cov_a @ cov_b)
+    with warnings.catch_warnings():  # a singular product is handled below, as FID does
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        root = linalg.sqrtm(cov_a @ cov_b)
     if not np.isfinite(root).all():
         offset = np.eye(len(cov_a)) * eps
         root = linalg.sqrtm((cov_a + offset) @ (cov_b + offset))
@@ -373,7 +386,10 @@ def _world(name: str) -> DrawBatch:
 
         return world_draw_batch(world, v1_attribute_labels)
     if name == "v2":
-        from ditfa_jax.testbed.v2 import world as world_v2  # built separately; imported only when asked for
+        try:  # built separately; imported only when asked for
+            from ditfa_jax.testbed.v2 import world as world_v2
+        except ImportError as err:
+            raise SystemExit(f"--world v2: cannot import ditfa_jax.testbed.v2.world ({err})") from None
 
         return world_draw_batch(world_v2)
     raise ValueError(f"--world: expected 'v1' or 'v2', got {name!r}")
@@ -381,7 +397,7 @@ def _world(name: str) -> DrawBatch:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--world", choices=("v1", "v2"), default="v2", help="the world whose renders to train on")
+    parser.add_argument("--world", choices=("v1", "v2"), required=True, help="the world whose renders to train on")
     parser.add_argument("--out", required=True, help="folder to write (must not exist)")
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch-size", type=int, default=128)
