@@ -28,6 +28,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from ditfa_jax.testbed.features import frechet_score, load_feature_net
 from ditfa_jax.testbed.metrics import image_grid, psnr, save_png, ssim
 from ditfa_jax.testbed.pipeline import TestbedPipeline
 from ditfa_jax.testbed.quality import (SEARCHES, attention_structure, comparison_grid, heldout_scenes, line_plot,
@@ -44,12 +45,14 @@ def record(out_dir: Path, **row):
         f.write(json.dumps(row) + "\n")
 
 
-def frechet_scorer(testbed, folder):
-    """The testbed's shipped feature network (or ``folder``) as a Fréchet scorer, or None where there is none."""
-    from ditfa_jax.testbed.features import FrechetScorer, shipped_feature_net
+def feature_net(testbed, folder):
+    """The Fréchet feature network in ``folder``, else the testbed's shipped one, else None (no Fréchet column)."""
+    path = Path(folder) if folder else testbed.feature_net
+    return load_feature_net(path) if path is not None and (folder or path.is_dir()) else None
 
-    path = Path(folder) if folder else shipped_feature_net(testbed)
-    return FrechetScorer.from_folder(path) if path is not None and path.is_dir() else None
+
+def frechet(net, images, reference):
+    return None if net is None else round(frechet_score(net, images, reference).distance, 4)
 
 
 def main() -> None:
@@ -82,7 +85,7 @@ def main() -> None:
     world = testbed.world
     steps = args.steps or testbed.model.DEFAULT_STEPS
     device = str(jax.devices()[0].device_kind)
-    frechet = frechet_scorer(testbed.name, args.features)
+    features = feature_net(testbed, args.features)
     common = dict(testbed=testbed.name, steps=steps, device=device, guidance_scale=pipe.guidance_scale)
 
     if args.fidelity:
@@ -104,7 +107,7 @@ def main() -> None:
             score, images = prompt_fidelity(pipe, scenes, seeds=0, num_steps=steps, guidance_scale=scale)
             record(out_dir, kind="guidance", scale=scale, captions=len(scenes), **common,
                    fidelity=round(score["object"], 4),
-                   frechet=None if frechet is None else round(frechet.score(images, truth), 4))
+                   frechet=frechet(features, images, truth))
 
     if args.realism:
         scenes = heldout_scenes(args.realism_captions, seed=21, objects=None, testbed=testbed.name)
@@ -116,7 +119,7 @@ def main() -> None:
             record(out_dir, kind="realism-steps", run_steps=n, captions=len(scenes), **common,
                    psnr_vs_full_db=round(float(np.mean(psnr(images, full))), 2),
                    ssim_vs_full=round(float(np.mean(ssim(images, full))), 4), fidelity=round(score["object"], 4),
-                   frechet=None if frechet is None else round(frechet.score(images, truth), 4))
+                   frechet=frechet(features, images, truth))
         structure = attention_structure(pipe, world.captions(scenes[np.arange(8)]), num_steps=steps)
         mass, similarity = structure["band_mass"].mean(0), structure["step_similarity"].mean(0)
         np.savez(out_dir / "attention_structure.npz", **structure)
@@ -142,12 +145,12 @@ def main() -> None:
         rows, images = quality_sweep(pipe, scenes, calibration, deltas, seeds_per_caption=args.seeds,
                                      num_steps=steps, include_global=not args.no_global,
                                      searches=args.searches.split(","), fewer_steps=fewer,
-                                     cost_model=args.cost_model, frechet=frechet)
+                                     cost_model=args.cost_model, features=features)
         for row in rows:
             record(out_dir, kind="quality", captions=len(scenes), seeds=args.seeds, cost_model=args.cost_model,
-                   **common, **row)
+                   **{**common, **row})  # the row's steps (fewer-steps rows) over the run's
         metrics = [("psnr_db", "PSNR vs dense (dB)"), ("fidelity", "prompt fidelity")]
-        metrics += [("frechet", "Frechet distance to renders")] if frechet is not None else []
+        metrics += [("frechet", "Frechet distance to renders")] if features is not None else []
         for metric, label in metrics:
             series = {}
             for row in rows:

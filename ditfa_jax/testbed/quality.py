@@ -21,6 +21,7 @@ from ditfa_jax.cost_model import StepCostModel, get_cost_model, plan_cost, steps
 from ditfa_jax.methods import windows_from_choice
 from ditfa_jax.milp import solve_global
 from ditfa_jax.plan import CompressionPlan
+from ditfa_jax.testbed.features import frechet_score
 from ditfa_jax.testbed.metrics import image_grid, psnr, ssim
 from ditfa_jax.testbed.model import DEFAULT_STEPS
 from ditfa_jax.testbed.testbeds import get_testbed
@@ -90,7 +91,7 @@ SEARCHES = {
 
 def quality_sweep(pipe, scenes, calibration_captions: list[str], deltas, *, seeds_per_caption: int = 1,
                   num_steps: int = DEFAULT_STEPS, include_global: bool = True, searches=("per-layer",),
-                  fewer_steps=(), cost_model: StepCostModel | str = "h200-flux-dev-1024", frechet=None,
+                  fewer_steps=(), cost_model: StepCostModel | str = "h200-flux-dev-1024", features=None,
                   batch_size: int = 256, progress: bool = True) -> tuple[list[dict], dict]:
     """Rows of metrics (dense first, then dense with each of ``fewer_steps``, then one per search and delta) and
     the images by row name.
@@ -98,8 +99,8 @@ def quality_sweep(pipe, scenes, calibration_captions: list[str], deltas, *, seed
     ``searches`` names entries of `SEARCHES`; ``include_global`` adds the global MILP over the paper search's
     recorded RSE table. Every caption of ``scenes`` is generated ``seeds_per_caption`` times (seeds 0..k-1 offset
     per caption) from the same noise in every row. ``cost`` is the row's run time relative to dense with all steps
-    under ``cost_model``. ``frechet`` (a `ditfa_jax.testbed.features.FrechetScorer`, or None to skip) scores each
-    row's images against ground-truth renders of the same captions. Wall time is the second of two identical
+    under ``cost_model``. ``features`` (a `ditfa_jax.testbed.features.FeatureNet`, or None to skip) gives each row
+    the Fréchet distance of its images to ground-truth renders of the same captions. Wall time is the second of two identical
     generation calls (the first compiles).
     """
     unknown = [s for s in searches if s not in SEARCHES]
@@ -125,7 +126,7 @@ def quality_sweep(pipe, scenes, calibration_captions: list[str], deltas, *, seed
         return dict(search=name, delta=delta, steps=steps, flops_kept=round(kept, 4), cost=round(cost, 4),
                     psnr_db=float(np.mean(p_db)), psnr_min_db=float(np.min(p_db)), ssim=float(np.mean(s)),
                     ssim_min=float(np.min(s)), fidelity=score["object"], fidelity_size=score["size"],
-                    frechet=None if frechet is None else round(float(frechet.score(images, truth)), 4),
+                    frechet=None if features is None else round(frechet_score(features, images, truth).distance, 4),
                     seconds=round(seconds, 3), calibration_seconds=calibration_seconds)
 
     dense, dense_s = generate(None)

@@ -36,6 +36,7 @@ class Testbed:
     model_module: str  # TRANSFORMER_CONFIG, SCHEDULER, DEFAULT_STEPS, TEXT_LENGTH, GUIDANCE_SCALE, CAPTION_DROPOUT
     tokenizer_file: Path
     checkpoint: Path  # the shipped weights (may be absent in a source tree that has not trained them)
+    feature_net: Path | None = None  # the shipped Fréchet feature network (`ditfa_jax.testbed.features`), if any
 
     @property
     def world(self) -> ModuleType:
@@ -55,7 +56,7 @@ TESTBEDS = {
     "v1": Testbed("v1", "ditfa_jax.testbed.world", "ditfa_jax.testbed.detector", "ditfa_jax.testbed.model",
                   _HERE / "tokenizer.json", _HERE / "checkpoint"),
     "v2": Testbed("v2", "ditfa_jax.testbed.v2.world", "ditfa_jax.testbed.v2.detector", "ditfa_jax.testbed.v2.model",
-                  _HERE / "v2" / "tokenizer.json", _HERE / "v2" / "checkpoint"),
+                  _HERE / "v2" / "tokenizer.json", _HERE / "v2" / "checkpoint", _HERE / "v2" / "features"),
 }
 
 

@@ -1,12 +1,13 @@
 """The testbed v2 model: the project's SD3 MMDiT (image tokens first) in pixel space, sampled with CFG.
 
 64x64 RGB pixels patchified 2x2 in the model into 32x32 = 1024 image tokens, 6 heads of 32, 5 joint blocks, then
-48 text tokens from the testbed text encoder (`ditfa_jax.testbed.model.TextEncoder`), so 1072 tokens per attention.
+56 text tokens from the testbed text encoder (`ditfa_jax.testbed.model.TextEncoder`), so 1080 tokens per attention.
 Trained with caption dropout and sampled with classifier-free guidance (the SD3 code path: a doubled batch
 [uncond, cond], the uncond half the empty caption). CFG rather than FLUX-style guidance distillation because it
 needs one training run (distillation needs a CFG teacher first) and because it exercises the image-first token
 order and the CFG batch, the half of the library the v1 testbed (FLUX, text first, no guidance) leaves out.
-Together about 7.3M parameters (14.6 MB in bf16).
+Together about 6.9M parameters (13.7 MB in bf16). Not shipped yet: trained for 8 minutes on the H200 it draws
+blobs, not shapes (prompt fidelity 0.38 on 8 held-out captions; an 8-block variant did worse, `benchmarks/RESULTS.md`).
 """
 
 from __future__ import annotations

@@ -1,0 +1,105 @@
+"""Testbed v2 end to end on a CPU: training (caption dropout), the CFG pipeline on the SD3 code path, the shipped
+Fréchet feature network, the attention-structure probe (issue: testbed v2).
+
+The model's quality is measured on the H200 (`benchmarks/bench_testbed.py --testbed v2`, benchmarks/RESULTS.md);
+here a model trained for a few steps must run every path: it is the code, not the weights, under test.
+"""
+
+import json
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from ditfa_jax.loading import Transformer
+from ditfa_jax.testbed.features import embed_images, frechet_distance, load_feature_net
+from ditfa_jax.testbed.pipeline import TestbedPipeline, save_pipeline
+from ditfa_jax.testbed.quality import attention_structure, heldout_scenes
+from ditfa_jax.testbed.testbeds import get_testbed
+from ditfa_jax.testbed.tokenizer import WordTokenizer
+from ditfa_jax.testbed.train import TrainConfig, _batch, train
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    """A v2 model trained 2 steps (fp32), its weights then jittered (adaLN-zero leaves a 2-step model blind to the
+    caption, and CFG a no-op), saved and loaded back as a testbed folder."""
+    import jax
+    from flax import nnx
+
+    testbed = get_testbed("v2")
+    model, record = train(TrainConfig(testbed="v2", steps=2, batch_size=2, log_every=1, compute_dtype="float32",
+                                      warmup_steps=1), progress=False)
+    assert record["recipe"]["caption_dropout"] == testbed.model.CAPTION_DROPOUT and record["steps_done"] == 2
+    params = nnx.state(model, nnx.Param)
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    nnx.update(model, jax.tree_util.tree_unflatten(
+        tree, [p + 0.05 * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, keys)]))
+    folder = tmp_path_factory.mktemp("v2") / "testbed"
+    save_pipeline(folder, Transformer(testbed.model.TRANSFORMER_CONFIG, *nnx.split(model.transformer)),
+                  model.text_encoder, scheduler=testbed.model.SCHEDULER, tokenizer_file=testbed.tokenizer_file,
+                  training=record, testbed="v2", guidance_scale=testbed.model.GUIDANCE_SCALE, image_size=64)
+    return TestbedPipeline.from_pretrained(folder)
+
+
+def test_folder_records_testbed_and_guidance(pipe):
+    index = json.loads((pipe.folder / "model_index.json").read_text())
+    assert (index["testbed"], index["guidance_scale"], index["transformer"][1]) == ("v2", 4.0, "SD3Transformer")
+    assert pipe.testbed.name == "v2" and pipe.guidance_scale == 4.0 and pipe.text_len == 56
+
+
+def test_cfg_sampling_and_search_run(pipe):
+    captions = ["a red circle", "a tiny striped blue square at the top left on a wavy background"]
+    images = pipe(captions, seeds=0, num_steps=2)
+    assert images.shape == (2, 64, 64, 3) and np.isfinite(images).all()
+    unguided = pipe(captions, seeds=0, num_steps=2, guidance_scale=1.0)
+    assert np.abs(images - unguided).max() > 1e-4  # the CFG path ran: guidance changes the images
+    result = pipe.calibrate(captions[:1], delta=0.5, num_steps=2, progress=False)
+    assert result.plan.shape == (2, 5, 6) and 0.0 < result.plan.flops_kept_fraction() <= 1.0
+    compressed = pipe(captions, seeds=0, num_steps=2, plan=result.plan)
+    assert np.isfinite(compressed).all()
+
+
+def test_negative_is_the_dropped_caption(pipe):
+    """CFG's uncond branch is what caption dropout trains: the empty caption (all padding)."""
+    testbed = get_testbed("v2")
+    tok = WordTokenizer.from_file(testbed.tokenizer_file)
+    _, ids, mask = _batch(np.random.default_rng(0), testbed, tok, 64, caption_dropout=0.5)
+    dropped = ~mask.any(1)
+    assert 10 < dropped.sum() < 54 and (ids[dropped] == 0).all()
+    empty_ids, empty_mask = tok.encode([""], max_length=testbed.model.TEXT_LENGTH)
+    assert (empty_ids == 0).all() and not empty_mask.any()
+    neg = pipe.negative(2)
+    text, pooled = pipe.encode([""] * 2)
+    np.testing.assert_array_equal(neg["negative_prompt_embeds"], text)
+    np.testing.assert_array_equal(neg["negative_pooled_prompt_embeds"], pooled)
+
+
+def test_shipped_feature_net_sees_degradation():
+    testbed = get_testbed("v2")
+    net = load_feature_net(testbed.feature_net)
+    renders = testbed.world.render_scenes(heldout_scenes(192, seed=3, objects=None, testbed="v2"))
+    base = embed_images(net, renders)
+    assert np.isfinite(base).all()
+    distances = [frechet_distance(base, embed_images(net, ndimage.gaussian_filter(renders, (0, s, s, 0))))
+                 for s in (0.5, 1.0, 2.0)]
+    assert 0 < distances[0] < distances[1] < distances[2], distances
+
+
+def test_attention_structure_probe():
+    pipe = TestbedPipeline.from_pretrained()  # v1: its probe runs the FLUX order and RoPE
+    out = attention_structure(pipe, ["a small red circle at the top left on a grey background"], num_steps=3)
+    assert out["band_mass"].shape == (3, 10, 6) and out["step_similarity"].shape == (2, 10, 6)
+    assert np.all((out["band_mass"] > 0) & (out["band_mass"] <= 1 + 1e-5))
+    assert np.all(np.abs(out["step_similarity"]) <= 1 + 1e-5)
+    wide = attention_structure(pipe, ["a small red circle at the top left on a grey background"], num_steps=1,
+                               arrow=1)
+    assert np.all(wide["band_mass"] >= out["band_mass"][:1] - 1e-6)  # a wider band keeps at least as much
+
+
+def test_missing_v2_weights_say_how_to_get_them():
+    if (get_testbed("v2").checkpoint / "model_index.json").is_file():
+        pytest.skip("v2 weights are installed")
+    with pytest.raises(FileNotFoundError, match="testbed.train --testbed v2"):
+        TestbedPipeline.from_pretrained("v2")
