@@ -18,7 +18,7 @@ import numpy as np
 
 from ditfa_jax.attention import AttentionSettings
 from ditfa_jax.family import ModelFamily, TokenLayout, family_of, layout_for
-from ditfa_jax.models.layers import run_stacks
+from ditfa_jax.models.layers import empty_block_residuals, run_stacks_with_blocks
 from ditfa_jax.scheduler import SchedulerConfig
 from ditfa_jax.token_order import image_token_order
 
@@ -124,15 +124,47 @@ def guided_velocity(module, cond: Conditioning, layout: TokenLayout, carry, temb
 
 
 def velocity(module, family: ModelFamily, cond: Conditioning, layout: TokenLayout, settings: AttentionSettings,
-             x, t, head_window=None, cache=None):
-    """One denoiser evaluation: (velocity float32, new attention cache or None).
+             x, t, head_window=None, cache=None, compute_blocks=None, residuals=None):
+    """One denoiser evaluation: (velocity float32, new attention cache or None, new block residuals or None).
 
     With a plan, `head_window` [layers, H] is this step's plan and `cache` [layers, B, T, H, D] each layer's last
-    computed attention output."""
+    computed attention output; `compute_blocks` [layers] bool which blocks run, the others reusing `residuals`
+    (`ditfa_jax.models.layers.run_stacks_with_blocks`)."""
     carry, temb = embed(module, family, cond, x, t)
     plan = None if cache is None else (head_window, cache)
-    carry, cache = run_stacks(module, carry, temb, cond.rope, plan, layout, settings)
-    return guided_velocity(module, cond, layout, carry, temb), cache
+    carry, cache, residuals = run_stacks_with_blocks(module, carry, temb, cond.rope, plan, layout, settings,
+                                                     compute_blocks, residuals)
+    return guided_velocity(module, cond, layout, carry, temb), cache, residuals
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class VelocityHistory:
+    """The velocities of the last three computed steps (newest first) and their sigmas, for steps that reuse or
+    extrapolate the velocity instead of running the transformer (TaylorSeer-like, in sigma)."""
+    velocities: jax.Array  # [3, *latent shape] float32
+    sigmas: jax.Array  # [3] float32
+
+    @classmethod
+    def empty(cls, shape) -> "VelocityHistory":
+        return cls(jnp.zeros((3, *shape), jnp.float32), jnp.zeros((3,), jnp.float32))
+
+    def push(self, v, sigma) -> "VelocityHistory":
+        return VelocityHistory(jnp.concatenate([v[None].astype(jnp.float32), self.velocities[:2]]),
+                               jnp.concatenate([jnp.reshape(sigma, (1,)).astype(jnp.float32), self.sigmas[:2]]))
+
+    def extrapolate(self, sigma, order: int):
+        """The velocity at `sigma` from the polynomial of degree `order` (0, 1 or 2) through the newest computed
+        points (Lagrange form; order 0 is the last computed velocity)."""
+        points = range(order + 1)
+        v = jnp.zeros_like(self.velocities[0])
+        for j in points:
+            weight = jnp.float32(1.0)
+            for m in points:
+                if m != j:
+                    weight = weight * (sigma - self.sigmas[m]) / (self.sigmas[j] - self.sigmas[m])
+            v = v + weight * self.velocities[j]
+        return v
 
 
 def euler_step(x, v, sigma, sigma_next):
@@ -141,22 +173,41 @@ def euler_step(x, v, sigma, sigma_next):
 
 
 def denoise(module, family: ModelFamily, cond: Conditioning, layout: TokenLayout, settings: AttentionSettings,
-            latents, sigmas, timesteps, head_windows=None, cache=None):
+            latents, sigmas, timesteps, head_windows=None, cache=None, step_kinds=None, block_compute=None):
     """The whole loop as one `lax.scan` over the steps: (final latents float32, finite [steps] bool).
 
     `finite[i]` says whether the latents after step i are all finite (one reduction per step, on the device), so
     a NaN is traced to the step that made it (`check_finite_steps`). With a plan, `head_windows` [steps, layers,
-    H] is scanned as data and the cache carried."""
+    H] is scanned as data and the cache carried; `step_kinds` [steps] int32 (0 compute, 1 reuse the last computed
+    velocity, 2 / 3 extrapolate it to first / second order in sigma) and `block_compute` [steps, layers] bool (which
+    blocks run; the others reuse their residual) are scanned too, with the velocity history and the blocks'
+    residuals in the carry. None: every step and block runs."""
+    x0 = latents.astype(jnp.float32)
+    history = None if step_kinds is None else VelocityHistory.empty(x0.shape)
+    residuals = None
+    if block_compute is not None:  # zeros shaped like each stack's carry (the embedding is dead code: shapes only)
+        carry, _ = embed(module, family, cond, x0, timesteps[0])
+        residuals = empty_block_residuals(module, carry)
 
     def step(carry, xs):
-        x, cache = carry
-        t, sigma, sigma_next, head_window = xs
-        v, cache = velocity(module, family, cond, layout, settings, x, t, head_window, cache)
-        x = euler_step(x, v, sigma, sigma_next)
-        return (x, cache), jnp.isfinite(x).all()
+        x, cache, history, residuals = carry
+        t, sigma, sigma_next, head_window, kind, compute_blocks = xs
 
-    (x, _), finite = jax.lax.scan(step, (latents.astype(jnp.float32), cache),
-                                  (timesteps, sigmas[:-1], sigmas[1:], head_windows))
+        def evaluate(cache, history, residuals):
+            v, cache, residuals = velocity(module, family, cond, layout, settings, x, t, head_window, cache,
+                                           compute_blocks, residuals)
+            return v, cache, None if history is None else history.push(v, sigma), residuals
+
+        if kind is None:
+            v, cache, history, residuals = evaluate(cache, history, residuals)
+        else:
+            extrapolated = [lambda c, h, r, order=order: (h.extrapolate(sigma, order), c, h, r) for order in (0, 1, 2)]
+            v, cache, history, residuals = jax.lax.switch(kind, [evaluate, *extrapolated], cache, history, residuals)
+        x = euler_step(x, v, sigma, sigma_next)
+        return (x, cache, history, residuals), jnp.isfinite(x).all()
+
+    (x, *_), finite = jax.lax.scan(step, (x0, cache, history, residuals),
+                                   (timesteps, sigmas[:-1], sigmas[1:], head_windows, step_kinds, block_compute))
     return x, finite
 
 

@@ -68,6 +68,8 @@ def sample(model: Transformer, latents, prompt_embeds, pooled_prompt_embeds, *, 
                            "negative_prompt_embeds": negative_prompt_embeds,
                            "negative_pooled_prompt_embeds": negative_pooled_prompt_embeds})
     compressed = plan is not None and (not settings.shortcuts or bool((np.asarray(plan.head_window) != -1).any()))
+    steps_on = plan is not None and bool(getattr(plan, "uses_step_methods", False))
+    blocks_on = plan is not None and bool(getattr(plan, "uses_block_caching", False))
     text_len = np.shape(prompt_embeds)[1] if np.ndim(prompt_embeds) == 3 else 0  # prepare_run checks the shape
     layout = layout_for(model.config, height=height, width=width, text_len=text_len,
                         vae_scale_factor=vae_scale_factor)  # checked here too: the memory check needs the tokens
@@ -81,7 +83,8 @@ def sample(model: Transformer, latents, prompt_embeds, pooled_prompt_embeds, *, 
                       num_steps=num_steps, guidance_scale=guidance_scale,
                       negative_prompt_embeds=negative_prompt_embeds,
                       negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, scheduler=scheduler,
-                      token_order=plan.token_order if compressed else "raster", vae_scale_factor=vae_scale_factor)
+                      token_order=plan.token_order if compressed or steps_on or blocks_on else "raster",
+                      vae_scale_factor=vae_scale_factor)
     if latents.shape[1:] != run.latent_shape:
         raise ValueError(f"{run.family.name} latents for {height}x{width} at vae_scale_factor {vae_scale_factor} "
                          f"must be {run.family.latent_layout} [B, {', '.join(map(str, run.latent_shape))}]; got "
@@ -94,7 +97,10 @@ def sample(model: Transformer, latents, prompt_embeds, pooled_prompt_embeds, *, 
             windows = jnp.asarray(plan.head_window, jnp.int32)
             cache_spec = (cache_shape(model.config, run.batch, run.layout.tokens), jnp.dtype(model.dtype).name)
             settings = dataclasses.replace(settings, band=tuple(plan.band))
-    args = (model.state, latents, run.cond, jnp.asarray(run.sigmas), jnp.asarray(run.timesteps), windows)
+    step_kinds = jnp.asarray(plan.step_kind, jnp.int32) if steps_on else None
+    block_compute = jnp.asarray(plan.block_compute, bool) if blocks_on else None
+    args = (model.state, latents, run.cond, jnp.asarray(run.sigmas), jnp.asarray(run.timesteps), windows, step_kinds,
+            block_compute)
     static = dict(graphdef=model.graphdef, layout=run.layout, settings=settings,
                   cache_spec=cache_spec)
     if memory:
@@ -105,11 +111,12 @@ def sample(model: Transformer, latents, prompt_embeds, pooled_prompt_embeds, *, 
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "layout", "settings", "cache_spec"))
-def _run(state, latents, cond, sigmas, timesteps, windows, *, graphdef, layout, settings, cache_spec):
+def _run(state, latents, cond, sigmas, timesteps, windows, step_kinds, block_compute, *, graphdef, layout, settings,
+         cache_spec):
     """The jitted sampler: (final latents, per-step finite flags). The zeroed cache (static (shape, dtype name), or
     None without a plan) is made inside the program rather than passed in, so the loop's carry is its only copy (an
     input buffer that is not donated would be a second one)."""
     module = nnx.merge(graphdef, state)
     cache = None if cache_spec is None else jnp.zeros(cache_spec[0], cache_spec[1])
     return denoise(module, family_of(module.config), cond, layout, settings, latents, sigmas, timesteps, windows,
-                   cache)
+                   cache, step_kinds, block_compute)

@@ -198,21 +198,58 @@ def run_stacks(model, carry, temb, rope, plan, layout, settings: AttentionSettin
     rides in the scan carry and each layer overwrites its own slot (`dynamic_update_index_in_dim`), so XLA updates
     it in place: the sampler holds one copy of the cache, not the old one, per-stack outputs and their concatenation.
     """
+    carry, cache, _ = run_stacks_with_blocks(model, carry, temb, rope, plan, layout, settings)
+    return carry, cache
+
+
+def empty_block_residuals(model, carry):
+    """Per stack, zeros shaped like its blocks' residual cache: the stack's carry with a leading layer axis (from
+    the first stack's input `carry`; blocks keep their carry's shape)."""
+    residuals = []
+    for index, (_, _, count) in enumerate(model.stacks()):
+        carry = model.enter_stack(index, carry)
+        residuals.append(jax.tree_util.tree_map(lambda a, n=count: jnp.zeros((n, *a.shape), a.dtype), carry))
+    return residuals
+
+
+def run_stacks_with_blocks(model, carry, temb, rope, plan, layout, settings: AttentionSettings, compute=None,
+                           residuals=None):
+    """`run_stacks`, optionally with block-residual caching; returns (carry, attention cache, residuals).
+
+    `compute` [layers] bool says which blocks run; a block that does not run returns its input plus `residuals`'
+    entry for it (its output minus its input when it last ran: FBCache/DBCache-like reuse), so its attention heads
+    and its attention-cache slot are left alone. `residuals` is per stack a pytree like the stack's carry with a
+    leading layer axis (`empty_block_residuals`); the returned one holds the new residuals of the blocks that ran.
+    Without `compute` (None), every block runs and no residual is kept.
+    """
     cache = None if plan is None else plan[1]
+    new_residuals = [] if compute is not None else None
     for index, (stack, first, count) in enumerate(model.stacks()):
         carry = model.enter_stack(index, carry)
-        if plan is None:
+        if plan is None and compute is None:
             carry, _ = scan_stack(stack, carry, None, lambda block, c, _: (block_forward(
                 block, c, temb, rope, None, layout, settings)[0], None))
             continue
 
-        def body(block, c, layer):
-            c, cache = c
-            window, i = layer
-            out_c, out = block_forward(block, c, temb, rope, (window, jax.lax.dynamic_index_in_dim(
-                cache, i, keepdims=False)), layout, settings)
-            return (out_c, jax.lax.dynamic_update_index_in_dim(cache, out, i, 0)), None
+        def body(block, state, layer):
+            c, cache = state
+            window, i, runs, residual = layer
 
-        layers = (plan[0][first:first + count], jnp.arange(first, first + count))
-        (carry, cache), _ = scan_stack(stack, (carry, cache), layers, body)
-    return carry, cache
+            def run():
+                layer_plan = None if window is None else (window, jax.lax.dynamic_index_in_dim(cache, i, keepdims=False))
+                out_c, out = block_forward(block, c, temb, rope, layer_plan, layout, settings)
+                new_cache = cache if window is None else jax.lax.dynamic_update_index_in_dim(cache, out, i, 0)
+                kept = None if runs is None else jax.tree_util.tree_map(jnp.subtract, out_c, c)
+                return (out_c, new_cache), kept
+
+            if runs is None:
+                return run()
+            return jax.lax.cond(runs, run, lambda: ((jax.tree_util.tree_map(jnp.add, c, residual), cache), residual))
+
+        layers = (None if plan is None else plan[0][first:first + count], jnp.arange(first, first + count),
+                  None if compute is None else compute[first:first + count],
+                  None if compute is None else residuals[index])
+        (carry, cache), kept = scan_stack(stack, (carry, cache), layers, body)
+        if compute is not None:
+            new_residuals.append(kept)
+    return carry, cache, new_residuals
