@@ -7,6 +7,11 @@ A head window (int32) is the kernel's encoding of a method (see :mod:`pallas_ker
 The band of an arrow head is aligned to a granularity, ``band = (query, key)`` tokens: the sequence is cut into
 query and key blocks of those sizes, and a query block sees every key block that its window touches. The band is
 part of what a plan computes (a plan records it), independent of the tiles a kernel backend runs.
+
+Step methods (one per step, :data:`STEP_KINDS`, int8 codes in that order) say whether the transformer runs at a
+step: "compute" runs it; "reuse" returns the last computed velocity; "taylor1" / "taylor2" extrapolate the velocity
+in sigma, linearly from the last two / quadratically from the last three computed steps (TaylorSeer-like). A kind
+needs :data:`STEP_HISTORY` computed steps before it.
 """
 
 from __future__ import annotations
@@ -27,11 +32,21 @@ __all__ = [
     "candidate_windows",
     "candidate_savings",
     "windows_from_choice",
+    "STEP_KINDS",
+    "STEP_COMPUTE",
+    "STEP_HISTORY",
+    "step_kind_codes",
+    "step_kind_names",
 ]
 
 DEFAULT_CANDIDATES = ("cached", "arrow_8", "arrow_16", "arrow_32")
 FULL_WINDOW = -1
 CACHED_WINDOW = 0
+
+# Step methods: names in code order (int8 code = index), and how many computed steps each needs before it.
+STEP_KINDS = ("compute", "reuse", "taylor1", "taylor2")
+STEP_COMPUTE = 0
+STEP_HISTORY = (0, 1, 2, 3)
 
 _ARROW = re.compile(r"arrow_([1-9][0-9]*)")
 
@@ -102,3 +117,23 @@ def windows_from_choice(choice, candidates, n_img: int) -> np.ndarray:
         raise ValueError(f"choice: indices must lie in [-1, {len(windows) - 1}] for candidates {tuple(candidates)}, "
                          f"got range [{choice.min()}, {choice.max()}]")
     return np.where(choice < 0, FULL_WINDOW, windows[np.maximum(choice, 0)]).astype(np.int32)
+
+
+def step_kind_codes(names, name: str = "step_kind") -> np.ndarray:
+    """int8 [steps]: the code of each step method name in :data:`STEP_KINDS` (ValueError naming the step)."""
+    if isinstance(names, str) or not isinstance(names, (tuple, list)):
+        raise ValueError(f"{name}: expected a list of step method names {list(STEP_KINDS)}, got {names!r}")
+    for step, n in enumerate(names):
+        if n not in STEP_KINDS:
+            raise ValueError(f"{name}: step {step} is {n!r}; expected one of {list(STEP_KINDS)}")
+    return np.array([STEP_KINDS.index(n) for n in names], dtype=np.int8)
+
+
+def step_kind_names(codes) -> tuple[str, ...]:
+    """The names of int step method codes (ValueError naming the step of a code outside 0..len(STEP_KINDS)-1)."""
+    codes = np.asarray(codes).reshape(-1)
+    for step, c in enumerate(codes.tolist()):
+        if not isinstance(c, int) or not 0 <= c < len(STEP_KINDS):
+            raise ValueError(f"step_kind: step {step} has code {c!r}; expected 0..{len(STEP_KINDS) - 1} "
+                             f"for {list(STEP_KINDS)}")
+    return tuple(STEP_KINDS[c] for c in codes.tolist())

@@ -9,17 +9,29 @@ plan cannot silently be applied to another setting.
 Layers are counted in run order (FLUX: the double-stream blocks, then the single-stream blocks; SD3: the joint
 blocks). Step 0 is always full: a cached head needs a computed value first.
 
+Two optional payloads say what runs at all (defaults: everything, the meaning of plans without them):
+``step_kind: int8 [steps]`` (codes of :data:`ditfa_jax.methods.STEP_KINDS`: 0 compute, 1 reuse the last computed
+velocity, 2 / 3 extrapolate it in sigma from the last 2 / 3 computed steps) and ``block_compute: bool [steps,
+layers]`` (False: the block's output is its input plus the residual, output minus input, cached at the last step
+at which the block ran; FBCache/DBCache-like). A step that does not compute runs no block (its row is all True,
+meaningless); a skipped block runs none of its heads whatever head_window says, and a cached head reuses its value
+from the last step at which its block ran.
+
 File layout (schema 2; schema-1 files still load, with their old meaning)::
 
     {"format": "ditfa-jax compression plan", "schema_version": 2,
      "model": {"family", "model_class", "num_layers", "num_heads", "head_dim", "text_first", "config"},
      "run": {"height", "width", "token_grid", "image_tokens", "text_len", "num_steps", "token_order"},
      "search": {"candidates", "delta", "c"},
-     "methods": {"head": {"band", "legend", "candidate_windows", "head_window"}},
+     "methods": {"head": {"band", "legend", "candidate_windows", "head_window"},
+                 "step": {"kinds", "legend", "step_kind"},          # only when a step does not compute
+                 "block": {"legend", "block_compute"}},             # only when a block is cached
      "notes": {...}}
 
-``methods`` holds one entry per kind of method a plan assigns; "head" (per (step, layer, head)) is the only kind
-today, and later kinds (per step, per block range) are added there without a format change.
+``methods`` holds one entry per kind of method a plan assigns: "head" (per (step, layer, head), required), "step"
+(``step_kind``, one name per step) and "block" (``block_compute``, 0/1 per (step, layer)); the last two are written
+only when not the default, so files of plans without them are what they were. Later kinds are added there without
+a format change.
 """
 
 from __future__ import annotations
@@ -36,8 +48,8 @@ import numpy as np
 from ditfa_jax.configs import MODEL_CLASSES, VAE_SCALE_FACTOR, config_from_dict, config_to_dict
 from ditfa_jax.family import families, family_of, layout_for
 from ditfa_jax.files import atomic_write
-from ditfa_jax.methods import (CACHED_WINDOW, DEFAULT_CANDIDATES, FULL_WINDOW, candidate_windows, check_band,
-                               check_candidates, method_window)
+from ditfa_jax.methods import (CACHED_WINDOW, DEFAULT_CANDIDATES, FULL_WINDOW, STEP_COMPUTE, STEP_HISTORY, STEP_KINDS,
+                               candidate_windows, check_band, check_candidates, method_window, step_kind_codes)
 from ditfa_jax.token_order import TOKEN_ORDERS
 import pallas_kernels
 from pallas_kernels.cost import PlanCost, plan_cost
@@ -52,6 +64,10 @@ V1_BAND = MappingProxyType({16: (128, 64), 32: (128, 64), 64: (128, 64), 128: (1
 
 _FORMAT = "ditfa-jax compression plan"
 _LEGEND = "head_window[step][layer][head]: -1 full, 0 cached, w>0 arrow (image-band half-width w tokens)"
+_STEP_LEGEND = ("step_kind[step]: compute runs the transformer; reuse returns the last computed velocity; "
+                "taylor1/taylor2 extrapolate it in sigma from the last 2/3 computed steps")
+_BLOCK_LEGEND = ("block_compute[step][layer]: 1 the block runs, 0 its output is its input plus the residual cached "
+                 "at the last step it ran")
 
 
 def _token_grid_for(config, height: int, width: int, vae_scale_factor: int) -> tuple[int, int]:
@@ -115,6 +131,8 @@ class CompressionPlan:
     ``model_config``: the model's config dict (optional); when present, :meth:`check_compatible` also compares it,
     which tells apart models with equal layer/head counts (e.g. SD3-medium and SD3.5-medium).
     ``notes``: free-form JSON-serialisable facts (calibration time, prompt count, ...).
+    ``step_kind``: int8 [num_steps], codes of :data:`~ditfa_jax.methods.STEP_KINDS` (names accepted); None: all
+    compute. ``block_compute``: bool [num_steps, num_layers] (0/1 accepted); None: every block runs. Both read-only.
     """
 
     head_window: np.ndarray
@@ -137,6 +155,8 @@ class CompressionPlan:
     model_config: dict | None = None
     notes: dict = dataclasses.field(default_factory=dict)
     token_order: str = "raster"
+    step_kind: np.ndarray | None = None
+    block_compute: np.ndarray | None = None
 
     def __post_init__(self):
         put = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -182,6 +202,66 @@ class CompressionPlan:
         hw = np.array(hw, dtype=np.int32)
         hw.setflags(write=False)
         put("head_window", hw)
+        put("step_kind", self._checked_step_kind())
+        put("block_compute", self._checked_block_compute())
+
+    def _checked_step_kind(self) -> np.ndarray:
+        """step_kind as read-only int8 [steps], or ValueError naming the step: step 0 computes, and each kind has
+        the computed steps it needs before it (STEP_HISTORY)."""
+        sk = np.zeros(self.num_steps, np.int8) if self.step_kind is None else self.step_kind
+        if isinstance(sk, np.ndarray) and sk.dtype.kind in "US":
+            sk = sk.tolist()
+        if isinstance(sk, (tuple, list)) and any(isinstance(v, str) for v in sk):
+            sk = step_kind_codes(list(sk))
+        sk = np.asarray(sk)
+        if sk.shape != (self.num_steps,):
+            raise ValueError(f"step_kind: expected shape [steps] = [{self.num_steps}] (num_steps), got "
+                             f"{list(sk.shape)}")
+        if not np.issubdtype(sk.dtype, np.integer):
+            raise ValueError(f"step_kind: expected integer codes or names of {list(STEP_KINDS)}, got dtype {sk.dtype}")
+        bad = np.flatnonzero((sk < 0) | (sk >= len(STEP_KINDS)))
+        if bad.size:
+            raise ValueError(f"step_kind: step {bad[0]} has code {int(sk[bad[0]])}; expected 0..{len(STEP_KINDS) - 1} "
+                             f"for {list(STEP_KINDS)}")
+        sk = np.array(sk, dtype=np.int8)
+        if sk[0] != STEP_COMPUTE:
+            raise ValueError(f"step_kind: step 0 must be 'compute' (nothing has been computed to reuse yet), got "
+                             f"{STEP_KINDS[sk[0]]!r}")
+        computed = np.cumsum(sk == STEP_COMPUTE) - (sk == STEP_COMPUTE)  # computed steps before each step
+        short = np.flatnonzero(computed < np.asarray(STEP_HISTORY)[sk])
+        if short.size:
+            step = int(short[0])
+            before = np.flatnonzero(sk[:step] == STEP_COMPUTE).tolist()
+            raise ValueError(f"step_kind: step {step} is {STEP_KINDS[sk[step]]!r}, which needs "
+                             f"{STEP_HISTORY[sk[step]]} computed steps before it; it has {len(before)} (steps "
+                             f"{before})")
+        sk.setflags(write=False)
+        return sk
+
+    def _checked_block_compute(self) -> np.ndarray:
+        """block_compute as read-only bool [steps, layers], or ValueError naming the step and layer: step 0 runs
+        every block, and a step that does not compute has an all-True row."""
+        want = (self.num_steps, self.num_layers)
+        bc = np.ones(want, bool) if self.block_compute is None else np.asarray(self.block_compute)
+        if bc.shape != want:
+            raise ValueError(f"block_compute: expected shape [steps, layers] = {list(want)} (num_steps, num_layers), "
+                             f"got {list(bc.shape)}")
+        if bc.dtype != bool and not (np.issubdtype(bc.dtype, np.integer) and np.isin(bc, (0, 1)).all()):
+            got = f"dtype {bc.dtype}" if not np.issubdtype(bc.dtype, np.integer) else \
+                f"values {sorted(set(np.unique(bc).tolist()) - {0, 1})[:5]}"
+            raise ValueError(f"block_compute: expected bools (True: the block runs) or 0/1, got {got}")
+        bc = np.array(bc, dtype=bool)
+        if not bc[0].all():
+            raise ValueError(f"block_compute: step 0 must run every block (a cached block needs a residual computed "
+                             f"first); got False at layer {int(np.flatnonzero(~bc[0])[0])}")
+        rows = np.flatnonzero((self.step_kind != STEP_COMPUTE) & ~bc.all(axis=1))
+        if rows.size:
+            step = int(rows[0])
+            raise ValueError(f"block_compute: step {step} is {STEP_KINDS[self.step_kind[step]]!r}: the transformer "
+                             f"does not run there, so its row means nothing and must be all True; got False at "
+                             f"layer {int(np.flatnonzero(~bc[step])[0])}")
+        bc.setflags(write=False)
+        return bc
 
     def _checked_grid(self) -> tuple[int, int]:
         """token_grid as a tuple, or ValueError: it holds image_tokens and cuts the image into square tokens."""
@@ -204,9 +284,10 @@ class CompressionPlan:
                     vae_scale_factor: int = VAE_SCALE_FACTOR, image_tokens: int | None = None,
                     candidates=DEFAULT_CANDIDATES, delta: float | None = None, c: float | None = None,
                     notes: dict | None = None, token_order: str = "raster",
-                    band: tuple[int, int] | None = None) -> CompressionPlan:
+                    band: tuple[int, int] | None = None, step_kind=None, block_compute=None) -> CompressionPlan:
         """A plan for ``config`` at ``height`` x ``width`` pixels (``vae_scale_factor`` per latent cell) with the
-        given windows [steps, layers, heads] (``band`` None: `pallas_kernels.default_band` of the head size)."""
+        given windows [steps, layers, heads] (``band`` None: `pallas_kernels.default_band` of the head size) and
+        step / block methods (None: every step and block computes)."""
         rows, cols = _token_grid_for(config, height, width, vae_scale_factor)
         if image_tokens is not None and image_tokens != rows * cols:
             raise ValueError(f"image_tokens: {config.family} at {height}x{width} has {rows * cols} image tokens, "
@@ -218,23 +299,50 @@ class CompressionPlan:
                    head_dim=config.attention_head_dim, height=height, width=width, token_grid=(rows, cols),
                    image_tokens=rows * cols, text_len=text_len, text_first=family_of(config).text_first,
                    num_steps=hw.shape[0] if hw.ndim else 0, candidates=candidates, delta=delta, c=c,
-                   model_config=_model_config(config), notes=dict(notes or {}), token_order=token_order)
+                   model_config=_model_config(config), notes=dict(notes or {}), token_order=token_order,
+                   step_kind=step_kind, block_compute=block_compute)
 
     @classmethod
     def full(cls, config, *, height: int, width: int, text_len: int, num_steps: int,
              vae_scale_factor: int = VAE_SCALE_FACTOR, image_tokens: int | None = None,
              candidates=DEFAULT_CANDIDATES, notes: dict | None = None,
-             band: tuple[int, int] | None = None) -> CompressionPlan:
-        """The uncompressed plan (every head full at every step)."""
+             band: tuple[int, int] | None = None, step_kind=None, block_compute=None) -> CompressionPlan:
+        """The uncompressed plan (every head full at every step), or with the given step / block methods only."""
         num_steps = _int_field("num_steps", num_steps, 1)
         hw = np.full((num_steps, config.total_layers, config.num_attention_heads), FULL_WINDOW, np.int32)
         return cls.from_config(config, hw, height=height, width=width, text_len=text_len,
                                vae_scale_factor=vae_scale_factor, image_tokens=image_tokens, candidates=candidates,
-                               notes=notes, band=band)
+                               notes=notes, band=band, step_kind=step_kind, block_compute=block_compute)
 
     def replace(self, **changes) -> CompressionPlan:
-        """A copy with some fields changed (validated again)."""
+        """A copy with some fields changed (validated again; step_kind=None / block_compute=None: the defaults)."""
         return dataclasses.replace(self, **changes)
+
+    # --- what runs ---------------------------------------------------------------------------------------------
+
+    @property
+    def uses_step_methods(self) -> bool:
+        """Whether some step does not run the transformer (reuse or Taylor)."""
+        return bool((self.step_kind != STEP_COMPUTE).any())
+
+    @property
+    def uses_block_caching(self) -> bool:
+        """Whether some (step, layer) block is cached instead of run."""
+        return bool(not self.block_compute.all())
+
+    @property
+    def computed_steps(self) -> np.ndarray:
+        """int64 [n]: the steps that run the transformer (step_kind compute), ascending; step 0 first."""
+        return np.flatnonzero(self.step_kind == STEP_COMPUTE)
+
+    def step_kind_names(self) -> tuple[str, ...]:
+        """The step method name of each step."""
+        return tuple(STEP_KINDS[k] for k in self.step_kind.tolist())
+
+    def work_per_step_layer(self) -> np.ndarray:
+        """float64 [steps, layers]: the share of each block's work that runs: 0 on a step that does not compute or
+        for a cached block, else 1 (attention's share within a block that runs: :meth:`flops_kept_per_step_layer`)."""
+        return ((self.step_kind == STEP_COMPUTE)[:, None] & self.block_compute).astype(np.float64)
 
     # --- identity ----------------------------------------------------------------------------------------------
 
@@ -243,7 +351,8 @@ class CompressionPlan:
         return tuple(self.head_window.shape)
 
     def fingerprint(self) -> dict:
-        """The setting the plan is valid for: model class/shape, resolution, token counts, step count."""
+        """The setting the plan is valid for: model class/shape, resolution, token counts, step count (the step and
+        block methods are what the plan does in that setting: in :meth:`digest`, not here)."""
         return {"model_class": self.model_class, "family": self.family, "num_layers": self.num_layers,
                 "num_heads": self.num_heads, "head_dim": self.head_dim, "text_first": self.text_first,
                 "height": self.height, "width": self.width, "token_grid": self.token_grid,
@@ -261,9 +370,11 @@ class CompressionPlan:
                 "num_steps": num_steps}
 
     def digest(self) -> str:
-        """Short content hash (fingerprint, search settings, band and windows; not notes), e.g. for cache keys.
+        """Short content hash (fingerprint, search settings, band, windows, step and block methods; not notes),
+        e.g. for cache keys.
 
-        Equal to the schema-1 digest for plans with the schema-1 band and raster order (PNG metadata keeps meaning).
+        Equal to the schema-1 digest for plans with the schema-1 band and raster order (PNG metadata keeps meaning);
+        step_kind / block_compute enter only when not the default, so plans without them keep their digest.
         """
         fingerprint = self.fingerprint()
         del fingerprint["token_grid"]  # implied by height, width and image_tokens
@@ -274,6 +385,10 @@ class CompressionPlan:
             meta.append({"band": list(self.band)})
         h = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
         h.update(np.ascontiguousarray(self.head_window, dtype="<i4").tobytes())
+        if self.uses_step_methods:
+            h.update(b"step_kind" + np.ascontiguousarray(self.step_kind, dtype="<i1").tobytes())
+        if self.uses_block_caching:
+            h.update(b"block_compute" + np.ascontiguousarray(self.block_compute, dtype=np.uint8).tobytes())
         return h.hexdigest()[:16]
 
     def check_compatible(self, config, *, height: int, width: int, text_len: int, num_steps: int,
@@ -295,8 +410,10 @@ class CompressionPlan:
     def __eq__(self, other):
         if not isinstance(other, CompressionPlan):
             return NotImplemented
-        return all(getattr(self, f.name) == getattr(other, f.name) for f in dataclasses.fields(self)
-                   if f.name != "head_window") and np.array_equal(self.head_window, other.head_window)
+        arrays = ("head_window", "step_kind", "block_compute")
+        return (all(getattr(self, f.name) == getattr(other, f.name) for f in dataclasses.fields(self)
+                    if f.name not in arrays)
+                and all(np.array_equal(getattr(self, a), getattr(other, a)) for a in arrays))
 
     __hash__ = None
 
@@ -312,6 +429,11 @@ class CompressionPlan:
             "band": self.band, "legend": _LEGEND,
             "candidate_windows": {n: method_window(n, self.image_tokens) for n in self.candidates},
             "head_window": self.head_window}}
+        if self.uses_step_methods:  # only when not the default: files of plans without them are unchanged
+            doc["methods"]["step"] = {"kinds": list(STEP_KINDS), "legend": _STEP_LEGEND,
+                                      "step_kind": list(self.step_kind_names())}
+        if self.uses_block_caching:
+            doc["methods"]["block"] = {"legend": _BLOCK_LEGEND, "block_compute": self.block_compute.astype(np.uint8)}
         doc["notes"] = self.notes
         return _dump(_normalise_json(doc)) + "\n"
 
@@ -372,16 +494,26 @@ class CompressionPlan:
         return dataclasses.replace(pc, **per_head)
 
     def flops_kept_per_step_layer(self) -> np.ndarray:
-        """float64 [steps, layers]: attention FLOPs computed over the dense count."""
+        """float64 [steps, layers]: attention FLOPs the head methods compute over the dense count, where the block
+        runs (skipped steps and cached blocks not counted here: times :meth:`work_per_step_layer` for that)."""
         return np.asarray(self.cost().flop_fraction, dtype=np.float64)
 
+    def _flops_run(self) -> np.ndarray:
+        """float64 [steps, layers]: attention FLOPs that run over the dense count (0 where the block does not)."""
+        kept = self.flops_kept_per_step_layer()
+        if self.uses_step_methods or self.uses_block_caching:
+            kept = kept * self.work_per_step_layer()
+        return kept
+
     def flops_kept_per_step(self) -> np.ndarray:
-        """float64 [steps]."""
-        return self.flops_kept_per_step_layer().mean(axis=1)
+        """float64 [steps]: attention FLOPs run at each step over the dense count (0 on a step that does not
+        compute; a cached block counts 0)."""
+        return self._flops_run().mean(axis=1)
 
     def flops_kept_fraction(self) -> float:
-        """Attention FLOPs of the whole run over those of the uncompressed run."""
-        return float(self.flops_kept_per_step_layer().mean())
+        """Attention FLOPs of the whole run over those of the uncompressed run (skipped steps and cached blocks
+        run none)."""
+        return float(self._flops_run().mean())
 
     def method_names(self) -> list[str]:
         """Names in :meth:`method_counts` order: full, cached, the arrow candidates, then other windows."""
@@ -422,7 +554,7 @@ class CompressionPlan:
                   f"delta={self.delta:g}" + ("" if self.c is None else f", c={self.c:g}"))
         search += "" if self.token_order == "raster" else f", {self.token_order} token order"
         lo, hi = int(per_step.argmin()), int(per_step.argmax())
-        return "\n".join([
+        lines = [
             f"{self.model_class} {self.height}x{self.width} ({self.image_tokens} image + {self.text_len} text "
             f"tokens, band {self.band[0]}x{self.band[1]}): {self.num_steps} steps x {self.num_layers} layers x "
             f"{self.num_heads} heads, {search}",
@@ -430,10 +562,33 @@ class CompressionPlan:
             f"heads: {shares}",
             f"per step kept: min {per_step[lo]:.1%} (step {lo}), max {per_step[hi]:.1%} (step {hi})",
             f"per step kept, step 0 first (0 {_BARS[0]} .. {_BARS[-1]} 100%): {sparkline(per_step)}",
-        ])
+        ]
+        if self.uses_step_methods:
+            names = self.step_kind_names()
+            kinds = ", ".join(f"{k} {names.count(k)}" for k in STEP_KINDS if k in names)
+            skipped = np.flatnonzero(self.step_kind != STEP_COMPUTE)
+            lines.append(f"steps: {kinds}; the transformer is skipped at steps {_spans(skipped)}")
+        if self.uses_block_caching:
+            ran = self.block_compute[self.computed_steps]
+            cached, total = int((~ran).sum()), ran.size
+            at = np.flatnonzero(~self.block_compute.all(axis=1))
+            lines.append(f"blocks: {cached} of the {total} blocks of computed steps cached ({cached / total:.1%}), "
+                         f"at steps {_spans(at)}")
+        return "\n".join(lines)
 
 
 _BARS = "▁▂▃▄▅▆▇█"
+
+
+def _spans(indices) -> str:
+    """Ascending indices as "1, 3-5, 9"."""
+    out, idx = [], [int(i) for i in indices]
+    for i in idx:
+        if out and out[-1][1] == i - 1:
+            out[-1][1] = i
+        else:
+            out.append([i, i])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in out)
 
 
 def sparkline(values) -> str:
@@ -453,11 +608,14 @@ _SECTIONS = {
     "search": {k: k for k in ("candidates", "delta", "c")},
 }
 _TOP_KEYS = ("format", "schema_version", *_SECTIONS, "methods", "notes")
-_METHOD_KINDS = ("head",)
+_METHOD_KINDS = ("head", "step", "block")
 _HEAD_KEYS = ("band", "head_window")
 _HEAD_DERIVED = ("legend", "candidate_windows")  # written for readers of the file, optional when read
+_STEP_DERIVED = ("kinds", "legend")
+_BLOCK_DERIVED = ("legend",)
 _FILE_PATHS = ({field: f"{section}.{key}" for section, keys in _SECTIONS.items() for key, field in keys.items()}
-               | {"band": "methods.head.band", "head_window": "methods.head.head_window"})
+               | {"band": "methods.head.band", "head_window": "methods.head.head_window",
+                  "step_kind": "methods.step.step_kind", "block_compute": "methods.block.block_compute"})
 
 # Schema 1: one flat object.
 _V1_REQUIRED = ("head_window", "family", "model_class", "num_layers", "num_heads", "head_dim", "height", "width",
@@ -513,6 +671,19 @@ def _v2_fields(raw: dict) -> dict:
         raise ValueError("missing methods.head (the per-head methods, required in schema 2)")
     _keys(methods["head"], "methods.head", _HEAD_KEYS, optional=_HEAD_DERIVED)
     kwargs.update({k: methods["head"][k] for k in _HEAD_KEYS}, notes=raw["notes"])
+    if "step" in methods:  # absent: every step computes
+        _keys(methods["step"], "methods.step", ("step_kind",), optional=_STEP_DERIVED)
+        kinds = methods["step"].get("kinds", list(STEP_KINDS))
+        if not isinstance(kinds, list) or not all(isinstance(k, str) for k in kinds):
+            raise ValueError(f"methods.step.kinds: expected a list of step method names, got {kinds!r}")
+        unknown = [k for k in kinds if k not in STEP_KINDS]
+        if unknown:
+            raise ValueError(f"methods.step.kinds: {unknown} not known to this ditfa-jax; it knows "
+                             f"{list(STEP_KINDS)}")
+        kwargs["step_kind"] = methods["step"]["step_kind"]
+    if "block" in methods:  # absent: every block runs
+        _keys(methods["block"], "methods.block", ("block_compute",), optional=_BLOCK_DERIVED)
+        kwargs["block_compute"] = methods["block"]["block_compute"]
     return _typed(kwargs, _FILE_PATHS)
 
 
@@ -550,8 +721,8 @@ def _v1_fields(raw: dict) -> dict:
 
 
 def _typed(kwargs: dict, paths: dict) -> dict:
-    """kwargs with JSON lists made tuples (head_window: an array); a value of the wrong JSON type is refused by its
-    path in the file."""
+    """kwargs with JSON lists made tuples (head_window, step_kind, block_compute: arrays); a value of the wrong JSON
+    type is refused by its path in the file."""
     where = lambda field: paths.get(field, field)  # noqa: E731
     for field, kind in (("family", str), ("model_class", str), ("token_order", str), ("text_first", bool)):
         if field in kwargs and not isinstance(kwargs[field], kind):
@@ -573,6 +744,24 @@ def _typed(kwargs: dict, paths: dict) -> dict:
         got = "ragged/non-integer lists" if arr is None else f"shape {list(arr.shape)} dtype {arr.dtype}"
         raise ValueError(f"{where('head_window')}: expected integer lists [steps][layers][heads], got {got}")
     kwargs["head_window"] = arr.astype(np.int64)
+    if "step_kind" in kwargs:
+        names = kwargs["step_kind"]
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"{where('step_kind')}: expected a list of step method names (one per step, of "
+                             f"{list(STEP_KINDS)}), got {names!r}")
+        kwargs["step_kind"] = step_kind_codes(names, where("step_kind"))
+    if "block_compute" in kwargs:
+        bc = kwargs["block_compute"]
+        try:
+            arr = np.array(bc) if isinstance(bc, list) else None
+        except ValueError:
+            arr = None
+        ok = arr is not None and arr.ndim == 2 and (arr.size == 0 or arr.dtype == bool or (
+            np.issubdtype(arr.dtype, np.integer) and np.isin(arr, (0, 1)).all()))
+        if not ok:
+            got = "ragged/non-list" if arr is None else f"shape {list(arr.shape)} dtype {arr.dtype}"
+            raise ValueError(f"{where('block_compute')}: expected lists of 0/1 [steps][layers], got {got}")
+        kwargs["block_compute"] = arr.astype(bool)
     return kwargs
 
 

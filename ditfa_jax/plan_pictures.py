@@ -19,6 +19,40 @@ _VIRIDIS = np.array([(68, 1, 84), (72, 36, 117), (65, 68, 135), (53, 95, 141), (
 _METHOD_COLOURS = {"full": (215, 215, 215), "cached": (68, 1, 84)}
 _ARROW_COLOURS = [(33, 145, 140), (94, 201, 98), (253, 231, 37), (59, 82, 139), (230, 120, 40), (200, 80, 160)]
 _OTHER_COLOUR = (220, 50, 50)
+# Rows of steps that do not run the transformer (by step kind name), and the hatch of a cached block: colours
+# outside viridis, so neither reads as a FLOPs-kept value.
+_STEP_COLOURS = {"reuse": (200, 200, 200), "taylor1": (250, 175, 205), "taylor2": (205, 150, 230)}
+_HATCH = ((255, 225, 215), (190, 30, 30))  # background, stripes
+_LEGEND_H = 20
+
+
+def _hatched(mask) -> np.ndarray:
+    """uint8 [h, w, 3]: diagonal stripes (pixel x + y) of the cached-block hatch, for a bool mask's shape."""
+    yy, xx = np.indices(np.shape(mask))
+    return np.where(((xx + yy) % 6 < 2)[..., None], np.uint8(_HATCH[1]), np.uint8(_HATCH[0])).astype(np.uint8)
+
+
+def _map_pixels(plan: CompressionPlan, data, cell: int) -> np.ndarray:
+    """uint8 [steps*cell, layers*cell, 3]: viridis of ``data``, rows of skipped steps in their kind's colour, cached
+    blocks hatched."""
+    rgb = _viridis(data)
+    for name, colour in _STEP_COLOURS.items():
+        rgb[np.array(plan.step_kind_names()) == name] = colour
+    big = np.repeat(np.repeat(rgb, cell, axis=0), cell, axis=1)
+    cached = np.repeat(np.repeat(~plan.block_compute, cell, axis=0), cell, axis=1)
+    big[cached] = _hatched(cached)[cached]
+    return big
+
+
+def _legend_items(plan: CompressionPlan) -> list[tuple[str, tuple | None]]:
+    """(label, colour; None: the hatch) for each step kind other than compute and for cached blocks, when used."""
+    names = plan.step_kind_names()
+    items = [(f"{k}: {names.count(k)} step{'s' * (names.count(k) != 1)} skipped", c)
+             for k, c in _STEP_COLOURS.items() if k in names]
+    n = int((~plan.block_compute).sum())
+    if n:
+        items.append((f"cached block: {n} of {plan.computed_steps.size * plan.num_layers} on computed steps", None))
+    return items
 
 
 def _viridis(x) -> np.ndarray:
@@ -66,7 +100,8 @@ def _render_kept(plan: CompressionPlan, cell: int | None):
     s, n_layers = data.shape
     cell = cell or max(6, min(40, 900 // max(s, n_layers)))
     font, small = _font(14), _font(11)
-    left, top, right, bottom = 64, 64, 110, 56
+    legend = _legend_items(plan)
+    left, top, right, bottom = 64, 64 + (_LEGEND_H if legend else 0), 110, 56
     mw, mh = n_layers * cell, s * cell
     kept = plan.flops_kept_fraction()
     search = "hand-made plan" if plan.delta is None else f"delta={plan.delta:g}"
@@ -74,12 +109,25 @@ def _render_kept(plan: CompressionPlan, cell: int | None):
     subtitle = (f"{plan.model_class} {plan.height}x{plan.width}, {s} steps x {n_layers} layers x "
                 f"{plan.num_heads} heads")
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    text_w = max(_text_size(measure, title, font)[0], _text_size(measure, subtitle, small)[0])
+    text_w = max(_text_size(measure, title, font)[0], _text_size(measure, subtitle, small)[0],
+                 sum(30 + _text_size(measure, label, small)[0] for label, _ in legend))
     img = Image.new("RGB", (max(left + mw + right, left + text_w + 16), top + max(mh, 100) + bottom),
                     (255, 255, 255))  # wide enough for the titles, tall enough for the colour bar's label
     draw = ImageDraw.Draw(img)
-    cells = Image.fromarray(_viridis(data)).resize((mw, mh), Image.NEAREST)
-    img.paste(cells, (left, top))
+    if legend:  # skipped steps and cached blocks drawn over the map, a swatch per kind
+        img.paste(Image.fromarray(_map_pixels(plan, data, cell)), (left, top))
+        x = left
+        for label, colour in legend:
+            if colour is None:
+                img.paste(Image.fromarray(_hatched(np.ones((12, 12), bool))), (x, 50))
+            else:
+                draw.rectangle((x, 50, x + 12, 62), fill=colour)
+            draw.rectangle((x, 50, x + 12, 62), outline=(0, 0, 0))
+            draw.text((x + 16, 49), label, font=small, fill=(0, 0, 0))
+            x += 30 + _text_size(draw, label, small)[0]
+    else:
+        cells = Image.fromarray(_viridis(data)).resize((mw, mh), Image.NEAREST)
+        img.paste(cells, (left, top))
     draw.rectangle((left - 1, top - 1, left + mw, top + mh), outline=(0, 0, 0))
 
     draw.text((left, 8), title, font=font, fill=(0, 0, 0))
@@ -167,7 +215,9 @@ def save_heatmap(plan: CompressionPlan, path, per_head: bool = False, *, cell: i
     """Write a PNG of the plan (atomically; an existing file is replaced unless overwrite=False).
 
     Default: steps (rows, step 0 on top) x layers (columns), colour = fraction of the attention FLOPs kept in that
-    (step, layer), viridis 0..1 with a colour bar. ``per_head=True``: one [steps x heads] panel per layer with a
+    (step, layer), viridis 0..1 with a colour bar; a plan with step methods or block caching also shows each step
+    that does not run the transformer as a row in its kind's colour (reuse grey, taylor1 pink, taylor2 lilac) and
+    each cached (step, layer) block hatched red, with a legend line. ``per_head=True``: one [steps x heads] panel per layer with a
     colour per method (full / cached / each arrow) and a legend. ``cell``: pixels per cell (default 6..16 for the
     map, 4 for the per-head panels).
     """

@@ -1,11 +1,11 @@
-"""Method vocabulary: names -> head windows, candidate savings, solver choices -> windows (CPU)."""
+"""Method vocabulary: names -> head windows, candidate savings, solver choices -> windows, step kinds (CPU)."""
 
 import numpy as np
 import pytest
 
 import pallas_kernels as pk
-from ditfa_jax.methods import (DEFAULT_CANDIDATES, candidate_savings, candidate_windows, check_band,
-                               method_window, windows_from_choice)
+from ditfa_jax.methods import (DEFAULT_CANDIDATES, STEP_HISTORY, STEP_KINDS, candidate_savings, candidate_windows,
+                               check_band, method_window, step_kind_codes, step_kind_names, windows_from_choice)
 
 
 def test_method_window():
@@ -50,3 +50,16 @@ def test_windows_from_choice():
     assert hw.dtype == np.int32 and hw.tolist() == [[-1, 0, 256, 64]]
     with pytest.raises(ValueError, match=r"choice: indices must lie in \[-1, 3\]"):
         windows_from_choice(np.array([4]), DEFAULT_CANDIDATES, 4096)
+
+
+def test_step_kinds():
+    assert STEP_KINDS == ("compute", "reuse", "taylor1", "taylor2") and STEP_HISTORY == (0, 1, 2, 3)
+    codes = step_kind_codes(["compute", "reuse", "taylor1", "taylor2"])
+    assert codes.dtype == np.int8 and codes.tolist() == [0, 1, 2, 3]
+    assert step_kind_names(codes) == STEP_KINDS and step_kind_names([]) == ()
+    with pytest.raises(ValueError, match=r"step_kind: step 1 is 'taylor3'; expected one of \['compute', 'reuse'"):
+        step_kind_codes(["compute", "taylor3"])
+    with pytest.raises(ValueError, match=r"where: expected a list of step method names"):
+        step_kind_codes("compute", name="where")
+    with pytest.raises(ValueError, match=r"step_kind: step 2 has code 4; expected 0\.\.3"):
+        step_kind_names([0, 1, 4])

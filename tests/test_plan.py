@@ -175,9 +175,9 @@ def _head(raw):
     (lambda r: r.pop("notes"), r"missing top-level key\(s\) \['notes'\]"),
     (lambda r: r.update(format="something else"), r"format: expected 'ditfa-jax compression plan'"),
     (lambda r: r.update(run=[]), r"run: expected a JSON object, got list"),
-    # the methods section: one entry per kind of method; "head" is the only one known and required
-    (lambda r: r["methods"].update(step={}), r"methods: unknown kind\(s\) of method \['step'\]; this ditfa-jax "
-                                             r"knows \['head'\]"),
+    # the methods section: one entry per kind of method; "head" is required, "step" and "block" optional
+    (lambda r: r["methods"].update(branch={}), r"methods: unknown kind\(s\) of method \['branch'\]; this "
+                                               r"ditfa-jax knows \['head', 'step', 'block'\]"),
     (lambda r: r["methods"].pop("head"), r"missing methods\.head"),
     (lambda r: r.update(methods=[]), r"methods: expected a JSON object, got list"),
     (lambda r: _head(r).pop("band"), r"missing methods\.head\.band"),

@@ -39,3 +39,27 @@ def test_heatmap(tmp_path):
     assert sorted(f.name for f in tmp_path.iterdir()) == ["heads.png", "map.png", "small.png"]
     with pytest.raises(ValueError, match="plan: expected a CompressionPlan"):
         save_heatmap(p.head_window, tmp_path / "x.png")
+
+
+def test_heatmap_of_step_methods_and_cached_blocks(tmp_path):
+    """Skipped steps are rows in their kind's colour, cached blocks are hatched, and a legend line is added."""
+    p = flux_plan(steps=8)
+    plain = Image.open(save_heatmap(p, tmp_path / "plain.png", cell=10))
+    block_compute = np.ones((8, 57), bool)
+    block_compute[3, 17:] = False
+    q = p.replace(step_kind=["compute", "compute", "reuse", "compute", "taylor1", "compute", "taylor2", "reuse"],
+                  block_compute=block_compute)
+    img = Image.open(save_heatmap(q, tmp_path / "steps.png", cell=10))
+    assert img.format == "PNG" and img.height == plain.height + 20 == 64 + 20 + max(8 * 10, 100) + 56
+    assert img.width >= 64 + 57 * 10 + 110
+    rgb = np.asarray(img.convert("RGB"))
+    top, left = 84, 64
+    row = lambda step: rgb[top + step * 10 + 1:top + step * 10 + 9, left:left + 570].reshape(-1, 3)  # noqa: E731
+    assert {tuple(c) for c in row(2)} == {(200, 200, 200)}                  # reuse
+    assert {tuple(c) for c in row(4)} == {(250, 175, 205)}                  # taylor1
+    assert {tuple(c) for c in row(6)} == {(205, 150, 230)}                  # taylor2
+    cached = rgb[top + 31:top + 39, left + 171:left + 569].reshape(-1, 3)
+    assert {tuple(c) for c in cached} == {(255, 225, 215), (190, 30, 30)}  # hatched
+    assert n_colours(rgb[top + 31:top + 39, left:left + 169]) > 2           # the blocks that run: viridis
+    blocks_only = Image.open(save_heatmap(p.replace(block_compute=block_compute), tmp_path / "blocks.png", cell=10))
+    assert blocks_only.height == img.height
