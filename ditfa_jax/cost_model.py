@@ -80,10 +80,14 @@ def get_cost_model(name: str) -> StepCostModel:
 
 
 def plan_cost(plan, model: StepCostModel) -> float:
-    """A compression plan's run time relative to the dense run of the same step count, its steps priced by their
-    attention FLOPs kept (`CompressionPlan.flops_kept_per_step`)."""
+    """A plan's run time relative to the dense run of the same step count. A step costs its attention by the FLOPs
+    it keeps (`CompressionPlan.flops_kept_per_step`, which counts only blocks that run) plus the rest of the step
+    in proportion to the blocks that run (`work_per_step_layer`: 0 on a reused or extrapolated step)."""
     kept = np.asarray(plan.flops_kept_per_step(), float)
-    return float(model.step_time(kept).sum() / (len(kept) * model.dense_ms))
+    work = np.asarray(plan.work_per_step_layer(), float).mean(axis=1)
+    rest = model.step_ms[0]
+    step_ms = rest * work + (model.step_time(kept) - rest)
+    return float(step_ms.sum() / (len(kept) * model.dense_ms))
 
 
 def steps_cost(steps: int, full_steps: int) -> float:

@@ -1,0 +1,164 @@
+"""Step reuse, Taylor extrapolation and block-residual caching in the sampler, each against a direct
+re-computation written out plainly here (tiny FLUX-dev and SD3.5-medium checkpoints, fp32, CPU; issue 17)."""
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ditfa_jax import load_transformer, sample
+from ditfa_jax.attention import AttentionSettings
+from ditfa_jax.denoise import VelocityHistory, embed, guided_velocity, prepare_run
+from ditfa_jax.models.layers import block_forward
+from ditfa_jax.plan import CompressionPlan
+from ditfa_jax.sampler import scheduler_for
+
+FIXTURES = Path(__file__).parent / "fixtures"
+STEPS = 6
+
+
+@pytest.fixture(scope="module", params=["flux_dev", "sd35_medium"])
+def setup(request):
+    name = request.param
+    model = load_transformer(FIXTURES / name, progress=False, dtype=jnp.float32)
+    ref = dict(np.load(FIXTURES / name / "reference.npz"))
+    flux = name.startswith("flux")
+    side = 16 * 8 * (2 if flux else model.config.patch_size)
+    common = dict(height=side, width=side, num_steps=STEPS, guidance_scale=3.5 if flux else 7.0,
+                  scheduler=scheduler_for(FIXTURES / name, model))
+    if not flux:
+        common.update(negative_prompt_embeds=ref["sample_negative_prompt_embeds"],
+                      negative_pooled_prompt_embeds=ref["sample_negative_pooled"])
+    text = (ref["sample_prompt_embeds"], ref["sample_pooled"])
+    run = prepare_run(model.config, *text, vae_scale_factor=8, dtype=model.dtype,
+                      **{k: v for k, v in common.items()})
+    noise = jax.random.normal(jax.random.key(5), (text[0].shape[0], *run.latent_shape), jnp.float32)
+    full = CompressionPlan.full(model.config, height=side, width=side, text_len=text[0].shape[1],
+                                num_steps=STEPS, vae_scale_factor=8)
+    return model, text, common, run, noise, full
+
+
+def _layers(module):
+    """(stack index, block) for every block in run order, each block its own NNX module (sliced from the stack)."""
+    out = []
+    for index, (stack, _, count) in enumerate(module.stacks()):
+        graphdef, state = nnx.split(stack)
+        for i in range(count):
+            out.append((index, nnx.merge(graphdef, jax.tree_util.tree_map(lambda a, i=i: a[i], state))))
+    return out
+
+
+def reference(model, run, noise, step_kind, block_compute):
+    """The plain loop: each step computes (block by block, cached blocks adding their last residual) or reuses /
+    extrapolates the velocities of earlier computed steps (Lagrange in sigma, on the host)."""
+    module = nnx.merge(model.graphdef, model.state)
+    family, cond, layout = run.family, run.cond, run.layout
+    settings = AttentionSettings()
+    blocks = _layers(module)
+    x = np.asarray(noise, np.float32)
+    computed, residual = [], {}
+    for i in range(len(run.sigmas) - 1):
+        sigma, sigma_next = float(run.sigmas[i]), float(run.sigmas[i + 1])
+        if step_kind[i] == 0:
+            carry, temb = embed(module, family, cond, jnp.asarray(x), run.timesteps[i])
+            stack = -1
+            for layer, (index, block) in enumerate(blocks):
+                if index != stack:
+                    carry, stack = module.enter_stack(index, carry), index
+                if block_compute[i, layer]:
+                    out, _ = block_forward(block, carry, temb, cond.rope, None, layout, settings)
+                    residual[layer] = jax.tree_util.tree_map(jnp.subtract, out, carry)
+                    carry = out
+                else:
+                    carry = jax.tree_util.tree_map(jnp.add, carry, residual[layer])
+            v = np.asarray(guided_velocity(module, cond, layout, carry, temb), np.float64)
+            computed.insert(0, (sigma, v))
+        else:
+            order = step_kind[i] - 1
+            pts = computed[:order + 1]
+            v = sum(vj * np.prod([(sigma - sm) / (sj - sm) for m, (sm, _) in enumerate(pts) if m != j])
+                    for j, (sj, vj) in enumerate(pts))
+        x = (x + (sigma_next - sigma) * v).astype(np.float32)
+    return x
+
+
+CASES = {
+    "reuse": ([0, 1, 0, 1, 1, 0], None),
+    "taylor": ([0, 0, 2, 0, 3, 2], None),
+    "blocks": ([0] * STEPS, "alternate"),  # from step 1, every other block reuses its residual
+    "steps+blocks": ([0, 0, 1, 0, 2, 0], "tail"),  # the last half of the blocks cached on computed steps >= 1
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_plan_path_equals_direct_recomputation(setup, case):
+    model, text, common, run, noise, full = setup
+    kinds, pattern = CASES[case]
+    layers = model.config.total_layers
+    block_compute = np.ones((STEPS, layers), bool)
+    if pattern == "alternate":
+        block_compute[1:, 1::2] = False
+    elif pattern == "tail":
+        block_compute[1:, layers // 2:] = False
+        block_compute[np.asarray(kinds) != 0] = True
+    plan = full.replace(step_kind=np.asarray(kinds, np.int8), block_compute=block_compute)
+    got = np.asarray(sample(model, noise, *text, plan=plan, **common))
+    want = reference(model, run, noise, plan.step_kind, plan.block_compute)
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
+    dense = np.asarray(sample(model, noise, *text, **common))
+    assert np.abs(got - dense).max() > 1e-3  # the method changed the result: the comparison is not trivial
+
+
+def test_blocks_all_computed_is_dense(setup):
+    """Block caching switched on (one cached block at the last step) but undone: every block computed equals dense."""
+    model, text, common, run, noise, full = setup
+    dense = np.asarray(sample(model, noise, *text, **common))
+    block_compute = np.ones((STEPS, model.config.total_layers), bool)
+    block_compute[-1, 0] = False
+    cached = full.replace(block_compute=block_compute)
+    assert cached.uses_block_caching
+    assert np.abs(np.asarray(sample(model, noise, *text, plan=cached, **common)) - dense).max() > 0
+    plain = cached.replace(block_compute=None)
+    np.testing.assert_array_equal(np.asarray(sample(model, noise, *text, plan=plain, **common)), dense)
+
+
+def test_head_plan_with_reused_steps_keeps_the_cache(setup):
+    """Head-wise cached heads after a reused step take the value of the last step that ran (the cache is not
+    touched by a step that skips the transformer): the plan path equals a loop of single steps."""
+    from ditfa_jax.denoise import velocity
+
+    model, text, common, run, noise, full = setup
+    windows = np.asarray(full.head_window).copy()
+    windows[2:, :, ::2] = 0  # even heads cached from step 2
+    kinds = np.array([0, 0, 1, 0, 1, 0], np.int8)
+    plan = full.replace(head_window=windows, step_kind=kinds)
+    got = np.asarray(sample(model, noise, *text, plan=plan, **common))
+    module = nnx.merge(model.graphdef, model.state)
+    settings = AttentionSettings(band=tuple(plan.band))
+    cfg = model.config
+    cache = jnp.zeros((cfg.total_layers, run.batch, run.layout.tokens, cfg.num_attention_heads,
+                       cfg.attention_head_dim), model.dtype)
+    x, v = jnp.asarray(noise), None
+    for i in range(STEPS):
+        if kinds[i] == 0:
+            v, cache, _ = velocity(module, run.family, run.cond, run.layout, settings, x, run.timesteps[i],
+                                   jnp.asarray(windows[i]), cache)
+        x = x + (run.sigmas[i + 1] - run.sigmas[i]) * v
+    np.testing.assert_allclose(got, np.asarray(x), rtol=2e-4, atol=2e-4)
+
+
+def test_taylor_order_zero_is_reuse():
+    rng = np.random.default_rng(0)
+    history = VelocityHistory.empty((2, 3))
+    for sigma in (1.0, 0.8, 0.6):
+        history = history.push(jnp.asarray(rng.normal(size=(2, 3)), jnp.float32), sigma)
+    np.testing.assert_array_equal(history.extrapolate(0.4, 0), history.velocities[0])
+    # order 1 and 2 are exact on lines and parabolas in sigma
+    a, b, c = (jnp.asarray(rng.normal(size=(2, 3)), jnp.float32) for _ in range(3))
+    exact = VelocityHistory.empty((2, 3))
+    for s in (1.0, 0.8, 0.6):
+        exact = exact.push(a + b * s + c * s * s, s)
+    np.testing.assert_allclose(exact.extrapolate(0.4, 2), a + b * 0.4 + c * 0.16, rtol=1e-4, atol=1e-5)
