@@ -17,6 +17,8 @@ _EXPORTS = {
     "flux_image_ids": "ditfa_jax.models.flux",
     "pack_latents": "ditfa_jax.models.flux",
     "sample": "ditfa_jax.sampler",
+    "DynamicGate": "ditfa_jax.denoise",
+    "CompressionPlan": "ditfa_jax.plan",
     "unpack_latents": "ditfa_jax.models.flux",
     "SchedulerConfig": "ditfa_jax.scheduler",
     "flow_match_schedule": "ditfa_jax.scheduler",

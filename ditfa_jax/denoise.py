@@ -167,13 +167,72 @@ class VelocityHistory:
         return v
 
 
+@dataclasses.dataclass(frozen=True)
+class DynamicGate:
+    """Skip the rest of the transformer when its first blocks barely changed (FBCache-like, decided on the device).
+
+    At each step the first `first_blocks` blocks run; when the relative L1 change of their residual (output minus
+    input) since the last fully computed step is below `threshold`, the other blocks reuse their cached residuals
+    (`ditfa_jax.models.layers.run_stacks_with_blocks`) instead of running. Step 0 always runs everything, and so
+    does a threshold of 0. A step that runs everything pays the first blocks twice (1 / layers of the step)."""
+    first_blocks: int = 1
+    threshold: float = 0.1
+
+    def __post_init__(self):
+        if isinstance(self.first_blocks, bool) or not isinstance(self.first_blocks, (int, np.integer)) \
+                or self.first_blocks < 1:
+            raise ValueError(f"DynamicGate.first_blocks: expected an integer >= 1, got {self.first_blocks!r}")
+        if not np.isfinite(self.threshold) or self.threshold < 0:
+            raise ValueError(f"DynamicGate.threshold: expected a number >= 0, got {self.threshold!r}")
+
+    def check(self, module) -> None:
+        """The first blocks must lie in the first block stack (where the gate reads them)."""
+        first_stack = module.stacks()[0][2]
+        if self.first_blocks >= first_stack:
+            raise ValueError(f"DynamicGate.first_blocks={self.first_blocks}: the gate reads blocks of the first "
+                             f"stack, which has {first_stack} blocks; expected 1..{first_stack - 1}")
+
+
+def _first_residual_change(new, old, first_blocks: int):
+    """Relative L1 change of the first blocks' residuals (stack 0): sum |new - old| / sum |old| (inf if old is 0)."""
+    leaves = zip(jax.tree_util.tree_leaves(new[0]), jax.tree_util.tree_leaves(old[0]))
+    diff, base = jnp.float32(0), jnp.float32(0)
+    for n, o in leaves:
+        n, o = n[:first_blocks].astype(jnp.float32), o[:first_blocks].astype(jnp.float32)
+        diff, base = diff + jnp.abs(n - o).sum(), base + jnp.abs(o).sum()
+    return jnp.where(base > 0, diff / jnp.maximum(base, 1e-30), jnp.inf)
+
+
+def gated_velocity(module, family: ModelFamily, cond: Conditioning, layout: TokenLayout, settings: AttentionSettings,
+                   gate: DynamicGate, x, t, head_window, cache, residuals, force):
+    """One denoiser evaluation under `gate`: (velocity, attention cache, residuals, skipped). `force` (a traced
+    bool) runs everything regardless, as at step 0. The residuals of a skipped step stay those of the last full
+    step, so the gate measures the change since then."""
+    carry, temb = embed(module, family, cond, x, t)
+    plan = None if cache is None else (head_window, cache)
+    layers = module.config.total_layers
+    first = jnp.arange(layers) < gate.first_blocks
+    out_first, cache_first, res_first = run_stacks_with_blocks(module, carry, temb, cond.rope, plan, layout,
+                                                               settings, first, residuals)
+    skipped = jnp.logical_and(~force, _first_residual_change(res_first, residuals, gate.first_blocks)
+                              < gate.threshold)
+
+    def run_all():
+        return run_stacks_with_blocks(module, carry, temb, cond.rope, plan, layout, settings,
+                                      jnp.ones((layers,), bool), residuals)
+
+    out, cache, residuals = jax.lax.cond(skipped, lambda: (out_first, cache_first, residuals), run_all)
+    return guided_velocity(module, cond, layout, out, temb), cache, residuals, skipped
+
+
 def euler_step(x, v, sigma, sigma_next):
     """x_{i+1} = x_i + (sigma_{i+1} - sigma_i) * v(x_i, t_i), in float32."""
     return x + (sigma_next - sigma) * v
 
 
 def denoise(module, family: ModelFamily, cond: Conditioning, layout: TokenLayout, settings: AttentionSettings,
-            latents, sigmas, timesteps, head_windows=None, cache=None, step_kinds=None, block_compute=None):
+            latents, sigmas, timesteps, head_windows=None, cache=None, step_kinds=None, block_compute=None,
+            gate: DynamicGate | None = None):
     """The whole loop as one `lax.scan` over the steps: (final latents float32, finite [steps] bool).
 
     `finite[i]` says whether the latents after step i are all finite (one reduction per step, on the device), so
@@ -185,30 +244,39 @@ def denoise(module, family: ModelFamily, cond: Conditioning, layout: TokenLayout
     x0 = latents.astype(jnp.float32)
     history = None if step_kinds is None else VelocityHistory.empty(x0.shape)
     residuals = None
-    if block_compute is not None:  # zeros shaped like each stack's carry (the embedding is dead code: shapes only)
+    if block_compute is not None or gate is not None:  # zeros shaped like each stack's carry (shapes only)
         carry, _ = embed(module, family, cond, x0, timesteps[0])
         residuals = empty_block_residuals(module, carry)
 
     def step(carry, xs):
         x, cache, history, residuals = carry
-        t, sigma, sigma_next, head_window, kind, compute_blocks = xs
+        index, t, sigma, sigma_next, head_window, kind, compute_blocks = xs
 
         def evaluate(cache, history, residuals):
-            v, cache, residuals = velocity(module, family, cond, layout, settings, x, t, head_window, cache,
-                                           compute_blocks, residuals)
-            return v, cache, None if history is None else history.push(v, sigma), residuals
+            if gate is None:
+                v, cache, residuals = velocity(module, family, cond, layout, settings, x, t, head_window, cache,
+                                               compute_blocks, residuals)
+                skipped = jnp.bool_(False)
+            else:
+                v, cache, residuals, skipped = gated_velocity(module, family, cond, layout, settings, gate, x, t,
+                                                              head_window, cache, residuals, index == 0)
+            return v, cache, None if history is None else history.push(v, sigma), residuals, skipped
 
         if kind is None:
-            v, cache, history, residuals = evaluate(cache, history, residuals)
+            v, cache, history, residuals, skipped = evaluate(cache, history, residuals)
         else:
-            extrapolated = [lambda c, h, r, order=order: (h.extrapolate(sigma, order), c, h, r) for order in (0, 1, 2)]
-            v, cache, history, residuals = jax.lax.switch(kind, [evaluate, *extrapolated], cache, history, residuals)
+            extrapolated = [lambda c, h, r, order=order: (h.extrapolate(sigma, order), c, h, r, jnp.bool_(False))
+                            for order in (0, 1, 2)]
+            v, cache, history, residuals, skipped = jax.lax.switch(kind, [evaluate, *extrapolated], cache, history,
+                                                                   residuals)
         x = euler_step(x, v, sigma, sigma_next)
-        return (x, cache, history, residuals), jnp.isfinite(x).all()
+        return (x, cache, history, residuals), (jnp.isfinite(x).all(), skipped)
 
-    (x, *_), finite = jax.lax.scan(step, (x0, cache, history, residuals),
-                                   (timesteps, sigmas[:-1], sigmas[1:], head_windows, step_kinds, block_compute))
-    return x, finite
+    steps = jnp.arange(len(timesteps))
+    (x, *_), (finite, skipped) = jax.lax.scan(
+        step, (x0, cache, history, residuals),
+        (steps, timesteps, sigmas[:-1], sigmas[1:], head_windows, step_kinds, block_compute))
+    return (x, finite) if gate is None else (x, finite, skipped)
 
 
 class NonFiniteError(FloatingPointError):

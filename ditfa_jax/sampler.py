@@ -19,8 +19,8 @@ from flax import nnx
 
 from ditfa_jax.attention import AttentionSettings
 from ditfa_jax.configs import VAE_SCALE_FACTOR
-from ditfa_jax.denoise import (activation_bytes, cache_bytes, cache_shape, check_finite_steps, default_scheduler,
-                               denoise, prepare_run)
+from ditfa_jax.denoise import (DynamicGate, activation_bytes, cache_bytes, cache_shape, check_finite_steps,
+                               default_scheduler, denoise, prepare_run)
 from ditfa_jax.family import family_of, layout_for
 from ditfa_jax.hub import CONFIGS, resolve
 from ditfa_jax.loading import Transformer
@@ -49,7 +49,8 @@ def _check_batch(latents, named: dict) -> None:
 def sample(model: Transformer, latents, prompt_embeds, pooled_prompt_embeds, *, height: int, width: int,
            num_steps: int, guidance_scale: float, negative_prompt_embeds=None, negative_pooled_prompt_embeds=None,
            scheduler: SchedulerConfig | None = None, plan=None, vae_scale_factor: int = VAE_SCALE_FACTOR,
-           attention: AttentionSettings | None = None, attention_impl: str = "auto", memory: bool = False):
+           attention: AttentionSettings | None = None, attention_impl: str = "auto", memory: bool = False,
+           gate: DynamicGate | None = None):
     """Run the full denoising loop; returns the final latents (FLUX: packed [B, S, C*4]; SD3: [B, C, H/8, W/8]).
 
     height/width are pixel sizes of `vae_scale_factor` pixels per latent cell (the pipeline's VAE; 1 for a
@@ -61,6 +62,8 @@ def sample(model: Transformer, latents, prompt_embeds, pooled_prompt_embeds, *, 
     off. `attention` (or the shorthand `attention_impl`, the dense implementation) says how attention runs.
     memory=True compiles without running and returns the program's `memory_analysis()` (argument, output and
     temporary bytes): what a plan costs in memory, found without a GPU.
+    `gate` (a `ditfa_jax.denoise.DynamicGate`) decides on the device, step by step, whether the blocks after the
+    first ones run (FBCache-like); then `sample` returns (final latents, skipped [num_steps] bool).
     """
     settings = attention or AttentionSettings(implementation=attention_impl)
     latents = jnp.asarray(latents)
@@ -68,8 +71,13 @@ def sample(model: Transformer, latents, prompt_embeds, pooled_prompt_embeds, *, 
                            "negative_prompt_embeds": negative_prompt_embeds,
                            "negative_pooled_prompt_embeds": negative_pooled_prompt_embeds})
     compressed = plan is not None and (not settings.shortcuts or bool((np.asarray(plan.head_window) != -1).any()))
-    steps_on = plan is not None and bool(getattr(plan, "uses_step_methods", False))
-    blocks_on = plan is not None and bool(getattr(plan, "uses_block_caching", False))
+    steps_on = plan is not None and plan.uses_step_methods
+    blocks_on = plan is not None and plan.uses_block_caching
+    if gate is not None:
+        gate.check(nnx.merge(model.graphdef, model.state))
+        if blocks_on:
+            raise ValueError("gate: a dynamic gate decides which blocks run itself; the plan also caches blocks "
+                             "(block_compute has False entries): use one or the other")
     text_len = np.shape(prompt_embeds)[1] if np.ndim(prompt_embeds) == 3 else 0  # prepare_run checks the shape
     layout = layout_for(model.config, height=height, width=width, text_len=text_len,
                         vae_scale_factor=vae_scale_factor)  # checked here too: the memory check needs the tokens
@@ -102,21 +110,21 @@ def sample(model: Transformer, latents, prompt_embeds, pooled_prompt_embeds, *, 
     args = (model.state, latents, run.cond, jnp.asarray(run.sigmas), jnp.asarray(run.timesteps), windows, step_kinds,
             block_compute)
     static = dict(graphdef=model.graphdef, layout=run.layout, settings=settings,
-                  cache_spec=cache_spec)
+                  cache_spec=cache_spec, gate=gate)
     if memory:
         return _run.lower(*args, **static).compile().memory_analysis()
-    final, finite = _run(*args, **static)
+    final, finite, *skipped = _run(*args, **static)
     check_finite_steps(finite, run.sigmas)
-    return final
+    return final if gate is None else (final, np.asarray(skipped[0]))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "layout", "settings", "cache_spec"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "layout", "settings", "cache_spec", "gate"))
 def _run(state, latents, cond, sigmas, timesteps, windows, step_kinds, block_compute, *, graphdef, layout, settings,
-         cache_spec):
+         cache_spec, gate):
     """The jitted sampler: (final latents, per-step finite flags). The zeroed cache (static (shape, dtype name), or
     None without a plan) is made inside the program rather than passed in, so the loop's carry is its only copy (an
     input buffer that is not donated would be a second one)."""
     module = nnx.merge(graphdef, state)
     cache = None if cache_spec is None else jnp.zeros(cache_spec[0], cache_spec[1])
     return denoise(module, family_of(module.config), cond, layout, settings, latents, sigmas, timesteps, windows,
-                   cache, step_kinds, block_compute)
+                   cache, step_kinds, block_compute, gate)

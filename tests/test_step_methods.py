@@ -162,3 +162,75 @@ def test_taylor_order_zero_is_reuse():
     for s in (1.0, 0.8, 0.6):
         exact = exact.push(a + b * s + c * s * s, s)
     np.testing.assert_allclose(exact.extrapolate(0.4, 2), a + b * 0.4 + c * 0.16, rtol=1e-4, atol=1e-5)
+
+
+def reference_gate(model, run, noise, first_blocks, threshold):
+    """The FBCache-like gate written out: (final latents, skipped per step)."""
+    module = nnx.merge(model.graphdef, model.state)
+    family, cond, layout = run.family, run.cond, run.layout
+    blocks = _layers(module)
+    x = np.asarray(noise, np.float32)
+    kept, skipped = {}, []
+    for i in range(len(run.sigmas) - 1):
+        carry, temb = embed(module, family, cond, jnp.asarray(x), run.timesteps[i])
+        stack, fresh = -1, {}
+        for layer, (index, block) in enumerate(blocks):
+            if index != stack:
+                carry, stack = module.enter_stack(index, carry), index
+            if layer == first_blocks:
+                new = sum(float(jnp.abs(a - b).sum()) for l in range(first_blocks)
+                          for a, b in zip(jax.tree_util.tree_leaves(fresh[l]), jax.tree_util.tree_leaves(kept[l])))\
+                    if kept else np.inf
+                base = sum(float(jnp.abs(b).sum()) for l in range(first_blocks)
+                           for b in jax.tree_util.tree_leaves(kept[l])) if kept else 0.0
+                skip = i > 0 and base > 0 and new / base < threshold
+                skipped.append(skip)
+            if layer >= first_blocks and skip:
+                carry = jax.tree_util.tree_map(jnp.add, carry, kept[layer])
+            else:
+                out, _ = block_forward(block, carry, temb, cond.rope, None, layout, AttentionSettings())
+                fresh[layer] = jax.tree_util.tree_map(jnp.subtract, out, carry)
+                carry = out
+        if not skip:
+            kept = fresh
+        v = np.asarray(guided_velocity(module, cond, layout, carry, temb), np.float64)
+        x = (x + (float(run.sigmas[i + 1]) - float(run.sigmas[i])) * v).astype(np.float32)
+    return x, np.array(skipped)
+
+
+def test_dynamic_gate(setup):
+    from ditfa_jax.denoise import DynamicGate
+
+    model, text, common, run, noise, full = setup
+    dense = np.asarray(sample(model, noise, *text, **common))
+    never, skipped = sample(model, noise, *text, gate=DynamicGate(1, 0.0), **common)
+    assert not skipped.any()  # threshold 0 never skips
+    np.testing.assert_allclose(np.asarray(never), dense, rtol=1e-5, atol=1e-5)
+    always, skipped = sample(model, noise, *text, gate=DynamicGate(1, 1e9), **common)
+    assert not skipped[0] and skipped[1:].all()  # step 0 always runs everything
+    want, want_skipped = reference_gate(model, run, noise, 1, 1e9)
+    np.testing.assert_allclose(np.asarray(always), want, rtol=2e-4, atol=2e-4)
+    # a threshold among the changes the gate sees (random tiny weights change a lot): some steps skip, others run,
+    # as the written-out gate decides
+    got, skipped = sample(model, noise, *text, gate=DynamicGate(1, 0.7), **common)
+    want, want_skipped = reference_gate(model, run, noise, 1, 0.7)
+    assert 0 < want_skipped.sum() < STEPS - 1
+    np.testing.assert_array_equal(skipped, want_skipped)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=2e-4, atol=2e-4)
+
+
+def test_gate_refusals(setup):
+    from ditfa_jax.denoise import DynamicGate
+
+    model, text, common, run, noise, full = setup
+    with pytest.raises(ValueError, match="first_blocks"):
+        DynamicGate(0, 0.1)
+    with pytest.raises(ValueError, match="threshold"):
+        DynamicGate(1, -1.0)
+    with pytest.raises(ValueError, match="first stack"):
+        sample(model, noise, *text, gate=DynamicGate(100, 0.1), **common)
+    block_compute = np.ones((STEPS, model.config.total_layers), bool)
+    block_compute[2, 1] = False
+    with pytest.raises(ValueError, match="use one or the other"):
+        sample(model, noise, *text, plan=full.replace(block_compute=block_compute), gate=DynamicGate(1, 0.1),
+               **common)
