@@ -8,6 +8,11 @@
    8 prompts' attention cache (47 GB) does not fit beside the 24 GB of weights on an 80 GB H100: it lives in pinned
    host memory (`calibrate` picks that itself).
 
+3. ``--step-methods 1024,2048``: step reuse, Taylor extrapolation, block-residual caching and the dynamic gate
+   (issue 17) at 28 steps: measured ms/step against the dense sampler and against what
+   `ditfa_jax.cost_model.plan_cost` predicts from the dense step and this run's dense attention time, which checks
+   the cost model's assumptions (a skipped step costs nothing, a cached block saves its share of the step).
+
 Writes JSON lines to $OUT/bench_plan.jsonl as it goes and prints a table last.
 
     python benchmarks/bench_plan.py [--quick]
@@ -134,6 +139,68 @@ def bench_sampler(model, px: int, steps: int, backend: str | None = None) -> Non
                cache_gb=0.0 if plan is None else round(cache_bytes(cfg, 1, rows * rows + TEXT) / 1e9, 2))
 
 
+def step_method_plans(cfg, *, px: int, steps: int) -> dict:
+    """Plans with the compute profiles of step-level caching (FLUX.1-dev, random weights: only time is measured).
+
+    reuse / taylor2: the transformer runs at every other / every third step after step 3; blocks F8B0: on two of
+    every three steps after step 3 only the first 8 blocks run, the others reuse their residual (DBCache F8B0-like);
+    taylor2 + heads: taylor2 with a ~45 % head plan on the steps that run."""
+    full = CompressionPlan.full(cfg, height=px, width=px, text_len=TEXT, num_steps=steps)
+    late = np.arange(steps) > 3
+    reuse = np.where(late & (np.arange(steps) % 2 == 1), 1, 0).astype(np.int8)
+    taylor = np.where(late & (np.arange(steps) % 3 != 0), 3, 0).astype(np.int8)
+    blocks = np.ones((steps, cfg.total_layers), bool)
+    blocks[late & (np.arange(steps) % 3 != 0), 8:] = False
+    heads = random_plan(cfg, px=px, steps=steps, target=0.45)
+    return {"reuse every other step": full.replace(step_kind=reuse),
+            "taylor2, 1 step in 3": full.replace(step_kind=taylor),
+            "blocks F8B0, 2 steps in 3": full.replace(block_compute=blocks),
+            "taylor2 1 in 3 + heads ~45 %": heads.replace(step_kind=taylor)}
+
+
+def bench_step_methods(model, px: int, steps: int = 28) -> None:
+    """Measured against predicted time of step-level plans, and the dynamic gate at two thresholds."""
+    from ditfa_jax.cost_model import StepCostModel, plan_cost
+    from ditfa_jax.denoise import DynamicGate
+
+    cfg = model.config
+    attention_ms = dense_attention_ms(cfg, px) * cfg.total_layers
+    _, dense_ms = time_sampler(model, px, steps, None)
+    local = StepCostModel("this run", "dense step and attention of this run", (0.0, 1.0),
+                          (dense_ms - attention_ms, dense_ms), "bench_plan.py --step-methods")
+    record(kind="step_methods", px=px, steps=steps, plan="dense", ms_per_step=round(dense_ms, 2),
+           speedup_vs_dense=1.0, predicted_speedup=1.0, dense_attention_ms_per_step=round(attention_ms, 2))
+    for name, plan in step_method_plans(cfg, px=px, steps=steps).items():
+        first, ms = time_sampler(model, px, steps, plan)
+        predicted = 1 / plan_cost(plan, local)
+        record(kind="step_methods", px=px, steps=steps, plan=name, ms_per_step=round(ms, 2),
+               speedup_vs_dense=round(dense_ms / ms, 3), predicted_speedup=round(predicted, 3),
+               of_predicted=round(dense_ms / ms / predicted, 3), first_call_s=round(first, 2))
+    for threshold in (0.05, 0.2):
+        gate = DynamicGate(1, threshold)
+        ms, skipped = time_gate(model, px, steps, gate)
+        record(kind="step_methods", px=px, steps=steps, plan=f"gate F1 threshold {threshold}",
+               ms_per_step=round(ms, 2), speedup_vs_dense=round(dense_ms / ms, 3),
+               skipped_steps=int(skipped.sum()))
+
+
+def time_gate(model, px: int, steps: int, gate) -> tuple[float, np.ndarray]:
+    """(best of 2 compiled calls in ms per step, skipped steps) of the gated sampler, inputs as `time_sampler`."""
+    cfg = model.config
+    keys = jax.random.split(jax.random.key(0), 3)
+    latents = jax.random.normal(keys[0], (1, (px // 16) ** 2, cfg.in_channels))
+    text = jax.random.normal(keys[1], (1, TEXT, cfg.joint_attention_dim), jnp.bfloat16)
+    pooled = jax.random.normal(keys[2], (1, cfg.pooled_projection_dim), jnp.bfloat16)
+    times, skipped = [], None
+    for _ in range(3):
+        start = time.perf_counter()
+        final, skipped = sample(model, latents, text, pooled, height=px, width=px, num_steps=steps,
+                                guidance_scale=3.5, gate=gate)
+        jax.block_until_ready(final)
+        times.append(time.perf_counter() - start)
+    return min(times[1:]) / steps * 1e3, skipped
+
+
 def bench_layer_skip(model, px: int, steps: int) -> None:
     """What skipping q/k/v saves: half the layers all-cached at steps >= 1 (projections skipped) against the same
     plan with one head of each of those layers left full (so the layer must compute q/k/v; one head's attention)."""
@@ -170,12 +237,18 @@ def main() -> None:
     parser.add_argument("--calibration", help="only these calibrations, e.g. '2048:28:4,1024:50:8' (px:steps:prompts)")
     parser.add_argument("--sampler", help="only the sampler rows at these sizes, e.g. '1024,2048' (10 steps)")
     parser.add_argument("--backend", help="head-wise kernel backend of the plans (default: the device's choice)")
+    parser.add_argument("--step-methods", help="only the step-method rows at these sizes, e.g. '1024,2048' (28 steps)")
     args = parser.parse_args()
     cache_dir = os.path.join(os.environ.get("OUT", "/tmp"), "..", "jax_cache")
     jax.config.update("jax_compilation_cache_dir", os.path.abspath(cache_dir))
     model = random_model(FLUX_DEV)
     if args.layer_skip_only:
         bench_layer_skip(model, 2048, 10)
+        return
+    if args.step_methods:
+        for px in args.step_methods.split(","):
+            bench_step_methods(model, int(px))
+        print_tables()
         return
     if args.sampler:
         for px in args.sampler.split(","):
@@ -201,6 +274,13 @@ def print_tables() -> None:
         if r["kind"] == "sampler":
             print(f"| {r['px']}^2 | {r['backend']} | {r['plan']} | {r['attention_flops_kept']:.3f} | {r['ms_per_step']} | "
                   f"{r['speedup_vs_dense']} | {r['amdahl_bound']} | {r['of_bound']} |")
+    if any(r["kind"] == "step_methods" for r in RESULTS):
+        print("\n| size | step-level plan | ms/step | speed-up vs dense | predicted (cost model) | skipped steps |")
+        print("|---|---|---|---|---|---|")
+        for r in RESULTS:
+            if r["kind"] == "step_methods":
+                print(f"| {r['px']}^2 | {r['plan']} | {r['ms_per_step']} | {r['speedup_vs_dense']} | "
+                      f"{r.get('predicted_speedup', '')} | {r.get('skipped_steps', '')} |")
     if not any(r["kind"] == "calibration" for r in RESULTS):
         return
     print("\n| calibration | prompts | steps | seconds | kept (delta 0.2) |")

@@ -11,6 +11,12 @@ One sampling pass over the calibration prompts, layer by layer. At each step and
 5. each head's chosen output (computed in 2, nothing is recomputed) feeds the next layer, so errors compound as
    they will at inference.
 
+With ``step_delta`` > 0 the same pass also searches step methods: after a step has run (with its head choices),
+the velocity that reusing or extrapolating the earlier computed ones would give (`STEP_KINDS`) is scored by its RSE
+against the step's computed velocity; the best one within ``step_delta`` replaces the step (the whole step's time
+saved), and the trajectory, the velocity history and the attention caches continue as the sampler would run the
+plan (a skipped step leaves the caches as they were).
+
 Step 0 is always full and runs the layers uncompressed (no candidates). The per-layer caches live in pinned host
 memory when they would crowd the GPU, with transfers overlapped with compute. The result holds the plan for this
 model, resolution, text length and step count, the RSE table and the pass's final latents.
@@ -31,10 +37,11 @@ from tqdm.auto import tqdm
 import pallas_kernels
 from ditfa_jax.attention import AttentionSettings, dense_attention, headwise
 from ditfa_jax.configs import VAE_SCALE_FACTOR
-from ditfa_jax.denoise import cache_bytes, cache_shape, embed, euler_step, guided_velocity, prepare_run
+from ditfa_jax.denoise import (VelocityHistory, cache_bytes, cache_shape, embed, euler_step, guided_velocity,
+                               prepare_run)
 from ditfa_jax.family import TokenLayout
 from ditfa_jax.loading import Transformer
-from ditfa_jax.methods import DEFAULT_CANDIDATES, candidate_savings, candidate_windows
+from ditfa_jax.methods import DEFAULT_CANDIDATES, STEP_HISTORY, STEP_KINDS, candidate_savings, candidate_windows
 from ditfa_jax.milp import solve_layer
 from ditfa_jax.models.layers import attention_inputs, block_forward
 from ditfa_jax.plan import CompressionPlan
@@ -171,11 +178,14 @@ class CalibrationResult:
     along the compressed trajectory (NaN at step 0, which is always full). `saving`: float64 [heads, candidates],
     the attention FLOPs each candidate removes (the MILP's objective). `final_latents`: the calibration pass's
     last latents, as `sample(plan=plan)` gives them from the same noise (`jax.random.normal(key(seed), ...)`).
+    `step_rse`: float64 [steps, len(STEP_KINDS)], each step method's velocity RSE (NaN where not scored: compute,
+    step 0, too little history, or no step search).
     """
     plan: CompressionPlan
     rse: np.ndarray
     saving: np.ndarray
     final_latents: jax.Array
+    step_rse: np.ndarray | None = None
 
 
 def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height: int, width: int, num_steps: int,
@@ -184,7 +194,8 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
               scheduler: SchedulerConfig | None = None, seed: int = 0, vae_scale_factor: int = VAE_SCALE_FACTOR,
               attention: AttentionSettings | None = None, band: tuple[int, int] | None = None,
               progress: bool = True, cache_on_host: bool | None = None, rse_over_prompts: str = "mean",
-              budget_schedule: str = "constant", token_order: str = "raster") -> CalibrationResult:
+              budget_schedule: str = "constant", token_order: str = "raster", step_delta: float = 0.0,
+              step_kinds=("reuse", "taylor1", "taylor2")) -> CalibrationResult:
     """Search a head-wise compression plan on calibration prompts (embeddings [N, L, dim], pooled [N, dim]).
 
     The pass samples from seeded noise (`seed`) with the core `ditfa_jax.sample` runs (`ditfa_jax.denoise`), the
@@ -197,9 +208,17 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
     prompt (`head_rse`), and ``budget_schedule="ramp"`` spends the same total budget unevenly, little at early steps
     (`step_budgets`). ``token_order="hilbert"`` (or "morton") searches, and the plan runs, with the image tokens
     along a space-filling curve, so that arrow bands are 2-D neighbourhoods (`ditfa_jax.token_order`).
+    ``step_delta`` > 0 also searches step methods (``step_kinds``, names from `STEP_KINDS`): a step whose
+    velocity one of them predicts within that RSE is skipped (module docstring).
     """
     if rse_over_prompts not in RSE_REDUCTIONS:
         raise ValueError(f"rse_over_prompts={rse_over_prompts!r}: expected one of {RSE_REDUCTIONS}")
+    if not np.isfinite(step_delta) or step_delta < 0:
+        raise ValueError(f"step_delta={step_delta!r}: expected a number >= 0 (0: no step methods)")
+    bad = [k for k in step_kinds if k not in STEP_KINDS[1:]]
+    if bad:
+        raise ValueError(f"step_kinds {bad}: expected names from {list(STEP_KINDS[1:])}")
+    kind_codes = [STEP_KINDS.index(k) for k in step_kinds]
     budgets = step_budgets(delta, num_steps, budget_schedule)
     start_time = time.perf_counter()
     cfg = model.config
@@ -236,9 +255,20 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
     enter = jax.jit(lambda index, carry: module.enter_stack(index, carry), static_argnums=0)
 
     @jax.jit
-    def finish_step(state, x, carry, temb, sigma, sigma_next):
-        v = guided_velocity(nnx.merge(graphdef, state), cond, layout, carry, temb)
-        return euler_step(x, v, sigma, sigma_next)
+    def step_velocity(state, carry, temb):
+        return guided_velocity(nnx.merge(graphdef, state), cond, layout, carry, temb)
+
+    step_latents = jax.jit(euler_step)
+
+    @functools.partial(jax.jit, static_argnums=3)
+    def step_candidates(history, v, sigma, orders):
+        """RSE of each extrapolation order's velocity against the computed one (reduced over prompts)."""
+        def rse(pred):
+            per_row = jnp.mean(jnp.square(pred - v), axis=tuple(range(1, v.ndim))) / jnp.maximum(
+                jnp.var(v, axis=tuple(range(1, v.ndim))), 1e-30)
+            return per_row.max() if rse_over_prompts == "max" else per_row.mean()
+        preds = [history.extrapolate(sigma, order) for order in orders]
+        return jnp.stack([rse(p) for p in preds]), jnp.stack(preds)
 
     if cache_on_host is None:
         cache_on_host = _cache_exceeds_device(cache_bytes(cfg, run.batch, tokens, model.dtype))
@@ -247,8 +277,13 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
     rse_used = np.zeros((num_steps, cfg.total_layers))
     rse_table = np.full((num_steps, cfg.total_layers, heads, len(windows)), np.nan)
     kept_per_step = []
+    step_kind = np.zeros(num_steps, np.int8)
+    step_rse = np.full((num_steps, len(STEP_KINDS)), np.nan)
+    history, computed = VelocityHistory.empty(latents.shape), 0
     bar = tqdm(range(num_steps), desc=f"calibrating (delta={delta})", unit="step", disable=not progress)
     for step in bar:
+        pending = {}  # with a step search, a step's attention outputs are kept only if the step is not skipped
+        store = (lambda layer, out: pending.__setitem__(layer, out)) if step_delta > 0 else caches.store
         carry, temb = embed_step(state, latents, run.timesteps[step])
         for stack_index, (runner, first, count) in enumerate(runners):
             carry = enter(stack_index, carry)
@@ -256,7 +291,7 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
                 layer = first + i
                 if step == 0:  # always full: the cached candidate has no value yet
                     carry, out = runner.exact(runner.state, i, carry, temb, cond.rope)
-                    caches.store(layer, out)
+                    store(layer, out)
                     continue
                 rse, probed = runner.probe(runner.state, i, carry, temb, cond.rope, caches.fetch(layer),
                                            rse_over_prompts=rse_over_prompts)
@@ -268,17 +303,37 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
                     head_window[step, layer, chosen] = np.asarray(windows)[choice[chosen]]
                     rse_used[step, layer] = rse_table[step, layer][chosen, choice[chosen]].sum()
                 carry, out = runner.apply(runner.state, i, carry, probed, jnp.asarray(choice + 1, jnp.int32))
+                store(layer, out)
+        v = step_velocity(state, carry, temb)
+        sigma = jnp.float32(run.sigmas[step])
+        allowed = [(code, code - 1) for code in kind_codes if computed >= STEP_HISTORY[code]] if step else []
+        if step_delta > 0 and allowed:
+            rse, preds = step_candidates(history, v, sigma, tuple(order for _, order in allowed))
+            rse = np.asarray(rse, np.float64)
+            for (code, _), r in zip(allowed, rse):
+                step_rse[step, code] = r
+            best = int(np.argmin(rse))
+            if rse[best] <= step_delta:  # every step method saves the whole step: the least error wins
+                step_kind[step] = allowed[best][0]
+                head_window[step] = -1  # the transformer does not run: its head choices mean nothing
+                v = preds[best]
+        if step_kind[step] == 0:
+            history, computed = history.push(v, sigma), computed + 1
+            for layer, out in pending.items():
                 caches.store(layer, out)
-        latents = finish_step(state, latents, carry, temb, run.sigmas[step], run.sigmas[step + 1])
-        kept_per_step.append(kept_fraction(head_window[step]))
-        bar.set_postfix(kept=f"{kept_per_step[-1]:.2f}")
+        latents = step_latents(latents, v, run.sigmas[step], run.sigmas[step + 1])
+        kept_per_step.append(kept_fraction(head_window[step]) if step_kind[step] == 0 else 0.0)
+        bar.set_postfix(kept=f"{kept_per_step[-1]:.2f}", skipped=int((step_kind != 0).sum()))
     jax.block_until_ready(latents)
     plan = CompressionPlan.from_config(
         cfg, head_window, height=height, width=width, text_len=layout.text_len, candidates=tuple(candidates),
         vae_scale_factor=vae_scale_factor, delta=delta, c=c, token_order=token_order, band=band,
+        step_kind=step_kind,
         notes=dict(calibration_seconds=round(time.perf_counter() - start_time, 2), prompts=int(n),
                    guidance_scale=float(guidance_scale), seed=seed, rse_used_max=float(rse_used.max()),
                    cache_on_host=bool(cache_on_host), rse_over_prompts=rse_over_prompts,
-                   budget_schedule=budget_schedule,
+                   budget_schedule=budget_schedule, **({"step_delta": float(step_delta),
+                                                        "step_kinds": list(step_kinds)} if step_delta > 0 else {}),
                    kept_per_step=[round(k, 4) for k in kept_per_step]))
-    return CalibrationResult(plan=plan, rse=rse_table, saving=np.array(saving), final_latents=latents)
+    return CalibrationResult(plan=plan, rse=rse_table, saving=np.array(saving), final_latents=latents,
+                             step_rse=step_rse)

@@ -313,7 +313,8 @@ def cmd_calibrate(args) -> int:
                        guidance_scale=_guidance(args, model.config), delta=args.delta, c=args.c,
                        candidates=tuple(args.candidates.split(",")), scheduler=scheduler, seed=args.seed,
                        vae_scale_factor=run["vae_scale_factor"], rse_over_prompts=args.rse_over_prompts,
-                       budget_schedule=args.budget_schedule, token_order=args.token_order, **negative)
+                       budget_schedule=args.budget_schedule, token_order=args.token_order,
+                       step_delta=args.step_delta, **negative)
     plan = result.plan
     plan.save(out, overwrite=args.overwrite)
     try:
@@ -572,6 +573,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-schedule", choices=["constant", "ramp"], default="constant",
                    help="delta at every step (constant, the paper's) or rising with the step index, same total "
                         "(ramp: protects the early steps)")
+    p.add_argument("--step-delta", type=NON_NEGATIVE, default=0.0,
+                   help="also search step methods: a step whose velocity reusing or extrapolating (Taylor, order 1 "
+                        "or 2) the earlier computed ones predicts within this RSE skips the transformer (0: off)")
     p.add_argument("--token-order", choices=TOKEN_ORDER_CHOICES, default="raster",
                    help="order of the image tokens that arrow bands follow: raster (the paper's: a band is a strip "
                         "of whole rows) or along a space-filling curve (hilbert, morton: a band is a 2-D "

@@ -1,0 +1,62 @@
+"""The plan search over step methods (reuse / Taylor), in the same pass as the head search (issue 17; tiny
+checkpoints, CPU)."""
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ditfa_jax import load_transformer, sample
+from ditfa_jax.calibrate import calibrate
+from ditfa_jax.sampler import scheduler_for
+
+FIXTURES = Path(__file__).parent / "fixtures"
+STEPS = 6
+
+
+@pytest.fixture(scope="module", params=["flux_dev", "sd35_medium"])
+def setup(request):
+    name = request.param
+    model = load_transformer(FIXTURES / name, progress=False)
+    ref = dict(np.load(FIXTURES / name / "reference.npz"))
+    flux = name.startswith("flux")
+    side = 16 * 8 * (2 if flux else model.config.patch_size)
+    common = dict(height=side, width=side, num_steps=STEPS, guidance_scale=3.5 if flux else 7.0,
+                  scheduler=scheduler_for(FIXTURES / name, model))
+    if not flux:
+        common.update(negative_prompt_embeds=ref["sample_negative_prompt_embeds"],
+                      negative_pooled_prompt_embeds=ref["sample_negative_pooled"])
+    return model, (ref["sample_prompt_embeds"], ref["sample_pooled"]), common
+
+
+def test_step_search_samples_as_the_plan_runs(setup):
+    """Steps whose velocity a step method predicts within step_delta are skipped; the pass's final latents equal
+    `sample(plan)` from the same noise, so the search followed the trajectory the plan runs."""
+    model, text, common = setup
+    scored = calibrate(model, *text, delta=0.3, step_delta=1e-12, progress=False, seed=2, **common)
+    assert not scored.plan.uses_step_methods  # nothing is that good, but every allowed method was scored
+    assert np.isfinite(scored.step_rse[1:, 1]).all() and np.isnan(scored.step_rse[:, 0]).all()
+    assert np.isnan(scored.step_rse[:3, 3]).all() and np.isfinite(scored.step_rse[3:, 3]).all()
+    threshold = float(np.median(np.nanmin(scored.step_rse[1:, 1:], axis=1)))
+    result = calibrate(model, *text, delta=0.3, step_delta=threshold, progress=False, seed=2, **common)
+    plan = result.plan
+    assert plan.uses_step_methods and plan.step_kind[0] == 0
+    assert 0 < (plan.step_kind != 0).sum() < STEPS - 1, plan.step_kind
+    assert plan.notes["step_delta"] == threshold
+    noise = jax.random.normal(jax.random.key(2), result.final_latents.shape, jnp.float32)
+    sampled = np.asarray(sample(model, noise, *text, plan=plan, **common))
+    np.testing.assert_allclose(np.asarray(result.final_latents), sampled, rtol=1e-4, atol=1e-4)
+    heads_only = np.asarray(sample(model, noise, *text, plan=plan.replace(step_kind=None), **common))
+    assert np.abs(sampled - heads_only).max() > 1e-3  # the skipped steps changed the result
+
+
+def test_no_step_delta_is_the_head_search(setup):
+    model, text, common = setup
+    plain = calibrate(model, *text, delta=0.3, progress=False, **common)
+    assert not plain.plan.uses_step_methods and np.isnan(plain.step_rse).all()
+    with pytest.raises(ValueError, match="step_delta"):
+        calibrate(model, *text, delta=0.3, step_delta=-1.0, progress=False, **common)
+    with pytest.raises(ValueError, match="step_kinds"):
+        calibrate(model, *text, delta=0.3, step_delta=0.1, step_kinds=("taylor3",), progress=False, **common)
