@@ -195,7 +195,7 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
               attention: AttentionSettings | None = None, band: tuple[int, int] | None = None,
               progress: bool = True, cache_on_host: bool | None = None, rse_over_prompts: str = "mean",
               budget_schedule: str = "constant", token_order: str = "raster", step_delta: float = 0.0,
-              step_kinds=("reuse", "taylor1", "taylor2")) -> CalibrationResult:
+              step_kinds=("reuse", "taylor1", "taylor2"), block_candidates=()) -> CalibrationResult:
     """Search a head-wise compression plan on calibration prompts (embeddings [N, L, dim], pooled [N, dim]).
 
     The pass samples from seeded noise (`seed`) with the core `ditfa_jax.sample` runs (`ditfa_jax.denoise`), the
@@ -209,7 +209,10 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
     (`step_budgets`). ``token_order="hilbert"`` (or "morton") searches, and the plan runs, with the image tokens
     along a space-filling curve, so that arrow bands are 2-D neighbourhoods (`ditfa_jax.token_order`).
     ``step_delta`` > 0 also searches step methods (``step_kinds``, names from `STEP_KINDS`): a step whose
-    velocity one of them predicts within that RSE is skipped (module docstring).
+    velocity one of them predicts within that RSE is skipped (module docstring). ``block_candidates`` (numbers F of
+    first blocks that run) adds block-residual caching to that menu: blocks F.. reuse their residuals when the
+    velocity that gives is within ``step_delta``. The candidate saving the most time wins (a skipped step saves it
+    all, F blocks save (layers - F) / layers of it).
     """
     if rse_over_prompts not in RSE_REDUCTIONS:
         raise ValueError(f"rse_over_prompts={rse_over_prompts!r}: expected one of {RSE_REDUCTIONS}")
@@ -219,6 +222,12 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
     if bad:
         raise ValueError(f"step_kinds {bad}: expected names from {list(STEP_KINDS[1:])}")
     kind_codes = [STEP_KINDS.index(k) for k in step_kinds]
+    layers_total = model.config.total_layers
+    bad = [f for f in block_candidates if isinstance(f, bool) or not isinstance(f, (int, np.integer))
+           or not 1 <= f < layers_total]
+    if bad:
+        raise ValueError(f"block_candidates {bad}: expected numbers of first blocks that run, in 1..{layers_total - 1}")
+    search_blocks = step_delta > 0 and bool(block_candidates)
     budgets = step_budgets(delta, num_steps, budget_schedule)
     start_time = time.perf_counter()
     cfg = model.config
@@ -259,16 +268,30 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
         return guided_velocity(nnx.merge(graphdef, state), cond, layout, carry, temb)
 
     step_latents = jax.jit(euler_step)
+    tree_sub = jax.jit(lambda a, b: jax.tree_util.tree_map(jnp.subtract, a, b))
+    tree_add = jax.jit(lambda a, b: jax.tree_util.tree_map(jnp.add, a, b))
+    stack_of = {first: index for index, (_, first, _) in enumerate(runners)}
+
+    def cached_from(first_run, entry_stack, x):
+        """The last stack's carry when blocks first_run.. reuse their residuals from the last step they ran."""
+        for layer in range(first_run, layers_total):
+            if layer in stack_of and stack_of[layer] > entry_stack:
+                x = enter(stack_of[layer], x)
+            x = tree_add(x, residuals[layer])
+        return x
+
+    @jax.jit
+    def velocity_rse(pred, v):
+        """RSE of a predicted velocity against the computed one, per prompt, reduced as the head RSE is."""
+        axes = tuple(range(1, v.ndim))
+        per_row = jnp.mean(jnp.square(pred - v), axis=axes) / jnp.maximum(jnp.var(v, axis=axes), 1e-30)
+        return per_row.max() if rse_over_prompts == "max" else per_row.mean()
 
     @functools.partial(jax.jit, static_argnums=3)
     def step_candidates(history, v, sigma, orders):
-        """RSE of each extrapolation order's velocity against the computed one (reduced over prompts)."""
-        def rse(pred):
-            per_row = jnp.mean(jnp.square(pred - v), axis=tuple(range(1, v.ndim))) / jnp.maximum(
-                jnp.var(v, axis=tuple(range(1, v.ndim))), 1e-30)
-            return per_row.max() if rse_over_prompts == "max" else per_row.mean()
+        """Each extrapolation order's velocity and its RSE against the computed one."""
         preds = [history.extrapolate(sigma, order) for order in orders]
-        return jnp.stack([rse(p) for p in preds]), jnp.stack(preds)
+        return jnp.stack([velocity_rse(p, v) for p in preds]), jnp.stack(preds)
 
     if cache_on_host is None:
         cache_on_host = _cache_exceeds_device(cache_bytes(cfg, run.batch, tokens, model.dtype))
@@ -280,18 +303,26 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
     step_kind = np.zeros(num_steps, np.int8)
     step_rse = np.full((num_steps, len(STEP_KINDS)), np.nan)
     history, computed = VelocityHistory.empty(latents.shape), 0
+    block_compute = np.ones((num_steps, layers_total), bool)
+    residuals = {}  # layer -> its residual (output minus input) at the last step it ran (block search only)
     bar = tqdm(range(num_steps), desc=f"calibrating (delta={delta})", unit="step", disable=not progress)
     for step in bar:
         pending = {}  # with a step search, a step's attention outputs are kept only if the step is not skipped
         store = (lambda layer, out: pending.__setitem__(layer, out)) if step_delta > 0 else caches.store
         carry, temb = embed_step(state, latents, run.timesteps[step])
+        entries, fresh = {}, {}  # block search: the carry entering each candidate F, each layer's new residual
         for stack_index, (runner, first, count) in enumerate(runners):
             carry = enter(stack_index, carry)
             for i in range(count):
                 layer = first + i
+                before = carry
+                if search_blocks and layer in block_candidates:
+                    entries[layer] = (stack_index, carry)
                 if step == 0:  # always full: the cached candidate has no value yet
                     carry, out = runner.exact(runner.state, i, carry, temb, cond.rope)
                     store(layer, out)
+                    if search_blocks:
+                        fresh[layer] = tree_sub(carry, before)
                     continue
                 rse, probed = runner.probe(runner.state, i, carry, temb, cond.rope, caches.fetch(layer),
                                            rse_over_prompts=rse_over_prompts)
@@ -304,8 +335,11 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
                     rse_used[step, layer] = rse_table[step, layer][chosen, choice[chosen]].sum()
                 carry, out = runner.apply(runner.state, i, carry, probed, jnp.asarray(choice + 1, jnp.int32))
                 store(layer, out)
+                if search_blocks:
+                    fresh[layer] = tree_sub(carry, before)
         v = step_velocity(state, carry, temb)
         sigma = jnp.float32(run.sigmas[step])
+        first_run = layers_total  # blocks that run this step: 0..first_run-1
         allowed = [(code, code - 1) for code in kind_codes if computed >= STEP_HISTORY[code]] if step else []
         if step_delta > 0 and allowed:
             rse, preds = step_candidates(history, v, sigma, tuple(order for _, order in allowed))
@@ -317,23 +351,37 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
                 step_kind[step] = allowed[best][0]
                 head_window[step] = -1  # the transformer does not run: its head choices mean nothing
                 v = preds[best]
+        if search_blocks and step and step_kind[step] == 0:
+            for f in sorted(block_candidates):  # fewest blocks run first: the first within budget saves the most
+                entry_stack, entry = entries[f]
+                v_f = step_velocity(state, cached_from(f, entry_stack, entry), temb)
+                if float(velocity_rse(v_f, v)) <= step_delta:
+                    first_run, v = f, v_f
+                    block_compute[step, f:] = False
+                    head_window[step, f:] = -1  # those blocks do not run: their head choices mean nothing
+                    break
         if step_kind[step] == 0:
             history, computed = history.push(v, sigma), computed + 1
             for layer, out in pending.items():
-                caches.store(layer, out)
+                if layer < first_run:
+                    caches.store(layer, out)
+            residuals.update({layer: r for layer, r in fresh.items() if layer < first_run})
         latents = step_latents(latents, v, run.sigmas[step], run.sigmas[step + 1])
-        kept_per_step.append(kept_fraction(head_window[step]) if step_kind[step] == 0 else 0.0)
+        kept_per_step.append(kept_fraction(head_window[step, :first_run]) * first_run / layers_total
+                             if step_kind[step] == 0 else 0.0)
         bar.set_postfix(kept=f"{kept_per_step[-1]:.2f}", skipped=int((step_kind != 0).sum()))
     jax.block_until_ready(latents)
     plan = CompressionPlan.from_config(
         cfg, head_window, height=height, width=width, text_len=layout.text_len, candidates=tuple(candidates),
         vae_scale_factor=vae_scale_factor, delta=delta, c=c, token_order=token_order, band=band,
-        step_kind=step_kind,
+        step_kind=step_kind, block_compute=block_compute,
         notes=dict(calibration_seconds=round(time.perf_counter() - start_time, 2), prompts=int(n),
                    guidance_scale=float(guidance_scale), seed=seed, rse_used_max=float(rse_used.max()),
                    cache_on_host=bool(cache_on_host), rse_over_prompts=rse_over_prompts,
                    budget_schedule=budget_schedule, **({"step_delta": float(step_delta),
-                                                        "step_kinds": list(step_kinds)} if step_delta > 0 else {}),
+                                                        "step_kinds": list(step_kinds),
+                                                        "block_candidates": [int(f) for f in block_candidates]}
+                                                       if step_delta > 0 else {}),
                    kept_per_step=[round(k, 4) for k in kept_per_step]))
     return CalibrationResult(plan=plan, rse=rse_table, saving=np.array(saving), final_latents=latents,
                              step_rse=step_rse)

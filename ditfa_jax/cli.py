@@ -90,6 +90,30 @@ SEQUENCE_LENGTH = _int_in(1, MAX_SEQUENCE_LENGTH)
 NON_NEGATIVE = _float_at_least(0.0)
 
 
+# == ditfa_jax.methods.STEP_KINDS without "compute" (a test checks), written out like TOKEN_ORDER_CHOICES
+STEP_METHOD_CHOICES = ("reuse", "taylor1", "taylor2")
+
+
+def _step_kinds(text: str) -> tuple[str, ...]:
+    """Step method names for --step-kinds (argparse type); 'none' is the empty list."""
+    names = () if text.strip() == "none" else tuple(n.strip() for n in text.split(","))
+    bad = [n for n in names if n not in STEP_METHOD_CHOICES]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown step methods {bad}; expected reuse, taylor1, taylor2 or none")
+    return names
+
+
+def _positive_ints(text: str) -> tuple[int, ...]:
+    """A comma-separated list of integers >= 1 (argparse type)."""
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, e.g. 8,16; got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+    return values
+
+
 def _dtype(name: str):
     import jax.numpy as jnp
 
@@ -314,7 +338,8 @@ def cmd_calibrate(args) -> int:
                        candidates=tuple(args.candidates.split(",")), scheduler=scheduler, seed=args.seed,
                        vae_scale_factor=run["vae_scale_factor"], rse_over_prompts=args.rse_over_prompts,
                        budget_schedule=args.budget_schedule, token_order=args.token_order,
-                       step_delta=args.step_delta, **negative)
+                       step_delta=args.step_delta, step_kinds=args.step_kinds,
+                       block_candidates=args.block_candidates, **negative)
     plan = result.plan
     plan.save(out, overwrite=args.overwrite)
     try:
@@ -576,6 +601,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step-delta", type=NON_NEGATIVE, default=0.0,
                    help="also search step methods: a step whose velocity reusing or extrapolating (Taylor, order 1 "
                         "or 2) the earlier computed ones predicts within this RSE skips the transformer (0: off)")
+    p.add_argument("--step-kinds", type=_step_kinds, default=STEP_METHOD_CHOICES,
+                   help="with --step-delta: the step methods to consider, comma-separated from reuse, taylor1, "
+                        "taylor2, or none (block caching only)")
+    p.add_argument("--block-candidates", type=_positive_ints, default=(),
+                   help="with --step-delta: comma-separated numbers F of first blocks that run while the others "
+                        "reuse their cached residuals (FBCache/DBCache-like), e.g. 8,16; a step takes the fewest "
+                        "blocks within the budget")
     p.add_argument("--token-order", choices=TOKEN_ORDER_CHOICES, default="raster",
                    help="order of the image tokens that arrow bands follow: raster (the paper's: a band is a strip "
                         "of whole rows) or along a space-filling curve (hilbert, morton: a band is a 2-D "

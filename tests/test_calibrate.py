@@ -204,6 +204,10 @@ def test_cli_calibrate_writes_plan_and_heatmap(tmp_path, capsys):
     assert cli_main(args[:2] + ["--out", str(steps)] + args[4:] + ["--step-delta", "1e9"]) == 0
     assert CompressionPlan.load(steps).step_kind.tolist() == [0, 1, 1]  # only reuse has the history it needs
     assert "skipped at steps 1-2" in capsys.readouterr().out
+    blocks = tmp_path / "blocks.json"
+    assert cli_main(args[:2] + ["--out", str(blocks)] + args[4:] + ["--step-delta", "1e9", "--step-kinds", "none",
+                                                                      "--block-candidates", "1"]) == 0
+    assert CompressionPlan.load(blocks).uses_block_caching and not CompressionPlan.load(blocks).uses_step_methods
     with pytest.raises(SystemExit) as refused:
         cli_main(args[:2] + ["--out", str(tmp_path / "x.json")] + args[4:] + ["--step-delta", "-1"])
     assert refused.value.code == 2 and "--step-delta" in capsys.readouterr().err

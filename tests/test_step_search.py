@@ -60,3 +60,34 @@ def test_no_step_delta_is_the_head_search(setup):
         calibrate(model, *text, delta=0.3, step_delta=-1.0, progress=False, **common)
     with pytest.raises(ValueError, match="step_kinds"):
         calibrate(model, *text, delta=0.3, step_delta=0.1, step_kinds=("taylor3",), progress=False, **common)
+
+
+def test_block_search_samples_as_the_plan_runs(setup):
+    """Block-residual caching in the same menu: steps where the first F blocks suffice cache the others, and the
+    pass's final latents equal `sample(plan)` (the sampler reuses the same residuals and leaves the caches of the
+    blocks that did not run alone)."""
+    model, text, common = setup
+    layers = model.config.total_layers
+    candidates = (1, layers // 2)
+    result = calibrate(model, *text, delta=0.3, step_delta=1e9, step_kinds=(), block_candidates=candidates,
+                       progress=False, seed=4, **common)
+    plan = result.plan
+    assert not plan.uses_step_methods and plan.uses_block_caching
+    assert plan.block_compute[0].all() and not plan.block_compute[1:, 1:].any()  # F = 1 is within any budget
+    noise = jax.random.normal(jax.random.key(4), result.final_latents.shape, jnp.float32)
+    sampled = np.asarray(sample(model, noise, *text, plan=plan, **common))
+    np.testing.assert_allclose(np.asarray(result.final_latents), sampled, rtol=1e-4, atol=1e-4)
+    mixed = calibrate(model, *text, delta=0.3, step_delta=float(np.nanmedian(result.step_rse)) if
+                      np.isfinite(result.step_rse).any() else 0.5, block_candidates=candidates, progress=False,
+                      seed=4, **common)
+    sampled = np.asarray(sample(model, noise, *text, plan=mixed.plan, **common))
+    np.testing.assert_allclose(np.asarray(mixed.final_latents), sampled, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="block_candidates"):
+        calibrate(model, *text, delta=0.3, step_delta=0.1, block_candidates=(layers,), progress=False, **common)
+
+
+def test_cli_step_method_names_are_the_plans():
+    from ditfa_jax.cli import STEP_METHOD_CHOICES
+    from ditfa_jax.methods import STEP_KINDS
+
+    assert STEP_METHOD_CHOICES == STEP_KINDS[1:]
