@@ -346,16 +346,9 @@ def test_calibration_pass_samples_as_sample_does(name):
     same noise (both run `ditfa_jax.denoise`; the search layer by layer, the sampler in one scan)."""
     import jax
 
-    model = load_transformer(FIXTURES / name, progress=False)
-    ref = dict(np.load(FIXTURES / name / "reference.npz"))
-    flux = name.startswith("flux")
-    side = 16 * 8 * (2 if flux else model.config.patch_size)
-    common = dict(height=side, width=side, num_steps=STEPS, guidance_scale=3.5 if flux else 7.0,
-                  scheduler=scheduler_for(FIXTURES / name, model))
-    if not flux:
-        common.update(negative_prompt_embeds=ref["sample_negative_prompt_embeds"],
-                      negative_pooled_prompt_embeds=ref["sample_negative_pooled"])
-    text = (ref["sample_prompt_embeds"], ref["sample_pooled"])
+    from tiny_runs import tiny_run
+
+    model, text, common = tiny_run(name, STEPS)
     result = calibrate(model, *text, delta=0.5, progress=False, seed=3, **common)
     plan = result.plan
     assert ((plan.head_window > 0).any() and (plan.head_window == 0).any() and (plan.head_window == -1).any()), \

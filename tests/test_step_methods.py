@@ -1,38 +1,26 @@
 """Step reuse, Taylor extrapolation and block-residual caching in the sampler, each against a direct
 re-computation written out plainly here (tiny FLUX-dev and SD3.5-medium checkpoints, fp32, CPU; issue 17)."""
 
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from ditfa_jax import load_transformer, sample
+from tiny_runs import tiny_run
+
+from ditfa_jax import sample
 from ditfa_jax.attention import AttentionSettings
 from ditfa_jax.denoise import VelocityHistory, embed, guided_velocity, prepare_run
 from ditfa_jax.models.layers import block_forward
 from ditfa_jax.plan import CompressionPlan
-from ditfa_jax.sampler import scheduler_for
-
-FIXTURES = Path(__file__).parent / "fixtures"
 STEPS = 6
 
 
 @pytest.fixture(scope="module", params=["flux_dev", "sd35_medium"])
 def setup(request):
-    name = request.param
-    model = load_transformer(FIXTURES / name, progress=False, dtype=jnp.float32)
-    ref = dict(np.load(FIXTURES / name / "reference.npz"))
-    flux = name.startswith("flux")
-    side = 16 * 8 * (2 if flux else model.config.patch_size)
-    common = dict(height=side, width=side, num_steps=STEPS, guidance_scale=3.5 if flux else 7.0,
-                  scheduler=scheduler_for(FIXTURES / name, model))
-    if not flux:
-        common.update(negative_prompt_embeds=ref["sample_negative_prompt_embeds"],
-                      negative_pooled_prompt_embeds=ref["sample_negative_pooled"])
-    text = (ref["sample_prompt_embeds"], ref["sample_pooled"])
+    model, text, common = tiny_run(request.param, STEPS, dtype=jnp.float32)
+    side = common["height"]
     run = prepare_run(model.config, *text, vae_scale_factor=8, dtype=model.dtype,
                       **{k: v for k, v in common.items()})
     noise = jax.random.normal(jax.random.key(5), (text[0].shape[0], *run.latent_shape), jnp.float32)
@@ -125,6 +113,7 @@ def test_blocks_all_computed_is_dense(setup):
     np.testing.assert_array_equal(np.asarray(sample(model, noise, *text, plan=plain, **common)), dense)
 
 
+@pytest.mark.parametrize("setup", ["sd35_medium"], indirect=True)  # CFG; one family keeps CI short
 def test_head_plan_with_reused_steps_keeps_the_cache(setup):
     """Head-wise cached heads after a reused step take the value of the last step that ran (the cache is not
     touched by a step that skips the transformer): the plan path equals a loop of single steps."""
@@ -198,6 +187,7 @@ def reference_gate(model, run, noise, first_blocks, threshold):
     return x, np.array(skipped)
 
 
+@pytest.mark.parametrize("setup", ["flux_dev"], indirect=True)  # skipped blocks cross FLUX's stack hand-over
 def test_dynamic_gate(setup):
     from ditfa_jax.denoise import DynamicGate
 
@@ -219,6 +209,7 @@ def test_dynamic_gate(setup):
     np.testing.assert_allclose(np.asarray(got), want, rtol=2e-4, atol=2e-4)
 
 
+@pytest.mark.parametrize("setup", ["flux_dev"], indirect=True)
 def test_gate_refusals(setup):
     from ditfa_jax.denoise import DynamicGate
 

@@ -1,36 +1,25 @@
 """The plan search over step methods (reuse / Taylor), in the same pass as the head search (issue 17; tiny
 checkpoints, CPU)."""
 
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ditfa_jax import load_transformer, sample
-from ditfa_jax.calibrate import calibrate
-from ditfa_jax.sampler import scheduler_for
+from tiny_runs import tiny_run
 
-FIXTURES = Path(__file__).parent / "fixtures"
+from ditfa_jax import sample
+from ditfa_jax.calibrate import calibrate
+
 STEPS = 6
 
 
 @pytest.fixture(scope="module", params=["flux_dev", "sd35_medium"])
 def setup(request):
-    name = request.param
-    model = load_transformer(FIXTURES / name, progress=False)
-    ref = dict(np.load(FIXTURES / name / "reference.npz"))
-    flux = name.startswith("flux")
-    side = 16 * 8 * (2 if flux else model.config.patch_size)
-    common = dict(height=side, width=side, num_steps=STEPS, guidance_scale=3.5 if flux else 7.0,
-                  scheduler=scheduler_for(FIXTURES / name, model))
-    if not flux:
-        common.update(negative_prompt_embeds=ref["sample_negative_prompt_embeds"],
-                      negative_pooled_prompt_embeds=ref["sample_negative_pooled"])
-    return model, (ref["sample_prompt_embeds"], ref["sample_pooled"]), common
+    return tiny_run(request.param, STEPS)
 
 
+@pytest.mark.parametrize("setup", ["flux_dev"], indirect=True)  # one family each keeps CI short
 def test_step_search_samples_as_the_plan_runs(setup):
     """Steps whose velocity a step method predicts within step_delta are skipped; the pass's final latents equal
     `sample(plan)` from the same noise, so the search followed the trajectory the plan runs."""
@@ -52,6 +41,7 @@ def test_step_search_samples_as_the_plan_runs(setup):
     assert np.abs(sampled - heads_only).max() > 1e-3  # the skipped steps changed the result
 
 
+@pytest.mark.parametrize("setup", ["flux_dev"], indirect=True)
 def test_no_step_delta_is_the_head_search(setup):
     model, text, common = setup
     plain = calibrate(model, *text, delta=0.3, progress=False, **common)
@@ -62,6 +52,7 @@ def test_no_step_delta_is_the_head_search(setup):
         calibrate(model, *text, delta=0.3, step_delta=0.1, step_kinds=("taylor3",), progress=False, **common)
 
 
+@pytest.mark.parametrize("setup", ["sd35_medium"], indirect=True)  # CFG and several block stacks
 def test_block_search_samples_as_the_plan_runs(setup):
     """Block-residual caching in the same menu: steps where the first F blocks suffice cache the others, and the
     pass's final latents equal `sample(plan)` (the sampler reuses the same residuals and leaves the caches of the

@@ -295,11 +295,17 @@ def render(shape, colour, size, region, offset, background, *, image_size: int =
 _render_jit = jax.jit(render, static_argnames="image_size")
 
 
-def render_scenes(scenes: SceneBatch, *, image_size: int = IMAGE_SIZE, batch_size: int = 1024) -> np.ndarray:
-    """Render a SceneBatch to float32 numpy images [N, image_size, image_size, 3], ``batch_size`` at a time."""
-    chunks = [np.asarray(_render_jit(**scenes[i:i + batch_size].arrays(), image_size=image_size))
+def render_in_chunks(render_jit, scenes, *, image_size: int, batch_size: int) -> np.ndarray:
+    """A world's jitted ``render`` over a scene batch, ``batch_size`` scenes at a time: float32 numpy images
+    [N, image_size, image_size, 3]."""
+    chunks = [np.asarray(render_jit(**scenes[i:i + batch_size].arrays(), image_size=image_size))
               for i in range(0, len(scenes), batch_size)]
     return np.concatenate(chunks) if chunks else np.zeros((0, image_size, image_size, 3), np.float32)
+
+
+def render_scenes(scenes: SceneBatch, *, image_size: int = IMAGE_SIZE, batch_size: int = 1024) -> np.ndarray:
+    """Render a SceneBatch to float32 numpy images [N, image_size, image_size, 3], ``batch_size`` at a time."""
+    return render_in_chunks(_render_jit, scenes, image_size=image_size, batch_size=batch_size)
 
 
 def to_uint8(images) -> np.ndarray:

@@ -35,7 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ditfa_jax.testbed.world import COLOUR_NAMES, COLOURS, PALETTE, REGIONS, SHAPES, shape_sdfs
+from ditfa_jax.testbed.world import (COLOUR_NAMES, COLOURS, PALETTE, REGIONS, SHAPES, render_in_chunks, shape_sdfs,
+                                     to_uint8)
 
 __all__ = [
     "IMAGE_SIZE", "MAX_OBJECTS", "SHAPES", "COLOURS", "COLOUR_NAMES", "PALETTE", "SIZES", "DIAMETERS", "TEXTURES",
@@ -446,14 +447,7 @@ _render_jit = jax.jit(render, static_argnames="image_size")
 
 def render_scenes(scenes: SceneBatch, *, image_size: int = IMAGE_SIZE, batch_size: int = 1024) -> np.ndarray:
     """Render a SceneBatch to float32 numpy images [N, image_size, image_size, 3], ``batch_size`` at a time."""
-    chunks = [np.asarray(_render_jit(**scenes[i:i + batch_size].arrays(), image_size=image_size))
-              for i in range(0, len(scenes), batch_size)]
-    return np.concatenate(chunks) if chunks else np.zeros((0, image_size, image_size, 3), np.float32)
-
-
-def to_uint8(images) -> np.ndarray:
-    """Float images in [0, 1] to uint8 (rounded, clipped)."""
-    return np.clip(np.round(np.asarray(images, np.float32) * 255), 0, 255).astype(np.uint8)
+    return render_in_chunks(_render_jit, scenes, image_size=image_size, batch_size=batch_size)
 
 
 # ----------------------------------------------------------------------------------------------------------------
