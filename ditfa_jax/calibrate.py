@@ -14,8 +14,9 @@ One sampling pass over the calibration prompts, layer by layer. At each step and
 With ``step_delta`` > 0 the same pass also searches step methods: after a step has run (with its head choices),
 the velocity that reusing or extrapolating the earlier computed ones would give (`STEP_KINDS`) is scored by its RSE
 against the step's computed velocity; the best one within ``step_delta`` replaces the step (the whole step's time
-saved), and the trajectory, the velocity history and the attention caches continue as the sampler would run the
-plan (a skipped step leaves the caches as they were).
+saved). Else, with ``block_candidates``, the velocity with blocks F.. reusing their residuals (FBCache/DBCache-like)
+is scored the same way, fewest blocks first. The trajectory, the velocity history, the attention caches and the
+block residuals continue as the sampler runs the plan (what did not run leaves them as they were).
 
 Step 0 is always full and runs the layers uncompressed (no candidates). The per-layer caches live in pinned host
 memory when they would crowd the GPU, with transfers overlapped with compute. The result holds the plan for this

@@ -174,7 +174,7 @@ class DynamicGate:
     At each step the first `first_blocks` blocks run; when the relative L1 change of their residual (output minus
     input) since the last fully computed step is below `threshold`, the other blocks reuse their cached residuals
     (`ditfa_jax.models.layers.run_stacks_with_blocks`) instead of running. Step 0 always runs everything, and so
-    does a threshold of 0. A step that runs everything pays the first blocks twice (1 / layers of the step)."""
+    does a threshold of 0. A step that runs everything pays its first blocks twice (first_blocks / layers of a step)."""
     first_blocks: int = 1
     threshold: float = 0.1
 

@@ -85,7 +85,9 @@ def sample(model: Transformer, latents, prompt_embeds, pooled_prompt_embeds, *, 
         cfg = family_of(model.config).guidance(model.config) == "cfg" and guidance_scale > 1
         batch = latents.shape[0] * (2 if cfg else 1)
         check_fits(state_bytes(model.state) + activation_bytes(model.config, batch, layout.tokens, model.dtype)
-                   + (cache_bytes(model.config, batch, layout.tokens, model.dtype) if compressed else 0),
+                   + (cache_bytes(model.config, batch, layout.tokens, model.dtype) if compressed else 0)
+                   # block residuals: a carry per layer, as large as the attention cache
+                   + (cache_bytes(model.config, batch, layout.tokens, model.dtype) if blocks_on or gate is not None else 0),
                    f"sampling {latents.shape[0]} x {height}x{width} (parameters + activations)", host=False)
     run = prepare_run(model.config, prompt_embeds, pooled_prompt_embeds, height=height, width=width,
                       num_steps=num_steps, guidance_scale=guidance_scale,
