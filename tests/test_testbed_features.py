@@ -18,7 +18,9 @@ FIXTURE_STEPS = 30
 
 
 def _params(net) -> dict[str, np.ndarray]:
-    return F._flat_params(net)
+    from ditfa_jax.testbed.params import flat_params
+
+    return flat_params(net)
 
 
 @pytest.fixture(scope="module")

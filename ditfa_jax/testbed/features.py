@@ -35,6 +35,7 @@ import numpy as np
 from flax import nnx
 
 from ditfa_jax.files import atomic_folder
+from ditfa_jax.testbed.params import fill_params, flat_params
 
 __all__ = ["FeatureNetConfig", "FeatureNet", "FrechetScore", "train_feature_net", "save_feature_net",
            "load_feature_net", "embed_images", "frechet_distance", "frechet_score", "v1_attribute_labels",
@@ -241,11 +242,6 @@ def train_feature_net(draw_batch: DrawBatch, *, num_labels: int, steps: int = 15
 # Saving and loading
 
 
-def _flat_params(net: FeatureNet) -> dict[str, np.ndarray]:
-    return {"/".join(map(str, path)): np.asarray(var.get_value(), np.float32)
-            for path, var in nnx.to_flat_state(nnx.state(net, nnx.Param))}
-
-
 def save_feature_net(net: FeatureNet, folder: str | Path, *, record: dict | None = None,
                      overwrite: bool = False) -> Path:
     """Write ``config.json`` + ``model.safetensors`` (fp32, flat NNX paths) [+ ``training.json``] atomically."""
@@ -254,7 +250,7 @@ def save_feature_net(net: FeatureNet, folder: str | Path, *, record: dict | None
     folder = Path(folder)
     with atomic_folder(folder, overwrite=overwrite) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(net.config), indent=2))
-        save_file(_flat_params(net), str(tmp / WEIGHTS_FILE))
+        save_file(flat_params(net, jnp.float32), str(tmp / WEIGHTS_FILE))
         if record is not None:
             (tmp / RECORD_FILE).write_text(json.dumps(record, indent=1))
     return folder
@@ -262,8 +258,6 @@ def save_feature_net(net: FeatureNet, folder: str | Path, *, record: dict | None
 
 def load_feature_net(folder: str | Path) -> FeatureNet:
     """Read a folder written by :func:`save_feature_net`; errors name the file and the missing or misshapen tensor."""
-    from safetensors.numpy import load_file
-
     folder = Path(folder)
     cfg_path, weights = folder / CONFIG_FILE, folder / WEIGHTS_FILE
     for path in (cfg_path, weights):
@@ -275,19 +269,7 @@ def load_feature_net(folder: str | Path) -> FeatureNet:
         raise ValueError(f"{cfg_path}: fields {sorted(raw)}; expected num_labels and a subset of {sorted(known)}")
     config = FeatureNetConfig(**raw)
     net = nnx.eval_shape(lambda: FeatureNet(config, rngs=nnx.Rngs(0)))
-    tensors = load_file(str(weights))
-    state = nnx.state(net, nnx.Param)
-    for path, var in nnx.to_flat_state(state):
-        key = "/".join(map(str, path))
-        if key not in tensors:
-            raise ValueError(f"{weights}: missing tensor {key!r}")
-        value = tensors.pop(key)
-        if value.shape != var.get_value().shape:
-            raise ValueError(f"{weights}: tensor {key!r} has shape {value.shape}, expected {var.get_value().shape}")
-        var.set_value(jnp.asarray(value, jnp.float32))
-    if tensors:
-        raise ValueError(f"{weights}: unexpected tensors {sorted(tensors)[:10]}")
-    nnx.update(net, state)
+    nnx.update(net, fill_params(nnx.state(net, nnx.Param), weights, jnp.float32))
     return net
 
 

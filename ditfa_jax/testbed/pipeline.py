@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
 from ditfa_jax.attention import AttentionSettings
 from ditfa_jax.calibrate import CalibrationResult, calibrate
@@ -37,6 +37,7 @@ from ditfa_jax.sampler import sample
 from ditfa_jax.scheduler import SchedulerConfig
 from ditfa_jax.family import family_of
 from ditfa_jax.testbed.model import DEFAULT_STEPS, TextEncoder, TextEncoderConfig
+from ditfa_jax.testbed.params import fill_params, flat_params
 from ditfa_jax.testbed.testbeds import Testbed, get_testbed, latents_to_images
 from ditfa_jax.testbed.tokenizer import WordTokenizer
 
@@ -54,11 +55,6 @@ def default_dtype():
     return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
 
 
-def _flat_params(module: nnx.Module) -> dict[str, np.ndarray]:
-    return {"/".join(map(str, path)): np.asarray(var.get_value())
-            for path, var in nnx.to_flat_state(nnx.state(module, nnx.Param))}
-
-
 def _load_text_encoder(folder: Path, dtype) -> tuple[TextEncoderConfig, object, object]:
     cfg_path, weights = folder / COMPONENT_FILES["text_encoder"], folder / TEXT_ENCODER_WEIGHTS
     raw = json.loads(cfg_path.read_text())
@@ -69,19 +65,8 @@ def _load_text_encoder(folder: Path, dtype) -> tuple[TextEncoderConfig, object, 
     cfg = TextEncoderConfig(**raw)
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: text encoder weights missing")
-    tensors = load_file(str(weights))
     graphdef, state = nnx.split(nnx.eval_shape(lambda: TextEncoder(cfg, rngs=nnx.Rngs(0))))
-    for path, var in nnx.to_flat_state(state):
-        key = "/".join(map(str, path))
-        if key not in tensors:
-            raise ValueError(f"{weights}: missing tensor {key!r}")
-        value = tensors.pop(key)
-        if value.shape != var.get_value().shape:
-            raise ValueError(f"{weights}: tensor {key!r} has shape {value.shape}, expected {var.get_value().shape}")
-        var.set_value(jnp.asarray(value, dtype))
-    if tensors:
-        raise ValueError(f"{weights}: unexpected tensors {sorted(tensors)[:10]}")
-    return cfg, graphdef, state
+    return cfg, graphdef, fill_params(state, weights, dtype)
 
 
 class TestbedPipeline:
@@ -216,13 +201,12 @@ def save_pipeline(folder: str | Path, transformer: Transformer, text_encoder: Te
     """Write a testbed folder atomically (temp folder + rename; refuses an existing folder); weights in ``dtype``."""
     folder = Path(folder)
     with atomic_folder(folder) as tmp:
-        cast = lambda a: np.asarray(jnp.asarray(a, dtype))  # noqa: E731
         state = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), transformer.state)
         save_converted(Transformer(transformer.config, transformer.graphdef, state), tmp / "transformer")
         (tmp / "text_encoder").mkdir()
         (tmp / COMPONENT_FILES["text_encoder"]).write_text(json.dumps(dataclasses.asdict(text_encoder.config),
                                                                       indent=2))
-        save_file({k: cast(v) for k, v in _flat_params(text_encoder).items()}, str(tmp / TEXT_ENCODER_WEIGHTS))
+        save_file(flat_params(text_encoder, dtype), str(tmp / TEXT_ENCODER_WEIGHTS))
         (tmp / "tokenizer").mkdir()
         shutil.copyfile(tokenizer_file, tmp / COMPONENT_FILES["tokenizer"])
         (tmp / "scheduler").mkdir()
