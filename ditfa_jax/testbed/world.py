@@ -84,8 +84,30 @@ _BACKGROUND_PHRASES = np.array([f"on a {b} background" for b in BACKGROUNDS], dt
 # Scenes
 
 
+class SceneArrays:
+    """Batch behaviour of a world's scene dataclass whose fields are all [N, ...] arrays (v1's and v2's
+    `SceneBatch`): length, subsets, object counts, concatenation."""
+
+    def __len__(self) -> int:
+        return len(self.background)
+
+    def __getitem__(self, idx):
+        """A subset of the scenes (an integer index gives a batch of one)."""
+        if isinstance(idx, (int, np.integer)):
+            idx = np.array([idx])
+        return type(self)(**{f.name: getattr(self, f.name)[idx] for f in dataclasses.fields(self)})
+
+    @property
+    def num_objects(self) -> np.ndarray:
+        return (self.shape >= 0).sum(axis=1)
+
+    @classmethod
+    def concatenate(cls, batches):
+        return cls(**{f.name: np.concatenate([getattr(b, f.name) for b in batches]) for f in dataclasses.fields(cls)})
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
-class SceneBatch:
+class SceneBatch(SceneArrays):
     """N scenes as index arrays; absent objects are -1 (offset 0) and come after the present ones."""
 
     shape: np.ndarray  # int32 [N, MAX_OBJECTS], index into SHAPES
@@ -107,26 +129,9 @@ class SceneBatch:
         if self.offset.shape != n + (MAX_OBJECTS, 2):
             raise ValueError(f"SceneBatch.offset: expected shape {n + (MAX_OBJECTS, 2)}, got {self.offset.shape}")
 
-    def __len__(self) -> int:
-        return len(self.background)
-
-    def __getitem__(self, idx) -> "SceneBatch":
-        """A subset of the scenes (an integer index gives a batch of one)."""
-        if isinstance(idx, (int, np.integer)):
-            idx = np.array([idx])
-        return SceneBatch(**{name: getattr(self, name)[idx] for name in _FIELDS})
-
-    @property
-    def num_objects(self) -> np.ndarray:
-        return (self.shape >= 0).sum(axis=1)
-
     def arrays(self) -> dict[str, np.ndarray]:
         """The six arrays by name, in :func:`render`'s argument order: ``render(**scenes.arrays())``."""
         return {name: getattr(self, name) for name in _FIELDS}
-
-    @staticmethod
-    def concatenate(batches) -> "SceneBatch":
-        return SceneBatch(**{name: np.concatenate([getattr(b, name) for b in batches]) for name in _FIELDS})
 
 
 def is_heldout(caption: str) -> bool:

@@ -28,15 +28,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import zlib
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ditfa_jax.testbed.world import (COLOUR_NAMES, COLOURS, PALETTE, REGIONS, SHAPES, render_in_chunks, shape_sdfs,
-                                     to_uint8)
+from ditfa_jax.testbed.world import (COLOUR_NAMES, COLOURS, PALETTE, REGIONS, SHAPES, SceneArrays, is_heldout,
+                                     render_in_chunks, shape_sdfs, to_uint8)
 
 __all__ = [
     "IMAGE_SIZE", "MAX_OBJECTS", "SHAPES", "COLOURS", "COLOUR_NAMES", "PALETTE", "SIZES", "DIAMETERS", "TEXTURES",
@@ -88,7 +87,7 @@ def region_of(centre) -> np.ndarray:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class SceneBatch:
+class SceneBatch(SceneArrays):
     """N scenes: the truth (what is drawn) and what each caption mentions; absent objects are -1 (zeros for the
     float arrays, False for ``mentioned``) and come after the present ones, which are in drawing order."""
 
@@ -120,19 +119,6 @@ class SceneBatch:
             raise ValueError(f"SceneBatch.background_mentioned: expected shape {n}, "
                              f"got {self.background_mentioned.shape}")
 
-    def __len__(self) -> int:
-        return len(self.background)
-
-    def __getitem__(self, idx) -> "SceneBatch":
-        """A subset of the scenes (an integer index gives a batch of one)."""
-        if isinstance(idx, (int, np.integer)):
-            idx = np.array([idx])
-        return SceneBatch(**{name: getattr(self, name)[idx] for name in _ALL_FIELDS})
-
-    @property
-    def num_objects(self) -> np.ndarray:
-        return (self.shape >= 0).sum(axis=1)
-
     @property
     def region(self) -> np.ndarray:
         """int32 [N, K]: the region (3x3 cell, index into REGIONS) of each object's centre, -1 for absent ones."""
@@ -141,15 +127,6 @@ class SceneBatch:
     def arrays(self) -> dict[str, np.ndarray]:
         """The truth arrays by name, in :func:`render`'s argument order: ``render(**scenes.arrays())``."""
         return {name: getattr(self, name) for name in _FIELDS}
-
-    @staticmethod
-    def concatenate(batches) -> "SceneBatch":
-        return SceneBatch(**{name: np.concatenate([getattr(b, name) for b in batches]) for name in _ALL_FIELDS})
-
-
-def is_heldout(caption: str) -> bool:
-    """Whether a caption belongs to the held-out split (a stable hash of the caption string)."""
-    return zlib.crc32(caption.encode()) % 10 == 0
 
 
 def _placement_ok(centre, size, colour, present) -> np.ndarray:
