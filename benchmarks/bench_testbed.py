@@ -89,7 +89,9 @@ def main() -> None:
     common = dict(testbed=testbed.name, steps=steps, device=device, guidance_scale=pipe.guidance_scale)
 
     if args.fidelity:
-        for name, objects, options in (("single", 1, {}), ("multi", None, {})):
+        sets = [("single", 1, {}), ("multi", None, {})]
+        sets += [("all mentioned", None, {"mention": "all"})] if testbed.name == "v2" else []
+        for name, objects, options in sets:
             scenes = heldout_scenes(args.fidelity, seed=99 if objects else 98, objects=objects,
                                     testbed=testbed.name, **options)
             start = time.perf_counter()
@@ -97,7 +99,7 @@ def main() -> None:
             seconds = time.perf_counter() - start
             record(out_dir, kind="fidelity", set=name, captions=len(scenes), seconds_incl_compile=round(seconds, 2),
                    **common, **{k: round(v, 4) for k, v in score.items()})
-            save_png(out_dir / f"fidelity_{name}.png", image_grid([images[:8], images[8:16]], scale=2),
+            save_png(out_dir / f"fidelity_{name.replace(' ', '_')}.png", image_grid([images[:8], images[8:16]], scale=2),
                      {"captions": " | ".join(world.captions(scenes[np.arange(min(16, len(scenes)))]))})
 
     if args.guidance:

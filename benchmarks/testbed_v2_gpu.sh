@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Testbed v2 on the GPU machine, in two calls of the device tool (each under its 10-minute limit):
-#   bash benchmarks/testbed_v2_gpu.sh train     trains the model ($OUT/testbed_v2.tar: the checkpoint folder)
+#   bash benchmarks/testbed_v2_gpu.sh train     trains the model ($OUT/testbed_v2.tar: the checkpoint folder), then
+#                                                scores it on $CHECK_CAPTIONS held-out captions per set (0: skip)
 #   bash benchmarks/testbed_v2_gpu.sh measure   trains the Fréchet feature network, then guidance scan, realism
 #                                                checks and the quality-vs-cost sweep (checkpoint: $CHECKPOINT,
 #                                                default the shipped ditfa_jax/testbed/v2/checkpoint)
@@ -16,6 +17,12 @@ case "${1:-}" in
     python -m ditfa_jax.testbed.train --testbed v2 --out /tmp/testbed_v2 --steps 100000 \
       --time-limit-s "${TRAIN_SECONDS:-500}" --log-every 250 ${TRAIN_ARGS:-} 2>&1 | tee "$OUT/train_log.txt" || rc=$?
     [ -d /tmp/testbed_v2 ] && tar -C /tmp -cf "$OUT/testbed_v2.tar" testbed_v2
+    if [ -d /tmp/testbed_v2 ] && [ "${CHECK_CAPTIONS:-64}" != 0 ]; then  # a first look: fidelity and pictures
+      rm -rf /tmp/check_v2
+      python benchmarks/bench_testbed.py --testbed v2 --checkpoint /tmp/testbed_v2 --out-dir /tmp/check_v2 \
+        --fidelity "${CHECK_CAPTIONS:-64}" 2>&1 | tee "$OUT/check_log.txt" || rc=$?
+      tar -C /tmp -cf "$OUT/check_v2.tar" check_v2
+    fi
     ;;
   measure)
     CHECKPOINT=${CHECKPOINT:-ditfa_jax/testbed/v2/checkpoint}

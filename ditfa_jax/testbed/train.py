@@ -22,6 +22,7 @@ import dataclasses
 import json
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jax
@@ -194,8 +195,12 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> tuple[TestbedModel, dic
     key = jax.random.key(cfg.seed)
     curve, window, start, steps_done = [], [], None, 0
     bar = tqdm(range(cfg.steps), desc="training testbed", unit="step", disable=not progress)
+    draw = lambda: _batch(rng, testbed, tokenizer, cfg.batch_size, dropout)  # noqa: E731
+    prefetch = ThreadPoolExecutor(max_workers=1)  # the next batch is drawn on the host while the device trains
+    upcoming = prefetch.submit(draw)
     for index in bar:
-        scenes, ids, mask = _batch(rng, testbed, tokenizer, cfg.batch_size, dropout)
+        scenes, ids, mask = upcoming.result()
+        upcoming = prefetch.submit(draw)
         params, opt_state, ema, loss = step_fn(params, opt_state, ema, scenes, ids, mask,
                                                jax.random.fold_in(key, index), index)
         window.append(loss)
@@ -212,6 +217,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> tuple[TestbedModel, dic
                 raise FloatingPointError(f"training diverged: mean loss {mean} at step {steps_done}")
             if cfg.time_limit_s is not None and time.perf_counter() - start > cfg.time_limit_s:
                 break
+    prefetch.shutdown(cancel_futures=True)
     jax.block_until_ready(ema)
     seconds = time.perf_counter() - start
     record = {"recipe": {**dataclasses.asdict(cfg), "caption_dropout": dropout}, "steps_done": steps_done,
