@@ -162,7 +162,8 @@ def main() -> None:
             line_plot(series, title=f"testbed {testbed.name}: {label} vs cost ({args.cost_model})",
                       xlabel="cost (dense = 1)", ylabel=metric).save(out_dir / f"quality_{metric.split('_')[0]}.png")
         names = ["dense"] + [f"dense {n} steps" for n in sorted(set(fewer), reverse=True)[:3]]
-        names += [f"per-layer delta={d:g}" for d in deltas]
+        first = args.searches.split(",")[0]
+        names += [f"{first} delta={d:g}" for d in deltas]
         save_png(out_dir / "comparison.png", comparison_grid(images, names, columns=8, scale=2),
                  {"captions": " | ".join(world.captions(scenes[np.arange(min(4, len(scenes)))]))})
 
@@ -193,7 +194,9 @@ def print_table() -> None:
         elif kind == "realism-fidelity":
             print(f"| realism (c) | {r['set']} ({r['captions']}) | {r['steps']} | | | | | {r['object']:.3f} | | |")
         else:
-            print(f"| quality | {r['search']} delta {r['delta']} | {r['steps']} | {r['flops_kept']:.3f} | "
+            work = (f", {r['steps_skipped']} steps skipped" if r.get("steps_skipped") else "") + (
+                f", {r['blocks_cached']:.0%} blocks cached" if r.get("blocks_cached") else "")
+            print(f"| quality | {r['search']} delta {r['delta']}{work} | {r['steps']} | {r['flops_kept']:.3f} | "
                   f"{r['cost']:.3f} | {r['psnr_db']:.2f} | {r['ssim']:.4f} | {r['fidelity']:.3f} | "
                   f"{_fmt(r['frechet'], '.3f')} | {r['seconds']} |")
 

@@ -508,12 +508,11 @@ def cmd_bench(args) -> int:
 def cmd_demo(args) -> int:
     from ditfa_jax.files import check_output
     from ditfa_jax.testbed.demo import DEFAULT_DELTA, run_demo
-    from ditfa_jax.testbed.model import DEFAULT_STEPS
 
     check_output(args.out, folder=True)
-    run_demo(args.out, checkpoint=args.checkpoint, prompts=args.prompts, calibration_prompts=args.calibration_prompts,
-             num_steps=args.steps or DEFAULT_STEPS, delta=DEFAULT_DELTA if args.delta is None else args.delta,
-             seed=args.seed, overwrite=args.overwrite)
+    run_demo(args.out, testbed=args.testbed, checkpoint=args.checkpoint, prompts=args.prompts,
+             calibration_prompts=args.calibration_prompts, num_steps=args.steps,
+             delta=DEFAULT_DELTA if args.delta is None else args.delta, seed=args.seed, overwrite=args.overwrite)
     return 0
 
 
@@ -686,7 +685,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "captions densely and with the plan from the same noise, and write the plan, heatmap, "
                         "images, a side-by-side comparison and a report.")
     p.add_argument("--out", default="outputs/demo", help="folder to write (refused if it exists, see --overwrite)")
-    p.add_argument("--checkpoint", help="testbed folder or repo id (default: the weights shipped in "
+    p.add_argument("--testbed", choices=("v1", "v2"), default="v2",
+                   help="which shipped testbed: v2 (SD3 MMDiT, CFG, up to 5 textured objects) or v1 (FLUX-style, "
+                        "up to 3 plain shapes)")
+    p.add_argument("--checkpoint", help="testbed folder or repo id (default: the --testbed weights shipped in "
                                         "ditfa_jax/testbed)")
     p.add_argument("--prompts", type=POSITIVE, default=4, help="held-out captions to generate")
     p.add_argument("--calibration-prompts", type=POSITIVE, default=4, help="training captions the plan search uses")

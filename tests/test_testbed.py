@@ -89,11 +89,16 @@ def test_demo_command_end_to_end(tmp_path, capsys):
     assert "attention FLOPs kept" in capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     assert report["steps"] == 4 and len(report["captions"]) == 2 and 0.0 < report["attention_flops_kept"] < 1.0
+    assert report["testbed"] == "v2" and report["guidance_scale"] == 4.0  # the default testbed
     for name in ("plan.json", "plan.png", "comparison.png", "report.md", "images/00_dense.png",
                  "images/01_compressed.png"):
         assert (out / name).stat().st_size > 0, name
     assert cli_main(args) == 2  # refuses to overwrite without --overwrite
     assert not list(tmp_path.glob("demo.partial-*"))
+    v1 = ["demo", "--testbed", "v1", "--out", str(tmp_path / "v1"), "--steps", "2", "--prompts", "1",
+          "--calibration-prompts", "1", "--delta", "0.5"]
+    assert cli_main(v1) == 0
+    assert json.loads((tmp_path / "v1" / "report.json").read_text())["testbed"] == "v1"
 
 
 def test_bad_testbed_folders(tmp_path):

@@ -1,6 +1,7 @@
-"""The main job on the embedded testbed model: calibrate a plan, generate dense and compressed, report.
+"""The main job on an embedded testbed model: calibrate a plan, generate dense and compressed, report.
 
-`run_demo` searches a compression plan on training-split captions, generates held-out captions densely and with
+The default testbed is v2 (SD3 MMDiT with CFG, partly specified captions of up to five textured objects); ``v1``
+(FLUX-style, no guidance, up to three plain shapes) stays available. `run_demo` searches a compression plan on training-split captions, generates held-out captions densely and with
 the plan from the same noise, and writes into one new folder (atomically: a temp folder renamed at the end):
 
     plan.json, plan.png       the plan and its heatmap (steps x layers, colour = attention FLOPs kept)
@@ -20,28 +21,30 @@ import numpy as np
 
 from ditfa_jax.files import atomic_folder
 from ditfa_jax.plan_pictures import save_heatmap
-from ditfa_jax.testbed import detector
 from ditfa_jax.testbed.metrics import image_grid, psnr, save_png, ssim
-from ditfa_jax.testbed.model import DEFAULT_STEPS
 from ditfa_jax.testbed.pipeline import TestbedPipeline
 from ditfa_jax.testbed.quality import heldout_scenes
-from ditfa_jax.testbed.world import captions, sample_scenes
 
 DEFAULT_DELTA = 0.1
+DEFAULT_TESTBED = "v2"
 
 
-def run_demo(out: str | Path, *, checkpoint: str | Path | None = None, prompts: int = 4,
-             calibration_prompts: int = 4, num_steps: int = DEFAULT_STEPS, delta: float = DEFAULT_DELTA,
-             seed: int = 0, overwrite: bool = False, log=print) -> dict:
+def run_demo(out: str | Path, *, testbed: str = DEFAULT_TESTBED, checkpoint: str | Path | None = None,
+             prompts: int = 4, calibration_prompts: int = 4, num_steps: int | None = None,
+             delta: float = DEFAULT_DELTA, seed: int = 0, overwrite: bool = False, log=print) -> dict:
+    """``checkpoint`` (a testbed folder or repo id) overrides ``testbed``'s shipped weights; ``num_steps`` default:
+    the testbed's."""
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     if prompts < 1 or calibration_prompts < 1:
         raise ValueError(f"prompts ({prompts}) and calibration prompts ({calibration_prompts}) must be >= 1")
-    pipe = TestbedPipeline.from_pretrained(checkpoint)
-    calibration = captions(sample_scenes(np.random.default_rng(seed), calibration_prompts, split="train"))
-    scenes = heldout_scenes(prompts, seed=seed + 1, objects=None)
-    texts = captions(scenes)
+    pipe = TestbedPipeline.from_pretrained(checkpoint or testbed)
+    world, detector = pipe.testbed.world, pipe.testbed.detector
+    num_steps = num_steps or pipe.testbed.model.DEFAULT_STEPS
+    calibration = world.captions(world.sample_scenes(np.random.default_rng(seed), calibration_prompts, split="train"))
+    scenes = heldout_scenes(prompts, seed=seed + 1, objects=None, testbed=pipe.testbed.name)
+    texts = world.captions(scenes)
 
     log(f"1/3 searching a plan on {calibration_prompts} training captions, {num_steps} steps, delta {delta}")
     plan = pipe.calibrate(calibration, delta=delta, num_steps=num_steps, seed=seed).plan
@@ -57,7 +60,8 @@ def run_demo(out: str | Path, *, checkpoint: str | Path | None = None, prompts: 
     dense_score, comp_score = detector.score(dense, scenes), detector.score(compressed, scenes)
     p_db, s = psnr(compressed, dense), ssim(compressed, dense)
     report = {
-        "checkpoint": str(pipe.folder), "steps": num_steps, "delta": delta, "seed": seed,
+        "testbed": pipe.testbed.name, "checkpoint": str(pipe.folder), "guidance_scale": pipe.guidance_scale,
+        "steps": num_steps, "delta": delta, "seed": seed,
         "attention_flops_kept": round(plan.flops_kept_fraction(), 4),
         "psnr_db_mean": round(float(np.mean(p_db)), 2), "ssim_mean": round(float(np.mean(s)), 4),
         "fidelity_dense": round(dense_score["object"], 3), "fidelity_compressed": round(comp_score["object"], 3),
@@ -98,12 +102,14 @@ def _timing_caveat(device: str) -> list[str]:
 
 def _markdown(report: dict, p_db, s) -> str:
     lines = [
-        "# ditfa-jax demo on the testbed model", "",
+        f"# ditfa-jax demo on the testbed {report['testbed']} model", "",
         f"Plan searched with delta {report['delta']} on {len(report['calibration_captions'])} training captions, "
         f"{report['steps']} steps: attention FLOPs kept **{report['attention_flops_kept']:.1%}** "
-        f"(heatmap: plan.png; search took {report['calibration_seconds']} s).", "",
+        f"(heatmap: plan.png; search took {report['calibration_seconds']} s). CFG scale "
+        f"{report['guidance_scale']:g}.", "",
         "| | dense | compressed |", "|---|---|---|",
-        f"| prompt fidelity (detector: right colour and shape in the right region) | {report['fidelity_dense']:.3f} "
+        f"| prompt fidelity (detector: objects with every attribute the caption names) | "
+        f"{report['fidelity_dense']:.3f} "
         f"| {report['fidelity_compressed']:.3f} |",
         f"| seconds (including compilation) | {report['dense_seconds_incl_compile']} | "
         f"{report['compressed_seconds_incl_compile']} |", "",

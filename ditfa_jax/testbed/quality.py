@@ -77,16 +77,52 @@ def global_plan(per_layer: CompressionPlan, rse: np.ndarray, saving: np.ndarray)
                                                          "delta_total": total})
 
 
-# Plan searches the sweep can compare: name -> options of `ditfa_jax.calibrate.calibrate` ("per-layer" is the paper's)
+def _heads(**options):
+    """A head-wise search: the sweep's budget is the per-(step, layer) head RSE ``delta``."""
+    return lambda budget: {"delta": budget, **options}
+
+
+def _steps(**options):
+    """A step-level search alone (heads stay full): the sweep's budget is the velocity RSE ``step_delta``."""
+    return lambda budget: {"delta": 0.0, "step_delta": budget, **options}
+
+
+ALL_BLOCKS = "all"  # block_candidates placeholder: every number of first blocks 1..layers-1 of the model
+# Plan searches the sweep can compare: name -> (budget -> options of `ditfa_jax.calibrate.calibrate`). "per-layer"
+# is the paper's head-wise search; the step-level ones keep every head full so each method is measured alone;
+# "unified" spends one budget on heads and steps together.
 SEARCHES = {
-    "per-layer": {},
-    "worst-prompt": {"rse_over_prompts": "max"},
-    "ramp": {"budget_schedule": "ramp"},
-    "worst-prompt+ramp": {"rse_over_prompts": "max", "budget_schedule": "ramp"},
-    "hilbert": {"token_order": "hilbert"},
-    "morton": {"token_order": "morton"},
-    "worst-prompt+hilbert": {"rse_over_prompts": "max", "token_order": "hilbert"},
+    "per-layer": _heads(),
+    "worst-prompt": _heads(rse_over_prompts="max"),
+    "ramp": _heads(budget_schedule="ramp"),
+    "worst-prompt+ramp": _heads(rse_over_prompts="max", budget_schedule="ramp"),
+    "hilbert": _heads(token_order="hilbert"),
+    "morton": _heads(token_order="morton"),
+    "worst-prompt+hilbert": _heads(rse_over_prompts="max", token_order="hilbert"),
+    "step-reuse": _steps(step_kinds=("reuse",)),
+    "taylor": _steps(step_kinds=("taylor1", "taylor2")),
+    "block-cache": _steps(step_kinds=(), block_candidates=ALL_BLOCKS),
+    "steps+blocks": _steps(step_kinds=("reuse", "taylor1", "taylor2"), block_candidates=ALL_BLOCKS),
+    "unified": lambda budget: {"delta": budget, "step_delta": budget, "step_kinds": ("reuse", "taylor1", "taylor2"),
+                               "block_candidates": ALL_BLOCKS},
 }
+
+
+def search_options(search: str, budget: float, num_layers: int) -> dict:
+    """The `calibrate` options of a named search at one budget, for a model of ``num_layers`` blocks."""
+    options = SEARCHES[search](float(budget))
+    if options.get("block_candidates") == ALL_BLOCKS:
+        options["block_candidates"] = tuple(range(1, num_layers))
+    return options
+
+
+def plan_work(plan: CompressionPlan | None) -> dict:
+    """Steps a plan skips (reuse / Taylor) and the share of (computed step, block) pairs it serves from the cache."""
+    if plan is None:
+        return {"steps_skipped": 0, "blocks_cached": 0.0}
+    computed = np.asarray(plan.step_kind) == 0
+    blocks = np.asarray(plan.block_compute, bool)[computed]
+    return {"steps_skipped": int((~computed).sum()), "blocks_cached": round(float(1 - blocks.mean()), 4)}
 
 
 def quality_sweep(pipe, scenes, calibration_captions: list[str], deltas, *, seeds_per_caption: int = 1,
@@ -120,10 +156,12 @@ def quality_sweep(pipe, scenes, calibration_captions: list[str], deltas, *, seed
         _batched(pipe, texts[:batch_size], seeds[:batch_size], steps, plan, batch_size)  # compile
         return _timed(lambda: _batched(pipe, texts, seeds, steps, plan, batch_size))
 
-    def row(name, images, seconds, *, delta, steps, kept, cost, calibration_seconds=0.0):
+    def row(name, images, seconds, *, delta, steps, kept, cost, calibration_seconds=0.0, plan=None):
         score = detector.score(images, targets)
         p_db, s = psnr(images, dense), ssim(images, dense)
+        work = plan_work(plan)
         return dict(search=name, delta=delta, steps=steps, flops_kept=round(kept, 4), cost=round(cost, 4),
+                    steps_skipped=work["steps_skipped"], blocks_cached=work["blocks_cached"],
                     psnr_db=float(np.mean(p_db)), psnr_min_db=float(np.min(p_db)), ssim=float(np.mean(s)),
                     ssim_min=float(np.min(s)), fidelity=score["object"], fidelity_size=score["size"],
                     frechet=None if features is None else round(frechet_score(features, images, truth).distance, 4),
@@ -140,15 +178,16 @@ def quality_sweep(pipe, scenes, calibration_captions: list[str], deltas, *, seed
     for delta in bar:
         variants = []
         for search in searches:
-            result = pipe.calibrate(calibration_captions, delta=float(delta), num_steps=num_steps, progress=False,
-                                    **SEARCHES[search])
+            result = pipe.calibrate(calibration_captions, num_steps=num_steps, progress=False,
+                                    **search_options(search, delta, pipe.transformer.config.total_layers))
             variants.append((search, result.plan))
             if include_global and search == "per-layer":
                 variants.append(("global", global_plan(result.plan, result.rse, result.saving)))
         for name, p in variants:
             out, seconds = generate(p)
             rows.append(row(name, out, seconds, delta=float(delta), steps=num_steps, kept=p.flops_kept_fraction(),
-                            cost=plan_cost(p, cost_model), calibration_seconds=p.notes["calibration_seconds"]))
+                            cost=plan_cost(p, cost_model), calibration_seconds=p.notes["calibration_seconds"],
+                            plan=p))
             images[f"{name} delta={delta:g}"] = out
         bar.set_postfix(kept=f"{rows[-1]['flops_kept']:.2f}")
     return rows, images

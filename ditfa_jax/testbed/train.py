@@ -47,6 +47,7 @@ class TrainConfig:
     batch_size: int = 128
     learning_rate: float = 4e-4
     warmup_steps: int = 250
+    decay: bool = False  # after warm-up, decay the learning rate linearly to 0 at `steps` (else constant)
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     ema_decay: float = 0.999
@@ -125,7 +126,16 @@ def testbed_layout(testbed: Testbed):
 
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    schedule = optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps)  # then constant: any stop is fine
+    warmup = optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps)
+    if not cfg.decay:
+        return _adamw(warmup, cfg)  # constant after warm-up: any stop (a time limit) is fine
+    if cfg.steps <= cfg.warmup_steps:
+        raise ValueError(f"decay: steps {cfg.steps} must exceed warmup_steps {cfg.warmup_steps}")
+    fall = optax.linear_schedule(cfg.learning_rate, 0.0, cfg.steps - cfg.warmup_steps)
+    return _adamw(optax.join_schedules([warmup, fall], [cfg.warmup_steps]), cfg)
+
+
+def _adamw(schedule, cfg: TrainConfig) -> optax.GradientTransformation:
     decay_mask = lambda params: jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)  # noqa: E731
     return optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
                        optax.adamw(schedule, b1=0.9, b2=0.99, weight_decay=cfg.weight_decay, mask=decay_mask))
@@ -226,12 +236,21 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> tuple[TestbedModel, dic
               "steps_per_second": round((steps_done - 1) / max(seconds, 1e-9), 2),
               "parameters": int(sum(p.size for p in jax.tree_util.tree_leaves(params))),
               "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
-              "command": "python -m ditfa_jax.testbed.train " + " ".join(
-                  f"--{k.replace('_', '-')} {steps_done if k == 'steps' else v}"
-                  for k, v in dataclasses.asdict(cfg).items() if v is not None and k != "time_limit_s"),
+              "command": _command(cfg, steps_done),
               "continued_from": previous}
     nnx.update(model, ema)
     return model, record
+
+
+def _command(cfg: TrainConfig, steps_done: int) -> str:
+    """The command that reruns this recipe (a constant-rate run stopped by its time limit: the steps it reached)."""
+    words = []
+    for k, v in dataclasses.asdict(cfg).items():
+        if v is None or v is False or k == "time_limit_s":
+            continue
+        v = steps_done if k == "steps" and not cfg.decay else v
+        words.append(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}"))
+    return "python -m ditfa_jax.testbed.train " + " ".join(words)
 
 
 def save_loss_plot(curve, path: Path) -> None:
@@ -261,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     for field in dataclasses.fields(TrainConfig):
         kind = {"steps": int, "batch_size": int, "warmup_steps": int, "seed": int, "log_every": int}.get(field.name)
         kind = kind or (str if field.name in ("compute_dtype", "attention_impl", "init_from", "testbed") else float)
+        if field.type in (bool, "bool"):
+            parser.add_argument(f"--{field.name.replace('_', '-')}", action="store_true")
+            continue
         parser.add_argument(f"--{field.name.replace('_', '-')}", type=kind, default=field.default)
     args = parser.parse_args(argv)
     out = Path(args.out)
