@@ -386,3 +386,54 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
                    kept_per_step=[round(k, 4) for k in kept_per_step]))
     return CalibrationResult(plan=plan, rse=rse_table, saving=np.array(saving), final_latents=latents,
                              step_rse=step_rse)
+
+
+def calibrate_for_speedup(run, target_speedup: float, cost_model, *, num_steps: int,
+                          scales=(1 / 16, 16.0), iterations: int = 6, log=None) -> CalibrationResult:
+    """The least-error plan of one search family that reaches ``target_speedup`` under ``cost_model``.
+
+    ``run(scale)`` runs one calibration pass with every budget of the search (the head ``delta``, the
+    ``step_delta``) multiplied by ``scale`` and returns its `CalibrationResult`; a larger scale removes more work.
+    The scale is bisected (geometrically, ``iterations`` passes after the two ends of ``scales``) for the smallest
+    one whose plan runs at least ``target_speedup`` times faster than dense (`cost_model.plan_cost`): the smallest
+    budget, so the least error, at that speed. ValueError naming the value and the limit when the target is out of
+    reach: below 1, above the ``num_steps``x that skipping every step after the first would give, or above what the
+    loosest scale reaches. The plan's notes record the passes (scale, speed-up).
+    """
+    from ditfa_jax.cost_model import plan_cost
+
+    bound = float(num_steps)  # step 0 always computes; every later step skipped costs nothing
+    if not np.isfinite(target_speedup) or not 1.0 < target_speedup <= bound:
+        raise ValueError(f"target speed-up {target_speedup!r}: expected a number in (1, {bound:g}] (with {num_steps} "
+                         f"steps, step 0 always computes)")
+    lo, hi = (float(s) for s in scales)
+    if not 0 < lo < hi:
+        raise ValueError(f"scales {scales!r}: expected 0 < low < high")
+    passes = []
+
+    def speedup(scale):
+        result = run(scale)
+        value = 1.0 / plan_cost(result.plan, cost_model)
+        passes.append((round(scale, 6), round(value, 4)))
+        if log is not None:
+            log(f"budget scale {scale:.4g}: {value:.3f}x (target {target_speedup:g}x)")
+        return result, value
+
+    best, value = speedup(hi)
+    if value < target_speedup:
+        raise ValueError(f"target speed-up {target_speedup:g}x is out of reach: the loosest budget tried (scale "
+                         f"{hi:g}) gives {value:.3f}x under the cost model {cost_model.name}")
+    result, value = speedup(lo)
+    if value >= target_speedup:
+        best, hi = result, lo
+    else:
+        for _ in range(iterations):
+            mid = float(np.sqrt(lo * hi))
+            result, value = speedup(mid)
+            if value >= target_speedup:
+                best, hi = result, mid
+            else:
+                lo = mid
+    notes = {**best.plan.notes, "target_speedup": float(target_speedup), "budget_scale": hi,
+             "speedup_passes": passes, "cost_model": cost_model.name}
+    return dataclasses.replace(best, plan=best.plan.replace(notes=notes))

@@ -1,6 +1,8 @@
 """The plan search over step methods (reuse / Taylor), in the same pass as the head search (issue 17; tiny
 checkpoints, CPU)."""
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +14,7 @@ from ditfa_jax import sample
 from ditfa_jax.calibrate import calibrate
 
 STEPS = 6
+FLUX_TINY = Path(__file__).parent / "fixtures" / "pipelines" / "flux_tiny"
 
 
 @pytest.fixture(scope="module", params=["flux_dev", "sd35_medium"])
@@ -82,3 +85,50 @@ def test_cli_step_method_names_are_the_plans():
     from ditfa_jax.methods import STEP_KINDS
 
     assert STEP_METHOD_CHOICES == STEP_KINDS[1:]
+
+
+def _fake_search(num_steps, calls):
+    """run(scale) for calibrate_for_speedup: a plan skipping floor(4 * scale) steps (at most all but step 0)."""
+    from ditfa_jax.calibrate import CalibrationResult
+    from ditfa_jax.plan import CompressionPlan
+    from ditfa_jax.testbed.v2.model import TRANSFORMER_CONFIG
+
+    def run(scale):
+        calls.append(scale)
+        skipped = min(num_steps - 1, int(4 * scale))
+        kinds = ["compute"] * (num_steps - skipped) + ["reuse"] * skipped
+        plan = CompressionPlan.full(TRANSFORMER_CONFIG, height=64, width=64, text_len=56, num_steps=num_steps)
+        return CalibrationResult(plan=plan.replace(step_kind=kinds), rse=None, saving=None, final_latents=None)
+
+    return run
+
+
+def test_target_speedup_finds_the_smallest_budget():
+    from ditfa_jax.calibrate import calibrate_for_speedup
+    from ditfa_jax.cost_model import get_cost_model, plan_cost
+
+    model, calls = get_cost_model("h200-flux-dev-1024"), []
+    result = calibrate_for_speedup(_fake_search(10, calls), 2.0, model, num_steps=10, iterations=8)
+    assert 1 / plan_cost(result.plan, model) >= 2.0 and int((result.plan.step_kind != 0).sum()) == 5
+    notes = result.plan.notes
+    assert notes["target_speedup"] == 2.0 and 1.25 <= notes["budget_scale"] < 1.25 * 1.1  # 5 skipped from 1.25 on
+    assert len(notes["speedup_passes"]) == len(calls) == 10
+    with pytest.raises(ValueError, match=r"target speed-up 20: expected a number in \(1, 10\]"):
+        calibrate_for_speedup(_fake_search(10, []), 20, model, num_steps=10)
+    with pytest.raises(ValueError, match=r"8x is out of reach: the loosest budget tried \(scale 1\) gives 1.667x"):
+        calibrate_for_speedup(_fake_search(10, []), 8, model, num_steps=10, scales=(0.1, 1.0))
+
+
+def test_cli_target_speedup(tmp_path, capsys):
+    from ditfa_jax.cli import main as cli_main
+    from ditfa_jax.plan import CompressionPlan
+
+    out = tmp_path / "plan.json"
+    args = ["calibrate", str(FLUX_TINY), "--out", str(out), "--height", "64", "--width", "64", "--steps", "6",
+            "--prompts", "1", "--step-delta", "0.05", "--target-speedup", "1.5"]
+    assert cli_main(args) == 0
+    plan = CompressionPlan.load(out)
+    assert plan.notes["target_speedup"] == 1.5 and "budget scale" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # refused while parsing: a speed-up must exceed 1
+        cli_main(args[:-1] + ["1"] + ["--overwrite"])
+    assert "expected a finite number > 1.0" in capsys.readouterr().err

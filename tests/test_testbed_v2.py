@@ -117,3 +117,19 @@ def test_missing_weights_say_how_to_get_them(monkeypatch, tmp_path):
     monkeypatch.setattr(pipeline, "get_testbed", lambda name: absent)
     with pytest.raises(FileNotFoundError, match="testbed.train --testbed v2"):
         TestbedPipeline.from_pretrained("v2")
+
+
+def test_sweep_searches_step_methods_alone_and_unified(pipe):
+    """The sweep's step-level searches keep every head full; the unified one compresses heads and steps."""
+    from ditfa_jax.testbed.quality import quality_sweep, search_options
+
+    alone = search_options("block-cache", 0.1, num_layers=5)
+    assert alone["delta"] == 0.0 and alone["step_kinds"] == () and alone["block_candidates"] == (1, 2, 3, 4)
+    scenes = heldout_scenes(2, seed=5, objects=None, testbed="v2")
+    rows, _ = quality_sweep(pipe, scenes, ["a red circle"], [0.5], num_steps=4, include_global=False,
+                            searches=("taylor", "unified"), progress=False)
+    taylor, unified = rows[1], rows[2]
+    assert (taylor["search"], unified["search"]) == ("taylor", "unified")
+    assert taylor["steps_skipped"] + unified["steps_skipped"] > 0  # a loose budget skips steps
+    for r in (taylor, unified):
+        assert r["cost"] < 1.0 and 0.0 <= r["blocks_cached"] <= 1.0
