@@ -17,7 +17,7 @@ import dataclasses
 
 import numpy as np
 
-__all__ = ["StepCostModel", "COST_MODELS", "get_cost_model", "plan_cost", "steps_cost"]
+__all__ = ["StepCostModel", "COST_MODELS", "get_cost_model", "plan_cost", "steps_cost", "gated_cost"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,3 +95,17 @@ def steps_cost(steps: int, full_steps: int) -> float:
     if not 1 <= steps <= full_steps:
         raise ValueError(f"steps {steps}: expected 1..{full_steps}")
     return steps / full_steps
+
+
+def gated_cost(skipped, first_blocks: int, num_layers: int) -> float:
+    """A dynamic-gate run (`ditfa_jax.denoise.DynamicGate`) relative to dense, blocks costing alike: ``skipped``
+    bool [steps] marks the steps whose blocks after the first ``first_blocks`` reused their residuals; such a step
+    costs its first blocks' share, and every other step after the first pays its first blocks twice (they run
+    before the gate decides)."""
+    skipped = np.asarray(skipped, bool)
+    if skipped.ndim != 1 or skipped[:1].any():
+        raise ValueError(f"skipped: expected bool [steps] with step 0 computed, got {skipped.tolist()}")
+    share = first_blocks / num_layers
+    per_step = np.where(skipped, share, 1.0 + share)
+    per_step[0] = 1.0
+    return float(per_step.mean())

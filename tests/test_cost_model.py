@@ -39,3 +39,12 @@ def test_bad_inputs():
         get_cost_model("h200-flux-dev-1024").step_time(1.5)
     with pytest.raises(ValueError, match="steps 0"):
         steps_cost(0, 10)
+
+
+def test_gated_cost():
+    from ditfa_jax.cost_model import gated_cost
+
+    assert gated_cost([False] * 4, 1, 5) == pytest.approx((1 + 3 * 1.2) / 4)  # no step gated: the first block runs twice
+    assert gated_cost([False, True, True, False], 2, 4) == pytest.approx((1 + 0.5 + 0.5 + 1.5) / 4)
+    with pytest.raises(ValueError, match="step 0 computed"):
+        gated_cost([True, False], 1, 4)

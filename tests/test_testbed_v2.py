@@ -127,8 +127,10 @@ def test_sweep_searches_step_methods_alone_and_unified(pipe):
     assert alone["delta"] == 0.0 and alone["step_kinds"] == () and alone["block_candidates"] == (1, 2, 3, 4)
     scenes = heldout_scenes(2, seed=5, objects=None, testbed="v2")
     rows, _ = quality_sweep(pipe, scenes, ["a red circle"], [0.5], num_steps=4, include_global=False,
-                            searches=("taylor", "unified"), progress=False)
-    taylor, unified = rows[1], rows[2]
+                            searches=("taylor", "unified"), gates=[(1, 1e9)], progress=False)
+    gate, taylor, unified = rows[1:]
+    assert gate["search"] == "gate F=1" and gate["cost"] == pytest.approx((1 + 3 * 0.2) / 4)  # a huge threshold: every step after 0
+    assert gate["blocks_cached"] == 0.8
     assert (taylor["search"], unified["search"]) == ("taylor", "unified")
     assert taylor["steps_skipped"] + unified["steps_skipped"] > 0  # a loose budget skips steps
     for r in (taylor, unified):

@@ -175,6 +175,22 @@ class TestbedPipeline:
                        **pipe.negative(len(captions)))
         return np.asarray(latents_to_images(pipe.transformer.config, final, pipe.image_size), np.float32)
 
+    def gated(self, captions: list[str], *, gate, seeds=0, num_steps: int = DEFAULT_STEPS):
+        """(images [N, S, S, 3], skipped bool [N, num_steps]) sampled with a `ditfa_jax.denoise.DynamicGate`, one
+        caption at a time: the gate reads the whole batch, so this is what it decides for each prompt alone."""
+        captions = [captions] if isinstance(captions, str) else list(captions)
+        seeds = np.asarray(seeds + np.arange(len(captions)) if np.isscalar(seeds) else seeds)
+        images, skipped = [], []
+        for caption, seed in zip(captions, seeds):
+            text, pooled = self.encode([caption])
+            final, skip = sample(self.transformer, self.initial_noise(np.array([seed])), text, pooled,
+                                 height=self.image_size, width=self.image_size, num_steps=num_steps,
+                                 guidance_scale=self.guidance_scale, scheduler=self.scheduler, vae_scale_factor=1,
+                                 gate=gate, **self.negative(1))
+            images.append(np.asarray(latents_to_images(self.transformer.config, final, self.image_size), np.float32))
+            skipped.append(np.asarray(skip, bool))
+        return np.concatenate(images), np.stack(skipped)
+
     def with_guidance(self, guidance_scale: float) -> "TestbedPipeline":
         """This pipeline sampling with another CFG scale (shares the weights)."""
         return TestbedPipeline(self.transformer, self.text_encoder, self.tokenizer, self.scheduler, self.folder,

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from ditfa_jax.cost_model import StepCostModel, get_cost_model, plan_cost, steps_cost
+from ditfa_jax.cost_model import StepCostModel, gated_cost, get_cost_model, plan_cost, steps_cost
+from ditfa_jax.denoise import DynamicGate
 from ditfa_jax.methods import windows_from_choice
 from ditfa_jax.milp import solve_global
 from ditfa_jax.plan import CompressionPlan
@@ -127,13 +128,14 @@ def plan_work(plan: CompressionPlan | None) -> dict:
 
 def quality_sweep(pipe, scenes, calibration_captions: list[str], deltas, *, seeds_per_caption: int = 1,
                   num_steps: int = DEFAULT_STEPS, include_global: bool = True, searches=("per-layer",),
-                  fewer_steps=(), cost_model: StepCostModel | str = "h200-flux-dev-1024", features=None,
+                  fewer_steps=(), gates=(), cost_model: StepCostModel | str = "h200-flux-dev-1024", features=None,
                   batch_size: int = 256, progress: bool = True) -> tuple[list[dict], dict]:
     """Rows of metrics (dense first, then dense with each of ``fewer_steps``, then one per search and delta) and
     the images by row name.
 
     ``searches`` names entries of `SEARCHES`; ``include_global`` adds the global MILP over the paper search's
-    recorded RSE table. Every caption of ``scenes`` is generated ``seeds_per_caption`` times (seeds 0..k-1 offset
+    recorded RSE table. ``gates``: (first_blocks, threshold) pairs, each a row of the dynamic gate
+    (`TestbedPipeline.gated`, one caption at a time; its cost `gated_cost`). Every caption of ``scenes`` is generated ``seeds_per_caption`` times (seeds 0..k-1 offset
     per caption) from the same noise in every row. ``cost`` is the row's run time relative to dense with all steps
     under ``cost_model``. ``features`` (a `ditfa_jax.testbed.features.FeatureNet`, or None to skip) gives each row
     the Fréchet distance of its images to ground-truth renders of the same captions. Wall time is the second of two identical
@@ -174,6 +176,17 @@ def quality_sweep(pipe, scenes, calibration_captions: list[str], deltas, *, seed
         out, seconds = generate(None, n)
         rows.append(row("fewer steps", out, seconds, delta=0.0, steps=n, kept=1.0, cost=steps_cost(n, num_steps)))
         images[f"dense {n} steps"] = out
+    layers = pipe.transformer.config.total_layers
+    for first_blocks, threshold in gates:
+        gate = DynamicGate(first_blocks=int(first_blocks), threshold=float(threshold))
+        start = time.perf_counter()
+        out, skipped = pipe.gated(texts, gate=gate, seeds=seeds, num_steps=num_steps)
+        cost = float(np.mean([gated_cost(s, gate.first_blocks, layers) for s in skipped]))
+        name = f"gate F={gate.first_blocks}"
+        r = row(name, out, time.perf_counter() - start, delta=gate.threshold, steps=num_steps, kept=1.0, cost=cost)
+        r["blocks_cached"] = round(float(skipped[:, 1:].mean()) * (1 - gate.first_blocks / layers), 4)
+        rows.append(r)
+        images[f"{name} threshold={gate.threshold:g}"] = out
     bar = tqdm(list(deltas), desc="quality sweep", unit="delta", disable=not progress)
     for delta in bar:
         variants = []
