@@ -42,8 +42,9 @@ from ditfa_jax.denoise import (VelocityHistory, cache_bytes, cache_shape, embed,
                                prepare_run)
 from ditfa_jax.family import TokenLayout
 from ditfa_jax.loading import Transformer
-from ditfa_jax.methods import DEFAULT_CANDIDATES, STEP_HISTORY, STEP_KINDS, candidate_savings, candidate_windows
-from ditfa_jax.milp import solve_layer
+from ditfa_jax.methods import (DEFAULT_CANDIDATES, STEP_HISTORY, STEP_KINDS, candidate_savings, candidate_windows,
+                               windows_from_choice)
+from ditfa_jax.milp import solve_layer, solve_unified
 from ditfa_jax.models.layers import attention_inputs, block_forward
 from ditfa_jax.plan import CompressionPlan
 from ditfa_jax.scheduler import SchedulerConfig
@@ -180,13 +181,17 @@ class CalibrationResult:
     the attention FLOPs each candidate removes (the MILP's objective). `final_latents`: the calibration pass's
     last latents, as `sample(plan=plan)` gives them from the same noise (`jax.random.normal(key(seed), ...)`).
     `step_rse`: float64 [steps, len(STEP_KINDS)], each step method's velocity RSE (NaN where not scored: compute,
-    step 0, too little history, or no step search).
+    step 0, too little history, or no step search). `block_rse`: float64 [steps, len(block_candidates)], the
+    velocity RSE of running only the first F blocks (`block_candidates`, increasing) at each step (NaN at step 0 or
+    without a block search).
     """
     plan: CompressionPlan
     rse: np.ndarray
     saving: np.ndarray
     final_latents: jax.Array
     step_rse: np.ndarray | None = None
+    block_rse: np.ndarray | None = None
+    block_candidates: tuple[int, ...] = ()
 
 
 def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height: int, width: int, num_steps: int,
@@ -303,6 +308,8 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
     kept_per_step = []
     step_kind = np.zeros(num_steps, np.int8)
     step_rse = np.full((num_steps, len(STEP_KINDS)), np.nan)
+    block_order = tuple(sorted(int(f) for f in block_candidates)) if search_blocks else ()
+    block_rse = np.full((num_steps, len(block_order)), np.nan)
     history, computed = VelocityHistory.empty(latents.shape), 0
     block_compute = np.ones((num_steps, layers_total), bool)
     residuals = {}  # layer -> its residual (output minus input) at the last step it ran (block search only)
@@ -338,7 +345,7 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
                 store(layer, out)
                 if search_blocks:
                     fresh[layer] = tree_sub(carry, before)
-        v = step_velocity(state, carry, temb)
+        v = computed_v = step_velocity(state, carry, temb)
         sigma = jnp.float32(run.sigmas[step])
         first_run = layers_total  # blocks that run this step: 0..first_run-1
         allowed = [(code, code - 1) for code in kind_codes if computed >= STEP_HISTORY[code]] if step else []
@@ -352,15 +359,18 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
                 step_kind[step] = allowed[best][0]
                 head_window[step] = -1  # the transformer does not run: its head choices mean nothing
                 v = preds[best]
-        if search_blocks and step and step_kind[step] == 0:
-            for f in sorted(block_candidates):  # fewest blocks run first: the first within budget saves the most
+        if search_blocks and step:  # every candidate scored (the unified MILP reads them), even on a skipped step
+            chosen = None
+            for j, f in enumerate(block_order):
                 entry_stack, entry = entries[f]
                 v_f = step_velocity(state, cached_from(f, entry_stack, entry), temb)
-                if float(velocity_rse(v_f, v)) <= step_delta:
-                    first_run, v = f, v_f
-                    block_compute[step, f:] = False
-                    head_window[step, f:] = -1  # those blocks do not run: their head choices mean nothing
-                    break
+                block_rse[step, j] = float(velocity_rse(v_f, computed_v))
+                if chosen is None and step_kind[step] == 0 and block_rse[step, j] <= step_delta:
+                    chosen = f, v_f  # fewest blocks first: the first within budget saves the most
+            if chosen is not None:
+                (first_run, v) = chosen
+                block_compute[step, first_run:] = False
+                head_window[step, first_run:] = -1  # those blocks do not run: their head choices mean nothing
         if step_kind[step] == 0:
             history, computed = history.push(v, sigma), computed + 1
             for layer, out in pending.items():
@@ -385,7 +395,7 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
                                                        if step_delta > 0 else {}),
                    kept_per_step=[round(k, 4) for k in kept_per_step]))
     return CalibrationResult(plan=plan, rse=rse_table, saving=np.array(saving), final_latents=latents,
-                             step_rse=step_rse)
+                             step_rse=step_rse, block_rse=block_rse, block_candidates=block_order)
 
 
 def calibrate_for_speedup(run, target_speedup: float, cost_model, *, num_steps: int,
@@ -437,3 +447,46 @@ def calibrate_for_speedup(run, target_speedup: float, cost_model, *, num_steps: 
     notes = {**best.plan.notes, "target_speedup": float(target_speedup), "budget_scale": hi,
              "speedup_passes": passes, "cost_model": cost_model.name}
     return dataclasses.replace(best, plan=best.plan.replace(notes=notes))
+
+
+def unified_plan(result: CalibrationResult, cost_model, *, head_budget: float | None = None,
+                 step_budget: float | None = None, max_skips_in_a_row: int | None = None,
+                 c: float | None = None) -> CompressionPlan:
+    """Every method chosen at once (`ditfa_jax.milp.solve_unified`) from one calibration's recorded errors: heads,
+    skipped steps and cached block ranges compete for the time they save under ``cost_model`` (a head its share of
+    the step's attention time times the FLOPs it removes; a skipped step the whole step; F blocks of L the other
+    (L - F) / L of it).
+
+    Budgets default to the totals the progressive pass had: ``delta`` per (step >= 1, layer) for the heads and
+    ``step_delta`` per step >= 1 for the step choices. The errors were measured along the pass's own trajectory,
+    so the plan's are estimates until it runs (the quality sweep runs it). ``max_skips_in_a_row`` caps runs of
+    skipped steps.
+    """
+    plan = result.plan
+    steps, layers, heads = plan.head_window.shape
+    if result.step_rse is None or "step_delta" not in plan.notes:
+        raise ValueError("unified_plan: the calibration had no step search (step_delta 0): nothing to unify")
+    rse = np.array(result.rse, np.float64)
+    rse[0] = np.inf  # step 0 stays full
+    attention_ms = cost_model.dense_ms - cost_model.step_ms[0]
+    head_saving = np.asarray(result.saving, np.float64) * attention_ms / (layers * heads)
+    kinds = np.array(result.step_rse, np.float64)[:, 1:]
+    kinds[0] = np.inf
+    blocks = (np.full((steps, 0), np.inf) if result.block_rse is None
+              else np.array(result.block_rse, np.float64))
+    first = np.asarray(result.block_candidates, np.int64)
+    choice = solve_unified(
+        rse, head_saving, plan.delta * (steps - 1) * layers if head_budget is None else head_budget,
+        kinds, cost_model.dense_ms, STEP_HISTORY[1:], blocks, first, (layers - first) / layers * cost_model.dense_ms,
+        plan.notes["step_delta"] * (steps - 1) if step_budget is None else step_budget,
+        c=plan.c if c is None else c, max_skips_in_a_row=max_skips_in_a_row)
+    block_compute = np.arange(layers)[None, :] < choice.first_run[:, None]
+    head_window = windows_from_choice(choice.head, plan.candidates, plan.image_tokens)
+    head_window[~block_compute] = -1
+    head_window[choice.step_kind != 0] = -1
+    block_compute[choice.step_kind != 0] = True
+    notes = {**plan.notes, "search": "unified MILP", "cost_model": cost_model.name,
+             "time_saved_ms": round(choice.saved, 3), "head_rse_spent": choice.head_error,
+             "step_rse_spent": choice.step_error, "max_skips_in_a_row": max_skips_in_a_row}
+    return plan.replace(head_window=head_window, step_kind=choice.step_kind.astype(np.int8),
+                        block_compute=block_compute, notes=notes)

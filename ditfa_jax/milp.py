@@ -17,11 +17,19 @@ and heads (it needs every RSE up front, which the progressive calibration
 does not have; it exists to compare the two on a recorded RSE table).  At run
 size branch and bound is too slow, so it rounds the LP relaxation instead
 (within one pair's saving of the optimum).
+
+``solve_unified`` chooses every method at once from a recorded calibration:
+per step, compute it, skip it (reuse / extrapolate: each step kind) or run
+only its first F blocks; per computed (step, block, head), a head method.  It
+maximises the time saved (from a measured cost model) under two budgets, the
+summed head RSE and the summed velocity RSE of the step choices, so heads and
+steps compete for time, not FLOPs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import os
 import sys
@@ -31,7 +39,8 @@ import warnings
 import numpy as np
 from scipy import optimize, sparse
 
-__all__ = ["solve_layer", "solve_global", "brute_force_layer", "brute_force_global", "objective"]
+__all__ = ["solve_layer", "solve_global", "solve_unified", "UnifiedChoice", "brute_force_layer", "brute_force_global",
+           "objective"]
 
 FULL = -1  # "no method": the head runs full attention
 
@@ -300,3 +309,139 @@ def brute_force_global(rse, saving, delta_total: float, c: float = 1.5) -> np.nd
     if delta_total <= 0:
         return np.full(shape, FULL, dtype=np.int64)
     return _brute(rse.reshape(n, m), saving.reshape(n, m), delta_total, c * delta_total / n).reshape(shape)
+
+
+def _nan_to_inf(table) -> np.ndarray:
+    """float64 copy with NaN (not measured) as +inf (never eligible)."""
+    table = np.array(table, np.float64)
+    table[np.isnan(table)] = np.inf
+    return table
+
+
+@dataclasses.dataclass(frozen=True)
+class UnifiedChoice:
+    """`solve_unified`'s answer: ``head`` int64 [S, L, H] (candidate index or -1), ``step_kind`` int64 [S] (0
+    compute, k > 0 the k-th step kind), ``first_run`` int64 [S] (blocks 0..first_run-1 run; L: all), ``saved``
+    (the summed saving of the choice), ``head_error`` and ``step_error`` (the summed RSE spent of each budget)."""
+    head: np.ndarray
+    step_kind: np.ndarray
+    first_run: np.ndarray
+    saved: float
+    head_error: float
+    step_error: float
+
+
+def solve_unified(head_rse, head_saving, head_budget: float, step_rse, step_saving: float, step_history,
+                  block_rse, block_first, block_saving, step_budget: float, *, c: float = 1.5,
+                  max_skips_in_a_row: int | None = None, time_limit: float | None = 300.0,
+                  mip_rel_gap: float = 1e-6) -> UnifiedChoice:
+    """Every method of a run at once (module docstring), as one MILP.
+
+    ``head_rse`` [S, L, H, M] with ``head_saving`` [H, M] or [M] (the saving of each head candidate), under
+    ``head_budget`` (summed RSE); ``step_rse`` [S, K] (K step kinds; a skipped step saves ``step_saving``; kind k
+    needs ``step_history[k]`` computed steps before it) and ``block_rse`` [S, J] (running only the first
+    ``block_first[j]`` blocks, increasing, saves ``block_saving[j]``), under ``step_budget``. NaN or inf entries are
+    never chosen; set them at step 0 to keep it computed and full. A pair is eligible only when its error is below
+    ``c`` times its budget's share per (step, layer, head), respectively per step. ``max_skips_in_a_row`` caps
+    consecutive skipped steps. A skipped step runs no head method; a block that does not run neither.
+    """
+    head_rse = _nan_to_inf(head_rse)
+    head_rse, head_saving = _check_tables(head_rse, np.broadcast_to(head_saving, head_rse.shape), 3)
+    step_rse = _nan_to_inf(step_rse).reshape(head_rse.shape[0], -1)
+    block_rse = _nan_to_inf(block_rse).reshape(head_rse.shape[0], -1)
+    block_first = np.asarray(block_first, np.int64).reshape(-1)
+    block_saving = np.asarray(block_saving, np.float64).reshape(-1)
+    step_history = np.asarray(step_history, np.int64).reshape(-1)
+    steps, layers, heads, _ = head_rse.shape
+    if step_history.shape != (step_rse.shape[1],):
+        raise ValueError(f"step_history: expected one count per step kind ({step_rse.shape[1]}), got "
+                         f"{step_history.tolist()}")
+    if block_first.shape != (block_rse.shape[1],) or block_saving.shape != block_first.shape:
+        raise ValueError(f"block_first / block_saving: expected {block_rse.shape[1]} values (block_rse's columns)")
+    if (np.diff(block_first) <= 0).any() or not ((block_first >= 1) & (block_first < layers)).all():
+        raise ValueError(f"block_first {block_first.tolist()}: expected increasing numbers in 1..{layers - 1}")
+    head_budget, c = _check_scalars(head_budget, c, "head_budget")
+    step_budget, _ = _check_scalars(step_budget, c, "step_budget")
+    if max_skips_in_a_row is not None and max_skips_in_a_row < 0:
+        raise ValueError(f"max_skips_in_a_row: expected a number >= 0 or None, got {max_skips_in_a_row}")
+
+    scored = np.isfinite(head_rse).any(-1)
+    head_ok = (head_rse < c * head_budget / max(int(scored.sum()), 1)) & (head_saving > 0) & (head_budget > 0)
+    step_share = c * step_budget / max(int((np.isfinite(step_rse).any(1) | np.isfinite(block_rse).any(1)).sum()), 1)
+    kind_ok = (step_rse < step_share) & (step_budget > 0)
+    block_ok = (block_rse < step_share) & (step_budget > 0)
+
+    hs, hl, hh, hm = np.nonzero(head_ok)
+    ks, kk = np.nonzero(kind_ok)
+    bs, bj = np.nonzero(block_ok)
+    n_head, n_kind = hs.size, ks.size
+    n = n_head + n_kind + bs.size
+    kind_var = n_head + np.arange(n_kind)
+    block_var = n_head + n_kind + np.arange(bs.size)
+    saving = np.concatenate([head_saving[hs, hl, hh, hm], np.full(n_kind, float(step_saving)), block_saving[bj]])
+    head_err = np.zeros(n)
+    head_err[:n_head] = head_rse[hs, hl, hh, hm]
+    step_err = np.zeros(n)
+    step_err[kind_var] = step_rse[ks, kk]
+    step_err[block_var] = block_rse[bs, bj]
+    rows, cols, vals, upper = [], [], [], []
+
+    def row(var, coef, bound):
+        rows.extend([len(upper)] * len(var))
+        cols.extend(var)
+        vals.extend(coef)
+        upper.append(bound)
+
+    # one method per (step, layer, head), none where the step is skipped or the block does not run
+    group = {}
+    for i, key in enumerate(zip(hs, hl, hh)):
+        group.setdefault(key, []).append(i)
+    for (s_, l_, _), var in group.items():
+        var = var + kind_var[ks == s_].tolist() + block_var[(bs == s_) & (block_first[bj] <= l_)].tolist()
+        row(var, [1.0] * len(var), 1.0)
+    for s_ in range(steps):  # one step option per step
+        var = kind_var[ks == s_].tolist() + block_var[bs == s_].tolist()
+        if len(var) > 1:
+            row(var, [1.0] * len(var), 1.0)
+    for i, s_, k_ in zip(kind_var, ks, kk):  # the history a step kind needs: computed steps before s = s - skipped
+        before = kind_var[ks < s_].tolist()
+        row([i] + before, [float(step_history[k_])] + [1.0] * len(before), float(s_))
+    if max_skips_in_a_row is not None:
+        for start in range(steps - max_skips_in_a_row):
+            var = kind_var[(ks >= start) & (ks <= start + max_skips_in_a_row)].tolist()
+            if len(var) > max_skips_in_a_row:
+                row(var, [1.0] * len(var), float(max_skips_in_a_row))
+    choice_head = np.full((steps, layers, heads), FULL, np.int64)
+    step_kind = np.zeros(steps, np.int64)
+    first_run = np.full(steps, layers, np.int64)
+    if n == 0:
+        return UnifiedChoice(choice_head, step_kind, first_run, 0.0, 0.0, 0.0)
+    structure = sparse.csr_array((vals, (rows, cols)), shape=(len(upper), n))
+    budgets = [head_budget, step_budget]
+    for _ in range(4):  # re-solve with tighter budgets if HiGHS' tolerance overshoots one
+        constraints = [optimize.LinearConstraint(structure, -np.inf, np.asarray(upper)),
+                       optimize.LinearConstraint(np.vstack([head_err, step_err]), -np.inf, np.asarray(budgets))]
+        with _drop_highs_noise():
+            res = optimize.milp(-saving, constraints=constraints, integrality=np.ones(n),
+                                bounds=optimize.Bounds(0.0, 1.0),
+                                options={"mip_rel_gap": mip_rel_gap, "presolve": True,
+                                         **({} if time_limit is None else {"time_limit": float(time_limit)})})
+        if res.x is None or res.status not in (0, 1):
+            raise RuntimeError(f"MILP solver (HiGHS) failed: status {res.status}: {res.message}")
+        if res.status == 1:
+            warnings.warn(f"MILP solver (HiGHS) stopped at a limit ({res.message}); using its best assignment",
+                          RuntimeWarning, stacklevel=2)
+        x = res.x > 0.5
+        used = (float(head_err @ x), float(step_err @ x))
+        if used[0] <= head_budget and used[1] <= step_budget:
+            break
+        budgets = [b - max(u - t, 0) - 1e-12 * max(1.0, t) for b, u, t in zip(budgets, used,
+                                                                              (head_budget, step_budget))]
+    else:
+        raise RuntimeError(f"MILP solver (HiGHS) kept returning choices over the budgets {head_budget}, "
+                           f"{step_budget} (last {used})")
+    on = x[:n_head]
+    choice_head[hs[on], hl[on], hh[on]] = hm[on]
+    step_kind[ks[x[kind_var]]] = kk[x[kind_var]] + 1
+    first_run[bs[x[block_var]]] = block_first[bj[x[block_var]]]
+    return UnifiedChoice(choice_head, step_kind, first_run, float(saving @ x), used[0], used[1])

@@ -172,3 +172,79 @@ def test_global_lp_rounding_is_near_optimal():
         assert bound >= best - 1e-7
     with pytest.raises(ValueError, match=r"method: expected one of"):
         milp.solve_global(rse, saving, 0.1, method="greedy")
+
+
+def _unified_brute(head_rse, head_saving, hb, step_rse, step_saving, history, block_rse, block_first, block_saving,
+                   sb, c, cap):
+    """Best saving over every assignment of a tiny unified instance (the same eligibility and constraints)."""
+    import itertools
+
+    steps, layers, heads, m = head_rse.shape
+    scored_heads = np.isfinite(head_rse).any(-1).sum()
+    scored_steps = (np.isfinite(step_rse).any(1) | np.isfinite(block_rse).any(1)).sum()
+    head_ok = head_rse < c * hb / scored_heads
+    kind_ok, block_ok = step_rse < c * sb / scored_steps, block_rse < c * sb / scored_steps
+    options = [("compute", None)] + [("kind", k) for k in range(step_rse.shape[1])] + \
+              [("block", j) for j in range(block_rse.shape[1])]
+    best = 0.0
+    for per_step in itertools.product(options, repeat=steps - 1):
+        plan = [("compute", None)] + list(per_step)
+        saved = err = 0.0
+        ok, skipped, skips_in_row = True, 0, 0
+        running = []
+        for s, (what, i) in enumerate(plan):
+            if what == "kind":
+                ok &= bool(kind_ok[s, i]) and s - skipped >= history[i]
+                saved, err, skipped, skips_in_row = saved + step_saving, err + step_rse[s, i], skipped + 1, \
+                    skips_in_row + 1
+                ok &= cap is None or skips_in_row <= cap
+                running.append(0)
+                continue
+            skips_in_row = 0
+            if what == "block":
+                ok &= bool(block_ok[s, i])
+                saved, err = saved + block_saving[i], err + block_rse[s, i]
+            running.append(layers if what == "compute" else block_first[i])
+        if not ok or err > sb:
+            continue
+        pairs = [(s, l, h) for s in range(steps) for l in range(running[s]) for h in range(heads)]
+        for heads_choice in itertools.product(range(-1, m), repeat=len(pairs)):
+            hs = he = 0.0
+            good = True
+            for (s, l, h), q in zip(pairs, heads_choice):
+                if q >= 0:
+                    good &= bool(head_ok[s, l, h, q])
+                    hs, he = hs + head_saving[q], he + head_rse[s, l, h, q]
+            if good and he <= hb:
+                best = max(best, saved + hs)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_unified_matches_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    steps, layers, heads = 4, 2, 1
+    head_rse = rng.uniform(0.0, 0.3, (steps, layers, heads, 1))
+    head_rse[0] = np.inf
+    step_rse = rng.uniform(0.0, 0.2, (steps, 2))
+    step_rse[0] = np.nan
+    block_rse = rng.uniform(0.0, 0.2, (steps, 1))
+    block_rse[0] = np.nan
+    args = (head_rse, np.array([1.0]), 0.4, step_rse, 3.0, [1, 2], block_rse, [1], [1.5], 0.3)
+    cap = 1 if seed % 2 else None
+    got = milp.solve_unified(*args, c=2.0, max_skips_in_a_row=cap)
+    assert got.saved == pytest.approx(_unified_brute(*args, 2.0, cap), abs=1e-9)
+    assert got.head_error <= 0.4 and got.step_error <= 0.3 and got.step_kind[0] == 0
+    skipped = got.step_kind != 0
+    assert (got.head[skipped] == -1).all() and (got.first_run[skipped] == layers).all()
+    for s in range(steps):
+        assert (got.head[s, got.first_run[s]:] == -1).all()  # no head method where the block does not run
+        if got.step_kind[s] == 2:  # the second kind needs 2 computed steps before it
+            assert s - skipped[:s].sum() >= 2
+
+
+def test_unified_zero_budgets_compute_everything():
+    head_rse = np.full((3, 2, 2, 1), 0.01)
+    head_rse[0] = np.inf
+    got = milp.solve_unified(head_rse, [1.0], 0.0, np.full((3, 1), 0.01), 5.0, [1], np.full((3, 0), 0.0), [], [], 0.0)
+    assert (got.head == -1).all() and (got.step_kind == 0).all() and got.saved == 0.0

@@ -132,3 +132,38 @@ def test_cli_target_speedup(tmp_path, capsys):
     with pytest.raises(SystemExit):  # refused while parsing: a speed-up must exceed 1
         cli_main(args[:-1] + ["1"] + ["--overwrite"])
     assert "expected a finite number > 1.0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("setup", ["flux_dev"], indirect=True)
+def test_unified_plan_saves_at_least_the_greedy_time(setup):
+    """The unified MILP re-chooses every method from the pass's recorded errors within the same total budgets; the
+    greedy pass's own choices are one feasible answer, so the MILP saves at least as much time (in its linear
+    measure), and its plan runs."""
+    from ditfa_jax.calibrate import unified_plan
+    from ditfa_jax.cost_model import get_cost_model
+
+    model, text, common = setup
+    layers = model.config.total_layers
+    result = calibrate(model, *text, delta=0.3, step_delta=0.05, block_candidates=(1, layers // 2), progress=False,
+                       seed=3, **common)
+    assert np.isfinite(result.block_rse[1:]).all() and np.isnan(result.block_rse[0]).all()
+    cost = get_cost_model("h200-flux-dev-1024")
+    plan = unified_plan(result, cost)
+    attention = cost.dense_ms - cost.step_ms[0]
+
+    def saved(p):
+        computed = np.asarray(p.step_kind) == 0
+        blocks = (~np.asarray(p.block_compute)).sum(1) / layers * cost.dense_ms
+        kept = np.asarray(p.flops_kept_per_step(), float)
+        ran = np.asarray(p.block_compute, float).mean(1)
+        return float(((~computed) * cost.dense_ms).sum() + (computed * blocks).sum()
+                     + (computed * (ran - kept) * attention).sum())
+
+    assert plan.notes["search"] == "unified MILP" and plan.notes["step_rse_spent"] <= 0.05 * (STEPS - 1) + 1e-12
+    assert saved(plan) >= saved(result.plan) - 1e-6
+    noise = jax.random.normal(jax.random.key(3), result.final_latents.shape, jnp.float32)
+    assert np.isfinite(np.asarray(sample(model, noise, *text, plan=plan, **common))).all()
+    capped = unified_plan(result, cost, max_skips_in_a_row=0)
+    assert not capped.uses_step_methods
+    with pytest.raises(ValueError, match="no step search"):
+        unified_plan(calibrate(model, *text, delta=0.3, progress=False, **common), cost)

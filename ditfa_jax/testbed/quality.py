@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from ditfa_jax.calibrate import unified_plan
 from ditfa_jax.cost_model import StepCostModel, gated_cost, get_cost_model, plan_cost, steps_cost
 from ditfa_jax.denoise import DynamicGate
 from ditfa_jax.methods import windows_from_choice
@@ -107,6 +108,7 @@ SEARCHES = {
     "unified": lambda budget: {"delta": budget, "step_delta": budget, "step_kinds": ("reuse", "taylor1", "taylor2"),
                                "block_candidates": ALL_BLOCKS},
 }
+SEARCHES["unified-milp"] = SEARCHES["unified"]  # the same pass, then every method re-chosen at once for time
 
 
 def search_options(search: str, budget: float, num_layers: int) -> dict:
@@ -193,7 +195,8 @@ def quality_sweep(pipe, scenes, calibration_captions: list[str], deltas, *, seed
         for search in searches:
             result = pipe.calibrate(calibration_captions, num_steps=num_steps, progress=False,
                                     **search_options(search, delta, pipe.transformer.config.total_layers))
-            variants.append((search, result.plan))
+            plan = unified_plan(result, cost_model) if search == "unified-milp" else result.plan
+            variants.append((search, plan))
             if include_global and search == "per-layer":
                 variants.append(("global", global_plan(result.plan, result.rse, result.saving)))
         for name, p in variants:
