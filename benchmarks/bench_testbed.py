@@ -75,6 +75,8 @@ def main() -> None:
                         help="step counts of the fewer-steps baseline (empty: none)")
     parser.add_argument("--cost-model", default="h200-flux-dev-1024", help="ditfa_jax.cost_model name")
     parser.add_argument("--no-global", action="store_true", help="skip the global-MILP variant")
+    parser.add_argument("--no-timing", action="store_true",
+                        help="generate each sweep row once (no timed second call): for CPUs, where times mean nothing")
     parser.add_argument("--gates", default="",
                         help="dynamic-gate rows in the sweep: comma-separated FIRST_BLOCKS:THRESHOLD, e.g. 1:0.05,1:0.1")
     parser.add_argument("--searches", default="per-layer",
@@ -149,7 +151,7 @@ def main() -> None:
         rows, images = quality_sweep(pipe, scenes, calibration, deltas, seeds_per_caption=args.seeds,
                                      num_steps=steps, include_global=not args.no_global,
                                      searches=args.searches.split(","), fewer_steps=fewer,
-                                     cost_model=args.cost_model, features=features,
+                                     cost_model=args.cost_model, features=features, timed=not args.no_timing,
                                      gates=[tuple(float(x) for x in g.split(":")) for g in args.gates.split(",") if g])
         for row in rows:
             record(out_dir, kind="quality", captions=len(scenes), seeds=args.seeds, cost_model=args.cost_model,

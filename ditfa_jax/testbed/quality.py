@@ -131,7 +131,7 @@ def plan_work(plan: CompressionPlan | None) -> dict:
 def quality_sweep(pipe, scenes, calibration_captions: list[str], deltas, *, seeds_per_caption: int = 1,
                   num_steps: int = DEFAULT_STEPS, include_global: bool = True, searches=("per-layer",),
                   fewer_steps=(), gates=(), cost_model: StepCostModel | str = "h200-flux-dev-1024", features=None,
-                  batch_size: int = 256, progress: bool = True) -> tuple[list[dict], dict]:
+                  batch_size: int = 256, timed: bool = True, progress: bool = True) -> tuple[list[dict], dict]:
     """Rows of metrics (dense first, then dense with each of ``fewer_steps``, then one per search and delta) and
     the images by row name.
 
@@ -141,7 +141,8 @@ def quality_sweep(pipe, scenes, calibration_captions: list[str], deltas, *, seed
     per caption) from the same noise in every row. ``cost`` is the row's run time relative to dense with all steps
     under ``cost_model``. ``features`` (a `ditfa_jax.testbed.features.FeatureNet`, or None to skip) gives each row
     the Fréchet distance of its images to ground-truth renders of the same captions. Wall time is the second of two identical
-    generation calls (the first compiles).
+    generation calls (the first compiles); ``timed=False`` makes one call (its time includes compilation), which
+    halves the work where times mean nothing (a CPU).
     """
     unknown = [s for s in searches if s not in SEARCHES]
     if unknown:
@@ -157,7 +158,8 @@ def quality_sweep(pipe, scenes, calibration_captions: list[str], deltas, *, seed
     seeds = np.arange(len(texts))
 
     def generate(plan, steps=num_steps):
-        _batched(pipe, texts[:batch_size], seeds[:batch_size], steps, plan, batch_size)  # compile
+        if timed:
+            _batched(pipe, texts[:batch_size], seeds[:batch_size], steps, plan, batch_size)  # compile
         return _timed(lambda: _batched(pipe, texts, seeds, steps, plan, batch_size))
 
     def row(name, images, seconds, *, delta, steps, kept, cost, calibration_seconds=0.0, plan=None):
