@@ -48,7 +48,8 @@ class Transformer:
 
     @property
     def dtype(self):
-        return jax.tree_util.tree_leaves(self.state)[0].dtype
+        """The compute dtype: that of the parameters (an FP8 model's e4m3 kernels aside)."""
+        return next(a.dtype for a in jax.tree_util.tree_leaves(self.state) if a.dtype != jnp.float8_e4m3fn)
 
     def module(self):
         return nnx.merge(self.graphdef, self.state)

@@ -16,9 +16,25 @@ from flax import nnx
 from ditfa_jax.attention import AttentionSettings, joint_attention
 
 
-def linear(in_features: int, out_features: int, *, dtype, rngs: nnx.Rngs, bias: bool = True) -> nnx.Linear:
+class Linear(nnx.Linear):
+    """`nnx.Linear`, or its FP8 form once `ditfa_jax.fp8.quantize_transformer` gave it an e4m3 kernel and a
+    per-output-channel ``kernel_scale`` (then the activations are quantised per token on the fly)."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.kernel.get_value()
+        if kernel.dtype != jnp.float8_e4m3fn:
+            return super().__call__(x)
+        from ditfa_jax.fp8 import fp8_matmul
+
+        y = fp8_matmul(x, kernel, self.kernel_scale.get_value())
+        if self.bias is not None:
+            y = y + self.bias.get_value().astype(jnp.float32)
+        return y.astype(self.dtype or x.dtype)
+
+
+def linear(in_features: int, out_features: int, *, dtype, rngs: nnx.Rngs, bias: bool = True) -> Linear:
     """A dense layer whose kernel is [in, out] (the transpose of torch's weight)."""
-    return nnx.Linear(
+    return Linear(
         in_features, out_features, use_bias=bias, dtype=dtype, param_dtype=dtype, rngs=rngs,
         kernel_init=nnx.initializers.normal(0.02), bias_init=nnx.initializers.normal(0.02),
     )

@@ -1,0 +1,79 @@
+"""FP8 (e4m3) linear layers for the transformer blocks: quantised weights, dynamically scaled activations.
+
+Weights are quantised once (`quantize_transformer`) with one scale per output channel; activations are quantised on
+the device at every call with one scale per token (the row of the matmul), both as ``amax / 448`` (e4m3's largest
+finite value), so nothing saturates and nothing becomes inf or NaN. The matmul takes both FP8 operands and
+accumulates in float32 (`lax.dot_general` with ``preferred_element_type``: Hopper's FP8 tensor cores through XLA;
+on CPUs the same numbers, slowly), then applies the two scales to the float32 result.
+
+Which layers: every `ditfa_jax.models.layers.Linear` inside the block stacks except the adaLN modulations
+(``norm*.linear``, one row per image: no matmul time to win); embedders and the output projection stay as they are.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+__all__ = ["E4M3", "E4M3_MAX", "quantize", "dequantize", "fp8_matmul", "quantize_transformer", "fp8_layers"]
+
+E4M3 = jnp.float8_e4m3fn
+E4M3_MAX = float(jnp.finfo(E4M3).max)  # 448
+
+
+def quantize(x: jax.Array, axis) -> tuple[jax.Array, jax.Array]:
+    """(e4m3 values, float32 scales) with ``x ~= values * scales``; one scale per slice along ``axis`` (kept as
+    size-1 axes), ``amax / 448`` (1 for an all-zero slice); values are clipped to +-448, never inf."""
+    x32 = x.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(x32), axis=axis, keepdims=True)
+    scale = jnp.where(amax > 0, amax / E4M3_MAX, 1.0)
+    return jnp.clip(x32 / scale, -E4M3_MAX, E4M3_MAX).astype(E4M3), scale
+
+
+def dequantize(values: jax.Array, scales: jax.Array, dtype=jnp.float32) -> jax.Array:
+    return (values.astype(jnp.float32) * scales).astype(dtype)
+
+
+def fp8_matmul(x: jax.Array, kernel: jax.Array, kernel_scale: jax.Array) -> jax.Array:
+    """``x [..., in] @ dequantize(kernel [in, out], kernel_scale [out])`` with ``x`` quantised per row, FP8 x FP8
+    products accumulated in float32; returns float32 [..., out]."""
+    xq, x_scale = quantize(x, axis=-1)
+    y = jax.lax.dot_general(xq, kernel, (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    return y * x_scale * kernel_scale.astype(jnp.float32)
+
+
+def _block_linears(module):
+    """(path in its stack, Linear) of every Linear inside the model's block stacks (`module.stacks()`) but the
+    adaLN modulations (``norm*``)."""
+    from ditfa_jax.models.layers import Linear
+
+    for index, (stack, _, _) in enumerate(module.stacks()):
+        for path, m in nnx.iter_modules(stack):
+            if isinstance(m, Linear) and not any(str(p).startswith("norm") for p in path):
+                yield (f"stack{index}",) + tuple(path), m
+
+
+def fp8_layers(module) -> list[str]:
+    """Paths ('stack0/attn/to_q', ...) of the Linear layers `quantize_transformer` quantises in this module."""
+    return ["/".join(map(str, path)) for path, _ in _block_linears(module)]
+
+
+def quantize_transformer(model):
+    """A copy of a `ditfa_jax.loading.Transformer` whose block-stack Linear layers (module docstring) hold e4m3
+    kernels with per-output-channel scales; ValueError if it is quantised already."""
+    from ditfa_jax.loading import Transformer
+
+    module = model.module()
+    layers = list(_block_linears(module))
+    if not layers:
+        raise ValueError("quantize_transformer: the model has no block-stack Linear layers to quantise")
+    for path, m in layers:
+        kernel = m.kernel.get_value()
+        if kernel.dtype == E4M3:
+            raise ValueError(f"quantize_transformer: {'/'.join(map(str, path))} is FP8 already")
+        values, scale = quantize(kernel, axis=-2)  # [..., in, out]: one scale per output channel (per layer)
+        m.kernel = nnx.Param(values)
+        m.kernel_scale = nnx.Param(jnp.squeeze(scale, -2))
+    graphdef, state = nnx.split(module)
+    return Transformer(model.config, graphdef, state)
