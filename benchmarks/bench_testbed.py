@@ -65,6 +65,9 @@ def main() -> None:
     parser.add_argument("--fidelity", type=int, default=0, help="held-out captions per fidelity set (0: skip)")
     parser.add_argument("--guidance", help="comma-separated CFG scales to compare (v2)")
     parser.add_argument("--realism", action="store_true", help="run the realism checks (a), (b), (c)")
+    parser.add_argument("--fp8", action="store_true",
+                        help="FP8 linear layers (ditfa_jax.fp8) against the model's own dtype, dense, on "
+                             "--realism-captions held-out captions")
     parser.add_argument("--realism-captions", type=int, default=256)
     parser.add_argument("--sweep", action="store_true", help="run the quality-vs-cost sweep")
     parser.add_argument("--captions", type=int, default=64, help="held-out captions in the sweep")
@@ -105,6 +108,22 @@ def main() -> None:
                    **common, **{k: round(v, 4) for k, v in score.items()})
             save_png(out_dir / f"fidelity_{name.replace(' ', '_')}.png", image_grid([images[:8], images[8:16]], scale=2),
                      {"captions": " | ".join(world.captions(scenes[np.arange(min(16, len(scenes)))]))})
+
+    if args.fp8:
+        from ditfa_jax.fp8 import quantize_transformer
+
+        scenes = heldout_scenes(args.realism_captions, seed=41, objects=None, testbed=testbed.name)
+        truth = world.render_scenes(scenes)
+        fp8 = TestbedPipeline(quantize_transformer(pipe.transformer), pipe.text_encoder, pipe.tokenizer,
+                              pipe.scheduler, pipe.folder, testbed=testbed.name, guidance_scale=pipe.guidance_scale,
+                              image_size=pipe.image_size)
+        base_score, base = prompt_fidelity(pipe, scenes, seeds=0, num_steps=steps)
+        score, images = prompt_fidelity(fp8, scenes, seeds=0, num_steps=steps)
+        record(out_dir, kind="fp8", captions=len(scenes), **common, dtype=str(pipe.transformer.dtype),
+               psnr_vs_base_db=round(float(np.mean(psnr(images, base))), 2),
+               ssim_vs_base=round(float(np.mean(ssim(images, base))), 4),
+               fidelity_base=round(base_score["object"], 4), fidelity=round(score["object"], 4),
+               frechet_base=frechet(features, base, truth), frechet=frechet(features, images, truth))
 
     if args.guidance:
         scenes = heldout_scenes(args.realism_captions, seed=11, objects=None, testbed=testbed.name)
@@ -190,6 +209,10 @@ def print_table() -> None:
         elif kind == "guidance":
             print(f"| guidance | CFG {r['scale']:g} | {r['steps']} | | | | | {r['fidelity']:.3f} | "
                   f"{_fmt(r['frechet'], '.3f')} | |")
+        elif kind == "fp8":
+            print(f"| fp8 | FP8 linears vs {r['dtype']} ({r['captions']}) | {r['steps']} | | | {r['psnr_vs_base_db']} | "
+                  f"{r['ssim_vs_base']} | {r['fidelity']:.3f} (base {r['fidelity_base']:.3f}) | "
+                  f"{_fmt(r['frechet'], '.3f')} (base {_fmt(r['frechet_base'], '.3f')}) | |")
         elif kind == "realism-steps":
             print(f"| realism (a) | dense | {r['run_steps']} | 1.0 | | {r['psnr_vs_full_db']} | {r['ssim_vs_full']} | "
                   f"{r['fidelity']:.3f} | {_fmt(r['frechet'], '.3f')} | |")

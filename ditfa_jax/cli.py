@@ -462,6 +462,13 @@ def cmd_generate(args) -> int:
     plan = _load_plan(args)
     run = _pipeline_run(args, plan, batch=total)
     pipe = load_pipeline(args.checkpoint, dtype=_dtype(args.dtype), offload_text_encoders=args.offload_text_encoders)
+    fp8 = None
+    if args.fp8:
+        from ditfa_jax.fp8 import fp8_layers, quantize_transformer
+
+        pipe.transformer = quantize_transformer(pipe.transformer)
+        fp8 = {"format": "e4m3", "weights": "per output channel", "activations": "per token",
+               "layers": len(fp8_layers(pipe.transformer.module()))}
     images = pipe(prompts, negative_prompt=args.negative_prompt, height=run["height"], width=run["width"],
                   num_inference_steps=run["steps"], guidance_scale=args.guidance, seed=args.seed,
                   num_images=args.num_images, plan=plan, max_sequence_length=run["max_sequence_length"],
@@ -473,7 +480,7 @@ def cmd_generate(args) -> int:
               "text_len": pipe.text_len(run["max_sequence_length"]),
               "plan": None if plan is None else {"file": str(args.plan), "digest": plan.digest(),
                                                  "attention_flops_kept": round(plan.flops_kept_fraction(), 4)},
-              "software": "ditfa-jax"}
+              "fp8": fp8, "software": "ditfa-jax"}
     metadata = [{"prompt": prompts[k // args.num_images], "image_index": k, **common} for k in range(total)]
     _write_images(images, metadata, paths, overwrite=args.overwrite)
     timings = ", ".join(f"{k} {v:.2f}" for k, v in pipe.timings.items())
@@ -681,6 +688,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="outputs/images", help="folder for the PNGs")
     p.add_argument("--name", default="image_", type=_file_prefix,
                    help="file name prefix: <out>/<name>000.png, ... (no '/': the files stay in --out)")
+    p.add_argument("--fp8", action="store_true",
+                   help="run the transformer blocks' linear layers in FP8 (e4m3 weights with per-channel scales, "
+                        "per-token activation scales; adaLN modulations stay): ditfa_jax.fp8")
     p.add_argument("--overwrite", action="store_true", help="replace existing files of the same names")
     p.set_defaults(func=cmd_generate)
 

@@ -1,6 +1,8 @@
 """FP8 (e4m3) linear layers (issue: dense step + FP8): quantisation bounds, the FP8 matmul against float32, and a
 quantised transformer sampling close to its float32 original (CPU; speed is measured on the GPU)."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -62,3 +64,20 @@ def test_quantised_transformer_samples_close_to_float32(name):
     assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 0.1
     with pytest.raises(ValueError, match="FP8 already"):
         quantize_transformer(fp8)
+
+
+def test_cli_generate_fp8_records_it(tmp_path):
+    from pathlib import Path
+
+    from PIL import Image
+
+    from ditfa_jax.cli import main as cli_main
+
+    tiny = Path(__file__).parent / "fixtures" / "pipelines" / "sd3_tiny"
+    args = ["generate", str(tiny), "--prompt", "a red fox", "--steps", "2", "--height", "64", "--width", "64"]
+    assert cli_main(args + ["--out", str(tmp_path / "bf"), "--seed", "1"]) == 0
+    assert cli_main(args + ["--out", str(tmp_path / "f8"), "--seed", "1", "--fp8"]) == 0
+    plain, fp8 = (Image.open(tmp_path / d / "image_000.png") for d in ("bf", "f8"))
+    meta = json.loads(fp8.text["parameters"])
+    assert meta["fp8"]["format"] == "e4m3" and meta["fp8"]["layers"] > 0
+    assert json.loads(plain.text["parameters"])["fp8"] is None
