@@ -59,16 +59,26 @@ def fp8_layers(module) -> list[str]:
     return ["/".join(map(str, path)) for path, _ in _block_linears(module)]
 
 
-def quantize_transformer(model):
+def quantize_transformer(model, layers=None):
     """A copy of a `ditfa_jax.loading.Transformer` whose block-stack Linear layers (module docstring) hold e4m3
-    kernels with per-output-channel scales; ValueError if it is quantised already."""
+    kernels with per-output-channel scales. ``layers``: names from `fp8_layers` to quantise (None: all); a stack's
+    blocks share their parameter arrays, so a name covers that layer in every block of its stack. ValueError for
+    an unknown name or a model quantised already."""
     from ditfa_jax.loading import Transformer
 
     module = model.module()
-    layers = list(_block_linears(module))
-    if not layers:
+    found = list(_block_linears(module))
+    if not found:
         raise ValueError("quantize_transformer: the model has no block-stack Linear layers to quantise")
-    for path, m in layers:
+    names = {"/".join(map(str, path)) for path, _ in found}
+    wanted = names if layers is None else set(layers)
+    unknown = sorted(wanted - names)
+    if unknown:
+        raise ValueError(f"quantize_transformer: unknown layers {unknown[:3]}; expected names from fp8_layers(), "
+                         f"e.g. {sorted(names)[:3]}")
+    for path, m in found:
+        if "/".join(map(str, path)) not in wanted:
+            continue
         kernel = m.kernel.get_value()
         if kernel.dtype == E4M3:
             raise ValueError(f"quantize_transformer: {'/'.join(map(str, path))} is FP8 already")

@@ -64,6 +64,10 @@ def test_quantised_transformer_samples_close_to_float32(name):
     assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 0.1
     with pytest.raises(ValueError, match="FP8 already"):
         quantize_transformer(fp8)
+    some = quantize_transformer(model, layers=names[:2])
+    assert sum(a.dtype == E4M3 for a in jax.tree_util.tree_leaves(some.state)) == 2
+    with pytest.raises(ValueError, match=r"unknown layers \['stack0/nope'\]"):
+        quantize_transformer(model, layers=["stack0/nope"])
 
 
 def test_cli_generate_fp8_records_it(tmp_path):
