@@ -458,9 +458,11 @@ def unified_plan(result: CalibrationResult, cost_model, *, head_budget: float | 
     (L - F) / L of it).
 
     Budgets default to the totals the progressive pass had: ``delta`` per (step >= 1, layer) for the heads and
-    ``step_delta`` per step >= 1 for the step choices. The errors were measured along the pass's own trajectory,
-    so the plan's are estimates until it runs (the quality sweep runs it). ``max_skips_in_a_row`` caps runs of
-    skipped steps.
+    ``step_delta`` per step >= 1 for the step choices. ``max_skips_in_a_row`` caps runs of skipped steps.
+
+    For comparison, not for use: the errors were measured along the pass's own trajectory, each skipped step with
+    computed steps before it, so the MILP skips runs of steps whose real errors compound. On testbed v2 its plans
+    are far below the greedy pass's at every cost (`benchmarks/RESULTS.md`, issue 17); the CLI does not offer it.
     """
     plan = result.plan
     steps, layers, heads = plan.head_window.shape

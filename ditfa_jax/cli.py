@@ -306,9 +306,7 @@ def _read_prompts(path: str | Path) -> list[str]:
 
 
 def cmd_calibrate(args) -> int:
-    import dataclasses
-
-    from ditfa_jax.calibrate import calibrate, calibrate_for_speedup, unified_plan
+    from ditfa_jax.calibrate import calibrate, calibrate_for_speedup
     from ditfa_jax.cost_model import get_cost_model
     from ditfa_jax.loading import load_transformer
     from ditfa_jax.files import check_output
@@ -338,26 +336,20 @@ def cmd_calibrate(args) -> int:
                            guidance_scale=_guidance(args, model.config))
         text, pooled = cond.pop("prompt_embeds"), cond.pop("pooled_prompt_embeds")
         negative = cond
-    if args.unified and args.step_delta <= 0:
-        raise ValueError("--unified chooses step methods too: it needs --step-delta > 0")
-    cost_model = get_cost_model(args.cost_model)
-
     def search(scale=1.0):
-        result = calibrate(model, text, pooled, height=run["height"], width=run["width"], num_steps=run["steps"],
+        return calibrate(model, text, pooled, height=run["height"], width=run["width"], num_steps=run["steps"],
                          guidance_scale=_guidance(args, model.config), delta=args.delta * scale, c=args.c,
                          candidates=tuple(args.candidates.split(",")), scheduler=scheduler, seed=args.seed,
                          vae_scale_factor=run["vae_scale_factor"], rse_over_prompts=args.rse_over_prompts,
                          budget_schedule=args.budget_schedule, token_order=args.token_order,
                          step_delta=args.step_delta * scale, step_kinds=args.step_kinds,
                          block_candidates=args.block_candidates, progress=args.target_speedup is None, **negative)
-        if args.unified:
-            result = dataclasses.replace(result, plan=unified_plan(result, cost_model))
-        return result
 
     if args.target_speedup is None:
         result = search()
     else:
-        result = calibrate_for_speedup(search, args.target_speedup, cost_model, num_steps=run["steps"], log=print)
+        result = calibrate_for_speedup(search, args.target_speedup, get_cost_model(args.cost_model),
+                                       num_steps=run["steps"], log=print)
     plan = result.plan
     plan.save(out, overwrite=args.overwrite)
     try:
@@ -632,14 +624,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --step-delta: comma-separated numbers F of first blocks that run while the others "
                         "reuse their cached residuals (FBCache/DBCache-like), e.g. 8,16; a step takes the fewest "
                         "blocks within the budget")
-    p.add_argument("--unified", action="store_true",
-                   help="with --step-delta: after the pass, choose heads, skipped steps and cached blocks at once "
-                        "(one MILP) for the time they save under --cost-model, within the same total budgets")
     p.add_argument("--target-speedup", type=_float_at_least(1.0, above=True),
                    help="search the budget instead: the smallest multiple of --delta and --step-delta whose plan "
                         "runs this many times faster than dense under --cost-model (up to 8 calibration passes)")
     p.add_argument("--cost-model", choices=sorted(COST_MODELS), default="h200-flux-dev-1024",
-                   help="with --target-speedup or --unified: the measured step-time model that prices a plan")
+                   help="with --target-speedup: the measured step-time model that prices a plan")
     p.add_argument("--token-order", choices=TOKEN_ORDER_CHOICES, default="raster",
                    help="order of the image tokens that arrow bands follow: raster (the paper's: a band is a strip "
                         "of whole rows) or along a space-filling curve (hilbert, morton: a band is a 2-D "

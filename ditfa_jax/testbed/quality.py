@@ -108,7 +108,9 @@ SEARCHES = {
     "unified": lambda budget: {"delta": budget, "step_delta": budget, "step_kinds": ("reuse", "taylor1", "taylor2"),
                                "block_candidates": ALL_BLOCKS},
 }
-SEARCHES["unified-milp"] = SEARCHES["unified"]  # the same pass, then every method re-chosen at once for time
+# The same pass as "unified", then every method re-chosen at once for time (`unified_plan`; its options here).
+UNIFIED_MILP = {"unified-milp": {}, "unified-milp-cap1": {"max_skips_in_a_row": 1}}
+SEARCHES.update({name: SEARCHES["unified"] for name in UNIFIED_MILP})
 
 
 def search_options(search: str, budget: float, num_layers: int) -> dict:
@@ -197,7 +199,8 @@ def quality_sweep(pipe, scenes, calibration_captions: list[str], deltas, *, seed
         for search in searches:
             result = pipe.calibrate(calibration_captions, num_steps=num_steps, progress=False,
                                     **search_options(search, delta, pipe.transformer.config.total_layers))
-            plan = unified_plan(result, cost_model) if search == "unified-milp" else result.plan
+            plan = (unified_plan(result, cost_model, **UNIFIED_MILP[search]) if search in UNIFIED_MILP
+                    else result.plan)
             variants.append((search, plan))
             if include_global and search == "per-layer":
                 variants.append(("global", global_plan(result.plan, result.rse, result.saving)))
@@ -246,7 +249,8 @@ def line_plot(series: dict[str, list[tuple[float, float]]], *, title: str, xlabe
         _, py = to_px(x0, y)
         draw.text((px - 10, h - bottom + 4), f"{x:.2f}", fill="black")
         draw.text((4, py - 6), f"{y:.3g}", fill="black")
-    colours = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (140, 86, 75)]
+    colours = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (140, 86, 75),
+               (23, 190, 207), (227, 119, 194), (188, 189, 34), (127, 127, 127)]
     for i, (name, points) in enumerate(series.items()):
         points = sorted((x, y) for x, y in points if np.isfinite(y))
         colour = colours[i % len(colours)]
