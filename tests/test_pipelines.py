@@ -235,6 +235,7 @@ def test_cli_generate_writes_pngs_with_metadata_and_refuses_overwrite(tmp_path, 
     meta = Image.open(out / "image_002.png").text
     assert meta["prompt"] == "a bird" and meta["negative_prompt"] == "blurry" and meta["seed"] == "3"
     assert meta["steps"] == "2" and meta["pipeline"] == "SD3Pipeline" and "sd3_tiny" in meta["model"]
+    assert json.loads(meta["parameters"])["fp8"] is None  # bf16/fp32 linears unless --fp8 (tests/test_fp8.py)
     before = (out / "image_000.png").read_bytes()
     assert cli_main(args) == 2
     assert "exists" in capsys.readouterr().err

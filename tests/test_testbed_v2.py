@@ -126,12 +126,10 @@ def test_sweep_searches_step_methods_alone_and_unified(pipe):
     alone = search_options("block-cache", 0.1, num_layers=5)
     assert alone["delta"] == 0.0 and alone["step_kinds"] == () and alone["block_candidates"] == (1, 2, 3, 4)
     scenes = heldout_scenes(2, seed=5, objects=None, testbed="v2")
-    rows, _ = quality_sweep(pipe, scenes, ["a red circle"], [0.5], num_steps=4, include_global=False,
-                            searches=("taylor", "unified"), gates=[(1, 1e9)], progress=False)
-    gate, taylor, unified = rows[1:]
-    assert gate["search"] == "gate F=1" and gate["cost"] == pytest.approx((1 + 3 * 0.2) / 4)  # a huge threshold: every step after 0
+    rows, _ = quality_sweep(pipe, scenes[np.arange(1)], ["a red circle"], [0.5], num_steps=3, include_global=False,
+                            searches=("unified",), gates=[(1, 1e9)], timed=False, progress=False)
+    gate, unified = rows[1:]
+    assert gate["search"] == "gate F=1" and gate["cost"] == pytest.approx((1 + 2 * 0.2) / 3, abs=1e-4)  # all after 0
     assert gate["blocks_cached"] == 0.8
-    assert (taylor["search"], unified["search"]) == ("taylor", "unified")
-    assert taylor["steps_skipped"] + unified["steps_skipped"] > 0  # a loose budget skips steps
-    for r in (taylor, unified):
-        assert r["cost"] < 1.0 and 0.0 <= r["blocks_cached"] <= 1.0
+    assert unified["search"] == "unified" and unified["steps_skipped"] > 0  # a loose budget skips steps
+    assert unified["cost"] < 1.0 and 0.0 <= unified["blocks_cached"] <= 1.0
