@@ -114,9 +114,7 @@ def main() -> None:
 
         scenes = heldout_scenes(args.realism_captions, seed=41, objects=None, testbed=testbed.name)
         truth = world.render_scenes(scenes)
-        fp8 = TestbedPipeline(quantize_transformer(pipe.transformer), pipe.text_encoder, pipe.tokenizer,
-                              pipe.scheduler, pipe.folder, testbed=testbed.name, guidance_scale=pipe.guidance_scale,
-                              image_size=pipe.image_size)
+        fp8 = pipe.with_transformer(quantize_transformer(pipe.transformer))
         base_score, base = prompt_fidelity(pipe, scenes, seeds=0, num_steps=steps)
         score, images = prompt_fidelity(fp8, scenes, seeds=0, num_steps=steps)
         record(out_dir, kind="fp8", captions=len(scenes), **common, dtype=str(pipe.transformer.dtype),

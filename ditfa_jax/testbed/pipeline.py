@@ -162,39 +162,41 @@ class TestbedPipeline:
         """Images float32 [N, S, S, 3] in [0, 1]; ``seeds`` is one per caption or an int (seed + index).
         ``attention``: how attention runs (`ditfa_jax.attention.AttentionSettings`); ``guidance_scale``: the CFG
         scale (default: the folder's)."""
-        captions = [captions] if isinstance(captions, str) else list(captions)
-        seeds = np.asarray(seeds + np.arange(len(captions)) if np.isscalar(seeds) else seeds)
-        if seeds.shape != (len(captions),):
-            raise ValueError(f"seeds: expected an int or one seed per caption ({len(captions)}), got shape "
-                             f"{seeds.shape}")
+        captions, seeds = _captions_and_seeds(captions, seeds)
         pipe = self if guidance_scale is None else self.with_guidance(guidance_scale)
-        text, pooled = pipe.encode(captions)
-        final = sample(pipe.transformer, pipe.initial_noise(seeds), text, pooled, height=pipe.image_size,
-                       width=pipe.image_size, num_steps=num_steps, guidance_scale=pipe.guidance_scale,
-                       scheduler=pipe.scheduler, plan=plan, vae_scale_factor=1, attention=attention,
-                       **pipe.negative(len(captions)))
-        return np.asarray(latents_to_images(pipe.transformer.config, final, pipe.image_size), np.float32)
+        return pipe._sample(captions, seeds, num_steps=num_steps, plan=plan, attention=attention)
 
     def gated(self, captions: list[str], *, gate, seeds=0, num_steps: int = DEFAULT_STEPS):
         """(images [N, S, S, 3], skipped bool [N, num_steps]) sampled with a `ditfa_jax.denoise.DynamicGate`, one
         caption at a time: the gate reads the whole batch, so this is what it decides for each prompt alone."""
-        captions = [captions] if isinstance(captions, str) else list(captions)
-        seeds = np.asarray(seeds + np.arange(len(captions)) if np.isscalar(seeds) else seeds)
-        images, skipped = [], []
-        for caption, seed in zip(captions, seeds):
-            text, pooled = self.encode([caption])
-            final, skip = sample(self.transformer, self.initial_noise(np.array([seed])), text, pooled,
-                                 height=self.image_size, width=self.image_size, num_steps=num_steps,
-                                 guidance_scale=self.guidance_scale, scheduler=self.scheduler, vae_scale_factor=1,
-                                 gate=gate, **self.negative(1))
-            images.append(np.asarray(latents_to_images(self.transformer.config, final, self.image_size), np.float32))
-            skipped.append(np.asarray(skip, bool))
-        return np.concatenate(images), np.stack(skipped)
+        captions, seeds = _captions_and_seeds(captions, seeds)
+        runs = [self._sample([caption], seeds[i:i + 1], num_steps=num_steps, gate=gate)
+                for i, caption in enumerate(captions)]
+        return np.concatenate([images for images, _ in runs]), np.stack([np.asarray(s, bool) for _, s in runs])
+
+    def _sample(self, captions: list[str], seeds: np.ndarray, **options):
+        """`ditfa_jax.sample` from these seeds' noise, the final latents as images (with a gate: and its skips)."""
+        text, pooled = self.encode(captions)
+        out = sample(self.transformer, self.initial_noise(seeds), text, pooled, height=self.image_size,
+                     width=self.image_size, guidance_scale=self.guidance_scale, scheduler=self.scheduler,
+                     vae_scale_factor=1, **self.negative(len(captions)), **options)
+        final, skipped = out if options.get("gate") is not None else (out, None)
+        images = np.asarray(latents_to_images(self.transformer.config, final, self.image_size), np.float32)
+        return images if skipped is None else (images, skipped)
 
     def with_guidance(self, guidance_scale: float) -> "TestbedPipeline":
         """This pipeline sampling with another CFG scale (shares the weights)."""
-        return TestbedPipeline(self.transformer, self.text_encoder, self.tokenizer, self.scheduler, self.folder,
-                               testbed=self.testbed.name, guidance_scale=guidance_scale, image_size=self.image_size)
+        return self._replace(guidance_scale=guidance_scale)
+
+    def with_transformer(self, transformer: Transformer) -> "TestbedPipeline":
+        """This pipeline with another transformer of the same config (e.g. `ditfa_jax.fp8.quantize_transformer`'s)."""
+        return self._replace(transformer=transformer)
+
+    def _replace(self, **changes) -> "TestbedPipeline":
+        fields = dict(transformer=self.transformer, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
+                      scheduler=self.scheduler, folder=self.folder, testbed=self.testbed.name,
+                      guidance_scale=self.guidance_scale, image_size=self.image_size)
+        return TestbedPipeline(**{**fields, **changes})
 
     def calibrate(self, captions: list[str], *, delta: float, num_steps: int = DEFAULT_STEPS, c: float = 1.5,
                   candidates=DEFAULT_CANDIDATES, seed: int = 0, progress: bool = True, **search) -> CalibrationResult:
@@ -208,6 +210,15 @@ class TestbedPipeline:
                            progress=progress, **self.negative(len(captions)), **search)
         plan = result.plan.replace(notes={**result.plan.notes, "calibration_captions": list(captions)})
         return dataclasses.replace(result, plan=plan)
+
+
+def _captions_and_seeds(captions, seeds) -> tuple[list[str], np.ndarray]:
+    """Captions as a list and one seed per caption (an int: seed + index), or ValueError."""
+    captions = [captions] if isinstance(captions, str) else list(captions)
+    seeds = np.asarray(seeds + np.arange(len(captions)) if np.isscalar(seeds) else seeds)
+    if seeds.shape != (len(captions),):
+        raise ValueError(f"seeds: expected an int or one seed per caption ({len(captions)}), got shape {seeds.shape}")
+    return captions, seeds
 
 
 def save_pipeline(folder: str | Path, transformer: Transformer, text_encoder: TextEncoder, *,
