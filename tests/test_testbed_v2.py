@@ -17,7 +17,7 @@ from ditfa_jax.testbed.pipeline import TestbedPipeline, save_pipeline
 from ditfa_jax.testbed.quality import attention_structure, heldout_scenes
 from ditfa_jax.testbed.testbeds import get_testbed
 from ditfa_jax.testbed.tokenizer import WordTokenizer
-from ditfa_jax.testbed.train import TrainConfig, _batch, train
+from ditfa_jax.testbed.train import BatchSource, TrainConfig, _batch, _draw_numbered, _start_worker, train
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +74,29 @@ def test_negative_is_the_dropped_caption(pipe):
     text, pooled = pipe.encode([""] * 2)
     np.testing.assert_array_equal(neg["negative_prompt_embeds"], text)
     np.testing.assert_array_equal(neg["negative_pooled_prompt_embeds"], pooled)
+
+
+def test_worker_batches_do_not_depend_on_who_draws_them():
+    """With data workers, batch i comes from the stream (seed, i): a worker process gives what this process gives,
+    in order, and consecutive batches differ."""
+    testbed = get_testbed("v2")
+    cfg = TrainConfig(testbed="v2", batch_size=3, seed=5, data_workers=1)
+    source = BatchSource(testbed, WordTokenizer.from_file(testbed.tokenizer_file), cfg, caption_dropout=0.5)
+    try:
+        drawn = [source.next() for _ in range(3)]
+    finally:
+        source.close()
+    _start_worker("v2")
+    for index, (scenes, ids, mask) in enumerate(drawn):
+        want_scenes, want_ids, want_mask = _draw_numbered(5, index, 3, 0.5)
+        np.testing.assert_array_equal(ids, want_ids)
+        np.testing.assert_array_equal(mask, want_mask)
+        assert scenes.keys() == want_scenes.keys()
+        for name in scenes:
+            np.testing.assert_array_equal(scenes[name], want_scenes[name])
+    assert not np.array_equal(drawn[0][1], drawn[1][1])
+    with pytest.raises(ValueError, match="data_workers -1"):
+        BatchSource(testbed, None, TrainConfig(data_workers=-1), caption_dropout=0.0)
 
 
 def test_shipped_feature_net_sees_degradation():

@@ -22,7 +22,9 @@ import dataclasses
 import json
 import math
 import time
-from concurrent.futures import ThreadPoolExecutor
+import collections
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import jax
@@ -59,6 +61,7 @@ class TrainConfig:
     init_from: str | None = None  # start from a testbed folder's weights (a continued run; its record is kept)
     testbed: str = "v1"  # which world and model (`ditfa_jax.testbed.testbeds`)
     caption_dropout: float | None = None  # share of empty captions (None: the testbed's, 0 for v1)
+    data_workers: int = 0  # host processes drawing batches (0: one thread, one random stream; see `BatchSource`)
 
 
 class TestbedModel(nnx.Module):
@@ -184,6 +187,61 @@ def _batch(rng: np.random.Generator, testbed: Testbed, tokenizer: WordTokenizer,
     return scenes.arrays(), ids, mask
 
 
+_worker_state: dict = {}
+
+
+def _start_worker(testbed_name: str) -> None:
+    testbed = get_testbed(testbed_name)
+    _worker_state.update(testbed=testbed, tokenizer=WordTokenizer.from_file(testbed.tokenizer_file))
+
+
+def _draw_numbered(seed: int, index: int, n: int, caption_dropout: float):
+    """Batch ``index`` of a run, from its own random stream (so it does not depend on which process draws it)."""
+    rng = np.random.default_rng((seed, index))
+    return _batch(rng, _worker_state["testbed"], _worker_state["tokenizer"], n, caption_dropout)
+
+
+class BatchSource:
+    """The training batches, drawn on the host ahead of the device.
+
+    ``workers=0``: one thread and one random stream seeded by ``seed`` (the recipe of the shipped v1 model).
+    ``workers>0``: that many processes, batch i from the stream ``(seed, i)``: the same batches for any worker
+    count, and a host that keeps up with the device (one thread draws ~8k scenes/s, below what an H200 trains on).
+    ``waited_s`` is the time the device loop spent waiting for a batch.
+    """
+
+    def __init__(self, testbed: Testbed, tokenizer: WordTokenizer, cfg: TrainConfig, caption_dropout: float):
+        if cfg.data_workers < 0:
+            raise ValueError(f"data_workers {cfg.data_workers}: expected >= 0")
+        self.waited_s, self._index = 0.0, 0
+        if cfg.data_workers == 0:
+            rng = np.random.default_rng(cfg.seed)
+            pool = ThreadPoolExecutor(max_workers=1)
+            self._submit = lambda: pool.submit(_batch, rng, testbed, tokenizer, cfg.batch_size, caption_dropout)
+        else:
+            pool = ProcessPoolExecutor(cfg.data_workers, mp_context=multiprocessing.get_context("spawn"),
+                                       initializer=_start_worker, initargs=(testbed.name,))
+            self._submit = lambda: pool.submit(_draw_numbered, cfg.seed, self._take_index(), cfg.batch_size,
+                                               caption_dropout)
+        self._pool = pool
+        self._queue = collections.deque(self._submit() for _ in range(max(1, 2 * cfg.data_workers)))
+
+    def _take_index(self) -> int:
+        self._index += 1
+        return self._index - 1
+
+    def next(self):
+        """(scenes, ids, mask) of the next step."""
+        start = time.perf_counter()
+        batch = self._queue.popleft().result()
+        self.waited_s += time.perf_counter() - start
+        self._queue.append(self._submit())
+        return batch
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
 def train(cfg: TrainConfig, *, progress: bool = True) -> tuple[TestbedModel, dict]:
     """Train from scratch; returns (the EMA model in fp32, the training record)."""
     testbed = get_testbed(cfg.testbed)
@@ -201,16 +259,12 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> tuple[TestbedModel, dic
     opt_state = tx.init(params)
     ema = jax.tree_util.tree_map(jnp.copy, params)
     step_fn = make_train_step(graphdef, buffers, tx, cfg)
-    rng = np.random.default_rng(cfg.seed)
     key = jax.random.key(cfg.seed)
     curve, window, start, steps_done = [], [], None, 0
     bar = tqdm(range(cfg.steps), desc="training testbed", unit="step", disable=not progress)
-    draw = lambda: _batch(rng, testbed, tokenizer, cfg.batch_size, dropout)  # noqa: E731
-    prefetch = ThreadPoolExecutor(max_workers=1)  # the next batch is drawn on the host while the device trains
-    upcoming = prefetch.submit(draw)
+    batches = BatchSource(testbed, tokenizer, cfg, dropout)
     for index in bar:
-        scenes, ids, mask = upcoming.result()
-        upcoming = prefetch.submit(draw)
+        scenes, ids, mask = batches.next()
         params, opt_state, ema, loss = step_fn(params, opt_state, ema, scenes, ids, mask,
                                                jax.random.fold_in(key, index), index)
         window.append(loss)
@@ -227,13 +281,14 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> tuple[TestbedModel, dic
                 raise FloatingPointError(f"training diverged: mean loss {mean} at step {steps_done}")
             if cfg.time_limit_s is not None and time.perf_counter() - start > cfg.time_limit_s:
                 break
-    prefetch.shutdown(cancel_futures=True)
+    batches.close()
     jax.block_until_ready(ema)
     seconds = time.perf_counter() - start
     record = {"recipe": {**dataclasses.asdict(cfg), "caption_dropout": dropout}, "steps_done": steps_done,
               "loss_curve": curve,
               "train_seconds_after_compile": round(seconds, 1),
               "steps_per_second": round((steps_done - 1) / max(seconds, 1e-9), 2),
+              "host_wait_seconds": round(batches.waited_s, 1),
               "parameters": int(sum(p.size for p in jax.tree_util.tree_leaves(params))),
               "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
               "command": _command(cfg, steps_done),
@@ -278,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="testbed folder to write (must not exist)")
     for field in dataclasses.fields(TrainConfig):
-        kind = {"steps": int, "batch_size": int, "warmup_steps": int, "seed": int, "log_every": int}.get(field.name)
+        kind = {"steps": int, "batch_size": int, "warmup_steps": int, "seed": int, "log_every": int,
+                "data_workers": int}.get(field.name)
         kind = kind or (str if field.name in ("compute_dtype", "attention_impl", "init_from", "testbed") else float)
         if field.type in (bool, "bool"):
             parser.add_argument(f"--{field.name.replace('_', '-')}", action="store_true")
