@@ -20,16 +20,30 @@ from ditfa_jax.testbed.tokenizer import WordTokenizer
 from ditfa_jax.testbed.train import BatchSource, TrainConfig, _batch, _draw_numbered, _start_worker, train
 
 
+def _trained_weights(model):
+    import jax
+    from flax import nnx
+
+    return [np.array(p) for p in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param))]
+
+
 @pytest.fixture(scope="module")
-def pipe(tmp_path_factory):
-    """A v2 model trained 2 steps (fp32), its weights then jittered (adaLN-zero leaves a 2-step model blind to the
-    caption, and CFG a no-op), saved and loaded back as a testbed folder."""
+def two_steps():
+    """(model, record, its weights as numpy) of a v2 model trained 2 steps, one step per call, in fp32."""
+    model, record = train(TrainConfig(testbed="v2", steps=2, batch_size=2, log_every=1, compute_dtype="float32",
+                                      warmup_steps=1), progress=False)
+    return model, record, _trained_weights(model)
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory, two_steps):
+    """The 2-step v2 model, its weights then jittered (adaLN-zero leaves a 2-step model blind to the caption, and CFG
+    a no-op), saved and loaded back as a testbed folder."""
     import jax
     from flax import nnx
 
     testbed = get_testbed("v2")
-    model, record = train(TrainConfig(testbed="v2", steps=2, batch_size=2, log_every=1, compute_dtype="float32",
-                                      warmup_steps=1), progress=False)
+    model, record, _ = two_steps
     assert record["recipe"]["caption_dropout"] == testbed.model.CAPTION_DROPOUT and record["steps_done"] == 2
     params = nnx.state(model, nnx.Param)
     leaves, tree = jax.tree_util.tree_flatten(params)
@@ -156,3 +170,16 @@ def test_sweep_searches_step_methods_alone_and_unified(pipe):
     assert gate["blocks_cached"] == 0.8
     assert unified["search"] == "unified" and unified["steps_skipped"] > 0  # a loose budget skips steps
     assert unified["cost"] < 1.0 and 0.0 <= unified["blocks_cached"] <= 1.0
+
+
+def test_scanned_training_calls_equal_single_steps(two_steps):
+    """Two optimizer steps in one jitted call (a scan) train the same weights as one step per call (fp32)."""
+    _, single_record, single = two_steps
+    model, record = train(TrainConfig(testbed="v2", steps=2, batch_size=2, log_every=2, compute_dtype="float32",
+                                      warmup_steps=1, steps_per_call=2), progress=False)
+    for a, b in zip(single, _trained_weights(model)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    single_mean = np.mean([loss for _, loss in single_record["loss_curve"]])
+    assert record["loss_curve"][0][0] == 2 and abs(record["loss_curve"][0][1] - single_mean) < 1e-4
+    with pytest.raises(ValueError, match="steps_per_call 3"):
+        train(TrainConfig(testbed="v2", steps=4, batch_size=2, steps_per_call=3), progress=False)

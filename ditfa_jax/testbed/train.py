@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import os
 import json
 import math
 import time
@@ -62,6 +64,7 @@ class TrainConfig:
     testbed: str = "v1"  # which world and model (`ditfa_jax.testbed.testbeds`)
     caption_dropout: float | None = None  # share of empty captions (None: the testbed's, 0 for v1)
     data_workers: int = 0  # host processes drawing batches (0: one thread, one random stream; see `BatchSource`)
+    steps_per_call: int = 1  # optimizer steps per jitted call (a scan over that many batches: less dispatch)
 
 
 class TestbedModel(nnx.Module):
@@ -145,8 +148,9 @@ def _adamw(schedule, cfg: TrainConfig) -> optax.GradientTransformation:
 
 
 def make_train_step(graphdef, buffers, tx, cfg: TrainConfig):
-    """Jitted (params, opt_state, ema, scenes, ids, mask, key, step) -> (params, opt_state, ema, loss); ``buffers``
-    are the model's fixed non-parameter state (SD3's position table)."""
+    """Jitted (params, opt_state, ema, scenes, ids, mask, key, first_step) -> (params, opt_state, ema, losses):
+    ``cfg.steps_per_call`` optimizer steps scanned over batches stacked on a leading axis, step i drawing its noise
+    from ``fold_in(key, i)``; ``buffers`` are the model's fixed non-parameter state (SD3's position table)."""
     testbed = get_testbed(cfg.testbed)
     layout, rope = testbed_layout(testbed)
     config, render = testbed.model.TRANSFORMER_CONFIG, testbed.world.render
@@ -164,16 +168,24 @@ def make_train_step(graphdef, buffers, tx, cfg: TrainConfig):
         v = nnx.merge(graphdef, compute, buffers)(x_t.astype(dtype), ids, mask, sigma, layout, rope, settings)
         return jnp.mean(jnp.square(v.astype(jnp.float32) - (noise - x0)))
 
-    @jax.jit
-    def step(params, opt_state, ema, scenes, ids, mask, key, index):
-        loss, grads = jax.value_and_grad(loss_fn)(params, scenes, ids, mask, key)
+    def one_step(key, state, batch):
+        params, opt_state, ema = state
+        scenes, ids, mask, index = batch
+        loss, grads = jax.value_and_grad(loss_fn)(params, scenes, ids, mask, jax.random.fold_in(key, index))
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         decay = jnp.minimum(cfg.ema_decay, (1.0 + index) / (10.0 + index))  # short warm-up of the average
         ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1 - decay) * p, ema, params)
-        return params, opt_state, ema, loss
+        return (params, opt_state, ema), loss
 
-    return step
+    @jax.jit
+    def steps(params, opt_state, ema, scenes, ids, mask, key, first_step):
+        indices = first_step + jnp.arange(cfg.steps_per_call)
+        (params, opt_state, ema), losses = jax.lax.scan(functools.partial(one_step, key), (params, opt_state, ema),
+                                                        (scenes, ids, mask, indices))
+        return params, opt_state, ema, losses
+
+    return steps
 
 
 def _batch(rng: np.random.Generator, testbed: Testbed, tokenizer: WordTokenizer, n: int, caption_dropout: float):
@@ -187,7 +199,14 @@ def _batch(rng: np.random.Generator, testbed: Testbed, tokenizer: WordTokenizer,
     return scenes.arrays(), ids, mask
 
 
+def _stack(batches):
+    """Batches stacked on a new leading axis (the scan axis of a training call)."""
+    return jax.tree_util.tree_map(lambda *xs: np.stack(xs), *batches)
+
+
 _worker_state: dict = {}
+_ONE_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+               "RAYON_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def _start_worker(testbed_name: str) -> None:
@@ -224,7 +243,13 @@ class BatchSource:
             self._submit = lambda: pool.submit(_draw_numbered, cfg.seed, self._take_index(), cfg.batch_size,
                                                caption_dropout)
         self._pool = pool
-        self._queue = collections.deque(self._submit() for _ in range(max(1, 2 * cfg.data_workers)))
+        saved = dict(os.environ)
+        os.environ.update(_ONE_THREAD)  # the workers spawned now draw on one core each (no spinning thread pools)
+        try:
+            self._queue = collections.deque(self._submit() for _ in range(max(1, 2 * cfg.data_workers)))
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
 
     def _take_index(self) -> int:
         self._index += 1
@@ -261,17 +286,21 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> tuple[TestbedModel, dic
     step_fn = make_train_step(graphdef, buffers, tx, cfg)
     key = jax.random.key(cfg.seed)
     curve, window, start, steps_done = [], [], None, 0
-    bar = tqdm(range(cfg.steps), desc="training testbed", unit="step", disable=not progress)
+    per_call = cfg.steps_per_call
+    if per_call < 1 or cfg.steps % per_call or cfg.log_every % per_call:
+        raise ValueError(f"steps_per_call {per_call}: expected >= 1 and dividing steps {cfg.steps} and log_every "
+                         f"{cfg.log_every}")
+    bar = tqdm(total=cfg.steps, desc="training testbed", unit="step", disable=not progress)
     batches = BatchSource(testbed, tokenizer, cfg, dropout)
-    for index in bar:
-        scenes, ids, mask = batches.next()
-        params, opt_state, ema, loss = step_fn(params, opt_state, ema, scenes, ids, mask,
-                                               jax.random.fold_in(key, index), index)
-        window.append(loss)
-        steps_done = index + 1
-        if index == 0:
-            jax.block_until_ready(loss)
-            start = time.perf_counter()  # the first step includes compilation
+    for first in range(0, cfg.steps, per_call):
+        scenes, ids, mask = _stack([batches.next() for _ in range(per_call)])
+        params, opt_state, ema, losses = step_fn(params, opt_state, ema, scenes, ids, mask, key, first)
+        window.append(losses)
+        steps_done = first + per_call
+        bar.update(per_call)
+        if first == 0:
+            jax.block_until_ready(losses)
+            start = time.perf_counter()  # the first call includes compilation
         if steps_done % cfg.log_every == 0 or steps_done == cfg.steps:
             mean = float(np.mean(jax.device_get(window)))
             curve.append((steps_done, round(mean, 5)))
@@ -282,12 +311,13 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> tuple[TestbedModel, dic
             if cfg.time_limit_s is not None and time.perf_counter() - start > cfg.time_limit_s:
                 break
     batches.close()
+    bar.close()
     jax.block_until_ready(ema)
     seconds = time.perf_counter() - start
     record = {"recipe": {**dataclasses.asdict(cfg), "caption_dropout": dropout}, "steps_done": steps_done,
               "loss_curve": curve,
               "train_seconds_after_compile": round(seconds, 1),
-              "steps_per_second": round((steps_done - 1) / max(seconds, 1e-9), 2),
+              "steps_per_second": round((steps_done - per_call) / max(seconds, 1e-9), 2),
               "host_wait_seconds": round(batches.waited_s, 1),
               "parameters": int(sum(p.size for p in jax.tree_util.tree_leaves(params))),
               "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
@@ -334,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="testbed folder to write (must not exist)")
     for field in dataclasses.fields(TrainConfig):
         kind = {"steps": int, "batch_size": int, "warmup_steps": int, "seed": int, "log_every": int,
-                "data_workers": int}.get(field.name)
+                "data_workers": int, "steps_per_call": int}.get(field.name)
         kind = kind or (str if field.name in ("compute_dtype", "attention_impl", "init_from", "testbed") else float)
         if field.type in (bool, "bool"):
             parser.add_argument(f"--{field.name.replace('_', '-')}", action="store_true")
