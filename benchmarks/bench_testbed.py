@@ -10,7 +10,8 @@
 4. ``--sweep``: held-out captions x seeds, dense, dense with fewer steps (the plain baseline at equal cost) and
    plans searched at each delta, from the same noise; cost = a FLUX.1-dev-sized step's measured time
    (`ditfa_jax.cost_model`); ``quality_{psnr,fidelity,frechet}.png`` put every method's quality-vs-cost curve
-   on one set of axes with the fewer-steps curve.
+   on one set of axes with the fewer-steps curve; ``--choose-at`` adds, at each cost, the plan of least error on
+   the calibration captions among every search's plans within it.
 
 Rows go to $OUT/bench_testbed.jsonl (or --out-dir) as they come; a table is printed last.
 
@@ -82,6 +83,8 @@ def main() -> None:
                         help="generate each sweep row once (no timed second call): for CPUs, where times mean nothing")
     parser.add_argument("--gates", default="",
                         help="dynamic-gate rows in the sweep: comma-separated FIRST_BLOCKS:THRESHOLD, e.g. 1:0.05,1:0.1")
+    parser.add_argument("--choose-at", default="",
+                        help="comma-separated costs: rows of the least-error plan over every search's plans there")
     parser.add_argument("--searches", default="per-layer",
                         help=f"comma-separated plan searches to compare, from {list(SEARCHES)}")
     args = parser.parse_args()
@@ -169,6 +172,7 @@ def main() -> None:
                                      num_steps=steps, include_global=not args.no_global,
                                      searches=args.searches.split(","), fewer_steps=fewer,
                                      cost_model=args.cost_model, features=features, timed=not args.no_timing,
+                                     choose_at=[float(c) for c in args.choose_at.split(",") if c],
                                      gates=[tuple(float(x) for x in g.split(":")) for g in args.gates.split(",") if g])
         for row in rows:
             record(out_dir, kind="quality", captions=len(scenes), seeds=args.seeds, cost_model=args.cost_model,
@@ -222,7 +226,9 @@ def print_table() -> None:
         else:
             work = (f", {r['steps_skipped']} steps skipped" if r.get("steps_skipped") else "") + (
                 f", {r['blocks_cached']:.0%} blocks cached" if r.get("blocks_cached") else "")
-            print(f"| quality | {r['search']} delta {r['delta']}{work} | {r['steps']} | {r['flops_kept']:.3f} | "
+            what = (f"{r['search']} (cost <= {r['max_cost']:g}: {r['chosen']})" if "chosen" in r
+                    else f"{r['search']} delta {r['delta']}")
+            print(f"| quality | {what}{work} | {r['steps']} | {r['flops_kept']:.3f} | "
                   f"{r['cost']:.3f} | {r['psnr_db']:.2f} | {r['ssim']:.4f} | {r['fidelity']:.3f} | "
                   f"{_fmt(r['frechet'], '.3f')} | {r['seconds']} |")
 

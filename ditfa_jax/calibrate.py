@@ -449,6 +449,34 @@ def calibrate_for_speedup(run, target_speedup: float, cost_model, *, num_steps: 
     return dataclasses.replace(best, plan=best.plan.replace(notes=notes))
 
 
+def least_error_plan(candidates: dict[str, CompressionPlan], errors: dict[str, float], cost_model, *,
+                     max_cost: float) -> str:
+    """The name of the candidate plan with the least measured ``errors`` among those that cost at most ``max_cost``
+    (a share of dense with all steps, `cost_model.plan_cost`).
+
+    This is how one budget is spent over every method: each method's own search finds its plans (`calibrate` with
+    its budgets, or `calibrate_for_speedup`), each plan is run end to end on the calibration prompts and scored
+    against dense there (the error of the images it actually produces, so errors that compound along its trajectory
+    count), and the best plan at the price wins. Per-step choices from recorded errors cannot do this: the greedy
+    pass and the unified MILP both misjudge how errors of skipped steps compound (`benchmarks/RESULTS.md`, issue
+    17). ValueError naming the cheapest candidate when none is within ``max_cost``.
+    """
+    from ditfa_jax.cost_model import plan_cost
+
+    if not candidates:
+        raise ValueError("least_error_plan: no candidate plans")
+    missing = sorted(set(candidates) - set(errors))
+    if missing:
+        raise ValueError(f"least_error_plan: no measured error for {missing}")
+    costs = {name: plan_cost(plan, cost_model) for name, plan in candidates.items()}
+    within = [name for name, cost in costs.items() if cost <= max_cost]
+    if not within:
+        cheapest = min(costs, key=costs.get)
+        raise ValueError(f"cost {max_cost:g} is out of reach: the cheapest candidate, {cheapest!r}, costs "
+                         f"{costs[cheapest]:.3f} of dense under the cost model {cost_model.name}")
+    return min(within, key=lambda name: (errors[name], costs[name]))
+
+
 def unified_plan(result: CalibrationResult, cost_model, *, head_budget: float | None = None,
                  step_budget: float | None = None, max_skips_in_a_row: int | None = None,
                  c: float | None = None) -> CompressionPlan:

@@ -119,6 +119,23 @@ def test_target_speedup_finds_the_smallest_budget():
         calibrate_for_speedup(_fake_search(10, []), 8, model, num_steps=10, scales=(0.1, 1.0))
 
 
+def test_least_error_plan_is_the_best_within_the_cost():
+    from ditfa_jax.calibrate import least_error_plan
+    from ditfa_jax.cost_model import get_cost_model
+
+    model, plans = get_cost_model("h200-flux-dev-1024"), {}
+    for skipped in (2, 5, 8):
+        plans[f"skip {skipped}"] = _fake_search(10, [])(skipped / 4).plan  # costs 0.8, 0.5, 0.2 of dense
+    errors = {"skip 2": 0.3, "skip 5": 0.1, "skip 8": 0.2}  # measured end to end: not monotone in the cost
+    assert least_error_plan(plans, errors, model, max_cost=1.0) == "skip 5"
+    assert least_error_plan(plans, errors, model, max_cost=0.4) == "skip 8"
+    assert least_error_plan(plans, {**errors, "skip 8": 0.1}, model, max_cost=1.0) == "skip 8"  # a tie: cheaper
+    with pytest.raises(ValueError, match=r"cost 0.1 is out of reach: the cheapest candidate, 'skip 8', costs 0.200"):
+        least_error_plan(plans, errors, model, max_cost=0.1)
+    with pytest.raises(ValueError, match=r"no measured error for \['skip 8'\]"):
+        least_error_plan(plans, {"skip 2": 0.3, "skip 5": 0.1}, model, max_cost=1.0)
+
+
 def test_target_speedup_on_a_real_search_and_from_the_cli(tmp_path, capsys):
     from ditfa_jax.calibrate import calibrate_for_speedup
     from ditfa_jax.cli import main as cli_main

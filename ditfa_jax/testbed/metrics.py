@@ -28,6 +28,13 @@ def psnr(a, b, max_value: float = 1.0) -> np.ndarray:
         return 10 * np.log10(max_value ** 2 / mse)
 
 
+def relative_squared_error(images: np.ndarray, reference: np.ndarray) -> float:
+    """Mean over images of ||images - reference||^2 / ||reference||^2 (pixels)."""
+    axes = tuple(range(1, images.ndim))
+    diff = np.sum(np.square(np.asarray(images, np.float64) - reference), axes)
+    return float(np.mean(diff / np.maximum(np.sum(np.square(np.asarray(reference, np.float64)), axes), 1e-12)))
+
+
 def ssim(a, b, max_value: float = 1.0) -> np.ndarray:
     """Structural similarity per image [N] (Wang et al. 2004): 11x11 Gaussian window, sigma 1.5, K1 0.01, K2 0.03.
 

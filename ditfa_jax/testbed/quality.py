@@ -17,14 +17,14 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from ditfa_jax.calibrate import unified_plan
+from ditfa_jax.calibrate import least_error_plan, unified_plan
 from ditfa_jax.cost_model import StepCostModel, gated_cost, get_cost_model, plan_cost, steps_cost
 from ditfa_jax.denoise import DynamicGate
 from ditfa_jax.methods import windows_from_choice
 from ditfa_jax.milp import solve_global
 from ditfa_jax.plan import CompressionPlan
 from ditfa_jax.testbed.features import frechet_score
-from ditfa_jax.testbed.metrics import image_grid, psnr, ssim
+from ditfa_jax.testbed.metrics import image_grid, psnr, relative_squared_error, ssim
 from ditfa_jax.testbed.model import DEFAULT_STEPS
 from ditfa_jax.testbed.testbeds import get_testbed
 
@@ -133,7 +133,8 @@ def plan_work(plan: CompressionPlan | None) -> dict:
 def quality_sweep(pipe, scenes, calibration_captions: list[str], deltas, *, seeds_per_caption: int = 1,
                   num_steps: int = DEFAULT_STEPS, include_global: bool = True, searches=("per-layer",),
                   fewer_steps=(), gates=(), cost_model: StepCostModel | str = "h200-flux-dev-1024", features=None,
-                  batch_size: int = 256, timed: bool = True, progress: bool = True) -> tuple[list[dict], dict]:
+                  choose_at=(), batch_size: int = 256, timed: bool = True,
+                  progress: bool = True) -> tuple[list[dict], dict]:
     """Rows of metrics (dense first, then dense with each of ``fewer_steps``, then one per search and delta) and
     the images by row name.
 
@@ -142,7 +143,10 @@ def quality_sweep(pipe, scenes, calibration_captions: list[str], deltas, *, seed
     (`TestbedPipeline.gated`, one caption at a time; its cost `gated_cost`). Every caption of ``scenes`` is generated ``seeds_per_caption`` times (seeds 0..k-1 offset
     per caption) from the same noise in every row. ``cost`` is the row's run time relative to dense with all steps
     under ``cost_model``. ``features`` (a `ditfa_jax.testbed.features.FeatureNet`, or None to skip) gives each row
-    the Fréchet distance of its images to ground-truth renders of the same captions. Wall time is the second of two identical
+    the Fréchet distance of its images to ground-truth renders of the same captions. ``choose_at``: costs at which
+    a row "least error over methods" picks, among every plan of the sweep within that cost, the one whose images of
+    the calibration captions are closest to dense (`ditfa_jax.calibrate.least_error_plan`), then reports that plan's
+    held-out row. Wall time is the second of two identical
     generation calls (the first compiles); ``timed=False`` makes one call (its time includes compilation), which
     halves the work where times mean nothing (a CPU).
     """
@@ -193,6 +197,10 @@ def quality_sweep(pipe, scenes, calibration_captions: list[str], deltas, *, seed
         r["blocks_cached"] = round(float(skipped[:, 1:].mean()) * (1 - gate.first_blocks / layers), 4)
         rows.append(r)
         images[f"{name} threshold={gate.threshold:g}"] = out
+    candidates, calibration_errors, rows_by_plan = {}, {}, {}
+    if choose_at:
+        calibration_seeds = np.arange(len(calibration_captions))
+        calibration_dense = _batched(pipe, calibration_captions, calibration_seeds, num_steps, None, batch_size)
     bar = tqdm(list(deltas), desc="quality sweep", unit="delta", disable=not progress)
     for delta in bar:
         variants = []
@@ -210,7 +218,18 @@ def quality_sweep(pipe, scenes, calibration_captions: list[str], deltas, *, seed
                             cost=plan_cost(p, cost_model), calibration_seconds=p.notes["calibration_seconds"],
                             plan=p))
             images[f"{name} delta={delta:g}"] = out
+            if choose_at:
+                key = f"{name} delta={delta:g}"
+                seen = _batched(pipe, calibration_captions, calibration_seeds, num_steps, p, batch_size)
+                candidates[key], rows_by_plan[key] = p, rows[-1]
+                calibration_errors[key] = relative_squared_error(seen, calibration_dense)
+                rows[-1]["calibration_error"] = round(calibration_errors[key], 6)
         bar.set_postfix(kept=f"{rows[-1]['flops_kept']:.2f}")
+    for max_cost in choose_at:
+        chosen = least_error_plan(candidates, calibration_errors, cost_model, max_cost=float(max_cost))
+        rows.append({**rows_by_plan[chosen], "search": "least error over methods", "max_cost": float(max_cost),
+                     "chosen": chosen})
+        images[f"least error, cost <= {max_cost:g}"] = images[chosen]
     return rows, images
 
 
