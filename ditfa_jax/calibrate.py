@@ -449,6 +449,63 @@ def calibrate_for_speedup(run, target_speedup: float, cost_model, *, num_steps: 
     return dataclasses.replace(best, plan=best.plan.replace(notes=notes))
 
 
+_STEP_METHODS = ("reuse", "taylor1", "taylor2")
+# The plan searches one budget can be spent over: name -> (delta, step_delta, block candidates) -> `calibrate`
+# options. Each searches one kind of saving alone (the others stay off), except "all", the greedy pass over every
+# method at once.
+METHOD_FAMILIES = {
+    "heads": lambda delta, step_delta, blocks: {"delta": delta, "step_delta": 0.0},
+    "reuse": lambda delta, step_delta, blocks: {"delta": 0.0, "step_delta": step_delta, "step_kinds": ("reuse",)},
+    "taylor": lambda delta, step_delta, blocks: {"delta": 0.0, "step_delta": step_delta,
+                                                 "step_kinds": ("taylor1", "taylor2")},
+    "blocks": lambda delta, step_delta, blocks: {"delta": 0.0, "step_delta": step_delta, "step_kinds": (),
+                                                 "block_candidates": blocks},
+    "steps+blocks": lambda delta, step_delta, blocks: {"delta": 0.0, "step_delta": step_delta,
+                                                       "step_kinds": _STEP_METHODS, "block_candidates": blocks},
+    "all": lambda delta, step_delta, blocks: {"delta": delta, "step_delta": step_delta, "step_kinds": _STEP_METHODS,
+                                              "block_candidates": blocks},
+}
+
+
+def least_error_for_speedup(search, target_speedup: float, cost_model, *, num_steps: int, methods, dense_latents,
+                            log=None) -> CalibrationResult:
+    """The plan of least end-to-end error among ``methods`` (names of `METHOD_FAMILIES`) at ``target_speedup``.
+
+    ``search(scale, method)`` runs one calibration pass of that method with its budgets times ``scale``. Each method
+    finds its own smallest budget reaching the speed (`calibrate_for_speedup`); its plan's error is the relative
+    squared error of the pass's final latents (what the plan produces from the calibration noise) against
+    ``dense_latents`` (dense from the same noise); `least_error_plan` keeps the best. A method that cannot reach
+    the speed is left out (logged); ValueError when none can. The plan's notes record every method's error.
+    """
+    unknown = [m for m in methods if m not in METHOD_FAMILIES]
+    if unknown or not methods:
+        raise ValueError(f"methods {list(methods)}: expected names from {list(METHOD_FAMILIES)}")
+    results, errors, out_of_reach = {}, {}, {}
+    dense = np.asarray(dense_latents, np.float64)
+    for method in methods:
+        try:
+            result = calibrate_for_speedup(functools.partial(search, method=method), target_speedup, cost_model,
+                                           num_steps=num_steps, log=log)
+        except ValueError as err:
+            out_of_reach[method] = str(err)
+            if log is not None:
+                log(f"{method}: {err}")
+            continue
+        diff = np.asarray(result.final_latents, np.float64) - dense
+        results[method], errors[method] = result, float(np.sum(diff ** 2) / max(np.sum(dense ** 2), 1e-30))
+        if log is not None:
+            log(f"{method}: end-to-end RSE {errors[method]:.3g} at {target_speedup:g}x")
+    if not results:
+        raise ValueError(f"target speed-up {target_speedup:g}x is out of reach for every method: "
+                         + "; ".join(f"{m}: {e}" for m, e in out_of_reach.items()))
+    chosen = least_error_plan({m: r.plan for m, r in results.items()}, errors, cost_model,
+                              max_cost=1.0 / target_speedup)
+    best = results[chosen]
+    notes = {**best.plan.notes, "method": chosen, "method_errors": {m: round(e, 8) for m, e in errors.items()},
+             "methods_out_of_reach": sorted(out_of_reach)}
+    return dataclasses.replace(best, plan=best.plan.replace(notes=notes))
+
+
 def least_error_plan(candidates: dict[str, CompressionPlan], errors: dict[str, float], cost_model, *,
                      max_cost: float) -> str:
     """The name of the candidate plan with the least measured ``errors`` among those that cost at most ``max_cost``

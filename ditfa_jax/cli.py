@@ -96,6 +96,18 @@ NON_NEGATIVE = _float_at_least(0.0)
 STEP_METHOD_CHOICES = ("reuse", "taylor1", "taylor2")
 
 
+METHOD_FAMILY_NAMES = ("heads", "reuse", "taylor", "blocks", "steps+blocks", "all")  # ditfa_jax.calibrate
+
+
+def _methods(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    bad = [n for n in names if n not in METHOD_FAMILY_NAMES]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated names from "
+                                         f"{','.join(METHOD_FAMILY_NAMES)}")
+    return names
+
+
 def _step_kinds(text: str) -> tuple[str, ...]:
     """Step method names for --step-kinds (argparse type); 'none' is the empty list."""
     names = () if text.strip() == "none" else tuple(n.strip() for n in text.split(","))
@@ -305,14 +317,28 @@ def _read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
+def _check_methods(args) -> None:
+    """--methods: only with --target-speedup, and each method's budget must be non-zero."""
+    if args.methods is None:
+        return
+    if args.target_speedup is None:
+        raise ValueError("--methods chooses among methods at a speed: give --target-speedup too")
+    if args.step_delta == 0 and any(m != "heads" for m in args.methods):
+        raise ValueError(f"--methods {','.join(args.methods)}: step and block methods search --step-delta, which is "
+                         "0; give it a starting budget (e.g. --step-delta 0.05)")
+    if args.delta == 0 and any(m in ("heads", "all") for m in args.methods):
+        raise ValueError("--methods heads/all search --delta, which is 0; give it a starting budget")
+
+
 def cmd_calibrate(args) -> int:
-    from ditfa_jax.calibrate import calibrate, calibrate_for_speedup
+    from ditfa_jax.calibrate import METHOD_FAMILIES, calibrate, calibrate_for_speedup, least_error_for_speedup
     from ditfa_jax.cost_model import get_cost_model
     from ditfa_jax.loading import load_transformer
     from ditfa_jax.files import check_output
     from ditfa_jax.plan_pictures import save_heatmap
     from ditfa_jax.sampler import scheduler_for
 
+    _check_methods(args)
     out = check_output(args.out, overwrite=args.overwrite)
     check_output(out.with_suffix(".png"), overwrite=args.overwrite)
     text_prompts = not args.prompts.isdigit()
@@ -336,20 +362,31 @@ def cmd_calibrate(args) -> int:
                            guidance_scale=_guidance(args, model.config))
         text, pooled = cond.pop("prompt_embeds"), cond.pop("pooled_prompt_embeds")
         negative = cond
-    def search(scale=1.0):
+    def search(scale=1.0, method=None):
+        budgets = {"delta": args.delta * scale, "step_delta": args.step_delta * scale,
+                   "step_kinds": args.step_kinds, "block_candidates": args.block_candidates}
+        if method is not None:  # one of --methods: its own kinds of saving, the others off
+            blocks = args.block_candidates or tuple(range(1, model.config.total_layers))
+            budgets = {"step_kinds": (), "block_candidates": (),
+                       **METHOD_FAMILIES[method](budgets["delta"], budgets["step_delta"], blocks)}
         return calibrate(model, text, pooled, height=run["height"], width=run["width"], num_steps=run["steps"],
-                         guidance_scale=_guidance(args, model.config), delta=args.delta * scale, c=args.c,
+                         guidance_scale=_guidance(args, model.config), c=args.c,
                          candidates=tuple(args.candidates.split(",")), scheduler=scheduler, seed=args.seed,
                          vae_scale_factor=run["vae_scale_factor"], rse_over_prompts=args.rse_over_prompts,
                          budget_schedule=args.budget_schedule, token_order=args.token_order,
-                         step_delta=args.step_delta * scale, step_kinds=args.step_kinds,
-                         block_candidates=args.block_candidates, progress=args.target_speedup is None, **negative)
+                         progress=args.target_speedup is None, **budgets, **negative)
 
     if args.target_speedup is None:
         result = search()
-    else:
+    elif args.methods is None:
         result = calibrate_for_speedup(search, args.target_speedup, get_cost_model(args.cost_model),
                                        num_steps=run["steps"], log=print)
+    else:
+        dense = search(0.0).final_latents  # every budget 0: the dense trajectory from the same noise
+        result = least_error_for_speedup(search, args.target_speedup, get_cost_model(args.cost_model),
+                                         num_steps=run["steps"], methods=args.methods, dense_latents=dense,
+                                         log=print)
+        print(f"chosen: {result.plan.notes['method']} (least end-to-end error on the calibration prompts)")
     plan = result.plan
     plan.save(out, overwrite=args.overwrite)
     try:
@@ -629,6 +666,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "runs this many times faster than dense under --cost-model (up to 8 calibration passes)")
     p.add_argument("--cost-model", choices=sorted(COST_MODELS), default="h200-flux-dev-1024",
                    help="with --target-speedup: the measured step-time model that prices a plan")
+    p.add_argument("--methods", type=_methods,
+                   help="with --target-speedup: comma-separated methods from " + ",".join(METHOD_FAMILY_NAMES)
+                        + "; each finds its plan at that speed, and the plan whose calibration images (final "
+                          "latents) are closest to dense is kept (e.g. taylor,blocks,steps+blocks,all)")
     p.add_argument("--token-order", choices=TOKEN_ORDER_CHOICES, default="raster",
                    help="order of the image tokens that arrow bands follow: raster (the paper's: a band is a strip "
                         "of whole rows) or along a space-filling curve (hilbert, morton: a band is a 2-D "

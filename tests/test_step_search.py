@@ -156,3 +156,30 @@ def test_target_speedup_on_a_real_search_and_from_the_cli(tmp_path, capsys):
     with pytest.raises(SystemExit):  # refused while parsing: a speed-up must exceed 1
         cli_main(args[:-1] + ["1"])
     assert "expected a finite number > 1.0" in capsys.readouterr().err
+
+
+def test_least_error_over_methods_from_the_cli(tmp_path, capsys):
+    """`--target-speedup --methods`: each method searches its plan at the speed and the least end-to-end error wins
+    (`least_error_plan`, tested above); a method that cannot reach the speed (heads alone, at 1.4x) is left out and
+    recorded."""
+    from ditfa_jax.calibrate import METHOD_FAMILIES
+    from ditfa_jax.cli import METHOD_FAMILY_NAMES
+    from ditfa_jax.cli import main as cli_main
+    from ditfa_jax.plan import CompressionPlan
+
+    assert METHOD_FAMILY_NAMES == tuple(METHOD_FAMILIES)
+    out = tmp_path / "plan.json"
+    args = ["calibrate", str(FLUX_TINY), "--out", str(out), "--height", "64", "--width", "64", "--steps", "3",
+            "--prompts", "1", "--target-speedup", "1.4", "--step-delta", "0.05", "--methods", "heads,reuse"]
+    assert cli_main(args) == 0
+    notes = CompressionPlan.load(out).notes
+    assert notes["method"] == "reuse" and notes["methods_out_of_reach"] == ["heads"]  # the choice: tested above
+    assert list(notes["method_errors"]) == ["reuse"] and notes["method_errors"]["reuse"] > 0
+    assert f"chosen: {notes['method']}" in capsys.readouterr().out
+    bad = [(["--methods", "taylor"], "give --target-speedup too"),
+           (["--methods", "taylor", "--target-speedup", "2"], "which is 0; give it a starting budget")]
+    for extra, message in bad:
+        assert cli_main(args[:2] + args[4:12] + ["--out", str(tmp_path / "no.json")] + extra) == 2
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main(args[:-1] + ["taylor,fast"])

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from ditfa_jax.calibrate import least_error_plan, unified_plan
+from ditfa_jax.calibrate import METHOD_FAMILIES, least_error_plan, unified_plan
 from ditfa_jax.cost_model import StepCostModel, gated_cost, get_cost_model, plan_cost, steps_cost
 from ditfa_jax.denoise import DynamicGate
 from ditfa_jax.methods import windows_from_choice
@@ -84,9 +84,9 @@ def _heads(**options):
     return lambda budget: {"delta": budget, **options}
 
 
-def _steps(**options):
-    """A step-level search alone (heads stay full): the sweep's budget is the velocity RSE ``step_delta``."""
-    return lambda budget: {"delta": 0.0, "step_delta": budget, **options}
+def _family(name: str):
+    """A search of `ditfa_jax.calibrate.METHOD_FAMILIES` with the sweep's one budget as each of its budgets."""
+    return lambda budget: METHOD_FAMILIES[name](budget, budget, ALL_BLOCKS)
 
 
 ALL_BLOCKS = "all"  # block_candidates placeholder: every number of first blocks 1..layers-1 of the model
@@ -101,12 +101,11 @@ SEARCHES = {
     "hilbert": _heads(token_order="hilbert"),
     "morton": _heads(token_order="morton"),
     "worst-prompt+hilbert": _heads(rse_over_prompts="max", token_order="hilbert"),
-    "step-reuse": _steps(step_kinds=("reuse",)),
-    "taylor": _steps(step_kinds=("taylor1", "taylor2")),
-    "block-cache": _steps(step_kinds=(), block_candidates=ALL_BLOCKS),
-    "steps+blocks": _steps(step_kinds=("reuse", "taylor1", "taylor2"), block_candidates=ALL_BLOCKS),
-    "unified": lambda budget: {"delta": budget, "step_delta": budget, "step_kinds": ("reuse", "taylor1", "taylor2"),
-                               "block_candidates": ALL_BLOCKS},
+    "step-reuse": _family("reuse"),
+    "taylor": _family("taylor"),
+    "block-cache": _family("blocks"),
+    "steps+blocks": _family("steps+blocks"),
+    "unified": _family("all"),
 }
 # The same pass as "unified", then every method re-chosen at once for time (`unified_plan`; its options here).
 UNIFIED_MILP = {"unified-milp": {}, "unified-milp-cap1": {"max_skips_in_a_row": 1}}
