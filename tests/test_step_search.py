@@ -129,6 +129,11 @@ def test_least_error_plan_is_the_best_within_the_cost():
     errors = {"skip 2": 0.3, "skip 5": 0.1, "skip 8": 0.2}  # measured end to end: not monotone in the cost
     assert least_error_plan(plans, errors, model, max_cost=1.0) == "skip 5"
     assert least_error_plan(plans, errors, model, max_cost=0.4) == "skip 8"
+    kinds = ["compute"] * 20
+    for step in (2, 3, 5, 11, 14):
+        kinds[step] = "reuse"
+    rounded = _fake_search(20, [])(0).plan.replace(step_kind=kinds)  # 15 of 20 steps: plan_cost 0.7500000000000001
+    assert least_error_plan({"15 of 20": rounded}, {"15 of 20": 0.1}, model, max_cost=0.75) == "15 of 20"
     assert least_error_plan(plans, {**errors, "skip 8": 0.1}, model, max_cost=1.0) == "skip 8"  # a tie: cheaper
     with pytest.raises(ValueError, match=r"cost 0.1 is out of reach: the cheapest candidate, 'skip 8', costs 0.200"):
         least_error_plan(plans, errors, model, max_cost=0.1)
