@@ -15,7 +15,8 @@ case "${1:-}" in
   train)
     rm -rf /tmp/testbed_v2
     python -m ditfa_jax.testbed.train --testbed v2 --out /tmp/testbed_v2 --steps 100000 \
-      --time-limit-s "${TRAIN_SECONDS:-500}" --log-every 250 --data-workers "${DATA_WORKERS:-8}" ${TRAIN_ARGS:-} 2>&1 | tee "$OUT/train_log.txt" || rc=$?
+      --time-limit-s "${TRAIN_SECONDS:-500}" --log-every 200 --data-workers "${DATA_WORKERS:-8}" \
+      --steps-per-call "${STEPS_PER_CALL:-8}" ${TRAIN_ARGS:-} 2>&1 | tee "$OUT/train_log.txt" || rc=$?
     [ -d /tmp/testbed_v2 ] && tar -C /tmp -cf "$OUT/testbed_v2.tar" testbed_v2
     if [ -d /tmp/testbed_v2 ] && [ "${CHECK_CAPTIONS:-64}" != 0 ]; then  # a first look: fidelity and pictures
       rm -rf /tmp/check_v2
