@@ -506,11 +506,12 @@ def least_error_for_speedup(search, target_speedup: float, cost_model, *, num_st
     return dataclasses.replace(best, plan=best.plan.replace(notes=notes))
 
 
-def least_error_plan(candidates: dict[str, CompressionPlan], errors: dict[str, float], cost_model, *,
+def least_error_plan(candidates: dict[str, CompressionPlan | float], errors: dict[str, float], cost_model, *,
                      max_cost: float) -> str:
-    """The name of the candidate plan with the least measured ``errors`` among those that cost at most ``max_cost``
-    (a share of dense with all steps, `cost_model.plan_cost`, compared with a relative tolerance of 1e-9 so that a
-    plan skipping 5 of 20 steps costs 0.75 despite rounding).
+    """The name of the candidate with the least measured ``errors`` among those that cost at most ``max_cost`` (a
+    share of dense with all steps, compared with a relative tolerance of 1e-9 so that a plan skipping 5 of 20 steps
+    costs 0.75 despite rounding). A candidate is a plan (priced by `cost_model.plan_cost`) or, for one that is not
+    a plan, its cost: dense with fewer steps (`cost_model.steps_cost`), the plain baseline every plan must beat.
 
     This is how one budget is spent over every method: each method's own search finds its plans (`calibrate` with
     its budgets, or `calibrate_for_speedup`), each plan is run end to end on the calibration prompts and scored
@@ -526,7 +527,8 @@ def least_error_plan(candidates: dict[str, CompressionPlan], errors: dict[str, f
     missing = sorted(set(candidates) - set(errors))
     if missing:
         raise ValueError(f"least_error_plan: no measured error for {missing}")
-    costs = {name: plan_cost(plan, cost_model) for name, plan in candidates.items()}
+    costs = {name: float(c) if isinstance(c, (int, float)) else plan_cost(c, cost_model)
+             for name, c in candidates.items()}
     within = [name for name, cost in costs.items() if cost <= max_cost * (1 + 1e-9)]  # 15/20 is 0.75
     if not within:
         cheapest = min(costs, key=costs.get)

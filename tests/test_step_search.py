@@ -134,6 +134,10 @@ def test_least_error_plan_is_the_best_within_the_cost():
         kinds[step] = "reuse"
     rounded = _fake_search(20, [])(0).plan.replace(step_kind=kinds)  # 15 of 20 steps: plan_cost 0.7500000000000001
     assert least_error_plan({"15 of 20": rounded}, {"15 of 20": 0.1}, model, max_cost=0.75) == "15 of 20"
+    with_fewer = {**plans, "dense 4 of 10 steps": 0.4}  # a candidate that is not a plan comes with its cost
+    fewer_errors = {**errors, "dense 4 of 10 steps": 0.15}
+    assert least_error_plan(with_fewer, fewer_errors, model, max_cost=0.5) == "skip 5"
+    assert least_error_plan(with_fewer, fewer_errors, model, max_cost=0.45) == "dense 4 of 10 steps"
     assert least_error_plan(plans, {**errors, "skip 8": 0.1}, model, max_cost=1.0) == "skip 8"  # a tie: cheaper
     with pytest.raises(ValueError, match=r"cost 0.1 is out of reach: the cheapest candidate, 'skip 8', costs 0.200"):
         least_error_plan(plans, errors, model, max_cost=0.1)

@@ -165,18 +165,19 @@ def test_sweep_searches_step_methods_alone_and_unified(pipe):
     scenes = heldout_scenes(2, seed=5, objects=None, testbed="v2")
     rows, images = quality_sweep(pipe, scenes[np.arange(1)], ["a red circle"], [0.5], num_steps=3,
                                  include_global=False, searches=("unified", "taylor"), gates=[(1, 1e9)],
-                                 choose_at=(1.0,), timed=False, progress=False)
-    gate, unified, taylor, chosen = rows[1:]
+                                 fewer_steps=(2,), choose_at=(1.0,), timed=False, progress=False)
+    fewer, gate, unified, taylor, chosen = rows[1:]
     assert gate["search"] == "gate F=1" and gate["cost"] == pytest.approx((1 + 2 * 0.2) / 3, abs=1e-4)  # all after 0
     assert gate["blocks_cached"] == 0.8
     assert unified["search"] == "unified" and unified["steps_skipped"] > 0  # a loose budget skips steps
     assert unified["cost"] < 1.0 and 0.0 <= unified["blocks_cached"] <= 1.0
     # the least-error row reports the held-out row of the plan closest to dense on the calibration caption
     assert chosen["search"] == "least error over methods" and chosen["max_cost"] == 1.0
-    picked = {"unified delta=0.5": unified, "taylor delta=0.5": taylor}[chosen["chosen"]]
+    options = {"unified delta=0.5": unified, "taylor delta=0.5": taylor, "dense 2 steps": fewer}  # the baseline too
+    picked = options[chosen["chosen"]]
     assert {k: chosen[k] for k in picked if k != "search"} == {k: v for k, v in picked.items() if k != "search"}
-    assert chosen["calibration_error"] == min(unified["calibration_error"], taylor["calibration_error"])
-    assert max(unified["calibration_error"], taylor["calibration_error"]) > 0  # a plan that changed the images
+    assert chosen["calibration_error"] == min(r["calibration_error"] for r in options.values())
+    assert fewer["calibration_error"] > 0 and gate.get("calibration_error") is None  # the gate is not a candidate
     assert images["least error, cost <= 1"] is images[chosen["chosen"]]
 
 

@@ -143,8 +143,8 @@ def quality_sweep(pipe, scenes, calibration_captions: list[str], deltas, *, seed
     per caption) from the same noise in every row. ``cost`` is the row's run time relative to dense with all steps
     under ``cost_model``. ``features`` (a `ditfa_jax.testbed.features.FeatureNet`, or None to skip) gives each row
     the Fréchet distance of its images to ground-truth renders of the same captions. ``choose_at``: costs at which
-    a row "least error over methods" picks, among every plan of the sweep within that cost, the one whose images of
-    the calibration captions are closest to dense (`ditfa_jax.calibrate.least_error_plan`), then reports that plan's
+    a row "least error over methods" picks, among every plan of the sweep and dense with each of ``fewer_steps``
+    within that cost, the one whose images of the calibration captions are closest to dense (`ditfa_jax.calibrate.least_error_plan`), then reports that plan's
     held-out row. Wall time is the second of two identical
     generation calls (the first compiles); ``timed=False`` makes one call (its time includes compilation), which
     halves the work where times mean nothing (a CPU).
@@ -181,10 +181,25 @@ def quality_sweep(pipe, scenes, calibration_captions: list[str], deltas, *, seed
     dense, dense_s = generate(None)
     rows = [row("dense", dense, dense_s, delta=0.0, steps=num_steps, kept=1.0, cost=1.0)]
     images = {"dense": dense}
+    candidates, calibration_errors, rows_by_plan = {}, {}, {}
+    if choose_at:
+        calibration_seeds = np.arange(len(calibration_captions))
+        calibration_dense = _batched(pipe, calibration_captions, calibration_seeds, num_steps, None, batch_size)
+
+    def candidate(key, plan_or_cost, steps):
+        """A row the least-error rows may choose: scored by its images of the calibration captions."""
+        seen = _batched(pipe, calibration_captions, calibration_seeds, steps,
+                        None if isinstance(plan_or_cost, float) else plan_or_cost, batch_size)
+        candidates[key], rows_by_plan[key] = plan_or_cost, rows[-1]
+        calibration_errors[key] = relative_squared_error(seen, calibration_dense)
+        rows[-1]["calibration_error"] = round(calibration_errors[key], 6)
+
     for n in sorted({int(n) for n in fewer_steps}, reverse=True):
         out, seconds = generate(None, n)
         rows.append(row("fewer steps", out, seconds, delta=0.0, steps=n, kept=1.0, cost=steps_cost(n, num_steps)))
         images[f"dense {n} steps"] = out
+        if choose_at:
+            candidate(f"dense {n} steps", steps_cost(n, num_steps), n)
     layers = pipe.transformer.config.total_layers
     for first_blocks, threshold in gates:
         gate = DynamicGate(first_blocks=int(first_blocks), threshold=float(threshold))
@@ -196,10 +211,6 @@ def quality_sweep(pipe, scenes, calibration_captions: list[str], deltas, *, seed
         r["blocks_cached"] = round(float(skipped[:, 1:].mean()) * (1 - gate.first_blocks / layers), 4)
         rows.append(r)
         images[f"{name} threshold={gate.threshold:g}"] = out
-    candidates, calibration_errors, rows_by_plan = {}, {}, {}
-    if choose_at:
-        calibration_seeds = np.arange(len(calibration_captions))
-        calibration_dense = _batched(pipe, calibration_captions, calibration_seeds, num_steps, None, batch_size)
     bar = tqdm(list(deltas), desc="quality sweep", unit="delta", disable=not progress)
     for delta in bar:
         variants = []
@@ -218,11 +229,7 @@ def quality_sweep(pipe, scenes, calibration_captions: list[str], deltas, *, seed
                             plan=p))
             images[f"{name} delta={delta:g}"] = out
             if choose_at:
-                key = f"{name} delta={delta:g}"
-                seen = _batched(pipe, calibration_captions, calibration_seeds, num_steps, p, batch_size)
-                candidates[key], rows_by_plan[key] = p, rows[-1]
-                calibration_errors[key] = relative_squared_error(seen, calibration_dense)
-                rows[-1]["calibration_error"] = round(calibration_errors[key], 6)
+                candidate(f"{name} delta={delta:g}", p, num_steps)
         bar.set_postfix(kept=f"{rows[-1]['flops_kept']:.2f}")
     for max_cost in choose_at:
         chosen = least_error_plan(candidates, calibration_errors, cost_model, max_cost=float(max_cost))
