@@ -318,16 +318,19 @@ def _read_prompts(path: str | Path) -> list[str]:
 
 
 def _check_methods(args) -> None:
-    """--methods: only with --target-speedup, and each method's budget must be non-zero."""
+    """--methods: only with --target-speedup, and every budget a method searches must be non-zero."""
+    from ditfa_jax.calibrate import METHOD_FAMILIES
+
     if args.methods is None:
         return
     if args.target_speedup is None:
         raise ValueError("--methods chooses among methods at a speed: give --target-speedup too")
-    if args.step_delta == 0 and any(m != "heads" for m in args.methods):
-        raise ValueError(f"--methods {','.join(args.methods)}: step and block methods search --step-delta, which is "
-                         "0; give it a starting budget (e.g. --step-delta 0.05)")
-    if args.delta == 0 and any(m in ("heads", "all") for m in args.methods):
-        raise ValueError("--methods heads/all search --delta, which is 0; give it a starting budget")
+    for flag, budget, key, example in (("--step-delta", args.step_delta, "step_delta", "0.05"),
+                                       ("--delta", args.delta, "delta", "0.2")):
+        users = [m for m in args.methods if METHOD_FAMILIES[m](1.0, 1.0, ())[key] > 0]
+        if budget == 0 and users:
+            raise ValueError(f"--methods {','.join(users)} search {flag}, which is 0; give it a starting budget "
+                             f"(e.g. {flag} {example})")
 
 
 def cmd_calibrate(args) -> int:

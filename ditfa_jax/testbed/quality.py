@@ -144,10 +144,10 @@ def quality_sweep(pipe, scenes, calibration_captions: list[str], deltas, *, seed
     under ``cost_model``. ``features`` (a `ditfa_jax.testbed.features.FeatureNet`, or None to skip) gives each row
     the Fréchet distance of its images to ground-truth renders of the same captions. ``choose_at``: costs at which
     a row "least error over methods" picks, among every plan of the sweep and dense with each of ``fewer_steps``
-    within that cost, the one whose images of the calibration captions are closest to dense (`ditfa_jax.calibrate.least_error_plan`), then reports that plan's
-    held-out row. Wall time is the second of two identical
-    generation calls (the first compiles); ``timed=False`` makes one call (its time includes compilation), which
-    halves the work where times mean nothing (a CPU).
+    within that cost, the one whose images of the calibration captions are closest to dense
+    (`ditfa_jax.calibrate.least_error_plan`), then reports that candidate's held-out row. Wall time is the second
+    of two identical generation calls (the first compiles); ``timed=False`` makes one call (its time includes
+    compilation), which halves the work where times mean nothing (a CPU).
     """
     unknown = [s for s in searches if s not in SEARCHES]
     if unknown:

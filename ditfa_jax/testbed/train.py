@@ -18,14 +18,15 @@ recipe, the loss curve, throughput, device) and ``loss.png``.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import functools
-import os
+import itertools
 import json
 import math
-import time
-import collections
 import multiprocessing
+import os
+import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
@@ -232,28 +233,29 @@ class BatchSource:
     def __init__(self, testbed: Testbed, tokenizer: WordTokenizer, cfg: TrainConfig, caption_dropout: float):
         if cfg.data_workers < 0:
             raise ValueError(f"data_workers {cfg.data_workers}: expected >= 0")
-        self.waited_s, self._index = 0.0, 0
+        self.waited_s = 0.0
         if cfg.data_workers == 0:
             rng = np.random.default_rng(cfg.seed)
-            pool = ThreadPoolExecutor(max_workers=1)
-            self._submit = lambda: pool.submit(_batch, rng, testbed, tokenizer, cfg.batch_size, caption_dropout)
-        else:
-            pool = ProcessPoolExecutor(cfg.data_workers, mp_context=multiprocessing.get_context("spawn"),
-                                       initializer=_start_worker, initargs=(testbed.name,))
-            self._submit = lambda: pool.submit(_draw_numbered, cfg.seed, self._take_index(), cfg.batch_size,
-                                               caption_dropout)
-        self._pool = pool
-        saved = dict(os.environ)
+            self._pool = ThreadPoolExecutor(max_workers=1)
+            self._submit = lambda: self._pool.submit(_batch, rng, testbed, tokenizer, cfg.batch_size,
+                                                     caption_dropout)
+            self._queue = collections.deque([self._submit()])
+            return
+        indices = itertools.count()
+        self._pool = ProcessPoolExecutor(cfg.data_workers, mp_context=multiprocessing.get_context("spawn"),
+                                         initializer=_start_worker, initargs=(testbed.name,))
+        self._submit = lambda: self._pool.submit(_draw_numbered, cfg.seed, next(indices), cfg.batch_size,
+                                                 caption_dropout)
+        saved = {name: os.environ.get(name) for name in _ONE_THREAD}
         os.environ.update(_ONE_THREAD)  # the workers spawned now draw on one core each (no spinning thread pools)
         try:
-            self._queue = collections.deque(self._submit() for _ in range(max(1, 2 * cfg.data_workers)))
+            self._queue = collections.deque(self._submit() for _ in range(2 * cfg.data_workers))
         finally:
-            os.environ.clear()
-            os.environ.update(saved)
-
-    def _take_index(self) -> int:
-        self._index += 1
-        return self._index - 1
+            for name, value in saved.items():
+                if value is None:
+                    del os.environ[name]
+                else:
+                    os.environ[name] = value
 
     def next(self):
         """(scenes, ids, mask) of the next step."""
