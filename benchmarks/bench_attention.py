@@ -185,14 +185,18 @@ def ours_unrolled(tokens, text_len, text_first, bq, bk, nw, ns, n=16):
 
 
 _MOSAIC_CACHE: dict = {}
+# impl name -> MosaicConfig fields: the default (one program per work item) and the persistent grid.
+MOSAIC_VARIANTS = {"mosaic_gpu": {}, "mosaic_gpu/persistent": dict(persistent=True)}
+MOSAIC_LIST = ("mosaic_gpu",)
 
 
-def mosaic_fn(text_len, text_first, *, cache):
-    """The mosaic_gpu backend, default config, under jit (the cache donated when given)."""
-    key = (text_len, text_first, cache)
+def mosaic_fn(text_len, text_first, *, cache, impl="mosaic_gpu"):
+    """A mosaic_gpu variant (:data:`MOSAIC_VARIANTS`) under jit (the cache donated when given)."""
+    key = (text_len, text_first, cache, impl)
     if key not in _MOSAIC_CACHE:
+        cfg = pk.MosaicConfig(interpret=INTERPRET, **MOSAIC_VARIANTS[impl])
         f = functools.partial(pk.headwise_attention, text_len=text_len, text_first=text_first, backend="mosaic_gpu",
-                              config=pk.MosaicConfig(interpret=INTERPRET))
+                              config=cfg)
         if cache:
             _MOSAIC_CACHE[key] = jax.jit(f, donate_argnums=(4,))
         else:
@@ -205,8 +209,8 @@ def same_bits(x, y):
     return bool(jnp.all(jax.lax.bitcast_convert_type(x, u) == jax.lax.bitcast_convert_type(y, u)))
 
 
-def mosaic_checks(name, q, k, v, plans, text_len, text_first, cudnn_out):
-    """mosaic_gpu on this shape, every plan: output written into a cache poisoned with NaN on the computed heads;
+def mosaic_checks(name, q, k, v, plans, text_len, text_first, cudnn_out, impl):
+    """A mosaic_gpu variant on this shape, every plan: output written into a cache poisoned with NaN on the computed heads;
     computed heads finite and (one full, one arrow head) within 1e-2 of the reference; cached heads bit-exact;
     all-full within 1e-2 of cuDNN.  Returns True when every check passed."""
     ok_all = True
@@ -215,8 +219,8 @@ def mosaic_checks(name, q, k, v, plans, text_len, text_first, cudnn_out):
     for plan, hw in plans.items():
         computed = hw != 0
         cache = jnp.where(jnp.asarray(computed)[None, None, :, None], jnp.nan, base)
-        out = mosaic_fn(text_len, text_first, cache=True)(q, k, v, jnp.asarray(hw), jnp.copy(cache))
-        res = dict(kind="mosaic", shape=name, plan=plan)
+        out = mosaic_fn(text_len, text_first, cache=True, impl=impl)(q, k, v, jnp.asarray(hw), jnp.copy(cache))
+        res = dict(kind="mosaic", shape=name, plan=plan, impl=impl)
         res["finite"] = bool(jnp.all(jnp.isfinite(out[:, :, computed]))) if computed.any() else True
         res["cached_bitexact"] = same_bits(out[:, :, ~computed], base[:, :, ~computed]) if (~computed).any() else True
         errs = {}
@@ -234,7 +238,7 @@ def mosaic_checks(name, q, k, v, plans, text_len, text_first, cudnn_out):
         res["ok"] = ok
         ok_all &= ok
         RESULTS["checks"].append(res)
-        log(f"check {name} {plan} mosaic_gpu: finite={res['finite']} cached_bitexact={res['cached_bitexact']} "
+        log(f"check {name} {plan} {impl}: finite={res['finite']} cached_bitexact={res['cached_bitexact']} "
             + " ".join(f"{h}:{e:.2e}" for h, e in errs.items())
             + (f" vs cudnn {res['rel_err_vs_cudnn']:.2e}" if "rel_err_vs_cudnn" in res else "")
             + f" {'OK' if ok else 'FAIL'}")
@@ -244,16 +248,22 @@ def mosaic_checks(name, q, k, v, plans, text_len, text_first, cudnn_out):
 
 
 def bench_mosaic(name, q, k, v, plans, text_len, text_first, cudnn_ms, cudnn_out):
-    """Checks (:func:`mosaic_checks`), then times mosaic_gpu on every plan (cache chained and donated)."""
+    """Every variant of :data:`MOSAIC_LIST`: checks (:func:`mosaic_checks`), then times it on every plan (cache
+    chained and donated)."""
+    for impl in MOSAIC_LIST:
+        _bench_mosaic_variant(name, q, k, v, plans, text_len, text_first, cudnn_ms, cudnn_out, impl)
+
+
+def _bench_mosaic_variant(name, q, k, v, plans, text_len, text_first, cudnn_ms, cudnn_out, impl):
     batch, tokens, heads, d = q.shape
     try:
-        ok = mosaic_checks(name, q, k, v, plans, text_len, text_first, cudnn_out)
+        ok = mosaic_checks(name, q, k, v, plans, text_len, text_first, cudnn_out, impl)
     except Exception as ex:
-        log(f"check {name} mosaic_gpu FAILED: {type(ex).__name__}: {str(ex)[:800]}")
+        log(f"check {name} {impl} FAILED: {type(ex).__name__}: {str(ex)[:800]}")
         traceback.print_exc()
         return
     if not ok:
-        log(f"{name} mosaic_gpu: checks failed, timing anyway (marked)")
+        log(f"{name} {impl}: checks failed, timing anyway (marked)")
     cache = rand(jax.random.PRNGKey(99), q.shape, q.dtype)
     full_ms = None
     cfg = pk.get_backend("mosaic_gpu").default_config(q.shape, q.dtype, pk.default_band(d))
@@ -261,24 +271,26 @@ def bench_mosaic(name, q, k, v, plans, text_len, text_first, cudnn_ms, cudnn_out
         cost = pk.plan_cost(hw, batch=batch, tokens=tokens, text_len=text_len, text_first=text_first, head_dim=d)
         try:
             if (hw == 0).any():
-                f = mosaic_fn(text_len, text_first, cache=True)
+                f = mosaic_fn(text_len, text_first, cache=True, impl=impl)
                 ms, lo, hi, n = time_jax(f, (q, k, v, jnp.asarray(hw), jnp.copy(cache)), chain=4)
             else:
-                ms, lo, hi, n = time_jax(mosaic_fn(text_len, text_first, cache=False), (q, k, v, jnp.asarray(hw)))
+                f = mosaic_fn(text_len, text_first, cache=False, impl=impl)
+                ms, lo, hi, n = time_jax(f, (q, k, v, jnp.asarray(hw)))
         except Exception as ex:
-            log(f"{name} {plan} mosaic_gpu FAILED: {type(ex).__name__}: {str(ex)[:800]}")
+            log(f"{name} {plan} {impl} FAILED: {type(ex).__name__}: {str(ex)[:800]}")
             continue
         tile_flops = int(cost.total_tile_flops)
         tfl = tile_flops / ms / 1e9 if tile_flops else 0.0
         if plan == "full":
             full_ms = ms
-        rec = dict(shape=name, plan=plan, impl="mosaic_gpu", ms=ms, lo=lo, hi=hi, n=n, checks_ok=ok,
-                   block_k=cfg.block_k, num_stages=cfg.num_stages, tile_fraction=float(cost.tile_fraction),
-                   tile_tflops=tfl, speedup_vs_cudnn=(cudnn_ms / ms) if cudnn_ms else None)
+        rec = dict(shape=name, plan=plan, impl=impl, ms=ms, lo=lo, hi=hi, n=n, checks_ok=ok,
+                   block_k=cfg.block_k, num_stages=cfg.num_stages, num_programs=cfg.num_programs,
+                   tile_fraction=float(cost.tile_fraction), tile_tflops=tfl,
+                   speedup_vs_cudnn=(cudnn_ms / ms) if cudnn_ms else None)
         if full_ms is not None:
             rec["predicted_ms"] = full_ms * float(cost.tile_fraction)
         record(**rec)
-        log(f"{name} {plan:8s} {'mosaic_gpu':14s}: {ms:8.3f} ms [{lo:.3f}-{hi:.3f} n={n}] "
+        log(f"{name} {plan:8s} {impl:16s}: {ms:8.3f} ms [{lo:.3f}-{hi:.3f} n={n}] "
             f"tiles {cost.tile_fraction:6.1%} {tfl:5.0f} TFLOP/s(tiles)"
             + (f" x{cudnn_ms / ms:.2f} vs cudnn" if cudnn_ms else "")
             + (f" pred {rec['predicted_ms']:.3f}" if "predicted_ms" in rec else "")
@@ -811,19 +823,19 @@ def backend_table():
         r = next((r for r in recs if r["shape"] == shape and r["plan"] == plan and r["impl"] == impl), None)
         return r
 
-    lines = ["", "| shape | plan | tiles | cuDNN dense ms | triton ms | mosaic_gpu ms | mosaic x cuDNN | "
-             "mosaic / triton speed-up | mosaic predicted ms (full x tiles) | mosaic checks |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["", "| shape | plan | tiles | cuDNN dense ms | triton ms | mosaic_gpu/persistent ms | mosaic_gpu ms | "
+             "mosaic x cuDNN | mosaic / triton speed-up | mosaic predicted ms (full x tiles) | mosaic checks |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for shape in SHAPES:
         cud = ms(shape, "full", "jax-cudnn-dense")
         for plan in ("full", "arrow8", "arrow16", "arrow32", "mixed", "mixed2", "cached"):
-            tr, mo = ms(shape, plan, "ours"), ms(shape, plan, "mosaic_gpu")
-            if not (tr or mo):
+            tr, mg, mo = ms(shape, plan, "ours"), ms(shape, plan, "mosaic_gpu/persistent"), ms(shape, plan, "mosaic_gpu")
+            if not (tr or mo or mg):
                 continue
-            frac = (mo or tr)["tile_fraction"]
+            frac = (mo or mg or tr)["tile_fraction"]
             f = lambda r: f"{r['ms']:.3f}" if r else ""  # noqa: E731
             lines.append(
-                f"| {shape} | {plan} | {frac:.1%} | {f(cud) if plan == 'full' else ''} | {f(tr)} | {f(mo)} | "
+                f"| {shape} | {plan} | {frac:.1%} | {f(cud) if plan == 'full' else ''} | {f(tr)} | {f(mg)} | {f(mo)} | "
                 + (f"{cud['ms'] / mo['ms']:.2f}" if cud and mo else "") + " | "
                 + (f"{tr['ms'] / mo['ms']:.2f}" if tr and mo else "") + " | "
                 + (f"{mo['predicted_ms']:.3f}" if mo and "predicted_ms" in mo else "") + " | "
@@ -875,8 +887,13 @@ if __name__ == "__main__":
                     "no Triton variants, Flex arrow8 only")
     ap.add_argument("--backends", default=",".join(BACKEND_LIST), help="ours to run: triton, mosaic_gpu")
     ap.add_argument("--plans", default=",".join(QUICK_PLANS), help="with --quick: the plans to time")
+    ap.add_argument("--mosaic-variants", default="default",
+                    help="mosaic_gpu launch variants to time: default (one program per work item), persistent (one "
+                         "program per SM walking the work list)")
     args = ap.parse_args()
     BACKEND_LIST = tuple(b for b in args.backends.split(",") if b)
+    MOSAIC_LIST = tuple({"default": "mosaic_gpu", "persistent": "mosaic_gpu/persistent"}[v]
+                        for v in args.mosaic_variants.split(",") if v)
     if args.quick:
         args.no_small = True
     if args.cpu_smoke:

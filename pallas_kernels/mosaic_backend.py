@@ -1,39 +1,51 @@
 """Backend "mosaic_gpu": head-wise attention in Pallas Mosaic GPU (Hopper), with cached heads.
 
 The same function as every backend (:mod:`pallas_kernels.schedule`).  Kernel
-structure (``plgpu.kernel``, one program = one (batch, head, pair of query
-tiles), three warpgroups):
+structure (``plgpu.kernel``, three warpgroups; a work item = one (batch,
+head, pair of 64-row query tiles)):
 
-* every program reads ``head_window[h]`` from memory and computes its two
-  key-tile ranges with :func:`pallas_kernels.schedule.kv_tile_ranges` for its
-  ``2 * 64`` query rows (the band's query size is a multiple of 128, so both
-  compute warpgroups visit the same key tiles); the loops have dynamic bounds,
-  so one compiled kernel serves every plan.  The range ending at the last key
-  tile goes second, so the padded key tile (``tokens % block_k != 0``), if
-  visited, is the final step and the only one whose scores are masked;
-* warpgroup 2 (memory) streams the K/V tiles of both ranges by TMA straight
-  from ``[B, T, H, D]`` into ``num_stages``-deep SMEM rings (input dtype),
+* each item's two key-tile ranges come from
+  :func:`pallas_kernels.schedule.kv_tile_ranges` with ``head_window[h]``
+  read from memory (the band's query size is a multiple of 128, so both
+  compute warpgroups visit the same key tiles); the loops have dynamic
+  bounds, so one compiled kernel serves every plan.  The range ending at the
+  last key tile goes second, so the padded key tile (``tokens % block_k !=
+  0``), if visited, is the final step and the only one whose scores are
+  masked;
+* warpgroup 2 (memory) streams the K/V tiles by TMA straight from
+  ``[B, T, H, D]`` into ``num_stages``-deep SMEM rings (input dtype),
   released by the compute warpgroups on "consumed" barriers; out-of-bounds
-  rows are zero-filled by the TMA unit;
+  rows are zero-filled by the TMA unit.  Its tile counter runs across a
+  program's items, so the ring keeps streaming from one item into the next;
 * warpgroups 0 and 1 (compute) each load 64 query rows, run wgmma for
   ``Q K^T`` and ``P V`` with the online softmax of :func:`_softmax_step` in
   between (base 2, ``1/sqrt(D)`` folded into the exp2 factor) and optionally
   alternate their matmuls on a schedule barrier (``pingpong``) so that one's
   softmax overlaps the other's wgmma; the result goes back through SMEM by
   TMA (rows past ``tokens`` are clipped by the TMA unit);
-* cached heads (window 0): every warpgroup returns at once; the output buffer
-  is the cache, passed in as a ``jax.new_ref`` (lowered to an operand alias),
-  so the cache passes through bit for bit, with no copy when it is donated.
+* cached heads (window 0) are never run; the output buffer is the cache,
+  passed in as a ``jax.new_ref`` (lowered to an operand alias), so the cache
+  passes through bit for bit, with no copy when it is donated.
+
+Two launch schedules (``MosaicConfig.persistent``):
+
+* default: one program per item, heads fastest and the query tiles holding
+  text first, so the hardware's block scheduler hands the long rows out
+  first and fills in behind them;
+* persistent: one program per SM, each walking its share of a work list
+  (:func:`work_list`: full rows, then arrow rows, cached last) in snake
+  order (:func:`_snake`).  Hopper has no way for a program to claim the next
+  item (no returned atomic in Pallas Mosaic GPU, no cluster launch control),
+  so the split is static; measured on the H200 it loses the balance the
+  hardware scheduler keeps and is not faster (RESULTS.md), so it stays an
+  option.
 
 TMA moves tiles in groups of 8 token rows (the SMEM tiling), so a token
 count that is not a multiple of 8 (SD3: 4096 + 333) is padded to one outside
 the kernel (a copy of q, k, v and the cache, and a slice of the output); the
-padding keys are masked like any key past ``tokens``.
-
-The grid is not persistent: one CTA per (head, query-tile pair, batch), query
-tiles holding text first.  Off a GPU it runs in Mosaic GPU interpret mode,
-where plain dots replace wgmma (the interpreter does not run wgmma
-accumulators).
+padding keys are masked like any key past ``tokens``.  Off a GPU it runs in
+Mosaic GPU interpret mode, where plain dots replace wgmma (the interpreter
+does not run wgmma accumulators).
 """
 
 from __future__ import annotations
@@ -59,6 +71,8 @@ _COMPUTE_WGS = 2
 _PROGRAM_Q = _BLOCK_Q * _COMPUTE_WGS
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _HEAD_DIMS = (64, 128)
+_HOPPER_SMS = 132  # H100 / H200 SXM; used when the device does not report its core count
+_INTERPRET_PROGRAMS = 3  # persistent programs in interpret mode: few, so each walks several items
 
 
 def _default_stages(head_dim: int, block_k: int) -> int:
@@ -74,13 +88,17 @@ class MosaicConfig:
     ``block_k``: key tile (64 or 128, dividing the band's ``band_k``; None:
     ``min(band_k, 128)``); ``num_stages``: K/V ring depth (None: as deep as
     SMEM allows, 2 to 4); ``pingpong``: alternate the two compute
-    warpgroups' matmuls; ``interpret``: Mosaic GPU interpret mode (None: when
-    the default backend is not a GPU).
+    warpgroups' matmuls; ``persistent``: launch ``num_programs`` programs
+    (None: one per SM) that each walk a share of the work list, instead of
+    one program per work item; ``interpret``: Mosaic GPU interpret mode
+    (None: when the default backend is not a GPU).
     """
 
     block_k: int | None = None
     num_stages: int | None = None
     pingpong: bool = True
+    persistent: bool = False
+    num_programs: int | None = None
     interpret: bool | None = None
 
     def __post_init__(self):
@@ -89,6 +107,9 @@ class MosaicConfig:
         n = self.num_stages
         if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 2):
             raise ValueError(f"MosaicConfig.num_stages: expected an int >= 2, got {n!r}")
+        n = self.num_programs
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+            raise ValueError(f"MosaicConfig.num_programs: expected an int >= 1, got {n!r}")
 
 
 class MosaicBackend:
@@ -123,20 +144,31 @@ class MosaicBackend:
     def __call__(self, q, k, v, head_window, cache, *, text_len, text_first, band, config):
         """Validated arguments (``head_window`` int32, ``band`` a pair) -> output."""
         cfg = self._complete(config or MosaicConfig(), q.shape, band)
+        n_items = q.shape[0] * q.shape[2] * schedule.num_tiles(q.shape[1], _PROGRAM_Q)
         return _headwise_jit(
             q, k, v, head_window, cache, text_len=int(text_len), text_first=bool(text_first), band=tuple(band),
-            block_k=cfg.block_k, num_stages=cfg.num_stages, pingpong=cfg.pingpong, interpret=bool(cfg.interpret),
+            block_k=cfg.block_k, num_stages=cfg.num_stages, pingpong=cfg.pingpong,
+            num_programs=min(cfg.num_programs, n_items) if cfg.persistent else n_items, interpret=bool(cfg.interpret),
         )
 
     def _complete(self, config, q_shape, band) -> MosaicConfig:
         """``config`` with every None field set to its default; checks the tiles divide the band."""
         bk = min(band[1], 128) if config.block_k is None else config.block_k
         schedule.check_band(band, _PROGRAM_Q, bk)
+        interpret = jax.default_backend() != "gpu" if config.interpret is None else config.interpret
+        if config.num_programs is not None:
+            programs = config.num_programs
+        elif interpret:
+            programs = _INTERPRET_PROGRAMS
+        else:
+            device = jax.devices()[0]
+            programs = (device.platform == "gpu" and getattr(device, "core_count", None)) or _HOPPER_SMS
         return dataclasses.replace(
             config,
             block_k=bk,
             num_stages=_default_stages(q_shape[-1], bk) if config.num_stages is None else config.num_stages,
-            interpret=jax.default_backend() != "gpu" if config.interpret is None else config.interpret,
+            num_programs=programs,
+            interpret=interpret,
         )
 
 
@@ -163,88 +195,142 @@ def _softmax_step(s, carry, *, qk_scale, n_valid=None):
 
 
 # ----------------------------------------------------------------------------
-# Kernel: schedule lookup, memory warpgroup, compute warpgroups.
+# Schedule: the work list (which program runs which query tiles, in which order).
+
+
+def work_list(hw, *, batch, tokens, text_len, text_first, band, block_k):
+    """``[1 + W]`` int32: the number of items that visit any key tile, then all ``W = batch * heads * n_prog``
+    items ``(b * heads + h) * n_prog + p`` (``p``: a pair of 64-row query tiles) in the order they run.
+
+    Long items first: full rows (full heads, and the text query tiles of arrow heads), then arrow rows, so that
+    the short ones fill in behind the long ones; cached heads (no tile) last, never run.  Within a class the
+    order is head-major, so programs running together share a head's K/V in L2.  A stable partition by
+    cumulative sums rather than a sort: an XLA sort of a few thousand items costs about 0.1 ms on an H200
+    (measured, RESULTS.md).
+    """
+    n_prog = schedule.num_tiles(tokens, _PROGRAM_Q)
+    nk = schedule.num_tiles(tokens, block_k)
+    t0, t1, b0, b1 = schedule.kv_tile_ranges(
+        jnp.arange(n_prog, dtype=jnp.int32)[None, :], jnp.asarray(hw, jnp.int32)[:, None], tokens=tokens,
+        text_len=text_len, text_first=text_first, block_q=_PROGRAM_Q, block_k=block_k, band=band, xp=jnp,
+    )
+    cost = jnp.broadcast_to(((t1 - t0) + (b1 - b0))[None], (batch, *t0.shape)).reshape(-1)
+    cls = jnp.where(cost == 0, 2, jnp.where(cost >= nk, 0, 1))  # full rows, arrow rows, nothing
+    one_hot = (cls[:, None] == jnp.arange(3)[None, :]).astype(jnp.int32)
+    before = jnp.cumsum(one_hot, axis=0) - one_hot  # items of the same class ahead of each item
+    counts = one_hot.sum(axis=0)
+    rank = (jnp.cumsum(counts) - counts)[cls] + jnp.take_along_axis(before, cls[:, None], axis=1)[:, 0]
+    order = jnp.zeros_like(cost).at[rank].set(jnp.arange(cost.shape[0], dtype=cost.dtype))
+    return jnp.concatenate([(counts[0] + counts[1])[None], order]).astype(jnp.int32)
+
+
+def _snake(round_, program, num_programs):
+    """Item slot of ``program`` in ``round_``: rounds alternate direction, so the longest items of one round
+    and the shortest of the next land on the same program (greedy longest-first balance, without atomics)."""
+    forward = lax.rem(round_, 2) == 0
+    return round_ * num_programs + jnp.where(forward, program, num_programs - 1 - program)
+
+
+# ----------------------------------------------------------------------------
+# Kernel: memory warpgroup, compute warpgroups, both walking the same items.
 
 
 def _kernel(
-    hw_ref, q_ref, k_ref, v_ref, o_ref,
-    q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, k_free, v_free, sched_bar,
-    *, tokens, text_len, text_first, band, block_k, num_stages, q_rotation, pingpong, interpret,
+    *refs, tokens, text_len, text_first, band, block_k, num_stages, pingpong, persistent, q_rotation, interpret,
 ):
-    head_dim = q_ref.shape[-1]
+    if persistent:
+        work_ref, *refs = refs
+    hw_ref, q_ref, k_ref, v_ref, o_ref, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, k_free, v_free, sched_bar = refs
+    batch, _, heads, head_dim = q_ref.shape
     dtype = q_ref.dtype
     n_prog = schedule.num_tiles(tokens, _PROGRAM_Q)
+    n_items = batch * heads * n_prog
     nk = schedule.num_tiles(tokens, block_k)
     pad_k = tokens % block_k != 0
     last_valid = tokens - (nk - 1) * block_k  # real keys in the last key tile
     qk_scale = _LOG2E / math.sqrt(head_dim)
 
-    b = lax.axis_index("batch")
-    h = lax.axis_index("heads")
-    p = lax.rem(lax.axis_index("q") + q_rotation, n_prog)
+    program = lax.axis_index("programs")
+    num_programs = lax.axis_size("programs")
     wg = lax.axis_index("wg")
+    if persistent:
+        n_active = work_ref[0]
+        rounds = lax.div(n_active + num_programs - 1, num_programs)
+    else:
+        rounds = 1
 
-    t0, t1, b0, b1 = schedule.kv_tile_ranges(
-        p, hw_ref[h], tokens=tokens, text_len=text_len, text_first=text_first,
-        block_q=_PROGRAM_Q, block_k=block_k, band=band, xp=jnp,
-    )
-    # Virtual step i runs key tile a0 + i, then c0 + (i - n_a): the range ending at n_k goes last.
-    t_last = t1 == nk
-    a0 = jnp.where(t_last, b0, t0)
-    n_a = jnp.where(t_last, b1 - b0, t1 - t0)
-    c0 = jnp.where(t_last, t0, b0)
-    n = (t1 - t0) + (b1 - b0)
-    n_unmasked = n
-    if pad_k:
-        ends_padded = ((t1 == nk) & (t1 > t0)) | ((b1 == nk) & (b1 > b0))
-        n_unmasked = n - ends_padded.astype(jnp.int32)
+    def item(r):
+        """(batch, head, query pair, first range start, its length, second range start, length, unmasked steps)."""
+        if persistent:  # the r-th item of this program in the work list
+            j = _snake(r, program, num_programs)
+            active = j < n_active
+            idx = work_ref[1 + jnp.minimum(j, n_items - 1)]
+            p = lax.rem(idx, n_prog)
+            h = lax.rem(lax.div(idx, n_prog), heads)
+            b = lax.div(idx, n_prog * heads)
+        else:  # program order: heads fastest, query pairs holding text first (the long rows of arrow heads)
+            active = True
+            h = lax.rem(program, heads)
+            p = lax.rem(lax.rem(lax.div(program, heads), n_prog) + q_rotation, n_prog)
+            b = lax.div(program, heads * n_prog)
+        t0, t1, b0, b1 = schedule.kv_tile_ranges(
+            p, hw_ref[h], tokens=tokens, text_len=text_len, text_first=text_first,
+            block_q=_PROGRAM_Q, block_k=block_k, band=band, xp=jnp,
+        )
+        # Step i runs key tile a0 + i, then c0 + (i - n_a): the range ending at n_k goes last.
+        t_last = t1 == nk
+        a0 = jnp.where(t_last, b0, t0)
+        n_a = jnp.where(t_last, b1 - b0, t1 - t0)
+        c0 = jnp.where(t_last, t0, b0)
+        n = jnp.where(active, (t1 - t0) + (b1 - b0), 0)
+        n_unmasked = n
+        if pad_k:
+            ends_padded = ((t1 == nk) & (t1 > t0)) | ((b1 == nk) & (b1 > b0))
+            n_unmasked = n - ends_padded.astype(jnp.int32)
+        return b, h, p, a0, n_a, c0, n, n_unmasked
 
-    def key_tile(i):
+    def key_tile(a0, n_a, c0, i):
         return jnp.where(i < n_a, a0 + i, c0 + (i - n_a))
 
-    def slot_of(i):
-        return lax.rem(i, num_stages)
+    def slot_of(g):  # g counts K/V tiles over all of this program's items, so the ring runs across items
+        return lax.rem(g, num_stages)
 
     def sched():
         if pingpong:
             plgpu.barrier_arrive(sched_bar)
             plgpu.barrier_wait(sched_bar)
 
-    @pl.when((n > 0) & (wg == _COMPUTE_WGS))
+    @pl.when(wg == _COMPUTE_WGS)
     def _memory_wg():
         plgpu.set_max_registers(40, action="decrease")
 
-        def load(i, reuse):
-            slot = slot_of(i)
-            rows = (b, pl.ds(key_tile(i) * block_k, block_k), h)
-            if reuse:
-                plgpu.barrier_wait(k_free.at[slot])
-            plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_bar.at[slot])
-            if reuse:
-                plgpu.barrier_wait(v_free.at[slot])
-            plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_bar.at[slot])
+        def stream_item(r, g):
+            b, h, _, a0, n_a, c0, n, _ = item(r)
 
-        for i in range(num_stages):  # fill the ring
-            pl.when(i < n)(functools.partial(load, jnp.int32(i), False))
+            @pl.loop(0, n)
+            def _load(i):
+                gi = g + i
+                slot = slot_of(gi)
+                rows = (b, pl.ds(key_tile(a0, n_a, c0, i) * block_k, block_k), h)
+                pl.when(gi >= num_stages)(lambda: plgpu.barrier_wait(k_free.at[slot]))
+                plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_bar.at[slot])
+                pl.when(gi >= num_stages)(lambda: plgpu.barrier_wait(v_free.at[slot]))
+                plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_bar.at[slot])
 
-        @pl.loop(num_stages, jnp.maximum(n, num_stages))
-        def _refill(i):
-            load(i, True)
+            return g + n
 
+        g = lax.fori_loop(0, rounds, stream_item, jnp.int32(0))
         for s in range(num_stages):  # await the last release of every slot used
-            @pl.when(s < n)
+
+            @pl.when(s < g)
             def _drain():
                 plgpu.barrier_wait(k_free.at[s])
                 plgpu.barrier_wait(v_free.at[s])
 
-    @pl.when((n > 0) & (wg < _COMPUTE_WGS))
+    @pl.when(wg < _COMPUTE_WGS)
     def _compute_wg():
         plgpu.set_max_registers(232, action="increase")
         q_tile = q_smem.at[wg]
-        rows = (b, pl.ds(p * _PROGRAM_Q + wg * _BLOCK_Q, _BLOCK_Q), h)
-        plgpu.copy_gmem_to_smem(q_ref.at[rows], q_tile, q_bar.at[wg])
-        plgpu.barrier_wait(q_bar.at[wg])
-        plgpu.barrier_wait(k_bar.at[0])
 
         def scores(slot):
             k_tile = k_smem.at[slot]
@@ -260,10 +346,7 @@ def _kernel(
 
             return pl.run_scoped(issue, plgpu.ACC((_BLOCK_Q, block_k), jnp.float32))
 
-        def accumulate(acc, pv_in, slot, i):
-            def next_k():
-                pl.when(i + 1 < n)(lambda: plgpu.barrier_wait(k_bar.at[slot_of(i + 1)]))
-
+        def accumulate(acc, pv_in, slot, next_k):
             if interpret:
                 acc = acc + jnp.dot(pv_in, v_smem.at[slot][...], preferred_element_type=jnp.float32)
                 next_k()
@@ -275,48 +358,75 @@ def _kernel(
 
             return pl.run_state(issue)(plgpu.ACC.init(acc))
 
-        def step(i, carry, n_valid=None):
-            slot = slot_of(i)
-            s = scores(slot)
-            plgpu.barrier_arrive(k_free.at[slot])
-            acc, m, l, pr = _softmax_step(s, carry, qk_scale=qk_scale, n_valid=n_valid)
-            pr = pr.astype(dtype)
-            if pingpong:
-                plgpu.barrier_arrive(sched_bar)
-            plgpu.barrier_wait(v_bar.at[slot])
-            if pingpong:
-                plgpu.barrier_wait(sched_bar)
-            acc = accumulate(acc, pr, slot, i)
-            plgpu.barrier_arrive(v_free.at[slot])
-            return acc, m, l
+        def attend_item(r, g):
+            b, h, p, _, _, _, n, n_unmasked = item(r)
 
-        carry = (
-            plgpu.layout_cast(jnp.zeros((_BLOCK_Q, head_dim), jnp.float32), plgpu.Layout.WGMMA),
-            plgpu.layout_cast(jnp.full((_BLOCK_Q,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
-            plgpu.layout_cast(jnp.zeros((_BLOCK_Q,), jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
-        )
+            def step(i, carry, n_valid=None):
+                slot = slot_of(g + i)
+
+                def next_k():
+                    pl.when(i + 1 < n)(lambda: plgpu.barrier_wait(k_bar.at[slot_of(g + i + 1)]))
+
+                s = scores(slot)
+                plgpu.barrier_arrive(k_free.at[slot])
+                acc, m, l, pr = _softmax_step(s, carry, qk_scale=qk_scale, n_valid=n_valid)
+                pr = pr.astype(dtype)
+                if pingpong:
+                    plgpu.barrier_arrive(sched_bar)
+                plgpu.barrier_wait(v_bar.at[slot])
+                if pingpong:
+                    plgpu.barrier_wait(sched_bar)
+                acc = accumulate(acc, pr, slot, next_k)
+                plgpu.barrier_arrive(v_free.at[slot])
+                return acc, m, l
+
+            @pl.when(n > 0)
+            def _attend():
+                rows = (b, pl.ds(p * _PROGRAM_Q + wg * _BLOCK_Q, _BLOCK_Q), h)
+                plgpu.wait_smem_to_gmem(0)  # the last item's output has left q_tile
+                plgpu.copy_gmem_to_smem(q_ref.at[rows], q_tile, q_bar.at[wg])
+                plgpu.barrier_wait(q_bar.at[wg])
+                plgpu.barrier_wait(k_bar.at[slot_of(g)])
+                carry = (
+                    plgpu.layout_cast(jnp.zeros((_BLOCK_Q, head_dim), jnp.float32), plgpu.Layout.WGMMA),
+                    plgpu.layout_cast(jnp.full((_BLOCK_Q,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
+                    plgpu.layout_cast(jnp.zeros((_BLOCK_Q,), jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
+                )
+                carry = lax.fori_loop(0, n_unmasked, step, carry)
+                if pad_k:
+                    carry = lax.fori_loop(n_unmasked, n, functools.partial(step, n_valid=last_valid), carry)
+                acc, _, l = carry
+                q_tile[...] = (acc / lax.broadcast_in_dim(l, acc.shape, [0])).astype(dtype)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(q_tile, o_ref.at[rows])
+
+            return g + n
+
         pl.when(wg == 1)(sched)  # warpgroup 0 issues its matmuls first
-        carry = lax.fori_loop(0, n_unmasked, step, carry)
-        if pad_k:
-            carry = lax.fori_loop(n_unmasked, n, functools.partial(step, n_valid=last_valid), carry)
+        lax.fori_loop(0, rounds, attend_item, jnp.int32(0))
         pl.when(wg == 0)(sched)
-        acc, _, l = carry
-        q_tile[...] = (acc / lax.broadcast_in_dim(l, acc.shape, [0])).astype(dtype)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(q_tile, o_ref.at[rows])
         plgpu.wait_smem_to_gmem(0)
 
 
 @functools.partial(
-    jax.jit, static_argnames=("text_len", "text_first", "band", "block_k", "num_stages", "pingpong", "interpret")
+    jax.jit,
+    static_argnames=("text_len", "text_first", "band", "block_k", "num_stages", "pingpong", "num_programs",
+                     "interpret"),
 )
-def _headwise_jit(q, k, v, hw, cache, *, text_len, text_first, band, block_k, num_stages, pingpong, interpret):
+def _headwise_jit(
+    q, k, v, hw, cache, *, text_len, text_first, band, block_k, num_stages, pingpong, num_programs, interpret
+):
     batch, tokens, heads, head_dim = q.shape
     if cache is None:
         hw = jnp.where(hw == 0, -1, hw)  # documented: no cache -> full
     hw = jnp.maximum(hw, -1)
-    n_prog = schedule.num_tiles(tokens, _PROGRAM_Q)
-    rotation = schedule.rotate_text_tiles_first(tokens, text_len, text_first, _PROGRAM_Q)
+    n_items = batch * heads * schedule.num_tiles(tokens, _PROGRAM_Q)
+    persistent = num_programs < n_items
+    if persistent:
+        work = (work_list(hw, batch=batch, tokens=tokens, text_len=text_len, text_first=text_first, band=band,
+                          block_k=block_k),)
+    else:
+        work = ()
 
     if interpret:
         transforms = ()
@@ -335,14 +445,15 @@ def _headwise_jit(q, k, v, hw, cache, *, text_len, text_first, band, block_k, nu
     )
     body = functools.partial(
         _kernel, tokens=tokens, text_len=text_len, text_first=text_first, band=band, block_k=block_k,
-        num_stages=num_stages, q_rotation=rotation, pingpong=pingpong, interpret=interpret,
+        num_stages=num_stages, pingpong=pingpong, persistent=persistent,
+        q_rotation=schedule.rotate_text_tiles_first(tokens, text_len, text_first, _PROGRAM_Q), interpret=interpret,
     )
     launch = functools.partial(
         plgpu.kernel,
         body,
         scratch_types=scratch,
-        grid=(heads, n_prog, batch),
-        grid_names=("heads", "q", "batch"),
+        grid=(num_programs,),
+        grid_names=("programs",),
         num_threads=_COMPUTE_WGS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
@@ -356,9 +467,9 @@ def _headwise_jit(q, k, v, hw, cache, *, text_len, text_first, band, block_k, nu
         if cache is not None:
             cache = jnp.pad(cache, ((0, 0), (0, pad), (0, 0), (0, 0)))
     if cache is None:
-        out = launch(out_type=jax.ShapeDtypeStruct(q.shape, q.dtype))(hw, q, k, v)
+        out = launch(out_type=jax.ShapeDtypeStruct(q.shape, q.dtype))(*work, hw, q, k, v)
     else:
         ref = jax.new_ref(cache)
-        launch(out_type=())(hw, q, k, v, ref)
+        launch(out_type=())(*work, hw, q, k, v, ref)
         out = jax.freeze(ref)
     return out[:, :tokens] if pad else out

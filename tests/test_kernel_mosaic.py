@@ -13,7 +13,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
 def test_config_checks():
-    for bad in (dict(block_k=32), dict(block_k=256), dict(num_stages=1), dict(num_stages=2.0)):
+    for bad in (dict(block_k=32), dict(block_k=256), dict(num_stages=1), dict(num_stages=2.0), dict(num_programs=0),
+                dict(num_programs=True)):
         with pytest.raises(ValueError, match=f"MosaicConfig.{next(iter(bad))}"):
             pk.MosaicConfig(**bad)
     backend = pk.get_backend("mosaic_gpu")
@@ -46,8 +47,9 @@ def _lower_for_cuda(shape, has_cache, *, text_len, text_first, config):
         ((1, 4608, 24, 128), 512, True, pk.MosaicConfig()),  # FLUX-1K
         ((1, 16896, 24, 128), 512, True, pk.MosaicConfig(block_k=64, pingpong=False)),  # FLUX-2K
         ((2, 4429, 24, 64), 333, False, pk.MosaicConfig()),  # SD3-1K: 4429 is not a multiple of 8 or 64
+        ((1, 4608, 24, 128), 512, True, pk.MosaicConfig(persistent=True)),  # one program per SM
     ],
-    ids=["FLUX-1K", "FLUX-2K", "SD3-1K"],
+    ids=["FLUX-1K", "FLUX-2K", "SD3-1K", "FLUX-1K-persistent"],
 )
 @pytest.mark.parametrize("cache", [True, False])
 def test_lowers_to_mosaic_gpu(shape, text_len, text_first, config, cache):
@@ -58,3 +60,58 @@ def test_lowers_to_mosaic_gpu(shape, text_len, text_first, config, cache):
     assert "callback" not in txt  # not interpret mode
     if cache:
         assert "output_operand_alias" in txt
+
+
+# ------------------------------------------- the work list and the persistent grid
+
+
+def test_work_list_runs_full_rows_then_arrow_rows():
+    """Every (batch, head, query pair) once: full rows first, then arrow rows, cached heads last (each class in
+    (batch, head, query) order); the count of items that visit anything first."""
+    from pallas_kernels import mosaic_backend as mb
+
+    batch, tokens, text_len, heads = 2, 1000, 100, 4
+    hw = np.array([70, 0, -1, 300], np.int32)
+    work = np.asarray(mb.work_list(jnp.asarray(hw), batch=batch, tokens=tokens, text_len=text_len,
+                                   text_first=False, band=(128, 64), block_k=64))
+    n_prog = -(-tokens // 128)
+    vis = pk.schedule.tile_visit_matrix(hw, tokens=tokens, text_len=text_len, text_first=False, block_q=128,
+                                        block_k=64, band=(128, 64))
+    cost = np.broadcast_to(vis.sum(-1)[None], (batch, heads, n_prog)).reshape(-1)
+    cls = np.where(cost == 0, 2, np.where(cost == vis.shape[-1], 0, 1))
+    order = work[1:]
+    assert sorted(order.tolist()) == list(range(batch * heads * n_prog))
+    assert work[0] == (cost > 0).sum() == batch * 3 * n_prog
+    assert np.all(np.diff(cls[order]) >= 0)
+    for c in range(3):
+        assert np.all(np.diff(order[cls[order] == c]) > 0)  # each class in (batch, head, query) order
+    assert set(order[work[0]:] // n_prog % heads) == {1}  # the cached head, never run
+    assert (cls == 0).sum() > batch * n_prog  # the full head and the arrow heads' text rows
+
+
+def test_snake_visits_every_slot_once():
+    from pallas_kernels import mosaic_backend as mb
+
+    g, rounds = 5, 4
+    slots = [int(mb._snake(jnp.int32(r), jnp.int32(p), g)) for r in range(rounds) for p in range(g)]
+    assert sorted(slots) == list(range(g * rounds))
+    assert [int(mb._snake(jnp.int32(1), jnp.int32(p), g)) for p in range(g)] == [9, 8, 7, 6, 5]
+
+
+def test_persistent_programs_compute_the_same_bits_as_one_program_per_item():
+    """Persistent programs each walking several items (three in interpret mode) give the bits of one program per
+    item, on a mixed plan with a cached head, CFG batch 2 and a ragged length (text last)."""
+    rng = np.random.default_rng(3)
+    shape = (2, 4 * 128 + 45, 4, 64)
+    q, k, v, cache = (jnp.asarray(rng.standard_normal(shape), jnp.bfloat16) for _ in range(4))
+    hw = jnp.asarray([70, -1, 0, 200], jnp.int32)
+    kw = dict(text_len=45, text_first=False, band=(128, 64), backend="mosaic_gpu")
+    outs = [pk.headwise_attention(q, k, v, hw, cache, config=cfg, **kw)
+            for cfg in (pk.MosaicConfig(), pk.MosaicConfig(persistent=True))]
+    bits = [np.asarray(jax.lax.bitcast_convert_type(o, jnp.uint16)) for o in outs]
+    for b in bits[1:]:
+        np.testing.assert_array_equal(b, bits[0])
+    np.testing.assert_array_equal(bits[0][:, :, 2], np.asarray(jax.lax.bitcast_convert_type(cache, jnp.uint16))[:, :, 2])
+    ref = pk.headwise_attention(q, k, v, hw, cache, **{**kw, "backend": "xla"})
+    err = np.abs(np.asarray(outs[0], np.float32) - np.asarray(ref, np.float32)).max()
+    assert err < 2e-2
