@@ -29,16 +29,15 @@ head, pair of 64-row query tiles)):
 
 Two launch schedules (``MosaicConfig.persistent``):
 
-* default: one program per item, heads fastest and the query tiles holding
-  text first, so the hardware's block scheduler hands the long rows out
-  first and fills in behind them;
-* persistent: one program per SM, each walking its share of a work list
-  (:func:`work_list`: full rows, then arrow rows, cached last) in snake
-  order (:func:`_snake`).  Hopper has no way for a program to claim the next
-  item (no returned atomic in Pallas Mosaic GPU, no cluster launch control),
-  so the split is static; measured on the H200 it loses the balance the
-  hardware scheduler keeps and is not faster (RESULTS.md), so it stays an
-  option.
+* persistent (default): one program per SM, each walking its share of a
+  work list (:func:`work_list`: full rows, then arrow rows, cached last) in
+  snake order (:func:`_snake`).  Hopper has no way for a program to claim
+  the next item (no returned atomic in Pallas Mosaic GPU, no cluster launch
+  control), so the split is static;
+* ``persistent=False``: one program per item, heads fastest and the query
+  tiles holding text first, so the hardware's block scheduler hands the long
+  rows out first.  Measured on the H200 the two are within a few per cent
+  of each other, neither better on every plan (RESULTS.md).
 
 TMA moves tiles in groups of 8 token rows (the SMEM tiling), so a token
 count that is not a multiple of 8 (SD3: 4096 + 333) is padded to one outside
@@ -97,7 +96,7 @@ class MosaicConfig:
     block_k: int | None = None
     num_stages: int | None = None
     pingpong: bool = True
-    persistent: bool = False
+    persistent: bool = True
     num_programs: int | None = None
     interpret: bool | None = None
 
