@@ -253,7 +253,8 @@ def test_caching_sampler_holds_one_copy_of_the_cache():
     """The plan's extra memory is about one attention cache: the cache rides in the scan carry and each layer
     overwrites its own slot in place, and the zero cache is made inside the program. (Slicing it per stack, stacking
     the layers' outputs and concatenating measured 2.0 copies here; with the cache also passed in as an input, 3.6;
-    2.6 on the H100 at 2K.) A deep, wide-headed model on few tokens makes the cache dominate."""
+    2.6 on the H100 at 2K.) A deep, wide-headed model on few tokens makes the cache dominate. 1.30 copies with XLA
+    CPU's concurrency-optimised scheduler off (tests/conftest.py), 1.2 with it on."""
     from flax import nnx
 
     from ditfa_jax.configs import FluxConfig
@@ -278,7 +279,7 @@ def test_caching_sampler_holds_one_copy_of_the_cache():
     extra = (planned.temp_size_in_bytes + planned.argument_size_in_bytes
              - dense.temp_size_in_bytes - dense.argument_size_in_bytes)
     cache = cache_bytes(cfg, 1, (px // 16) ** 2 + text_len)
-    assert cache <= extra < 1.25 * cache, (extra / cache)
+    assert cache <= extra < 1.4 * cache, (extra / cache)
 
 
 @pytest.mark.parametrize("name", ["flux_dev", "sd35_medium"])
