@@ -210,9 +210,9 @@ def same_bits(x, y):
 
 
 def mosaic_checks(name, q, k, v, plans, text_len, text_first, cudnn_out, impl):
-    """A mosaic_gpu variant on this shape, every plan: output written into a cache poisoned with NaN on the computed heads;
-    computed heads finite and (one full, one arrow head) within 1e-2 of the reference; cached heads bit-exact;
-    all-full within 1e-2 of cuDNN.  Returns True when every check passed."""
+    """A mosaic_gpu variant on this shape, every plan: output written into a cache poisoned with NaN on the computed
+    heads; computed heads finite and (one full, one arrow head) within 1e-2 of the reference; cached heads
+    bit-exact; all-full within 1e-2 of cuDNN.  Returns True when every check passed."""
     ok_all = True
     base = rand(jax.random.PRNGKey(98), q.shape, q.dtype)
     kw = dict(text_len=text_len, text_first=text_first)

@@ -111,7 +111,8 @@ def test_persistent_programs_compute_the_same_bits_as_one_program_per_item():
     bits = [np.asarray(jax.lax.bitcast_convert_type(o, jnp.uint16)) for o in outs]
     for b in bits[1:]:
         np.testing.assert_array_equal(b, bits[0])
-    np.testing.assert_array_equal(bits[0][:, :, 2], np.asarray(jax.lax.bitcast_convert_type(cache, jnp.uint16))[:, :, 2])
+    cache_bits = np.asarray(jax.lax.bitcast_convert_type(cache, jnp.uint16))
+    np.testing.assert_array_equal(bits[0][:, :, 2], cache_bits[:, :, 2])
     ref = pk.headwise_attention(q, k, v, hw, cache, **{**kw, "backend": "xla"})
     err = np.abs(np.asarray(outs[0], np.float32) - np.asarray(ref, np.float32)).max()
     assert err < 2e-2
