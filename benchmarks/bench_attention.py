@@ -34,6 +34,7 @@ table last.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import functools
 import json
@@ -266,7 +267,8 @@ def _bench_mosaic_variant(name, q, k, v, plans, text_len, text_first, cudnn_ms, 
         log(f"{name} {impl}: checks failed, timing anyway (marked)")
     cache = rand(jax.random.PRNGKey(99), q.shape, q.dtype)
     full_ms = None
-    cfg = pk.get_backend("mosaic_gpu").default_config(q.shape, q.dtype, pk.default_band(d))
+    cfg = dataclasses.replace(pk.get_backend("mosaic_gpu").default_config(q.shape, q.dtype, pk.default_band(d)),
+                              **MOSAIC_VARIANTS[impl])
     for plan, hw in plans.items():
         cost = pk.plan_cost(hw, batch=batch, tokens=tokens, text_len=text_len, text_first=text_first, head_dim=d)
         try:
@@ -284,7 +286,8 @@ def _bench_mosaic_variant(name, q, k, v, plans, text_len, text_first, cudnn_ms, 
         if plan == "full":
             full_ms = ms
         rec = dict(shape=name, plan=plan, impl=impl, ms=ms, lo=lo, hi=hi, n=n, checks_ok=ok,
-                   block_k=cfg.block_k, num_stages=cfg.num_stages, num_programs=cfg.num_programs,
+                   block_k=cfg.block_k, num_stages=cfg.num_stages, persistent=cfg.persistent,
+                   num_programs=cfg.num_programs if cfg.persistent else None,
                    tile_fraction=float(cost.tile_fraction), tile_tflops=tfl,
                    speedup_vs_cudnn=(cudnn_ms / ms) if cudnn_ms else None)
         if full_ms is not None:

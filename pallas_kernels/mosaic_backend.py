@@ -143,11 +143,10 @@ class MosaicBackend:
     def __call__(self, q, k, v, head_window, cache, *, text_len, text_first, band, config):
         """Validated arguments (``head_window`` int32, ``band`` a pair) -> output."""
         cfg = self._complete(config or MosaicConfig(), q.shape, band)
-        n_items = q.shape[0] * q.shape[2] * schedule.num_tiles(q.shape[1], _PROGRAM_Q)
         return _headwise_jit(
             q, k, v, head_window, cache, text_len=int(text_len), text_first=bool(text_first), band=tuple(band),
             block_k=cfg.block_k, num_stages=cfg.num_stages, pingpong=cfg.pingpong,
-            num_programs=min(cfg.num_programs, n_items) if cfg.persistent else n_items, interpret=bool(cfg.interpret),
+            num_programs=cfg.num_programs if cfg.persistent else None, interpret=bool(cfg.interpret),
         )
 
     def _complete(self, config, q_shape, band) -> MosaicConfig:
@@ -420,7 +419,7 @@ def _headwise_jit(
         hw = jnp.where(hw == 0, -1, hw)  # documented: no cache -> full
     hw = jnp.maximum(hw, -1)
     n_items = batch * heads * schedule.num_tiles(tokens, _PROGRAM_Q)
-    persistent = num_programs < n_items
+    persistent = num_programs is not None and num_programs < n_items  # else one program per item
     if persistent:
         work = (work_list(hw, batch=batch, tokens=tokens, text_len=text_len, text_first=text_first, band=band,
                           block_k=block_k),)
@@ -451,7 +450,7 @@ def _headwise_jit(
         plgpu.kernel,
         body,
         scratch_types=scratch,
-        grid=(num_programs,),
+        grid=(num_programs if persistent else n_items,),
         grid_names=("programs",),
         num_threads=_COMPUTE_WGS + 1,
         thread_name="wg",

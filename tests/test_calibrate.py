@@ -254,7 +254,7 @@ def test_caching_sampler_holds_one_copy_of_the_cache():
     overwrites its own slot in place, and the zero cache is made inside the program. (Slicing it per stack, stacking
     the layers' outputs and concatenating measured 2.0 copies here; with the cache also passed in as an input, 3.6;
     2.6 on the H100 at 2K.) A deep, wide-headed model on few tokens makes the cache dominate. 1.30 copies with XLA
-    CPU's concurrency-optimised scheduler off (tests/conftest.py), 1.2 with it on."""
+    CPU's concurrency-optimised scheduler off (tests/conftest.py), under 1.25 with it on."""
     from flax import nnx
 
     from ditfa_jax.configs import FluxConfig
