@@ -1,24 +1,39 @@
-"""Dense per-step transformer latency, JAX (ours, cuDNN attention) vs diffusers PyTorch (SDPA), same GPU, same run.
+"""The dense transformer step: ours (JAX, cuDNN attention) against diffusers PyTorch, same GPU, same run (issue 18).
 
 Real dimensions, random weights, bf16: FLUX.1-dev at 1024^2 (4096 image + 512 text tokens, batch 1) and 2048^2
-(16384 + 512), SD3-medium at 1024^2 with CFG (batch 2, 4096 + 333 tokens). Each (backend, case) runs in its own
-process so the two frameworks never share GPU memory. Also reports the compile time of the first sampler call
-(28 steps) at 1024^2: first-call wall time minus a second, compiled call.
+(16384 + 512), SD3-medium at 1024^2 with CFG (batch 2, 4096 + 333 tokens). Each (variant, case) runs in its own
+process, so the frameworks never share GPU memory and each variant's XLA flags stay its own.
 
-    python benchmarks/bench_model.py            # all cases, both backends; table last; JSON lines in $OUT
-    python benchmarks/bench_model.py --backend jax --case flux_1k   # one measurement (used by the driver)
+Variants (`--variants`, comma-separated):
+* ``jax``: the shipped model: one forward call and ms/step inside the sampler's scan (and its compile time);
+* ``jax/<flag>``: the same with one XLA flag set (see `JAX_FLAGS`), to test what a profile suggests;
+* ``jax_fp8/<flag>``: likewise for the FP8 model;
+* ``jax/unrolled``: the layer scans unrolled (``lax.scan(unroll=True)``), same weights;
+* ``jax_fp8``: the block linears in FP8 (`ditfa_jax.fp8`), with its output error against bf16;
+* ``torch``, ``torch_compile``: diffusers eager and under ``torch.compile`` (default mode);
+* ``torch_compile_fp8``: torchao's dynamic FP8 (per-row scales) on every Linear, then ``torch.compile``.
 
-diffusers is pure Python: carry its wheel to the GPU machine (see benchmarks/RESULTS.md for the command).
+``--profile`` traces a 3-step sampler call of each JAX variant and writes the GPU time per kernel and step
+(largest first) to $OUT/profile_<variant>_<case>.txt, with the kernel categories in the JSON line. Profile with
+``/no_command_buffer``: inside a CUDA graph every kernel is named after its graph.
+
+    python benchmarks/bench_model.py [--cases flux_1k,flux_2k,sd3_1k_cfg] [--variants jax,torch_compile] [--profile]
+    python benchmarks/bench_model.py --one jax --case flux_1k   # one measurement (what the driver runs)
+
+diffusers and torchao are pure Python here: carry their wheels to the GPU machine (RESULTS.md has the command).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import glob
 import json
 import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
@@ -28,11 +43,17 @@ SD3_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, 
                   num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
                   pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192)
 CASES = {
-    "flux_1k": dict(family="flux", config=FLUX_DEV, pixels=1024, batch=1, text=512),
-    "flux_2k": dict(family="flux", config=FLUX_DEV, pixels=2048, batch=1, text=512),
-    "sd3_1k_cfg": dict(family="sd3", config=SD3_MEDIUM, pixels=1024, batch=2, text=333),
+    "flux_1k": dict(family="flux", config=FLUX_DEV, pixels=1024, batch=1, text=512, sampler_steps=28),
+    "flux_2k": dict(family="flux", config=FLUX_DEV, pixels=2048, batch=1, text=512, sampler_steps=8),
+    "sd3_1k_cfg": dict(family="sd3", config=SD3_MEDIUM, pixels=1024, batch=2, text=333, sampler_steps=28),
 }
-SAMPLER_STEPS = 28
+JAX_FLAGS = {
+    "slice_fusion": "--xla_gpu_enable_dynamic_slice_fusion=true",
+    "no_command_buffer": "--xla_gpu_enable_command_buffer=",  # kernels, not CUDA graphs, in the profile
+    "double_buffer": "--xla_gpu_enable_while_loop_double_buffering=true",
+}
+DEFAULT_VARIANTS = "jax,jax_fp8,torch,torch_compile"
+PROFILE_STEPS = 3
 
 
 def median_ms(fn, sync, warmup: int = 3, reps: int = 10) -> tuple[float, float]:
@@ -46,25 +67,98 @@ def median_ms(fn, sync, warmup: int = 3, reps: int = 10) -> tuple[float, float]:
     return statistics.median(times), min(times)
 
 
-def run_jax(case: dict) -> dict:
+def op_category(name: str) -> str:
+    """A coarse kind for a GPU kernel or XLA op name, for the profile's summary."""
+    n = name.lower()
+    if "cudnn" in n or "flash" in n or "fmha" in n or "sdpa" in n:
+        return "attention"
+    if any(s in n for s in ("gemm", "cublas", "nvjet", "xmma", "cutlass", "dot", "matmul", "triton_gemm")):
+        return "matmul"
+    if "copy" in n or "dynamic-slice" in n or "dynamic_slice" in n or "memcpy" in n or "memset" in n:
+        return "copy"
+    return "other"
+
+
+def gpu_profile(fn, path: str, calls: int = 1) -> dict:
+    """Trace `calls` calls of `fn`; write the GPU time per kernel (ms per call, largest first, with an XLA op that
+    launched it) to `path`; return the totals per category and the traced wall time per call."""
+    import jax
+    from jax.profiler import ProfileData
+
+    trace_dir = tempfile.mkdtemp()
+    start = time.perf_counter()
+    with jax.profiler.trace(trace_dir):
+        for _ in range(calls):
+            jax.block_until_ready(fn())
+    wall_ms = (time.perf_counter() - start) * 1e3 / calls
+    files = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+    totals, counts, kernels = collections.Counter(), collections.Counter(), {}
+    lines_seen = []
+    for plane in ProfileData.from_file(files[0]).planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        for line in plane.lines:
+            lines_seen.append(f"{plane.name} | {line.name}")
+            if line.name.startswith("XLA") or "Stream" not in line.name:
+                continue  # derived op/module timelines would count every kernel twice
+            for event in line.events:
+                op = event.name
+                totals[op] += event.duration_ns / 1e6 / calls
+                counts[op] += 1
+                kernels.setdefault(op, str(dict(event.stats).get("hlo_op", "")))
+    by_category = collections.Counter()
+    for op, ms in totals.items():
+        by_category[op_category(op + " " + kernels[op])] += ms
+    with open(path, "w") as f:
+        f.write(f"traced wall time {wall_ms:.2f} ms per call; GPU busy {sum(totals.values()):.2f} ms per call\n")
+        f.write("by category (ms per call): " + json.dumps({k: round(v, 2) for k, v in by_category.items()}) + "\n")
+        f.write("lines: " + "; ".join(sorted(set(lines_seen))) + "\n\n")
+        f.write(f"{'ms/call':>9} {'launches':>8}  kernel  [an XLA op]\n")
+        for op, ms in totals.most_common():
+            f.write(f"{ms:9.3f} {counts[op] // calls:8d}  {op[:150]}  [{kernels[op][:80]}]\n")
+    return dict(profile_wall_ms=wall_ms, profile_busy_ms=sum(totals.values()),
+                profile_ms=dict((k, round(v, 2)) for k, v in by_category.items()))
+
+
+def random_jax_model(case: dict):
     import jax
     import jax.numpy as jnp
-    import numpy as np
     from flax import nnx
 
     from ditfa_jax.configs import FluxConfig, SD3Config
     from ditfa_jax.loading import Transformer
     from ditfa_jax.models.flux import FluxTransformer
     from ditfa_jax.models.sd3 import SD3Transformer
-    from ditfa_jax.models.flux import flux_image_ids
-    from ditfa_jax.sampler import sample
 
     flux = case["family"] == "flux"
     cfg = FluxConfig(**case["config"]) if flux else SD3Config(**case["config"])
     cls = FluxTransformer if flux else SD3Transformer
     graphdef = nnx.split(nnx.eval_shape(lambda: cls(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))))[0]
     state = jax.jit(lambda: nnx.split(cls(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))[1])()
-    model = Transformer(cfg, graphdef, state)
+    return Transformer(cfg, graphdef, state)
+
+
+def run_jax(case: dict, variant: str, profile_path: str | None) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from ditfa_jax.models.flux import flux_image_ids
+    from ditfa_jax.sampler import sample
+
+    if "unrolled" in variant:
+        import ditfa_jax.models.layers as layers
+
+        def unrolled(stack, carry, xs, body, _scan=layers.scan_stack):
+            from flax import nnx
+            graphdef, state = nnx.split(stack)
+            return jax.lax.scan(lambda c, layer: body(nnx.merge(graphdef, layer[0]), c, layer[1]), carry,
+                                (state, xs), unroll=True)
+        layers.scan_stack = unrolled
+
+    model = random_jax_model(case)
+    cfg = model.config
+    flux = case["family"] == "flux"
     b, n_txt, px = case["batch"], case["text"], case["pixels"]
     keys = jax.random.split(jax.random.key(0), 4)
     text = jax.random.normal(keys[1], (b, n_txt, cfg.joint_attention_dim), jnp.bfloat16)
@@ -78,37 +172,45 @@ def run_jax(case: dict) -> dict:
         latents = jax.random.normal(keys[0], (b, cfg.in_channels, px // 8, px // 8), jnp.bfloat16)
         kwargs = {}
     timestep = np.full((b,), 0.5 if flux else 500.0, np.float32)
+    result = {}
+    if variant.startswith("jax_fp8"):
+        from ditfa_jax.fp8 import quantize_transformer
+
+        reference = np.asarray(model(latents, text, pooled, timestep, **kwargs), np.float32)
+        model = quantize_transformer(model)
+        out = np.asarray(model(latents, text, pooled, timestep, **kwargs), np.float32)
+        result["fp8_rel_error"] = float(np.linalg.norm(out - reference) / np.linalg.norm(reference))
+        result["fp8_finite"] = bool(np.isfinite(out).all())
     forward = lambda: model(latents, text, pooled, timestep, **kwargs)  # noqa: E731
     start = time.perf_counter()
     jax.block_until_ready(forward())
-    compile_forward_s = time.perf_counter() - start
-    med, best = median_ms(forward, jax.block_until_ready)
-    result = dict(step_ms=med, step_min_ms=best, forward_first_call_s=compile_forward_s)
+    result["forward_first_call_s"] = time.perf_counter() - start
+    result["step_ms"], result["step_min_ms"] = median_ms(forward, jax.block_until_ready)
 
-    if px == 1024:  # sampler compile time: first call minus a compiled second call
-        if flux:
-            s_lat, s_kw = latents[:1].astype(jnp.float32), {}
-            s_text, s_pool = text[:1], pooled[:1]
-        else:
-            half = b // 2
-            s_lat = latents[:half].astype(jnp.float32)
-            s_text, s_pool = text[:half], pooled[:half]
-            s_kw = dict(negative_prompt_embeds=text[half:], negative_pooled_prompt_embeds=pooled[half:])
-        call = lambda: sample(model, s_lat, s_text, s_pool, height=px, width=px, num_steps=SAMPLER_STEPS,  # noqa
-                              guidance_scale=3.5 if flux else 7.0, **s_kw)
-        start = time.perf_counter()
-        jax.block_until_ready(call())
-        first = time.perf_counter() - start
-        start = time.perf_counter()
-        jax.block_until_ready(call())
-        second = time.perf_counter() - start
-        result.update(sampler_first_call_s=first, sampler_compiled_call_s=second,
-                      sampler_compile_s=first - second, sampler_ms_per_step=second / SAMPLER_STEPS * 1e3)
+    steps = case["sampler_steps"]
+    if flux:
+        s_lat, s_kw, s_text, s_pool = latents[:1].astype(jnp.float32), {}, text[:1], pooled[:1]
+    else:
+        half = b // 2
+        s_lat, s_text, s_pool = latents[:half].astype(jnp.float32), text[:half], pooled[:half]
+        s_kw = dict(negative_prompt_embeds=text[half:], negative_pooled_prompt_embeds=pooled[half:])
+    run_sampler = lambda n: sample(model, s_lat, s_text, s_pool, height=px, width=px, num_steps=n,  # noqa: E731
+                                   guidance_scale=3.5 if flux else 7.0, **s_kw)
+    call = lambda: run_sampler(steps)  # noqa: E731
+    start = time.perf_counter()
+    jax.block_until_ready(call())
+    first = time.perf_counter() - start
+    second = min(median_ms(call, jax.block_until_ready, warmup=0, reps=2))
+    result.update(sampler_steps=steps, sampler_first_call_s=first, sampler_compile_s=first - second / 1e3,
+                  sampler_ms_per_step=second / steps)
+    if profile_path:
+        jax.block_until_ready(run_sampler(PROFILE_STEPS))
+        result.update(gpu_profile(lambda: run_sampler(PROFILE_STEPS), profile_path), profile_steps=PROFILE_STEPS)
     result["versions"] = dict(jax=jax.__version__, device=str(jax.devices()[0].device_kind))
     return result
 
 
-def run_torch(case: dict) -> dict:
+def run_torch(case: dict, variant: str) -> dict:
     import diffusers
     import torch
     from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
@@ -118,6 +220,15 @@ def run_torch(case: dict) -> dict:
     cls = FluxTransformer2DModel if flux else SD3Transformer2DModel
     with torch.device("cuda"):
         model = cls(**case["config"]).to(torch.bfloat16).eval()
+    versions = dict(torch=torch.__version__, diffusers=diffusers.__version__, device=torch.cuda.get_device_name())
+    if variant == "torch_compile_fp8":
+        import torchao
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+        quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+        versions["torchao"] = torchao.__version__
+    if variant != "torch":
+        model = torch.compile(model)
     b, n_txt, px = case["batch"], case["text"], case["pixels"]
     dev, dt = "cuda", torch.bfloat16
     cfg = case["config"]
@@ -140,49 +251,73 @@ def run_torch(case: dict) -> dict:
         return model(hidden_states=latents, encoder_hidden_states=text, pooled_projections=pooled,
                      return_dict=False, **kwargs)[0]
 
+    start = time.perf_counter()
+    forward()
+    torch.cuda.synchronize()
+    first = time.perf_counter() - start
     med, best = median_ms(forward, lambda _: torch.cuda.synchronize())
-    return dict(step_ms=med, step_min_ms=best,
-                versions=dict(torch=torch.__version__, diffusers=diffusers.__version__,
-                              device=torch.cuda.get_device_name()))
+    return dict(step_ms=med, step_min_ms=best, forward_first_call_s=first, versions=versions)
 
 
-def drive(out_dir: str | None) -> None:
+def drive(cases: list[str], variants: list[str], profile: bool, out_dir: str | None) -> None:
     rows = []
-    for name in CASES:
-        for backend in ("torch", "jax"):
-            proc = subprocess.run([sys.executable, __file__, "--backend", backend, "--case", name],
-                                  capture_output=True, text=True)
+    for name in cases:
+        for variant in variants:
+            env = dict(os.environ)
+            flag = JAX_FLAGS.get(variant.partition("/")[2])
+            if flag:
+                env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flag).strip()
+            argv = [sys.executable, __file__, "--one", variant, "--case", name] + (["--profile"] if profile else [])
+            start = time.perf_counter()
+            proc = subprocess.run(argv, capture_output=True, text=True, env=env)
             line = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
             if proc.returncode != 0 or not line.startswith("{"):
-                print(f"[{backend} {name}] FAILED rc={proc.returncode}\n{proc.stderr[-3000:]}", flush=True)
-                rows.append(dict(case=name, backend=backend, error=proc.stderr[-500:]))
-                continue
-            rec = dict(case=name, backend=backend, **json.loads(line))
-            print(json.dumps(rec), flush=True)
+                print(f"[{variant} {name}] FAILED rc={proc.returncode}\n{proc.stderr[-3000:]}", flush=True)
+                rec = dict(case=name, variant=variant, error=proc.stderr[-1500:])
+            else:
+                rec = dict(case=name, variant=variant, process_s=round(time.perf_counter() - start, 1),
+                           **json.loads(line))
+                print(json.dumps(rec), flush=True)
             rows.append(rec)
-    if out_dir:
-        with open(os.path.join(out_dir, "bench_model.jsonl"), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-    print("\n| case | torch ms/step | jax ms/step | jax/torch | jax sampler compile s (28 steps) |")
-    print("|---|---|---|---|---|")
-    for name in CASES:
-        t = next((r for r in rows if r["case"] == name and r["backend"] == "torch" and "step_ms" in r), None)
-        j = next((r for r in rows if r["case"] == name and r["backend"] == "jax" and "step_ms" in r), None)
-        ratio = f"{j['step_ms'] / t['step_ms']:.3f}" if t and j else "n/a"
-        comp = f"{j['sampler_compile_s']:.1f}" if j and "sampler_compile_s" in j else "-"
-        print(f"| {name} | {t['step_ms']:.1f} | {j['step_ms']:.1f} | {ratio} | {comp} |" if t and j
-              else f"| {name} | {t and round(t['step_ms'], 1)} | {j and round(j['step_ms'], 1)} | n/a | {comp} |")
+            if out_dir:
+                with open(os.path.join(out_dir, "bench_model.jsonl"), "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+    print("\n| case | variant | forward ms | sampler ms/step | vs torch_compile | sampler compile s | note |")
+    print("|---|---|---|---|---|---|---|")
+    for name in cases:
+        ref = next((r["step_ms"] for r in rows if r["case"] == name and r["variant"] == "torch_compile"
+                    and "step_ms" in r), None)
+        for r in (r for r in rows if r["case"] == name):
+            if "step_ms" not in r:
+                print(f"| {name} | {r['variant']} | failed | | | | {r['error'][-80:]!r} |")
+                continue
+            per_step = r.get("sampler_ms_per_step", r["step_ms"])
+            ratio = f"{per_step / ref:.3f}" if ref else "-"
+            comp = f"{r['sampler_compile_s']:.1f}" if "sampler_compile_s" in r else "-"
+            note = f"rel err {r['fp8_rel_error']:.4f}" if "fp8_rel_error" in r else ""
+            sampler = f"{r['sampler_ms_per_step']:.1f}" if "sampler_ms_per_step" in r else "-"
+            print(f"| {name} | {r['variant']} | {r['step_ms']:.1f} | {sampler} | {ratio} | {comp} | {note} |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backend", choices=["jax", "torch"])
+    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS)
+    parser.add_argument("--profile", action="store_true", help="trace the JAX variants' forward calls")
+    parser.add_argument("--one", help="run one variant in this process (with --case)")
     parser.add_argument("--case", choices=list(CASES))
     args = parser.parse_args()
-    if args.backend is None:
-        drive(os.environ.get("OUT"))
+    out_dir = os.environ.get("OUT")
+    if args.one is None:
+        drive(args.cases.split(","), args.variants.split(","), args.profile, out_dir)
         return
-    result = (run_jax if args.backend == "jax" else run_torch)(CASES[args.case])
+    case = CASES[args.case]
+    if args.one.startswith("jax"):
+        path = (os.path.join(out_dir or ".", f"profile_{args.one.replace('/', '-')}_{args.case}.txt")
+                if args.profile else None)
+        result = run_jax(case, args.one, path)
+    else:
+        result = run_torch(case, args.one)
     print(json.dumps(result))
 
 

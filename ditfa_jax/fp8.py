@@ -4,7 +4,10 @@ Weights are quantised once (`quantize_transformer`) with one scale per output ch
 the device at every call with one scale per token (the row of the matmul), both as ``amax / 448`` (e4m3's largest
 finite value), so nothing saturates and nothing becomes inf or NaN. The matmul takes both FP8 operands and
 accumulates in float32 (`lax.dot_general` with ``preferred_element_type``: Hopper's FP8 tensor cores through XLA;
-on CPUs the same numbers, slowly), then applies the two scales to the float32 result.
+on CPUs the same numbers, slowly), then applies the two scales to the float32 result. Quantised kernels are stored
+transposed, [out, in] (torch's layout): Hopper's FP8 GEMM reads both operands with the contracted axis minor, and a
+kernel kept [in, out] made XLA transpose every layer's weights at every step (11 ms of a 1024^2 FLUX.1-dev step,
+benchmarks/RESULTS.md).
 
 Which layers: every `ditfa_jax.models.layers.Linear` inside the block stacks except the adaLN modulations
 (``norm*.linear``, one row per image: no matmul time to win); embedders and the output projection stay as they are.
@@ -16,7 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-__all__ = ["E4M3", "E4M3_MAX", "quantize", "dequantize", "fp8_matmul", "quantize_transformer", "fp8_layers"]
+__all__ = ["E4M3", "E4M3_MAX", "quantize", "dequantize", "quantize_kernel", "fp8_matmul", "quantize_transformer",
+           "fp8_layers"]
 
 E4M3 = jnp.float8_e4m3fn
 E4M3_MAX = float(jnp.finfo(E4M3).max)  # 448
@@ -35,11 +39,18 @@ def dequantize(values: jax.Array, scales: jax.Array, dtype=jnp.float32) -> jax.A
     return (values.astype(jnp.float32) * scales).astype(dtype)
 
 
-def fp8_matmul(x: jax.Array, kernel: jax.Array, kernel_scale: jax.Array) -> jax.Array:
-    """``x [..., in] @ dequantize(kernel [in, out], kernel_scale [out])`` with ``x`` quantised per row, FP8 x FP8
-    products accumulated in float32; returns float32 [..., out]."""
+def quantize_kernel(kernel: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """A [..., in, out] kernel as (e4m3 [..., out, in], float32 scales [..., out]): one scale per output channel,
+    stored transposed for the FP8 GEMM (module docstring)."""
+    values, scale = quantize(jnp.swapaxes(kernel, -1, -2), axis=-1)
+    return values, jnp.squeeze(scale, -1)
+
+
+def fp8_matmul(x: jax.Array, kernel_t: jax.Array, kernel_scale: jax.Array) -> jax.Array:
+    """``x [..., in] @ dequantize(kernel_t [out, in], kernel_scale [out]).T`` with ``x`` quantised per row, FP8 x
+    FP8 products accumulated in float32; returns float32 [..., out]."""
     xq, x_scale = quantize(x, axis=-1)
-    y = jax.lax.dot_general(xq, kernel, (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    y = jax.lax.dot_general(xq, kernel_t, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     return y * x_scale * kernel_scale.astype(jnp.float32)
 
 
@@ -61,7 +72,7 @@ def fp8_layers(module) -> list[str]:
 
 def quantize_transformer(model, layers=None):
     """A copy of a `ditfa_jax.loading.Transformer` whose block-stack Linear layers (module docstring) hold e4m3
-    kernels with per-output-channel scales. ``layers``: names from `fp8_layers` to quantise (None: all); a stack's
+    kernels with per-output-channel scales (`quantize_kernel`). ``layers``: names from `fp8_layers` to quantise (None: all); a stack's
     blocks share their parameter arrays, so a name covers that layer in every block of its stack. ValueError for
     an unknown name or a model quantised already."""
     from ditfa_jax.loading import Transformer
@@ -82,8 +93,8 @@ def quantize_transformer(model, layers=None):
         kernel = m.kernel.get_value()
         if kernel.dtype == E4M3:
             raise ValueError(f"quantize_transformer: {'/'.join(map(str, path))} is FP8 already")
-        values, scale = quantize(kernel, axis=-2)  # [..., in, out]: one scale per output channel (per layer)
+        values, scale = quantize_kernel(kernel)  # stacked [layers, in, out] -> [layers, out, in], [layers, out]
         m.kernel = nnx.Param(values)
-        m.kernel_scale = nnx.Param(jnp.squeeze(scale, -2))
+        m.kernel_scale = nnx.Param(scale)
     graphdef, state = nnx.split(module)
     return Transformer(model.config, graphdef, state)

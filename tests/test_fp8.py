@@ -12,7 +12,8 @@ from tiny_runs import tiny_run
 
 from ditfa_jax import sample
 from ditfa_jax.denoise import prepare_run
-from ditfa_jax.fp8 import E4M3, E4M3_MAX, dequantize, fp8_layers, fp8_matmul, quantize, quantize_transformer
+from ditfa_jax.fp8 import (E4M3, E4M3_MAX, dequantize, fp8_layers, fp8_matmul, quantize, quantize_kernel,
+                           quantize_transformer)
 
 
 def test_round_trip_error_is_bounded_per_slice():
@@ -39,12 +40,14 @@ def test_saturating_and_zero_inputs_stay_finite():
 def test_fp8_matmul_against_float32():
     x = jax.random.normal(jax.random.key(1), (2, 48, 256))
     w = jax.random.normal(jax.random.key(2), (256, 128)) * 0.05
-    wq, ws = quantize(w, axis=0)
-    y = fp8_matmul(x, wq, ws[0])
+    wq, ws = quantize_kernel(w)
+    assert wq.shape == (128, 256) and ws.shape == (128,)  # [out, in]: the contracted axis minor, as FP8 GEMMs read
+    np.testing.assert_allclose(np.asarray(dequantize(wq, ws[:, None])).T, np.asarray(w), rtol=1 / 16, atol=1e-6)
+    y = fp8_matmul(x, wq, ws)
     ref = x @ w
     assert y.dtype == jnp.float32 and np.isfinite(np.asarray(y)).all()
     assert float(jnp.linalg.norm(y - ref) / jnp.linalg.norm(ref)) < 0.05
-    big = fp8_matmul(x * 1e4, wq, ws[0])  # activations far beyond 448: scaled, not saturated
+    big = fp8_matmul(x * 1e4, wq, ws)  # activations far beyond 448: scaled, not saturated
     assert float(jnp.linalg.norm(big - ref * 1e4) / jnp.linalg.norm(ref * 1e4)) < 0.05
 
 

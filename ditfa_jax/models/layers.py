@@ -17,8 +17,8 @@ from ditfa_jax.attention import AttentionSettings, joint_attention
 
 
 class Linear(nnx.Linear):
-    """`nnx.Linear`, or its FP8 form once `ditfa_jax.fp8.quantize_transformer` gave it an e4m3 kernel and a
-    per-output-channel ``kernel_scale`` (then the activations are quantised per token on the fly)."""
+    """`nnx.Linear`, or its FP8 form once `ditfa_jax.fp8.quantize_transformer` gave it an e4m3 kernel (stored
+    [out, in]) and a per-output-channel ``kernel_scale`` (then the activations are quantised per token on the fly)."""
 
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.kernel.get_value()
