@@ -69,6 +69,9 @@ def main() -> None:
     parser.add_argument("--fp8", action="store_true",
                         help="FP8 linear layers (ditfa_jax.fp8) against the model's own dtype, dense, on "
                              "--realism-captions held-out captions")
+    parser.add_argument("--fp8-roles", action="store_true",
+                        help="which layers FP8 hurts: each layer role (to_q, ff/net_2, ... over every stack) alone "
+                             "in FP8 against the model's own dtype, on --realism-captions held-out captions")
     parser.add_argument("--realism-captions", type=int, default=256)
     parser.add_argument("--sweep", action="store_true", help="run the quality-vs-cost sweep")
     parser.add_argument("--captions", type=int, default=64, help="held-out captions in the sweep")
@@ -125,6 +128,22 @@ def main() -> None:
                ssim_vs_base=round(float(np.mean(ssim(images, base))), 4),
                fidelity_base=round(base_score["object"], 4), fidelity=round(score["object"], 4),
                frechet_base=frechet(features, base, truth), frechet=frechet(features, images, truth))
+
+    if args.fp8_roles:
+        from ditfa_jax.fp8 import fp8_layers, quantize_transformer
+
+        scenes = heldout_scenes(args.realism_captions, seed=41, objects=None, testbed=testbed.name)
+        base_score, base = prompt_fidelity(pipe, scenes, seeds=0, num_steps=steps)
+        roles = {}
+        for name in fp8_layers(pipe.transformer.module()):
+            roles.setdefault(name.split("/", 1)[1], []).append(name)  # 'stack0/attn/to_q' -> 'attn/to_q'
+        for role, names in [("all", None)] + sorted(roles.items()):
+            quantised = pipe.with_transformer(quantize_transformer(pipe.transformer, layers=names))
+            score, images = prompt_fidelity(quantised, scenes, seeds=0, num_steps=steps)
+            record(out_dir, kind="fp8_role", role=role, captions=len(scenes), **common,
+                   psnr_vs_base_db=round(float(np.mean(psnr(images, base))), 2),
+                   ssim_vs_base=round(float(np.mean(ssim(images, base))), 4),
+                   fidelity_base=round(base_score["object"], 4), fidelity=round(score["object"], 4))
 
     if args.guidance:
         scenes = heldout_scenes(args.realism_captions, seed=11, objects=None, testbed=testbed.name)
@@ -215,6 +234,9 @@ def print_table() -> None:
             print(f"| fp8 | FP8 linears vs {r['dtype']} ({r['captions']}) | {r['steps']} | | | {r['psnr_vs_base_db']} | "
                   f"{r['ssim_vs_base']} | {r['fidelity']:.3f} (base {r['fidelity_base']:.3f}) | "
                   f"{_fmt(r['frechet'], '.3f')} (base {_fmt(r['frechet_base'], '.3f')}) | |")
+        elif kind == "fp8_role":
+            print(f"| fp8 role | {r['role']} alone in FP8 ({r['captions']}) | {r['steps']} | | | {r['psnr_vs_base_db']} | "
+                  f"{r['ssim_vs_base']} | {r['fidelity']:.3f} (base {r['fidelity_base']:.3f}) | | |")
         elif kind == "realism-steps":
             print(f"| realism (a) | dense | {r['run_steps']} | 1.0 | | {r['psnr_vs_full_db']} | {r['ssim_vs_full']} | "
                   f"{r['fidelity']:.3f} | {_fmt(r['frechet'], '.3f')} | |")
