@@ -149,7 +149,7 @@ def run_jax(case: dict, variant: str, profile_path: str | None) -> dict:
     if "unrolled" in variant:
         import ditfa_jax.models.layers as layers
 
-        def unrolled(stack, carry, xs, body, _scan=layers.scan_stack):
+        def unrolled(stack, carry, xs, body):
             from flax import nnx
             graphdef, state = nnx.split(stack)
             return jax.lax.scan(lambda c, layer: body(nnx.merge(graphdef, layer[0]), c, layer[1]), carry,
