@@ -235,8 +235,8 @@ def print_table() -> None:
                   f"{r['ssim_vs_base']} | {r['fidelity']:.3f} (base {r['fidelity_base']:.3f}) | "
                   f"{_fmt(r['frechet'], '.3f')} (base {_fmt(r['frechet_base'], '.3f')}) | |")
         elif kind == "fp8_role":
-            print(f"| fp8 role | {r['role']} alone in FP8 ({r['captions']}) | {r['steps']} | | | {r['psnr_vs_base_db']} | "
-                  f"{r['ssim_vs_base']} | {r['fidelity']:.3f} (base {r['fidelity_base']:.3f}) | | |")
+            print(f"| fp8 role | {r['role']} alone in FP8 ({r['captions']}) | {r['steps']} | | | "
+                  f"{r['psnr_vs_base_db']} | {r['ssim_vs_base']} | {r['fidelity']:.3f} (base {r['fidelity_base']:.3f}) | | |")
         elif kind == "realism-steps":
             print(f"| realism (a) | dense | {r['run_steps']} | 1.0 | | {r['psnr_vs_full_db']} | {r['ssim_vs_full']} | "
                   f"{r['fidelity']:.3f} | {_fmt(r['frechet'], '.3f')} | |")

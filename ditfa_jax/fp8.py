@@ -72,8 +72,9 @@ def fp8_layers(module) -> list[str]:
 
 def quantize_transformer(model, layers=None):
     """A copy of a `ditfa_jax.loading.Transformer` whose block-stack Linear layers (module docstring) hold e4m3
-    kernels with per-output-channel scales (`quantize_kernel`). ``layers``: names from `fp8_layers` to quantise (None: all); a stack's
-    blocks share their parameter arrays, so a name covers that layer in every block of its stack. ValueError for
+    kernels with per-output-channel scales (`quantize_kernel`). ``layers``: names from `fp8_layers` to quantise
+    (None: all); a stack's blocks share their parameter arrays, so a name covers that layer in every block of its
+    stack. ValueError for
     an unknown name or a model quantised already."""
     from ditfa_jax.loading import Transformer
 
