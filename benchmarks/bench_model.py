@@ -9,6 +9,8 @@ Variants (`--variants`, comma-separated):
 * ``jax/<flag>``: the same with one XLA flag set (see `JAX_FLAGS`), to test what a profile suggests;
 * ``jax_fp8/<flag>``: likewise for the FP8 model;
 * ``jax/unrolled``: the layer scans unrolled (``lax.scan(unroll=True)``), same weights;
+* ``jax_gemm_barrier[/flag]``: each linear's GEMM behind an optimisation barrier, its bias added after (a cuBLAS
+  GEMM without epilogue is what XLA fuses with the weight slice, reading the stacked weights in place);
 * ``jax_fp8``: the block linears in FP8 (`ditfa_jax.fp8`), with its output error against bf16;
 * ``torch``, ``torch_compile``: diffusers eager and under ``torch.compile`` (default mode);
 * ``torch_compile_fp8``: torchao's dynamic FP8 (per-row scales) on every Linear, then ``torch.compile``.
@@ -29,6 +31,7 @@ import argparse
 import collections
 import glob
 import json
+import re
 import os
 import statistics
 import subprocess
@@ -51,6 +54,9 @@ JAX_FLAGS = {
     "slice_fusion": "--xla_gpu_enable_dynamic_slice_fusion=true",
     "no_command_buffer": "--xla_gpu_enable_command_buffer=",  # kernels, not CUDA graphs, in the profile
     "double_buffer": "--xla_gpu_enable_while_loop_double_buffering=true",
+    "no_cublaslt": "--xla_gpu_enable_cublaslt=false",
+    "no_triton_gemm": "--xla_gpu_enable_triton_gemm=false",
+    "graph_while": "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE",
 }
 DEFAULT_VARIANTS = "jax,jax_fp8,torch,torch_compile"
 PROFILE_STEPS = 3
@@ -79,9 +85,59 @@ def op_category(name: str) -> str:
     return "other"
 
 
+def timeline_stats(events: list[tuple[str, float, float, str]], calls: int) -> dict:
+    """From GPU kernel events (stream, start ns, duration ns, name): per call, the time any kernel ran (the union
+    of intervals over streams), the busiest stream's busy and idle time within its span, and the number of
+    launches. Idle time on the compute stream is what a faster host or fewer kernel boundaries could win back."""
+    def union_ms(intervals):
+        total, end = 0.0, -1.0
+        for a, b in sorted(intervals):
+            if b > end:
+                total += b - max(a, end)
+                end = b
+        return total / 1e6
+    by_stream = collections.defaultdict(list)
+    for stream, start, dur, _ in events:
+        by_stream[stream].append((start, start + dur))
+    if not by_stream:
+        return {}
+    compute = max(by_stream, key=lambda k: sum(b - a for a, b in by_stream[k]))
+    spans = sorted(by_stream[compute])
+    gaps = sorted(((b[0] - a[1]) for a, b in zip(spans, spans[1:]) if b[0] > a[1]), reverse=True)
+    return dict(any_stream_busy_ms=union_ms([i for v in by_stream.values() for i in v]) / calls,
+                compute_stream=compute, compute_busy_ms=union_ms(spans) / calls,
+                compute_span_ms=(spans[-1][1] - spans[0][0]) / 1e6 / calls,
+                compute_idle_ms=sum(gaps) / 1e6 / calls, compute_launches=len(spans) // calls,
+                gaps_over_20us=sum(g > 2e4 for g in gaps) // calls,
+                idle_in_gaps_over_20us_ms=sum(g for g in gaps if g > 2e4) / 1e6 / calls,
+                streams={k: round(union_ms(v) / calls, 2) for k, v in by_stream.items()})
+
+
+def write_profile(path: str, events, calls: int, wall_ms: float, hlo_ops: dict | None = None) -> dict:
+    """Write the GPU time per kernel (ms per call, largest first) and the timeline stats to `path`."""
+    totals, counts = collections.Counter(), collections.Counter()
+    for _, _, dur, name in events:
+        totals[name] += dur / 1e6 / calls
+        counts[name] += 1
+    hlo_ops = hlo_ops or {}
+    by_category = collections.Counter()
+    for op, ms in totals.items():
+        by_category[op_category(op + " " + hlo_ops.get(op, ""))] += ms
+    stats = timeline_stats(events, calls)
+    with open(path, "w") as f:
+        f.write(f"traced wall time {wall_ms:.2f} ms per call; GPU busy {sum(totals.values()):.2f} ms per call\n")
+        f.write("by category (ms per call): " + json.dumps({k: round(v, 2) for k, v in by_category.items()}) + "\n")
+        f.write("timeline: " + json.dumps(stats) + "\n\n")
+        f.write(f"{'ms/call':>9} {'launches':>8}  kernel  [an XLA op]\n")
+        for op, ms in totals.most_common():
+            f.write(f"{ms:9.3f} {counts[op] // calls:8d}  {op[:150]}  [{hlo_ops.get(op, '')[:80]}]\n")
+    return dict(profile_wall_ms=wall_ms, profile_busy_ms=sum(totals.values()),
+                profile_ms=dict((k, round(v, 2)) for k, v in by_category.items()),
+                timeline={k: v for k, v in stats.items() if k != "streams"})
+
+
 def gpu_profile(fn, path: str, calls: int = 1) -> dict:
-    """Trace `calls` calls of `fn`; write the GPU time per kernel (ms per call, largest first, with an XLA op that
-    launched it) to `path`; return the totals per category and the traced wall time per call."""
+    """Trace `calls` calls of a JAX function `fn` and `write_profile` its GPU kernels."""
     import jax
     from jax.profiler import ProfileData
 
@@ -92,35 +148,75 @@ def gpu_profile(fn, path: str, calls: int = 1) -> dict:
             jax.block_until_ready(fn())
     wall_ms = (time.perf_counter() - start) * 1e3 / calls
     files = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
-    totals, counts, kernels = collections.Counter(), collections.Counter(), {}
-    lines_seen = []
+    events, hlo_ops = [], {}
     for plane in ProfileData.from_file(files[0]).planes:
         if not plane.name.startswith("/device:GPU"):
             continue
         for line in plane.lines:
-            lines_seen.append(f"{plane.name} | {line.name}")
             if line.name.startswith("XLA") or "Stream" not in line.name:
                 continue  # derived op/module timelines would count every kernel twice
             for event in line.events:
-                op = event.name
-                totals[op] += event.duration_ns / 1e6 / calls
-                counts[op] += 1
-                kernels.setdefault(op, str(dict(event.stats).get("hlo_op", "")))
-    by_category = collections.Counter()
-    for op, ms in totals.items():
-        by_category[op_category(op + " " + kernels[op])] += ms
-    with open(path, "w") as f:
-        f.write(f"traced wall time {wall_ms:.2f} ms per call; GPU busy {sum(totals.values()):.2f} ms per call\n")
-        f.write("by category (ms per call): " + json.dumps({k: round(v, 2) for k, v in by_category.items()}) + "\n")
-        f.write("lines: " + "; ".join(sorted(set(lines_seen))) + "\n\n")
-        f.write(f"{'ms/call':>9} {'launches':>8}  kernel  [an XLA op]\n")
-        for op, ms in totals.most_common():
-            f.write(f"{ms:9.3f} {counts[op] // calls:8d}  {op[:150]}  [{kernels[op][:80]}]\n")
-    return dict(profile_wall_ms=wall_ms, profile_busy_ms=sum(totals.values()),
-                profile_ms=dict((k, round(v, 2)) for k, v in by_category.items()))
+                events.append((line.name, event.start_ns, event.duration_ns, event.name))
+                hlo_ops.setdefault(event.name, str(dict(event.stats).get("hlo_op", "")))
+    return write_profile(path, events, calls, wall_ms, hlo_ops)
 
 
-def random_jax_model(case: dict):
+def torch_profile(fn, path: str, calls: int = 1) -> dict:
+    """`gpu_profile` for a PyTorch function: its CUDA kernels from `torch.profiler`."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - start) * 1e3 / calls
+    events = [(f"stream {e.device_index}/{getattr(e, 'thread', 0)}", e.time_range.start * 1e3,
+               (e.time_range.end - e.time_range.start) * 1e3, e.name)
+              for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return write_profile(path, events, calls, wall_ms)
+
+
+def hlo_summary(text: str) -> dict:
+    """Counts, in a compiled HLO module, of what decides whether the layer scan reads its weights in place:
+    copies and dynamic slices (a weight slice materialised before its GEMM), cuBLAS custom calls by target, and
+    dynamic-slice fusions (a GEMM reading a slice of the stacked weights in place)."""
+    counts = collections.Counter()
+    for line in text.splitlines():
+        line = line.strip()
+        if " = " not in line or line.startswith(("//", "ROOT tuple", "HloModule")):
+            continue
+        op = re.search(r"= \S+(?:\[[^\]]*\])?(?:\{[^}]*\})? ([a-z][a-z\-]*)\(", line)
+        if op and op.group(1) in ("copy", "dynamic-slice", "dynamic-update-slice", "transpose"):
+            counts[op.group(1)] += 1
+        target = re.search(r'custom_call_target="([^"]+)"', line)
+        if target:
+            counts["custom-call " + target.group(1)] += 1
+        if "dynamic_address_computation" in line or "address_computation" in line:
+            counts["dynamic-slice fusion"] += 1
+    return dict(counts)
+
+
+def compiled_forward_text(case: dict) -> str:
+    """The compiled HLO of the model's jitted forward at the case's shapes, from abstract weights (no memory)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from ditfa_jax.loading import Transformer
+
+    model = random_jax_model(case, abstract=True)
+    captured = {}
+    model.__dict__["_apply"] = lambda state, kwargs: captured.update(args=(state, kwargs))
+    *args, kwargs = jax_inputs(case, model.config)
+    model(*args, **kwargs)
+    return Transformer._apply.func(model).lower(*captured["args"]).compile().as_text()
+
+
+def random_jax_model(case: dict, abstract: bool = False):
+    """The case's model with random bf16 weights (or only their shapes, `abstract`)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -133,31 +229,19 @@ def random_jax_model(case: dict):
     flux = case["family"] == "flux"
     cfg = FluxConfig(**case["config"]) if flux else SD3Config(**case["config"])
     cls = FluxTransformer if flux else SD3Transformer
-    graphdef = nnx.split(nnx.eval_shape(lambda: cls(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))))[0]
-    state = jax.jit(lambda: nnx.split(cls(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))[1])()
+    graphdef, shapes = nnx.split(nnx.eval_shape(lambda: cls(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))))
+    state = shapes if abstract else jax.jit(lambda: nnx.split(cls(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))[1])()
     return Transformer(cfg, graphdef, state)
 
 
-def run_jax(case: dict, variant: str, profile_path: str | None) -> dict:
+def jax_inputs(case: dict, cfg):
+    """(latents, text, pooled, timestep, keyword inputs) of one forward call, random, at the case's shapes."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     from ditfa_jax.models.flux import flux_image_ids
-    from ditfa_jax.sampler import sample
 
-    if "unrolled" in variant:
-        import ditfa_jax.models.layers as layers
-
-        def unrolled(stack, carry, xs, body):
-            from flax import nnx
-            graphdef, state = nnx.split(stack)
-            return jax.lax.scan(lambda c, layer: body(nnx.merge(graphdef, layer[0]), c, layer[1]), carry,
-                                (state, xs), unroll=True)
-        layers.scan_stack = unrolled
-
-    model = random_jax_model(case)
-    cfg = model.config
     flux = case["family"] == "flux"
     b, n_txt, px = case["batch"], case["text"], case["pixels"]
     keys = jax.random.split(jax.random.key(0), 4)
@@ -172,6 +256,42 @@ def run_jax(case: dict, variant: str, profile_path: str | None) -> dict:
         latents = jax.random.normal(keys[0], (b, cfg.in_channels, px // 8, px // 8), jnp.bfloat16)
         kwargs = {}
     timestep = np.full((b,), 0.5 if flux else 500.0, np.float32)
+    return latents, text, pooled, timestep, kwargs
+
+
+def apply_code_variant(variant: str) -> None:
+    """Patch the model code for the variants that change it rather than XLA's flags (``jax/unrolled``)."""
+    import jax
+
+    import ditfa_jax.models.layers as layers
+
+    if "unrolled" in variant:
+        def unrolled(stack, carry, xs, body):
+            from flax import nnx
+            graphdef, state = nnx.split(stack)
+            return jax.lax.scan(lambda c, layer: body(nnx.merge(graphdef, layer[0]), c, layer[1]), carry,
+                                (state, xs), unroll=True)
+        layers.scan_stack = unrolled
+    if "gemm_barrier" in variant:
+        def plain_epilogue(self, x):  # the GEMM alone, then its bias: XLA fuses only such GEMMs with their slices
+            y = jax.lax.optimization_barrier(jax.lax.dot_general(x, self.kernel.get_value(),
+                                                                 (((x.ndim - 1,), (0,)), ((), ()))))
+            return y if self.bias is None else y + self.bias.get_value()
+        layers.Linear.__call__ = plain_epilogue
+
+
+def run_jax(case: dict, variant: str, profile_path: str | None) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from ditfa_jax.sampler import sample
+
+    apply_code_variant(variant)
+    model = random_jax_model(case)
+    flux = case["family"] == "flux"
+    b, px = case["batch"], case["pixels"]
+    latents, text, pooled, timestep, kwargs = jax_inputs(case, model.config)
     result = {}
     if variant.startswith("jax_fp8"):
         from ditfa_jax.fp8 import quantize_transformer
@@ -211,7 +331,7 @@ def run_jax(case: dict, variant: str, profile_path: str | None) -> dict:
     return result
 
 
-def run_torch(case: dict, variant: str) -> dict:
+def run_torch(case: dict, variant: str, profile_path: str | None) -> dict:
     import diffusers
     import torch
     from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
@@ -257,10 +377,16 @@ def run_torch(case: dict, variant: str) -> dict:
     torch.cuda.synchronize()
     first = time.perf_counter() - start
     med, best = median_ms(forward, lambda _: torch.cuda.synchronize())
-    return dict(step_ms=med, step_min_ms=best, forward_first_call_s=first, versions=versions)
+    result = dict(step_ms=med, step_min_ms=best, forward_first_call_s=first, versions=versions)
+    if profile_path:
+        try:
+            result.update(torch_profile(forward, profile_path, calls=PROFILE_STEPS), profile_steps=PROFILE_STEPS)
+        except Exception as e:  # the timing above still counts
+            result["profile_error"] = repr(e)[:300]
+    return result
 
 
-def drive(cases: list[str], variants: list[str], profile: bool, out_dir: str | None) -> None:
+def drive(cases: list[str], variants: list[str], profile: bool, out_dir: str | None, hlo: bool = False) -> None:
     rows = []
     for name in cases:
         for variant in variants:
@@ -268,7 +394,8 @@ def drive(cases: list[str], variants: list[str], profile: bool, out_dir: str | N
             flag = JAX_FLAGS.get(variant.partition("/")[2])
             if flag:
                 env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flag).strip()
-            argv = [sys.executable, __file__, "--one", variant, "--case", name] + (["--profile"] if profile else [])
+            argv = ([sys.executable, __file__, "--one", variant, "--case", name] + (["--profile"] if profile else [])
+                    + (["--hlo"] if hlo else []))
             start = time.perf_counter()
             proc = subprocess.run(argv, capture_output=True, text=True, env=env)
             line = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
@@ -283,6 +410,11 @@ def drive(cases: list[str], variants: list[str], profile: bool, out_dir: str | N
             if out_dir:
                 with open(os.path.join(out_dir, "bench_model.jsonl"), "a") as f:
                     f.write(json.dumps(rec) + "\n")
+    if hlo:
+        print("\n| case | variant | compile s | HLO counts |\n|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['case']} | {r['variant']} | {r.get('compile_s', 'failed')} | {r.get('hlo', '')} |")
+        return
     print("\n| case | variant | forward ms | sampler ms/step | vs torch_compile | sampler compile s | note |")
     print("|---|---|---|---|---|---|---|")
     for name in cases:
@@ -305,20 +437,28 @@ def main() -> None:
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--variants", default=DEFAULT_VARIANTS)
     parser.add_argument("--profile", action="store_true", help="trace the JAX variants' forward calls")
+    parser.add_argument("--hlo", action="store_true",
+                        help="only compile each JAX variant's forward: its HLO to $OUT/hlo_<variant>_<case>.txt, "
+                             "counts of copies, slices and GEMM kinds in the table")
     parser.add_argument("--one", help="run one variant in this process (with --case)")
     parser.add_argument("--case", choices=list(CASES))
     args = parser.parse_args()
     out_dir = os.environ.get("OUT")
     if args.one is None:
-        drive(args.cases.split(","), args.variants.split(","), args.profile, out_dir)
+        drive(args.cases.split(","), args.variants.split(","), args.profile, out_dir, args.hlo)
         return
     case = CASES[args.case]
-    if args.one.startswith("jax"):
+    if args.hlo:
+        apply_code_variant(args.one)
+        start = time.perf_counter()
+        text = compiled_forward_text(case)
+        result = dict(compile_s=round(time.perf_counter() - start, 1), hlo=hlo_summary(text))
+        with open(os.path.join(out_dir or ".", f"hlo_{args.one.replace('/', '-')}_{args.case}.txt"), "w") as f:
+            f.write(text)
+    else:
         path = (os.path.join(out_dir or ".", f"profile_{args.one.replace('/', '-')}_{args.case}.txt")
                 if args.profile else None)
-        result = run_jax(case, args.one, path)
-    else:
-        result = run_torch(case, args.one)
+        result = run_jax(case, args.one, path) if args.one.startswith("jax") else run_torch(case, args.one, path)
     print(json.dumps(result))
 
 
