@@ -27,6 +27,7 @@ from ditfa_jax.files import atomic_folder
 from ditfa_jax.family import family_of
 from ditfa_jax.hub import CONFIGS, TRANSFORMER, resolve, snapshot_check
 from ditfa_jax.memory import check_parameters
+from ditfa_jax.xla_options import model_jit
 
 CONVERTED_MARKER = "ditfa_jax_converted"
 CONVERTED_WEIGHTS = "params.safetensors"
@@ -58,7 +59,7 @@ class Transformer:
     def _apply(self):
         graphdef = self.graphdef
 
-        @jax.jit
+        @model_jit
         def apply(state, kwargs):
             return nnx.merge(graphdef, state)(**kwargs)
 

@@ -9,7 +9,6 @@ and each layer's last attention output rides in the loop's carry as the cache.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from pathlib import Path
 
 import jax
@@ -26,6 +25,7 @@ from ditfa_jax.hub import CONFIGS, resolve
 from ditfa_jax.loading import Transformer
 from ditfa_jax.memory import check_fits, state_bytes
 from ditfa_jax.scheduler import SchedulerConfig
+from ditfa_jax.xla_options import model_jit
 
 __all__ = ["sample", "scheduler_for", "cache_bytes", "cache_shape"]
 
@@ -120,7 +120,7 @@ def sample(model: Transformer, latents, prompt_embeds, pooled_prompt_embeds, *, 
     return final if gate is None else (final, np.asarray(skipped[0]))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "layout", "settings", "cache_spec", "gate"))
+@model_jit(static_argnames=("graphdef", "layout", "settings", "cache_spec", "gate"))
 def _run(state, latents, cond, sigmas, timesteps, windows, step_kinds, block_compute, *, graphdef, layout, settings,
          cache_spec, gate):
     """The jitted sampler: (final latents, per-step finite flags). The zeroed cache (static (shape, dtype name), or

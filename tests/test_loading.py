@@ -217,3 +217,39 @@ def test_checkpoint_files_prefer_canonical_names_and_refuse_lfs_pointers(tmp_pat
         "version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n")
     with pytest.raises(ValueError, match="git-lfs pointer file"):
         load_vae(vae)
+
+
+
+def test_model_programs_compile_with_the_measured_xla_options(flux_model, monkeypatch):
+    """The sampler's and the forward's programs carry `MODEL_COMPILER_OPTIONS` (Triton GEMM fusions off), which
+    the CPU compiler accepts; the user's own jitted code keeps XLA's defaults."""
+    import jax
+
+    from ditfa_jax import sampler
+    from ditfa_jax.xla_options import MODEL_COMPILER_OPTIONS
+
+    def options(lowered):
+        return lowered._lowering._compiler_options_kvs  # private: jax 0.11.2 has no public accessor
+
+    assert MODEL_COMPILER_OPTIONS == {"xla_gpu_enable_triton_gemm": False}
+    expected = tuple(MODEL_COMPILER_OPTIONS.items())
+    lat = np.random.default_rng(0).normal(size=(1, 16, 16)).astype(np.float32)
+    text, pooled = np.ones((1, 5, 32), np.float32), np.ones((1, 24), np.float32)
+    seen, real_run = [], sampler._run
+
+    class RecordingRun:
+        def lower(self, *args, **kwargs):
+            lowered = real_run.lower(*args, **kwargs)
+            seen.append(options(lowered))
+            return lowered
+
+    monkeypatch.setattr(sampler, "_run", RecordingRun())
+    sample(flux_model, lat, text, pooled, height=64, width=64, num_steps=2, guidance_scale=3.5, memory=True)
+    assert seen == [expected]
+    forward_args = {}
+    model = load_transformer(FIXTURES / "flux_dev", progress=False)
+    real_apply = model._apply
+    model.__dict__["_apply"] = lambda state, kwargs: forward_args.update(state=state, kwargs=kwargs)
+    model(lat, text, pooled, np.ones(1), img_ids=np.zeros((16, 3)), txt_ids=np.zeros((5, 3)), guidance=np.ones(1))
+    assert options(real_apply.lower(forward_args["state"], forward_args["kwargs"])) == expected
+    assert options(jax.jit(lambda x: x + 1).lower(1.0)) == ()
