@@ -8,6 +8,8 @@ Variants (`--variants`, comma-separated):
 * ``jax``: the shipped model: one forward call and ms/step inside the sampler's scan (and its compile time);
 * ``jax/<flag>``: the same with one XLA flag set (see `JAX_FLAGS`), to test what a profile suggests;
 * ``jax_fp8/<flag>``: likewise for the FP8 model;
+* ``jax_triton_gemm[/flag]``: the model's programs compiled with XLA's default Triton GEMM fusions (the shipped
+  `ditfa_jax.xla_options` turn them off), to measure that choice side by side;
 * ``jax/unrolled``: the layer scans unrolled (``lax.scan(unroll=True)``), same weights;
 * ``jax_gemm_barrier[/flag]``: each linear's GEMM behind an optimisation barrier, its bias added after (a cuBLAS
   GEMM without epilogue is what XLA fuses with the weight slice, reading the stacked weights in place);
@@ -394,6 +396,8 @@ def drive(cases: list[str], variants: list[str], profile: bool, out_dir: str | N
             flag = JAX_FLAGS.get(variant.partition("/")[2])
             if flag:
                 env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flag).strip()
+            if variant.partition("/")[0] == "jax_triton_gemm":
+                env["DITFA_XLA_TRITON_GEMM"] = "1"
             argv = ([sys.executable, __file__, "--one", variant, "--case", name] + (["--profile"] if profile else [])
                     + (["--hlo"] if hlo else []))
             start = time.perf_counter()
