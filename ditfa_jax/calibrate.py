@@ -48,6 +48,7 @@ from ditfa_jax.milp import solve_layer, solve_unified
 from ditfa_jax.models.layers import attention_inputs, block_forward
 from ditfa_jax.plan import CompressionPlan
 from ditfa_jax.scheduler import SchedulerConfig
+from ditfa_jax.xla_options import model_jit
 
 
 RSE_REDUCTIONS = ("mean", "max")
@@ -147,12 +148,12 @@ class _LayerRunner:
         graphdef = self.graphdef
         where = dict(text_len=layout.text_len, text_first=layout.text_first)
 
-        @jax.jit
+        @model_jit
         def exact(state, index, carry, temb, rope):
             block = nnx.merge(graphdef, _layer_state(state, index))
             return block_forward(block, carry, temb, rope, None, layout, settings)
 
-        @functools.partial(jax.jit, static_argnames="rse_over_prompts")
+        @model_jit(static_argnames="rse_over_prompts")
         def probe(state, index, carry, temb, rope, prev_out, rse_over_prompts):
             block = nnx.merge(graphdef, _layer_state(state, index))
             ctx, (q, k, v) = attention_inputs(block, carry, temb, rope)
@@ -162,7 +163,7 @@ class _LayerRunner:
                                                   settings=settings) if w > 0 else prev_out for w in windows])
             return head_rse(outs[1:], y_full, rse_over_prompts), (ctx, outs)
 
-        @jax.jit
+        @model_jit
         def apply(state, index, carry, probed, choice):
             block = nnx.merge(graphdef, _layer_state(state, index))
             ctx, outs = probed
@@ -263,13 +264,13 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
                for stack, first, count in module.stacks()]
     graphdef, state = nnx.split(module)
 
-    @jax.jit
+    @model_jit
     def embed_step(state, x, t):
         return embed(nnx.merge(graphdef, state), family, cond, x, t)
 
     enter = jax.jit(lambda index, carry: module.enter_stack(index, carry), static_argnums=0)
 
-    @jax.jit
+    @model_jit
     def step_velocity(state, carry, temb):
         return guided_velocity(nnx.merge(graphdef, state), cond, layout, carry, temb)
 
@@ -467,25 +468,41 @@ METHOD_FAMILIES = {
 }
 
 
+FEWER_STEPS = "fewer-steps"  # the plain baseline as a candidate of `least_error_for_speedup`
+
+
 def least_error_for_speedup(search, target_speedup: float, cost_model, *, num_steps: int, methods, dense_latents,
                             log=None) -> CalibrationResult:
-    """The plan of least end-to-end error among ``methods`` (names of `METHOD_FAMILIES`) at ``target_speedup``.
+    """The plan of least end-to-end error among ``methods`` at ``target_speedup``: names of `METHOD_FAMILIES`, or
+    `FEWER_STEPS`.
 
-    ``search(scale, method)`` runs one calibration pass of that method with its budgets times ``scale``. Each method
-    finds its own smallest budget reaching the speed (`calibrate_for_speedup`); its plan's error is the relative
-    squared error of the pass's final latents (what the plan produces from the calibration noise) against
-    ``dense_latents`` (dense from the same noise); `least_error_plan` keeps the best. A method that cannot reach
-    the speed is left out (logged); ValueError when none can. The plan's notes record every method's error.
+    ``search(scale, method=None, num_steps=None)`` runs one calibration pass of that method with its budgets times
+    ``scale`` (``num_steps`` steps; default: the run's). Each method finds its own smallest budget reaching the speed
+    (`calibrate_for_speedup`); `FEWER_STEPS` is dense with the most steps that reach it (``search(0.0, num_steps=n)``),
+    whose plan is a dense plan for those steps: a sampler given it runs that many steps. A candidate's error is the
+    relative squared error of its final latents (what it produces from the calibration noise) against
+    ``dense_latents`` (dense with all steps from the same noise); `least_error_plan` keeps the best. A method that
+    cannot reach the speed is left out (logged); ValueError when none can. The plan's notes record every error.
     """
-    unknown = [m for m in methods if m not in METHOD_FAMILIES]
+    from ditfa_jax.cost_model import steps_cost
+
+    unknown = [m for m in methods if m not in METHOD_FAMILIES and m != FEWER_STEPS]
     if unknown or not methods:
-        raise ValueError(f"methods {list(methods)}: expected names from {list(METHOD_FAMILIES)}")
-    results, errors, out_of_reach = {}, {}, {}
+        raise ValueError(f"methods {list(methods)}: expected names from {list(METHOD_FAMILIES) + [FEWER_STEPS]}")
+    results, candidates, errors, out_of_reach = {}, {}, {}, {}
     dense = np.asarray(dense_latents, np.float64)
     for method in methods:
         try:
-            result = calibrate_for_speedup(functools.partial(search, method=method), target_speedup, cost_model,
-                                           num_steps=num_steps, log=log)
+            if method == FEWER_STEPS:
+                steps = int(np.floor(num_steps / target_speedup * (1 + 1e-9)))  # 20 / 1.25 is 16 despite rounding
+                if steps < 1:
+                    raise ValueError(f"{target_speedup:g}x would leave less than one of {num_steps} steps")
+                result = search(0.0, num_steps=steps)
+                candidates[method] = steps_cost(steps, num_steps)
+            else:
+                result = calibrate_for_speedup(functools.partial(search, method=method), target_speedup,
+                                               cost_model, num_steps=num_steps, log=log)
+                candidates[method] = result.plan
         except ValueError as err:
             out_of_reach[method] = str(err)
             if log is not None:
@@ -498,8 +515,7 @@ def least_error_for_speedup(search, target_speedup: float, cost_model, *, num_st
     if not results:
         raise ValueError(f"target speed-up {target_speedup:g}x is out of reach for every method: "
                          + "; ".join(f"{m}: {e}" for m, e in out_of_reach.items()))
-    chosen = least_error_plan({m: r.plan for m, r in results.items()}, errors, cost_model,
-                              max_cost=1.0 / target_speedup)
+    chosen = least_error_plan(candidates, errors, cost_model, max_cost=1.0 / target_speedup)
     best = results[chosen]
     notes = {**best.plan.notes, "method": chosen, "method_errors": {m: round(e, 8) for m, e in errors.items()},
              "methods_out_of_reach": sorted(out_of_reach)}

@@ -97,14 +97,14 @@ STEP_METHOD_CHOICES = ("reuse", "taylor1", "taylor2")
 
 
 METHOD_FAMILY_NAMES = ("heads", "reuse", "taylor", "blocks", "steps+blocks", "all")  # ditfa_jax.calibrate
+METHOD_CHOICES = METHOD_FAMILY_NAMES + ("fewer-steps",)  # and calibrate.FEWER_STEPS: dense with fewer steps
 
 
 def _methods(text: str) -> tuple[str, ...]:
     names = tuple(n.strip() for n in text.split(",") if n.strip())
-    bad = [n for n in names if n not in METHOD_FAMILY_NAMES]
+    bad = [n for n in names if n not in METHOD_CHOICES]
     if bad or not names:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated names from "
-                                         f"{','.join(METHOD_FAMILY_NAMES)}")
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated names from {','.join(METHOD_CHOICES)}")
     return names
 
 
@@ -327,7 +327,7 @@ def _check_methods(args) -> None:
         raise ValueError("--methods chooses among methods at a speed: give --target-speedup too")
     for flag, budget, key, example in (("--step-delta", args.step_delta, "step_delta", "0.05"),
                                        ("--delta", args.delta, "delta", "0.2")):
-        users = [m for m in args.methods if METHOD_FAMILIES[m](1.0, 1.0, ())[key] > 0]
+        users = [m for m in args.methods if m in METHOD_FAMILIES and METHOD_FAMILIES[m](1.0, 1.0, ())[key] > 0]
         if budget == 0 and users:
             raise ValueError(f"--methods {','.join(users)} search {flag}, which is 0; give it a starting budget "
                              f"(e.g. {flag} {example})")
@@ -365,14 +365,15 @@ def cmd_calibrate(args) -> int:
                            guidance_scale=_guidance(args, model.config))
         text, pooled = cond.pop("prompt_embeds"), cond.pop("pooled_prompt_embeds")
         negative = cond
-    def search(scale=1.0, method=None):
+    def search(scale=1.0, method=None, num_steps=None):
         budgets = {"delta": args.delta * scale, "step_delta": args.step_delta * scale,
                    "step_kinds": args.step_kinds, "block_candidates": args.block_candidates}
         if method is not None:  # one of --methods: its own kinds of saving, the others off
             blocks = args.block_candidates or tuple(range(1, model.config.total_layers))
             budgets = {"step_kinds": (), "block_candidates": (),
                        **METHOD_FAMILIES[method](budgets["delta"], budgets["step_delta"], blocks)}
-        return calibrate(model, text, pooled, height=run["height"], width=run["width"], num_steps=run["steps"],
+        return calibrate(model, text, pooled, height=run["height"], width=run["width"],
+                         num_steps=num_steps or run["steps"],
                          guidance_scale=_guidance(args, model.config), c=args.c,
                          candidates=tuple(args.candidates.split(",")), scheduler=scheduler, seed=args.seed,
                          vae_scale_factor=run["vae_scale_factor"], rse_over_prompts=args.rse_over_prompts,
@@ -389,7 +390,10 @@ def cmd_calibrate(args) -> int:
         result = least_error_for_speedup(search, args.target_speedup, get_cost_model(args.cost_model),
                                          num_steps=run["steps"], methods=args.methods, dense_latents=dense,
                                          log=print)
-        print(f"chosen: {result.plan.notes['method']} (least end-to-end error on the calibration prompts)")
+        chosen = result.plan.notes["method"]
+        print(f"chosen: {chosen} (least end-to-end error on the calibration prompts)"
+              + (f": dense with {result.plan.num_steps} of {run['steps']} steps; the plan runs that many"
+                 if chosen == "fewer-steps" else ""))
     plan = result.plan
     plan.save(out, overwrite=args.overwrite)
     try:
@@ -670,9 +674,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cost-model", choices=sorted(COST_MODELS), default="h200-flux-dev-1024",
                    help="with --target-speedup: the measured step-time model that prices a plan")
     p.add_argument("--methods", type=_methods,
-                   help="with --target-speedup: comma-separated methods from " + ",".join(METHOD_FAMILY_NAMES)
+                   help="with --target-speedup: comma-separated methods from " + ",".join(METHOD_CHOICES)
                         + "; each finds its plan at that speed, and the plan whose calibration images (final "
-                          "latents) are closest to dense is kept (e.g. taylor,blocks,steps+blocks,all)")
+                          "latents) are closest to dense is kept (e.g. taylor,blocks,steps+blocks,all,fewer-steps; "
+                          "fewer-steps, the plain baseline, is dense with the most steps that reach the speed, "
+                          "written as a dense plan for that many steps)")
     p.add_argument("--token-order", choices=TOKEN_ORDER_CHOICES, default="raster",
                    help="order of the image tokens that arrow bands follow: raster (the paper's: a band is a strip "
                         "of whole rows) or along a space-filling curve (hilbert, morton: a band is a 2-D "

@@ -170,7 +170,8 @@ def test_target_speedup_on_a_real_search_and_from_the_cli(tmp_path, capsys):
 def test_least_error_over_methods_from_the_cli(tmp_path, capsys):
     """`--target-speedup --methods`: each method searches its plan at the speed and the least end-to-end error wins
     (`least_error_plan`, tested above); a method that cannot reach the speed (heads alone, at 1.4x) is left out and
-    recorded."""
+    recorded. fewer-steps (dense with the most steps that reach the speed) is scored alike; when it wins, the plan
+    written is a dense plan for that many steps (what `generate --plan` then runs)."""
     from ditfa_jax.calibrate import METHOD_FAMILIES
     from ditfa_jax.cli import METHOD_FAMILY_NAMES
     from ditfa_jax.cli import main as cli_main
@@ -179,12 +180,18 @@ def test_least_error_over_methods_from_the_cli(tmp_path, capsys):
     assert METHOD_FAMILY_NAMES == tuple(METHOD_FAMILIES)
     out = tmp_path / "plan.json"
     args = ["calibrate", str(FLUX_TINY), "--out", str(out), "--height", "64", "--width", "64", "--steps", "3",
-            "--prompts", "1", "--target-speedup", "1.4", "--step-delta", "0.05", "--methods", "heads,reuse"]
+            "--prompts", "1", "--target-speedup", "1.4", "--step-delta", "0.05", "--methods", "heads,reuse,fewer-steps"]
     assert cli_main(args) == 0
     notes = CompressionPlan.load(out).notes
-    assert notes["method"] == "reuse" and notes["methods_out_of_reach"] == ["heads"]  # the choice: tested above
-    assert list(notes["method_errors"]) == ["reuse"] and notes["method_errors"]["reuse"] > 0
+    errors = notes["method_errors"]
+    assert notes["methods_out_of_reach"] == ["heads"] and set(errors) == {"reuse", "fewer-steps"}
+    assert all(e > 0 for e in errors.values()) and notes["method"] == min(errors, key=errors.get)
     assert f"chosen: {notes['method']}" in capsys.readouterr().out
+    assert cli_main(args[:-1] + ["fewer-steps", "--overwrite"]) == 0
+    plan = CompressionPlan.load(out)
+    assert plan.num_steps == 2 and plan.notes["method"] == "fewer-steps"  # floor(3 / 1.4)
+    assert (plan.head_window == -1).all() and (plan.step_kind == 0).all() and plan.block_compute.all()
+    assert "dense with 2 of 3 steps" in capsys.readouterr().out
     bad = [(["--methods", "taylor"], "give --target-speedup too"),
            (["--methods", "taylor", "--target-speedup", "2"], "which is 0; give it a starting budget")]
     for extra, message in bad:
@@ -192,3 +199,25 @@ def test_least_error_over_methods_from_the_cli(tmp_path, capsys):
         assert message in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli_main(args[:-1] + ["taylor,fast"])
+
+
+def test_fewer_steps_counts_steps_without_rounding_down_and_refuses_less_than_one():
+    from ditfa_jax.calibrate import CalibrationResult, least_error_for_speedup
+    from ditfa_jax.cost_model import get_cost_model
+    from ditfa_jax.plan import CompressionPlan
+    from ditfa_jax.testbed.v2.model import TRANSFORMER_CONFIG
+
+    asked = []
+
+    def search(scale, method=None, num_steps=None):
+        asked.append(num_steps)
+        plan = CompressionPlan.full(TRANSFORMER_CONFIG, height=64, width=64, text_len=56, num_steps=num_steps)
+        return CalibrationResult(plan=plan, rse=None, saving=None, final_latents=np.ones(3))
+
+    result = least_error_for_speedup(search, 1.12, get_cost_model("h200-flux-dev-1024"), num_steps=28,
+                                     methods=("fewer-steps",), dense_latents=np.full(3, 1.5))
+    assert asked == [25]  # 28 / 1.12 in floating point is 24.999999999999996
+    assert result.plan.notes["method_errors"] == {"fewer-steps": 0.11111111}
+    with pytest.raises(ValueError, match="fewer-steps: 30x would leave less than one of 20 steps"):
+        least_error_for_speedup(search, 30, get_cost_model("h200-flux-dev-1024"), num_steps=20,
+                                methods=("fewer-steps",), dense_latents=np.ones(3))
