@@ -13,6 +13,9 @@
    `ditfa_jax.cost_model.plan_cost` predicts from the dense step and this run's dense attention time, which checks
    the cost model's assumptions (a skipped step costs nothing, a cached block saves its share of the step).
 
+4. ``--speedup-plans 1024,2048``: the compute profile of the plans testbed v2's search chose (Taylor, order 2)
+   at 1.5x, 2x and 3x fewer transformer evaluations, and 3x with heads, in the same table.
+
 Writes JSON lines to $OUT/bench_plan.jsonl as it goes and prints a table last.
 
     python benchmarks/bench_plan.py [--quick]
@@ -158,7 +161,31 @@ def step_method_plans(cfg, *, px: int, steps: int) -> dict:
             "taylor2 1 in 3 + heads ~45 %": heads.replace(step_kind=taylor)}
 
 
-def bench_step_methods(model, px: int, steps: int = 28) -> None:
+def speedup_plans(cfg, *, px: int, steps: int) -> dict:
+    """Plans with the compute profile the testbed v2 search chose (Taylor order 2 between computed steps) at
+    1.5x, 2x and 3x fewer transformer evaluations, and the 3x one with a ~45 % head plan on its computed steps.
+
+    The computed steps are the first three (taylor2's history) and then spread evenly over the rest."""
+    full = CompressionPlan.full(cfg, height=px, width=px, text_len=TEXT, num_steps=steps)
+    plans = {}
+    for speedup in (1.5, 2.0, 3.0):
+        computed = max(3, round(steps / speedup))
+        keep = np.unique(np.concatenate([np.arange(3), np.round(np.linspace(3, steps - 1, computed - 3))]))
+        kinds = np.full(steps, 3, np.int8)
+        kinds[keep.astype(int)] = 0
+        plans[f"taylor2, {speedup:g}x fewer evaluations ({len(keep)} of {steps})"] = full.replace(step_kind=kinds)
+    heads = random_plan(cfg, px=px, steps=steps, target=0.45)
+    plans[f"same 3x + heads ~45 % ({len(keep)} of {steps})"] = heads.replace(step_kind=kinds)
+    return plans
+
+
+def bench_speedup_plans(model, px: int, steps: int = 28) -> None:
+    """The `speedup_plans` against the dense sampler and the cost model's prediction (issue 17, benchmark 2)."""
+    bench_step_methods(model, px, steps, plans=speedup_plans(model.config, px=px, steps=steps), gates=())
+
+
+def bench_step_methods(model, px: int, steps: int = 28, plans: dict | None = None,
+                       gates: tuple = (0.05, 0.2)) -> None:
     """Measured against predicted time of step-level plans, and the dynamic gate at two thresholds."""
     from ditfa_jax.cost_model import StepCostModel, plan_cost
     from ditfa_jax.denoise import DynamicGate
@@ -170,13 +197,13 @@ def bench_step_methods(model, px: int, steps: int = 28) -> None:
                           (dense_ms - attention_ms, dense_ms), "bench_plan.py --step-methods")
     record(kind="step_methods", px=px, steps=steps, plan="dense", ms_per_step=round(dense_ms, 2),
            speedup_vs_dense=1.0, predicted_speedup=1.0, dense_attention_ms_per_step=round(attention_ms, 2))
-    for name, plan in step_method_plans(cfg, px=px, steps=steps).items():
+    for name, plan in (plans or step_method_plans(cfg, px=px, steps=steps)).items():
         first, ms = time_sampler(model, px, steps, plan)
         predicted = 1 / plan_cost(plan, local)
         record(kind="step_methods", px=px, steps=steps, plan=name, ms_per_step=round(ms, 2),
                speedup_vs_dense=round(dense_ms / ms, 3), predicted_speedup=round(predicted, 3),
                of_predicted=round(dense_ms / ms / predicted, 3), first_call_s=round(first, 2))
-    for threshold in (0.05, 0.2):
+    for threshold in gates:
         gate = DynamicGate(1, threshold)
         ms, skipped = time_gate(model, px, steps, gate)
         record(kind="step_methods", px=px, steps=steps, plan=f"gate F1 threshold {threshold}",
@@ -238,6 +265,7 @@ def main() -> None:
     parser.add_argument("--sampler", help="only the sampler rows at these sizes, e.g. '1024,2048' (10 steps)")
     parser.add_argument("--backend", help="head-wise kernel backend of the plans (default: the device's choice)")
     parser.add_argument("--step-methods", help="only the step-method rows at these sizes, e.g. '1024,2048' (28 steps)")
+    parser.add_argument("--speedup-plans", help="only the 1.5x / 2x / 3x Taylor plans at these sizes (28 steps)")
     args = parser.parse_args()
     cache_dir = os.path.join(os.environ.get("OUT", "/tmp"), "..", "jax_cache")
     jax.config.update("jax_compilation_cache_dir", os.path.abspath(cache_dir))
@@ -245,9 +273,11 @@ def main() -> None:
     if args.layer_skip_only:
         bench_layer_skip(model, 2048, 10)
         return
-    if args.step_methods:
-        for px in args.step_methods.split(","):
+    if args.step_methods or args.speedup_plans:
+        for px in filter(None, (args.step_methods or "").split(",")):
             bench_step_methods(model, int(px))
+        for px in filter(None, (args.speedup_plans or "").split(",")):
+            bench_speedup_plans(model, int(px))
         print_tables()
         return
     if args.sampler:
