@@ -41,6 +41,7 @@ from ditfa_jax.configs import VAE_SCALE_FACTOR
 from ditfa_jax.denoise import (VelocityHistory, cache_bytes, cache_shape, embed, euler_step, guided_velocity,
                                prepare_run)
 from ditfa_jax.family import TokenLayout
+from ditfa_jax.fp8 import quantized_layers
 from ditfa_jax.loading import Transformer
 from ditfa_jax.methods import (DEFAULT_CANDIDATES, STEP_HISTORY, STEP_KINDS, candidate_savings, candidate_windows,
                                windows_from_choice)
@@ -394,7 +395,8 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
                                                         "step_kinds": list(step_kinds),
                                                         "block_candidates": [int(f) for f in block_candidates]}
                                                        if step_delta > 0 else {}),
-                   kept_per_step=[round(k, 4) for k in kept_per_step]))
+                   kept_per_step=[round(k, 4) for k in kept_per_step]),
+        fp8_layers=quantized_layers(module) or None)  # what the errors were measured with: the plan runs the same
     return CalibrationResult(plan=plan, rse=rse_table, saving=np.array(saving), final_latents=latents,
                              step_rse=step_rse, block_rse=block_rse, block_candidates=block_order)
 

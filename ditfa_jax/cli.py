@@ -97,7 +97,7 @@ STEP_METHOD_CHOICES = ("reuse", "taylor1", "taylor2")
 
 
 METHOD_FAMILY_NAMES = ("heads", "reuse", "taylor", "blocks", "steps+blocks", "all")  # ditfa_jax.calibrate
-METHOD_CHOICES = METHOD_FAMILY_NAMES + ("fewer-steps",)  # and calibrate.FEWER_STEPS: dense with fewer steps
+METHOD_CHOICES = METHOD_FAMILY_NAMES + ("fewer-steps",)  # + calibrate.FEWER_STEPS (a test checks)
 
 
 def _methods(text: str) -> tuple[str, ...]:
@@ -163,6 +163,29 @@ def _load_plan(args):
     from ditfa_jax.plan import CompressionPlan
 
     return CompressionPlan.load(args.plan) if getattr(args, "plan", None) else None
+
+
+def _with_fp8(args, plan, model):
+    """(model, record): the transformer with FP8 linear layers where ``--fp8`` or the plan (``methods.linear``)
+    says, the plan supplying what the command line leaves out and a ``--fp8`` it contradicts an error; ``record``
+    describes them for PNG metadata and reports (None: no FP8)."""
+    from ditfa_jax.fp8 import quantize_transformer, select_layers
+
+    given = select_layers(model.module(), args.fp8) if getattr(args, "fp8", None) else None
+    recorded = None if plan is None else plan.fp8_layers
+    if given is not None and recorded is not None and sorted(given) != list(recorded):
+        raise ValueError(f"--fp8 {args.fp8} conflicts with the plan {args.plan}, calibrated with FP8 in "
+                         f"{len(recorded)} layers (methods.linear.fp8_layers): drop --fp8 (the plan's layers are "
+                         "used) or calibrate a plan with these layers")
+    layers = given if given is not None else recorded
+    if layers is None:
+        return model, None
+    try:
+        model = quantize_transformer(model, layers)
+    except ValueError as e:
+        raise ValueError(f"{args.plan}: methods.linear.fp8_layers: {e}" if given is None else str(e)) from None
+    return model, {"format": "e4m3", "weights": "per output channel", "activations": "per token",
+                   "layers": sorted(layers)}
 
 
 def _from_plan(args, plan, flag: str, attr: str, plan_value, default):
@@ -270,7 +293,7 @@ def cmd_sample(args) -> int:
     out = check_output(args.out, overwrite=args.overwrite) if args.out else None
     plan = _load_plan(args)
     run = _geometry(args, plan, text_len_default=16, batch=args.batch)
-    model = load_transformer(args.checkpoint, dtype=_dtype(args.dtype), progress=False)
+    model, fp8 = _with_fp8(args, plan, load_transformer(args.checkpoint, dtype=_dtype(args.dtype), progress=False))
     cfg, family = model.config, family_of(model.config)
     text, pooled, negative = _prompt_inputs(args, cfg, args.batch, run["text_len"])
     b = text.shape[0]
@@ -289,7 +312,7 @@ def cmd_sample(args) -> int:
     cfg_batch = b * (2 if negative else 1)  # classifier-free guidance runs a doubled batch
     report = {"model": type(cfg).__name__, "checkpoint": str(args.checkpoint), "steps": run["steps"],
               "height": run["height"], "width": run["width"], "text_len": layout.text_len, "batch": b,
-              "plan": args.plan,
+              "plan": args.plan, "fp8": fp8,
               "attention_flops_kept": None if plan is None else round(plan.flops_kept_fraction(), 4),
               "attention_cache_mb": 0.0 if plan is None else round(cache_bytes(
                   cfg, cfg_batch, layout.tokens, model.dtype) / 2 ** 20, 2),
@@ -353,14 +376,14 @@ def cmd_calibrate(args) -> int:
     prompts = _read_prompts(args.prompts) if text_prompts else None
     run = _geometry(args, None, text_len_default=16, batch=len(prompts) if text_prompts else int(args.prompts))
     if not text_prompts:
-        model = load_transformer(args.checkpoint, dtype=_dtype(args.dtype), progress=False)
+        model, _ = _with_fp8(args, None, load_transformer(args.checkpoint, dtype=_dtype(args.dtype), progress=False))
         scheduler = scheduler_for(args.checkpoint, model)
         text, pooled, negative = _prompt_inputs(args, model.config, int(args.prompts), run["text_len"])
     else:
         from ditfa_jax.pipelines import load_pipeline
 
         pipe = load_pipeline(args.checkpoint, dtype=_dtype(args.dtype), offload_text_encoders=True)
-        model, scheduler = pipe.transformer, pipe.scheduler
+        (model, _), scheduler = _with_fp8(args, None, pipe.transformer), pipe.scheduler
         cond = pipe.encode(prompts, max_sequence_length=args.max_sequence_length,
                            guidance_scale=_guidance(args, model.config))
         text, pooled = cond.pop("prompt_embeds"), cond.pop("pooled_prompt_embeds")
@@ -498,13 +521,7 @@ def cmd_generate(args) -> int:
     plan = _load_plan(args)
     run = _pipeline_run(args, plan, batch=total)
     pipe = load_pipeline(args.checkpoint, dtype=_dtype(args.dtype), offload_text_encoders=args.offload_text_encoders)
-    fp8 = None
-    if args.fp8:
-        from ditfa_jax.fp8 import fp8_layers, quantize_transformer
-
-        pipe.transformer = quantize_transformer(pipe.transformer)
-        fp8 = {"format": "e4m3", "weights": "per output channel", "activations": "per token",
-               "layers": len(fp8_layers(pipe.transformer.module()))}
+    pipe.transformer, fp8 = _with_fp8(args, plan, pipe.transformer)
     images = pipe(prompts, negative_prompt=args.negative_prompt, height=run["height"], width=run["width"],
                   num_inference_steps=run["steps"], guidance_scale=args.guidance, seed=args.seed,
                   num_images=args.num_images, plan=plan, max_sequence_length=run["max_sequence_length"],
@@ -542,6 +559,9 @@ def cmd_bench(args) -> int:
     prompts = [args.prompt] * args.batch
     rows = []
     for name, run_plan in [("dense", None)] + ([("plan", plan)] if plan is not None else []):
+        fp8 = None
+        if run_plan is not None:  # the plan runs with the FP8 layers it was calibrated with, if any
+            pipe.transformer, fp8 = _with_fp8(args, run_plan, pipe.transformer)
         best, first_call = pipe.time_stages(prompts, repeat=args.repeat, height=run["height"], width=run["width"],
                                             num_inference_steps=run["steps"], guidance_scale=args.guidance,
                                             plan=run_plan, max_sequence_length=run["max_sequence_length"])
@@ -549,18 +569,19 @@ def cmd_bench(args) -> int:
         rows.append({"checkpoint": str(args.checkpoint), "run": name, "height": run["height"],
                      "width": run["width"], "steps": run["steps"], "batch": args.batch,
                      "attention_flops_kept": 1.0 if run_plan is None else round(run_plan.flops_kept_fraction(), 4),
-                     "first_call_s": round(first_call, 2), **best,
+                     "fp8_layers": 0 if fp8 is None else len(fp8["layers"]), "first_call_s": round(first_call, 2), **best,
                      "total_s": round(sum(best.values()), 4), "peak_gb_so_far": _peak_gb()})
         print(json.dumps(rows[-1]), flush=True)
     if out is not None:
         from ditfa_jax.files import atomic_write
 
         atomic_write(out, "".join(json.dumps(r) + "\n" for r in rows).encode(), overwrite=args.overwrite)
-    print("\n| run | attention FLOPs kept | encoders onload s | encode s | denoise s | decode s | total s | "
-          "peak GB (so far) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| run | attention FLOPs kept | FP8 layers | encoders onload s | encode s | denoise s | decode s | "
+          "total s | peak GB (so far) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['run']} | {r['attention_flops_kept']} | {r['onload_s']} | {r['encode_s']} | {r['denoise_s']} | "
+        print(f"| {r['run']} | {r['attention_flops_kept']} | {r['fp8_layers']} | {r['onload_s']} | {r['encode_s']} | "
+              f"{r['denoise_s']} | "
               f"{r['decode_s']} | "
               f"{r['total_s']} | {r['peak_gb_so_far']} |")
     return 0
@@ -598,6 +619,14 @@ class _Help(argparse.HelpFormatter):
 SEED_HELP = ("random seed in 0..2^32-1: the noise of image k is drawn from key fold_in(key(SEED), k), and random "
              "prompt embeddings from key(SEED + 1); the same seed gives the same images")
 FROM_PLAN = "default: the plan's (--plan), else {}; a value the plan contradicts is an error"
+
+
+def _add_fp8(p, default: str) -> None:
+    p.add_argument("--fp8", nargs="?", const="all", metavar="LAYERS",
+                   help="run block-stack linear layers in FP8 (e4m3 weights with per-channel scales, per-token "
+                        "activation scales; adaLN modulations stay; ditfa_jax.fp8): all of them (--fp8 alone) or "
+                        "comma-separated roles such as attn/to_q,ff/net_2 (that layer in every stack) or paths "
+                        "such as stack0/attn/to_q" + default)
 
 
 def _add_run_settings(p, *, text_len: bool) -> None:
@@ -638,6 +667,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--plan", help="compression plan (.json from `ditfa calibrate`); its settings are the defaults")
     p.add_argument("--embeddings", help=".npz with prompt_embeds, pooled_prompt_embeds (+ negative_*)")
+    _add_fp8(p, "; default: the plan's (methods.linear), else none")
     p.set_defaults(func=cmd_sample)
 
     p = add("calibrate", help="search a head-wise compression plan (single-layer RSE + MILP)",
@@ -699,6 +729,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "prompt embeddings (key(SEED + 1))")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto", help="parameter dtype")
     p.add_argument("--overwrite", action="store_true", help="replace an existing plan file")
+    _add_fp8(p, "; the errors are measured with them and the plan records them, so runs of the plan use them too")
     p.set_defaults(func=cmd_calibrate)
 
     p = add("generate", help="prompt(s) -> PNG images with a diffusers FLUX.1 / SD3 pipeline folder",
@@ -727,9 +758,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="outputs/images", help="folder for the PNGs")
     p.add_argument("--name", default="image_", type=_file_prefix,
                    help="file name prefix: <out>/<name>000.png, ... (no '/': the files stay in --out)")
-    p.add_argument("--fp8", action="store_true",
-                   help="run the transformer blocks' linear layers in FP8 (e4m3 weights with per-channel scales, "
-                        "per-token activation scales; adaLN modulations stay): ditfa_jax.fp8")
+    _add_fp8(p, "; default: the plan's (methods.linear), else none")
     p.add_argument("--overwrite", action="store_true", help="replace existing files of the same names")
     p.set_defaults(func=cmd_generate)
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 __all__ = ["E4M3", "E4M3_MAX", "quantize", "dequantize", "quantize_kernel", "fp8_matmul", "quantize_transformer",
-           "fp8_layers"]
+           "fp8_layers", "quantized_layers", "select_layers", "check_plan_layers"]
 
 E4M3 = jnp.float8_e4m3fn
 E4M3_MAX = float(jnp.finfo(E4M3).max)  # 448
@@ -68,6 +68,51 @@ def _block_linears(module):
 def fp8_layers(module) -> list[str]:
     """Paths ('stack0/attn/to_q', ...) of the Linear layers `quantize_transformer` quantises in this module."""
     return ["/".join(map(str, path)) for path, _ in _block_linears(module)]
+
+
+def quantized_layers(module) -> list[str]:
+    """Paths of the block-stack Linear layers of ``module`` that hold FP8 kernels (`quantize_transformer`)."""
+    return ["/".join(map(str, path)) for path, m in _block_linears(module) if m.kernel.get_value().dtype == E4M3]
+
+
+def select_layers(module, spec: str) -> list[str]:
+    """The layer paths a user's ``spec`` names: "all", or comma-separated paths from `fp8_layers`
+    ('stack0/attn/to_q') or roles, a path without its stack ('attn/to_q': that layer in every stack that has it).
+    ValueError naming an unknown entry and the roles there are."""
+    names = fp8_layers(module)
+    if spec.strip() == "all":
+        return names
+    roles = {}
+    for name in names:
+        roles.setdefault(name.split("/", 1)[1], []).append(name)
+    chosen = []
+    for entry in (e.strip() for e in spec.split(",")):
+        if not entry:
+            continue
+        found = [entry] if entry in names else roles.get(entry)
+        if not found:
+            raise ValueError(f"FP8 layers {spec!r}: {entry!r} is not a layer of this model; expected 'all', or "
+                             f"roles from {sorted(roles)}, or paths such as {names[0]!r}")
+        chosen += [n for n in found if n not in chosen]
+    if not chosen:
+        raise ValueError(f"FP8 layers {spec!r}: no layer named; expected 'all' or comma-separated roles/paths")
+    return chosen
+
+
+def check_plan_layers(model, plan) -> None:
+    """ValueError unless ``model`` holds FP8 kernels in exactly the layers ``plan`` was calibrated with
+    (``plan.fp8_layers``; a plan without them accepts any model), saying how to quantise it."""
+    if plan is None or plan.fp8_layers is None:
+        return
+    have = set(quantized_layers(model.module()))
+    if have != set(plan.fp8_layers):
+        missing, extra = sorted(set(plan.fp8_layers) - have), sorted(have - set(plan.fp8_layers))
+        differs = ([f"{len(missing)} of them not FP8 in the model (e.g. {missing[0]!r})"] if missing else []) + (
+            [f"{len(extra)} FP8 layers the plan does not name (e.g. {extra[0]!r})"] if extra else [])
+        raise ValueError(
+            f"the plan was calibrated with FP8 in {len(plan.fp8_layers)} layers (methods.linear.fp8_layers): "
+            f"{'; '.join(differs)}; quantise the model as the plan says, "
+            "ditfa_jax.fp8.quantize_transformer(model, plan.fp8_layers) (the CLI does this from the plan)")
 
 
 def quantize_transformer(model, layers=None):

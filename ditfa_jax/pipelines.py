@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from ditfa_jax.configs import VAE_SCALE_FACTOR, read_json
 from ditfa_jax.hub import CONFIGS, PIPELINE, resolve, snapshot_check
 from ditfa_jax.denoise import NonFiniteError
+from ditfa_jax.fp8 import check_plan_layers
 from ditfa_jax.loading import Transformer, load_transformer
 from ditfa_jax.plan import CompressionPlan
 from ditfa_jax.family import TokenLayout, family_of, layout_for
@@ -369,6 +370,7 @@ class _Pipeline:
             plan = CompressionPlan.load(plan) if isinstance(plan, (str, Path)) else plan
             plan.check_compatible(self.config, height=height, width=width, text_len=text_len,
                                   num_steps=num_inference_steps, vae_scale_factor=self.vae_scale_factor)
+            check_plan_layers(self.transformer, plan)  # before encoding: the sampler would refuse it too
         bar = tqdm(total=3, desc="encode", disable=not progress)
         start = time.perf_counter()
         cond = self.encode(prompts, negative, max_sequence_length=max_sequence_length,

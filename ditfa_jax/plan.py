@@ -25,13 +25,15 @@ File layout (schema 2; schema-1 files still load, with their old meaning)::
      "search": {"candidates", "delta", "c"},
      "methods": {"head": {"band", "legend", "candidate_windows", "head_window"},
                  "step": {"kinds", "legend", "step_kind"},          # only when a step does not compute
-                 "block": {"legend", "block_compute"}},             # only when a block is cached
+                 "block": {"legend", "block_compute"},              # only when a block is cached
+                 "linear": {"format", "fp8_layers"}},               # only when linear layers run in FP8
      "notes": {...}}
 
 ``methods`` holds one entry per kind of method a plan assigns: "head" (per (step, layer, head), required), "step"
-(``step_kind``, one name per step) and "block" (``block_compute``, 0/1 per (step, layer)); the last two are written
-only when not the default, so files of plans without them are what they were. Later kinds are added there without
-a format change.
+(``step_kind``, one name per step), "block" (``block_compute``, 0/1 per (step, layer)) and "linear" (``fp8_layers``:
+the block-stack linear layers the model ran in FP8 when the plan was calibrated, `ditfa_jax.fp8`); the last three
+are written only when not the default, so files of plans without them are what they were. Later kinds are added
+there without a format change.
 """
 
 from __future__ import annotations
@@ -133,6 +135,8 @@ class CompressionPlan:
     ``notes``: free-form JSON-serialisable facts (calibration time, prompt count, ...).
     ``step_kind``: int8 [num_steps], codes of :data:`~ditfa_jax.methods.STEP_KINDS` (names accepted); None: all
     compute. ``block_compute``: bool [num_steps, num_layers] (0/1 accepted); None: every block runs. Both read-only.
+    ``fp8_layers``: sorted paths (`ditfa_jax.fp8.fp8_layers`) of the linear layers in FP8 (e4m3) when calibrated, which
+    a model must match to run the plan (`ditfa_jax.fp8.check_plan_layers`); None: the model's own dtype.
     """
 
     head_window: np.ndarray
@@ -157,6 +161,7 @@ class CompressionPlan:
     token_order: str = "raster"
     step_kind: np.ndarray | None = None
     block_compute: np.ndarray | None = None
+    fp8_layers: tuple[str, ...] | None = None
 
     def __post_init__(self):
         put = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -204,6 +209,7 @@ class CompressionPlan:
         put("head_window", hw)
         put("step_kind", self._checked_step_kind())
         put("block_compute", self._checked_block_compute())
+        put("fp8_layers", _checked_fp8_layers(self.fp8_layers))
 
     def _checked_step_kind(self) -> np.ndarray:
         """step_kind as read-only int8 [steps], or ValueError naming the step: step 0 computes, and each kind has
@@ -284,10 +290,11 @@ class CompressionPlan:
                     vae_scale_factor: int = VAE_SCALE_FACTOR, image_tokens: int | None = None,
                     candidates=DEFAULT_CANDIDATES, delta: float | None = None, c: float | None = None,
                     notes: dict | None = None, token_order: str = "raster",
-                    band: tuple[int, int] | None = None, step_kind=None, block_compute=None) -> CompressionPlan:
+                    band: tuple[int, int] | None = None, step_kind=None, block_compute=None,
+                    fp8_layers=None) -> CompressionPlan:
         """A plan for ``config`` at ``height`` x ``width`` pixels (``vae_scale_factor`` per latent cell) with the
-        given windows [steps, layers, heads] (``band`` None: `pallas_kernels.default_band` of the head size) and
-        step / block methods (None: every step and block computes)."""
+        given windows [steps, layers, heads] (``band`` None: `pallas_kernels.default_band` of the head size),
+        step / block methods (None: every step and block computes) and FP8 layers (None: none)."""
         rows, cols = _token_grid_for(config, height, width, vae_scale_factor)
         if image_tokens is not None and image_tokens != rows * cols:
             raise ValueError(f"image_tokens: {config.family} at {height}x{width} has {rows * cols} image tokens, "
@@ -300,7 +307,7 @@ class CompressionPlan:
                    image_tokens=rows * cols, text_len=text_len, text_first=family_of(config).text_first,
                    num_steps=hw.shape[0] if hw.ndim else 0, candidates=candidates, delta=delta, c=c,
                    model_config=_model_config(config), notes=dict(notes or {}), token_order=token_order,
-                   step_kind=step_kind, block_compute=block_compute)
+                   step_kind=step_kind, block_compute=block_compute, fp8_layers=fp8_layers)
 
     @classmethod
     def full(cls, config, *, height: int, width: int, text_len: int, num_steps: int,
@@ -389,6 +396,8 @@ class CompressionPlan:
             h.update(b"step_kind" + np.ascontiguousarray(self.step_kind, dtype="<i1").tobytes())
         if self.uses_block_caching:
             h.update(b"block_compute" + np.ascontiguousarray(self.block_compute, dtype=np.uint8).tobytes())
+        if self.fp8_layers is not None:
+            h.update(b"fp8_layers" + json.dumps(list(self.fp8_layers)).encode())
         return h.hexdigest()[:16]
 
     def check_compatible(self, config, *, height: int, width: int, text_len: int, num_steps: int,
@@ -434,6 +443,8 @@ class CompressionPlan:
                                       "step_kind": list(self.step_kind_names())}
         if self.uses_block_caching:
             doc["methods"]["block"] = {"legend": _BLOCK_LEGEND, "block_compute": self.block_compute.astype(np.uint8)}
+        if self.fp8_layers is not None:
+            doc["methods"]["linear"] = {"format": _FP8_FORMAT, "fp8_layers": list(self.fp8_layers)}
         doc["notes"] = self.notes
         return _dump(_normalise_json(doc)) + "\n"
 
@@ -574,6 +585,8 @@ class CompressionPlan:
             at = np.flatnonzero(~self.block_compute.all(axis=1))
             lines.append(f"blocks: {cached} of the {total} blocks of computed steps cached ({cached / total:.1%}), "
                          f"at steps {_spans(at)}")
+        if self.fp8_layers is not None:
+            lines.append(f"linear layers in FP8 ({_FP8_FORMAT}): {len(self.fp8_layers)} of the block stacks' layers")
         return "\n".join(lines)
 
 
@@ -608,14 +621,16 @@ _SECTIONS = {
     "search": {k: k for k in ("candidates", "delta", "c")},
 }
 _TOP_KEYS = ("format", "schema_version", *_SECTIONS, "methods", "notes")
-_METHOD_KINDS = ("head", "step", "block")
+_METHOD_KINDS = ("head", "step", "block", "linear")
+_FP8_FORMAT = "e4m3"  # ditfa_jax.fp8: e4m3 weights per output channel, activations per token
 _HEAD_KEYS = ("band", "head_window")
 _HEAD_DERIVED = ("legend", "candidate_windows")  # written for readers of the file, optional when read
 _STEP_DERIVED = ("kinds", "legend")
 _BLOCK_DERIVED = ("legend",)
 _FILE_PATHS = ({field: f"{section}.{key}" for section, keys in _SECTIONS.items() for key, field in keys.items()}
                | {"band": "methods.head.band", "head_window": "methods.head.head_window",
-                  "step_kind": "methods.step.step_kind", "block_compute": "methods.block.block_compute"})
+                  "step_kind": "methods.step.step_kind", "block_compute": "methods.block.block_compute",
+                  "fp8_layers": "methods.linear.fp8_layers"})
 
 # Schema 1: one flat object.
 _V1_REQUIRED = ("head_window", "family", "model_class", "num_layers", "num_heads", "head_dim", "height", "width",
@@ -684,6 +699,13 @@ def _v2_fields(raw: dict) -> dict:
     if "block" in methods:  # absent: every block runs
         _keys(methods["block"], "methods.block", ("block_compute",), optional=_BLOCK_DERIVED)
         kwargs["block_compute"] = methods["block"]["block_compute"]
+    if "linear" in methods:  # absent: linear layers in the model's own dtype
+        _keys(methods["linear"], "methods.linear", ("fp8_layers",), optional=("format",))
+        fmt = methods["linear"].get("format", _FP8_FORMAT)
+        if fmt != _FP8_FORMAT:
+            raise ValueError(f"methods.linear.format: {fmt!r} is not known to this ditfa-jax; it runs "
+                             f"{_FP8_FORMAT!r} (ditfa_jax.fp8)")
+        kwargs["fp8_layers"] = methods["linear"]["fp8_layers"]
     return _typed(kwargs, _FILE_PATHS)
 
 
@@ -763,6 +785,21 @@ def _typed(kwargs: dict, paths: dict) -> dict:
             raise ValueError(f"{where('block_compute')}: expected lists of 0/1 [steps][layers], got {got}")
         kwargs["block_compute"] = arr.astype(bool)
     return kwargs
+
+
+def _checked_fp8_layers(names) -> tuple[str, ...] | None:
+    """fp8_layers as a sorted tuple of distinct non-empty paths, or None; ValueError for anything else."""
+    if names is None:
+        return None
+    if isinstance(names, str) or not isinstance(names, (list, tuple)) or not all(
+            isinstance(n, str) and n for n in names):
+        raise ValueError(f"fp8_layers: expected a list of layer paths (ditfa_jax.fp8.fp8_layers, e.g. "
+                         f"'stack0/attn/to_q'), got {names!r}")
+    if not names:
+        raise ValueError("fp8_layers: an empty list; a plan without FP8 layers has no methods.linear (None)")
+    if len(set(names)) != len(names):
+        raise ValueError(f"fp8_layers: {sorted(n for n in set(names) if names.count(n) > 1)} listed twice")
+    return tuple(sorted(names))
 
 
 def _check_candidate_windows(plan: CompressionPlan, head: dict) -> None:

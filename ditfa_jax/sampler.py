@@ -21,6 +21,7 @@ from ditfa_jax.configs import VAE_SCALE_FACTOR
 from ditfa_jax.denoise import (DynamicGate, activation_bytes, cache_bytes, cache_shape, check_finite_steps,
                                default_scheduler, denoise, prepare_run)
 from ditfa_jax.family import family_of, layout_for
+from ditfa_jax.fp8 import check_plan_layers
 from ditfa_jax.hub import CONFIGS, resolve
 from ditfa_jax.loading import Transformer
 from ditfa_jax.memory import check_fits, state_bytes
@@ -103,6 +104,7 @@ def sample(model: Transformer, latents, prompt_embeds, pooled_prompt_embeds, *, 
     if plan is not None:
         plan.check_compatible(model.config, height=height, width=width, text_len=run.layout.text_len,
                               num_steps=num_steps, vae_scale_factor=vae_scale_factor)
+        check_plan_layers(model, plan)
         if compressed:
             windows = jnp.asarray(plan.head_window, jnp.int32)
             cache_spec = (cache_shape(model.config, run.batch, run.layout.tokens), jnp.dtype(model.dtype).name)

@@ -84,4 +84,77 @@ def test_cli_generate_fp8_records_it(tmp_path):
     args = ["generate", str(tiny), "--prompt", "a red fox", "--steps", "2", "--height", "64", "--width", "64"]
     assert cli_main(args + ["--out", str(tmp_path / "f8"), "--seed", "1", "--fp8"]) == 0
     meta = json.loads(Image.open(tmp_path / "f8" / "image_000.png").text["parameters"])
-    assert meta["fp8"]["format"] == "e4m3" and meta["fp8"]["layers"] > 0  # (without --fp8: None, test_pipelines)
+    assert meta["fp8"]["format"] == "e4m3" and len(meta["fp8"]["layers"]) > 0  # (without: None, test_pipelines)
+
+
+def test_select_layers_by_role_or_path():
+    from ditfa_jax.fp8 import select_layers
+
+    model, _, _ = tiny_run("flux_dev", 2)
+    module = model.module()
+    names = fp8_layers(module)
+    assert select_layers(module, "all") == names
+    to_q = select_layers(module, "attn/to_q")
+    assert to_q and all(n.endswith("/attn/to_q") for n in to_q) and len({n.split("/")[0] for n in to_q}) == len(to_q)
+    assert select_layers(module, f"{names[0]}, attn/to_q") == list(dict.fromkeys([names[0], *to_q]))
+    with pytest.raises(ValueError, match=r"'attn/to_z' is not a layer of this model; expected 'all', or roles "
+                                         r"from \[.*'attn/to_q'"):
+        select_layers(module, "attn/to_q,attn/to_z")
+    with pytest.raises(ValueError, match="no layer named"):
+        select_layers(module, " , ")
+
+
+def test_calibrated_plan_records_its_fp8_layers_and_needs_them():
+    """A plan calibrated on a model with FP8 layers records them; sampling it needs exactly those layers in FP8
+    (the errors were measured with them), a plan without them takes any model."""
+    from ditfa_jax.calibrate import calibrate
+    from ditfa_jax.fp8 import quantized_layers, select_layers
+
+    model, text, common = tiny_run("flux_dev", 3)
+    layers = select_layers(model.module(), "attn/to_q,ff/net_2")
+    fp8 = quantize_transformer(model, layers)
+    assert sorted(quantized_layers(fp8.module())) == sorted(layers) and quantized_layers(model.module()) == []
+    plan = calibrate(fp8, *text, delta=0.5, progress=False, **common).plan
+    assert plan.fp8_layers == tuple(sorted(layers))
+    assert calibrate(model, *text, delta=0.5, progress=False, **common).plan.fp8_layers is None
+    run = prepare_run(model.config, *text, vae_scale_factor=8, dtype=model.dtype, **common)
+    noise = jax.random.normal(jax.random.key(0), (text[0].shape[0], *run.latent_shape), jnp.float32)
+    out = np.asarray(sample(fp8, noise, *text, plan=plan, **common))
+    assert np.isfinite(out).all()
+    with pytest.raises(ValueError, match=r"calibrated with FP8 in \d+ layers .*not FP8 in the model.*"
+                                         r"quantize_transformer\(model, plan.fp8_layers\)"):
+        sample(model, noise, *text, plan=plan, **common)
+    with pytest.raises(ValueError, match=r"FP8 layers the plan does not name"):
+        sample(quantize_transformer(model), noise, *text, plan=plan, **common)
+    sample(fp8, noise, *text, plan=plan.replace(fp8_layers=None), **common)  # a bf16 plan on an FP8 model: allowed
+
+
+def test_cli_fp8_travels_in_the_plan(tmp_path, capsys):
+    """`calibrate --fp8 ROLES` writes the layers into the plan; `generate --plan` then runs them (PNG metadata)
+    without being told; a --fp8 that contradicts the plan is an error naming both, before any image is written."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    from ditfa_jax.cli import main as cli_main
+    from ditfa_jax.plan import CompressionPlan
+
+    tiny = Path(__file__).parent / "fixtures" / "pipelines" / "flux_tiny"
+    plan_path = tmp_path / "plan.json"
+    assert cli_main(["calibrate", str(tiny), "--out", str(plan_path), "--height", "64", "--width", "64", "--steps",
+                     "2", "--prompts", "1", "--text-len", "8", "--delta", "1.0", "--fp8", "attn/to_q"]) == 0
+    plan = CompressionPlan.load(plan_path)
+    assert plan.fp8_layers and all(n.endswith("attn/to_q") for n in plan.fp8_layers)
+    out = tmp_path / "images"
+    assert cli_main(["generate", str(tiny), "--prompt", "a fox", "--plan", str(plan_path), "--out", str(out)]) == 0
+    meta = json.loads(Image.open(out / "image_000.png").text["parameters"])
+    assert meta["fp8"]["layers"] == list(plan.fp8_layers) and meta["plan"]["digest"] == plan.digest()
+    capsys.readouterr()
+    assert cli_main(["generate", str(tiny), "--prompt", "a fox", "--plan", str(plan_path), "--fp8",
+                     "--out", str(tmp_path / "other")]) == 2
+    err = capsys.readouterr().err
+    assert f"--fp8 all conflicts with the plan {plan_path}" in err and "Traceback" not in err
+    assert not (tmp_path / "other").exists()
+    assert cli_main(["generate", str(tiny), "--prompt", "a fox", "--fp8", "attn/to_z",
+                     "--out", str(tmp_path / "other")]) == 2
+    assert "'attn/to_z' is not a layer of this model" in capsys.readouterr().err

@@ -146,6 +146,38 @@ def _head(raw):
     return raw["methods"]["head"]
 
 
+def _fp8(raw, **linear):
+    raw["methods"]["linear"] = {"format": "e4m3", "fp8_layers": ["stack0/attn/to_q"], **linear}
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda r: _fp8(r, fp8_layers="stack0/attn/to_q"), r"methods\.linear\.fp8_layers: expected a list of layer paths"),
+    (lambda r: _fp8(r, fp8_layers=[]), r"methods\.linear\.fp8_layers: an empty list"),
+    (lambda r: _fp8(r, fp8_layers=["a", "a"]), r"methods\.linear\.fp8_layers: \['a'\] listed twice"),
+    (lambda r: _fp8(r, fp8_layers=["a", 3]), r"methods\.linear\.fp8_layers: expected a list of layer paths"),
+    (lambda r: _fp8(r, format="e5m2"), r"methods\.linear\.format: 'e5m2' is not known to this ditfa-jax; it runs "
+                                       r"'e4m3'"),
+    (lambda r: r["methods"].update(linear={"format": "e4m3"}), r"missing methods\.linear\.fp8_layers"),
+])
+def test_bad_fp8_sections(tmp_path, edit, match):
+    path = _edited(tmp_path, edit)
+    with pytest.raises(ValueError, match=match) as e:
+        CompressionPlan.load(path)
+    assert str(path) in str(e.value)
+
+
+def test_fp8_layers_round_trip_digest_and_summary(tmp_path):
+    plan = flux_plan(steps=3)
+    fp8 = plan.replace(fp8_layers=["stack1/attn/to_q", "stack0/ff/net_2"])
+    assert fp8.fp8_layers == ("stack0/ff/net_2", "stack1/attn/to_q")  # sorted: one plan, one digest
+    assert fp8.digest() != plan.digest() and fp8 != plan
+    assert "linear" not in json.loads(plan.to_json())["methods"]      # files without FP8 are what they were
+    assert json.loads(fp8.to_json())["methods"]["linear"] == {"format": "e4m3",
+                                                              "fp8_layers": list(fp8.fp8_layers)}
+    assert CompressionPlan.load(fp8.save(tmp_path / "fp8.json")) == fp8
+    assert "linear layers in FP8 (e4m3): 2 of" in fp8.summary() and "FP8" not in plan.summary()
+
+
 @pytest.mark.parametrize("edit, match", [
     (lambda r: r["model"].pop("num_heads"), r"missing model\.num_heads"),
     (lambda r: r["run"].pop("text_len"), r"missing run\.text_len"),
@@ -177,7 +209,7 @@ def _head(raw):
     (lambda r: r.update(run=[]), r"run: expected a JSON object, got list"),
     # the methods section: one entry per kind of method; "head" is required, "step" and "block" optional
     (lambda r: r["methods"].update(branch={}), r"methods: unknown kind\(s\) of method \['branch'\]; this "
-                                               r"ditfa-jax knows \['head', 'step', 'block'\]"),
+                                               r"ditfa-jax knows \['head', 'step', 'block', 'linear'\]"),
     (lambda r: r["methods"].pop("head"), r"missing methods\.head"),
     (lambda r: r.update(methods=[]), r"methods: expected a JSON object, got list"),
     (lambda r: _head(r).pop("band"), r"missing methods\.head\.band"),

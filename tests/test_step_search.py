@@ -172,12 +172,13 @@ def test_least_error_over_methods_from_the_cli(tmp_path, capsys):
     (`least_error_plan`, tested above); a method that cannot reach the speed (heads alone, at 1.4x) is left out and
     recorded. fewer-steps (dense with the most steps that reach the speed) is scored alike; when it wins, the plan
     written is a dense plan for that many steps (what `generate --plan` then runs)."""
-    from ditfa_jax.calibrate import METHOD_FAMILIES
-    from ditfa_jax.cli import METHOD_FAMILY_NAMES
+    from ditfa_jax.calibrate import FEWER_STEPS, METHOD_FAMILIES
+    from ditfa_jax.cli import METHOD_CHOICES, METHOD_FAMILY_NAMES
     from ditfa_jax.cli import main as cli_main
     from ditfa_jax.plan import CompressionPlan
 
     assert METHOD_FAMILY_NAMES == tuple(METHOD_FAMILIES)
+    assert METHOD_CHOICES == METHOD_FAMILY_NAMES + (FEWER_STEPS,)
     out = tmp_path / "plan.json"
     args = ["calibrate", str(FLUX_TINY), "--out", str(out), "--height", "64", "--width", "64", "--steps", "3",
             "--prompts", "1", "--target-speedup", "1.4", "--step-delta", "0.05", "--methods", "heads,reuse,fewer-steps"]
