@@ -166,7 +166,7 @@ def test_sweep_searches_step_methods_alone_and_unified(pipe):
     rows, images = quality_sweep(pipe, scenes[np.arange(1)], ["a red circle"], [0.5], num_steps=3,
                                  include_global=False, searches=("unified", "taylor"), gates=[(1, 1e9)],
                                  fewer_steps=(2,), choose_at=(1.0,), timed=False, progress=False)
-    fewer, gate, unified, taylor, chosen = rows[1:]
+    fewer, gate, unified, taylor, chosen, by_median = rows[1:]
     assert gate["search"] == "gate F=1" and gate["cost"] == pytest.approx((1 + 2 * 0.2) / 3, abs=1e-4)  # all after 0
     assert gate["blocks_cached"] == 0.8
     assert unified["search"] == "unified" and unified["steps_skipped"] > 0  # a loose budget skips steps
@@ -178,7 +178,10 @@ def test_sweep_searches_step_methods_alone_and_unified(pipe):
     assert {k: chosen[k] for k in picked if k != "search"} == {k: v for k, v in picked.items() if k != "search"}
     assert chosen["calibration_error"] == min(r["calibration_error"] for r in options.values())
     assert fewer["calibration_error"] > 0 and gate.get("calibration_error") is None  # the gate is not a candidate
-    assert images["least error, cost <= 1"] is images[chosen["chosen"]]
+    assert images["least error over methods, cost <= 1"] is images[chosen["chosen"]]
+    # the same choice by the median over the calibration images (one image here: the median is the mean)
+    assert by_median["search"] == "least error over methods (median)" and by_median["chosen"] == chosen["chosen"]
+    assert all(r["calibration_error_median"] == r["calibration_error"] for r in options.values())
 
 
 def test_scanned_training_calls_equal_single_steps(two_steps):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from ditfa_jax.testbed import detector, world
-from ditfa_jax.testbed.metrics import image_grid, psnr, save_png, ssim
+from ditfa_jax.testbed.metrics import image_grid, psnr, relative_squared_error, save_png, ssim
 from ditfa_jax.testbed.tokenizer import MAX_LENGTH, SHIPPED_TOKENIZER, WordTokenizer, build_tokenizer, vocabulary
 
 ATOL = 1e-5  # eager, jit and differently batched renders differ by float32 rounding (XLA fuses differently), ~2e-6
@@ -333,3 +333,15 @@ def test_save_png_round_trip(images, tmp_path):
     with pytest.raises(ValueError, match="one image"):
         save_png(tmp_path / "batch.png", images[:2])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sample.png"]
+
+
+def test_relative_squared_error_by_mean_and_median():
+    rng = np.random.default_rng(0)
+    ref = rng.uniform(0.1, 1.0, (5, 8, 8, 3))
+    noise = rng.normal(size=ref.shape) * np.array([0.01, 0.02, 0.03, 0.04, 1.0])[:, None, None, None]  # one outlier
+    per_image = np.sum(noise ** 2, (1, 2, 3)) / np.sum(ref ** 2, (1, 2, 3))
+    assert relative_squared_error(ref + noise, ref) == pytest.approx(per_image.mean(), rel=1e-12)
+    assert relative_squared_error(ref + noise, ref, "median") == pytest.approx(np.median(per_image), rel=1e-12)
+    assert relative_squared_error(ref + noise, ref, "median") < relative_squared_error(ref + noise, ref) / 10
+    with pytest.raises(ValueError, match="reduction 'max'"):
+        relative_squared_error(ref, ref, "max")

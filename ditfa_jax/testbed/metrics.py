@@ -28,11 +28,15 @@ def psnr(a, b, max_value: float = 1.0) -> np.ndarray:
         return 10 * np.log10(max_value ** 2 / mse)
 
 
-def relative_squared_error(images: np.ndarray, reference: np.ndarray) -> float:
-    """Mean over images of ||images - reference||^2 / ||reference||^2 (pixels)."""
+def relative_squared_error(images: np.ndarray, reference: np.ndarray, reduction: str = "mean") -> float:
+    """||images - reference||^2 / ||reference||^2 (pixels) per image, reduced over images by "mean" or "median"
+    (the median is not moved by the one image in a few that settles on another valid sample)."""
+    if reduction not in ("mean", "median"):
+        raise ValueError(f"reduction {reduction!r}: expected 'mean' or 'median'")
     axes = tuple(range(1, images.ndim))
     diff = np.sum(np.square(np.asarray(images, np.float64) - reference), axes)
-    return float(np.mean(diff / np.maximum(np.sum(np.square(np.asarray(reference, np.float64)), axes), 1e-12)))
+    per_image = diff / np.maximum(np.sum(np.square(np.asarray(reference, np.float64)), axes), 1e-12)
+    return float(np.mean(per_image) if reduction == "mean" else np.median(per_image))
 
 
 def ssim(a, b, max_value: float = 1.0) -> np.ndarray:
