@@ -569,7 +569,8 @@ def cmd_bench(args) -> int:
         rows.append({"checkpoint": str(args.checkpoint), "run": name, "height": run["height"],
                      "width": run["width"], "steps": run["steps"], "batch": args.batch,
                      "attention_flops_kept": 1.0 if run_plan is None else round(run_plan.flops_kept_fraction(), 4),
-                     "fp8_layers": 0 if fp8 is None else len(fp8["layers"]), "first_call_s": round(first_call, 2), **best,
+                     "fp8_layers": 0 if fp8 is None else len(fp8["layers"]),
+                     "first_call_s": round(first_call, 2), **best,
                      "total_s": round(sum(best.values()), 4), "peak_gb_so_far": _peak_gb()})
         print(json.dumps(rows[-1]), flush=True)
     if out is not None:

@@ -139,16 +139,17 @@ def quality_sweep(pipe, scenes, calibration_captions: list[str], deltas, *, seed
 
     ``searches`` names entries of `SEARCHES`; ``include_global`` adds the global MILP over the paper search's
     recorded RSE table. ``gates``: (first_blocks, threshold) pairs, each a row of the dynamic gate
-    (`TestbedPipeline.gated`, one caption at a time; its cost `gated_cost`). Every caption of ``scenes`` is generated ``seeds_per_caption`` times (seeds 0..k-1 offset
-    per caption) from the same noise in every row. ``cost`` is the row's run time relative to dense with all steps
-    under ``cost_model``. ``features`` (a `ditfa_jax.testbed.features.FeatureNet`, or None to skip) gives each row
-    the Fréchet distance of its images to ground-truth renders of the same captions. ``choose_at``: costs at which
-    a row "least error over methods" picks, among every plan of the sweep and dense with each of ``fewer_steps``
-    within that cost, the one whose images of the calibration captions are closest to dense
-    (`ditfa_jax.calibrate.least_error_plan`; the mean relative squared error over those images), then reports that
-    candidate's held-out row; a row "least error over methods (median)" does the same by the median over images. Wall time is the second
-    of two identical generation calls (the first compiles); ``timed=False`` makes one call (its time includes
-    compilation), which halves the work where times mean nothing (a CPU).
+    (`TestbedPipeline.gated`, one caption at a time; its cost `gated_cost`). Every caption of ``scenes`` is
+    generated ``seeds_per_caption`` times (seeds 0..k-1 offset per caption) from the same noise in every row.
+    ``cost`` is the row's run time relative to dense with all steps under ``cost_model``. ``features`` (a
+    `ditfa_jax.testbed.features.FeatureNet`, or None to skip) gives each row the Fréchet distance of its images to
+    ground-truth renders of the same captions. ``choose_at``: costs at which a row "least error over methods" picks,
+    among every plan of the sweep and dense with each of ``fewer_steps`` within that cost, the one whose images of
+    the calibration captions are closest to dense (`ditfa_jax.calibrate.least_error_plan`; the mean relative squared
+    error over those images), then reports that candidate's held-out row; a row "least error over methods (median)"
+    does the same by the median over images. Wall time is the second of two identical generation calls (the first
+    compiles); ``timed=False`` makes one call (its time includes compilation), which halves the work where times
+    mean nothing (a CPU).
     """
     unknown = [s for s in searches if s not in SEARCHES]
     if unknown:
