@@ -107,7 +107,8 @@ def _render_kept(plan: CompressionPlan, cell: int | None):
     search = "hand-made plan" if plan.delta is None else f"delta={plan.delta:g}"
     title = f"attention FLOPs kept {kept:.1%}, {search}"
     subtitle = (f"{plan.model_class} {plan.height}x{plan.width}, {s} steps x {n_layers} layers x "
-                f"{plan.num_heads} heads")
+                f"{plan.num_heads} heads" + ("" if plan.fp8_layers is None else
+                                             f", FP8 linears in {len(plan.fp8_layers)} block-stack layers"))
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     text_w = max(_text_size(measure, title, font)[0], _text_size(measure, subtitle, small)[0],
                  sum(30 + _text_size(measure, label, small)[0] for label, _ in legend))

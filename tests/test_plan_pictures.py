@@ -37,6 +37,12 @@ def test_heatmap(tmp_path):
     assert per_head.format == "PNG" and per_head.width >= 57 and per_head.height >= 50
     assert n_colours(np.asarray(per_head.convert("RGB"))) >= 5  # full, cached, three arrows (plus text)
     assert sorted(f.name for f in tmp_path.iterdir()) == ["heads.png", "map.png", "small.png"]
+    fp8 = np.asarray(Image.open(save_heatmap(p.replace(fp8_layers=["stack0/attn/to_q"]), tmp_path / "fp8.png")))
+    plain = np.asarray(img)
+    width = min(fp8.shape[1], plain.shape[1])
+    assert fp8.shape[0] == plain.shape[0] and not np.array_equal(fp8[:48, :width], plain[:48, :width])  # subtitle
+    assert np.array_equal(fp8[100:, 64:400], plain[100:, 64:400])  # the same cells
+    (tmp_path / "fp8.png").unlink()
     with pytest.raises(ValueError, match="plan: expected a CompressionPlan"):
         save_heatmap(p.head_window, tmp_path / "x.png")
 
