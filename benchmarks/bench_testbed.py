@@ -130,14 +130,11 @@ def main() -> None:
                frechet_base=frechet(features, base, truth), frechet=frechet(features, images, truth))
 
     if args.fp8_roles:
-        from ditfa_jax.fp8 import fp8_layers, quantize_transformer
+        from ditfa_jax.fp8 import layer_roles, quantize_transformer
 
         scenes = heldout_scenes(args.realism_captions, seed=41, objects=None, testbed=testbed.name)
         base_score, base = prompt_fidelity(pipe, scenes, seeds=0, num_steps=steps)
-        roles = {}
-        for name in fp8_layers(pipe.transformer.module()):
-            roles.setdefault(name.split("/", 1)[1], []).append(name)  # 'stack0/attn/to_q' -> 'attn/to_q'
-        for role, names in [("all", None)] + sorted(roles.items()):
+        for role, names in [("all", None)] + sorted(layer_roles(pipe.transformer.module()).items()):
             quantised = pipe.with_transformer(quantize_transformer(pipe.transformer, layers=names))
             score, images = prompt_fidelity(quantised, scenes, seeds=0, num_steps=steps)
             record(out_dir, kind="fp8_role", role=role, captions=len(scenes), **common,

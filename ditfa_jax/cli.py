@@ -357,7 +357,8 @@ def _check_methods(args) -> None:
 
 
 def cmd_calibrate(args) -> int:
-    from ditfa_jax.calibrate import METHOD_FAMILIES, calibrate, calibrate_for_speedup, least_error_for_speedup
+    from ditfa_jax.calibrate import (FEWER_STEPS, METHOD_FAMILIES, calibrate, calibrate_for_speedup,
+                                     least_error_for_speedup)
     from ditfa_jax.cost_model import get_cost_model
     from ditfa_jax.loading import load_transformer
     from ditfa_jax.files import check_output
@@ -416,7 +417,7 @@ def cmd_calibrate(args) -> int:
         chosen = result.plan.notes["method"]
         print(f"chosen: {chosen} (least end-to-end error on the calibration prompts)"
               + (f": dense with {result.plan.num_steps} of {run['steps']} steps; the plan runs that many"
-                 if chosen == "fewer-steps" else ""))
+                 if chosen == FEWER_STEPS else ""))
     plan = result.plan
     plan.save(out, overwrite=args.overwrite)
     try:

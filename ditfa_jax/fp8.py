@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 __all__ = ["E4M3", "E4M3_MAX", "quantize", "dequantize", "quantize_kernel", "fp8_matmul", "quantize_transformer",
-           "fp8_layers", "quantized_layers", "select_layers", "check_plan_layers"]
+           "fp8_layers", "layer_roles", "quantized_layers", "select_layers", "check_plan_layers"]
 
 E4M3 = jnp.float8_e4m3fn
 E4M3_MAX = float(jnp.finfo(E4M3).max)  # 448
@@ -70,6 +70,14 @@ def fp8_layers(module) -> list[str]:
     return ["/".join(map(str, path)) for path, _ in _block_linears(module)]
 
 
+def layer_roles(module) -> dict[str, list[str]]:
+    """The `fp8_layers` paths grouped by role, a path without its stack: {'attn/to_q': ['stack0/attn/to_q', ...]}."""
+    roles = {}
+    for name in fp8_layers(module):
+        roles.setdefault(name.split("/", 1)[1], []).append(name)
+    return roles
+
+
 def quantized_layers(module) -> list[str]:
     """Paths of the block-stack Linear layers of ``module`` that hold FP8 kernels (`quantize_transformer`)."""
     return ["/".join(map(str, path)) for path, m in _block_linears(module) if m.kernel.get_value().dtype == E4M3]
@@ -82,9 +90,7 @@ def select_layers(module, spec: str) -> list[str]:
     names = fp8_layers(module)
     if spec.strip() == "all":
         return names
-    roles = {}
-    for name in names:
-        roles.setdefault(name.split("/", 1)[1], []).append(name)
+    roles = layer_roles(module)
     chosen = []
     for entry in (e.strip() for e in spec.split(",")):
         if not entry:
