@@ -161,27 +161,48 @@ def step_method_plans(cfg, *, px: int, steps: int) -> dict:
             "taylor2 1 in 3 + heads ~45 %": heads.replace(step_kind=taylor)}
 
 
+def taylor_schedule(steps: int, computed: int) -> np.ndarray:
+    """int8 step kinds of a Taylor order-2 plan computing ``computed`` of ``steps`` steps: the first three
+    (taylor2's history), then the others spread evenly over the rest."""
+    keep = np.unique(np.concatenate([np.arange(3), np.round(np.linspace(3, steps - 1, computed - 3))]))
+    kinds = np.full(steps, 3, np.int8)
+    kinds[keep.astype(int)] = 0
+    return kinds
+
+
 def speedup_plans(cfg, *, px: int, steps: int) -> dict:
     """Plans with the compute profile the testbed v2 search chose (Taylor order 2 between computed steps) at
-    1.5x, 2x and 3x fewer transformer evaluations, and the 3x one with a ~45 % head plan on its computed steps.
-
-    The computed steps are the first three (taylor2's history) and then spread evenly over the rest."""
+    1.5x, 2x and 3x fewer transformer evaluations, and the 3x one with a ~45 % head plan on its computed steps."""
     full = CompressionPlan.full(cfg, height=px, width=px, text_len=TEXT, num_steps=steps)
     plans = {}
     for speedup in (1.5, 2.0, 3.0):
-        computed = max(3, round(steps / speedup))
-        keep = np.unique(np.concatenate([np.arange(3), np.round(np.linspace(3, steps - 1, computed - 3))]))
-        kinds = np.full(steps, 3, np.int8)
-        kinds[keep.astype(int)] = 0
-        plans[f"taylor2, {speedup:g}x fewer evaluations ({len(keep)} of {steps})"] = full.replace(step_kind=kinds)
+        kinds = taylor_schedule(steps, max(3, round(steps / speedup)))
+        plans[f"taylor2, {speedup:g}x fewer evaluations ({(kinds == 0).sum()} of {steps})"] = full.replace(
+            step_kind=kinds)
     heads = random_plan(cfg, px=px, steps=steps, target=0.45)
-    plans[f"same 3x + heads ~45 % ({len(keep)} of {steps})"] = heads.replace(step_kind=kinds)
+    plans[f"same 3x + heads ~45 % ({(kinds == 0).sum()} of {steps})"] = heads.replace(step_kind=kinds)
     return plans
 
 
-def bench_speedup_plans(model, px: int, steps: int = 28) -> None:
-    """The `speedup_plans` against the dense sampler and the cost model's prediction (issue 17, benchmark 2)."""
-    bench_step_methods(model, px, steps, plans=speedup_plans(model.config, px=px, steps=steps), gates=())
+def mixture_plans(cfg, *, px: int, steps: int) -> dict:
+    """The compute profile testbed v2's least-error search chose at cost 0.35 (Taylor order 2 on 10 of 20 steps,
+    7 computed) scaled to ``steps``: Taylor on fewer steps. Plans for 14 and 13 steps computing 10 and 9 (2.8x and
+    3.1x fewer evaluations than dense with ``steps``), and the 13-step one with a ~45 % head plan."""
+    plans = {}
+    for base, computed in ((steps // 2, 10), (steps // 2 - 1, 9)):
+        full = CompressionPlan.full(cfg, height=px, width=px, text_len=TEXT, num_steps=base)
+        kinds = taylor_schedule(base, computed)
+        plans[f"taylor2 on {base} steps, {computed} computed"] = full.replace(step_kind=kinds)
+    heads = random_plan(cfg, px=px, steps=base, target=0.45)
+    plans[f"same on {base} steps + heads ~45 %"] = heads.replace(step_kind=kinds)
+    return plans
+
+
+def bench_speedup_plans(model, px: int, steps: int = 28, mixtures: bool = False) -> None:
+    """The `speedup_plans` (or `mixture_plans`) against the dense sampler and the cost model's prediction (issue
+    17, benchmark 2)."""
+    plans = (mixture_plans if mixtures else speedup_plans)(model.config, px=px, steps=steps)
+    bench_step_methods(model, px, steps, plans=plans, gates=())
 
 
 def bench_step_methods(model, px: int, steps: int = 28, plans: dict | None = None,
@@ -198,8 +219,9 @@ def bench_step_methods(model, px: int, steps: int = 28, plans: dict | None = Non
     record(kind="step_methods", px=px, steps=steps, plan="dense", ms_per_step=round(dense_ms, 2),
            speedup_vs_dense=1.0, predicted_speedup=1.0, dense_attention_ms_per_step=round(attention_ms, 2))
     for name, plan in (plans or step_method_plans(cfg, px=px, steps=steps)).items():
-        first, ms = time_sampler(model, px, steps, plan)
-        predicted = 1 / plan_cost(plan, local)
+        first, ms = time_sampler(model, px, plan.num_steps, plan)
+        ms *= plan.num_steps / steps  # a plan on fewer steps: its time per step of the dense schedule
+        predicted = steps / (plan.num_steps * plan_cost(plan, local))
         record(kind="step_methods", px=px, steps=steps, plan=name, ms_per_step=round(ms, 2),
                speedup_vs_dense=round(dense_ms / ms, 3), predicted_speedup=round(predicted, 3),
                of_predicted=round(dense_ms / ms / predicted, 3), first_call_s=round(first, 2))
@@ -266,6 +288,8 @@ def main() -> None:
     parser.add_argument("--backend", help="head-wise kernel backend of the plans (default: the device's choice)")
     parser.add_argument("--step-methods", help="only the step-method rows at these sizes, e.g. '1024,2048' (28 steps)")
     parser.add_argument("--speedup-plans", help="only the 1.5x / 2x / 3x Taylor plans at these sizes (28 steps)")
+    parser.add_argument("--mixture-plans", help="only the Taylor-on-fewer-steps plans at these sizes (against 28 "
+                                                "dense steps)")
     args = parser.parse_args()
     cache_dir = os.path.join(os.environ.get("OUT", "/tmp"), "..", "jax_cache")
     jax.config.update("jax_compilation_cache_dir", os.path.abspath(cache_dir))
@@ -273,11 +297,13 @@ def main() -> None:
     if args.layer_skip_only:
         bench_layer_skip(model, 2048, 10)
         return
-    if args.step_methods or args.speedup_plans:
+    if args.step_methods or args.speedup_plans or args.mixture_plans:
         for px in filter(None, (args.step_methods or "").split(",")):
             bench_step_methods(model, int(px))
         for px in filter(None, (args.speedup_plans or "").split(",")):
             bench_speedup_plans(model, int(px))
+        for px in filter(None, (args.mixture_plans or "").split(",")):
+            bench_speedup_plans(model, int(px), mixtures=True)
         print_tables()
         return
     if args.sampler:

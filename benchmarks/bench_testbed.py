@@ -80,6 +80,9 @@ def main() -> None:
     parser.add_argument("--deltas", default="0.02,0.05,0.1,0.2,0.4,0.8")
     parser.add_argument("--fewer-steps", default="15,12,10,8,6,5",
                         help="step counts of the fewer-steps baseline (empty: none)")
+    parser.add_argument("--base-steps", default="",
+                        help="with --sweep: step counts below --steps on which every search also runs (a method on "
+                             "top of fewer steps), e.g. 14,10")
     parser.add_argument("--cost-model", default="h200-flux-dev-1024", help="ditfa_jax.cost_model name")
     parser.add_argument("--no-global", action="store_true", help="skip the global-MILP variant")
     parser.add_argument("--no-timing", action="store_true",
@@ -187,6 +190,7 @@ def main() -> None:
         rows, images = quality_sweep(pipe, scenes, calibration, deltas, seeds_per_caption=args.seeds,
                                      num_steps=steps, include_global=not args.no_global,
                                      searches=args.searches.split(","), fewer_steps=fewer,
+                                     base_steps=[int(n) for n in args.base_steps.split(",") if n],
                                      cost_model=args.cost_model, features=features, timed=not args.no_timing,
                                      choose_at=[float(c) for c in args.choose_at.split(",") if c],
                                      gates=[tuple(float(x) for x in g.split(":")) for g in args.gates.split(",") if g])

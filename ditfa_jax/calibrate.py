@@ -474,9 +474,10 @@ FEWER_STEPS = "fewer-steps"  # the plain baseline as a candidate of `least_error
 
 
 def least_error_for_speedup(search, target_speedup: float, cost_model, *, num_steps: int, methods, dense_latents,
-                            log=None) -> CalibrationResult:
+                            base_steps=(), log=None) -> CalibrationResult:
     """The plan of least end-to-end error among ``methods`` at ``target_speedup``: names of `METHOD_FAMILIES`, or
-    `FEWER_STEPS`.
+    `FEWER_STEPS`; with ``base_steps``, also each method on top of fewer steps (candidates "<method> on <n>
+    steps": a plan for n < ``num_steps`` steps reaching the speed against dense with all ``num_steps``).
 
     ``search(scale, method=None, num_steps=None)`` runs one calibration pass of that method with its budgets times
     ``scale`` (``num_steps`` steps; default: the run's). Each method finds its own smallest budget reaching the speed
@@ -485,42 +486,55 @@ def least_error_for_speedup(search, target_speedup: float, cost_model, *, num_st
     relative squared error of its final latents (what it produces from the calibration noise) against
     ``dense_latents`` (dense with all steps from the same noise); `least_error_plan` keeps the best. A method that
     cannot reach the speed is left out (logged); ValueError when none can. The plan's notes record every error.
+
+    On testbed v2 at a third of the cost, Taylor on 10 of 20 steps beats both Taylor on 20 steps and dense with 7
+    (`benchmarks/RESULTS.md`, issue 17): where skipping alone would skip too much, fewer steps plus skipping wins.
     """
-    from ditfa_jax.cost_model import steps_cost
+    from ditfa_jax.cost_model import plan_cost, steps_cost
 
     unknown = [m for m in methods if m not in METHOD_FAMILIES and m != FEWER_STEPS]
     if unknown or not methods:
         raise ValueError(f"methods {list(methods)}: expected names from {list(METHOD_FAMILIES) + [FEWER_STEPS]}")
+    bad = [n for n in base_steps if not 1 <= int(n) < num_steps]
+    if bad:
+        raise ValueError(f"base steps {bad}: expected step counts in 1..{num_steps - 1} (fewer than the run's)")
+    runs = [(m, num_steps) for m in methods]
+    runs += [(m, int(n)) for n in sorted(set(base_steps), reverse=True) for m in methods if m != FEWER_STEPS]
     results, candidates, errors, out_of_reach = {}, {}, {}, {}
     dense = np.asarray(dense_latents, np.float64)
-    for method in methods:
+    for method, steps_run in runs:
+        name = method if steps_run == num_steps else f"{method} on {steps_run} steps"
         try:
             if method == FEWER_STEPS:
                 steps = int(np.floor(num_steps / target_speedup * (1 + 1e-9)))  # 20 / 1.25 is 16 despite rounding
                 if steps < 1:
                     raise ValueError(f"{target_speedup:g}x would leave less than one of {num_steps} steps")
                 result = search(0.0, num_steps=steps)
-                candidates[method] = steps_cost(steps, num_steps)
+                candidates[name] = steps_cost(steps, num_steps)
             else:
-                result = calibrate_for_speedup(functools.partial(search, method=method), target_speedup,
-                                               cost_model, num_steps=num_steps, log=log)
-                candidates[method] = result.plan
+                target = target_speedup * steps_run / num_steps  # of dense with steps_run steps
+                if target <= 1.0:
+                    raise ValueError(f"{steps_run} dense steps alone reach {target_speedup:g}x (that is "
+                                     f"{FEWER_STEPS})")
+                result = calibrate_for_speedup(functools.partial(search, method=method, num_steps=steps_run),
+                                               target, cost_model, num_steps=steps_run, log=log)
+                candidates[name] = plan_cost(result.plan, cost_model) * steps_run / num_steps
         except ValueError as err:
-            out_of_reach[method] = str(err)
+            out_of_reach[name] = str(err)
             if log is not None:
-                log(f"{method}: {err}")
+                log(f"{name}: {err}")
             continue
         diff = np.asarray(result.final_latents, np.float64) - dense
-        results[method], errors[method] = result, float(np.sum(diff ** 2) / max(np.sum(dense ** 2), 1e-30))
+        results[name], errors[name] = result, float(np.sum(diff ** 2) / max(np.sum(dense ** 2), 1e-30))
         if log is not None:
-            log(f"{method}: end-to-end RSE {errors[method]:.3g} at {target_speedup:g}x")
+            log(f"{name}: end-to-end RSE {errors[name]:.3g} at {target_speedup:g}x")
     if not results:
         raise ValueError(f"target speed-up {target_speedup:g}x is out of reach for every method: "
                          + "; ".join(f"{m}: {e}" for m, e in out_of_reach.items()))
     chosen = least_error_plan(candidates, errors, cost_model, max_cost=1.0 / target_speedup)
     best = results[chosen]
     notes = {**best.plan.notes, "method": chosen, "method_errors": {m: round(e, 8) for m, e in errors.items()},
-             "methods_out_of_reach": sorted(out_of_reach)}
+             "methods_out_of_reach": sorted(out_of_reach), "against_dense_steps": int(num_steps)}
     return dataclasses.replace(best, plan=best.plan.replace(notes=notes))
 
 

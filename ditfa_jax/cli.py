@@ -108,6 +108,17 @@ def _methods(text: str) -> tuple[str, ...]:
     return names
 
 
+def _step_counts(text: str) -> tuple[int, ...]:
+    """Step counts for --base-steps (argparse type): comma-separated integers >= 1."""
+    try:
+        counts = tuple(int(n) for n in text.split(",") if n.strip())
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated step counts >= 1, e.g. 14,10")
+    return counts
+
+
 def _step_kinds(text: str) -> tuple[str, ...]:
     """Step method names for --step-kinds (argparse type); 'none' is the empty list."""
     names = () if text.strip() == "none" else tuple(n.strip() for n in text.split(","))
@@ -345,6 +356,8 @@ def _check_methods(args) -> None:
     from ditfa_jax.calibrate import METHOD_FAMILIES
 
     if args.methods is None:
+        if args.base_steps:
+            raise ValueError("--base-steps adds candidates to --methods: give --methods (and --target-speedup) too")
         return
     if args.target_speedup is None:
         raise ValueError("--methods chooses among methods at a speed: give --target-speedup too")
@@ -376,6 +389,9 @@ def cmd_calibrate(args) -> int:
         raise ValueError(f"--prompts must be a prompt file or a number >= 1, got {args.prompts}")
     prompts = _read_prompts(args.prompts) if text_prompts else None
     run = _geometry(args, None, text_len_default=16, batch=len(prompts) if text_prompts else int(args.prompts))
+    too_many = [n for n in args.base_steps or () if n >= run["steps"]]
+    if too_many:
+        raise ValueError(f"--base-steps {','.join(map(str, too_many))}: expected fewer than --steps {run['steps']}")
     if not text_prompts:
         model, _ = _with_fp8(args, None, load_transformer(args.checkpoint, dtype=_dtype(args.dtype), progress=False))
         scheduler = scheduler_for(args.checkpoint, model)
@@ -413,11 +429,12 @@ def cmd_calibrate(args) -> int:
         dense = search(0.0).final_latents  # every budget 0: the dense trajectory from the same noise
         result = least_error_for_speedup(search, args.target_speedup, get_cost_model(args.cost_model),
                                          num_steps=run["steps"], methods=args.methods, dense_latents=dense,
-                                         log=print)
-        chosen = result.plan.notes["method"]
+                                         base_steps=args.base_steps or (), log=print)
+        chosen, steps = result.plan.notes["method"], result.plan.num_steps
         print(f"chosen: {chosen} (least end-to-end error on the calibration prompts)"
-              + (f": dense with {result.plan.num_steps} of {run['steps']} steps; the plan runs that many"
-                 if chosen == FEWER_STEPS else ""))
+              + (f": dense with {steps} of {run['steps']} steps; the plan runs that many" if chosen == FEWER_STEPS
+                 else f": a plan for {steps} of {run['steps']} steps; the sampler runs that many"
+                 if steps != run["steps"] else ""))
     plan = result.plan
     plan.save(out, overwrite=args.overwrite)
     try:
@@ -711,6 +728,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "latents) are closest to dense is kept (e.g. taylor,blocks,steps+blocks,all,fewer-steps; "
                           "fewer-steps, the plain baseline, is dense with the most steps that reach the speed, "
                           "written as a dense plan for that many steps)")
+    p.add_argument("--base-steps", type=_step_counts,
+                   help="with --methods: comma-separated step counts below --steps on which each method also "
+                        "searches (a method on top of fewer steps, e.g. 14,10), scored against dense with --steps")
     p.add_argument("--token-order", choices=TOKEN_ORDER_CHOICES, default="raster",
                    help="order of the image tokens that arrow bands follow: raster (the paper's: a band is a strip "
                         "of whole rows) or along a space-filling curve (hilbert, morton: a band is a 2-D "

@@ -171,7 +171,8 @@ def test_least_error_over_methods_from_the_cli(tmp_path, capsys):
     """`--target-speedup --methods`: each method searches its plan at the speed and the least end-to-end error wins
     (`least_error_plan`, tested above); a method that cannot reach the speed (heads alone, at 1.4x) is left out and
     recorded. fewer-steps (dense with the most steps that reach the speed) is scored alike; when it wins, the plan
-    written is a dense plan for that many steps (what `generate --plan` then runs)."""
+    written is a dense plan for that many steps (what `generate --plan` then runs). `--base-steps 2`: reuse on 2
+    steps, which 2 dense steps already make 1.5x, is left out as fewer-steps; misuse of it is refused early."""
     from ditfa_jax.calibrate import FEWER_STEPS, METHOD_FAMILIES
     from ditfa_jax.cli import METHOD_CHOICES, METHOD_FAMILY_NAMES
     from ditfa_jax.cli import main as cli_main
@@ -182,10 +183,11 @@ def test_least_error_over_methods_from_the_cli(tmp_path, capsys):
     out = tmp_path / "plan.json"
     args = ["calibrate", str(FLUX_TINY), "--out", str(out), "--height", "64", "--width", "64", "--steps", "3",
             "--prompts", "1", "--target-speedup", "1.4", "--step-delta", "0.05", "--methods", "heads,reuse,fewer-steps"]
-    assert cli_main(args) == 0
+    assert cli_main(args + ["--base-steps", "2"]) == 0
     notes = CompressionPlan.load(out).notes
     errors = notes["method_errors"]
-    assert notes["methods_out_of_reach"] == ["heads"] and set(errors) == {"reuse", "fewer-steps"}
+    assert notes["methods_out_of_reach"] == ["heads", "heads on 2 steps", "reuse on 2 steps"]
+    assert set(errors) == {"reuse", "fewer-steps"}
     assert all(e > 0 for e in errors.values()) and notes["method"] == min(errors, key=errors.get)
     assert f"chosen: {notes['method']}" in capsys.readouterr().out
     assert cli_main(args[:-1] + ["fewer-steps", "--overwrite"]) == 0
@@ -194,12 +196,16 @@ def test_least_error_over_methods_from_the_cli(tmp_path, capsys):
     assert (plan.head_window == -1).all() and (plan.step_kind == 0).all() and plan.block_compute.all()
     assert "dense with 2 of 3 steps" in capsys.readouterr().out
     bad = [(["--methods", "taylor"], "give --target-speedup too"),
-           (["--methods", "taylor", "--target-speedup", "2"], "which is 0; give it a starting budget")]
+           (["--methods", "taylor", "--target-speedup", "2"], "which is 0; give it a starting budget"),
+           (["--base-steps", "2"], "give --methods"),
+           (["--methods", "taylor", "--target-speedup", "2", "--step-delta", "0.1", "--base-steps", "3"],
+            "--base-steps 3: expected fewer than --steps 3")]
     for extra, message in bad:
         assert cli_main(args[:2] + args[4:12] + ["--out", str(tmp_path / "no.json")] + extra) == 2
         assert message in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        cli_main(args[:-1] + ["taylor,fast"])
+    for extra in (["taylor,fast"], ["taylor", "--base-steps", "0"]):
+        with pytest.raises(SystemExit):
+            cli_main(args[:-1] + extra)
 
 
 def test_fewer_steps_counts_steps_without_rounding_down_and_refuses_less_than_one():
@@ -222,3 +228,37 @@ def test_fewer_steps_counts_steps_without_rounding_down_and_refuses_less_than_on
     with pytest.raises(ValueError, match="fewer-steps: 30x would leave less than one of 20 steps"):
         least_error_for_speedup(search, 30, get_cost_model("h200-flux-dev-1024"), num_steps=20,
                                 methods=("fewer-steps",), dense_latents=np.ones(3))
+
+
+def test_methods_on_fewer_base_steps_are_priced_against_all_steps():
+    """`base_steps`: each method also searches on fewer steps, at the speed-up that is left once the steps are
+    fewer, priced and scored against dense with all steps; a base that reaches the speed by itself is fewer-steps
+    (left out, said why); a base that is not fewer than the run's steps is refused before any pass."""
+    from ditfa_jax.calibrate import CalibrationResult, least_error_for_speedup
+    from ditfa_jax.cost_model import get_cost_model
+    from ditfa_jax.plan import CompressionPlan
+    from ditfa_jax.testbed.v2.model import TRANSFORMER_CONFIG
+
+    asked = []
+
+    def search(scale, method=None, num_steps=None):
+        """Reuse every step after the first three whose index is odd; the error is smaller on fewer steps."""
+        asked.append((method, num_steps))
+        plan = CompressionPlan.full(TRANSFORMER_CONFIG, height=64, width=64, text_len=56, num_steps=num_steps)
+        kinds = np.where((np.arange(num_steps) > 2) & (np.arange(num_steps) % 2 == 1) & (scale > 1), 1, 0)
+        return CalibrationResult(plan=plan.replace(step_kind=kinds.astype(np.int8)), rse=None, saving=None,
+                                 final_latents=np.full(3, 1.0 + num_steps / 100))
+
+    cost = get_cost_model("h200-flux-dev-1024")
+    result = least_error_for_speedup(search, 2.0, cost, num_steps=20, methods=("reuse",), base_steps=(14, 10, 8),
+                                     dense_latents=np.ones(3))
+    notes = result.plan.notes
+    assert {n for m, n in asked} == {20, 14}  # 10 and 8 dense steps reach 2x alone: no pass
+    assert set(notes["method_errors"]) == {"reuse on 14 steps"}  # 20 steps: 9 of 19 skippable, under 2x
+    assert notes["methods_out_of_reach"] == ["reuse", "reuse on 10 steps", "reuse on 8 steps"]
+    assert notes["method"] == "reuse on 14 steps" and result.plan.num_steps == 14
+    assert notes["against_dense_steps"] == 20
+    with pytest.raises(ValueError, match=r"base steps \[20\]: expected step counts in 1..19"):
+        least_error_for_speedup(search, 2.0, cost, num_steps=20, methods=("reuse",), base_steps=(20,),
+                                dense_latents=np.ones(3))
+

@@ -195,3 +195,19 @@ def test_scanned_training_calls_equal_single_steps(two_steps):
     assert record["loss_curve"][0][0] == 2 and abs(record["loss_curve"][0][1] - single_mean) < 1e-4
     with pytest.raises(ValueError, match="steps_per_call 3"):
         train(TrainConfig(testbed="v2", steps=4, batch_size=2, steps_per_call=3), progress=False)
+
+
+def test_sweep_runs_each_search_on_fewer_base_steps_too(pipe):
+    """`base_steps`: a row per search on fewer steps, priced against dense with all steps and a candidate of the
+    least-error rows; a base that is not fewer than the steps is refused."""
+    from ditfa_jax.testbed.quality import quality_sweep
+
+    scenes = heldout_scenes(1, seed=5, objects=None, testbed="v2")
+    rows, images = quality_sweep(pipe, scenes, ["a red circle"], [0.5], num_steps=3, include_global=False,
+                                 searches=("taylor",), base_steps=(2,), choose_at=(1.0,), timed=False,
+                                 progress=False)
+    on_fewer = next(r for r in rows if r["search"] == "taylor on 2 steps")
+    assert on_fewer["steps"] == 2 and on_fewer["cost"] <= 2 / 3 + 1e-4 and on_fewer["psnr_db"] < np.inf
+    assert "taylor on 2 steps delta=0.5" in images and on_fewer["calibration_error"] > 0
+    with pytest.raises(ValueError, match=r"base_steps \[3\]"):
+        quality_sweep(pipe, scenes, ["a red circle"], [0.5], num_steps=3, base_steps=(3,), progress=False)

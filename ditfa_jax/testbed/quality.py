@@ -131,14 +131,16 @@ def plan_work(plan: CompressionPlan | None) -> dict:
 
 def quality_sweep(pipe, scenes, calibration_captions: list[str], deltas, *, seeds_per_caption: int = 1,
                   num_steps: int = DEFAULT_STEPS, include_global: bool = True, searches=("per-layer",),
-                  fewer_steps=(), gates=(), cost_model: StepCostModel | str = "h200-flux-dev-1024", features=None,
-                  choose_at=(), batch_size: int = 256, timed: bool = True,
+                  fewer_steps=(), base_steps=(), gates=(), cost_model: StepCostModel | str = "h200-flux-dev-1024",
+                  features=None, choose_at=(), batch_size: int = 256, timed: bool = True,
                   progress: bool = True) -> tuple[list[dict], dict]:
     """Rows of metrics (dense first, then dense with each of ``fewer_steps``, then one per search and delta) and
     the images by row name.
 
     ``searches`` names entries of `SEARCHES`; ``include_global`` adds the global MILP over the paper search's
-    recorded RSE table. ``gates``: (first_blocks, threshold) pairs, each a row of the dynamic gate
+    recorded RSE table. ``base_steps``: step counts below ``num_steps`` on which every search also runs (rows
+    "<search> on <n> steps": the method on top of fewer steps, its cost relative to dense with all ``num_steps``,
+    its PSNR / SSIM against that dense). ``gates``: (first_blocks, threshold) pairs, each a row of the dynamic gate
     (`TestbedPipeline.gated`, one caption at a time; its cost `gated_cost`). Every caption of ``scenes`` is
     generated ``seeds_per_caption`` times (seeds 0..k-1 offset per caption) from the same noise in every row.
     ``cost`` is the row's run time relative to dense with all steps under ``cost_model``. ``features`` (a
@@ -154,9 +156,10 @@ def quality_sweep(pipe, scenes, calibration_captions: list[str], deltas, *, seed
     unknown = [s for s in searches if s not in SEARCHES]
     if unknown:
         raise ValueError(f"unknown searches {unknown}; expected names from {list(SEARCHES)}")
-    bad = [n for n in fewer_steps if not 1 <= int(n) < num_steps]
-    if bad:
-        raise ValueError(f"fewer_steps {bad}: expected step counts in 1..{num_steps - 1}")
+    for name, counts in (("fewer_steps", fewer_steps), ("base_steps", base_steps)):
+        bad = [n for n in counts if not 1 <= int(n) < num_steps]
+        if bad:
+            raise ValueError(f"{name} {bad}: expected step counts in 1..{num_steps - 1}")
     cost_model = get_cost_model(cost_model) if isinstance(cost_model, str) else cost_model
     world, detector = pipe.testbed.world, pipe.testbed.detector
     texts = [t for t in world.captions(scenes) for _ in range(seeds_per_caption)]
@@ -189,11 +192,10 @@ def quality_sweep(pipe, scenes, calibration_captions: list[str], deltas, *, seed
         calibration_seeds = np.arange(len(calibration_captions))
         calibration_dense = _batched(pipe, calibration_captions, calibration_seeds, num_steps, None, batch_size)
 
-    def candidate(key, plan_or_cost, steps):
+    def candidate(key, plan, steps, cost):
         """A row the least-error rows may choose: scored by its images of the calibration captions."""
-        seen = _batched(pipe, calibration_captions, calibration_seeds, steps,
-                        None if isinstance(plan_or_cost, float) else plan_or_cost, batch_size)
-        candidates[key], rows_by_plan[key] = plan_or_cost, rows[-1]
+        seen = _batched(pipe, calibration_captions, calibration_seeds, steps, plan, batch_size)
+        candidates[key], rows_by_plan[key] = cost, rows[-1]
         for reduction, errors in calibration_errors.items():
             errors[key] = relative_squared_error(seen, calibration_dense, reduction)
         rows[-1]["calibration_error"] = round(calibration_errors["mean"][key], 6)
@@ -204,7 +206,7 @@ def quality_sweep(pipe, scenes, calibration_captions: list[str], deltas, *, seed
         rows.append(row("fewer steps", out, seconds, delta=0.0, steps=n, kept=1.0, cost=steps_cost(n, num_steps)))
         images[f"dense {n} steps"] = out
         if choose_at:
-            candidate(f"dense {n} steps", steps_cost(n, num_steps), n)
+            candidate(f"dense {n} steps", None, n, steps_cost(n, num_steps))
     layers = pipe.transformer.config.total_layers
     for first_blocks, threshold in gates:
         gate = DynamicGate(first_blocks=int(first_blocks), threshold=float(threshold))
@@ -219,22 +221,24 @@ def quality_sweep(pipe, scenes, calibration_captions: list[str], deltas, *, seed
     bar = tqdm(list(deltas), desc="quality sweep", unit="delta", disable=not progress)
     for delta in bar:
         variants = []
-        for search in searches:
-            result = pipe.calibrate(calibration_captions, num_steps=num_steps, progress=False,
-                                    **search_options(search, delta, pipe.transformer.config.total_layers))
-            plan = (unified_plan(result, cost_model, **UNIFIED_MILP[search]) if search in UNIFIED_MILP
-                    else result.plan)
-            variants.append((search, plan))
-            if include_global and search == "per-layer":
-                variants.append(("global", global_plan(result.plan, result.rse, result.saving)))
+        for steps in (num_steps, *sorted({int(n) for n in base_steps}, reverse=True)):
+            on = "" if steps == num_steps else f" on {steps} steps"
+            for search in searches:
+                result = pipe.calibrate(calibration_captions, num_steps=steps, progress=False,
+                                        **search_options(search, delta, pipe.transformer.config.total_layers))
+                plan = (unified_plan(result, cost_model, **UNIFIED_MILP[search]) if search in UNIFIED_MILP
+                        else result.plan)
+                variants.append((search + on, plan))
+                if include_global and search == "per-layer":
+                    variants.append(("global" + on, global_plan(result.plan, result.rse, result.saving)))
         for name, p in variants:
-            out, seconds = generate(p)
-            rows.append(row(name, out, seconds, delta=float(delta), steps=num_steps, kept=p.flops_kept_fraction(),
-                            cost=plan_cost(p, cost_model), calibration_seconds=p.notes["calibration_seconds"],
-                            plan=p))
+            out, seconds = generate(p, p.num_steps)
+            cost = plan_cost(p, cost_model) * p.num_steps / num_steps
+            rows.append(row(name, out, seconds, delta=float(delta), steps=p.num_steps, kept=p.flops_kept_fraction(),
+                            cost=cost, calibration_seconds=p.notes["calibration_seconds"], plan=p))
             images[f"{name} delta={delta:g}"] = out
             if choose_at:
-                candidate(f"{name} delta={delta:g}", p, num_steps)
+                candidate(f"{name} delta={delta:g}", p, p.num_steps, cost)
         bar.set_postfix(kept=f"{rows[-1]['flops_kept']:.2f}")
     for reduction, errors in calibration_errors.items():
         for max_cost in choose_at:
