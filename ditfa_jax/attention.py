@@ -20,6 +20,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from ditfa_jax import sharding
+
 IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 
 
@@ -32,12 +34,14 @@ class AttentionSettings:
     granularity (query, key tokens) of the plan being run (None: the kernel's default for the head size).
     `shortcuts`: a layer whose heads are all full runs dense attention and one whose heads are all cached skips its
     q/k/v projections (same function, less work); False sends every planned layer through the kernel backend, as
-    tests that check the kernel path need.
+    tests that check the kernel path need. `mesh`: a (data, heads) `jax.sharding.Mesh` to run attention on each
+    device's slice of the batch and heads (`ditfa_jax.sharding`); None: one device.
     """
     implementation: str = "auto"
     backend: str | None = None
     band: tuple[int, int] | None = None
     shortcuts: bool = True
+    mesh: jax.sharding.Mesh | None = None
 
     def __post_init__(self):
         if self.implementation not in IMPLEMENTATIONS:
@@ -86,13 +90,16 @@ def joint_attention(
     text_first: bool,
     head_window: jax.Array | None = None,
     cache: jax.Array | None = None,
+    head_order: jax.Array | None = None,
     settings: AttentionSettings = AttentionSettings(),
 ) -> jax.Array:
     """Joint text-image attention of one layer; returns [batch, tokens, heads, head_dim] in q's dtype.
 
     Without a plan (`head_window=None`) every head is exact attention. With a plan the head-wise kernel runs and
     cached heads return `cache`'s value for that head; with `settings.shortcuts`, a step whose heads are all full
-    runs the dense path (the uncompressed model's attention, cuDNN on a GPU).
+    runs the dense path (the uncompressed model's attention, cuDNN on a GPU). With `settings.mesh` each device runs
+    its slice of the batch and heads; `head_order` (a permutation of the heads, `ditfa_jax.sharding.balance_heads`)
+    says which heads share a device.
     """
     if q.ndim != 4 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(
@@ -100,6 +107,14 @@ def joint_attention(
             f"k {k.shape}, v {v.shape}")
     if not 0 <= text_len <= q.shape[1]:
         raise ValueError(f"text_len={text_len} must lie in [0, tokens={q.shape[1]}]")
+    if sharding.is_parallel(settings.mesh):
+        local = dataclasses.replace(settings, mesh=None)
+
+        def attend(q, k, v, head_window, cache):
+            return joint_attention(q, k, v, text_len=text_len, text_first=text_first, head_window=head_window,
+                                   cache=cache, settings=local)
+
+        return sharding.head_parallel(attend, settings.mesh, q, k, v, head_window, cache, head_order)
     if head_window is None:
         return dense_attention(q, k, v, settings.implementation)
 

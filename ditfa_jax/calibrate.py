@@ -36,6 +36,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 import pallas_kernels
+from ditfa_jax import sharding
 from ditfa_jax.attention import AttentionSettings, dense_attention, headwise
 from ditfa_jax.configs import VAE_SCALE_FACTOR
 from ditfa_jax.denoise import (VelocityHistory, cache_bytes, cache_shape, embed, euler_step, guided_velocity,
@@ -106,10 +107,15 @@ class _LayerCaches:
     a cache larger than the GPU (FLUX-2K, 8 prompts: 47 GB) costs little time.
     """
 
-    def __init__(self, layers: int, shape: tuple[int, ...], dtype, on_host: bool):
-        device = jax.devices()[0]
-        self.device = jax.sharding.SingleDeviceSharding(device)
-        self.home = jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host") if on_host else self.device
+    def __init__(self, layers: int, shape: tuple[int, ...], dtype, on_host: bool, mesh=None):
+        if mesh is None:
+            device = jax.devices()[0]
+            self.device = jax.sharding.SingleDeviceSharding(device)
+            self.home = jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host") if on_host else self.device
+        else:  # the prompts' rows split over the mesh's data axis, as the calibration pass splits them
+            spec = sharding.batch_spec(shape[0], mesh)
+            self.device = jax.sharding.NamedSharding(mesh, spec)
+            self.home = jax.sharding.NamedSharding(mesh, spec, memory_kind="pinned_host") if on_host else self.device
         self.on_host = on_host
         self.layers = [jax.device_put(np.zeros(shape, dtype), self.home) for _ in range(layers)]
         self._ahead: tuple[int, jax.Array] | None = None
@@ -203,7 +209,7 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
               attention: AttentionSettings | None = None, band: tuple[int, int] | None = None,
               progress: bool = True, cache_on_host: bool | None = None, rse_over_prompts: str = "mean",
               budget_schedule: str = "constant", token_order: str = "raster", step_delta: float = 0.0,
-              step_kinds=("reuse", "taylor1", "taylor2"), block_candidates=()) -> CalibrationResult:
+              step_kinds=("reuse", "taylor1", "taylor2"), block_candidates=(), mesh=None) -> CalibrationResult:
     """Search a head-wise compression plan on calibration prompts (embeddings [N, L, dim], pooled [N, dim]).
 
     The pass samples from seeded noise (`seed`) with the core `ditfa_jax.sample` runs (`ditfa_jax.denoise`), the
@@ -221,6 +227,9 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
     first blocks that run) adds block-residual caching to that menu: blocks F.. reuse their residuals when the
     velocity that gives is within ``step_delta``. The candidate saving the most time wins (a skipped step saves it
     all, F blocks save (layers - F) / layers of it).
+
+    ``mesh`` (`ditfa_jax.sharding.make_mesh` with a head axis of 1) splits the calibration prompts over its data
+    axis; the RSEs are reduced over all prompts on all devices, so the plan is the one a single device finds.
     """
     if rse_over_prompts not in RSE_REDUCTIONS:
         raise ValueError(f"rse_over_prompts={rse_over_prompts!r}: expected one of {RSE_REDUCTIONS}")
@@ -244,10 +253,19 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
                       negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, scheduler=scheduler,
                       token_order=token_order, vae_scale_factor=vae_scale_factor, dtype=model.dtype)
     layout, cond, family = run.layout, run.cond, run.family
+    if mesh is not None:
+        sharding.check_mesh(mesh, cfg, run.batch)
+        if mesh.shape[sharding.HEADS] != 1:
+            raise ValueError(f"calibrate: mesh head axis {mesh.shape[sharding.HEADS]}: the search splits its prompts "
+                             "over the data axis only; make the mesh with heads=1")
+        if not sharding.is_parallel(mesh):
+            mesh = None
     band = tuple(band or pallas_kernels.default_band(cfg.attention_head_dim))
     settings = dataclasses.replace(attention or AttentionSettings(), band=band)
     n = cond.prompt_embeds.shape[0] // (2 if cond.cfg_scale is not None else 1)
     latents = jax.random.normal(jax.random.key(seed), (n, *run.latent_shape), jnp.float32)
+    if mesh is not None:
+        cond, latents = sharding.split_batch((cond, latents), mesh)
 
     tokens, heads = layout.tokens, cfg.num_attention_heads
     windows = tuple(int(w) for w in candidate_windows(candidates, layout.image_tokens))
@@ -260,7 +278,7 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
                                               text_first=layout.text_first, head_dim=cfg.attention_head_dim,
                                               band=band).flop_fraction.mean())
 
-    module = model.module()
+    module = model.module() if mesh is None else nnx.merge(model.graphdef, sharding.replicate(model.state, mesh))
     runners = [(_LayerRunner(stack, layout=layout, windows=windows, settings=settings), first, count)
                for stack, first, count in module.stacks()]
     graphdef, state = nnx.split(module)
@@ -303,7 +321,8 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
 
     if cache_on_host is None:
         cache_on_host = _cache_exceeds_device(cache_bytes(cfg, run.batch, tokens, model.dtype))
-    caches = _LayerCaches(cfg.total_layers, cache_shape(cfg, run.batch, tokens)[1:], model.dtype, cache_on_host)
+    caches = _LayerCaches(cfg.total_layers, cache_shape(cfg, run.batch, tokens)[1:], model.dtype, cache_on_host,
+                          mesh)
     head_window = np.full((num_steps, cfg.total_layers, heads), -1, np.int32)
     rse_used = np.zeros((num_steps, cfg.total_layers))
     rse_table = np.full((num_steps, cfg.total_layers, heads, len(windows)), np.nan)

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ditfa_jax import sharding
 from ditfa_jax.attention import AttentionSettings
 from ditfa_jax.family import ModelFamily, TokenLayout, family_of, layout_for
 from ditfa_jax.models.layers import empty_block_residuals, run_stacks_with_blocks
@@ -114,6 +115,12 @@ def embed(module, family: ModelFamily, cond: Conditioning, x, t):
                         image_order=cond.image_order)
 
 
+def embed_split(module, family: ModelFamily, cond: Conditioning, settings: AttentionSettings, x, t):
+    """`embed`, its carry split over `settings.mesh` (batch over the data axis, tokens over the head axis)."""
+    carry, temb = embed(module, family, cond, x, t)
+    return sharding.split_tokens(carry, settings.mesh), temb
+
+
 def guided_velocity(module, cond: Conditioning, layout: TokenLayout, carry, temb):
     """The last stack's carry -> the velocity in float32, classifier-free guidance applied."""
     v = module.unembed(carry, temb, layout, cond.image_order).astype(jnp.float32)
@@ -124,14 +131,15 @@ def guided_velocity(module, cond: Conditioning, layout: TokenLayout, carry, temb
 
 
 def velocity(module, family: ModelFamily, cond: Conditioning, layout: TokenLayout, settings: AttentionSettings,
-             x, t, head_window=None, cache=None, compute_blocks=None, residuals=None):
+             x, t, head_window=None, cache=None, compute_blocks=None, residuals=None, head_order=None):
     """One denoiser evaluation: (velocity float32, new attention cache or None, new block residuals or None).
 
     With a plan, `head_window` [layers, H] is this step's plan and `cache` [layers, B, T, H, D] each layer's last
     computed attention output; `compute_blocks` [layers] bool which blocks run, the others reusing `residuals`
-    (`ditfa_jax.models.layers.run_stacks_with_blocks`)."""
-    carry, temb = embed(module, family, cond, x, t)
-    plan = None if cache is None else (head_window, cache)
+    (`ditfa_jax.models.layers.run_stacks_with_blocks`); `head_order` [layers, H] how the heads are grouped over
+    a mesh's devices (`ditfa_jax.sharding.balance_heads`), or None."""
+    carry, temb = embed_split(module, family, cond, settings, x, t)
+    plan = None if cache is None else (head_window, cache, head_order)
     carry, cache, residuals = run_stacks_with_blocks(module, carry, temb, cond.rope, plan, layout, settings,
                                                      compute_blocks, residuals)
     return guided_velocity(module, cond, layout, carry, temb), cache, residuals
@@ -204,12 +212,12 @@ def _first_residual_change(new, old, first_blocks: int):
 
 
 def gated_velocity(module, family: ModelFamily, cond: Conditioning, layout: TokenLayout, settings: AttentionSettings,
-                   gate: DynamicGate, x, t, head_window, cache, residuals, force):
+                   gate: DynamicGate, x, t, head_window, cache, residuals, force, head_order=None):
     """One denoiser evaluation under `gate`: (velocity, attention cache, residuals, skipped). `force` (a traced
     bool) runs everything regardless, as at step 0. The residuals of a skipped step stay those of the last full
     step, so the gate measures the change since then."""
-    carry, temb = embed(module, family, cond, x, t)
-    plan = None if cache is None else (head_window, cache)
+    carry, temb = embed_split(module, family, cond, settings, x, t)
+    plan = None if cache is None else (head_window, cache, head_order)
     layers = module.config.total_layers
     first = jnp.arange(layers) < gate.first_blocks
     out_first, cache_first, res_first = run_stacks_with_blocks(module, carry, temb, cond.rope, plan, layout,
@@ -232,7 +240,7 @@ def euler_step(x, v, sigma, sigma_next):
 
 def denoise(module, family: ModelFamily, cond: Conditioning, layout: TokenLayout, settings: AttentionSettings,
             latents, sigmas, timesteps, head_windows=None, cache=None, step_kinds=None, block_compute=None,
-            gate: DynamicGate | None = None):
+            gate: DynamicGate | None = None, head_orders=None):
     """The whole loop as one `lax.scan` over the steps: (final latents float32, finite [steps] bool).
 
     `finite[i]` says whether the latents after step i are all finite (one reduction per step, on the device), so
@@ -240,26 +248,27 @@ def denoise(module, family: ModelFamily, cond: Conditioning, layout: TokenLayout
     H] is scanned as data and the cache carried; `step_kinds` [steps] int32 (0 compute, 1 reuse the last computed
     velocity, 2 / 3 extrapolate it to first / second order in sigma) and `block_compute` [steps, layers] bool (which
     blocks run; the others reuse their residual) are scanned too, with the velocity history and the blocks'
-    residuals in the carry. None: every step and block runs."""
+    residuals in the carry. None: every step and block runs. `head_orders` [steps, layers, H] (a plan on a mesh)
+    groups the heads over the devices, step by step."""
     x0 = latents.astype(jnp.float32)
     history = None if step_kinds is None else VelocityHistory.empty(x0.shape)
     residuals = None
     if block_compute is not None or gate is not None:  # zeros shaped like each stack's carry (shapes only)
-        carry, _ = embed(module, family, cond, x0, timesteps[0])
+        carry, _ = embed_split(module, family, cond, settings, x0, timesteps[0])
         residuals = empty_block_residuals(module, carry)
 
     def step(carry, xs):
         x, cache, history, residuals = carry
-        index, t, sigma, sigma_next, head_window, kind, compute_blocks = xs
+        index, t, sigma, sigma_next, head_window, kind, compute_blocks, head_order = xs
 
         def evaluate(cache, history, residuals):
             if gate is None:
                 v, cache, residuals = velocity(module, family, cond, layout, settings, x, t, head_window, cache,
-                                               compute_blocks, residuals)
+                                               compute_blocks, residuals, head_order)
                 skipped = jnp.bool_(False)
             else:
                 v, cache, residuals, skipped = gated_velocity(module, family, cond, layout, settings, gate, x, t,
-                                                              head_window, cache, residuals, index == 0)
+                                                              head_window, cache, residuals, index == 0, head_order)
             return v, cache, None if history is None else history.push(v, sigma), residuals, skipped
 
         if kind is None:
@@ -275,7 +284,7 @@ def denoise(module, family: ModelFamily, cond: Conditioning, layout: TokenLayout
     steps = jnp.arange(len(timesteps))
     (x, *_), (finite, skipped) = jax.lax.scan(
         step, (x0, cache, history, residuals),
-        (steps, timesteps, sigmas[:-1], sigmas[1:], head_windows, step_kinds, block_compute))
+        (steps, timesteps, sigmas[:-1], sigmas[1:], head_windows, step_kinds, block_compute, head_orders))
     return (x, finite) if gate is None else (x, finite, skipped)
 
 

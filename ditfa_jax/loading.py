@@ -55,6 +55,14 @@ class Transformer:
     def module(self):
         return nnx.merge(self.graphdef, self.state)
 
+    def place_on(self, mesh) -> "Transformer":
+        """Replicate the weights on every device of `mesh` (a `jax.sharding.Mesh`), once, so that sampling on that
+        mesh does not copy them per call; returns self."""
+        from ditfa_jax.sharding import replicate
+
+        self.state = replicate(self.state, mesh)
+        return self
+
     @cached_property
     def _apply(self):
         graphdef = self.graphdef

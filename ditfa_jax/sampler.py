@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ditfa_jax import sharding
 from ditfa_jax.attention import AttentionSettings
 from ditfa_jax.configs import VAE_SCALE_FACTOR
 from ditfa_jax.denoise import (DynamicGate, activation_bytes, cache_bytes, cache_shape, check_finite_steps,
@@ -51,7 +52,7 @@ def sample(model: Transformer, latents, prompt_embeds, pooled_prompt_embeds, *, 
            num_steps: int, guidance_scale: float, negative_prompt_embeds=None, negative_pooled_prompt_embeds=None,
            scheduler: SchedulerConfig | None = None, plan=None, vae_scale_factor: int = VAE_SCALE_FACTOR,
            attention: AttentionSettings | None = None, attention_impl: str = "auto", memory: bool = False,
-           gate: DynamicGate | None = None):
+           gate: DynamicGate | None = None, mesh=None, balance: bool = True):
     """Run the full denoising loop; returns the final latents (FLUX: packed [B, S, C*4]; SD3: [B, C, H/8, W/8]).
 
     height/width are pixel sizes of `vae_scale_factor` pixels per latent cell (the pipeline's VAE; 1 for a
@@ -65,6 +66,11 @@ def sample(model: Transformer, latents, prompt_embeds, pooled_prompt_embeds, *, 
     temporary bytes): what a plan costs in memory, found without a GPU.
     `gate` (a `ditfa_jax.denoise.DynamicGate`) decides on the device, step by step, whether the blocks after the
     first ones run (FBCache-like); then `sample` returns (final latents, skipped [num_steps] bool).
+    `mesh` (`ditfa_jax.sharding.make_mesh`: a data axis and a head axis) runs the sampler over several devices:
+    the batch the model sees split over the data axis, attention head-parallel over the head axis with the plan's
+    heads regrouped per step and layer to even out the devices' work (`balance`; `ditfa_jax.sharding.balance_heads`).
+    The weights are replicated (`Transformer.place_on(mesh)` once avoids a copy per call). A one-device mesh runs
+    exactly the single-device program.
     """
     settings = attention or AttentionSettings(implementation=attention_impl)
     latents = jnp.asarray(latents)
@@ -100,7 +106,11 @@ def sample(model: Transformer, latents, prompt_embeds, pooled_prompt_embeds, *, 
         raise ValueError(f"{run.family.name} latents for {height}x{width} at vae_scale_factor {vae_scale_factor} "
                          f"must be {run.family.latent_layout} [B, {', '.join(map(str, run.latent_shape))}]; got "
                          f"{latents.shape}")
-    windows, cache_spec = None, None
+    if mesh is not None:
+        sharding.check_mesh(mesh, model.config, run.batch)
+        if not sharding.is_parallel(mesh):
+            mesh = None
+    windows, cache_spec, orders = None, None, None
     if plan is not None:
         plan.check_compatible(model.config, height=height, width=width, text_len=run.layout.text_len,
                               num_steps=num_steps, vae_scale_factor=vae_scale_factor)
@@ -109,10 +119,16 @@ def sample(model: Transformer, latents, prompt_embeds, pooled_prompt_embeds, *, 
             windows = jnp.asarray(plan.head_window, jnp.int32)
             cache_spec = (cache_shape(model.config, run.batch, run.layout.tokens), jnp.dtype(model.dtype).name)
             settings = dataclasses.replace(settings, band=tuple(plan.band))
+            if mesh is not None and balance and mesh.shape[sharding.HEADS] > 1:
+                costs = sharding.plan_head_costs(plan, run.layout, model.config.attention_head_dim)
+                orders = jnp.asarray(sharding.balance_heads(costs, mesh.shape[sharding.HEADS]))
     step_kinds = jnp.asarray(plan.step_kind, jnp.int32) if steps_on else None
     block_compute = jnp.asarray(plan.block_compute, bool) if blocks_on else None
     args = (model.state, latents, run.cond, jnp.asarray(run.sigmas), jnp.asarray(run.timesteps), windows, step_kinds,
-            block_compute)
+            block_compute, orders)
+    if mesh is not None:
+        settings = dataclasses.replace(settings, mesh=mesh)
+        args = sharding.replicate(args, mesh)  # the jit then splits them as its constraints say
     static = dict(graphdef=model.graphdef, layout=run.layout, settings=settings,
                   cache_spec=cache_spec, gate=gate)
     if memory:
@@ -123,12 +139,13 @@ def sample(model: Transformer, latents, prompt_embeds, pooled_prompt_embeds, *, 
 
 
 @model_jit(static_argnames=("graphdef", "layout", "settings", "cache_spec", "gate"))
-def _run(state, latents, cond, sigmas, timesteps, windows, step_kinds, block_compute, *, graphdef, layout, settings,
-         cache_spec, gate):
+def _run(state, latents, cond, sigmas, timesteps, windows, step_kinds, block_compute, orders, *, graphdef, layout,
+         settings, cache_spec, gate):
     """The jitted sampler: (final latents, per-step finite flags). The zeroed cache (static (shape, dtype name), or
     None without a plan) is made inside the program rather than passed in, so the loop's carry is its only copy (an
     input buffer that is not donated would be a second one)."""
     module = nnx.merge(graphdef, state)
-    cache = None if cache_spec is None else jnp.zeros(cache_spec[0], cache_spec[1])
+    cache = None if cache_spec is None else sharding.split_tokens(jnp.zeros(cache_spec[0], cache_spec[1]),
+                                                                  settings.mesh, batch_axis=1)
     return denoise(module, family_of(module.config), cond, layout, settings, latents, sigmas, timesteps, windows,
-                   cache, step_kinds, block_compute, gate)
+                   cache, step_kinds, block_compute, gate, orders)

@@ -188,17 +188,18 @@ def attention_inputs(block, carry, temb, rope):
 def block_forward(block, carry, temb, rope, layer_plan, layout, settings: AttentionSettings):
     """One MMDiT block: adaLN, q/k/v, joint attention, then `finish`; returns (carry, attention output).
 
-    With a plan, `layer_plan = (head_window [H], cache [B, T, H, D])`: the head-wise kernel runs and cached heads
-    return the cache; with `settings.shortcuts`, a layer whose heads are all cached skips q/k/v and the kernel.
-    The attention output (all rows, before the output projection) is what the next step's cache holds.
+    With a plan, `layer_plan = (head_window [H], cache [B, T, H, D], head_order [H] or None)`: the head-wise kernel
+    runs and cached heads return the cache; with `settings.shortcuts`, a layer whose heads are all cached skips
+    q/k/v and the kernel. `head_order` groups the heads over a mesh's devices (`ditfa_jax.sharding`). The attention
+    output (all rows, before the output projection) is what the next step's cache holds.
     """
-    head_window, cache = layer_plan if layer_plan is not None else (None, None)
+    head_window, cache, head_order = layer_plan if layer_plan is not None else (None, None, None)
     ctx = block.prepare(carry, temb)
 
     def attend():
         q, k, v = block.qkv(ctx, rope)
         return joint_attention(q, k, v, text_len=layout.text_len, text_first=layout.text_first,
-                               head_window=head_window, cache=cache, settings=settings)
+                               head_window=head_window, cache=cache, head_order=head_order, settings=settings)
 
     if layer_plan is None or not settings.shortcuts:
         out = attend()
@@ -210,7 +211,8 @@ def block_forward(block, carry, temb, rope, layer_plan, layout, settings: Attent
 def run_stacks(model, carry, temb, rope, plan, layout, settings: AttentionSettings):
     """Scan every block stack of `model` in order; returns (carry, per-layer attention outputs or None).
 
-    `plan` is None or (head_window [layers, H], cache [layers, ...]) over all layers of all stacks. The whole cache
+    `plan` is None or (head_window [layers, H], cache [layers, ...][, head_order [layers, H] or None]) over all
+    layers of all stacks. The whole cache
     rides in the scan carry and each layer overwrites its own slot (`dynamic_update_index_in_dim`), so XLA updates
     it in place: the sampler holds one copy of the cache, not the old one, per-stack outputs and their concatenation.
     """
@@ -239,6 +241,7 @@ def run_stacks_with_blocks(model, carry, temb, rope, plan, layout, settings: Att
     Without `compute` (None), every block runs and no residual is kept.
     """
     cache = None if plan is None else plan[1]
+    orders = plan[2] if plan is not None and len(plan) > 2 else None
     new_residuals = [] if compute is not None else None
     for index, (stack, first, count) in enumerate(model.stacks()):
         carry = model.enter_stack(index, carry)
@@ -249,10 +252,11 @@ def run_stacks_with_blocks(model, carry, temb, rope, plan, layout, settings: Att
 
         def body(block, state, layer):
             c, cache = state
-            window, i, runs, residual = layer
+            window, order, i, runs, residual = layer
 
             def run():
-                layer_plan = None if window is None else (window, jax.lax.dynamic_index_in_dim(cache, i, keepdims=False))
+                layer_plan = None if window is None else (
+                    window, jax.lax.dynamic_index_in_dim(cache, i, keepdims=False), order)
                 out_c, out = block_forward(block, c, temb, rope, layer_plan, layout, settings)
                 new_cache = cache if window is None else jax.lax.dynamic_update_index_in_dim(cache, out, i, 0)
                 kept = None if runs is None else jax.tree_util.tree_map(jnp.subtract, out_c, c)
@@ -262,7 +266,8 @@ def run_stacks_with_blocks(model, carry, temb, rope, plan, layout, settings: Att
                 return run()
             return jax.lax.cond(runs, run, lambda: ((jax.tree_util.tree_map(jnp.add, c, residual), cache), residual))
 
-        layers = (None if plan is None else plan[0][first:first + count], jnp.arange(first, first + count),
+        layers = (None if plan is None else plan[0][first:first + count],
+                  None if orders is None else orders[first:first + count], jnp.arange(first, first + count),
                   None if compute is None else compute[first:first + count],
                   None if compute is None else residuals[index])
         (carry, cache), kept = scan_stack(stack, (carry, cache), layers, body)

@@ -1,0 +1,133 @@
+"""Sampling and calibration over a (data, heads) mesh of CPU devices against one device (issue 19).
+
+Needs 4 or more devices: `test_sharding.py` runs this file in a subprocess with
+XLA_FLAGS=--xla_force_host_platform_device_count=4 and =8; in a one-device process it is skipped. Models: tiny
+FLUX-dev and SD3.5 configs with 8 heads (random fp32 weights), the fixtures' prompt embeddings.
+"""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tiny_runs import FIXTURES, tiny_run
+
+from ditfa_jax import sample, sharding
+from ditfa_jax.attention import AttentionSettings
+from ditfa_jax.calibrate import calibrate
+from ditfa_jax.configs import config_from_dict
+from ditfa_jax.denoise import prepare_run
+from ditfa_jax.family import family_of
+from ditfa_jax.loading import Transformer
+from ditfa_jax.plan import CompressionPlan
+
+pytestmark = pytest.mark.skipif(jax.device_count() < 4, reason="needs XLA_FLAGS=--xla_force_host_platform_device_"
+                                                              "count=4 or more (test_sharding.py runs it so)")
+STEPS = 4
+HEADS = 8
+
+
+def eight_head_model(name: str) -> Transformer:
+    """The fixture's architecture with 8 heads (of its 16 channels), random fp32 weights."""
+    raw = json.loads((FIXTURES / name / "transformer" / "config.json").read_text())
+    raw["num_attention_heads"] = HEADS
+    if "caption_projection_dim" in raw:
+        raw["caption_projection_dim"] = HEADS * raw["attention_head_dim"]
+    config = config_from_dict(raw, name)
+    module = family_of(config).module_class(config, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(module)
+    state = jax.tree_util.tree_map(lambda a: a + 0.02 * jax.random.normal(jax.random.key(1), a.shape, a.dtype)
+                                   if a.ndim >= 1 else a, state)  # no zero-initialised layer left
+    return Transformer(config, graphdef, state)
+
+
+@pytest.fixture(scope="module", params=["flux_dev", "sd35_medium"])
+def run(request):
+    _, text, common = tiny_run(request.param, STEPS)
+    model = eight_head_model(request.param)
+    setup = prepare_run(model.config, *text, vae_scale_factor=8, **common)
+    noise = jax.random.normal(jax.random.key(5), (text[0].shape[0], *setup.latent_shape), jnp.float32)
+    full = CompressionPlan.full(model.config, height=common["height"], width=common["width"],
+                                text_len=text[0].shape[1], num_steps=STEPS, vae_scale_factor=8)
+    windows = np.asarray(full.head_window).copy()
+    windows[1:] = np.random.default_rng(0).choice([-1, 0, 1, 2], size=windows[1:].shape)
+    return model, text, common, noise, full.replace(head_window=windows), setup.batch
+
+
+def meshes(batch: int):
+    """(data, heads) shapes over all the devices: heads only, and a data axis of 2 (the model's batch is 2 or 4)."""
+    n = jax.device_count()
+    return [s for s in [(1, n), (2, n // 2)] if batch % s[0] == 0 and HEADS % s[1] == 0]
+
+
+@pytest.mark.parametrize("planned", [False, True], ids=["dense", "mixed plan"])
+def test_sharded_sampler_equals_one_device(run, planned):
+    model, text, common, noise, plan, batch = run
+    plan = plan if planned else None
+    want = np.asarray(sample(model, noise, *text, plan=plan, **common))
+    for data, heads in meshes(batch):
+        mesh = sharding.make_mesh(data, heads)
+        got = np.asarray(sample(model, noise, *text, plan=plan, mesh=mesh, **common))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=f"mesh {data}x{heads}")
+    if planned:  # and without balancing (the heads in the model's order)
+        unbalanced = np.asarray(sample(model, noise, *text, plan=plan, mesh=mesh, balance=False, **common))
+        np.testing.assert_allclose(unbalanced, want, rtol=1e-5, atol=1e-5)
+    if planned:  # the plan changed the result by far more than the tolerance: the comparison is not trivial
+        assert np.abs(want - np.asarray(sample(model, noise, *text, **common))).max() > 3e-4
+
+
+def test_head_parallel_attention_goes_through_all_to_all(run):
+    """The partitioned program exchanges tokens for heads (Ulysses) instead of gathering whole activations."""
+    model, text, common, noise, plan, batch = run
+    mesh = sharding.make_mesh(1, jax.device_count())
+    settings = AttentionSettings(mesh=mesh)
+    from ditfa_jax.denoise import velocity
+
+    setup = prepare_run(model.config, *text, vae_scale_factor=8, **common)
+
+    @jax.jit
+    def one_step(state, x):
+        module = nnx.merge(model.graphdef, state)
+        return velocity(module, setup.family, setup.cond, setup.layout, settings, x, setup.timesteps[0])[0]
+
+    hlo = one_step.lower(*sharding.replicate((model.state, noise), mesh)).compile().as_text()
+    assert "all-to-all" in hlo
+    np.testing.assert_allclose(np.asarray(one_step(*sharding.replicate((model.state, noise), mesh))),
+                               np.asarray(jax.jit(lambda s, x: velocity(
+                                   nnx.merge(model.graphdef, s), setup.family, setup.cond, setup.layout,
+                                   AttentionSettings(), x, setup.timesteps[0])[0])(model.state, noise)),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_calibration_over_the_data_axis_finds_the_same_plan(run):
+    model, text, common, noise, plan, batch = run
+    kwargs = dict(common, delta=0.3, progress=False)
+    one = calibrate(model, *text, **kwargs)
+    split = calibrate(model, *text, mesh=sharding.make_mesh(2, 1), **kwargs)
+    assert 0 < (one.plan.head_window != -1).mean() < 1  # a plan with choices in it
+    np.testing.assert_array_equal(split.plan.head_window, one.plan.head_window)
+    np.testing.assert_allclose(split.rse, one.rse, rtol=1e-4, atol=1e-6)
+
+
+def test_balancing_lowers_the_predicted_imbalance(run):
+    model, text, common, noise, plan, batch = run
+    setup = prepare_run(model.config, *text, vae_scale_factor=8, **common)
+    costs = sharding.plan_head_costs(plan, setup.layout, model.config.attention_head_dim)
+    for shards in (2, 4, 8):
+        report = sharding.balance_report(costs, shards)
+        assert 1.0 <= report["predicted_imbalance_balanced"] <= report["predicted_imbalance"]
+    assert sharding.balance_report(costs, 4)["predicted_imbalance_balanced"] < \
+        sharding.balance_report(costs, 4)["predicted_imbalance"]
+
+
+def test_meshes_the_run_cannot_use_are_refused(run):
+    model, text, common, noise, plan, batch = run
+    with pytest.raises(ValueError, match=r"head axis 3: the model has 8 attention heads.*\[1, 2, 4, 8\]"):
+        sample(model, noise, *text, mesh=sharding.make_mesh(1, 3), **common)
+    with pytest.raises(ValueError, match=rf"data axis {batch * 2}: the model sees a batch of {batch}"):
+        sample(model, noise, *text, mesh=sharding.make_mesh(batch * 2, 1), **common)
+    with pytest.raises(ValueError, match="splits its prompts over the data axis only"):
+        calibrate(model, *text, mesh=sharding.make_mesh(1, 2), delta=0.3, progress=False, **common)
