@@ -83,8 +83,9 @@ def random_plan(cfg, *, px: int, steps: int, target: float, seed: int = 0) -> Co
                                        notes=dict(synthetic=True, target=target))
 
 
-def time_sampler(model, px: int, steps: int, plan, backend: str | None = None) -> tuple[float, float]:
-    """(first call s, best of 2 compiled calls in ms per step) of the sampler on seeded random inputs, batch 1."""
+def time_sampler(model, px: int, steps: int, plan, backend: str | None = None, **options) -> tuple[float, float]:
+    """(first call s, best of 2 compiled calls in ms per step) of the sampler on seeded random inputs, batch 1;
+    `options` go to `sample` (mesh=, balance=)."""
     cfg = model.config
     keys = jax.random.split(jax.random.key(0), 3)
     rows = px // 16
@@ -95,7 +96,8 @@ def time_sampler(model, px: int, steps: int, plan, backend: str | None = None) -
     for _ in range(3):
         start = time.perf_counter()
         jax.block_until_ready(sample(model, latents, text, pooled, height=px, width=px, num_steps=steps,
-                                     guidance_scale=3.5, plan=plan, attention=AttentionSettings(backend=backend)))
+                                     guidance_scale=3.5, plan=plan, attention=AttentionSettings(backend=backend),
+                                     **options))
         times.append(time.perf_counter() - start)
     return times[0], min(times[1:]) / steps * 1e3
 
@@ -250,6 +252,36 @@ def time_gate(model, px: int, steps: int, gate) -> tuple[float, np.ndarray]:
     return min(times[1:]) / steps * 1e3, skipped
 
 
+def bench_mesh(model, px: int, steps: int = 28) -> None:
+    """The sampler over meshes of 1, 2, 4 and 8 devices (as many as there are; all on the head axis), dense and
+    with a ~45 % head plan (balanced and in the model's head order), against no mesh; with the cost model's
+    predicted imbalance (issue 19)."""
+    from ditfa_jax import sharding
+
+    plan = random_plan(model.config, px=px, steps=steps, target=0.45)
+    layout = layout_for(model.config, height=px, width=px, text_len=TEXT, vae_scale_factor=8)
+    costs = sharding.plan_head_costs(plan, layout, model.config.attention_head_dim)
+    no_mesh = {}
+    for devices in [n for n in (0, 1, 2, 4, 8) if n <= jax.device_count()]:  # 0: no mesh
+        mesh = sharding.make_mesh(1, devices) if devices else None
+        if mesh is not None:
+            model.place_on(mesh)  # the weights replicated once, not per call
+        runs = [("dense", None, True), ("heads ~45 %", plan, True)]
+        if devices >= 2:
+            runs.append(("heads ~45 %, model's head order", plan, False))
+        for name, p, balance in runs:
+            first, ms = time_sampler(model, px, steps, p, mesh=mesh, balance=balance)
+            if not devices:
+                no_mesh[name] = ms
+            row = dict(kind="mesh", px=px, steps=steps, devices=devices or "no mesh", plan=name,
+                       ms_per_step=round(ms, 2), vs_no_mesh=round(no_mesh[name.split(",")[0]] / ms, 3),
+                       first_call_s=round(first, 2))
+            if p is not None and devices >= 2:
+                report = sharding.balance_report(costs, devices)
+                row["predicted_imbalance"] = report["predicted_imbalance" + ("_balanced" if balance else "")]
+            record(**row)
+
+
 def bench_layer_skip(model, px: int, steps: int) -> None:
     """What skipping q/k/v saves: half the layers all-cached at steps >= 1 (projections skipped) against the same
     plan with one head of each of those layers left full (so the layer must compute q/k/v; one head's attention)."""
@@ -288,12 +320,21 @@ def main() -> None:
     parser.add_argument("--backend", help="head-wise kernel backend of the plans (default: the device's choice)")
     parser.add_argument("--step-methods", help="only the step-method rows at these sizes, e.g. '1024,2048' (28 steps)")
     parser.add_argument("--speedup-plans", help="only the 1.5x / 2x / 3x Taylor plans at these sizes (28 steps)")
+    parser.add_argument("--mesh", help="only the sampler over meshes of 1..8 devices at these sizes (28 steps)")
     parser.add_argument("--mixture-plans", help="only the Taylor-on-fewer-steps plans at these sizes (against 28 "
                                                 "dense steps)")
     args = parser.parse_args()
     cache_dir = os.path.join(os.environ.get("OUT", "/tmp"), "..", "jax_cache")
     jax.config.update("jax_compilation_cache_dir", os.path.abspath(cache_dir))
     model = random_model(FLUX_DEV)
+    if args.mesh:
+        for px in args.mesh.split(","):
+            bench_mesh(model, int(px))
+        print("\n| size | devices | plan | ms/step | vs no mesh | predicted imbalance |\n|---|---|---|---|---|---|")
+        for r in RESULTS:
+            print(f"| {r['px']}^2 | {r['devices']} | {r['plan']} | {r['ms_per_step']} | {r['vs_no_mesh']} | "
+                  f"{r.get('predicted_imbalance', '')} |")
+        return
     if args.layer_skip_only:
         bench_layer_skip(model, 2048, 10)
         return

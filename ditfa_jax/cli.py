@@ -119,6 +119,29 @@ def _step_counts(text: str) -> tuple[int, ...]:
     return counts
 
 
+def _devices(text: str) -> tuple[int, int]:
+    """--devices (argparse type): "N" or "DxH" (`ditfa_jax.sharding.parse_devices`)."""
+    from ditfa_jax.sharding import parse_devices
+
+    try:
+        return parse_devices(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--devices ")) from None
+
+
+def _mesh(args, *, calibration: bool = False):
+    """The mesh --devices asks for (None without it). "N" is N devices on the head axis, or for calibration (which
+    splits its prompts only) on the data axis."""
+    if args.devices is None:
+        return None
+    from ditfa_jax.sharding import make_mesh
+
+    data, heads = args.devices
+    if calibration and data == 1:
+        data, heads = heads, 1
+    return make_mesh(data, heads)
+
+
 def _step_kinds(text: str) -> tuple[str, ...]:
     """Step method names for --step-kinds (argparse type); 'none' is the empty list."""
     names = () if text.strip() == "none" else tuple(n.strip() for n in text.split(","))
@@ -312,12 +335,15 @@ def cmd_sample(args) -> int:
                         vae_scale_factor=run["vae_scale_factor"])
     latents = jax.random.normal(jax.random.key(args.seed), (b, *family.latent_shape(cfg, layout.grid)))
     scheduler = scheduler_for(args.checkpoint, model)
+    mesh = _mesh(args)
+    if mesh is not None:
+        model.place_on(mesh)
     timings = []
     for _ in range(2):  # first call compiles
         start = time.perf_counter()
         final = sample(model, latents, text, pooled, height=run["height"], width=run["width"],
                        num_steps=run["steps"], guidance_scale=_guidance(args, cfg), scheduler=scheduler, plan=plan,
-                       vae_scale_factor=run["vae_scale_factor"], **negative)
+                       vae_scale_factor=run["vae_scale_factor"], mesh=mesh, **negative)
         final.block_until_ready()
         timings.append(time.perf_counter() - start)
     cfg_batch = b * (2 if negative else 1)  # classifier-free guidance runs a doubled batch
@@ -329,6 +355,12 @@ def cmd_sample(args) -> int:
                   cfg, cfg_batch, layout.tokens, model.dtype) / 2 ** 20, 2),
               "first_call_s": round(timings[0], 3), "second_call_s": round(timings[1], 3),
               "final_latents_std": float(jnp.std(final)), "device": str(jax.devices()[0])}
+    if mesh is not None:
+        from ditfa_jax.sharding import HEADS, balance_report, plan_head_costs
+
+        report["mesh"] = dict(mesh.shape)
+        if plan is not None and mesh.shape[HEADS] > 1:
+            report.update(balance_report(plan_head_costs(plan, layout, cfg.attention_head_dim), mesh.shape[HEADS]))
     if out is not None:
         from ditfa_jax.files import atomic_write
 
@@ -405,6 +437,8 @@ def cmd_calibrate(args) -> int:
                            guidance_scale=_guidance(args, model.config))
         text, pooled = cond.pop("prompt_embeds"), cond.pop("pooled_prompt_embeds")
         negative = cond
+    mesh = _mesh(args, calibration=True)
+
     def search(scale=1.0, method=None, num_steps=None):
         budgets = {"delta": args.delta * scale, "step_delta": args.step_delta * scale,
                    "step_kinds": args.step_kinds, "block_candidates": args.block_candidates}
@@ -418,7 +452,7 @@ def cmd_calibrate(args) -> int:
                          candidates=tuple(args.candidates.split(",")), scheduler=scheduler, seed=args.seed,
                          vae_scale_factor=run["vae_scale_factor"], rse_over_prompts=args.rse_over_prompts,
                          budget_schedule=args.budget_schedule, token_order=args.token_order,
-                         progress=args.target_speedup is None, **budgets, **negative)
+                         progress=args.target_speedup is None, mesh=mesh, **budgets, **negative)
 
     if args.target_speedup is None:
         result = search()
@@ -543,7 +577,7 @@ def cmd_generate(args) -> int:
     images = pipe(prompts, negative_prompt=args.negative_prompt, height=run["height"], width=run["width"],
                   num_inference_steps=run["steps"], guidance_scale=args.guidance, seed=args.seed,
                   num_images=args.num_images, plan=plan, max_sequence_length=run["max_sequence_length"],
-                  progress=True)
+                  progress=True, mesh=_mesh(args))
     common = {"negative_prompt": args.negative_prompt, "seed": args.seed, "model": str(args.checkpoint),
               "pipeline": type(pipe).__name__, "steps": run["steps"],
               "guidance_scale": pipe.default_guidance_scale if args.guidance is None else args.guidance,
@@ -648,6 +682,11 @@ def _add_fp8(p, default: str) -> None:
                         "such as stack0/attn/to_q" + default)
 
 
+def _add_devices(p, what: str) -> None:
+    p.add_argument("--devices", type=_devices, metavar="N|DxH",
+                   help="run on several accelerators of this host (ditfa_jax.sharding): " + what)
+
+
 def _add_run_settings(p, *, text_len: bool) -> None:
     """--height/--width/--steps (+ --text-len): a plan's settings unless given, checked against the model."""
     p.add_argument("--height", type=PIXELS, help="image height in pixels, a multiple of the model's step (16 for "
@@ -687,6 +726,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", help="compression plan (.json from `ditfa calibrate`); its settings are the defaults")
     p.add_argument("--embeddings", help=".npz with prompt_embeds, pooled_prompt_embeds (+ negative_*)")
     _add_fp8(p, "; default: the plan's (methods.linear), else none")
+    _add_devices(p, "N on the head axis (attention head-parallel, the rest split over tokens), or D x H with the "
+                    "batch (x2 with CFG) over D")
     p.set_defaults(func=cmd_sample)
 
     p = add("calibrate", help="search a head-wise compression plan (single-layer RSE + MILP)",
@@ -752,6 +793,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto", help="parameter dtype")
     p.add_argument("--overwrite", action="store_true", help="replace an existing plan file")
     _add_fp8(p, "; the errors are measured with them and the plan records them, so runs of the plan use them too")
+    _add_devices(p, "N, the calibration prompts split over N devices (the plan is the one-device plan)")
     p.set_defaults(func=cmd_calibrate)
 
     p = add("generate", help="prompt(s) -> PNG images with a diffusers FLUX.1 / SD3 pipeline folder",
@@ -782,6 +824,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="file name prefix: <out>/<name>000.png, ... (no '/': the files stay in --out)")
     _add_fp8(p, "; default: the plan's (methods.linear), else none")
     p.add_argument("--overwrite", action="store_true", help="replace existing files of the same names")
+    _add_devices(p, "N on the head axis (attention head-parallel, the rest split over tokens), or D x H with the "
+                    "images (x2 with CFG) over D")
     p.set_defaults(func=cmd_generate)
 
     p = add("bench", help="time encode / denoise / decode and peak memory, dense and with a plan",

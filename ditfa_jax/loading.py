@@ -55,12 +55,17 @@ class Transformer:
     def module(self):
         return nnx.merge(self.graphdef, self.state)
 
-    def place_on(self, mesh) -> "Transformer":
-        """Replicate the weights on every device of `mesh` (a `jax.sharding.Mesh`), once, so that sampling on that
-        mesh does not copy them per call; returns self."""
-        from ditfa_jax.sharding import replicate
+    def place_on(self, mesh, shard: bool | None = None) -> "Transformer":
+        """Put the weights on every device of `mesh` (a `jax.sharding.Mesh`), once, so that sampling on that mesh
+        does not copy them per call; returns self. Replicated, or split over the devices (`shard=True`; None: when
+        they would take more than half of one device's memory)."""
+        from ditfa_jax import sharding
+        from ditfa_jax.memory import device_bytes, state_bytes
 
-        self.state = replicate(self.state, mesh)
+        if shard is None:
+            have = device_bytes()
+            shard = have is not None and state_bytes(self.state) > 0.5 * have
+        self.state = (sharding.shard_weights if shard else sharding.replicate)(self.state, mesh)
         return self
 
     @cached_property

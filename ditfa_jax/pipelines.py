@@ -344,13 +344,14 @@ class _Pipeline:
     def __call__(self, prompt, negative_prompt=None, height: int | None = None, width: int | None = None,
                  num_inference_steps: int = 28, guidance_scale: float | None = None, seed: int | list[int] = 0,
                  num_images: int = 1, plan=None, max_sequence_length: int | None = None, output_type: str = "pil",
-                 latents=None, progress: bool = False):
+                 latents=None, progress: bool = False, mesh=None):
         """Generate num_images per prompt (a string or a list); returns a list of PIL images, float NHWC in [0, 1]
         for output_type "np", or the final latents for "latent" (FLUX packed [B, S, 64], SD3 [B, 16, H/8, W/8]).
 
         guidance_scale: default FLUX 3.5 (distilled, dev), SD3 7.0 (CFG with negative_prompt, default "").
         seed: an int (image i uses fold_in(key(seed), i)) or one seed per image. plan: a CompressionPlan (or its
-        file) made for this model, size, text length and step count. latents: explicit initial noise.
+        file) made for this model, size, text length and step count. latents: explicit initial noise. mesh: a
+        `ditfa_jax.sharding.make_mesh` mesh to denoise over several devices (the transformer is replicated on it).
         Stage times (onload_s: moving offloaded text encoders back to the device; encode_s, denoise_s, decode_s)
         are left in `self.timings`.
         """
@@ -382,10 +383,12 @@ class _Pipeline:
         bar.set_description("denoise")
         if latents is None:
             latents = self.noise(len(prompts) * num_images, height, width, seed)
+        if mesh is not None:
+            self.transformer.place_on(mesh)
         start = time.perf_counter()
         final = sample(self.transformer, latents, height=height, width=width, num_steps=num_inference_steps,
                        guidance_scale=guidance_scale, scheduler=self.scheduler, plan=plan,
-                       vae_scale_factor=self.vae_scale_factor, **cond)
+                       vae_scale_factor=self.vae_scale_factor, mesh=mesh, **cond)
         final.block_until_ready()
         self.timings["denoise_s"] = time.perf_counter() - start
         bar.update()

@@ -69,8 +69,8 @@ def sample(model: Transformer, latents, prompt_embeds, pooled_prompt_embeds, *, 
     `mesh` (`ditfa_jax.sharding.make_mesh`: a data axis and a head axis) runs the sampler over several devices:
     the batch the model sees split over the data axis, attention head-parallel over the head axis with the plan's
     heads regrouped per step and layer to even out the devices' work (`balance`; `ditfa_jax.sharding.balance_heads`).
-    The weights are replicated (`Transformer.place_on(mesh)` once avoids a copy per call). A one-device mesh runs
-    exactly the single-device program.
+    The weights are replicated unless `Transformer.place_on(mesh)` placed them (once, which also avoids a copy
+    per call; split over the devices when they do not fit one). A one-device mesh runs the single-device program.
     """
     settings = attention or AttentionSettings(implementation=attention_impl)
     latents = jnp.asarray(latents)
@@ -128,7 +128,8 @@ def sample(model: Transformer, latents, prompt_embeds, pooled_prompt_embeds, *, 
             block_compute, orders)
     if mesh is not None:
         settings = dataclasses.replace(settings, mesh=mesh)
-        args = sharding.replicate(args, mesh)  # the jit then splits them as its constraints say
+        state = args[0] if sharding.on_mesh(args[0], mesh) else sharding.replicate(args[0], mesh)
+        args = (state, *sharding.replicate(args[1:], mesh))  # the jit then splits them as its constraints say
     static = dict(graphdef=model.graphdef, layout=run.layout, settings=settings,
                   cache_spec=cache_spec, gate=gate)
     if memory:

@@ -25,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA, HEADS = "data", "heads"
 
-__all__ = ["DATA", "HEADS", "make_mesh", "parse_devices", "check_mesh", "replicate", "batch_spec", "split_batch", "head_parallel", "split_tokens",
+__all__ = ["DATA", "HEADS", "make_mesh", "parse_devices", "check_mesh", "replicate", "shard_weights", "on_mesh", "batch_spec", "split_batch", "head_parallel", "split_tokens",
            "balance_heads", "device_loads", "imbalance", "balance_report", "plan_head_costs"]
 
 
@@ -84,9 +84,25 @@ def is_parallel(mesh: Mesh | None) -> bool:
 
 
 def replicate(tree, mesh: Mesh):
-    """Every array of `tree` copied to each device of `mesh` (weights are replicated; a no-op when they already
-    are)."""
+    """Every array of `tree` copied to each device of `mesh` (a no-op for those already there)."""
     return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+def shard_weights(state, mesh: Mesh):
+    """The weights split over all devices of `mesh` along their last axis where the device count divides it
+    (matrices and stacked layers; XLA gathers each where it is used), the rest replicated: for a model whose
+    weights do not fit one device."""
+    def place(a):
+        spec = P(*([None] * (a.ndim - 1)), (DATA, HEADS)) if a.ndim >= 2 and a.shape[-1] % mesh.size == 0 else P()
+        return jax.device_put(a, NamedSharding(mesh, spec))
+
+    return jax.tree_util.tree_map(place, state)
+
+
+def on_mesh(tree, mesh: Mesh) -> bool:
+    """Whether every array of `tree` is already placed on `mesh` (replicated or split)."""
+    return all(isinstance(getattr(a, "sharding", None), NamedSharding) and a.sharding.mesh == mesh
+               for a in jax.tree_util.tree_leaves(tree))
 
 
 def batch_spec(rows: int, mesh: Mesh) -> P:

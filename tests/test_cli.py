@@ -5,6 +5,7 @@ conflicting overrides are errors naming both values, sizes are checked before an
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from ditfa_jax.cli import build_parser, main as cli_main
@@ -92,3 +93,21 @@ def test_help_shows_defaults_and_explains_the_seed():
         assert "--seed" in text and "(default: 0)" in text and "noise" in text, name
     assert "(default: 0.2)" in sub["calibrate"].format_help()
     assert "default: the plan's" in sub["generate"].format_help()
+
+
+def test_devices(plan_file, capsys, tmp_path):
+    """--devices: a one-device mesh runs and is reported (the same latents as without it); more devices than
+    this process has, or a malformed value, is a one-line error (the multi-device runs: test_multi_device.py)."""
+    capsys.readouterr()
+    runs = {}
+    for extra in ([], ["--devices", "1"]):
+        out = tmp_path / f"latents{len(extra)}.npy"
+        assert cli_main(["sample", str(FLUX_TINY), "--plan", str(plan_file), "--out", str(out), *extra]) == 0
+        runs[len(extra)] = (json.loads(capsys.readouterr().out), np.load(out))
+    assert runs[2][0]["mesh"] == {"data": 1, "heads": 1} and "mesh" not in runs[0][0]
+    np.testing.assert_array_equal(runs[2][1], runs[0][1])
+    assert cli_main(["sample", str(FLUX_TINY), "--plan", str(plan_file), "--devices", "2x2"]) == 2
+    assert "a mesh of data 2 x heads 2 needs 4 devices; 1 are available" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main(["calibrate", str(FLUX_TINY), "--out", str(tmp_path / "p.json"), "--devices", "2x"])
+    assert "expected N (devices on the head axis) or DxH" in capsys.readouterr().err

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from PIL import Image
 
 from tiny_runs import FIXTURES, tiny_run
 
@@ -72,9 +73,13 @@ def test_sharded_sampler_equals_one_device(run, planned):
         mesh = sharding.make_mesh(data, heads)
         got = np.asarray(sample(model, noise, *text, plan=plan, mesh=mesh, **common))
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=f"mesh {data}x{heads}")
-    if planned:  # and without balancing (the heads in the model's order)
+    if planned:  # on the last mesh, also without balancing and with the weights split over the devices
         unbalanced = np.asarray(sample(model, noise, *text, plan=plan, mesh=mesh, balance=False, **common))
         np.testing.assert_allclose(unbalanced, want, rtol=1e-5, atol=1e-5)
+        split = Transformer(model.config, model.graphdef, model.state).place_on(mesh, shard=True)
+        assert any(not a.sharding.is_fully_replicated for a in jax.tree_util.tree_leaves(split.state))
+        np.testing.assert_allclose(np.asarray(sample(split, noise, *text, plan=plan, mesh=mesh, **common)), want,
+                                   rtol=1e-5, atol=1e-5, err_msg="weights split over the devices")
     if planned:  # the plan changed the result by far more than the tolerance: the comparison is not trivial
         assert np.abs(want - np.asarray(sample(model, noise, *text, **common))).max() > 3e-4
 
@@ -131,3 +136,29 @@ def test_meshes_the_run_cannot_use_are_refused(run):
         sample(model, noise, *text, mesh=sharding.make_mesh(batch * 2, 1), **common)
     with pytest.raises(ValueError, match="splits its prompts over the data axis only"):
         calibrate(model, *text, mesh=sharding.make_mesh(1, 2), delta=0.3, progress=False, **common)
+
+
+def test_cli_calibrates_and_samples_over_devices(tmp_path, capsys):
+    """`ditfa calibrate --devices 2` (prompts over 2 devices) writes the one-device plan; `ditfa sample --devices 2`
+    with it gives the one-device latents and reports the predicted imbalance; `ditfa generate --devices 2` the
+    one-device image."""
+    from ditfa_jax.cli import main as cli_main
+
+    folder = str(FIXTURES / "pipelines" / "flux_tiny")
+    common = ["--height", "64", "--width", "96", "--steps", "3", "--prompts", "2", "--text-len", "8", "--delta", "1"]
+    for name, extra in (("one", []), ("two", ["--devices", "2"])):
+        assert cli_main(["calibrate", folder, "--out", str(tmp_path / f"{name}.json"), *common, *extra]) == 0
+    one, two = (CompressionPlan.load(tmp_path / f"{n}.json") for n in ("one", "two"))
+    np.testing.assert_array_equal(two.head_window, one.head_window)
+    capsys.readouterr()
+    for name, extra in (("one", []), ("two", ["--devices", "2"])):
+        assert cli_main(["sample", folder, "--plan", str(tmp_path / "one.json"), "--out",
+                         str(tmp_path / f"{name}.npy"), *extra]) == 0
+    report = json.loads(capsys.readouterr().out.split("\n}\n")[1] + "\n}")
+    assert report["mesh"] == {"data": 1, "heads": 2} and report["predicted_imbalance_balanced"] >= 1.0
+    np.testing.assert_allclose(np.load(tmp_path / "two.npy"), np.load(tmp_path / "one.npy"), rtol=1e-5, atol=1e-5)
+    for name, extra in (("one", []), ("two", ["--devices", "2"])):  # the pipeline: prompt -> PNG
+        assert cli_main(["generate", folder, "--prompt", "a fox", "--plan", str(tmp_path / "one.json"), "--out",
+                         str(tmp_path / f"images_{name}"), *extra]) == 0
+    one, two = (np.asarray(Image.open(tmp_path / f"images_{n}" / "image_000.png"), np.int16) for n in ("one", "two"))
+    assert np.abs(two - one).max() <= 1  # pixels of 8 bits, from latents equal within 1e-5

@@ -24,11 +24,11 @@ HERE = Path(__file__).parent
 @pytest.mark.parametrize("devices", [4, 8])
 def test_multi_device_suite(devices):
     """`test_multi_device.py` on `devices` CPU devices: every test runs (none skipped) and passes; the 4-device run
-    covers the sampler with a plan only, which keeps CI short."""
+    covers FLUX's sampler with a plan only, which keeps CI short."""
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     argv = [sys.executable, "-m", "pytest", "-q", "-o", "addopts=", "-p", "no:cacheprovider",
             str(HERE / "test_multi_device.py")]
-    proc = subprocess.run(argv + (["-k", "sampler and mixed"] if devices == 4 else []), capture_output=True,
+    proc = subprocess.run(argv + (["-k", "sampler and mixed and flux"] if devices == 4 else []), capture_output=True,
                           text=True, env=env, cwd=HERE.parent)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     summary = proc.stdout.strip().splitlines()[-1]
