@@ -17,6 +17,7 @@ A one-device mesh, or none, is today's single-device path.
 from __future__ import annotations
 
 import re
+from collections import Counter
 
 import jax
 import jax.numpy as jnp
@@ -25,8 +26,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA, HEADS = "data", "heads"
 
-__all__ = ["DATA", "HEADS", "make_mesh", "parse_devices", "check_mesh", "replicate", "shard_weights", "on_mesh", "batch_spec", "split_batch", "head_parallel", "split_tokens",
-           "balance_heads", "device_loads", "imbalance", "balance_report", "plan_head_costs"]
+__all__ = ["DATA", "HEADS", "make_mesh", "parse_devices", "check_mesh", "is_parallel", "replicate", "shard_weights",
+           "on_mesh", "batch_spec", "split_batch", "split_tokens", "head_parallel", "balance_heads", "device_loads",
+           "imbalance", "balance_report", "plan_head_costs"]
 
 
 def make_mesh(data: int = 1, heads: int = 1, devices=None) -> Mesh:
@@ -39,16 +41,18 @@ def make_mesh(data: int = 1, heads: int = 1, devices=None) -> Mesh:
         raise ValueError(f"a mesh of data {data} x heads {heads} needs {data * heads} devices; "
                          f"{len(devices)} are available ({_kinds(devices)})")
     devices = devices[:data * heads]
-    if len({(d.platform, d.device_kind) for d in devices}) > 1:
-        raise ValueError(f"a mesh's devices must all be of one kind; got {_kinds(devices)}")
+    _check_one_kind(devices)
     return Mesh(np.array(devices).reshape(data, heads), (DATA, HEADS))
 
 
 def _kinds(devices) -> str:
-    kinds: dict[str, int] = {}
-    for d in devices:
-        kinds[f"{d.device_kind} ({d.platform})"] = kinds.get(f"{d.device_kind} ({d.platform})", 0) + 1
-    return ", ".join(f"{n} x {k}" for k, n in kinds.items())
+    """"2 x NVIDIA H200 (gpu), ...": how many devices of each kind."""
+    return ", ".join(f"{n} x {kind}" for kind, n in Counter(f"{d.device_kind} ({d.platform})" for d in devices).items())
+
+
+def _check_one_kind(devices) -> None:
+    if len({(d.platform, d.device_kind) for d in devices}) > 1:
+        raise ValueError(f"a mesh's devices must all be of one kind; got {_kinds(devices)}")
 
 
 def parse_devices(text: str) -> tuple[int, int]:
@@ -66,9 +70,7 @@ def check_mesh(mesh: Mesh, config, batch: int) -> None:
     if tuple(mesh.axis_names) != (DATA, HEADS):
         raise ValueError(f"mesh axes {tuple(mesh.axis_names)}: expected ({DATA!r}, {HEADS!r}) (ditfa_jax.sharding."
                          "make_mesh)")
-    devices = list(mesh.devices.flat)
-    if len({(d.platform, d.device_kind) for d in devices}) > 1:
-        raise ValueError(f"a mesh's devices must all be of one kind; got {_kinds(devices)}")
+    _check_one_kind(list(mesh.devices.flat))
     heads, shards = config.num_attention_heads, mesh.shape[HEADS]
     if heads % shards:
         divisors = [n for n in range(1, heads + 1) if heads % n == 0]
@@ -80,6 +82,7 @@ def check_mesh(mesh: Mesh, config, batch: int) -> None:
 
 
 def is_parallel(mesh: Mesh | None) -> bool:
+    """Whether `mesh` spans more than one device (a one-device mesh runs the single-device program)."""
     return mesh is not None and mesh.size > 1
 
 
