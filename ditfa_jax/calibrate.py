@@ -264,8 +264,11 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
     settings = dataclasses.replace(attention or AttentionSettings(), band=band)
     n = cond.prompt_embeds.shape[0] // (2 if cond.cfg_scale is not None else 1)
     latents = jax.random.normal(jax.random.key(seed), (n, *run.latent_shape), jnp.float32)
-    if mesh is not None:
-        cond, latents = sharding.split_batch((cond, latents), mesh)
+    if mesh is not None:  # the prompts' rows over the data axis; positions and scales replicated
+        rows = sharding.split_batch(dict(prompt_embeds=cond.prompt_embeds, pooled=cond.pooled, guidance=cond.guidance),
+                                    mesh)
+        cond = dataclasses.replace(sharding.replicate(cond, mesh), **rows)
+        latents = sharding.split_batch(latents, mesh)
 
     tokens, heads = layout.tokens, cfg.num_attention_heads
     windows = tuple(int(w) for w in candidate_windows(candidates, layout.image_tokens))
