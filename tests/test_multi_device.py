@@ -84,6 +84,7 @@ def test_sharded_sampler_equals_one_device(run, planned):
         assert np.abs(want - np.asarray(sample(model, noise, *text, **common))).max() > 3e-4
 
 
+@pytest.mark.parametrize("run", ["flux_dev"], indirect=True)  # one family: the path is shared
 def test_head_parallel_attention_goes_through_all_to_all(run):
     """The partitioned program exchanges tokens for heads (Ulysses) instead of gathering whole activations."""
     model, text, common, noise, plan, batch = run
@@ -107,6 +108,7 @@ def test_head_parallel_attention_goes_through_all_to_all(run):
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("run", ["flux_dev"], indirect=True)  # one family: the path is shared
 def test_calibration_over_the_data_axis_finds_the_same_plan(run):
     model, text, common, noise, plan, batch = run
     kwargs = dict(common, delta=0.3, progress=False)
