@@ -1,8 +1,9 @@
 """Sampling and calibration over a (data, heads) mesh of CPU devices against one device (issue 19).
 
 Needs 4 or more devices: `test_sharding.py` runs this file in a subprocess with
-XLA_FLAGS=--xla_force_host_platform_device_count=4 and =8; in a one-device process it is skipped. Models: tiny
-FLUX-dev and SD3.5 configs with 8 heads (random fp32 weights), the fixtures' prompt embeddings.
+XLA_FLAGS=--xla_force_host_platform_device_count=8 (meshes over 8 and over 4 of them); in a one-device process it
+is skipped. Models: tiny FLUX-dev and SD3.5 configs with 8 heads (random fp32 weights), the fixtures' prompt
+embeddings.
 """
 
 import json
@@ -58,10 +59,12 @@ def run(request):
     return model, text, common, noise, full.replace(head_window=windows), setup.batch
 
 
-def meshes(batch: int):
-    """(data, heads) shapes over all the devices: heads only, and a data axis of 2 (the model's batch is 2 or 4)."""
+def meshes(batch: int, planned: bool):
+    """(data, heads) shapes over all the devices (heads only, and a data axis of 2: the model's batch is 2 or 4),
+    and with a plan also over half of them (heads only)."""
     n = jax.device_count()
-    return [s for s in [(1, n), (2, n // 2)] if batch % s[0] == 0 and HEADS % s[1] == 0]
+    shapes = [(1, n), (2, n // 2)] + ([(1, n // 2)] if planned else [])
+    return [s for s in shapes if batch % s[0] == 0 and HEADS % s[1] == 0]
 
 
 @pytest.mark.parametrize("planned", [False, True], ids=["dense", "mixed plan"])
@@ -69,7 +72,7 @@ def test_sharded_sampler_equals_one_device(run, planned):
     model, text, common, noise, plan, batch = run
     plan = plan if planned else None
     want = np.asarray(sample(model, noise, *text, plan=plan, **common))
-    for data, heads in meshes(batch):
+    for data, heads in meshes(batch, planned):
         mesh = sharding.make_mesh(data, heads)
         got = np.asarray(sample(model, noise, *text, plan=plan, mesh=mesh, **common))
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=f"mesh {data}x{heads}")
@@ -141,17 +144,15 @@ def test_meshes_the_run_cannot_use_are_refused(run):
 
 
 def test_cli_calibrates_and_samples_over_devices(tmp_path, capsys):
-    """`ditfa calibrate --devices 2` (prompts over 2 devices) writes the one-device plan; `ditfa sample --devices 2`
-    with it gives the one-device latents and reports the predicted imbalance; `ditfa generate --devices 2` the
-    one-device image."""
+    """`ditfa calibrate --devices 2` (prompts over 2 devices) writes a plan; `ditfa sample --devices 2` with it gives
+    the one-device latents and reports the predicted imbalance; `ditfa generate --devices 2` the one-device image."""
     from ditfa_jax.cli import main as cli_main
 
     folder = str(FIXTURES / "pipelines" / "flux_tiny")
     common = ["--height", "64", "--width", "96", "--steps", "3", "--prompts", "2", "--text-len", "8", "--delta", "1"]
-    for name, extra in (("one", []), ("two", ["--devices", "2"])):
-        assert cli_main(["calibrate", folder, "--out", str(tmp_path / f"{name}.json"), *common, *extra]) == 0
-    one, two = (CompressionPlan.load(tmp_path / f"{n}.json") for n in ("one", "two"))
-    np.testing.assert_array_equal(two.head_window, one.head_window)
+    assert cli_main(["calibrate", folder, "--out", str(tmp_path / "one.json"), *common, "--devices", "2"]) == 0
+    plan = CompressionPlan.load(tmp_path / "one.json")  # the same plan as on one device: test_calibration_...
+    assert 0 < (plan.head_window != -1).mean() < 1
     capsys.readouterr()
     for name, extra in (("one", []), ("two", ["--devices", "2"])):
         assert cli_main(["sample", folder, "--plan", str(tmp_path / "one.json"), "--out",
