@@ -212,9 +212,9 @@ def run_stacks(model, carry, temb, rope, plan, layout, settings: AttentionSettin
     """Scan every block stack of `model` in order; returns (carry, per-layer attention outputs or None).
 
     `plan` is None or (head_window [layers, H], cache [layers, ...][, head_order [layers, H] or None]) over all
-    layers of all stacks. The whole cache
-    rides in the scan carry and each layer overwrites its own slot (`dynamic_update_index_in_dim`), so XLA updates
-    it in place: the sampler holds one copy of the cache, not the old one, per-stack outputs and their concatenation.
+    layers of all stacks. The whole cache rides in the scan carry and each layer overwrites its own slot
+    (`dynamic_update_index_in_dim`), so XLA updates it in place: the sampler holds one copy of the cache, not the
+    old one, per-stack outputs and their concatenation.
     """
     carry, cache, _ = run_stacks_with_blocks(model, carry, temb, rope, plan, layout, settings)
     return carry, cache
