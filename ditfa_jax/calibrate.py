@@ -254,12 +254,10 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
                       token_order=token_order, vae_scale_factor=vae_scale_factor, dtype=model.dtype)
     layout, cond, family = run.layout, run.cond, run.family
     if mesh is not None:
-        sharding.check_mesh(mesh, cfg, run.batch)
-        if mesh.shape[sharding.HEADS] != 1:
+        if mesh.shape.get(sharding.HEADS, 1) != 1:
             raise ValueError(f"calibrate: mesh head axis {mesh.shape[sharding.HEADS]}: the search splits its prompts "
                              "over the data axis only; make the mesh with heads=1")
-        if not sharding.is_parallel(mesh):
-            mesh = None
+        mesh = sharding.check_mesh(mesh, cfg, run.batch)
     band = tuple(band or pallas_kernels.default_band(cfg.attention_head_dim))
     settings = dataclasses.replace(attention or AttentionSettings(), band=band)
     n = cond.prompt_embeds.shape[0] // (2 if cond.cfg_scale is not None else 1)

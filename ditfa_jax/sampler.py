@@ -107,9 +107,7 @@ def sample(model: Transformer, latents, prompt_embeds, pooled_prompt_embeds, *, 
                          f"must be {run.family.latent_layout} [B, {', '.join(map(str, run.latent_shape))}]; got "
                          f"{latents.shape}")
     if mesh is not None:
-        sharding.check_mesh(mesh, model.config, run.batch)
-        if not sharding.is_parallel(mesh):
-            mesh = None
+        mesh = sharding.check_mesh(mesh, model.config, run.batch)
     windows, cache_spec, orders = None, None, None
     if plan is not None:
         plan.check_compatible(model.config, height=height, width=width, text_len=run.layout.text_len,

@@ -64,9 +64,10 @@ def parse_devices(text: str) -> tuple[int, int]:
     return (1, int(match[1])) if match[2] is None else (int(match[1]), int(match[2]))
 
 
-def check_mesh(mesh: Mesh, config, batch: int) -> None:
+def check_mesh(mesh: Mesh, config, batch: int) -> Mesh | None:
     """Refuse a mesh the run cannot be split over: its axes, a head count the head axis does not divide, a model
-    batch (with CFG: twice the images) the data axis does not divide, devices of more than one kind."""
+    batch (with CFG: twice the images) the data axis does not divide, devices of more than one kind. Returns the
+    mesh, or None for a one-device mesh (which runs the single-device program)."""
     if tuple(mesh.axis_names) != (DATA, HEADS):
         raise ValueError(f"mesh axes {tuple(mesh.axis_names)}: expected ({DATA!r}, {HEADS!r}) (ditfa_jax.sharding."
                          "make_mesh)")
@@ -79,6 +80,7 @@ def check_mesh(mesh: Mesh, config, batch: int) -> None:
     if batch % mesh.shape[DATA]:
         raise ValueError(f"mesh data axis {mesh.shape[DATA]}: the model sees a batch of {batch} (images x 2 with "
                          f"CFG), which it does not divide; use a batch that is a multiple of it or a smaller axis")
+    return mesh if is_parallel(mesh) else None
 
 
 def is_parallel(mesh: Mesh | None) -> bool:
