@@ -381,7 +381,7 @@ def _kernel(
             @pl.when(n > 0)
             def _attend():
                 rows = (b, pl.ds(p * _PROGRAM_Q + wg * _BLOCK_Q, _BLOCK_Q), h)
-                plgpu.wait_smem_to_gmem(0)  # the last output left q_tile (a read-only wait: untried)
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last output store has read q_tile
                 plgpu.copy_gmem_to_smem(q_ref.at[rows], q_tile, q_bar.at[wg])
                 plgpu.barrier_wait(q_bar.at[wg])
                 plgpu.barrier_wait(k_bar.at[slot_of(g)])
