@@ -38,6 +38,7 @@ import dataclasses
 import datetime
 import functools
 import json
+import math
 import os
 import statistics
 import sys
@@ -431,6 +432,40 @@ def shape_checks(name, q, k, v, plans, text_len, text_first):
     save()
 
 
+def bench_jax_mgpu(name, q, k, v, text_len, text_first):
+    """Dense attention in float16 three ways, same inputs: cuDNN, jax's own Mosaic-GPU flash attention example
+    (``jax.experimental.pallas.ops.gpu.attention_mgpu``, float16 only as shipped, no softmax scale: it gets q
+    pre-scaled) and our mosaic_gpu kernel all-full; both checked against cuDNN first (ours writing into a NaN-filled
+    cache; theirs on its first call, while cuDNN's output is alive, so no stale buffer can hold the answer)."""
+    from jax.experimental.pallas.ops.gpu import attention_mgpu as example
+
+    q, k, v = (x.astype(jnp.float16) for x in (q, k, v))
+    heads, d = q.shape[2], q.shape[3]
+    cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"))
+    ref = cudnn(q, k, v)
+    scale = 1.0 / math.sqrt(d)
+    config = example.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2)
+    theirs = jax.jit(lambda q, k, v: example.attention(q * scale, k, v, config))
+    full = jnp.full((1, heads), -1, jnp.int32)[0]
+    ours = jax.jit(lambda q, k, v: pk.headwise_attention(q, k, v, full, None, text_len=text_len,
+                                                         text_first=text_first, backend="mosaic_gpu"))
+    for impl, fn in (("jax-cudnn-dense-fp16", cudnn), ("jax-attention-mgpu-fp16", theirs), ("mosaic_gpu-fp16", ours)):
+        try:
+            if impl != "jax-cudnn-dense-fp16":
+                out = (fn(q, k, v) if impl != "mosaic_gpu-fp16" else
+                       pk.headwise_attention(q, k, v, full, jnp.full_like(q, jnp.nan), text_len=text_len,
+                                             text_first=text_first, backend="mosaic_gpu"))
+                e = rel_err(out, ref)
+                ok = bool(e <= 1e-2)
+                RESULTS["checks"].append(dict(kind="fp16-full-vs-cudnn", shape=name, impl=impl, rel_err=e, ok=ok))
+                log(f"check {name} {impl} vs cudnn fp16: rel_err={e:.2e} {'OK' if ok else 'FAIL'}")
+            ms, lo, hi, n = time_jax(fn, (q, k, v))
+            log(f"{name} {impl}: {ms:.3f} ms [{lo:.3f}-{hi:.3f}, n={n}]")
+            record(shape=name, plan="full", impl=impl, ms=ms, lo=lo, hi=hi)
+        except Exception as ex:
+            log(f"{name} {impl} FAILED: {type(ex).__name__}: {str(ex)[:400]}")
+
+
 def bench_shape(name, args, sweep_cfgs):
     batch, text_len, n_img, heads, d, text_first = SHAPES[name]
     tokens = text_len + n_img
@@ -483,6 +518,8 @@ def bench_shape(name, args, sweep_cfgs):
     if "mosaic_gpu" in BACKEND_LIST:
         bench_mosaic(name, q, k, v, plans, text_len, text_first, cudnn_ms, cudnn_out)
     del cudnn_out
+    if args.jax_mgpu:
+        bench_jax_mgpu(name, q, k, v, text_len, text_first)
 
     # Ours, default config.
     full_ms = None
@@ -881,6 +918,8 @@ if __name__ == "__main__":
     ap.add_argument("--shapes", default="FLUX-1K,FLUX-2K,SD3-1K")
     ap.add_argument("--sweep", default="", help="comma list of shapes to sweep configs on")
     ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--jax-mgpu", action="store_true",
+                    help="also dense float16: cuDNN, jax's attention_mgpu example and ours all-full, same inputs")
     ap.add_argument("--no-small", action="store_true")
     ap.add_argument("--loop-variants", action="store_true", help="also time the other loop structure (full, arrow8)")
     ap.add_argument("--budget-s", type=float, default=520.0)
