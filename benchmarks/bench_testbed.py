@@ -84,6 +84,9 @@ def main() -> None:
                         help="with --sweep: step counts below --steps on which every search also runs (a method on "
                              "top of fewer steps), e.g. 14,10")
     parser.add_argument("--cost-model", default="h200-flux-dev-1024", help="ditfa_jax.cost_model name")
+    parser.add_argument("--head-deltas", default="",
+                        help="with --sweep: comma-separated head budgets of the searches that spend a head and a step "
+                             "budget (taylor+heads, unified), each with every --deltas as the step budget")
     parser.add_argument("--no-global", action="store_true", help="skip the global-MILP variant")
     parser.add_argument("--no-timing", action="store_true",
                         help="generate each sweep row once (no timed second call): for CPUs, where times mean nothing")
@@ -191,6 +194,7 @@ def main() -> None:
                                      num_steps=steps, include_global=not args.no_global,
                                      searches=args.searches.split(","), fewer_steps=fewer,
                                      base_steps=[int(n) for n in args.base_steps.split(",") if n],
+                                     head_deltas=[float(h) for h in args.head_deltas.split(",") if h],
                                      cost_model=args.cost_model, features=features, timed=not args.no_timing,
                                      choose_at=[float(c) for c in args.choose_at.split(",") if c],
                                      gates=[tuple(float(x) for x in g.split(":")) for g in args.gates.split(",") if g])

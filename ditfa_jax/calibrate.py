@@ -474,8 +474,9 @@ def calibrate_for_speedup(run, target_speedup: float, cost_model, *, num_steps: 
 
 _STEP_METHODS = ("reuse", "taylor1", "taylor2")
 # The plan searches one budget can be spent over: name -> (delta, step_delta, block candidates) -> `calibrate`
-# options. Each searches one kind of saving alone (the others stay off), except "all", the greedy pass over every
-# method at once.
+# options. Each searches one kind of saving alone (the others stay off), except "taylor+heads" (Taylor on the
+# skipped steps, head-wise compression on the computed ones: where attention weighs more, at 2048^2, this mixture
+# beats fewer steps at 3x; `benchmarks/RESULTS.md`) and "all", the greedy pass over every method at once.
 METHOD_FAMILIES = {
     "heads": lambda delta, step_delta, blocks: {"delta": delta, "step_delta": 0.0},
     "reuse": lambda delta, step_delta, blocks: {"delta": 0.0, "step_delta": step_delta, "step_kinds": ("reuse",)},
@@ -485,6 +486,8 @@ METHOD_FAMILIES = {
                                                  "block_candidates": blocks},
     "steps+blocks": lambda delta, step_delta, blocks: {"delta": 0.0, "step_delta": step_delta,
                                                        "step_kinds": _STEP_METHODS, "block_candidates": blocks},
+    "taylor+heads": lambda delta, step_delta, blocks: {"delta": delta, "step_delta": step_delta,
+                                                       "step_kinds": ("taylor1", "taylor2")},
     "all": lambda delta, step_delta, blocks: {"delta": delta, "step_delta": step_delta, "step_kinds": _STEP_METHODS,
                                               "block_candidates": blocks},
 }

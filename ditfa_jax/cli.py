@@ -96,7 +96,8 @@ NON_NEGATIVE = _float_at_least(0.0)
 STEP_METHOD_CHOICES = ("reuse", "taylor1", "taylor2")
 
 
-METHOD_FAMILY_NAMES = ("heads", "reuse", "taylor", "blocks", "steps+blocks", "all")  # ditfa_jax.calibrate
+# ditfa_jax.calibrate.METHOD_FAMILIES (a test checks)
+METHOD_FAMILY_NAMES = ("heads", "reuse", "taylor", "blocks", "steps+blocks", "taylor+heads", "all")
 METHOD_CHOICES = METHOD_FAMILY_NAMES + ("fewer-steps",)  # + calibrate.FEWER_STEPS (a test checks)
 
 

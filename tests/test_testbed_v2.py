@@ -162,6 +162,9 @@ def test_sweep_searches_step_methods_alone_and_unified(pipe):
 
     alone = search_options("block-cache", 0.1, num_layers=5)
     assert alone["delta"] == 0.0 and alone["step_kinds"] == () and alone["block_candidates"] == (1, 2, 3, 4)
+    mixed = search_options("taylor+heads", 0.1, num_layers=5, head_delta=0.02)  # a head budget of its own
+    assert (mixed["delta"], mixed["step_delta"], mixed["step_kinds"]) == (0.02, 0.1, ("taylor1", "taylor2"))
+    assert search_options("taylor", 0.1, num_layers=5, head_delta=0.02)["delta"] == 0.0  # no heads to budget
     scenes = heldout_scenes(2, seed=5, objects=None, testbed="v2")
     rows, images = quality_sweep(pipe, scenes[np.arange(1)], ["a red circle"], [0.5], num_steps=3,
                                  include_global=False, searches=("unified", "taylor"), gates=[(1, 1e9)],
@@ -199,15 +202,24 @@ def test_scanned_training_calls_equal_single_steps(two_steps):
 
 def test_sweep_runs_each_search_on_fewer_base_steps_too(pipe):
     """`base_steps`: a row per search on fewer steps, priced against dense with all steps and a candidate of the
-    least-error rows; a base that is not fewer than the steps is refused."""
+    least-error rows; a base that is not fewer than the steps is refused. `head_deltas`: Taylor with heads gets a
+    row per head budget, which compresses the heads of the steps it computes."""
     from ditfa_jax.testbed.quality import quality_sweep
 
     scenes = heldout_scenes(1, seed=5, objects=None, testbed="v2")
     rows, images = quality_sweep(pipe, scenes, ["a red circle"], [0.5], num_steps=3, include_global=False,
-                                 searches=("taylor",), base_steps=(2,), choose_at=(1.0,), timed=False,
-                                 progress=False)
+                                 searches=("taylor", "taylor+heads"), base_steps=(2,), head_deltas=(1e9,),
+                                 choose_at=(1.0,), timed=False, progress=False)
     on_fewer = next(r for r in rows if r["search"] == "taylor on 2 steps")
     assert on_fewer["steps"] == 2 and on_fewer["cost"] <= 2 / 3 + 1e-4 and on_fewer["psnr_db"] < np.inf
     assert "taylor on 2 steps delta=0.5" in images and on_fewer["calibration_error"] > 0
+    taylor = next(r for r in rows if r["search"] == "taylor")
+    mixed = next(r for r in rows if r["search"] == "taylor+heads heads 1e+09")
+    assert mixed["head_delta"] == 1e9 and "head_delta" not in taylor
+    assert mixed["steps_skipped"] == taylor["steps_skipped"]  # the same step choices: heads cost no step error
+    computed = 1 - mixed["steps_skipped"] / 3  # attention kept on the computed steps, less than all of it
+    assert mixed["flops_kept"] < computed - 0.05 and mixed["cost"] < taylor["cost"]
+    assert taylor["attention_kept_priced"] == 1.0 and mixed["attention_kept_priced"] < 1.0  # where blocks run
+    assert "taylor+heads heads 1e+09 on 2 steps" in {r["search"] for r in rows}
     with pytest.raises(ValueError, match=r"base_steps \[3\]"):
         quality_sweep(pipe, scenes, ["a red circle"], [0.5], num_steps=3, base_steps=(3,), progress=False)
