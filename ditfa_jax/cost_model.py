@@ -6,6 +6,10 @@ head cached), the compressed sampler's measured steps, and (1, the dense step). 
 interpolates; it never extrapolates beyond them. A run's cost is the sum of its steps' times; dense with fewer
 steps costs that many dense steps. Costs are reported relative to the dense run with all its steps.
 
+A model measured at a layout (`AttentionLayout`: the token counts of the measured step) prices a plan's head
+methods at that layout: an arrow_8 head keeps 18 % of a FLUX-2K head's FLOPs but most of a small testbed head's,
+so a plan searched on the testbed is priced as its methods would run at the measured size.
+
 The models here are FLUX.1-dev-sized steps (random bf16 weights, batch 1, 512 text tokens) measured on the
 project's H200 with the Mosaic GPU backend (`benchmarks/RESULTS.md`, "End to end"): the small testbed models'
 own step times are dominated by overheads, so the testbed sweep prices its plans with these.
@@ -17,7 +21,21 @@ import dataclasses
 
 import numpy as np
 
-__all__ = ["StepCostModel", "COST_MODELS", "get_cost_model", "plan_cost", "steps_cost", "gated_cost"]
+import pallas_kernels
+from ditfa_jax.methods import method_window
+
+__all__ = ["AttentionLayout", "StepCostModel", "COST_MODELS", "get_cost_model", "attention_kept", "plan_cost",
+           "steps_cost", "gated_cost"]
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionLayout:
+    """The attention shape of a measured step: image and text tokens (text first), head size, arrow band."""
+
+    image_tokens: int
+    text_len: int
+    head_dim: int
+    band: tuple[int, int]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +47,7 @@ class StepCostModel:
     kept: tuple[float, ...]  # attention FLOPs kept, increasing, first 0.0 and last 1.0
     step_ms: tuple[float, ...]  # measured step time at each `kept`
     source: str  # device, date, versions and the command that measured it
+    layout: AttentionLayout | None = None  # where the heads are priced (None: at the plan's own layout)
 
     def __post_init__(self):
         kept, ms = np.asarray(self.kept, float), np.asarray(self.step_ms, float)
@@ -57,12 +76,15 @@ class StepCostModel:
 
 def _flux_dev(size: int, dense: float, attention: float, measured: dict[float, float]) -> StepCostModel:
     points = {0.0: dense - attention, **measured, 1.0: dense}
+    layout = AttentionLayout(image_tokens=(size // 16) ** 2, text_len=512, head_dim=128,
+                             band=tuple(pallas_kernels.default_band(128)))
     return StepCostModel(
         name=f"h200-flux-dev-{size}", description=f"FLUX.1-dev-sized step at {size}^2 on an H200 (Mosaic GPU backend)",
         kept=tuple(sorted(points)), step_ms=tuple(points[k] for k in sorted(points)),
         source="NVIDIA H200, 2026-12-01, jax 0.11.2: benchmarks/bench_plan.py --sampler 1024,2048 --backend "
                "mosaic_gpu (dense step; one layer of cuDNN attention x 57 layers for the attention time; random "
-               "full / arrow_8 / cached plans at ~60 / 45 / 32 % kept); raw benchmarks/mosaic/sampler_mosaic_h200.jsonl")
+               "full / arrow_8 / cached plans at ~60 / 45 / 32 % kept); raw benchmarks/mosaic/sampler_mosaic_h200.jsonl",
+        layout=layout)
 
 
 COST_MODELS = {
@@ -79,12 +101,32 @@ def get_cost_model(name: str) -> StepCostModel:
     return COST_MODELS[name]
 
 
+def attention_kept(plan, model: StepCostModel) -> np.ndarray:
+    """float64 [steps, layers]: the attention FLOPs the plan's head methods keep where the block runs, at the
+    model's layout: each head's method (full, cached, arrow_K; a window not named by a method is scaled with the
+    image tokens) re-expressed there (`CompressionPlan.flops_kept_per_step_layer` when the model has none)."""
+    if model.layout is None:
+        return np.asarray(plan.flops_kept_per_step_layer(), float)
+    at = model.layout
+    windows = []
+    for name in plan.method_names():
+        if name.startswith("arrow(w="):
+            windows.append(max(1, round(int(name[len("arrow(w="):-1]) * at.image_tokens / plan.image_tokens)))
+        else:
+            windows.append(method_window(name, at.image_tokens))
+    priced = pallas_kernels.plan_cost(np.asarray(windows), batch=1, tokens=at.image_tokens + at.text_len,
+                                      text_len=at.text_len, text_first=True, head_dim=at.head_dim, band=at.band)
+    per_method = np.asarray(priced.flops, float) / priced.dense_flops
+    return per_method[plan.method_codes()].mean(axis=2)
+
+
 def plan_cost(plan, model: StepCostModel) -> float:
     """A plan's run time relative to the dense run of the same step count. A step costs its attention by the FLOPs
-    it keeps (`CompressionPlan.flops_kept_per_step`, which counts only blocks that run) plus the rest of the step
-    in proportion to the blocks that run (`work_per_step_layer`: 0 on a reused or extrapolated step)."""
-    kept = np.asarray(plan.flops_kept_per_step(), float)
-    work = np.asarray(plan.work_per_step_layer(), float).mean(axis=1)
+    it keeps where its blocks run (`attention_kept`) plus the rest of the step in proportion to the blocks that run
+    (`work_per_step_layer`: 0 on a reused or extrapolated step)."""
+    work_layers = np.asarray(plan.work_per_step_layer(), float)
+    kept = (attention_kept(plan, model) * work_layers).mean(axis=1)
+    work = work_layers.mean(axis=1)
     rest = model.step_ms[0]
     step_ms = rest * work + (model.step_time(kept) - rest)
     return float(step_ms.sum() / (len(kept) * model.dense_ms))

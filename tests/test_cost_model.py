@@ -1,5 +1,7 @@
 """The measured step-cost models that put every method on one cost axis (`ditfa_jax.cost_model`)."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -28,6 +30,35 @@ def test_plan_cost_between_bounds():
     expected = (model.dense_ms + 9 * model.step_ms[0]) / (10 * model.dense_ms)
     assert plan_cost(cached, model) == pytest.approx(expected)
     assert steps_cost(5, 10) == 0.5
+
+
+def test_heads_are_priced_at_the_models_layout():
+    """A plan's head methods cost what they would keep at the measured size: at its own layout that is the plan's
+    own FLOP count; a small model's arrow_8 head, which keeps most of its FLOPs, costs a FLUX-2K arrow_8 head."""
+    import pallas_kernels
+    from ditfa_jax.configs import FluxConfig
+    from ditfa_jax.cost_model import attention_kept
+    from ditfa_jax.methods import method_window
+
+    model = get_cost_model("h200-flux-dev-2048")
+    flux = CompressionPlan.full(FluxConfig(), height=2048, width=2048, text_len=512, num_steps=3)
+    rng = np.random.default_rng(0)
+    arrow = method_window("arrow_8", flux.image_tokens)
+    windows = rng.choice([-1, 0, arrow, arrow // 3], size=flux.head_window.shape).astype(np.int32)
+    windows[0] = -1  # step 0 computes every head
+    flux = flux.replace(head_window=windows)  # arrow // 3: a window no method names
+    np.testing.assert_allclose(attention_kept(flux, model), flux.flops_kept_per_step_layer(), atol=1e-12)
+    small = CompressionPlan.full(TRANSFORMER_CONFIG, height=64, width=64, text_len=32, num_steps=2,
+                                 vae_scale_factor=1, candidates=("cached", "arrow_8"))
+    windows = np.asarray(small.head_window).copy()
+    windows[1] = method_window("arrow_8", small.image_tokens)
+    small = small.replace(head_window=windows)
+    at_2k = pallas_kernels.plan_cost(np.array([arrow]), batch=1, tokens=flux.image_tokens + 512, text_len=512,
+                                     text_first=True, head_dim=128, band=flux.band)
+    kept = attention_kept(small, model)
+    np.testing.assert_allclose(kept[1], float(at_2k.flops[0]) / at_2k.dense_flops)
+    assert kept[1].max() < 0.2 < small.flops_kept_per_step_layer()[1].min()  # 18 % at 2K, most of it here
+    assert plan_cost(small, model) < plan_cost(small, dataclasses.replace(model, layout=None))
 
 
 def test_bad_inputs():

@@ -18,7 +18,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ditfa_jax.calibrate import METHOD_FAMILIES, least_error_plan, unified_plan
-from ditfa_jax.cost_model import StepCostModel, gated_cost, get_cost_model, plan_cost, steps_cost
+from ditfa_jax.cost_model import (StepCostModel, attention_kept, gated_cost, get_cost_model, plan_cost,
+                                  steps_cost)
 from ditfa_jax.denoise import DynamicGate
 from ditfa_jax.methods import windows_from_choice
 from ditfa_jax.milp import solve_global
@@ -105,6 +106,7 @@ SEARCHES = {
     "taylor": _family("taylor"),
     "block-cache": _family("blocks"),
     "steps+blocks": _family("steps+blocks"),
+    "taylor+heads": _family("taylor+heads"),
     "unified": _family("all"),
 }
 # The same pass as "unified", then every method re-chosen at once for time (`unified_plan`; its options here).
@@ -112,9 +114,18 @@ UNIFIED_MILP = {"unified-milp": {}, "unified-milp-cap1": {"max_skips_in_a_row": 
 SEARCHES.update({name: SEARCHES["unified"] for name in UNIFIED_MILP})
 
 
-def search_options(search: str, budget: float, num_layers: int) -> dict:
-    """The `calibrate` options of a named search at one budget, for a model of ``num_layers`` blocks."""
+def spends_both_budgets(search: str) -> bool:
+    """Whether a named search spends a head budget and a step budget (which ``head_delta`` can set apart)."""
+    options = SEARCHES[search](1.0)
+    return options.get("delta", 0) > 0 and options.get("step_delta", 0) > 0
+
+
+def search_options(search: str, budget: float, num_layers: int, head_delta: float | None = None) -> dict:
+    """The `calibrate` options of a named search at one budget, for a model of ``num_layers`` blocks; a search that
+    spends both budgets takes ``head_delta`` as its head budget where given."""
     options = SEARCHES[search](float(budget))
+    if head_delta is not None and spends_both_budgets(search):
+        options["delta"] = float(head_delta)
     if options.get("block_candidates") == ALL_BLOCKS:
         options["block_candidates"] = tuple(range(1, num_layers))
     return options
@@ -131,8 +142,8 @@ def plan_work(plan: CompressionPlan | None) -> dict:
 
 def quality_sweep(pipe, scenes, calibration_captions: list[str], deltas, *, seeds_per_caption: int = 1,
                   num_steps: int = DEFAULT_STEPS, include_global: bool = True, searches=("per-layer",),
-                  fewer_steps=(), base_steps=(), gates=(), cost_model: StepCostModel | str = "h200-flux-dev-1024",
-                  features=None, choose_at=(), batch_size: int = 256, timed: bool = True,
+                  fewer_steps=(), base_steps=(), gates=(), head_deltas=(),
+                  cost_model: StepCostModel | str = "h200-flux-dev-1024", features=None, choose_at=(), batch_size: int = 256, timed: bool = True,
                   progress: bool = True) -> tuple[list[dict], dict]:
     """Rows of metrics (dense first, then dense with each of ``fewer_steps``, then one per search and delta) and
     the images by row name.
@@ -140,10 +151,14 @@ def quality_sweep(pipe, scenes, calibration_captions: list[str], deltas, *, seed
     ``searches`` names entries of `SEARCHES`; ``include_global`` adds the global MILP over the paper search's
     recorded RSE table. ``base_steps``: step counts below ``num_steps`` on which every search also runs (rows
     "<search> on <n> steps": the method on top of fewer steps, its cost relative to dense with all ``num_steps``,
-    its PSNR / SSIM against that dense). ``gates``: (first_blocks, threshold) pairs, each a row of the dynamic gate
+    its PSNR / SSIM against that dense). ``head_deltas``: head budgets of the searches that spend both a head and a
+    step budget (`spends_both_budgets`), each a row "<search> heads <h>" with the sweep's budget as the step budget
+    (default: the one budget as both). ``gates``: (first_blocks, threshold) pairs, each a row of the dynamic gate
     (`TestbedPipeline.gated`, one caption at a time; its cost `gated_cost`). Every caption of ``scenes`` is
     generated ``seeds_per_caption`` times (seeds 0..k-1 offset per caption) from the same noise in every row.
-    ``cost`` is the row's run time relative to dense with all steps under ``cost_model``. ``features`` (a
+    ``cost`` is the row's run time relative to dense with all steps under ``cost_model``, and a plan row's
+    ``attention_kept_priced`` the attention FLOPs its heads keep where its blocks run, at that model's layout
+    (`ditfa_jax.cost_model.attention_kept`). ``features`` (a
     `ditfa_jax.testbed.features.FeatureNet`, or None to skip) gives each row the Fréchet distance of its images to
     ground-truth renders of the same captions. ``choose_at``: costs at which a row "least error over methods" picks,
     among every plan of the sweep and dense with each of ``fewer_steps`` within that cost, the one whose images of
@@ -224,18 +239,24 @@ def quality_sweep(pipe, scenes, calibration_captions: list[str], deltas, *, seed
         for steps in (num_steps, *sorted({int(n) for n in base_steps}, reverse=True)):
             on = "" if steps == num_steps else f" on {steps} steps"
             for search in searches:
-                result = pipe.calibrate(calibration_captions, num_steps=steps, progress=False,
-                                        **search_options(search, delta, pipe.transformer.config.total_layers))
-                plan = (unified_plan(result, cost_model, **UNIFIED_MILP[search]) if search in UNIFIED_MILP
-                        else result.plan)
-                variants.append((search + on, plan))
-                if include_global and search == "per-layer":
-                    variants.append(("global" + on, global_plan(result.plan, result.rse, result.saving)))
-        for name, p in variants:
+                for head_delta in (head_deltas if head_deltas and spends_both_budgets(search) else (None,)):
+                    options = search_options(search, delta, pipe.transformer.config.total_layers, head_delta)
+                    result = pipe.calibrate(calibration_captions, num_steps=steps, progress=False, **options)
+                    plan = (unified_plan(result, cost_model, **UNIFIED_MILP[search]) if search in UNIFIED_MILP
+                            else result.plan)
+                    heads = "" if head_delta is None else f" heads {float(head_delta):g}"
+                    variants.append((search + heads + on, plan, head_delta))
+                    if include_global and search == "per-layer":
+                        variants.append(("global" + on, global_plan(result.plan, result.rse, result.saving), None))
+        for name, p, head_delta in variants:
             out, seconds = generate(p, p.num_steps)
             cost = plan_cost(p, cost_model) * p.num_steps / num_steps
             rows.append(row(name, out, seconds, delta=float(delta), steps=p.num_steps, kept=p.flops_kept_fraction(),
                             cost=cost, calibration_seconds=p.notes["calibration_seconds"], plan=p))
+            if head_delta is not None:
+                rows[-1]["head_delta"] = float(head_delta)
+            runs = p.work_per_step_layer() > 0  # the (step, block) pairs that compute
+            rows[-1]["attention_kept_priced"] = round(float(attention_kept(p, cost_model)[runs].mean()), 4)
             images[f"{name} delta={delta:g}"] = out
             if choose_at:
                 candidate(f"{name} delta={delta:g}", p, p.num_steps, cost)
