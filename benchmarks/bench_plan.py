@@ -186,10 +186,12 @@ def speedup_plans(cfg, *, px: int, steps: int) -> dict:
     return plans
 
 
-def mixture_plans(cfg, *, px: int, steps: int) -> dict:
+def mixture_plans(cfg, *, px: int, steps: int, arrow_shares=()) -> dict:
     """The compute profile testbed v2's least-error search chose at cost 0.35 (Taylor order 2 on 10 of 20 steps,
     7 computed) scaled to ``steps``: Taylor on fewer steps. Plans for 14 and 13 steps computing 10 and 9 (2.8x and
-    3.1x fewer evaluations than dense with ``steps``), and the 13-step one with a ~45 % head plan."""
+    3.1x fewer evaluations than dense with ``steps``), the 13-step one with a ~45 % head plan, and the 14-step one
+    with each of ``arrow_shares`` of its heads arrow_8 and the others full (the method shares of testbed v2's Taylor
+    + heads choice, run at this size)."""
     plans = {}
     for base, computed in ((steps // 2, 10), (steps // 2 - 1, 9)):
         full = CompressionPlan.full(cfg, height=px, width=px, text_len=TEXT, num_steps=base)
@@ -197,13 +199,23 @@ def mixture_plans(cfg, *, px: int, steps: int) -> dict:
         plans[f"taylor2 on {base} steps, {computed} computed"] = full.replace(step_kind=kinds)
     heads = random_plan(cfg, px=px, steps=base, target=0.45)
     plans[f"same on {base} steps + heads ~45 %"] = heads.replace(step_kind=kinds)
+    kinds = taylor_schedule(steps // 2, 10)
+    n_img = layout_for(cfg, height=px, width=px, text_len=TEXT, vae_scale_factor=8).image_tokens
+    for share in arrow_shares:
+        draw = np.random.default_rng(1).random((steps // 2, cfg.total_layers, cfg.num_attention_heads))
+        hw = np.where(draw < float(share), method_window("arrow_8", n_img), -1).astype(np.int32)
+        hw[0] = -1
+        heads = CompressionPlan.from_config(cfg, hw, height=px, width=px, text_len=TEXT, step_kind=kinds)
+        kept = float(np.asarray(heads.flops_kept_per_step())[kinds == 0].mean())  # on the computed steps
+        plans[f"taylor2 on {steps // 2} steps, 10 computed + {float(share):.0%} arrow_8 (keeping {kept:.1%})"] = heads
     return plans
 
 
-def bench_speedup_plans(model, px: int, steps: int = 28, mixtures: bool = False) -> None:
+def bench_speedup_plans(model, px: int, steps: int = 28, mixtures: bool = False, arrow_shares=()) -> None:
     """The `speedup_plans` (or `mixture_plans`) against the dense sampler and the cost model's prediction (issue
     17, benchmark 2)."""
-    plans = (mixture_plans if mixtures else speedup_plans)(model.config, px=px, steps=steps)
+    plans = (mixture_plans(model.config, px=px, steps=steps, arrow_shares=arrow_shares) if mixtures
+             else speedup_plans(model.config, px=px, steps=steps))
     bench_step_methods(model, px, steps, plans=plans, gates=())
 
 
@@ -323,6 +335,9 @@ def main() -> None:
     parser.add_argument("--mesh", help="only the sampler over meshes of 1..8 devices at these sizes (28 steps)")
     parser.add_argument("--mixture-plans", help="only the Taylor-on-fewer-steps plans at these sizes (against 28 "
                                                 "dense steps)")
+    parser.add_argument("--mixture-arrow-shares", default="",
+                        help="with --mixture-plans: comma-separated shares of arrow_8 heads (the others full) on the "
+                             "14-step Taylor plan's computed steps, a row each")
     args = parser.parse_args()
     cache_dir = os.path.join(os.environ.get("OUT", "/tmp"), "..", "jax_cache")
     jax.config.update("jax_compilation_cache_dir", os.path.abspath(cache_dir))
@@ -344,7 +359,8 @@ def main() -> None:
         for px in filter(None, (args.speedup_plans or "").split(",")):
             bench_speedup_plans(model, int(px))
         for px in filter(None, (args.mixture_plans or "").split(",")):
-            bench_speedup_plans(model, int(px), mixtures=True)
+            bench_speedup_plans(model, int(px), mixtures=True,
+                                arrow_shares=[float(k) for k in args.mixture_arrow_shares.split(",") if k])
         print_tables()
         return
     if args.sampler:
