@@ -63,6 +63,8 @@ SHAPES = {
     "FLUX-2K": (1, 512, 16384, 24, 128, True),
     "FLUX-4K": (1, 512, 65536, 24, 128, True),
     "SD3-1K": (2, 333, 4096, 24, 64, False),
+    # SD3 with 384 text tokens: no padding copy (a multiple of 8) and a length jax's attention_mgpu example takes
+    "SD3-1K-384": (2, 384, 4096, 24, 64, False),
 }
 
 INTERPRET = False  # --cpu-smoke: tiny shapes, interpret mode, no GPU
@@ -433,10 +435,11 @@ def shape_checks(name, q, k, v, plans, text_len, text_first):
 
 
 def bench_jax_mgpu(name, q, k, v, text_len, text_first):
-    """Dense attention in float16 three ways, same inputs: cuDNN, jax's own Mosaic-GPU flash attention example
+    """Dense attention in float16, same inputs: cuDNN, jax's own Mosaic-GPU flash attention example
     (``jax.experimental.pallas.ops.gpu.attention_mgpu``, float16 only as shipped, no softmax scale: it gets q
-    pre-scaled) and our mosaic_gpu kernel all-full; both checked against cuDNN first (ours writing into a NaN-filled
-    cache; theirs on its first call, while cuDNN's output is alive, so no stale buffer can hold the answer)."""
+    pre-scaled) and our mosaic_gpu kernel all-full (below head_dim 128 also with 128-key tiles); each checked against
+    cuDNN first (ours writing into a NaN-filled cache; theirs on its first call, while cuDNN's output is alive, so no
+    stale buffer can hold the answer)."""
     from jax.experimental.pallas.ops.gpu import attention_mgpu as example
 
     q, k, v = (x.astype(jnp.float16) for x in (q, k, v))
@@ -447,14 +450,18 @@ def bench_jax_mgpu(name, q, k, v, text_len, text_first):
     config = example.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2)
     theirs = jax.jit(lambda q, k, v: example.attention(q * scale, k, v, config))
     full = jnp.full((1, heads), -1, jnp.int32)[0]
-    ours = jax.jit(lambda q, k, v: pk.headwise_attention(q, k, v, full, None, text_len=text_len,
-                                                         text_first=text_first, backend="mosaic_gpu"))
-    for impl, fn in (("jax-cudnn-dense-fp16", cudnn), ("jax-attention-mgpu-fp16", theirs), ("mosaic_gpu-fp16", ours)):
+    common = dict(text_len=text_len, text_first=text_first, backend="mosaic_gpu")
+    ours = {"mosaic_gpu-fp16": {}}
+    if pk.default_band(d)[1] < 128:  # the band sets our key tile; full heads compute the same function at any band
+        ours["mosaic_gpu-fp16-block_k128"] = dict(band=(128, 128), config=pk.MosaicConfig(block_k=128))
+    variants = [("jax-cudnn-dense-fp16", cudnn), ("jax-attention-mgpu-fp16", theirs)]
+    variants += [(impl, jax.jit(functools.partial(pk.headwise_attention, head_window=full, cache=None, **common, **kw)))
+                 for impl, kw in ours.items()]
+    for impl, fn in variants:
         try:
             if impl != "jax-cudnn-dense-fp16":
-                out = (fn(q, k, v) if impl != "mosaic_gpu-fp16" else
-                       pk.headwise_attention(q, k, v, full, jnp.full_like(q, jnp.nan), text_len=text_len,
-                                             text_first=text_first, backend="mosaic_gpu"))
+                out = (fn(q, k, v) if impl not in ours else
+                       pk.headwise_attention(q, k, v, full, jnp.full_like(q, jnp.nan), **common, **ours[impl]))
                 e = rel_err(out, ref)
                 ok = bool(e <= 1e-2)
                 RESULTS["checks"].append(dict(kind="fp16-full-vs-cudnn", shape=name, impl=impl, rel_err=e, ok=ok))
