@@ -143,8 +143,8 @@ def plan_work(plan: CompressionPlan | None) -> dict:
 def quality_sweep(pipe, scenes, calibration_captions: list[str], deltas, *, seeds_per_caption: int = 1,
                   num_steps: int = DEFAULT_STEPS, include_global: bool = True, searches=("per-layer",),
                   fewer_steps=(), base_steps=(), gates=(), head_deltas=(),
-                  cost_model: StepCostModel | str = "h200-flux-dev-1024", features=None, choose_at=(), batch_size: int = 256, timed: bool = True,
-                  progress: bool = True) -> tuple[list[dict], dict]:
+                  cost_model: StepCostModel | str = "h200-flux-dev-1024", features=None, choose_at=(),
+                  batch_size: int = 256, timed: bool = True, progress: bool = True) -> tuple[list[dict], dict]:
     """Rows of metrics (dense first, then dense with each of ``fewer_steps``, then one per search and delta) and
     the images by row name.
 
@@ -158,15 +158,14 @@ def quality_sweep(pipe, scenes, calibration_captions: list[str], deltas, *, seed
     generated ``seeds_per_caption`` times (seeds 0..k-1 offset per caption) from the same noise in every row.
     ``cost`` is the row's run time relative to dense with all steps under ``cost_model``, and a plan row's
     ``attention_kept_priced`` the attention FLOPs its heads keep where its blocks run, at that model's layout
-    (`ditfa_jax.cost_model.attention_kept`). ``features`` (a
-    `ditfa_jax.testbed.features.FeatureNet`, or None to skip) gives each row the Fréchet distance of its images to
-    ground-truth renders of the same captions. ``choose_at``: costs at which a row "least error over methods" picks,
-    among every plan of the sweep and dense with each of ``fewer_steps`` within that cost, the one whose images of
-    the calibration captions are closest to dense (`ditfa_jax.calibrate.least_error_plan`; the mean relative squared
-    error over those images), then reports that candidate's held-out row; a row "least error over methods (median)"
-    does the same by the median over images. Wall time is the second of two identical generation calls (the first
-    compiles); ``timed=False`` makes one call (its time includes compilation), which halves the work where times
-    mean nothing (a CPU).
+    (`ditfa_jax.cost_model.attention_kept`). ``features`` (a `ditfa_jax.testbed.features.FeatureNet`, or None to
+    skip) gives each row the Fréchet distance of its images to ground-truth renders of the same captions.
+    ``choose_at``: costs at which a row "least error over methods" picks, among every plan of the sweep and dense
+    with each of ``fewer_steps`` within that cost, the one whose images of the calibration captions are closest to
+    dense (`ditfa_jax.calibrate.least_error_plan`; the mean relative squared error over those images), then reports
+    that candidate's held-out row; a row "least error over methods (median)" does the same by the median over
+    images. Wall time is the second of two identical generation calls (the first compiles); ``timed=False`` makes
+    one call (its time includes compilation), which halves the work where times mean nothing (a CPU).
     """
     unknown = [s for s in searches if s not in SEARCHES]
     if unknown:
