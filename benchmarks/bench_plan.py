@@ -6,7 +6,9 @@
    full, as always); the kernel runs what the plan says, which is what the timing measures.
 2. Calibration (plan search) wall time at 1024^2 and 2048^2, 8 prompts, 28 and 50 steps, delta 0.2. At 2048^2 the
    8 prompts' attention cache (47 GB) does not fit beside the 24 GB of weights on an 80 GB H100: it lives in pinned
-   host memory (`calibrate` picks that itself).
+   host memory (`calibrate` picks that itself). ``--calibration 2048:50:8 --rse-query-stride 1,8 --step-delta 0.05
+   --dense-pass``: only those, with the RSE measured on every 8th query tile, step methods searched too, and the
+   dense sampler on the same prompts; the kernel's sampled-query path is checked against the full one first.
 
 3. ``--step-methods 1024,2048``: step reuse, Taylor extrapolation, block-residual caching and the dynamic gate
    (issue 17) at 28 steps: measured ms/step against the dense sampler and against what
@@ -310,17 +312,68 @@ def bench_layer_skip(model, px: int, steps: int) -> None:
                attention_flops_kept=round(plan.flops_kept_fraction(), 4))
 
 
-def bench_calibration(model, px: int, steps: int, prompts: int) -> None:
+def check_query_tiles(cfg, px: int, stride: int) -> None:
+    """The kernel computing every ``stride``-th query tile (the search's samples) at this size: its rows equal the
+    unrestricted call's bit for bit, the others the cache's; and both timed (median of 20 chained calls)."""
+    tokens = (px // 16) ** 2 + TEXT
+    shape = (1, tokens, cfg.num_attention_heads, cfg.attention_head_dim)
+    q, k, v, cache = (jax.random.normal(key, shape, jnp.bfloat16) for key in jax.random.split(jax.random.key(5), 4))
+    band = pallas_kernels.default_band(cfg.attention_head_dim)
+    tiles = jnp.asarray(np.arange(pallas_kernels.schedule.num_tiles(tokens, band[0])) % stride == 0)
+    rows = np.asarray(pallas_kernels.schedule.query_rows(tiles, tokens=tokens, band_q=band[0]))
+    arrow = method_window("arrow_8", tokens - TEXT)
+    for name, window in (("full", -1), ("arrow_8", arrow)):
+        hw = jnp.full((cfg.num_attention_heads,), window, jnp.int32)
+        run = jax.jit(lambda t, c: pallas_kernels.headwise_attention(q, k, v, hw, c, text_len=TEXT, text_first=True,
+                                                                     query_tiles=t))
+        every, some = np.asarray(run(None, cache)), np.asarray(run(tiles, cache))
+        exact = bool(np.array_equal(every[:, rows], some[:, rows]))
+        kept = bool(np.array_equal(np.asarray(cache)[:, ~rows], some[:, ~rows]))
+        times = {}
+        for label, t in (("all", None), ("sampled", tiles)):
+            jax.block_until_ready(run(t, cache))
+            laps = []
+            for _ in range(20):
+                start = time.perf_counter()
+                jax.block_until_ready(run(t, cache))
+                laps.append(time.perf_counter() - start)
+            times[label] = float(np.median(laps) * 1e3)
+        record(kind="query_tiles", px=px, stride=stride, method=name, rows_equal=exact, others_are_cache=kept,
+               ms_all=round(times["all"], 3), ms_sampled=round(times["sampled"], 3))
+        if not (exact and kept):
+            raise SystemExit(f"query_tiles check failed at {px}^2 {name}: rows equal {exact}, others cache {kept}")
+
+
+def bench_calibration(model, px: int, steps: int, prompts: int, stride: int = 1, step_delta: float = 0.0) -> None:
+    """Wall time of one `calibrate` call (compilation included) on random prompts, delta 0.2; ``step_delta`` > 0
+    also searches Taylor / reuse steps (the unified search); ``stride``: `calibrate(rse_query_stride=)`."""
     cfg = model.config
     keys = jax.random.split(jax.random.key(1), 2)
     text = jax.random.normal(keys[0], (prompts, TEXT, cfg.joint_attention_dim), jnp.bfloat16)
     pooled = jax.random.normal(keys[1], (prompts, cfg.pooled_projection_dim), jnp.bfloat16)
     start = time.perf_counter()
-    plan = calibrate(model, text, pooled, height=px, width=px, num_steps=steps, guidance_scale=3.5, delta=0.2).plan
+    plan = calibrate(model, text, pooled, height=px, width=px, num_steps=steps, guidance_scale=3.5, delta=0.2,
+                     step_delta=step_delta, rse_query_stride=stride).plan
     wall = time.perf_counter() - start
-    record(kind="calibration", px=px, steps=steps, prompts=prompts, seconds=round(wall, 1),
-           s_per_step=round(wall / steps, 2), attention_flops_kept=round(plan.flops_kept_fraction(), 4),
-           cache_on_host=plan.notes["cache_on_host"])
+    record(kind="calibration", px=px, steps=steps, prompts=prompts, stride=stride, step_delta=step_delta,
+           seconds=round(wall, 1), s_per_step=round(wall / steps, 2),
+           attention_flops_kept=round(plan.flops_kept_fraction(), 4),
+           skipped_steps=int((plan.step_kind != 0).sum()), cache_on_host=plan.notes["cache_on_host"])
+
+
+def bench_dense_pass(model, px: int, prompts: int, steps: int = 3) -> None:
+    """The dense sampler on the calibration batch (all prompts in one call): the cost of one plain pass."""
+    cfg = model.config
+    keys = jax.random.split(jax.random.key(1), 3)
+    text = jax.random.normal(keys[0], (prompts, TEXT, cfg.joint_attention_dim), jnp.bfloat16)
+    pooled = jax.random.normal(keys[1], (prompts, cfg.pooled_projection_dim), jnp.bfloat16)
+    latents = jax.random.normal(keys[2], (prompts, (px // 16) ** 2, cfg.in_channels))
+    run = lambda: jax.block_until_ready(sample(model, latents, text, pooled, height=px, width=px,  # noqa: E731
+                                               num_steps=steps, guidance_scale=3.5))
+    run()
+    start = time.perf_counter()
+    run()
+    record(kind="dense_pass", px=px, prompts=prompts, s_per_step=round((time.perf_counter() - start) / steps, 3))
 
 
 def main() -> None:
@@ -328,6 +381,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer steps, for a smoke run")
     parser.add_argument("--layer-skip-only", action="store_true", help="only the q/k/v-skipping measurement")
     parser.add_argument("--calibration", help="only these calibrations, e.g. '2048:28:4,1024:50:8' (px:steps:prompts)")
+    parser.add_argument("--rse-query-stride", default="1",
+                        help="with --calibration: comma-separated `calibrate(rse_query_stride=)` values, a row each")
+    parser.add_argument("--dense-pass", action="store_true",
+                        help="with --calibration: also time the dense sampler on the same prompts (3 steps)")
+    parser.add_argument("--step-delta", type=float, default=0.0,
+                        help="with --calibration: also search step methods within this RSE (the unified search)")
     parser.add_argument("--sampler", help="only the sampler rows at these sizes, e.g. '1024,2048' (10 steps)")
     parser.add_argument("--backend", help="head-wise kernel backend of the plans (default: the device's choice)")
     parser.add_argument("--step-methods", help="only the step-method rows at these sizes, e.g. '1024,2048' (28 steps)")
@@ -369,8 +428,17 @@ def main() -> None:
         print_tables()
         return
     if args.calibration:
+        strides = [int(v) for v in args.rse_query_stride.split(",")]
         for case in args.calibration.split(","):
-            bench_calibration(model, *(int(v) for v in case.split(":")))
+            px, steps, prompts = (int(v) for v in case.split(":"))
+            for stride in strides:
+                if stride > 1:
+                    check_query_tiles(model.config, px, stride)
+            if args.dense_pass:
+                bench_dense_pass(model, px, prompts)
+            for stride in strides:
+                bench_calibration(model, px, steps, prompts, stride, args.step_delta)
+        print_tables()
         return
     bench_sampler(model, 2048, 4 if args.quick else 10)
     for px, steps, prompts in ([(1024, 4, 2)] if args.quick else
@@ -381,8 +449,10 @@ def main() -> None:
 
 
 def print_tables() -> None:
-    print("\n| sampler size | backend | plan | attention FLOPs kept | ms/step | speedup vs dense | Amdahl bound | of bound |")
-    print("|---|---|---|---|---|---|---|---|")
+    if any(r["kind"] == "sampler" for r in RESULTS):
+        print("\n| sampler size | backend | plan | attention FLOPs kept | ms/step | speedup vs dense | Amdahl bound | "
+              "of bound |")
+        print("|---|---|---|---|---|---|---|---|")
     for r in RESULTS:
         if r["kind"] == "sampler":
             print(f"| {r['px']}^2 | {r['backend']} | {r['plan']} | {r['attention_flops_kept']:.3f} | {r['ms_per_step']} | "
@@ -396,11 +466,19 @@ def print_tables() -> None:
                       f"{r.get('predicted_speedup', '')} | {r.get('skipped_steps', '')} |")
     if not any(r["kind"] == "calibration" for r in RESULTS):
         return
-    print("\n| calibration | prompts | steps | seconds | kept (delta 0.2) |")
-    print("|---|---|---|---|---|")
+    for r in RESULTS:
+        if r["kind"] == "query_tiles":
+            print(f"query tiles {r['px']}^2 {r['method']} stride {r['stride']}: {r['ms_sampled']} ms against "
+                  f"{r['ms_all']} ms for every tile (checked: {r['rows_equal'] and r['others_are_cache']})")
+        if r["kind"] == "dense_pass":
+            print(f"dense sampler, {r['prompts']} prompts in one call at {r['px']}^2: {r['s_per_step']} s/step")
+    print("\n| calibration | prompts | steps | query stride | step delta | seconds | s/step | kept (delta 0.2) | "
+          "skipped steps |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in RESULTS:
         if r["kind"] == "calibration":
-            print(f"| {r['px']}^2 | {r['prompts']} | {r['steps']} | {r['seconds']} | {r['attention_flops_kept']} |")
+            print(f"| {r['px']}^2 | {r['prompts']} | {r['steps']} | {r.get('stride', 1)} | {r.get('step_delta', 0)} | "
+                  f"{r['seconds']} | {r['s_per_step']} | {r['attention_flops_kept']} | {r.get('skipped_steps', 0)} |")
 
 
 if __name__ == "__main__":

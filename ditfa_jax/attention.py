@@ -73,12 +73,13 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: st
 
 
 def headwise(q, k, v, head_window, cache, *, text_len: int, text_first: bool,
-             settings: AttentionSettings = AttentionSettings()) -> jax.Array:
-    """The head-wise kernel on one layer (no shortcut): the backend `settings` names or the device's default."""
+             settings: AttentionSettings = AttentionSettings(), query_tiles=None) -> jax.Array:
+    """The head-wise kernel on one layer (no shortcut): the backend `settings` names or the device's default;
+    ``query_tiles`` as in `pallas_kernels.headwise_attention`."""
     import pallas_kernels  # deferred: the kernel package is only needed with a plan
 
     return pallas_kernels.headwise_attention(q, k, v, head_window, cache, text_len=text_len, text_first=text_first,
-                                             band=settings.band, backend=settings.backend)
+                                             band=settings.band, backend=settings.backend, query_tiles=query_tiles)
 
 
 def joint_attention(

@@ -142,15 +142,24 @@ def _select_heads(outs: jax.Array, choice: jax.Array) -> jax.Array:
     return jnp.take_along_axis(outs, choice[None, None, None, :, None], axis=0)[0]
 
 
+def sampled_query_tiles(tokens: int, band_q: int, stride: int) -> np.ndarray:
+    """bool [band query tiles]: every ``stride``-th tile from the first, the queries whose RSE is measured."""
+    return np.arange(pallas_kernels.schedule.num_tiles(tokens, band_q)) % stride == 0
+
+
 class _LayerRunner:
     """Jitted per-layer pieces for one block stack (the layer index is data: one compile per stack).
 
     `exact` runs a layer uncompressed (step 0), as the sampler's `block_forward` does. `probe` computes the exact
-    attention and every candidate's output for all heads at once, and their RSE; `apply` takes each head's chosen
-    output from the probe (no attention is recomputed) and finishes the block.
+    attention and every candidate's output for all heads at once, and their RSE; `apply` finishes the block with
+    each head's chosen output. With ``query_stride`` 1 the probe computes every query and `apply` takes the chosen
+    outputs from it (no attention is recomputed). With ``query_stride`` s > 1 the probe computes (and the RSE
+    measures) only every s-th band query tile (`sampled_query_tiles`), and `apply` runs the chosen methods once over
+    all queries: about (1 + candidates) / s + kept of a layer's attention, instead of 1 + candidates.
     """
 
-    def __init__(self, stack, *, layout: TokenLayout, windows: tuple[int, ...], settings: AttentionSettings):
+    def __init__(self, stack, *, layout: TokenLayout, windows: tuple[int, ...], settings: AttentionSettings,
+                 query_stride: int = 1):
         self.graphdef, self.state = nnx.split(stack)
         graphdef = self.graphdef
         where = dict(text_len=layout.text_len, text_first=layout.text_first)
@@ -159,6 +168,11 @@ class _LayerRunner:
         def exact(state, index, carry, temb, rope):
             block = nnx.merge(graphdef, _layer_state(state, index))
             return block_forward(block, carry, temb, rope, None, layout, settings)
+
+        self.exact = exact
+        if query_stride > 1:
+            self.probe, self.apply = _sampled_probe_apply(graphdef, layout, windows, settings, query_stride)
+            return
 
         @model_jit(static_argnames="rse_over_prompts")
         def probe(state, index, carry, temb, rope, prev_out, rse_over_prompts):
@@ -171,13 +185,41 @@ class _LayerRunner:
             return head_rse(outs[1:], y_full, rse_over_prompts), (ctx, outs)
 
         @model_jit
-        def apply(state, index, carry, probed, choice):
+        def apply(state, index, carry, probed, choice, prev_out):
             block = nnx.merge(graphdef, _layer_state(state, index))
             ctx, outs = probed
             out = _select_heads(outs, choice)
             return block.finish(carry, ctx, out), out
 
-        self.exact, self.probe, self.apply = exact, probe, apply
+        self.probe, self.apply = probe, apply
+
+
+def _sampled_probe_apply(graphdef, layout: TokenLayout, windows, settings: AttentionSettings, stride: int):
+    """`_LayerRunner`'s probe and apply when the RSE is measured on every ``stride``-th band query tile."""
+    where = dict(text_len=layout.text_len, text_first=layout.text_first)
+    tiles = sampled_query_tiles(layout.tokens, settings.band[0], stride)
+    rows = np.flatnonzero(pallas_kernels.schedule.query_rows(tiles, tokens=layout.tokens, band_q=settings.band[0]))
+    window_of = np.asarray((-1, *windows), np.int32)  # choice code (0 exact, m + 1 candidate m) -> head window
+
+    @model_jit(static_argnames="rse_over_prompts")
+    def probe(state, index, carry, temb, rope, prev_out, rse_over_prompts):
+        block = nnx.merge(graphdef, _layer_state(state, index))
+        ctx, (q, k, v) = attention_inputs(block, carry, temb, rope)
+        heads = q.shape[2]
+        y_full = dense_attention(q[:, rows], k, v, settings.implementation)
+        outs = jnp.stack([headwise(q, k, v, jnp.full((heads,), w, jnp.int32), None, **where, settings=settings,
+                                   query_tiles=jnp.asarray(tiles))[:, rows] if w > 0 else prev_out[:, rows]
+                          for w in windows])
+        return head_rse(outs, y_full, rse_over_prompts), (ctx, (q, k, v))
+
+    @model_jit
+    def apply(state, index, carry, probed, choice, prev_out):
+        block = nnx.merge(graphdef, _layer_state(state, index))
+        ctx, (q, k, v) = probed
+        out = headwise(q, k, v, jnp.asarray(window_of)[choice], prev_out, **where, settings=settings)
+        return block.finish(carry, ctx, out), out
+
+    return probe, apply
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,7 +251,8 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
               attention: AttentionSettings | None = None, band: tuple[int, int] | None = None,
               progress: bool = True, cache_on_host: bool | None = None, rse_over_prompts: str = "mean",
               budget_schedule: str = "constant", token_order: str = "raster", step_delta: float = 0.0,
-              step_kinds=("reuse", "taylor1", "taylor2"), block_candidates=(), mesh=None) -> CalibrationResult:
+              step_kinds=("reuse", "taylor1", "taylor2"), block_candidates=(), rse_query_stride: int = 1,
+              mesh=None) -> CalibrationResult:
     """Search a head-wise compression plan on calibration prompts (embeddings [N, L, dim], pooled [N, dim]).
 
     The pass samples from seeded noise (`seed`) with the core `ditfa_jax.sample` runs (`ditfa_jax.denoise`), the
@@ -228,6 +271,10 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
     velocity that gives is within ``step_delta``. The candidate saving the most time wins (a skipped step saves it
     all, F blocks save (layers - F) / layers of it).
 
+    ``rse_query_stride`` s > 1 measures each head's RSE on every s-th band query tile only (an estimate from a
+    sample of the queries) and computes each layer's chosen methods once over all of them, which at large images
+    costs less than computing every candidate everywhere (`_LayerRunner`); 1 measures on all queries.
+
     ``mesh`` (`ditfa_jax.sharding.make_mesh` with a head axis of 1) splits the calibration prompts over its data
     axis; the RSEs are reduced over all prompts on all devices, so the plan is the one a single device finds.
     """
@@ -244,6 +291,9 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
            or not 1 <= f < layers_total]
     if bad:
         raise ValueError(f"block_candidates {bad}: expected numbers of first blocks that run, in 1..{layers_total - 1}")
+    if isinstance(rse_query_stride, bool) or not isinstance(rse_query_stride, (int, np.integer)) \
+            or rse_query_stride < 1:
+        raise ValueError(f"rse_query_stride={rse_query_stride!r}: expected an int >= 1 (1: every query)")
     search_blocks = step_delta > 0 and bool(block_candidates)
     budgets = step_budgets(delta, num_steps, budget_schedule)
     start_time = time.perf_counter()
@@ -280,7 +330,8 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
                                               band=band).flop_fraction.mean())
 
     module = model.module() if mesh is None else nnx.merge(model.graphdef, sharding.replicate(model.state, mesh))
-    runners = [(_LayerRunner(stack, layout=layout, windows=windows, settings=settings), first, count)
+    runners = [(_LayerRunner(stack, layout=layout, windows=windows, settings=settings,
+                             query_stride=int(rse_query_stride)), first, count)
                for stack, first, count in module.stacks()]
     graphdef, state = nnx.split(module)
 
@@ -354,7 +405,8 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
                     if search_blocks:
                         fresh[layer] = tree_sub(carry, before)
                     continue
-                rse, probed = runner.probe(runner.state, i, carry, temb, cond.rope, caches.fetch(layer),
+                prev_out = caches.fetch(layer)
+                rse, probed = runner.probe(runner.state, i, carry, temb, cond.rope, prev_out,
                                            rse_over_prompts=rse_over_prompts)
                 rse_table[step, layer] = np.asarray(rse, np.float64)
                 choice = np.full(heads, -1)
@@ -363,7 +415,8 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
                     chosen = choice >= 0
                     head_window[step, layer, chosen] = np.asarray(windows)[choice[chosen]]
                     rse_used[step, layer] = rse_table[step, layer][chosen, choice[chosen]].sum()
-                carry, out = runner.apply(runner.state, i, carry, probed, jnp.asarray(choice + 1, jnp.int32))
+                carry, out = runner.apply(runner.state, i, carry, probed, jnp.asarray(choice + 1, jnp.int32),
+                                          prev_out)
                 store(layer, out)
                 if search_blocks:
                     fresh[layer] = tree_sub(carry, before)
@@ -411,6 +464,7 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
         notes=dict(calibration_seconds=round(time.perf_counter() - start_time, 2), prompts=int(n),
                    guidance_scale=float(guidance_scale), seed=seed, rse_used_max=float(rse_used.max()),
                    cache_on_host=bool(cache_on_host), rse_over_prompts=rse_over_prompts,
+                   **({"rse_query_stride": int(rse_query_stride)} if rse_query_stride > 1 else {}),
                    budget_schedule=budget_schedule, **({"step_delta": float(step_delta),
                                                         "step_kinds": list(step_kinds),
                                                         "block_candidates": [int(f) for f in block_candidates]}

@@ -452,7 +452,7 @@ def cmd_calibrate(args) -> int:
                          guidance_scale=_guidance(args, model.config), c=args.c,
                          candidates=tuple(args.candidates.split(",")), scheduler=scheduler, seed=args.seed,
                          vae_scale_factor=run["vae_scale_factor"], rse_over_prompts=args.rse_over_prompts,
-                         budget_schedule=args.budget_schedule, token_order=args.token_order,
+                         rse_query_stride=args.rse_query_stride, budget_schedule=args.budget_schedule, token_order=args.token_order,
                          progress=args.target_speedup is None, mesh=mesh, **budgets, **negative)
 
     if args.target_speedup is None:
@@ -746,6 +746,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rse-over-prompts", choices=["mean", "max"], default="mean",
                    help="score a head's error over all calibration prompts pooled (mean, the paper's) or by its "
                         "worst prompt (max: more conservative; better PSNR/SSIM at equal FLOPs on the testbed)")
+    p.add_argument("--rse-query-stride", type=POSITIVE, default=1,
+                   help="measure each head's error on every S-th query tile of 128 tokens only, then run the chosen "
+                        "methods once (1: every query); at 2048^2 and above this cuts the search's attention work "
+                        "(benchmarks/RESULTS.md)")
     p.add_argument("--budget-schedule", choices=["constant", "ramp"], default="constant",
                    help="delta at every step (constant, the paper's) or rising with the step index, same total "
                         "(ramp: protects the early steps)")

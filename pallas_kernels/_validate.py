@@ -41,7 +41,7 @@ def resolve_band(band, head_dim: int) -> tuple[int, int]:
     return check_block("band (band_q)", band[0]), check_block("band (band_k)", band[1])
 
 
-def validate(q, k, v, head_window, cache, *, text_len, text_first, band):
+def validate(q, k, v, head_window, cache, *, text_len, text_first, band, query_tiles=None):
     """Checks the arguments; returns ``(head_window_int32, band)``, ``band``
     resolved to its default when None.
 
@@ -103,6 +103,15 @@ def validate(q, k, v, head_window, cache, *, text_len, text_first, band):
             f"{np.flatnonzero(concrete == 0).tolist()} as cached (0) but cache is "
             f"None; pass cache=[batch, tokens, heads, head_dim] = {q_shape}"
         )
+
+    if query_tiles is not None:
+        n_tiles = -(-tokens // band[0])
+        qt_shape, qt_dtype = _shape_dtype(query_tiles, "query_tiles")
+        if qt_shape != (n_tiles,) or qt_dtype != jnp.bool_:
+            raise ValueError(
+                f"query_tiles: expected a bool array of shape ({n_tiles},) (one per band query tile of "
+                f"{band[0]} tokens of q {q_shape}), got {qt_dtype} {qt_shape}"
+            )
 
     hw = jnp.asarray(head_window)
     if hw.dtype != jnp.int32:

@@ -12,7 +12,10 @@ is an object with
   automatic choice and None when the caller names the backend (it may then run
   emulated, e.g. Triton's interpret mode on a CPU);
 * ``__call__(q, k, v, head_window, cache, *, text_len, text_first, band,
-  config)`` on validated arguments.
+  config)`` on validated arguments;
+* ``skips_query_tiles`` (optional, default False): True when ``__call__`` also
+  takes ``query_tiles`` and computes only those tiles; for the others
+  :func:`headwise_attention` computes every tile and keeps the selected rows.
 
 :data:`BACKENDS` lists them in order of preference; ``backend=None`` takes the
 first that supports the call on the default platform ("mosaic_gpu" only for the
@@ -24,7 +27,9 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 import jax
+import jax.numpy as jnp
 
+from pallas_kernels import schedule
 from pallas_kernels._validate import validate
 from pallas_kernels.mosaic_backend import MosaicBackend
 from pallas_kernels.reference import XlaBackend
@@ -112,6 +117,7 @@ def headwise_attention(
     band: tuple[int, int] | None = None,
     backend: str | None = None,
     config=None,
+    query_tiles=None,
 ) -> jax.Array:
     """Joint attention where each head is full, arrow or cached.
 
@@ -137,12 +143,17 @@ def headwise_attention(
         the call on ``jax.default_backend()`` (or the one ``config`` belongs to).
       config: the backend's launch configuration (its ``config_type``); None
         takes its ``default_config``.
+      query_tiles: optional bool ``[ceil(tokens / band_q)]`` data: compute only
+        the band query tiles marked True; the other rows of the output are the
+        cache's (zeros when ``cache`` is None).  For estimates on a sample of the
+        queries (the plan search); backends that cannot skip tiles compute all.
 
     Returns:
       ``[batch, tokens, heads, head_dim]`` in q's dtype; softmax scale
       ``1/sqrt(head_dim)``.
     """
-    hw, band = validate(q, k, v, head_window, cache, text_len=text_len, text_first=text_first, band=band)
+    hw, band = validate(q, k, v, head_window, cache, text_len=text_len, text_first=text_first, band=band,
+                        query_tiles=query_tiles)
     chosen = _select(backend, config, tuple(q.shape), q.dtype, band)
     if config is None:
         config = chosen.default_config(tuple(q.shape), q.dtype, band)
@@ -150,7 +161,14 @@ def headwise_attention(
         raise ValueError(
             f"config: backend {chosen.name!r} takes a {chosen.config_type.__name__}, got {type(config).__name__}"
         )
-    return chosen(q, k, v, hw, cache, text_len=text_len, text_first=text_first, band=band, config=config)
+    kw = dict(text_len=text_len, text_first=text_first, band=band, config=config)
+    if query_tiles is None:
+        return chosen(q, k, v, hw, cache, **kw)
+    if getattr(chosen, "skips_query_tiles", False):
+        return chosen(q, k, v, hw, cache, query_tiles=query_tiles, **kw)
+    rows = schedule.query_rows(query_tiles, tokens=q.shape[1], band_q=band[0], xp=jnp)
+    base = jnp.zeros_like(q) if cache is None else cache
+    return jnp.where(rows[None, :, None, None], chosen(q, k, v, hw, cache, **kw), base)
 
 
 def reference_headwise_attention(

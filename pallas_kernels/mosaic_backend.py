@@ -23,7 +23,8 @@ head, pair of 64-row query tiles)):
   alternate their matmuls on a schedule barrier (``pingpong``) so that one's
   softmax overlaps the other's wgmma; the result goes back through SMEM by
   TMA (rows past ``tokens`` are clipped by the TMA unit);
-* cached heads (window 0) are never run; the output buffer is the cache,
+* cached heads (window 0) are never run, nor the query tiles a call leaves
+  out (``query_tiles``: the work list skips them); the output buffer is the cache,
   passed in as a ``jax.new_ref`` (lowered to an operand alias), so the cache
   passes through bit for bit, with no copy when it is donated.
 
@@ -116,6 +117,7 @@ class MosaicBackend:
 
     name = "mosaic_gpu"
     config_type = MosaicConfig
+    skips_query_tiles = True  # a work list without the unselected query tiles
 
     def default_config(self, q_shape, dtype, band) -> MosaicConfig:
         """Launch configuration for ``q_shape``, ``dtype`` and ``band``."""
@@ -140,11 +142,12 @@ class MosaicBackend:
             return f"needs compute capability 9.x (Hopper), got {cc}"
         return None
 
-    def __call__(self, q, k, v, head_window, cache, *, text_len, text_first, band, config):
+    def __call__(self, q, k, v, head_window, cache, *, text_len, text_first, band, config, query_tiles=None):
         """Validated arguments (``head_window`` int32, ``band`` a pair) -> output."""
         cfg = self._complete(config or MosaicConfig(), q.shape, band)
         return _headwise_jit(
-            q, k, v, head_window, cache, text_len=int(text_len), text_first=bool(text_first), band=tuple(band),
+            q, k, v, head_window, cache, query_tiles, text_len=int(text_len), text_first=bool(text_first),
+            band=tuple(band),
             block_k=cfg.block_k, num_stages=cfg.num_stages, pingpong=cfg.pingpong,
             num_programs=cfg.num_programs if cfg.persistent else None, interpret=bool(cfg.interpret),
         )
@@ -196,9 +199,10 @@ def _softmax_step(s, carry, *, qk_scale, n_valid=None):
 # Schedule: the work list (which program runs which query tiles, in which order).
 
 
-def work_list(hw, *, batch, tokens, text_len, text_first, band, block_k):
+def work_list(hw, *, batch, tokens, text_len, text_first, band, block_k, query_tiles=None):
     """``[1 + W]`` int32: the number of items that visit any key tile, then all ``W = batch * heads * n_prog``
     items ``(b * heads + h) * n_prog + p`` (``p``: a pair of 64-row query tiles) in the order they run.
+    ``query_tiles`` (bool per band query tile, or None for all): items of the other tiles visit nothing.
 
     Long items first: full rows (full heads, and the text query tiles of arrow heads), then arrow rows, so that
     the short ones fill in behind the long ones; cached heads (no tile) last, never run.  Within a class the
@@ -212,7 +216,11 @@ def work_list(hw, *, batch, tokens, text_len, text_first, band, block_k):
         jnp.arange(n_prog, dtype=jnp.int32)[None, :], jnp.asarray(hw, jnp.int32)[:, None], tokens=tokens,
         text_len=text_len, text_first=text_first, block_q=_PROGRAM_Q, block_k=block_k, band=band, xp=jnp,
     )
-    cost = jnp.broadcast_to(((t1 - t0) + (b1 - b0))[None], (batch, *t0.shape)).reshape(-1)
+    cost = (t1 - t0) + (b1 - b0)
+    if query_tiles is not None:
+        pair_tile = jnp.arange(n_prog) * _PROGRAM_Q // band[0]  # band_q is a multiple of _PROGRAM_Q
+        cost = jnp.where(jnp.asarray(query_tiles)[pair_tile][None, :], cost, 0)
+    cost = jnp.broadcast_to(cost[None], (batch, *t0.shape)).reshape(-1)
     cls = jnp.where(cost == 0, 2, jnp.where(cost >= nk, 0, 1))  # full rows, arrow rows, nothing
     one_hot = (cls[:, None] == jnp.arange(3)[None, :]).astype(jnp.int32)
     before = jnp.cumsum(one_hot, axis=0) - one_hot  # items of the same class ahead of each item
@@ -412,17 +420,22 @@ def _kernel(
                      "interpret"),
 )
 def _headwise_jit(
-    q, k, v, hw, cache, *, text_len, text_first, band, block_k, num_stages, pingpong, num_programs, interpret
+    q, k, v, hw, cache, query_tiles, *, text_len, text_first, band, block_k, num_stages, pingpong, num_programs,
+    interpret
 ):
     batch, tokens, heads, head_dim = q.shape
     if cache is None:
         hw = jnp.where(hw == 0, -1, hw)  # documented: no cache -> full
+        if query_tiles is not None:
+            cache = jnp.zeros_like(q)  # the rows of unselected query tiles
     hw = jnp.maximum(hw, -1)
     n_items = batch * heads * schedule.num_tiles(tokens, _PROGRAM_Q)
-    persistent = num_programs is not None and num_programs < n_items  # else one program per item
+    if query_tiles is not None:  # only a work list can leave items out
+        num_programs = min(num_programs or n_items, n_items)
+    persistent = num_programs is not None and (num_programs < n_items or query_tiles is not None)
     if persistent:
         work = (work_list(hw, batch=batch, tokens=tokens, text_len=text_len, text_first=text_first, band=band,
-                          block_k=block_k),)
+                          block_k=block_k, query_tiles=query_tiles),)
     else:
         work = ()
 

@@ -69,6 +69,7 @@ __all__ = [
     "default_band",
     "check_band",
     "num_tiles",
+    "query_rows",
     "image_region",
     "text_key_tile_range",
     "query_tile_has_text",
@@ -117,6 +118,12 @@ def check_band(band, block_q: int, block_k: int) -> tuple[int, int]:
 def num_tiles(tokens: int, block: int) -> int:
     """Number of tiles of ``block`` tokens covering ``tokens`` (last may be partial)."""
     return -(-tokens // block)
+
+
+def query_rows(query_tiles, *, tokens: int, band_q: int, xp=np):
+    """bool ``[tokens]``: the rows of the band query tiles marked in ``query_tiles`` (``[num_tiles(tokens,
+    band_q)]``)."""
+    return xp.repeat(xp.asarray(query_tiles, bool), band_q)[:tokens]
 
 
 def image_region(tokens: int, text_len: int, text_first: bool) -> tuple[int, int]:

@@ -394,3 +394,58 @@ def test_sampler_through_the_pallas_kernel_matches_the_reference_path(name):
     np.testing.assert_allclose(kernel, reference, rtol=1e-4, atol=1e-4)
     dense = np.asarray(sample(*args, **common))
     assert np.abs(reference - dense).max() > 1e-3  # the plan's arrow and cached heads changed the result
+
+
+def test_sampled_queries_rse_is_the_rse_of_those_queries(monkeypatch):
+    """With ``rse_query_stride`` 2 every probe of a real pass (all steps, layers, heads, candidates) gives the RSE
+    that the full probe's outputs give on the sampled query tiles; the pass still samples as `sample(plan=...)`
+    does, from the same noise (the chosen methods run once over all queries)."""
+    import jax
+
+    import ditfa_jax.calibrate as cal
+    from tiny_runs import tiny_run
+
+    model, text, common = tiny_run("flux_dev", STEPS)
+    checked = []
+    Runner = cal._LayerRunner
+
+    class Checked(Runner):
+        def __init__(self, stack, *, query_stride=1, **kw):
+            super().__init__(stack, query_stride=query_stride, **kw)
+            twin = Runner(stack, **kw)  # every query
+            tokens, band_q = kw["layout"].tokens, kw["settings"].band[0]
+            tiles = cal.sampled_query_tiles(tokens, band_q, query_stride)
+            assert tiles.sum() < tiles.size  # some query tiles are left out
+            rows = np.repeat(tiles, band_q)[:tokens]
+            sampled_probe = self.probe
+
+            def probe(state, index, carry, temb, rope, prev_out, rse_over_prompts):
+                rse, probed = sampled_probe(state, index, carry, temb, rope, prev_out,
+                                            rse_over_prompts=rse_over_prompts)
+                all_rse, (_, outs) = twin.probe(state, index, carry, temb, rope, prev_out,
+                                                rse_over_prompts=rse_over_prompts)
+                want = head_rse(outs[1:, :, rows], outs[0][:, rows], rse_over_prompts)
+                np.testing.assert_allclose(np.asarray(rse), np.asarray(want), rtol=2e-4, atol=1e-7)
+                checked.append(float(np.abs(np.asarray(rse) - np.asarray(all_rse)).max()))
+                return rse, probed
+
+            self.probe = probe
+
+    monkeypatch.setattr(cal, "_LayerRunner", Checked)
+    result = calibrate(model, *text, delta=0.5, progress=False, seed=3, rse_query_stride=2, **common)
+    layers = model.config.total_layers
+    assert len(checked) == (STEPS - 1) * layers and max(checked) > 1e-4  # a sample, not every query
+    plan = result.plan
+    assert plan.notes["rse_query_stride"] == 2
+    assert (plan.head_window > 0).any() and (plan.head_window == 0).any()
+    noise = jax.random.normal(jax.random.key(3), result.final_latents.shape, jnp.float32)
+    sampled = np.asarray(sample(model, noise, *text, plan=plan, **common))
+    np.testing.assert_allclose(np.asarray(result.final_latents), sampled, rtol=1e-4, atol=1e-4)
+
+
+def test_rse_query_stride_must_be_a_positive_int(sd3_setup):
+    model, ref, common = sd3_setup
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="rse_query_stride"):
+            calibrate(model, ref["sample_prompt_embeds"], ref["sample_pooled"], delta=0.1, progress=False,
+                      rse_query_stride=bad, **common)

@@ -400,6 +400,25 @@ def test_hopper_tiles_random_plans(backend, case, dtype):
     run_random_case(backend, case, dtype)
 
 
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+@pytest.mark.parametrize("with_cache", [True, False])
+def test_hopper_tiles_query_tiles_compute_only_those_rows(backend, with_cache):
+    # 3 band query tiles of 128 (the last partial: T = 300); tiles 0 and 2 computed, the middle one left out.
+    b, t, h, d, text_len, band = 1, 300, 3, 64, 40, (128, 64)
+    q, k, v, cache = qkvc(b, t, h, d, jnp.bfloat16, seed=37)
+    hw = np.array([7, -1, 0], np.int32) if with_cache else np.array([7, -1, -1], np.int32)
+    cache = poisoned(cache, hw) if with_cache else None
+    tiles = np.array([True, False, True])
+    kw = dict(text_len=text_len, text_first=True, band=band)
+    out = pk.headwise_attention(q, k, v, hw, cache, backend=backend, query_tiles=jnp.asarray(tiles), **kw)
+    rows = np.repeat(tiles, 128)[:t]
+    base = np.zeros(q.shape, np.float32) if cache is None else np.asarray(cache, np.float32)
+    assert same_bits(out[:, ~rows], jnp.asarray(base, q.dtype)[:, ~rows])  # the cache's (NaN-poisoned) rows
+    full = pk.headwise_attention(q, k, v, hw, cache, backend=backend, **kw)
+    assert same_bits(out[:, rows], full[:, rows])
+    check(full, q, k, v, hw, cache, tol=TOL[jnp.bfloat16], **kw)
+
+
 # --------------------------------------------------------------- bad input
 
 
@@ -428,6 +447,8 @@ BAD = [
     ("band", dict(band=(24, 16)), "power of two"),
     ("band", dict(band=(16, 8)), "power of two"),
     ("band", dict(band=64), "pair"),
+    ("query_tiles", dict(query_tiles=np.ones(2, bool)), r"\(3,\)"),
+    ("query_tiles", dict(query_tiles=np.ones(3, np.int32)), "bool"),
 ]
 
 

@@ -62,6 +62,19 @@ def test_lowers_to_mosaic_gpu(shape, text_len, text_first, config, cache):
         assert "output_operand_alias" in txt
 
 
+@pytest.mark.parametrize("config", [pk.MosaicConfig(), pk.MosaicConfig(persistent=False)], ids=["persistent", "grid"])
+def test_lowers_with_query_tiles(config):
+    """A call computing only some query tiles (the plan search's samples) lowers for CUDA at FLUX-2K."""
+    shape = (1, 16896, 24, 128)
+    sds = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+    f = functools.partial(pk.headwise_attention, text_len=512, text_first=True, backend="mosaic_gpu",
+                          config=pk.MosaicConfig(**{**config.__dict__, "interpret": False}))
+    tiles = jax.ShapeDtypeStruct((shape[1] // 128,), jnp.bool_)
+    lowered = jax.jit(lambda q, k, v, hw, t: f(q, k, v, hw, query_tiles=t)).trace(
+        sds, sds, sds, jax.ShapeDtypeStruct((24,), jnp.int32), tiles).lower(lowering_platforms=("cuda",))
+    assert "custom_call @mosaic_gpu" in lowered.as_text()
+
+
 # ------------------------------------------- the work list and the persistent grid
 
 
@@ -87,6 +100,25 @@ def test_work_list_runs_full_rows_then_arrow_rows():
         assert np.all(np.diff(order[cls[order] == c]) > 0)  # each class in (batch, head, query) order
     assert set(order[work[0]:] // n_prog % heads) == {1}  # the cached head, never run
     assert (cls == 0).sum() > batch * n_prog  # the full head and the arrow heads' text rows
+
+
+def test_work_list_leaves_out_unselected_query_tiles():
+    """With ``query_tiles`` the items of the other band query tiles visit nothing: they come after every item
+    that runs and are not counted; the selected ones keep their order."""
+    from pallas_kernels import mosaic_backend as mb
+
+    batch, tokens, text_len, heads, band = 2, 1000, 100, 3, (256, 64)
+    hw = jnp.asarray(np.array([70, -1, 0], np.int32))
+    tiles = np.array([True, False, False, True])  # band query tiles of 256 tokens = 2 pairs of 64-row tiles each
+    kw = dict(batch=batch, tokens=tokens, text_len=text_len, text_first=False, band=band, block_k=64)
+    every, some = (np.asarray(mb.work_list(hw, **kw, query_tiles=t)) for t in (None, jnp.asarray(tiles)))
+    n_prog = -(-tokens // 128)
+    selected = np.repeat(tiles, 2)[:n_prog]
+    item_selected = np.broadcast_to(selected, (batch, heads, n_prog)).reshape(-1)
+    run = every[1:every[0] + 1]
+    assert some[0] == item_selected[run].sum() == batch * 2 * selected.sum()
+    assert some[1:some[0] + 1].tolist() == [i for i in run if item_selected[i]]
+    assert sorted(some[1:].tolist()) == list(range(batch * heads * n_prog))
 
 
 def test_snake_visits_every_slot_once():
