@@ -216,7 +216,10 @@ def _sampled_probe_apply(graphdef, layout: TokenLayout, windows, settings: Atten
     def apply(state, index, carry, probed, choice, prev_out):
         block = nnx.merge(graphdef, _layer_state(state, index))
         ctx, (q, k, v) = probed
-        out = headwise(q, k, v, jnp.asarray(window_of)[choice], prev_out, **where, settings=settings)
+        out = jax.lax.cond(jnp.all(choice == 0),  # every head exact: dense attention, as the sampler runs it
+                           lambda: dense_attention(q, k, v, settings.implementation),
+                           lambda: headwise(q, k, v, jnp.asarray(window_of)[choice], prev_out, **where,
+                                            settings=settings))
         return block.finish(carry, ctx, out), out
 
     return probe, apply
