@@ -39,7 +39,7 @@ import pallas_kernels
 from ditfa_jax import sharding
 from ditfa_jax.attention import AttentionSettings, dense_attention, headwise
 from ditfa_jax.configs import VAE_SCALE_FACTOR
-from ditfa_jax.denoise import (VelocityHistory, cache_bytes, cache_shape, embed, euler_step, guided_velocity,
+from ditfa_jax.denoise import (VelocityHistory, cache_bytes, embed, euler_step, guided_velocity,
                                prepare_run)
 from ditfa_jax.family import TokenLayout
 from ditfa_jax.fp8 import quantized_layers
@@ -104,33 +104,39 @@ class _LayerCaches:
 
     In host memory, `fetch(layer)` returns the device copy of `layer`'s cache and starts copying the next layer's
     (asynchronously, while this layer computes); `store` starts the copy back. Both transfers overlap compute, so
-    a cache larger than the GPU (FLUX-2K, 8 prompts: 47 GB) costs little time.
+    a cache larger than the GPU (FLUX-2K, 8 prompts: 47 GB) costs little time. Nothing is allocated up front:
+    step 0, which is always computed, stores every layer before any is fetched.
     """
 
-    def __init__(self, layers: int, shape: tuple[int, ...], dtype, on_host: bool, mesh=None):
+    def __init__(self, layers: int, batch: int, on_host: bool, mesh=None):
         if mesh is None:
             device = jax.devices()[0]
             self.device = jax.sharding.SingleDeviceSharding(device)
             self.home = jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host") if on_host else self.device
         else:  # the prompts' rows split over the mesh's data axis, as the calibration pass splits them
-            spec = sharding.batch_spec(shape[0], mesh)
+            spec = sharding.batch_spec(batch, mesh)
             self.device = jax.sharding.NamedSharding(mesh, spec)
             self.home = jax.sharding.NamedSharding(mesh, spec, memory_kind="pinned_host") if on_host else self.device
         self.on_host = on_host
-        self.layers = [jax.device_put(np.zeros(shape, dtype), self.home) for _ in range(layers)]
+        self.layers: list[jax.Array | None] = [None] * layers
         self._ahead: tuple[int, jax.Array] | None = None
 
     def fetch(self, layer: int) -> jax.Array:
+        if self.layers[layer] is None:
+            raise RuntimeError(f"calibration cache: layer {layer} fetched before any step stored it")
         if not self.on_host:
             return self.layers[layer]
         ahead, self._ahead = self._ahead, None
         current = ahead[1] if ahead and ahead[0] == layer else jax.device_put(self.layers[layer], self.device)
         following = (layer + 1) % len(self.layers)
-        self._ahead = (following, jax.device_put(self.layers[following], self.device))
+        if self.layers[following] is not None:
+            self._ahead = (following, jax.device_put(self.layers[following], self.device))
         return current
 
     def store(self, layer: int, out: jax.Array) -> None:
         self.layers[layer] = jax.device_put(out, self.home) if self.on_host else out
+        if self._ahead is not None and self._ahead[0] == layer:  # a prefetched copy of the value just replaced
+            self._ahead = None
 
 
 def _layer_state(state, index):
@@ -376,8 +382,7 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
 
     if cache_on_host is None:
         cache_on_host = _cache_exceeds_device(cache_bytes(cfg, run.batch, tokens, model.dtype))
-    caches = _LayerCaches(cfg.total_layers, cache_shape(cfg, run.batch, tokens)[1:], model.dtype, cache_on_host,
-                          mesh)
+    caches = _LayerCaches(cfg.total_layers, run.batch, cache_on_host, mesh)
     head_window = np.full((num_steps, cfg.total_layers, heads), -1, np.int32)
     rse_used = np.zeros((num_steps, cfg.total_layers))
     rse_table = np.full((num_steps, cfg.total_layers, heads, len(windows)), np.nan)
