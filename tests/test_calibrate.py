@@ -197,9 +197,10 @@ def test_cli_calibrate_writes_plan_and_heatmap(tmp_path, capsys):
     assert plan.notes["rse_over_prompts"] == "mean" and plan.notes["budget_schedule"] == "constant"
     assert cli_main(args) == 2  # refuses to overwrite
     worst = tmp_path / "worst.json"
-    options = ["--rse-over-prompts", "max", "--budget-schedule", "ramp"]
+    options = ["--rse-over-prompts", "max", "--budget-schedule", "ramp", "--rse-query-stride", "2"]
     assert cli_main(args[:2] + ["--out", str(worst)] + args[4:] + options) == 0
     assert CompressionPlan.load(worst).notes["budget_schedule"] == "ramp"
+    assert CompressionPlan.load(worst).notes["rse_query_stride"] == 2
     steps = tmp_path / "steps.json"
     assert cli_main(args[:2] + ["--out", str(steps)] + args[4:] + ["--step-delta", "1e9"]) == 0
     assert CompressionPlan.load(steps).step_kind.tolist() == [0, 1, 1]  # only reuse has the history it needs
@@ -211,6 +212,9 @@ def test_cli_calibrate_writes_plan_and_heatmap(tmp_path, capsys):
     with pytest.raises(SystemExit) as refused:
         cli_main(args[:2] + ["--out", str(tmp_path / "x.json")] + args[4:] + ["--step-delta", "-1"])
     assert refused.value.code == 2 and "--step-delta" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:
+        cli_main(args[:2] + ["--out", str(tmp_path / "x.json")] + args[4:] + ["--rse-query-stride", "0"])
+    assert refused.value.code == 2 and "--rse-query-stride" in capsys.readouterr().err
     assert cli_main(["sample", str(FIXTURES / "flux_dev"), "--plan", str(out), "--steps", "3", "--height", "32",
                      "--width", "48", "--text-len", "4"]) == 0
     printed = capsys.readouterr().out
