@@ -452,7 +452,8 @@ def cmd_calibrate(args) -> int:
                          guidance_scale=_guidance(args, model.config), c=args.c,
                          candidates=tuple(args.candidates.split(",")), scheduler=scheduler, seed=args.seed,
                          vae_scale_factor=run["vae_scale_factor"], rse_over_prompts=args.rse_over_prompts,
-                         rse_query_stride=args.rse_query_stride, budget_schedule=args.budget_schedule, token_order=args.token_order,
+                         rse_query_stride=args.rse_query_stride, budget_schedule=args.budget_schedule,
+                         token_order=args.token_order,
                          progress=args.target_speedup is None, mesh=mesh, **budgets, **negative)
 
     if args.target_speedup is None:
