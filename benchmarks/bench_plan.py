@@ -37,12 +37,12 @@ from flax import nnx
 
 import pallas_kernels
 from ditfa_jax.attention import AttentionSettings, dense_attention
-from ditfa_jax.calibrate import calibrate
+from ditfa_jax.calibrate import calibrate, sampled_query_tiles
 from ditfa_jax.configs import FluxConfig
 from ditfa_jax.loading import Transformer
 from ditfa_jax.methods import method_window
 from ditfa_jax.models.flux import FluxTransformer
-from ditfa_jax.family import layout_for
+from ditfa_jax.family import TokenLayout, layout_for
 from ditfa_jax.plan import CompressionPlan
 from ditfa_jax.sampler import cache_bytes, sample
 
@@ -319,7 +319,7 @@ def check_query_tiles(cfg, px: int, stride: int) -> None:
     shape = (1, tokens, cfg.num_attention_heads, cfg.attention_head_dim)
     q, k, v, cache = (jax.random.normal(key, shape, jnp.bfloat16) for key in jax.random.split(jax.random.key(5), 4))
     band = pallas_kernels.default_band(cfg.attention_head_dim)
-    tiles = jnp.asarray(np.arange(pallas_kernels.schedule.num_tiles(tokens, band[0])) % stride == 0)
+    tiles = jnp.asarray(sampled_query_tiles(TokenLayout(((px // 16), (px // 16)), TEXT, True), band[0], stride))
     rows = np.asarray(pallas_kernels.schedule.query_rows(tiles, tokens=tokens, band_q=band[0]))
     arrow = method_window("arrow_8", tokens - TEXT)
     for name, window in (("full", -1), ("arrow_8", arrow)):
@@ -358,7 +358,9 @@ def bench_calibration(model, px: int, steps: int, prompts: int, stride: int = 1,
     record(kind="calibration", px=px, steps=steps, prompts=prompts, stride=stride, step_delta=step_delta,
            seconds=round(wall, 1), s_per_step=round(wall / steps, 2),
            attention_flops_kept=round(plan.flops_kept_fraction(), 4),
-           skipped_steps=int((plan.step_kind != 0).sum()), cache_on_host=plan.notes["cache_on_host"])
+           skipped_steps=int((plan.step_kind != 0).sum()), cache_on_host=plan.notes["cache_on_host"],
+           seconds_before_steps=plan.notes["seconds_before_steps"], step_seconds=plan.notes["step_seconds"],
+           step_kind=plan.step_kind.tolist(), kept_per_step=plan.notes["kept_per_step"])
 
 
 def bench_dense_pass(model, px: int, prompts: int, steps: int = 3) -> None:
@@ -473,12 +475,17 @@ def print_tables() -> None:
         if r["kind"] == "dense_pass":
             print(f"dense sampler, {r['prompts']} prompts in one call at {r['px']}^2: {r['s_per_step']} s/step")
     print("\n| calibration | prompts | steps | query stride | step delta | seconds | s/step | kept (delta 0.2) | "
-          "skipped steps |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "skipped steps | s before step 0 | s of steps 0, 1 | median s/step computed / skipped |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in RESULTS:
         if r["kind"] == "calibration":
+            times, kinds = np.asarray(r["step_seconds"]), np.asarray(r["step_kind"])
+            later = np.arange(len(times)) >= 2
+            computed, skipped = times[later & (kinds == 0)], times[later & (kinds != 0)]
+            medians = " / ".join(f"{np.median(t):.2f}" if t.size else "-" for t in (computed, skipped))
             print(f"| {r['px']}^2 | {r['prompts']} | {r['steps']} | {r.get('stride', 1)} | {r.get('step_delta', 0)} | "
-                  f"{r['seconds']} | {r['s_per_step']} | {r['attention_flops_kept']} | {r.get('skipped_steps', 0)} |")
+                  f"{r['seconds']} | {r['s_per_step']} | {r['attention_flops_kept']} | {r.get('skipped_steps', 0)} | "
+                  f"{r['seconds_before_steps']} | {' + '.join(f'{t:.1f}' for t in times[:2])} | {medians} |")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ model, resolution, text length and step count, the RSE table and the pass's fina
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import time
@@ -148,9 +149,21 @@ def _select_heads(outs: jax.Array, choice: jax.Array) -> jax.Array:
     return jnp.take_along_axis(outs, choice[None, None, None, :, None], axis=0)[0]
 
 
-def sampled_query_tiles(tokens: int, band_q: int, stride: int) -> np.ndarray:
-    """bool [band query tiles]: every ``stride``-th tile from the first, the queries whose RSE is measured."""
-    return np.arange(pallas_kernels.schedule.num_tiles(tokens, band_q)) % stride == 0
+def sampled_query_tiles(layout: TokenLayout, band_q: int, stride: int) -> np.ndarray:
+    """bool [band query tiles]: the query tiles whose RSE is measured, every ``stride``-th of those that hold only
+    image tokens (from the first of them; every ``stride``-th of all tiles when no tile is image only).
+
+    Text tiles are left out: an arrow head computes text queries exactly, so they add no error to measure, and a
+    text tile of an arrow head is a full row, which at large images costs as much as the rest of the sample.
+    """
+    tokens = layout.tokens
+    img0, img1 = pallas_kernels.schedule.image_region(tokens, layout.text_len, layout.text_first)
+    starts = np.arange(pallas_kernels.schedule.num_tiles(tokens, band_q)) * band_q
+    image_only = np.flatnonzero((starts >= img0) & (np.minimum(starts + band_q, tokens) <= img1))
+    pool = image_only if image_only.size else np.arange(starts.size)
+    tiles = np.zeros(starts.size, bool)
+    tiles[pool[::stride]] = True
+    return tiles
 
 
 class _LayerRunner:
@@ -158,10 +171,11 @@ class _LayerRunner:
 
     `exact` runs a layer uncompressed (step 0), as the sampler's `block_forward` does. `probe` computes the exact
     attention and every candidate's output for all heads at once, and their RSE; `apply` finishes the block with
-    each head's chosen output. With ``query_stride`` 1 the probe computes every query and `apply` takes the chosen
-    outputs from it (no attention is recomputed). With ``query_stride`` s > 1 the probe computes (and the RSE
-    measures) only every s-th band query tile (`sampled_query_tiles`), and `apply` runs the chosen methods once over
-    all queries: about (1 + candidates) / s + kept of a layer's attention, instead of 1 + candidates.
+    each head's chosen output (``all_exact``, static: no head compressed, a dense layer). With ``query_stride`` 1
+    the probe computes every query and `apply` takes the chosen outputs from it (no attention is recomputed). With
+    ``query_stride`` s > 1 the probe computes (and the RSE measures) only every s-th band query tile of the image
+    (`sampled_query_tiles`), and `apply` runs the chosen methods once over all queries: about (1 + candidates) / s +
+    kept of a layer's attention, instead of 1 + candidates.
     """
 
     def __init__(self, stack, *, layout: TokenLayout, windows: tuple[int, ...], settings: AttentionSettings,
@@ -177,7 +191,8 @@ class _LayerRunner:
 
         self.exact = exact
         if query_stride > 1:
-            self.probe, self.apply = _sampled_probe_apply(graphdef, layout, windows, settings, query_stride)
+            self.probe, self.apply = self._jitted = _sampled_probe_apply(graphdef, layout, windows, settings,
+                                                                         query_stride)
             return
 
         @model_jit(static_argnames="rse_over_prompts")
@@ -190,20 +205,30 @@ class _LayerRunner:
                                                   settings=settings) if w > 0 else prev_out for w in windows])
             return head_rse(outs[1:], y_full, rse_over_prompts), (ctx, outs)
 
-        @model_jit
-        def apply(state, index, carry, probed, choice, prev_out):
+        @model_jit(static_argnames="all_exact")
+        def apply(state, index, carry, probed, choice, prev_out, all_exact):
             block = nnx.merge(graphdef, _layer_state(state, index))
             ctx, outs = probed
-            out = _select_heads(outs, choice)
+            out = outs[0] if all_exact else _select_heads(outs, choice)
             return block.finish(carry, ctx, out), out
 
-        self.probe, self.apply = probe, apply
+        self.probe, self.apply = self._jitted = probe, apply
+
+    def compile_ahead(self, carry, temb, rope, prev_out, rse_over_prompts: str) -> None:
+        """Compile `probe` and `apply` for these arguments' shapes (arrays or shape structs), so that the first
+        compressed step does not wait on the compiler: `calibrate` runs this in a worker thread during step 0."""
+        probe, apply = self._jitted
+        lowered = probe.lower(self.state, 0, carry, temb, rope, prev_out, rse_over_prompts=rse_over_prompts)
+        lowered.compile()
+        choice = jax.ShapeDtypeStruct(prev_out.shape[-2:-1], jnp.int32)
+        for all_exact in (False, True):
+            apply.lower(self.state, 0, carry, lowered.out_info[1], choice, prev_out, all_exact=all_exact).compile()
 
 
 def _sampled_probe_apply(graphdef, layout: TokenLayout, windows, settings: AttentionSettings, stride: int):
     """`_LayerRunner`'s probe and apply when the RSE is measured on every ``stride``-th band query tile."""
     where = dict(text_len=layout.text_len, text_first=layout.text_first)
-    tiles = sampled_query_tiles(layout.tokens, settings.band[0], stride)
+    tiles = sampled_query_tiles(layout, settings.band[0], stride)
     rows = np.flatnonzero(pallas_kernels.schedule.query_rows(tiles, tokens=layout.tokens, band_q=settings.band[0]))
     window_of = np.asarray((-1, *windows), np.int32)  # choice code (0 exact, m + 1 candidate m) -> head window
 
@@ -218,14 +243,12 @@ def _sampled_probe_apply(graphdef, layout: TokenLayout, windows, settings: Atten
                           for w in windows])
         return head_rse(outs, y_full, rse_over_prompts), (ctx, (q, k, v))
 
-    @model_jit
-    def apply(state, index, carry, probed, choice, prev_out):
+    @model_jit(static_argnames="all_exact")
+    def apply(state, index, carry, probed, choice, prev_out, all_exact):
         block = nnx.merge(graphdef, _layer_state(state, index))
         ctx, (q, k, v) = probed
-        out = jax.lax.cond(jnp.all(choice == 0),  # every head exact: dense attention, as the sampler runs it
-                           lambda: dense_attention(q, k, v, settings.implementation),
-                           lambda: headwise(q, k, v, jnp.asarray(window_of)[choice], prev_out, **where,
-                                            settings=settings))
+        out = (dense_attention(q, k, v, settings.implementation) if all_exact  # as the sampler runs such a layer
+               else headwise(q, k, v, jnp.asarray(window_of)[choice], prev_out, **where, settings=settings))
         return block.finish(carry, ctx, out), out
 
     return probe, apply
@@ -280,9 +303,10 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
     velocity that gives is within ``step_delta``. The candidate saving the most time wins (a skipped step saves it
     all, F blocks save (layers - F) / layers of it).
 
-    ``rse_query_stride`` s > 1 measures each head's RSE on every s-th band query tile only (an estimate from a
-    sample of the queries) and computes each layer's chosen methods once over all of them, which at large images
-    costs less than computing every candidate everywhere (`_LayerRunner`); 1 measures on all queries.
+    ``rse_query_stride`` s > 1 measures each head's RSE on every s-th band query tile of the image only (an
+    estimate from a sample of the queries, `sampled_query_tiles`) and computes each layer's chosen methods once over
+    all of them, which at large images costs less than computing every candidate everywhere (`_LayerRunner`); 1
+    measures on all queries.
 
     ``mesh`` (`ditfa_jax.sharding.make_mesh` with a head axis of 1) splits the calibration prompts over its data
     axis; the RSEs are reduced over all prompts on all devices, so the plan is the one a single device finds.
@@ -394,8 +418,12 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
     history, computed = VelocityHistory.empty(latents.shape), 0
     block_compute = np.ones((num_steps, layers_total), bool)
     residuals = {}  # layer -> its residual (output minus input) at the last step it ran (block search only)
+    # step 0 runs exactly; meanwhile a worker compiles each stack's probe and apply for the later steps
+    compiler, compiling = concurrent.futures.ThreadPoolExecutor(len(runners)), {}
+    step_seconds, seconds_before_steps = [], time.perf_counter() - start_time
     bar = tqdm(range(num_steps), desc=f"calibrating (delta={delta})", unit="step", disable=not progress)
     for step in bar:
+        step_start = time.perf_counter()
         pending = {}  # with a step search, a step's attention outputs are kept only if the step is not skipped
         store = (lambda layer, out: pending.__setitem__(layer, out)) if step_delta > 0 else caches.store
         carry, temb = embed_step(state, latents, run.timesteps[step])
@@ -410,9 +438,14 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
                 if step == 0:  # always full: the cached candidate has no value yet
                     carry, out = runner.exact(runner.state, i, carry, temb, cond.rope)
                     store(layer, out)
+                    if i == 0 and num_steps > 1:
+                        compiling[stack_index] = compiler.submit(runner.compile_ahead, before, temb, cond.rope, out,
+                                                                 rse_over_prompts)
                     if search_blocks:
                         fresh[layer] = tree_sub(carry, before)
                     continue
+                if i == 0 and stack_index in compiling:
+                    compiling.pop(stack_index).result()
                 prev_out = caches.fetch(layer)
                 rse, probed = runner.probe(runner.state, i, carry, temb, cond.rope, prev_out,
                                            rse_over_prompts=rse_over_prompts)
@@ -423,8 +456,8 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
                     chosen = choice >= 0
                     head_window[step, layer, chosen] = np.asarray(windows)[choice[chosen]]
                     rse_used[step, layer] = rse_table[step, layer][chosen, choice[chosen]].sum()
-                carry, out = runner.apply(runner.state, i, carry, probed, jnp.asarray(choice + 1, jnp.int32),
-                                          prev_out)
+                carry, out = runner.apply(runner.state, i, carry, probed, np.asarray(choice + 1, np.int32), prev_out,
+                                          all_exact=bool((choice < 0).all()))
                 store(layer, out)
                 if search_blocks:
                     fresh[layer] = tree_sub(carry, before)
@@ -464,6 +497,9 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
         kept_per_step.append(kept_fraction(head_window[step, :first_run]) * first_run / layers_total
                              if step_kind[step] == 0 else 0.0)
         bar.set_postfix(kept=f"{kept_per_step[-1]:.2f}", skipped=int((step_kind != 0).sum()))
+        if step == 1 or num_steps == 1:
+            compiler.shutdown()
+        step_seconds.append(time.perf_counter() - step_start)
     jax.block_until_ready(latents)
     plan = CompressionPlan.from_config(
         cfg, head_window, height=height, width=width, text_len=layout.text_len, candidates=tuple(candidates),
@@ -477,7 +513,9 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
                                                         "step_kinds": list(step_kinds),
                                                         "block_candidates": [int(f) for f in block_candidates]}
                                                        if step_delta > 0 else {}),
-                   kept_per_step=[round(k, 4) for k in kept_per_step]),
+                   kept_per_step=[round(k, 4) for k in kept_per_step],
+                   seconds_before_steps=round(seconds_before_steps, 2),
+                   step_seconds=[round(t, 3) for t in step_seconds]),
         fp8_layers=quantized_layers(module) or None)  # what the errors were measured with: the plan runs the same
     return CalibrationResult(plan=plan, rse=rse_table, saving=np.array(saving), final_latents=latents,
                              step_rse=step_rse, block_rse=block_rse, block_candidates=block_order)

@@ -431,7 +431,7 @@ def test_sampled_queries_rse_is_the_rse_of_those_queries(monkeypatch):
             super().__init__(stack, query_stride=query_stride, **kw)
             twin = Runner(stack, **kw)  # every query
             tokens, band_q = kw["layout"].tokens, kw["settings"].band[0]
-            tiles = cal.sampled_query_tiles(tokens, band_q, query_stride)
+            tiles = cal.sampled_query_tiles(kw["layout"], band_q, query_stride)
             assert tiles.sum() < tiles.size  # some query tiles are left out
             rows = np.repeat(tiles, band_q)[:tokens]
             sampled_probe = self.probe
@@ -458,6 +458,22 @@ def test_sampled_queries_rse_is_the_rse_of_those_queries(monkeypatch):
     noise = jax.random.normal(jax.random.key(3), result.final_latents.shape, jnp.float32)
     sampled = np.asarray(sample(model, noise, *text, plan=plan, **common))
     np.testing.assert_allclose(np.asarray(result.final_latents), sampled, rtol=1e-4, atol=1e-4)
+
+
+def test_sampled_query_tiles_are_image_tiles_at_the_stride():
+    """Every stride-th query tile holding only image tokens, for both token orders; all tiles as the pool when no
+    tile is image only."""
+    from ditfa_jax.calibrate import sampled_query_tiles
+    from ditfa_jax.family import TokenLayout
+
+    flux = sampled_query_tiles(TokenLayout((128, 128), 512, True), 128, 16)  # tiles 0-3 text, 4..131 image
+    assert flux.size == 132 and np.flatnonzero(flux).tolist() == list(range(4, 132, 16))
+    sd3 = sampled_query_tiles(TokenLayout((64, 64), 333, False), 128, 8)  # 4096 image tokens, then 333 text
+    assert sd3.size == 35 and np.flatnonzero(sd3).tolist() == list(range(0, 32, 8))
+    ragged = sampled_query_tiles(TokenLayout((10, 10), 20, True), 16, 2)  # tokens 0..119, text 0..19: tile 1 is mixed
+    assert np.flatnonzero(ragged).tolist() == [2, 4, 6]  # of the image tiles 2..7 (7 is partial)
+    tiny = sampled_query_tiles(TokenLayout((2, 4), 8, True), 16, 2)  # 16 tokens, one mixed tile
+    assert tiny.tolist() == [True]
 
 
 def test_rse_query_stride_must_be_a_positive_int(sd3_setup):
