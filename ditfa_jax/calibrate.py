@@ -104,9 +104,15 @@ class _LayerCaches:
     """Each layer's last computed attention output, on the device or in pinned host memory.
 
     In host memory, `fetch(layer)` returns the device copy of `layer`'s cache and starts copying the next layer's
-    (asynchronously, while this layer computes); `store` starts the copy back. Both transfers overlap compute, so
+    (asynchronously, while this layer computes); `store` starts the copy home. Both transfers overlap compute, so
     a cache larger than the GPU (FLUX-2K, 8 prompts: 47 GB) costs little time. Nothing is allocated up front:
     step 0, which is always computed, stores every layer before any is fetched.
+
+    ``store(..., until_fetched=True)`` (a step search, storing a step's outputs once it is kept) leaves the value
+    on the device until the layer is next fetched; that fetch returns it and starts its copy home, where it stays
+    in case the fetching step is skipped. The copies then overlap the next step's layers, where copying every
+    layer at the step's end would queue the next step's reads behind all of them, and a kept step followed by
+    another reads nothing back from the host.
     """
 
     def __init__(self, layers: int, batch: int, on_host: bool, mesh=None):
@@ -120,22 +126,34 @@ class _LayerCaches:
             self.home = jax.sharding.NamedSharding(mesh, spec, memory_kind="pinned_host") if on_host else self.device
         self.on_host = on_host
         self.layers: list[jax.Array | None] = [None] * layers
+        self._on_device: set[int] = set()  # layers stored until fetched, whose value is still on the device
         self._ahead: tuple[int, jax.Array] | None = None
 
     def fetch(self, layer: int) -> jax.Array:
-        if self.layers[layer] is None:
+        value = self.layers[layer]
+        if value is None:
             raise RuntimeError(f"calibration cache: layer {layer} fetched before any step stored it")
         if not self.on_host:
-            return self.layers[layer]
+            return value
         ahead, self._ahead = self._ahead, None
-        current = ahead[1] if ahead and ahead[0] == layer else jax.device_put(self.layers[layer], self.device)
+        if layer in self._on_device:
+            self._on_device.discard(layer)
+            self.layers[layer] = jax.device_put(value, self.home)
+            current = value
+        else:
+            current = ahead[1] if ahead and ahead[0] == layer else jax.device_put(value, self.device)
         following = (layer + 1) % len(self.layers)
-        if self.layers[following] is not None:
+        if self.layers[following] is not None and following not in self._on_device:
             self._ahead = (following, jax.device_put(self.layers[following], self.device))
         return current
 
-    def store(self, layer: int, out: jax.Array) -> None:
-        self.layers[layer] = jax.device_put(out, self.home) if self.on_host else out
+    def store(self, layer: int, out: jax.Array, until_fetched: bool = False) -> None:
+        if self.on_host and until_fetched:
+            self.layers[layer] = out
+            self._on_device.add(layer)
+        else:
+            self.layers[layer] = jax.device_put(out, self.home) if self.on_host else out
+            self._on_device.discard(layer)
         if self._ahead is not None and self._ahead[0] == layer:  # a prefetched copy of the value just replaced
             self._ahead = None
 
@@ -491,7 +509,7 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
             history, computed = history.push(v, sigma), computed + 1
             for layer, out in pending.items():
                 if layer < first_run:
-                    caches.store(layer, out)
+                    caches.store(layer, out, until_fetched=True)
             residuals.update({layer: r for layer, r in fresh.items() if layer < first_run})
         latents = step_latents(latents, v, run.sigmas[step], run.sigmas[step + 1])
         kept_per_step.append(kept_fraction(head_window[step, :first_run]) * first_run / layers_total

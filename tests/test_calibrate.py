@@ -253,15 +253,20 @@ def test_host_cache_gives_the_same_plan():
     np.testing.assert_array_equal(on_host.head_window, on_device.head_window)
 
 
-def test_host_cache_with_a_step_search_gives_the_same_search():
-    """With a step search a step's outputs are stored after the step: a copy of layer 0 fetched ahead during the
-    step must not be served at the next one (every RSE, including the cached candidate's, the same as on the
-    device)."""
+@pytest.mark.parametrize("search", [dict(step_delta=1e-9), dict(step_delta=1e9, step_kinds=("taylor2",))],
+                         ids=["every step kept", "steps 3.. skipped"])
+def test_host_cache_with_a_step_search_gives_the_same_search(search):
+    """With a step search a step's outputs are stored after the step, and stay on the device until the next step
+    fetches them: a copy of layer 0 fetched ahead during the step must not be served at the next one, and a
+    skipped step must leave the values the step before it read (every RSE, including the cached candidate's, the
+    same as with the cache on the device)."""
     model = load_transformer(FIXTURES / "flux_dev", progress=False)
     ref = dict(np.load(FIXTURES / "flux_dev" / "reference.npz"))
-    kwargs = dict(height=32, width=48, num_steps=4, guidance_scale=3.5, delta=1.0, step_delta=1e-9, progress=False)
+    kwargs = dict(height=32, width=48, num_steps=6, guidance_scale=3.5, delta=1.0, progress=False, **search)
     runs = [calibrate(model, ref["sample_prompt_embeds"], ref["sample_pooled"], cache_on_host=on_host, **kwargs)
             for on_host in (False, True)]
+    skipped = runs[0].plan.step_kind != 0
+    assert skipped.any() == (search["step_delta"] > 1) and not skipped[:3].any()
     np.testing.assert_array_equal(runs[1].rse, runs[0].rse)
     np.testing.assert_array_equal(np.asarray(runs[1].final_latents), np.asarray(runs[0].final_latents))
 
