@@ -46,6 +46,9 @@ import time
 import traceback
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+if "--cpu-smoke" in sys.argv:  # the Mosaic GPU interpreter can deadlock under this scheduler (tests/conftest.py)
+    os.environ["XLA_FLAGS"] = " ".join(
+        filter(None, [os.environ.get("XLA_FLAGS"), "--xla_cpu_enable_concurrency_optimized_scheduler=false"]))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
@@ -189,16 +192,48 @@ def ours_unrolled(tokens, text_len, text_first, bq, bk, nw, ns, n=16):
 
 
 _MOSAIC_CACHE: dict = {}
-# impl name -> MosaicConfig fields: the default (persistent grid) and one program per work item.
-MOSAIC_VARIANTS = {"mosaic_gpu": {}, "mosaic_gpu/grid": dict(persistent=False)}
+# --mosaic-variants name -> (impl name, MosaicConfig fields): the default (persistent grid), one program per work
+# item, each of the default's 2026-12-07 changes undone alone, and both undone (the default before that day, but
+# for the work list's dealing; "band" stands for the band's key size, 64 at head_dim 64).
+MOSAIC_VARIANTS = {
+    "default": ("mosaic_gpu", {}),
+    "grid": ("mosaic_gpu/grid", dict(persistent=False)),
+    "no-prefetch": ("mosaic_gpu/no-prefetch", dict(prefetch_q=False)),
+    "band-tiles": ("mosaic_gpu/band-tiles", dict(block_k="band")),
+    "previous": ("mosaic_gpu/previous", dict(prefetch_q=False, block_k="band")),
+}
+MOSAIC_IMPLS = dict(MOSAIC_VARIANTS.values())
 MOSAIC_LIST = ("mosaic_gpu",)
 
 
-def mosaic_fn(text_len, text_first, *, cache, impl="mosaic_gpu"):
+def mosaic_config(impl, head_dim):
+    """The MosaicConfig of variant ``impl`` at ``head_dim``."""
+    fields = dict(MOSAIC_IMPLS[impl])
+    if fields.get("block_k") == "band":
+        fields["block_k"] = min(pk.default_band(head_dim)[1], 128)
+    return pk.MosaicConfig(interpret=INTERPRET, **fields)
+
+
+def mosaic_tile_fraction(hw, tokens, text_len, text_first, head_dim, cfg):
+    """Share of the dense key tiles a mosaic_gpu config runs on plan ``hw`` (its own tiles: 128-key tiles over a
+    64-key band run whole tiles)."""
+    from pallas_kernels import mosaic_backend
+
+    full = pk.get_backend("mosaic_gpu").default_config((1, tokens, len(hw), head_dim), jnp.bfloat16,
+                                                        pk.default_band(head_dim))
+    block_k = cfg.block_k or full.block_k
+    n_pairs = -(-tokens // 128)
+    count = mosaic_backend.item_tiles(jnp.arange(n_pairs)[None, :], jnp.asarray(hw)[:, None], tokens=tokens,
+                                      text_len=text_len, text_first=text_first, band=pk.default_band(head_dim),
+                                      block_k=block_k).count
+    return float(np.asarray(count).sum()) / (len(hw) * n_pairs * -(-tokens // block_k))
+
+
+def mosaic_fn(text_len, text_first, *, cache, impl="mosaic_gpu", head_dim=128):
     """A mosaic_gpu variant (:data:`MOSAIC_VARIANTS`) under jit (the cache donated when given)."""
-    key = (text_len, text_first, cache, impl)
+    key = (text_len, text_first, cache, impl, head_dim)
     if key not in _MOSAIC_CACHE:
-        cfg = pk.MosaicConfig(interpret=INTERPRET, **MOSAIC_VARIANTS[impl])
+        cfg = mosaic_config(impl, head_dim)
         f = functools.partial(pk.headwise_attention, text_len=text_len, text_first=text_first, backend="mosaic_gpu",
                               config=cfg)
         if cache:
@@ -223,7 +258,8 @@ def mosaic_checks(name, q, k, v, plans, text_len, text_first, cudnn_out, impl):
     for plan, hw in plans.items():
         computed = hw != 0
         cache = jnp.where(jnp.asarray(computed)[None, None, :, None], jnp.nan, base)
-        out = mosaic_fn(text_len, text_first, cache=True, impl=impl)(q, k, v, jnp.asarray(hw), jnp.copy(cache))
+        out = mosaic_fn(text_len, text_first, cache=True, impl=impl, head_dim=q.shape[-1])(
+            q, k, v, jnp.asarray(hw), jnp.copy(cache))
         res = dict(kind="mosaic", shape=name, plan=plan, impl=impl)
         res["finite"] = bool(jnp.all(jnp.isfinite(out[:, :, computed]))) if computed.any() else True
         res["cached_bitexact"] = same_bits(out[:, :, ~computed], base[:, :, ~computed]) if (~computed).any() else True
@@ -270,16 +306,18 @@ def _bench_mosaic_variant(name, q, k, v, plans, text_len, text_first, cudnn_ms, 
         log(f"{name} {impl}: checks failed, timing anyway (marked)")
     cache = rand(jax.random.PRNGKey(99), q.shape, q.dtype)
     full_ms = None
-    cfg = dataclasses.replace(pk.get_backend("mosaic_gpu").default_config(q.shape, q.dtype, pk.default_band(d)),
-                              **MOSAIC_VARIANTS[impl])
+    cfg = pk.get_backend("mosaic_gpu").default_config(q.shape, q.dtype, pk.default_band(d))
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in dataclasses.asdict(mosaic_config(impl, d)).items()
+                                      if v is not None and k != "interpret"})
     for plan, hw in plans.items():
         cost = pk.plan_cost(hw, batch=batch, tokens=tokens, text_len=text_len, text_first=text_first, head_dim=d)
+        exec_fraction = mosaic_tile_fraction(hw, tokens, text_len, text_first, d, cfg)
         try:
             if (hw == 0).any():
-                f = mosaic_fn(text_len, text_first, cache=True, impl=impl)
+                f = mosaic_fn(text_len, text_first, cache=True, impl=impl, head_dim=d)
                 ms, lo, hi, n = time_jax(f, (q, k, v, jnp.asarray(hw), jnp.copy(cache)), chain=4)
             else:
-                f = mosaic_fn(text_len, text_first, cache=False, impl=impl)
+                f = mosaic_fn(text_len, text_first, cache=False, impl=impl, head_dim=d)
                 ms, lo, hi, n = time_jax(f, (q, k, v, jnp.asarray(hw)))
         except Exception as ex:
             log(f"{name} {plan} {impl} FAILED: {type(ex).__name__}: {str(ex)[:800]}")
@@ -291,10 +329,11 @@ def _bench_mosaic_variant(name, q, k, v, plans, text_len, text_first, cudnn_ms, 
         rec = dict(shape=name, plan=plan, impl=impl, ms=ms, lo=lo, hi=hi, n=n, checks_ok=ok,
                    block_k=cfg.block_k, num_stages=cfg.num_stages, persistent=cfg.persistent,
                    num_programs=cfg.num_programs if cfg.persistent else None,
-                   tile_fraction=float(cost.tile_fraction), tile_tflops=tfl,
+                   prefetch_q=cfg.prefetch_q, tile_fraction=float(cost.tile_fraction),
+                   exec_tile_fraction=exec_fraction, tile_tflops=tfl,
                    speedup_vs_cudnn=(cudnn_ms / ms) if cudnn_ms else None)
-        if full_ms is not None:
-            rec["predicted_ms"] = full_ms * float(cost.tile_fraction)
+        if full_ms is not None:  # the tile floor: this variant's own tiles at its all-full time per tile
+            rec["predicted_ms"] = full_ms * exec_fraction
         record(**rec)
         log(f"{name} {plan:8s} {impl:16s}: {ms:8.3f} ms [{lo:.3f}-{hi:.3f} n={n}] "
             f"tiles {cost.tile_fraction:6.1%} {tfl:5.0f} TFLOP/s(tiles)"
@@ -863,30 +902,36 @@ def table():
 
 
 def backend_table():
-    """cuDNN / Triton / Mosaic GPU side by side (the last table printed)."""
+    """cuDNN / Triton / every Mosaic GPU variant run, side by side (the last table printed); the default's ratio to
+    cuDNN, to Triton and to its tile floor (its own tiles at its all-full time per tile)."""
     recs = RESULTS["records"]
 
-    def ms(shape, plan, impl):
-        r = next((r for r in recs if r["shape"] == shape and r["plan"] == plan and r["impl"] == impl), None)
-        return r
+    def rec(shape, plan, impl):
+        return next((r for r in recs if r["shape"] == shape and r["plan"] == plan and r["impl"] == impl), None)
 
-    lines = ["", "| shape | plan | tiles | cuDNN dense ms | triton ms | mosaic_gpu/grid ms | mosaic_gpu ms | "
-             "mosaic x cuDNN | mosaic / triton speed-up | mosaic predicted ms (full x tiles) | mosaic checks |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    impls = [i for i in MOSAIC_LIST if i != "mosaic_gpu"] + ["mosaic_gpu"]
+    lines = ["", "| shape | plan | tiles (mosaic_gpu's) | cuDNN dense ms | triton ms | "
+             + " | ".join(f"{i} ms" for i in impls)
+             + " | mosaic_gpu x cuDNN | mosaic_gpu / triton speed-up | mosaic_gpu over its tile floor | checks |",
+             "|---" * (9 + len(impls)) + "|"]
     for shape in SHAPES:
-        cud = ms(shape, "full", "jax-cudnn-dense")
+        cud = rec(shape, "full", "jax-cudnn-dense")
         for plan in ("full", "arrow8", "arrow16", "arrow32", "mixed", "mixed2", "cached"):
-            tr, mg, mo = ms(shape, plan, "ours"), ms(shape, plan, "mosaic_gpu/grid"), ms(shape, plan, "mosaic_gpu")
-            if not (tr or mo or mg):
+            tr, mo = rec(shape, plan, "ours"), rec(shape, plan, "mosaic_gpu")
+            variants = [rec(shape, plan, i) for i in impls]
+            if not (tr or any(variants)):
                 continue
-            frac = (mo or mg or tr)["tile_fraction"]
+            first = mo or next((r for r in variants if r), None) or tr
+            frac = first.get("exec_tile_fraction", first["tile_fraction"])
             f = lambda r: f"{r['ms']:.3f}" if r else ""  # noqa: E731
+            checks = [r["checks_ok"] for r in variants if r]
             lines.append(
-                f"| {shape} | {plan} | {frac:.1%} | {f(cud) if plan == 'full' else ''} | {f(tr)} | {f(mg)} | {f(mo)} | "
-                + (f"{cud['ms'] / mo['ms']:.2f}" if cud and mo else "") + " | "
+                f"| {shape} | {plan} | {frac:.1%} | {f(cud) if plan == 'full' else ''} | {f(tr)} | "
+                + " | ".join(f(r) for r in variants) + " | "
+                + (f"{cud['ms'] / mo['ms']:.2f}" if cud and mo and plan == "full" else "") + " | "
                 + (f"{tr['ms'] / mo['ms']:.2f}" if tr and mo else "") + " | "
-                + (f"{mo['predicted_ms']:.3f}" if mo and "predicted_ms" in mo else "") + " | "
-                + (("OK" if mo["checks_ok"] else "FAIL") if mo else "") + " |")
+                + (f"{mo['ms'] / mo['predicted_ms'] - 1:+.1%}" if mo and mo.get("predicted_ms") else "") + " | "
+                + (("OK" if all(checks) else "FAIL") if checks else "") + " |")
     bad = [c for c in RESULTS["checks"] if c.get("ok") is False or "error" in c]
     lines.append(f"checks: {len(RESULTS['checks'])} run, {len(bad)} failed"
                  + (": " + "; ".join(f"{c.get('kind')} {c.get('shape', '')} {c.get('plan', '')}" for c in bad[:12])
@@ -937,12 +982,12 @@ if __name__ == "__main__":
     ap.add_argument("--backends", default=",".join(BACKEND_LIST), help="ours to run: triton, mosaic_gpu")
     ap.add_argument("--plans", default=",".join(QUICK_PLANS), help="with --quick: the plans to time")
     ap.add_argument("--mosaic-variants", default="default",
-                    help="mosaic_gpu launch variants to time: default (persistent: one program per SM walking the work "
-                         "list), grid (one program per work item)")
+                    help="mosaic_gpu launch variants to time: " + ", ".join(MOSAIC_VARIANTS)
+                         + " (default: persistent, one program per SM walking the work list; grid: one program per "
+                           "work item; the others: one of the default's changes undone, or all: previous)")
     args = ap.parse_args()
     BACKEND_LIST = tuple(b for b in args.backends.split(",") if b)
-    MOSAIC_LIST = tuple({"default": "mosaic_gpu", "grid": "mosaic_gpu/grid"}[v]
-                        for v in args.mosaic_variants.split(",") if v)
+    MOSAIC_LIST = tuple(MOSAIC_VARIANTS[v][0] for v in args.mosaic_variants.split(",") if v)
     if args.quick:
         args.no_small = True
     if args.cpu_smoke:

@@ -4,25 +4,26 @@ The same function as every backend (:mod:`pallas_kernels.schedule`).  Kernel
 structure (``plgpu.kernel``, three warpgroups; a work item = one (batch,
 head, pair of 64-row query tiles)):
 
-* each item's two key-tile ranges come from
-  :func:`pallas_kernels.schedule.kv_tile_ranges` with ``head_window[h]``
-  read from memory (the band's query size is a multiple of 128, so both
-  compute warpgroups visit the same key tiles); the loops have dynamic
-  bounds, so one compiled kernel serves every plan.  The range ending at the
-  last key tile goes second, so the padded key tile (``tokens % block_k !=
-  0``), if visited, is the final step and the only one whose scores are
-  masked;
+* each item's key tiles come from :func:`item_tiles`: the two key ranges of
+  :func:`pallas_kernels.schedule.kv_tile_ranges` with ``head_window[h]`` read
+  from memory (the band's query size is a multiple of 128, so both compute
+  warpgroups visit the same key tiles), in ``block_k`` tiles.  The loops have
+  dynamic bounds, so one compiled kernel serves every plan.  Only a range's
+  end tiles may need their scores masked: the padded last key tile (``tokens
+  % block_k != 0``), and, with 128-key tiles over a band of 64 keys (head_dim
+  64), the half of an end tile outside the range;
 * warpgroup 2 (memory) streams the K/V tiles by TMA straight from
   ``[B, T, H, D]`` into ``num_stages``-deep SMEM rings (input dtype),
   released by the compute warpgroups on "consumed" barriers; out-of-bounds
   rows are zero-filled by the TMA unit.  Its tile counter runs across a
   program's items, so the ring keeps streaming from one item into the next;
-* warpgroups 0 and 1 (compute) each load 64 query rows, run wgmma for
-  ``Q K^T`` and ``P V`` with the online softmax of :func:`_softmax_step` in
-  between (base 2, ``1/sqrt(D)`` folded into the exp2 factor) and optionally
-  alternate their matmuls on a schedule barrier (``pingpong``) so that one's
-  softmax overlaps the other's wgmma; the result goes back through SMEM by
-  TMA (rows past ``tokens`` are clipped by the TMA unit);
+* warpgroups 0 and 1 (compute) each load 64 query rows (the next item's while
+  computing this one, in a second buffer), run wgmma for ``Q K^T`` and ``P V``
+  with the online softmax of :func:`_softmax_step` in between (base 2,
+  ``1/sqrt(D)`` folded into the exp2 factor) and optionally alternate their
+  matmuls on a schedule barrier (``pingpong``) so that one's softmax overlaps
+  the other's wgmma; the result goes back through SMEM by TMA (rows past
+  ``tokens`` are clipped by the TMA unit);
 * cached heads (window 0) are never run, nor the query tiles a call leaves
   out (``query_tiles``: the work list skips them); the output buffer is the cache,
   passed in as a ``jax.new_ref`` (lowered to an operand alias), so the cache
@@ -30,15 +31,14 @@ head, pair of 64-row query tiles)):
 
 Two launch schedules (``MosaicConfig.persistent``):
 
-* persistent (default): one program per SM, each walking its share of a
-  work list (:func:`work_list`: full rows, then arrow rows, cached last) in
-  snake order (:func:`_snake`).  Hopper has no way for a program to claim
-  the next item (no returned atomic in Pallas Mosaic GPU, no cluster launch
-  control), so the split is static;
+* persistent (default): one program per SM, each walking the items
+  :func:`_program_items` deals it from the work list (:func:`work_list`: full
+  rows, then arrow rows, cached last).  Hopper has no way for a program to
+  claim the next item (no returned atomic in Pallas Mosaic GPU, no cluster
+  launch control), so the split is static;
 * ``persistent=False``: one program per item, heads fastest and the query
   tiles holding text first, so the hardware's block scheduler hands the long
-  rows out first.  Measured on the H200 the two are within a few per cent
-  of each other, neither better on every plan (RESULTS.md).
+  rows out first.
 
 TMA moves tiles in groups of 8 token rows (the SMEM tiling), so a token
 count that is not a multiple of 8 (SD3: 4096 + 333) is padded to one outside
@@ -53,6 +53,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -75,9 +76,10 @@ _HOPPER_SMS = 132  # H100 / H200 SXM; used when the device does not report its c
 _INTERPRET_PROGRAMS = 3  # persistent programs in interpret mode: few, so each walks several items
 
 
-def _default_stages(head_dim: int, block_k: int) -> int:
-    """SMEM ring depth within Hopper's 227 KiB: Q/O 2x64xD + (K + V) stages x block_k x D, 2 bytes each."""
-    budget = 220 * 1024 - _PROGRAM_Q * head_dim * 2
+def _default_stages(head_dim: int, block_k: int, q_buffers: int) -> int:
+    """SMEM ring depth within Hopper's 227 KiB: Q/O q_buffers x 2x64xD + (K + V) stages x block_k x D, 2 bytes
+    each."""
+    budget = 220 * 1024 - q_buffers * _PROGRAM_Q * head_dim * 2
     return max(2, min(4, budget // (2 * block_k * head_dim * 2)))
 
 
@@ -85,13 +87,17 @@ def _default_stages(head_dim: int, block_k: int) -> int:
 class MosaicConfig:
     """Launch configuration of the Mosaic GPU backend: how the function is run, never which function.
 
-    ``block_k``: key tile (64 or 128, dividing the band's ``band_k``; None:
-    ``min(band_k, 128)``); ``num_stages``: K/V ring depth (None: as deep as
-    SMEM allows, 2 to 4); ``pingpong``: alternate the two compute
-    warpgroups' matmuls; ``persistent``: launch ``num_programs`` programs
-    (None: one per SM) that each walk a share of the work list, instead of
-    one program per work item; ``interpret``: Mosaic GPU interpret mode
-    (None: when the default backend is not a GPU).
+    ``block_k``: key tile, 64 or 128 (None: 128); a tile coarser than the
+    band's ``band_k`` (128 over 64) masks the columns of a key range's end
+    tiles that lie outside the range, a tile finer than it divides it;
+    ``num_stages``: K/V ring depth (None: as deep as SMEM allows, 2 to 4);
+    ``pingpong``: alternate the two compute warpgroups' matmuls;
+    ``persistent``: launch ``num_programs`` programs (None: one per SM) that
+    each walk a share of the work list, instead of one program per work item;
+    ``prefetch_q``: persistent
+    programs load the next item's queries into a second buffer while they
+    compute the current item; ``interpret``: Mosaic GPU interpret mode (None:
+    when the default backend is not a GPU).
     """
 
     block_k: int | None = None
@@ -99,6 +105,7 @@ class MosaicConfig:
     pingpong: bool = True
     persistent: bool = True
     num_programs: int | None = None
+    prefetch_q: bool = True
     interpret: bool | None = None
 
     def __post_init__(self):
@@ -149,13 +156,14 @@ class MosaicBackend:
             q, k, v, head_window, cache, query_tiles, text_len=int(text_len), text_first=bool(text_first),
             band=tuple(band),
             block_k=cfg.block_k, num_stages=cfg.num_stages, pingpong=cfg.pingpong,
-            num_programs=cfg.num_programs if cfg.persistent else None, interpret=bool(cfg.interpret),
+            num_programs=cfg.num_programs if cfg.persistent else None, prefetch_q=cfg.prefetch_q,
+            interpret=bool(cfg.interpret),
         )
 
     def _complete(self, config, q_shape, band) -> MosaicConfig:
         """``config`` with every None field set to its default; checks the tiles divide the band."""
-        bk = min(band[1], 128) if config.block_k is None else config.block_k
-        schedule.check_band(band, _PROGRAM_Q, bk)
+        bk = 128 if config.block_k is None else config.block_k
+        schedule.check_band(band, _PROGRAM_Q, min(bk, band[1]))  # band_k, a power of two >= 64, and bk nest
         interpret = jax.default_backend() != "gpu" if config.interpret is None else config.interpret
         if config.num_programs is not None:
             programs = config.num_programs
@@ -167,7 +175,8 @@ class MosaicBackend:
         return dataclasses.replace(
             config,
             block_k=bk,
-            num_stages=_default_stages(q_shape[-1], bk) if config.num_stages is None else config.num_stages,
+            num_stages=(_default_stages(q_shape[-1], bk, 2 if config.persistent and config.prefetch_q else 1)
+                        if config.num_stages is None else config.num_stages),
             num_programs=programs,
             interpret=interpret,
         )
@@ -177,16 +186,20 @@ class MosaicBackend:
 # Tile math: one online-softmax step over a key tile.
 
 
-def _softmax_step(s, carry, *, qk_scale, n_valid=None):
+def _softmax_step(s, carry, *, qk_scale, cols=None):
     """Scores ``s`` [block_q, block_k] (float32) of one key tile -> (rescaled acc, m, l, unnormalised p).
 
     ``m`` is kept in the scaled base-2 domain, so ``exp2(s * qk_scale - m)`` is
-    one FMA per score.  ``n_valid``: keys ``>= n_valid`` of the tile are padding.
+    one FMA per score.  ``cols``: ``(lo, hi)``, only the tile's columns in
+    ``[lo, hi)`` are keys (the others: outside the band, or padding); ``lo``
+    None when it is 0.
     """
     acc, m_prev, l_prev = carry
-    if n_valid is not None:
+    if cols is not None:
+        lo, hi = cols
         col = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA)
-        s = jnp.where(col < n_valid, s, _MASK_VALUE)
+        keep = col < hi if lo is None else (col >= lo) & (col < hi)
+        s = jnp.where(keep, s, _MASK_VALUE)
     m_next = jnp.maximum(m_prev, s.max(axis=1) * qk_scale)
     alpha = jnp.exp2(m_prev - m_next)
     p = jnp.exp2(s * qk_scale - lax.broadcast_in_dim(m_next, s.shape, [0]))
@@ -196,45 +209,109 @@ def _softmax_step(s, carry, *, qk_scale, n_valid=None):
 
 
 # ----------------------------------------------------------------------------
-# Schedule: the work list (which program runs which query tiles, in which order).
+# Schedule: which key tiles an item visits, and which program runs which items in which order.
+
+
+class ItemTiles(NamedTuple):
+    """The key tiles a work item visits: range A (``n_a`` execution tiles from ``a0``), then range C.
+
+    A range's first tile attends to its columns from ``lo_*`` on and its last tile to those below ``hi_*``
+    (``block_k``: the whole tile); other tiles attend to every column.  Columns fall outside a range when the key
+    tile is coarser than the band's (a 128-key tile over a band of 64: the range may start or end mid-tile) or
+    past ``tokens`` (the last key tile).  The range that ends at the last key tile, if any, is C.
+    """
+
+    a0: jax.Array
+    n_a: jax.Array
+    lo_a: jax.Array
+    hi_a: jax.Array
+    c0: jax.Array
+    n_c: jax.Array
+    lo_c: jax.Array
+    hi_c: jax.Array
+
+    @property
+    def count(self):
+        return self.n_a + self.n_c
+
+
+def item_tiles(pair, w, *, tokens, text_len, text_first, band, block_k) -> ItemTiles:
+    """:class:`ItemTiles` of query pair ``pair`` (128 rows) of a head with window ``w`` (scalars or arrays).
+
+    The ranges come from :func:`pallas_kernels.schedule.kv_tile_ranges` in tiles of ``fine = min(block_k,
+    band_k)`` keys.  With ``block_k > band_k`` two touching ranges are merged (they could share a key tile) and
+    each range is widened to whole ``block_k`` tiles, its ends masked by ``lo`` / ``hi``.
+    """
+    fine = min(block_k, band[1])
+    ratio = block_k // fine
+    t0, t1, b0, b1 = schedule.kv_tile_ranges(pair, w, tokens=tokens, text_len=text_len, text_first=text_first,
+                                             block_q=_PROGRAM_Q, block_k=fine, band=band, xp=jnp)
+    if ratio > 1:
+        touch = (t1 > t0) & (b1 > b0) & ((t1 == b0) | (b1 == t0))
+        t0, t1 = jnp.where(touch, jnp.minimum(t0, b0), t0), jnp.where(touch, jnp.maximum(t1, b1), t1)
+        b0, b1 = jnp.where(touch, 0, b0), jnp.where(touch, 0, b1)
+    nk = schedule.num_tiles(tokens, block_k)
+    last_valid = tokens - (nk - 1) * block_k  # real keys in the last key tile
+
+    def widen(x0, x1):  # fine tiles [x0, x1) -> (first tile, count, lo, hi) in block_k tiles
+        first, end = x0 // ratio, (x1 + ratio - 1) // ratio
+        count = jnp.where(x1 > x0, end - first, 0)
+        hi = ((x1 - 1) % ratio + 1) * fine
+        return first, count, (x0 % ratio) * fine, jnp.where(end == nk, jnp.minimum(hi, last_valid), hi)
+
+    t_last = t1 == schedule.num_tiles(tokens, fine)  # the text range (or a full row) ends at the last key tile
+    first = [jnp.where(t_last, x, y) for x, y in zip(widen(b0, b1), widen(t0, t1))]
+    second = [jnp.where(t_last, y, x) for x, y in zip(widen(b0, b1), widen(t0, t1))]
+    return ItemTiles(*first, *second)
 
 
 def work_list(hw, *, batch, tokens, text_len, text_first, band, block_k, query_tiles=None):
-    """``[1 + W]`` int32: the number of items that visit any key tile, then all ``W = batch * heads * n_prog``
-    items ``(b * heads + h) * n_prog + p`` (``p``: a pair of 64-row query tiles) in the order they run.
-    ``query_tiles`` (bool per band query tile, or None for all): items of the other tiles visit nothing.
+    """``[2 + W]`` int32: ``n_full, n_arrow``, then all ``W = batch * heads * n_prog`` items ``(b * heads + h) *
+    n_prog + p`` (``p``: a pair of 64-row query tiles): the ``n_full`` full rows (full heads, and the text query
+    tiles of arrow heads), then the ``n_arrow`` arrow rows, then the items that visit nothing (cached heads; with
+    ``query_tiles``, the unselected tiles), each class in (batch, head, query) order, so that programs running
+    together share a head's K/V in L2.  :func:`_program_items` deals them out.
 
-    Long items first: full rows (full heads, and the text query tiles of arrow heads), then arrow rows, so that
-    the short ones fill in behind the long ones; cached heads (no tile) last, never run.  Within a class the
-    order is head-major, so programs running together share a head's K/V in L2.  A stable partition by
-    cumulative sums rather than a sort: an XLA sort of a few thousand items costs about 0.1 ms on an H200
-    (measured, RESULTS.md).
+    A stable partition by cumulative sums rather than a sort: an XLA sort of a few thousand items costs about
+    0.1 ms on an H200 (measured, RESULTS.md).
     """
     n_prog = schedule.num_tiles(tokens, _PROGRAM_Q)
     nk = schedule.num_tiles(tokens, block_k)
-    t0, t1, b0, b1 = schedule.kv_tile_ranges(
-        jnp.arange(n_prog, dtype=jnp.int32)[None, :], jnp.asarray(hw, jnp.int32)[:, None], tokens=tokens,
-        text_len=text_len, text_first=text_first, block_q=_PROGRAM_Q, block_k=block_k, band=band, xp=jnp,
-    )
-    cost = (t1 - t0) + (b1 - b0)
+    cost = item_tiles(jnp.arange(n_prog, dtype=jnp.int32)[None, :], jnp.asarray(hw, jnp.int32)[:, None],
+                      tokens=tokens, text_len=text_len, text_first=text_first, band=band, block_k=block_k).count
     if query_tiles is not None:
         pair_tile = jnp.arange(n_prog) * _PROGRAM_Q // band[0]  # band_q is a multiple of _PROGRAM_Q
         cost = jnp.where(jnp.asarray(query_tiles)[pair_tile][None, :], cost, 0)
-    cost = jnp.broadcast_to(cost[None], (batch, *t0.shape)).reshape(-1)
+    cost = jnp.broadcast_to(cost[None], (batch, *cost.shape)).reshape(-1)
     cls = jnp.where(cost == 0, 2, jnp.where(cost >= nk, 0, 1))  # full rows, arrow rows, nothing
     one_hot = (cls[:, None] == jnp.arange(3)[None, :]).astype(jnp.int32)
     before = jnp.cumsum(one_hot, axis=0) - one_hot  # items of the same class ahead of each item
     counts = one_hot.sum(axis=0)
     rank = (jnp.cumsum(counts) - counts)[cls] + jnp.take_along_axis(before, cls[:, None], axis=1)[:, 0]
     order = jnp.zeros_like(cost).at[rank].set(jnp.arange(cost.shape[0], dtype=cost.dtype))
-    return jnp.concatenate([(counts[0] + counts[1])[None], order]).astype(jnp.int32)
+    return jnp.concatenate([counts[:2], order]).astype(jnp.int32)
 
 
-def _snake(round_, program, num_programs):
-    """Item slot of ``program`` in ``round_``: rounds alternate direction, so the longest items of one round
-    and the shortest of the next land on the same program (greedy longest-first balance, without atomics)."""
+def _snake(round_, slot, n):
+    """Position in a list dealt over ``n`` slots of ``slot``'s item in ``round_``: rounds alternate direction, so
+    the longest items of one round and the shortest of the next land on the same program."""
     forward = lax.rem(round_, 2) == 0
-    return round_ * num_programs + jnp.where(forward, program, num_programs - 1 - program)
+    return round_ * n + jnp.where(forward, slot, n - 1 - slot)
+
+
+def _program_items(program, num_programs, n_full, n_arrow):
+    """(number of items, item r's position in the work list) of ``program``: the full rows round robin, then the
+    arrow rows in snake order (:func:`_snake`)."""
+    r_full = lax.div(n_full - program + num_programs - 1, num_programs)
+    rounds = lax.div(n_arrow, num_programs)
+    pos = jnp.where(lax.rem(rounds, 2) == 0, program, num_programs - 1 - program)
+    r_arrow = rounds + (pos < lax.rem(n_arrow, num_programs)).astype(jnp.int32)
+
+    def position(r):
+        return jnp.where(r < r_full, r * num_programs + program,
+                         n_full + _snake(r - r_full, program, num_programs))
+
+    return r_full + r_arrow, position
 
 
 # ----------------------------------------------------------------------------
@@ -242,7 +319,8 @@ def _snake(round_, program, num_programs):
 
 
 def _kernel(
-    *refs, tokens, text_len, text_first, band, block_k, num_stages, pingpong, persistent, q_rotation, interpret,
+    *refs, tokens, text_len, text_first, band, block_k, num_stages, pingpong, persistent, q_buffers, q_rotation,
+    interpret,
 ):
     if persistent:
         work_ref, *refs = refs
@@ -250,53 +328,35 @@ def _kernel(
     batch, _, heads, head_dim = q_ref.shape
     dtype = q_ref.dtype
     n_prog = schedule.num_tiles(tokens, _PROGRAM_Q)
-    n_items = batch * heads * n_prog
-    nk = schedule.num_tiles(tokens, block_k)
-    pad_k = tokens % block_k != 0
-    last_valid = tokens - (nk - 1) * block_k  # real keys in the last key tile
+    coarse = block_k > band[1]  # a range may start or end mid-tile
+    ragged = tokens % block_k != 0  # the last key tile holds padding
     qk_scale = _LOG2E / math.sqrt(head_dim)
 
     program = lax.axis_index("programs")
     num_programs = lax.axis_size("programs")
     wg = lax.axis_index("wg")
     if persistent:
-        n_active = work_ref[0]
-        rounds = lax.div(n_active + num_programs - 1, num_programs)
+        rounds, position = _program_items(program, num_programs, work_ref[0], work_ref[1])
     else:
         rounds = 1
 
     def item(r):
-        """(batch, head, query pair, first range start, its length, second range start, length, unmasked steps)."""
-        if persistent:  # the r-th item of this program in the work list
-            j = _snake(r, program, num_programs)
-            active = j < n_active
-            idx = work_ref[1 + jnp.minimum(j, n_items - 1)]
+        """(batch, head, query pair, :class:`ItemTiles`) of this program's r-th item."""
+        if persistent:
+            idx = work_ref[2 + position(r)]
             p = lax.rem(idx, n_prog)
             h = lax.rem(lax.div(idx, n_prog), heads)
             b = lax.div(idx, n_prog * heads)
         else:  # program order: heads fastest, query pairs holding text first (the long rows of arrow heads)
-            active = True
             h = lax.rem(program, heads)
             p = lax.rem(lax.rem(lax.div(program, heads), n_prog) + q_rotation, n_prog)
             b = lax.div(program, heads * n_prog)
-        t0, t1, b0, b1 = schedule.kv_tile_ranges(
-            p, hw_ref[h], tokens=tokens, text_len=text_len, text_first=text_first,
-            block_q=_PROGRAM_Q, block_k=block_k, band=band, xp=jnp,
-        )
-        # Step i runs key tile a0 + i, then c0 + (i - n_a): the range ending at n_k goes last.
-        t_last = t1 == nk
-        a0 = jnp.where(t_last, b0, t0)
-        n_a = jnp.where(t_last, b1 - b0, t1 - t0)
-        c0 = jnp.where(t_last, t0, b0)
-        n = jnp.where(active, (t1 - t0) + (b1 - b0), 0)
-        n_unmasked = n
-        if pad_k:
-            ends_padded = ((t1 == nk) & (t1 > t0)) | ((b1 == nk) & (b1 > b0))
-            n_unmasked = n - ends_padded.astype(jnp.int32)
-        return b, h, p, a0, n_a, c0, n, n_unmasked
+        tiles = item_tiles(p, hw_ref[h], tokens=tokens, text_len=text_len, text_first=text_first, band=band,
+                           block_k=block_k)
+        return b, h, p, tiles
 
-    def key_tile(a0, n_a, c0, i):
-        return jnp.where(i < n_a, a0 + i, c0 + (i - n_a))
+    def key_tile(tiles, i):  # step i runs range A, then range C
+        return jnp.where(i < tiles.n_a, tiles.a0 + i, tiles.c0 + (i - tiles.n_a))
 
     def slot_of(g):  # g counts K/V tiles over all of this program's items, so the ring runs across items
         return lax.rem(g, num_stages)
@@ -311,13 +371,14 @@ def _kernel(
         plgpu.set_max_registers(40, action="decrease")
 
         def stream_item(r, g):
-            b, h, _, a0, n_a, c0, n, _ = item(r)
+            b, h, _, tiles = item(r)
+            n = tiles.count
 
             @pl.loop(0, n)
             def _load(i):
                 gi = g + i
                 slot = slot_of(gi)
-                rows = (b, pl.ds(key_tile(a0, n_a, c0, i) * block_k, block_k), h)
+                rows = (b, pl.ds(key_tile(tiles, i) * block_k, block_k), h)
                 pl.when(gi >= num_stages)(lambda: plgpu.barrier_wait(k_free.at[slot]))
                 plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_bar.at[slot])
                 pl.when(gi >= num_stages)(lambda: plgpu.barrier_wait(v_free.at[slot]))
@@ -336,9 +397,17 @@ def _kernel(
     @pl.when(wg < _COMPUTE_WGS)
     def _compute_wg():
         plgpu.set_max_registers(232, action="increase")
-        q_tile = q_smem.at[wg]
 
-        def scores(slot):
+        def q_rows(b, h, p):
+            return b, pl.ds(p * _PROGRAM_Q + wg * _BLOCK_Q, _BLOCK_Q), h
+
+        def load_q(r):  # item r's 64 query rows of this warpgroup into Q buffer r % q_buffers
+            b, h, p, _ = item(r)
+            buf = lax.rem(r, q_buffers)
+            plgpu.copy_gmem_to_smem(q_ref.at[q_rows(b, h, p)], q_smem.at[buf, wg],
+                                    q_bar.at[buf * _COMPUTE_WGS + wg])
+
+        def scores(q_tile, slot):
             k_tile = k_smem.at[slot]
             if interpret:
                 s = jnp.dot(q_tile[...], k_tile[...].T, preferred_element_type=jnp.float32)
@@ -365,17 +434,18 @@ def _kernel(
             return pl.run_state(issue)(plgpu.ACC.init(acc))
 
         def attend_item(r, g):
-            b, h, p, _, _, _, n, n_unmasked = item(r)
+            b, h, p, tiles = item(r)
+            n = tiles.count
 
-            def step(i, carry, n_valid=None):
+            def step(i, carry, cols=None):
                 slot = slot_of(g + i)
 
                 def next_k():
                     pl.when(i + 1 < n)(lambda: plgpu.barrier_wait(k_bar.at[slot_of(g + i + 1)]))
 
-                s = scores(slot)
+                s = scores(q_smem.at[lax.rem(r, q_buffers), wg], slot)
                 plgpu.barrier_arrive(k_free.at[slot])
-                acc, m, l, pr = _softmax_step(s, carry, qk_scale=qk_scale, n_valid=n_valid)
+                acc, m, l, pr = _softmax_step(s, carry, qk_scale=qk_scale, cols=cols)
                 pr = pr.astype(dtype)
                 if pingpong:
                     plgpu.barrier_arrive(sched_bar)
@@ -386,29 +456,57 @@ def _kernel(
                 plgpu.barrier_arrive(v_free.at[slot])
                 return acc, m, l
 
+            def run(start, stop, carry, cols=None):
+                return lax.fori_loop(start, stop, functools.partial(step, cols=cols), carry)
+
+            def run_range(start, count, lo, hi, carry, *, head, tail):
+                """Steps ``[start, start + count)`` of one range, its first step masked from ``lo`` (where ``head``
+                is possible) and its last below ``hi`` (where ``tail`` is); the others unmasked."""
+                n_head = n_tail = 0
+                if head:
+                    n_head = ((count > 0) & ((lo > 0) | ((count == 1) & (hi < block_k)))).astype(jnp.int32)
+                    carry = run(start, start + n_head, carry, (lo, jnp.where(count == 1, hi, block_k)))
+                if tail:
+                    n_tail = ((count - n_head > 0) & (hi < block_k)).astype(jnp.int32)
+                carry = run(start + n_head, start + count - n_tail, carry)
+                if tail:
+                    carry = run(start + count - n_tail, start + count, carry, (None, hi))
+                return carry
+
             @pl.when(n > 0)
             def _attend():
-                rows = (b, pl.ds(p * _PROGRAM_Q + wg * _BLOCK_Q, _BLOCK_Q), h)
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last output store has read q_tile
-                plgpu.copy_gmem_to_smem(q_ref.at[rows], q_tile, q_bar.at[wg])
-                plgpu.barrier_wait(q_bar.at[wg])
+                q_tile = q_smem.at[lax.rem(r, q_buffers), wg]
+                if q_buffers == 1:
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last output store has read q_tile
+                    load_q(r)
+                plgpu.barrier_wait(q_bar.at[lax.rem(r, q_buffers) * _COMPUTE_WGS + wg])
+                if q_buffers == 2:  # the next item's Q into the other buffer, once the last store has read it
+
+                    @pl.when(r + 1 < rounds)
+                    def _prefetch():
+                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                        load_q(r + 1)
+
                 plgpu.barrier_wait(k_bar.at[slot_of(g)])
                 carry = (
                     plgpu.layout_cast(jnp.zeros((_BLOCK_Q, head_dim), jnp.float32), plgpu.Layout.WGMMA),
                     plgpu.layout_cast(jnp.full((_BLOCK_Q,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
                     plgpu.layout_cast(jnp.zeros((_BLOCK_Q,), jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
                 )
-                carry = lax.fori_loop(0, n_unmasked, step, carry)
-                if pad_k:
-                    carry = lax.fori_loop(n_unmasked, n, functools.partial(step, n_valid=last_valid), carry)
+                # Only a coarse tile can start mid-range; only range C can hold the padded last key tile.
+                carry = run_range(0, tiles.n_a, tiles.lo_a, tiles.hi_a, carry, head=coarse, tail=coarse)
+                carry = run_range(tiles.n_a, tiles.n_c, tiles.lo_c, tiles.hi_c, carry, head=coarse,
+                                  tail=coarse or ragged)
                 acc, _, l = carry
                 q_tile[...] = (acc / lax.broadcast_in_dim(l, acc.shape, [0])).astype(dtype)
                 plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(q_tile, o_ref.at[rows])
+                plgpu.copy_smem_to_gmem(q_tile, o_ref.at[q_rows(b, h, p)])
 
             return g + n
 
         pl.when(wg == 1)(sched)  # warpgroup 0 issues its matmuls first
+        if q_buffers == 2:
+            pl.when(rounds > 0)(lambda: load_q(0))
         lax.fori_loop(0, rounds, attend_item, jnp.int32(0))
         pl.when(wg == 0)(sched)
         plgpu.wait_smem_to_gmem(0)
@@ -417,11 +515,11 @@ def _kernel(
 @functools.partial(
     jax.jit,
     static_argnames=("text_len", "text_first", "band", "block_k", "num_stages", "pingpong", "num_programs",
-                     "interpret"),
+                     "prefetch_q", "interpret"),
 )
 def _headwise_jit(
     q, k, v, hw, cache, query_tiles, *, text_len, text_first, band, block_k, num_stages, pingpong, num_programs,
-    interpret
+    prefetch_q, interpret
 ):
     batch, tokens, heads, head_dim = q.shape
     if cache is None:
@@ -443,11 +541,12 @@ def _headwise_jit(
         transforms = ()
     else:
         transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    q_buffers = 2 if persistent and prefetch_q else 1
     scratch = (
-        plgpu.SMEM((_COMPUTE_WGS, _BLOCK_Q, head_dim), q.dtype, transforms=transforms),
+        plgpu.SMEM((q_buffers, _COMPUTE_WGS, _BLOCK_Q, head_dim), q.dtype, transforms=transforms),
         plgpu.SMEM((num_stages, block_k, head_dim), q.dtype, transforms=transforms),
         plgpu.SMEM((num_stages, block_k, head_dim), q.dtype, transforms=transforms),
-        plgpu.Barrier(num_barriers=_COMPUTE_WGS),
+        plgpu.Barrier(num_barriers=q_buffers * _COMPUTE_WGS),
         plgpu.Barrier(num_barriers=num_stages),
         plgpu.Barrier(num_barriers=num_stages),
         plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=num_stages),
@@ -456,7 +555,7 @@ def _headwise_jit(
     )
     body = functools.partial(
         _kernel, tokens=tokens, text_len=text_len, text_first=text_first, band=band, block_k=block_k,
-        num_stages=num_stages, pingpong=pingpong, persistent=persistent,
+        num_stages=num_stages, pingpong=pingpong, persistent=persistent, q_buffers=q_buffers,
         q_rotation=schedule.rotate_text_tiles_first(tokens, text_len, text_first, _PROGRAM_Q), interpret=interpret,
     )
     launch = functools.partial(

@@ -21,12 +21,8 @@ def test_config_checks():
     cfg = backend.default_config((1, 64, 2, 128), jnp.bfloat16, (128, 128))
     assert (cfg.block_k, cfg.num_stages, cfg.pingpong) == (128, 2, True)
     cfg = backend.default_config((1, 64, 2, 64), jnp.float16, (128, 64))
-    assert (cfg.block_k, cfg.num_stages) == (64, 4)
+    assert (cfg.block_k, cfg.num_stages, cfg.prefetch_q) == (128, 4, True)  # 128-key tiles over a 64-key band
     assert backend.default_config((1, 64, 2, 64), jnp.float16, (256, 256)).block_k == 128
-    q = jnp.ones((1, 64, 2, 64), jnp.bfloat16)
-    with pytest.raises(ValueError, match="must divide the band"):
-        pk.headwise_attention(q, q, q, np.array([-1, 3], np.int32), text_len=8, text_first=True, band=(128, 64),
-                              config=pk.MosaicConfig(block_k=128))
 
 
 # ------------------------------------------- Mosaic GPU lowering (no GPU needed)
@@ -80,7 +76,7 @@ def test_lowers_with_query_tiles(config):
 
 def test_work_list_runs_full_rows_then_arrow_rows():
     """Every (batch, head, query pair) once: full rows first, then arrow rows, cached heads last (each class in
-    (batch, head, query) order); the count of items that visit anything first."""
+    (batch, head, query) order), after the class counts."""
     from pallas_kernels import mosaic_backend as mb
 
     batch, tokens, text_len, heads = 2, 1000, 100, 4
@@ -92,14 +88,16 @@ def test_work_list_runs_full_rows_then_arrow_rows():
                                         block_k=64, band=(128, 64))
     cost = np.broadcast_to(vis.sum(-1)[None], (batch, heads, n_prog)).reshape(-1)
     cls = np.where(cost == 0, 2, np.where(cost == vis.shape[-1], 0, 1))
-    order = work[1:]
+    n_full, n_arrow = work[:2]
+    order = work[2:]
     assert sorted(order.tolist()) == list(range(batch * heads * n_prog))
-    assert work[0] == (cost > 0).sum() == batch * 3 * n_prog
+    assert (n_full, n_arrow) == ((cls == 0).sum(), (cls == 1).sum())
+    assert n_full + n_arrow == batch * 3 * n_prog
     assert np.all(np.diff(cls[order]) >= 0)
     for c in range(3):
         assert np.all(np.diff(order[cls[order] == c]) > 0)  # each class in (batch, head, query) order
-    assert set(order[work[0]:] // n_prog % heads) == {1}  # the cached head, never run
-    assert (cls == 0).sum() > batch * n_prog  # the full head and the arrow heads' text rows
+    assert set(order[n_full + n_arrow:] // n_prog % heads) == {1}  # the cached head, never run
+    assert n_full > batch * n_prog  # the full head and the arrow heads' text rows
 
 
 def test_work_list_leaves_out_unselected_query_tiles():
@@ -115,19 +113,64 @@ def test_work_list_leaves_out_unselected_query_tiles():
     n_prog = -(-tokens // 128)
     selected = np.repeat(tiles, 2)[:n_prog]
     item_selected = np.broadcast_to(selected, (batch, heads, n_prog)).reshape(-1)
-    run = every[1:every[0] + 1]
-    assert some[0] == item_selected[run].sum() == batch * 2 * selected.sum()
-    assert some[1:some[0] + 1].tolist() == [i for i in run if item_selected[i]]
-    assert sorted(some[1:].tolist()) == list(range(batch * heads * n_prog))
+    run = every[2:2 + every[0] + every[1]]
+    n_run = some[0] + some[1]
+    assert n_run == item_selected[run].sum() == batch * 2 * selected.sum()
+    assert some[2:2 + n_run].tolist() == [i for i in run if item_selected[i]]
+    assert sorted(some[2:].tolist()) == list(range(batch * heads * n_prog))
 
 
-def test_snake_visits_every_slot_once():
+@pytest.mark.parametrize("num_programs,n_full,n_arrow", [(5, 7, 30), (5, 10, 9), (4, 0, 13), (7, 3, 2), (132, 96, 3072),
+                                                         (3, 5, 0)])
+def test_programs_deal_every_item_once(num_programs, n_full, n_arrow):
+    """Across the programs, the dealt positions are every item of the list once; each program runs its full rows
+    (round robin), then its arrow rows (snake order: the direction alternates per round)."""
     from pallas_kernels import mosaic_backend as mb
 
-    g, rounds = 5, 4
-    slots = [int(mb._snake(jnp.int32(r), jnp.int32(p), g)) for r in range(rounds) for p in range(g)]
-    assert sorted(slots) == list(range(g * rounds))
-    assert [int(mb._snake(jnp.int32(1), jnp.int32(p), g)) for p in range(g)] == [9, 8, 7, 6, 5]
+    seen = []
+    for program in range(num_programs):
+        rounds, position = mb._program_items(jnp.int32(program), num_programs, jnp.int32(n_full), jnp.int32(n_arrow))
+        mine = [int(position(jnp.int32(r))) for r in range(int(rounds))]
+        full = [j for j in mine if j < n_full]
+        assert full == list(range(program, n_full, num_programs)) and mine[:len(full)] == full
+        arrow = [j - n_full for j in mine[len(full):]]
+        assert all(j // num_programs == t for t, j in enumerate(arrow))  # one per round
+        assert all(j % num_programs == (program if t % 2 == 0 else num_programs - 1 - program)
+                   for t, j in enumerate(arrow))
+        seen += mine
+    assert sorted(seen) == list(range(n_full + n_arrow))
+
+
+@pytest.mark.parametrize("tokens,text_len,text_first", [
+    (4429, 333, False), (4032 + 77, 77, False), (64 + 300, 64, True), (192 + 40, 40, False), (700, 0, True)])
+def test_coarse_key_tiles_visit_exactly_the_band(tokens, text_len, text_first):
+    """128-key tiles over a band of 64 keys: the columns each item attends to (its tiles, masked by lo / hi) are
+    exactly the band's keys, for full, arrow and cached heads; among them image ends that are not 128-aligned
+    (4032 image tokens: the band's last tile and the first text tile share a 128-key tile)."""
+    from pallas_kernels import mosaic_backend as mb
+
+    band = (128, 64)
+    n_img = tokens - text_len
+    hw = np.array([-1, 0, 1, 40, n_img // 16, n_img // 64 + 1, 3 * n_img], np.int32)
+    n_prog = -(-tokens // 128)
+    want = pk.schedule.dense_mask(hw, tokens=tokens, text_len=text_len, text_first=text_first, band=band)
+    tiles = mb.item_tiles(jnp.arange(n_prog)[None, :], jnp.asarray(hw)[:, None], tokens=tokens, text_len=text_len,
+                          text_first=text_first, band=band, block_k=128)
+    t = [np.asarray(x) for x in tiles]
+    keys = np.arange(tokens)
+    for h in range(len(hw)):
+        for p in range(n_prog):
+            got = np.zeros(tokens, bool)
+            for start, count, lo, hi in ((t[0], t[1], t[2], t[3]), (t[4], t[5], t[6], t[7])):
+                first, n, lo, hi = start[h, p], count[h, p], lo[h, p], hi[h, p]
+                for i in range(n):
+                    a = (first + i) * 128 + (lo if i == 0 else 0)
+                    b = (first + i) * 128 + (hi if i == n - 1 else 128)
+                    assert not got[a:b].any()  # no key twice
+                    got[a:min(b, tokens)] = True
+                    assert b <= tokens or i == n - 1
+            np.testing.assert_array_equal(got, want[h, p * 128], err_msg=f"head {h} pair {p}")
+            assert keys[got].size == want[h, p * 128].sum()
 
 
 def test_persistent_programs_compute_the_same_bits_as_one_program_per_item():
@@ -148,3 +191,32 @@ def test_persistent_programs_compute_the_same_bits_as_one_program_per_item():
     ref = pk.headwise_attention(q, k, v, hw, cache, **{**kw, "backend": "xla"})
     err = np.abs(np.asarray(outs[0], np.float32) - np.asarray(ref, np.float32)).max()
     assert err < 2e-2
+
+
+@pytest.mark.parametrize("text_first", [True, False])
+def test_coarse_key_tiles_compute_the_band_function(text_first):
+    """The kernel with 128-key tiles over a band of 64 keys (the default at head_dim 64) against the reference and
+    against 64-key tiles, on a plan whose key ranges start and end mid-tile (checked on the schedule first)."""
+    from pallas_kernels import mosaic_backend as mb
+
+    rng = np.random.default_rng(11)
+    tokens, text_len, band = 5 * 128 + 29, 77, (128, 64)
+    shape = (1, tokens, 4, 64)
+    q, k, v, cache = (jnp.asarray(rng.standard_normal(shape), jnp.float16) for _ in range(4))
+    hw = np.array([70, 0, 150, -1], np.int32)
+    tiles = mb.item_tiles(jnp.arange(6)[None, :], jnp.asarray(hw)[:, None], tokens=tokens, text_len=text_len,
+                          text_first=text_first, band=band, block_k=128)
+    lo = np.concatenate([np.asarray(tiles.lo_a)[tiles.n_a > 0], np.asarray(tiles.lo_c)[tiles.n_c > 0]])
+    hi = np.concatenate([np.asarray(tiles.hi_a)[tiles.n_a > 0], np.asarray(tiles.hi_c)[tiles.n_c > 0]])
+    assert (lo == 64).any() and (hi == 64).any()  # ranges starting and ending mid-tile
+    cache = jnp.where(jnp.asarray(hw != 0)[None, None, :, None], jnp.nan, cache)
+    kw = dict(text_len=text_len, text_first=text_first, band=band)
+    coarse, fine = (pk.headwise_attention(q, k, v, hw, cache, backend="mosaic_gpu", config=pk.MosaicConfig(block_k=b),
+                                          **kw) for b in (128, 64))
+    ref = pk.headwise_attention(q, k, v, hw, cache, backend="xla", **kw)
+    computed = hw != 0
+    for out in (coarse, fine):
+        got = np.asarray(out, np.float32)
+        assert np.isfinite(got[:, :, computed]).all()
+        assert np.abs(got - np.asarray(ref, np.float32))[:, :, computed].max() < 1e-2
+        np.testing.assert_array_equal(np.asarray(out[:, :, 1]).view(np.uint16), np.asarray(cache[:, :, 1]).view(np.uint16))
