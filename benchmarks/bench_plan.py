@@ -26,6 +26,7 @@ Writes JSON lines to $OUT/bench_plan.jsonl as it goes and prints a table last.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -69,6 +70,20 @@ def record(**row):
     if out:
         with open(os.path.join(out, "bench_plan.jsonl"), "a") as f:
             f.write(json.dumps(row) + "\n")
+
+
+MOSAIC_FIELDS: dict = {}
+
+
+def use_mosaic_fields(spec: str) -> None:
+    """Every mosaic_gpu call takes these MosaicConfig fields ('name=value,...': ints and True/False) over its
+    defaults."""
+    backend = pallas_kernels.get_backend("mosaic_gpu")
+    for item in spec.split(","):
+        name, value = item.split("=")
+        MOSAIC_FIELDS[name] = {"True": True, "False": False}.get(value) if value in ("True", "False") else int(value)
+    default_config = type(backend).default_config
+    type(backend).default_config = lambda self, *a: dataclasses.replace(default_config(self, *a), **MOSAIC_FIELDS)
 
 
 def random_model(cfg: FluxConfig) -> Transformer:
@@ -153,7 +168,7 @@ def bench_sampler(model, px: int, steps: int, backend: str | None = None) -> Non
                backend=backend or "auto", attention_flops_kept=round(kept, 4), ms_per_step=round(ms, 2),
                speedup_vs_dense=round(dense_ms / ms, 3), amdahl_bound=round(bound, 3),
                of_bound=round(dense_ms / ms / bound, 3), dense_attention_ms_per_step=round(attention_ms, 2),
-               first_call_s=round(first, 2),
+               first_call_s=round(first, 2), mosaic_fields=MOSAIC_FIELDS or None,
                cache_gb=0.0 if plan is None else round(cache_bytes(cfg, 1, rows * rows + TEXT) / 1e9, 2))
 
 
@@ -406,6 +421,9 @@ def main() -> None:
                         help="with --calibration: also search step methods within this RSE (the unified search)")
     parser.add_argument("--sampler", help="only the sampler rows at these sizes, e.g. '1024,2048' (10 steps)")
     parser.add_argument("--backend", help="head-wise kernel backend of the plans (default: the device's choice)")
+    parser.add_argument("--mosaic-fields", default="",
+                        help="MosaicConfig fields replacing the mosaic_gpu backend's defaults in every call, e.g. "
+                             "'prefetch_q=False' (a kernel variant end to end)")
     parser.add_argument("--step-methods", help="only the step-method rows at these sizes, e.g. '1024,2048' (28 steps)")
     parser.add_argument("--speedup-plans", help="only the 1.5x / 2x / 3x Taylor plans at these sizes (28 steps)")
     parser.add_argument("--mesh", help="only the sampler over meshes of 1..8 devices at these sizes (28 steps)")
@@ -415,6 +433,8 @@ def main() -> None:
                         help="with --mixture-plans: comma-separated shares of arrow_8 heads (the others full) on the "
                              "14-step Taylor plan's computed steps, a row each")
     args = parser.parse_args()
+    if args.mosaic_fields:
+        use_mosaic_fields(args.mosaic_fields)
     cache_dir = os.path.join(os.environ.get("OUT", "/tmp"), "..", "jax_cache")
     jax.config.update("jax_compilation_cache_dir", os.path.abspath(cache_dir))
     model = random_model(FLUX_DEV)
