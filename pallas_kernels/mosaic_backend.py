@@ -94,10 +94,9 @@ class MosaicConfig:
     ``pingpong``: alternate the two compute warpgroups' matmuls;
     ``persistent``: launch ``num_programs`` programs (None: one per SM) that
     each walk a share of the work list, instead of one program per work item;
-    ``prefetch_q``: persistent
-    programs load the next item's queries into a second buffer while they
-    compute the current item; ``interpret``: Mosaic GPU interpret mode (None:
-    when the default backend is not a GPU).
+    ``prefetch_q``: persistent programs load the next item's queries into a
+    second buffer while they compute the current item; ``interpret``: Mosaic
+    GPU interpret mode (None: when the default backend is not a GPU).
     """
 
     block_k: int | None = None
@@ -260,8 +259,9 @@ def item_tiles(pair, w, *, tokens, text_len, text_first, band, block_k) -> ItemT
         return first, count, (x0 % ratio) * fine, jnp.where(end == nk, jnp.minimum(hi, last_valid), hi)
 
     t_last = t1 == schedule.num_tiles(tokens, fine)  # the text range (or a full row) ends at the last key tile
-    first = [jnp.where(t_last, x, y) for x, y in zip(widen(b0, b1), widen(t0, t1))]
-    second = [jnp.where(t_last, y, x) for x, y in zip(widen(b0, b1), widen(t0, t1))]
+    band_range, text_range = widen(b0, b1), widen(t0, t1)
+    first = [jnp.where(t_last, x, y) for x, y in zip(band_range, text_range)]
+    second = [jnp.where(t_last, y, x) for x, y in zip(band_range, text_range)]
     return ItemTiles(*first, *second)
 
 
@@ -293,8 +293,8 @@ def work_list(hw, *, batch, tokens, text_len, text_first, band, block_k, query_t
 
 
 def _snake(round_, slot, n):
-    """Position in a list dealt over ``n`` slots of ``slot``'s item in ``round_``: rounds alternate direction, so
-    the longest items of one round and the shortest of the next land on the same program."""
+    """Where in a list dealt out round by round over ``n`` slots the item of ``slot`` in ``round_`` is: rounds
+    alternate direction, so the longest items of one round and the shortest of the next go to the same slot."""
     forward = lax.rem(round_, 2) == 0
     return round_ * n + jnp.where(forward, slot, n - 1 - slot)
 
