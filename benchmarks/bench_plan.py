@@ -1,7 +1,7 @@
 """Plan search time and compressed-sampler speed for a FLUX.1-dev-sized transformer (random weights, bf16).
 
 1. Sampler ms/step at 2048^2 for plans keeping ~60 %, ~45 % and ~32 % of the attention FLOPs against the dense
-   sampler, same process. With random weights a calibrated plan means nothing, so these plans are drawn at random
+   sampler, same process (``--sampler 1024,2048``; ``--family sd3``: SD3-medium with CFG instead). With random weights a calibrated plan means nothing, so these plans are drawn at random
    per (step, layer, head) from {full, arrow_8, cached} in proportions that give the target kept fraction (step 0
    full, as always); the kernel runs what the plan says, which is what the timing measures.
 2. Calibration (plan search) wall time at 1024^2 and 2048^2, 8 prompts, 28 and 50 steps, delta 0.2. At 2048^2 the
@@ -39,16 +39,23 @@ from flax import nnx
 import pallas_kernels
 from ditfa_jax.attention import AttentionSettings, dense_attention
 from ditfa_jax.calibrate import calibrate, sampled_query_tiles
-from ditfa_jax.configs import FluxConfig
+from ditfa_jax.configs import FluxConfig, SD3Config
 from ditfa_jax.loading import Transformer
 from ditfa_jax.methods import method_window
 from ditfa_jax.models.flux import FluxTransformer
-from ditfa_jax.family import TokenLayout, layout_for
+from ditfa_jax.models.sd3 import SD3Transformer
+from ditfa_jax.family import TokenLayout, family_of, layout_for
 from ditfa_jax.plan import CompressionPlan
 from ditfa_jax.sampler import cache_bytes, sample
 
 FLUX_DEV = FluxConfig(guidance_embeds=True)
+SD3_MEDIUM = SD3Config(num_layers=24, num_attention_heads=24, attention_head_dim=64, caption_projection_dim=1536,
+                       pos_embed_max_size=192)
+# --family: (config, text tokens, guidance scale: FLUX-dev's distilled guidance, SD3's classifier-free guidance on a
+# doubled batch). Only the sampler rows (--sampler) take SD3; the other measurements are FLUX.1-dev's.
+FAMILIES = {"flux": (FLUX_DEV, 512, 3.5), "sd3": (SD3_MEDIUM, 333, 7.0)}
 TEXT = 512
+GUIDANCE = 3.5
 RESULTS = []
 
 
@@ -86,19 +93,27 @@ def use_mosaic_fields(spec: str) -> None:
     type(backend).default_config = lambda self, *a: dataclasses.replace(default_config(self, *a), **MOSAIC_FIELDS)
 
 
-def random_model(cfg: FluxConfig) -> Transformer:
-    graphdef = nnx.split(nnx.eval_shape(lambda: FluxTransformer(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))))[0]
-    state = jax.jit(lambda: nnx.split(FluxTransformer(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))[1])()
+def random_model(cfg) -> Transformer:
+    cls = SD3Transformer if isinstance(cfg, SD3Config) else FluxTransformer
+    graphdef = nnx.split(nnx.eval_shape(lambda: cls(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))))[0]
+    state = jax.jit(lambda: nnx.split(cls(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))[1])()
     return Transformer(cfg, graphdef, state)
+
+
+def model_batch(cfg) -> int:
+    """Rows of the batch the model sees for one image: two with classifier-free guidance."""
+    return 2 if family_of(cfg).guidance(cfg) == "cfg" and GUIDANCE > 1 else 1
 
 
 def random_plan(cfg, *, px: int, steps: int, target: float, seed: int = 0) -> CompressionPlan:
     """Heads drawn from {full, arrow_8, cached}; proportions chosen so the plan keeps ~target of the FLOPs."""
-    n_img = layout_for(cfg, height=px, width=px, text_len=TEXT, vae_scale_factor=8).image_tokens
+    layout = layout_for(cfg, height=px, width=px, text_len=TEXT, vae_scale_factor=8)
+    n_img = layout.image_tokens
     tokens, layers, heads = n_img + TEXT, cfg.total_layers, cfg.num_attention_heads
     arrow = method_window("arrow_8", n_img)
     arrow_kept = float(pallas_kernels.plan_cost(np.array([arrow]), batch=1, tokens=tokens, text_len=TEXT,
-                                                text_first=True, head_dim=cfg.attention_head_dim).flop_fraction)
+                                                text_first=layout.text_first,
+                                                head_dim=cfg.attention_head_dim).flop_fraction)
     # per-step kept after step 0: p_full + p_arrow * arrow_kept, with p_cached = p_arrow / 2
     want = (target * steps - 1) / (steps - 1)
     p_arrow = (1 - want) / (1 - arrow_kept + 0.5)
@@ -115,16 +130,18 @@ def time_sampler(model, px: int, steps: int, plan, backend: str | None = None, *
     """(first call s, best of 2 compiled calls in ms per step) of the sampler on seeded random inputs, batch 1;
     `options` go to `sample` (mesh=, balance=)."""
     cfg = model.config
-    keys = jax.random.split(jax.random.key(0), 3)
-    rows = px // 16
-    latents = jax.random.normal(keys[0], (1, rows * rows, cfg.in_channels))
-    text = jax.random.normal(keys[1], (1, TEXT, cfg.joint_attention_dim), jnp.bfloat16)
-    pooled = jax.random.normal(keys[2], (1, cfg.pooled_projection_dim), jnp.bfloat16)
+    keys = jax.random.split(jax.random.key(0), 5)
+    layout = layout_for(cfg, height=px, width=px, text_len=TEXT, vae_scale_factor=8)
+    latents = jax.random.normal(keys[0], (1, *family_of(cfg).latent_shape(cfg, layout.grid)))
+    text, negative = (jax.random.normal(k, (1, TEXT, cfg.joint_attention_dim), jnp.bfloat16) for k in keys[1:3])
+    pooled, negative_pooled = (jax.random.normal(k, (1, cfg.pooled_projection_dim), jnp.bfloat16) for k in keys[3:])
+    if model_batch(cfg) == 2:
+        options = dict(options, negative_prompt_embeds=negative, negative_pooled_prompt_embeds=negative_pooled)
     times = []
     for _ in range(3):
         start = time.perf_counter()
         jax.block_until_ready(sample(model, latents, text, pooled, height=px, width=px, num_steps=steps,
-                                     guidance_scale=3.5, plan=plan, attention=AttentionSettings(backend=backend),
+                                     guidance_scale=GUIDANCE, plan=plan, attention=AttentionSettings(backend=backend),
                                      **options))
         times.append(time.perf_counter() - start)
     return times[0], min(times[1:]) / steps * 1e3
@@ -133,8 +150,8 @@ def time_sampler(model, px: int, steps: int, plan, backend: str | None = None, *
 def dense_attention_ms(cfg, px: int, reps: int = 50) -> float:
     """One layer's dense (cuDNN on a GPU) attention at this size, ms: median of `reps` calls chained in one jit."""
     tokens = (px // 16) ** 2 + TEXT
-    q, k, v = (jax.random.normal(key, (1, tokens, cfg.num_attention_heads, cfg.attention_head_dim), jnp.bfloat16)
-               for key in jax.random.split(jax.random.key(7), 3))
+    shape = (model_batch(cfg), tokens, cfg.num_attention_heads, cfg.attention_head_dim)
+    q, k, v = (jax.random.normal(key, shape, jnp.bfloat16) for key in jax.random.split(jax.random.key(7), 3))
 
     @jax.jit
     def chained(q, k, v):
@@ -169,7 +186,9 @@ def bench_sampler(model, px: int, steps: int, backend: str | None = None) -> Non
                speedup_vs_dense=round(dense_ms / ms, 3), amdahl_bound=round(bound, 3),
                of_bound=round(dense_ms / ms / bound, 3), dense_attention_ms_per_step=round(attention_ms, 2),
                first_call_s=round(first, 2), mosaic_fields=MOSAIC_FIELDS or None,
-               cache_gb=0.0 if plan is None else round(cache_bytes(cfg, 1, rows * rows + TEXT) / 1e9, 2))
+               model=type(cfg).model_class,
+               cache_gb=0.0 if plan is None else round(cache_bytes(cfg, model_batch(cfg), rows * rows + TEXT) / 1e9,
+                                                       2))
 
 
 def step_method_plans(cfg, *, px: int, steps: int) -> dict:
@@ -421,6 +440,8 @@ def main() -> None:
                         help="with --calibration: also search step methods within this RSE (the unified search)")
     parser.add_argument("--sampler", help="only the sampler rows at these sizes, e.g. '1024,2048' (10 steps)")
     parser.add_argument("--backend", help="head-wise kernel backend of the plans (default: the device's choice)")
+    parser.add_argument("--family", default="flux", choices=sorted(FAMILIES),
+                        help="with --sampler: FLUX.1-dev (default) or SD3-medium (1024^2: 4096 + 333 tokens, CFG)")
     parser.add_argument("--mosaic-fields", default="",
                         help="MosaicConfig fields replacing the mosaic_gpu backend's defaults in every call, e.g. "
                              "'prefetch_q=False' (a kernel variant end to end)")
@@ -433,11 +454,15 @@ def main() -> None:
                         help="with --mixture-plans: comma-separated shares of arrow_8 heads (the others full) on the "
                              "14-step Taylor plan's computed steps, a row each")
     args = parser.parse_args()
+    if args.family != "flux" and not args.sampler:
+        parser.error("--family sd3 takes --sampler only (the other measurements are FLUX.1-dev's)")
+    global TEXT, GUIDANCE
+    config, TEXT, GUIDANCE = FAMILIES[args.family]
     if args.mosaic_fields:
         use_mosaic_fields(args.mosaic_fields)
     cache_dir = os.path.join(os.environ.get("OUT", "/tmp"), "..", "jax_cache")
     jax.config.update("jax_compilation_cache_dir", os.path.abspath(cache_dir))
-    model = random_model(FLUX_DEV)
+    model = random_model(config)
     if args.mesh:
         for px in args.mesh.split(","):
             bench_mesh(model, int(px))
@@ -487,13 +512,13 @@ def main() -> None:
 
 def print_tables() -> None:
     if any(r["kind"] == "sampler" for r in RESULTS):
-        print("\n| sampler size | backend | plan | attention FLOPs kept | ms/step | speedup vs dense | Amdahl bound | "
-              "of bound |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("\n| model | sampler size | backend | plan | attention FLOPs kept | ms/step | speedup vs dense | "
+              "Amdahl bound | of bound |")
+        print("|---|---|---|---|---|---|---|---|---|")
     for r in RESULTS:
         if r["kind"] == "sampler":
-            print(f"| {r['px']}^2 | {r['backend']} | {r['plan']} | {r['attention_flops_kept']:.3f} | {r['ms_per_step']} | "
-                  f"{r['speedup_vs_dense']} | {r['amdahl_bound']} | {r['of_bound']} |")
+            print(f"| {r['model']} | {r['px']}^2 | {r['backend']} | {r['plan']} | {r['attention_flops_kept']:.3f} | "
+                  f"{r['ms_per_step']} | {r['speedup_vs_dense']} | {r['amdahl_bound']} | {r['of_bound']} |")
     if any(r["kind"] == "step_methods" for r in RESULTS):
         print("\n| size | step-level plan | ms/step | speed-up vs dense | predicted (cost model) | skipped steps |")
         print("|---|---|---|---|---|---|")
