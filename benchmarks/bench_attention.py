@@ -219,9 +219,7 @@ def mosaic_tile_fraction(hw, tokens, text_len, text_first, head_dim, cfg):
     64-key band run whole tiles)."""
     from pallas_kernels import mosaic_backend
 
-    full = pk.get_backend("mosaic_gpu").default_config((1, tokens, len(hw), head_dim), jnp.bfloat16,
-                                                        pk.default_band(head_dim))
-    block_k = cfg.block_k or full.block_k
+    block_k = cfg.block_k  # a completed config (default_config): never None
     n_pairs = -(-tokens // 128)
     count = mosaic_backend.item_tiles(jnp.arange(n_pairs)[None, :], jnp.asarray(hw)[:, None], tokens=tokens,
                                       text_len=text_len, text_first=text_first, band=pk.default_band(head_dim),

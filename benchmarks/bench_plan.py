@@ -1,9 +1,10 @@
 """Plan search time and compressed-sampler speed for a FLUX.1-dev-sized transformer (random weights, bf16).
 
 1. Sampler ms/step at 2048^2 for plans keeping ~60 %, ~45 % and ~32 % of the attention FLOPs against the dense
-   sampler, same process (``--sampler 1024,2048``; ``--family sd3``: SD3-medium with CFG instead). With random weights a calibrated plan means nothing, so these plans are drawn at random
-   per (step, layer, head) from {full, arrow_8, cached} in proportions that give the target kept fraction (step 0
-   full, as always); the kernel runs what the plan says, which is what the timing measures.
+   sampler, same process (``--sampler 1024,2048``; ``--family sd3``: SD3-medium with CFG instead). With random
+   weights a calibrated plan means nothing, so these plans are drawn at random per (step, layer, head) from
+   {full, arrow_8, cached} in proportions that give the target kept fraction (step 0 full, as always); the kernel
+   runs what the plan says, which is what the timing measures.
 2. Calibration (plan search) wall time at 1024^2 and 2048^2, 8 prompts, 28 and 50 steps, delta 0.2. At 2048^2 the
    8 prompts' attention cache (47 GB) does not fit beside the 24 GB of weights on an 80 GB H100: it lives in pinned
    host memory (`calibrate` picks that itself). ``--calibration 2048:50:8 --rse-query-stride 1,8 --step-delta 0.05

@@ -340,17 +340,18 @@ def _kernel(
     else:
         rounds = 1
 
-    def item(r):
-        """(batch, head, query pair, :class:`ItemTiles`) of this program's r-th item."""
+    def item_index(r):
+        """(batch, head, query pair) of this program's r-th item."""
         if persistent:
             idx = work_ref[2 + position(r)]
-            p = lax.rem(idx, n_prog)
-            h = lax.rem(lax.div(idx, n_prog), heads)
-            b = lax.div(idx, n_prog * heads)
-        else:  # program order: heads fastest, query pairs holding text first (the long rows of arrow heads)
-            h = lax.rem(program, heads)
-            p = lax.rem(lax.rem(lax.div(program, heads), n_prog) + q_rotation, n_prog)
-            b = lax.div(program, heads * n_prog)
+            return lax.div(idx, n_prog * heads), lax.rem(lax.div(idx, n_prog), heads), lax.rem(idx, n_prog)
+        # program order: heads fastest, query pairs holding text first (the long rows of arrow heads)
+        p = lax.rem(lax.rem(lax.div(program, heads), n_prog) + q_rotation, n_prog)
+        return lax.div(program, heads * n_prog), lax.rem(program, heads), p
+
+    def item(r):
+        """(batch, head, query pair, :class:`ItemTiles`) of this program's r-th item."""
+        b, h, p = item_index(r)
         tiles = item_tiles(p, hw_ref[h], tokens=tokens, text_len=text_len, text_first=text_first, band=band,
                            block_k=block_k)
         return b, h, p, tiles
@@ -402,7 +403,7 @@ def _kernel(
             return b, pl.ds(p * _PROGRAM_Q + wg * _BLOCK_Q, _BLOCK_Q), h
 
         def load_q(r):  # item r's 64 query rows of this warpgroup into Q buffer r % q_buffers
-            b, h, p, _ = item(r)
+            b, h, p = item_index(r)
             buf = lax.rem(r, q_buffers)
             plgpu.copy_gmem_to_smem(q_ref.at[q_rows(b, h, p)], q_smem.at[buf, wg],
                                     q_bar.at[buf * _COMPUTE_WGS + wg])
@@ -436,6 +437,8 @@ def _kernel(
         def attend_item(r, g):
             b, h, p, tiles = item(r)
             n = tiles.count
+            buf = lax.rem(r, q_buffers)
+            q_tile = q_smem.at[buf, wg]
 
             def step(i, carry, cols=None):
                 slot = slot_of(g + i)
@@ -443,7 +446,7 @@ def _kernel(
                 def next_k():
                     pl.when(i + 1 < n)(lambda: plgpu.barrier_wait(k_bar.at[slot_of(g + i + 1)]))
 
-                s = scores(q_smem.at[lax.rem(r, q_buffers), wg], slot)
+                s = scores(q_tile, slot)
                 plgpu.barrier_arrive(k_free.at[slot])
                 acc, m, l, pr = _softmax_step(s, carry, qk_scale=qk_scale, cols=cols)
                 pr = pr.astype(dtype)
@@ -475,11 +478,10 @@ def _kernel(
 
             @pl.when(n > 0)
             def _attend():
-                q_tile = q_smem.at[lax.rem(r, q_buffers), wg]
                 if q_buffers == 1:
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last output store has read q_tile
                     load_q(r)
-                plgpu.barrier_wait(q_bar.at[lax.rem(r, q_buffers) * _COMPUTE_WGS + wg])
+                plgpu.barrier_wait(q_bar.at[buf * _COMPUTE_WGS + wg])
                 if q_buffers == 2:  # the next item's Q into the other buffer, once the last store has read it
 
                     @pl.when(r + 1 < rounds)

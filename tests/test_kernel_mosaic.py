@@ -219,4 +219,5 @@ def test_coarse_key_tiles_compute_the_band_function(text_first):
         got = np.asarray(out, np.float32)
         assert np.isfinite(got[:, :, computed]).all()
         assert np.abs(got - np.asarray(ref, np.float32))[:, :, computed].max() < 1e-2
-        np.testing.assert_array_equal(np.asarray(out[:, :, 1]).view(np.uint16), np.asarray(cache[:, :, 1]).view(np.uint16))
+        np.testing.assert_array_equal(np.asarray(out[:, :, 1]).view(np.uint16),
+                                      np.asarray(cache[:, :, 1]).view(np.uint16))  # the cached head, bit for bit
