@@ -194,13 +194,17 @@ def ours_unrolled(tokens, text_len, text_first, bq, bk, nw, ns, n=16):
 _MOSAIC_CACHE: dict = {}
 # --mosaic-variants name -> (impl name, MosaicConfig fields): the default (persistent grid), one program per work
 # item, each of the default's 2026-12-07 changes undone alone, and both undone (the default before that day, but
-# for the work list's dealing; "band" stands for the band's key size, 64 at head_dim 64).
+# for the work list's dealing; "band" stands for the band's key size, 64 at head_dim 64); a fixed K/V ring depth
+# (the default: as deep as SMEM allows) and the compute warpgroups' matmuls not alternated.
 MOSAIC_VARIANTS = {
     "default": ("mosaic_gpu", {}),
     "grid": ("mosaic_gpu/grid", dict(persistent=False)),
     "no-prefetch": ("mosaic_gpu/no-prefetch", dict(prefetch_q=False)),
     "band-tiles": ("mosaic_gpu/band-tiles", dict(block_k="band")),
     "previous": ("mosaic_gpu/previous", dict(prefetch_q=False, block_k="band")),
+    "stages2": ("mosaic_gpu/stages2", dict(num_stages=2)),
+    "stages3": ("mosaic_gpu/stages3", dict(num_stages=3)),
+    "no-pingpong": ("mosaic_gpu/no-pingpong", dict(pingpong=False)),
 }
 MOSAIC_IMPLS = dict(MOSAIC_VARIANTS.values())
 MOSAIC_LIST = ("mosaic_gpu",)
@@ -338,6 +342,83 @@ def _bench_mosaic_variant(name, q, k, v, plans, text_len, text_first, cudnn_ms, 
             + (f" x{cudnn_ms / ms:.2f} vs cudnn" if cudnn_ms else "")
             + (f" pred {rec['predicted_ms']:.3f}" if "predicted_ms" in rec else "")
             + ("" if ok else " CHECKS FAILED"))
+
+
+FP8_PLANS = {  # name -> (plan it is compared with, heads turned FP8: every head / every other full head)
+    "fp8": ("full", "all"),
+    "fp8-half": ("full", "half"),
+    "mixed-fp8": ("mixed", "all"),
+}
+
+
+def bench_fp8(name, q, k, v, plans, text_len, text_first, cudnn_ms):
+    """FP8 heads (window -2) on the mosaic_gpu default config: every computed head checked (the cache poisoned
+    with NaN on them; FP8 heads within 0.1 of the exact reference, bf16 heads within 1e-2), then each plan timed
+    beside the bf16 plan it replaces, same process."""
+    d = q.shape[-1]
+    base = rand(jax.random.PRNGKey(97), q.shape, q.dtype)
+    kw = dict(text_len=text_len, text_first=text_first)
+    f = jax.jit(functools.partial(pk.headwise_attention, backend="mosaic_gpu", fp8=True,
+                                  config=pk.MosaicConfig(interpret=INTERPRET), **kw), donate_argnums=(4,))
+    from pallas_kernels import fp8 as fp8_ops
+
+    ms, lo, hi, n = time_jax(jax.jit(fp8_ops.quantize), (q, k, v))  # the XLA part of an FP8 call
+    record(shape=name, plan="quantize", impl="fp8-quantize", ms=ms, lo=lo, hi=hi, n=n)
+    log(f"{name} FP8 quantisation of q, k, v (XLA): {ms:.3f} ms [{lo:.3f}-{hi:.3f} n={n}]")
+    for plan, (bf16_plan, which) in FP8_PLANS.items():
+        hw16 = plans_for(q.shape[1] - text_len, q.shape[2])[bf16_plan]
+        full = np.flatnonzero(hw16 == -1)
+        turned = full if which == "all" else full[::2]
+        hw = hw16.copy()
+        hw[turned] = -2
+        computed = hw != 0
+        try:
+            cache = jnp.where(jnp.asarray(computed)[None, None, :, None], jnp.nan, base)
+            out = f(q, k, v, jnp.asarray(hw), cache)
+            finite = bool(jnp.all(jnp.isfinite(out[:, :, computed])))
+            errs = {}
+            for h in sorted({int(turned[0]), *[int(x) for x in np.flatnonzero(hw16 == -1) if x not in turned][:1]}):
+                sl = slice(h, h + 1)
+                ref = pk.headwise_attention(q[:, :, sl], k[:, :, sl], v[:, :, sl], np.array([-1], np.int32), None,
+                                            backend="xla", **kw)
+                errs[f"head{h}({'fp8' if hw[h] == -2 else 'bf16'})"] = rel_err(out[:, :, sl], ref)
+            ok = finite and all(e <= (0.1 if "fp8" in h else 1e-2) for h, e in errs.items())
+            RESULTS["checks"].append(dict(kind="fp8", shape=name, plan=plan, finite=finite, rel_err=errs, ok=ok))
+            log(f"check {name} {plan}: finite={finite} " + " ".join(f"{h}:{e:.2e}" for h, e in errs.items())
+                + f" {'OK' if ok else 'FAIL'}")
+            del out
+            rows = {}
+            for label, windows, fp8 in ((bf16_plan, hw16, False), (plan, hw, True)):
+                g = jax.jit(functools.partial(pk.headwise_attention, backend="mosaic_gpu", fp8=fp8,
+                                              config=pk.MosaicConfig(interpret=INTERPRET), **kw),
+                            donate_argnums=(4,))
+                rows[label] = time_jax(g, (q, k, v, jnp.asarray(windows), jnp.copy(base)), chain=4)
+            (ms16, *_), (ms8, lo, hi, n) = rows[bf16_plan], rows[plan]
+            record(shape=name, plan=plan, impl="mosaic_gpu/fp8", ms=ms8, lo=lo, hi=hi, n=n, checks_ok=ok,
+                   fp8_heads=int(len(turned)), bf16_plan=bf16_plan, bf16_ms=ms16, speedup_vs_bf16=ms16 / ms8,
+                   speedup_vs_cudnn=(cudnn_ms / ms8) if cudnn_ms else None)
+            log(f"{name} {plan:9s} mosaic_gpu/fp8: {ms8:8.3f} ms [{lo:.3f}-{hi:.3f} n={n}] against {bf16_plan} "
+                f"(bf16) {ms16:.3f} ms: x{ms16 / ms8:.2f}" + (f", x{cudnn_ms / ms8:.2f} vs cudnn" if cudnn_ms else "")
+                + ("" if ok else " CHECKS FAILED"))
+        except Exception as ex:
+            log(f"{name} {plan} fp8 FAILED: {type(ex).__name__}: {str(ex)[:800]}")
+            traceback.print_exc()
+    save()
+
+
+def fp8_table():
+    rows = [r for r in RESULTS["records"] if r.get("impl") == "mosaic_gpu/fp8"]
+    if not rows:
+        return ""
+    quantize = {r["shape"]: r["ms"] for r in RESULTS["records"] if r.get("impl") == "fp8-quantize"}
+    lines = ["| shape | FP8 plan | FP8 heads | ms | of which quantisation | bf16 plan | bf16 ms | FP8 speed-up | "
+             "x cuDNN | checks |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['shape']} | {r['plan']} | {r['fp8_heads']} | {r['ms']:.3f} | "
+                     f"{quantize.get(r['shape'], float('nan')):.3f} | {r['bf16_plan']} | "
+                     f"{r['bf16_ms']:.3f} | {r['speedup_vs_bf16']:.2f} | "
+                     f"{r['speedup_vs_cudnn'] or 0:.2f} | {'OK' if r['checks_ok'] else 'FAIL'} |")
+    return "\n" + "\n".join(lines)
 
 
 def rel_err(x, ref):
@@ -561,6 +642,8 @@ def bench_shape(name, args, sweep_cfgs):
 
     if "mosaic_gpu" in BACKEND_LIST:
         bench_mosaic(name, q, k, v, plans, text_len, text_first, cudnn_ms, cudnn_out)
+    if args.fp8:
+        bench_fp8(name, q, k, v, plans, text_len, text_first, cudnn_ms)
     del cudnn_out
     if args.jax_mgpu:
         bench_jax_mgpu(name, q, k, v, text_len, text_first)
@@ -979,6 +1062,7 @@ if __name__ == "__main__":
                     "no Triton variants, Flex arrow8 only")
     ap.add_argument("--backends", default=",".join(BACKEND_LIST), help="ours to run: triton, mosaic_gpu")
     ap.add_argument("--plans", default=",".join(QUICK_PLANS), help="with --quick: the plans to time")
+    ap.add_argument("--fp8", action="store_true", help="also FP8 heads (mosaic_gpu): " + ", ".join(FP8_PLANS))
     ap.add_argument("--mosaic-variants", default="default",
                     help="mosaic_gpu launch variants to time: " + ", ".join(MOSAIC_VARIANTS)
                          + " (default: persistent, one program per SM walking the work list; grid: one program per "
@@ -1031,4 +1115,5 @@ if __name__ == "__main__":
     log(f"\ntotal {elapsed():.0f}s")
     log(table())
     log(backend_table())
+    log(fp8_table())
     save()

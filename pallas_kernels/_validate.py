@@ -41,7 +41,7 @@ def resolve_band(band, head_dim: int) -> tuple[int, int]:
     return check_block("band (band_q)", band[0]), check_block("band (band_k)", band[1])
 
 
-def validate(q, k, v, head_window, cache, *, text_len, text_first, band, query_tiles=None):
+def validate(q, k, v, head_window, cache, *, text_len, text_first, band, query_tiles=None, fp8=False):
     """Checks the arguments; returns ``(head_window_int32, band)``, ``band``
     resolved to its default when None.
 
@@ -84,9 +84,12 @@ def validate(q, k, v, head_window, cache, *, text_len, text_first, band, query_t
     concrete = None
     if not _is_tracer(head_window):
         concrete = np.asarray(head_window)
-        if concrete.size and concrete.min() < -1:
+        lowest = -2 if fp8 else -1
+        if concrete.size and concrete.min() < lowest:
+            fp8_note = " or -2 (full, FP8)" if fp8 else " (-2, an FP8 head, needs fp8=True)"
             raise ValueError(
-                f"head_window: expected values -1 (full), 0 (cached) or w > 0 (arrow), got {concrete.tolist()}"
+                f"head_window: expected values -1 (full), 0 (cached), w > 0 (arrow){fp8_note}, got "
+                f"{concrete.tolist()}"
             )
         if concrete.size and concrete.max() > np.iinfo(np.int32).max:
             raise ValueError(f"head_window: values must fit int32, got max {concrete.max()}")

@@ -15,7 +15,9 @@ is an object with
   config)`` on validated arguments;
 * ``skips_query_tiles`` (optional, default False): True when ``__call__`` also
   takes ``query_tiles`` and computes only those tiles; for the others
-  :func:`headwise_attention` computes every tile and keeps the selected rows.
+  :func:`headwise_attention` computes every tile and keeps the selected rows;
+* ``runs_fp8`` (optional, default False): True when ``__call__`` also takes
+  ``fp8`` and runs heads of window ``-2`` in FP8 (:mod:`pallas_kernels.fp8`).
 
 :data:`BACKENDS` lists them in order of preference; ``backend=None`` takes the
 first that supports the call on the default platform ("mosaic_gpu" only for the
@@ -82,7 +84,11 @@ def _automatic(b: Backend, q_shape) -> bool:
     return b.name != "mosaic_gpu" or q_shape[-1] in MOSAIC_GPU_AUTOMATIC_HEAD_DIMS
 
 
-def _select(backend, config, q_shape, dtype, band) -> Backend:
+def _runs_fp8(b: Backend) -> bool:
+    return getattr(b, "runs_fp8", False)
+
+
+def _select(backend, config, q_shape, dtype, band, fp8=False) -> Backend:
     if backend is None and config is not None:
         # A config names its backend.
         backend = next((b.name for b in BACKENDS.values() if isinstance(config, b.config_type)), None)
@@ -90,6 +96,9 @@ def _select(backend, config, q_shape, dtype, band) -> Backend:
             raise ValueError(f"config: {type(config).__name__} belongs to no registered backend {list(BACKENDS)}")
     if backend is not None:
         chosen = get_backend(backend)
+        if fp8 and not _runs_fp8(chosen):
+            raise ValueError(f"backend {backend!r} cannot run FP8 heads (head window -2); backends that can: "
+                             f"{[b.name for b in BACKENDS.values() if _runs_fp8(b)]}")
         reason = chosen.supports(q_shape, dtype, band, None)
         if reason is not None:
             supported = [b.name for b in BACKENDS.values() if b.supports(q_shape, dtype, band, None) is None]
@@ -99,7 +108,8 @@ def _select(backend, config, q_shape, dtype, band) -> Backend:
             )
         return chosen
     platform = jax.default_backend()
-    candidates = [b for b in BACKENDS.values() if _automatic(b, q_shape)]
+    # FP8 heads: the backends that run them, Mosaic GPU at every head size
+    candidates = [b for b in BACKENDS.values() if (_runs_fp8(b) if fp8 else _automatic(b, q_shape))]
     for b in candidates:
         if b.supports(q_shape, dtype, band, platform) is None:
             return b
@@ -120,6 +130,7 @@ def headwise_attention(
     backend: str | None = None,
     config=None,
     query_tiles=None,
+    fp8: bool = False,
 ) -> jax.Array:
     """Joint attention where each head is full, arrow or cached.
 
@@ -135,6 +146,7 @@ def headwise_attention(
         ``cache[:, :, h, :]`` bit for bit and are not computed.  If ``cache`` is
         None, a concrete ``head_window`` containing 0 raises ValueError; a
         traced one cannot be checked and its zeros compute as full attention.
+        With ``fp8``, -2 is a full head computed in FP8 (:mod:`pallas_kernels.fp8`).
         Give the call a donatable cache (dead afterwards) to avoid a copy.
       text_len: number of text tokens (static).
       text_first: True for [text, image] (FLUX), False for [image, text] (SD3).
@@ -149,14 +161,17 @@ def headwise_attention(
         the band query tiles marked True; the other rows of the output are the
         cache's (zeros when ``cache`` is None).  For estimates on a sample of the
         queries (the plan search); backends that cannot skip tiles compute all.
+      fp8: (static) heads of window -2 run in FP8, on a backend that can
+        (``runs_fp8``: "mosaic_gpu", "xla"); without it a concrete -2 raises
+        ValueError and a traced one computes as full.
 
     Returns:
       ``[batch, tokens, heads, head_dim]`` in q's dtype; softmax scale
       ``1/sqrt(head_dim)``.
     """
     hw, band = validate(q, k, v, head_window, cache, text_len=text_len, text_first=text_first, band=band,
-                        query_tiles=query_tiles)
-    chosen = _select(backend, config, tuple(q.shape), q.dtype, band)
+                        query_tiles=query_tiles, fp8=fp8)
+    chosen = _select(backend, config, tuple(q.shape), q.dtype, band, fp8=bool(fp8))
     if config is None:
         config = chosen.default_config(tuple(q.shape), q.dtype, band)
     elif not isinstance(config, chosen.config_type):
@@ -164,6 +179,8 @@ def headwise_attention(
             f"config: backend {chosen.name!r} takes a {chosen.config_type.__name__}, got {type(config).__name__}"
         )
     kw = dict(text_len=text_len, text_first=text_first, band=band, config=config)
+    if fp8:
+        kw["fp8"] = True
     if query_tiles is None:
         return chosen(q, k, v, hw, cache, **kw)
     if getattr(chosen, "skips_query_tiles", False):
@@ -174,8 +191,9 @@ def headwise_attention(
 
 
 def reference_headwise_attention(
-    q, k, v, head_window, cache=None, *, text_len: int, text_first: bool, band: tuple[int, int] | None = None
+    q, k, v, head_window, cache=None, *, text_len: int, text_first: bool, band: tuple[int, int] | None = None,
+    fp8: bool = False,
 ) -> jax.Array:
     """:func:`headwise_attention` on backend "xla" (dense, any platform)."""
     return headwise_attention(q, k, v, head_window, cache, text_len=text_len, text_first=text_first, band=band,
-                              backend="xla")
+                              backend="xla", fp8=fp8)

@@ -61,6 +61,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels import fp8 as fp8_ops
 from pallas_kernels import schedule
 
 __all__ = ["MosaicConfig", "MosaicBackend"]
@@ -74,11 +75,15 @@ _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _HEAD_DIMS = (64, 128)
 _HOPPER_SMS = 132  # H100 / H200 SXM; used when the device does not report its core count
 _INTERPRET_PROGRAMS = 3  # persistent programs in interpret mode: few, so each walks several items
+_FP8_P_LOG2_SCALE = math.log2(fp8_ops.FP8_MAX)  # FP8 heads: P in [0, 448], e4m3's normal range
 
 
-def _default_stages(head_dim: int, block_k: int, q_buffers: int) -> int:
+def _default_stages(head_dim: int, block_k: int, q_buffers: int, fp8: bool = False) -> int:
     """SMEM ring depth within Hopper's 227 KiB: Q/O q_buffers x 2x64xD + (K + V) stages x block_k x D, 2 bytes
-    each."""
+    each; FP8 operands take 1 byte, plus 2x64xD of output (2 bytes) and 2x64xblock_k of P (1 byte)."""
+    if fp8:
+        budget = 220 * 1024 - q_buffers * _PROGRAM_Q * head_dim - _PROGRAM_Q * (2 * head_dim + block_k)
+        return max(2, min(4, budget // (2 * block_k * head_dim)))
     budget = 220 * 1024 - q_buffers * _PROGRAM_Q * head_dim * 2
     return max(2, min(4, budget // (2 * block_k * head_dim * 2)))
 
@@ -124,6 +129,7 @@ class MosaicBackend:
     name = "mosaic_gpu"
     config_type = MosaicConfig
     skips_query_tiles = True  # a work list without the unselected query tiles
+    runs_fp8 = True  # heads of window -2 in FP8 (pallas_kernels.fp8)
 
     def default_config(self, q_shape, dtype, band) -> MosaicConfig:
         """Launch configuration for ``q_shape``, ``dtype`` and ``band``."""
@@ -148,15 +154,21 @@ class MosaicBackend:
             return f"needs compute capability 9.x (Hopper), got {cc}"
         return None
 
-    def __call__(self, q, k, v, head_window, cache, *, text_len, text_first, band, config, query_tiles=None):
-        """Validated arguments (``head_window`` int32, ``band`` a pair) -> output."""
-        cfg = self._complete(config or MosaicConfig(), q.shape, band)
+    def __call__(self, q, k, v, head_window, cache, *, text_len, text_first, band, config, query_tiles=None,
+                 fp8=False):
+        """Validated arguments (``head_window`` int32, ``band`` a pair) -> output; ``fp8``: heads of window
+        :data:`pallas_kernels.fp8.FP8_WINDOW` run in FP8 (a second launch)."""
+        config = config or MosaicConfig()
+        cfg = self._complete(config, q.shape, band)
+        q_buffers = 2 if cfg.persistent and cfg.prefetch_q else 1
+        fp8_stages = (_default_stages(q.shape[-1], cfg.block_k, q_buffers, fp8=True) if config.num_stages is None
+                      else config.num_stages)
         return _headwise_jit(
             q, k, v, head_window, cache, query_tiles, text_len=int(text_len), text_first=bool(text_first),
             band=tuple(band),
             block_k=cfg.block_k, num_stages=cfg.num_stages, pingpong=cfg.pingpong,
             num_programs=cfg.num_programs if cfg.persistent else None, prefetch_q=cfg.prefetch_q,
-            interpret=bool(cfg.interpret),
+            fp8=bool(fp8), fp8_stages=fp8_stages, interpret=bool(cfg.interpret),
         )
 
     def _complete(self, config, q_shape, band) -> MosaicConfig:
@@ -185,13 +197,14 @@ class MosaicBackend:
 # Tile math: one online-softmax step over a key tile.
 
 
-def _softmax_step(s, carry, *, qk_scale, cols=None):
+def _softmax_step(s, carry, *, qk_scale, cols=None, p_log2_scale=0.0):
     """Scores ``s`` [block_q, block_k] (float32) of one key tile -> (rescaled acc, m, l, unnormalised p).
 
     ``m`` is kept in the scaled base-2 domain, so ``exp2(s * qk_scale - m)`` is
     one FMA per score.  ``cols``: ``(lo, hi)``, only the tile's columns in
     ``[lo, hi)`` are keys (the others: outside the band, or padding); ``lo``
-    None when it is 0.
+    None when it is 0.  ``p_log2_scale``: p (and so acc and l alike) comes out
+    multiplied by ``2**p_log2_scale``, a factor that cancels in ``acc / l``.
     """
     acc, m_prev, l_prev = carry
     if cols is not None:
@@ -201,7 +214,7 @@ def _softmax_step(s, carry, *, qk_scale, cols=None):
         s = jnp.where(keep, s, _MASK_VALUE)
     m_next = jnp.maximum(m_prev, s.max(axis=1) * qk_scale)
     alpha = jnp.exp2(m_prev - m_next)
-    p = jnp.exp2(s * qk_scale - lax.broadcast_in_dim(m_next, s.shape, [0]))
+    p = jnp.exp2(s * qk_scale - lax.broadcast_in_dim(m_next - p_log2_scale, s.shape, [0]))
     l_next = l_prev * alpha + p.sum(axis=1)
     acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
     return acc, m_next, l_next, p
@@ -320,13 +333,17 @@ def _program_items(program, num_programs, n_full, n_arrow):
 
 def _kernel(
     *refs, tokens, text_len, text_first, band, block_k, num_stages, pingpong, persistent, q_buffers, q_rotation,
-    interpret,
+    fp8, interpret,
 ):
     if persistent:
         work_ref, *refs = refs
-    hw_ref, q_ref, k_ref, v_ref, o_ref, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, k_free, v_free, sched_bar = refs
+    if fp8:  # e4m3 operands (V transposed, [B, H, D, T]), their scales, and SMEM for P and the output
+        (hw_ref, scale_ref, q_ref, k_ref, v_ref, o_ref, q_smem, k_smem, v_smem, p_smem, o_smem,
+         q_bar, k_bar, v_bar, k_free, v_free, sched_bar) = refs
+    else:
+        hw_ref, q_ref, k_ref, v_ref, o_ref, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, k_free, v_free, sched_bar = refs
     batch, _, heads, head_dim = q_ref.shape
-    dtype = q_ref.dtype
+    p_dtype, out_dtype = q_ref.dtype, o_ref.dtype  # P goes into the P V matmul in the dtype of the operands
     n_prog = schedule.num_tiles(tokens, _PROGRAM_Q)
     coarse = block_k > band[1]  # a range may start or end mid-tile
     ragged = tokens % block_k != 0  # the last key tile holds padding
@@ -379,11 +396,12 @@ def _kernel(
             def _load(i):
                 gi = g + i
                 slot = slot_of(gi)
-                rows = (b, pl.ds(key_tile(tiles, i) * block_k, block_k), h)
+                keys = pl.ds(key_tile(tiles, i) * block_k, block_k)
                 pl.when(gi >= num_stages)(lambda: plgpu.barrier_wait(k_free.at[slot]))
-                plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_bar.at[slot])
+                plgpu.copy_gmem_to_smem(k_ref.at[b, keys, h], k_smem.at[slot], k_bar.at[slot])
                 pl.when(gi >= num_stages)(lambda: plgpu.barrier_wait(v_free.at[slot]))
-                plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_bar.at[slot])
+                v_tile = v_ref.at[b, h, :, keys] if fp8 else v_ref.at[b, keys, h]
+                plgpu.copy_gmem_to_smem(v_tile, v_smem.at[slot], v_bar.at[slot])
 
             return g + n
 
@@ -423,13 +441,14 @@ def _kernel(
             return pl.run_scoped(issue, plgpu.ACC((_BLOCK_Q, block_k), jnp.float32))
 
         def accumulate(acc, pv_in, slot, next_k):
+            v_tile = v_smem.at[slot].transpose((1, 0)) if fp8 else v_smem.at[slot]  # [block_k, D] either way
             if interpret:
-                acc = acc + jnp.dot(pv_in, v_smem.at[slot][...], preferred_element_type=jnp.float32)
+                acc = acc + jnp.dot(pv_in[...] if fp8 else pv_in, v_tile[...], preferred_element_type=jnp.float32)
                 next_k()
                 return acc
 
             def issue(acc_ref):
-                plgpu.wgmma(acc_ref, pv_in, v_smem.at[slot])
+                plgpu.wgmma(acc_ref, pv_in, v_tile)
                 next_k()  # overlaps the wgmma in flight
 
             return pl.run_state(issue)(plgpu.ACC.init(acc))
@@ -439,6 +458,11 @@ def _kernel(
             n = tiles.count
             buf = lax.rem(r, q_buffers)
             q_tile = q_smem.at[buf, wg]
+            o_tile = o_smem.at[wg] if fp8 else q_tile  # where the output goes out through
+            if fp8:  # the Q and K scales into the exponent factor
+                item_qk_scale = qk_scale * scale_ref[b, h, 0] * scale_ref[b, h, 1]
+            else:
+                item_qk_scale = qk_scale
 
             def step(i, carry, cols=None):
                 slot = slot_of(g + i)
@@ -448,8 +472,13 @@ def _kernel(
 
                 s = scores(q_tile, slot)
                 plgpu.barrier_arrive(k_free.at[slot])
-                acc, m, l, pr = _softmax_step(s, carry, qk_scale=qk_scale, cols=cols)
-                pr = pr.astype(dtype)
+                acc, m, l, pr = _softmax_step(s, carry, qk_scale=item_qk_scale, cols=cols,
+                                              p_log2_scale=_FP8_P_LOG2_SCALE if fp8 else 0.0)
+                pr = pr.astype(p_dtype)
+                if fp8:  # 8-bit P enters the matmul from SMEM (Mosaic GPU has no 8-bit register A operand here)
+                    p_smem.at[wg][...] = pr
+                    plgpu.commit_smem()
+                    pr = p_smem.at[wg]
                 if pingpong:
                     plgpu.barrier_arrive(sched_bar)
                 plgpu.barrier_wait(v_bar.at[slot])
@@ -500,9 +529,13 @@ def _kernel(
                 carry = run_range(tiles.n_a, tiles.n_c, tiles.lo_c, tiles.hi_c, carry, head=coarse,
                                   tail=coarse or ragged)
                 acc, _, l = carry
-                q_tile[...] = (acc / lax.broadcast_in_dim(l, acc.shape, [0])).astype(dtype)
+                out = acc / lax.broadcast_in_dim(l, acc.shape, [0])
+                if fp8:
+                    out = out * scale_ref[b, h, 2]
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last output store has read o_tile
+                o_tile[...] = out.astype(out_dtype)
                 plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(q_tile, o_ref.at[q_rows(b, h, p)])
+                plgpu.copy_smem_to_gmem(o_tile, o_ref.at[q_rows(b, h, p)])
 
             return g + n
 
@@ -517,18 +550,50 @@ def _kernel(
 @functools.partial(
     jax.jit,
     static_argnames=("text_len", "text_first", "band", "block_k", "num_stages", "pingpong", "num_programs",
-                     "prefetch_q", "interpret"),
+                     "prefetch_q", "fp8", "fp8_stages", "interpret"),
 )
 def _headwise_jit(
     q, k, v, hw, cache, query_tiles, *, text_len, text_first, band, block_k, num_stages, pingpong, num_programs,
-    prefetch_q, interpret
+    prefetch_q, fp8, fp8_stages, interpret
 ):
-    batch, tokens, heads, head_dim = q.shape
+    """The call: one launch for the bf16/fp16 heads, and with ``fp8`` a second one for the FP8 heads (window
+    :data:`fp8_ops.FP8_WINDOW`), run only when a head has that window, writing into the first one's output."""
+    tokens = q.shape[1]
     if cache is None:
         hw = jnp.where(hw == 0, -1, hw)  # documented: no cache -> full
-        if query_tiles is not None:
-            cache = jnp.zeros_like(q)  # the rows of unselected query tiles
-    hw = jnp.maximum(hw, -1)
+        if query_tiles is not None or fp8:
+            cache = jnp.zeros_like(q)  # the rows of unselected query tiles; the FP8 heads' until they are written
+    common = dict(text_len=text_len, text_first=text_first, band=band, block_k=block_k, pingpong=pingpong,
+                  num_programs=num_programs, prefetch_q=prefetch_q, interpret=interpret)
+    # TMA views the token axis in groups of 8 rows (the SMEM tiling): other lengths are padded (one copy); the
+    # padding keys are masked like any past `tokens`.
+    pad = (-tokens) % 8
+
+    def padded(x, axis=1):
+        return jnp.pad(x, [(0, pad if a == axis else 0) for a in range(x.ndim)]) if pad else x
+
+    is_fp8 = (hw == fp8_ops.FP8_WINDOW) & fp8  # without `fp8`, such windows are full like any w < 0
+    out = _launch(*(padded(x) for x in (q, k, v)), jnp.where(is_fp8, 0, jnp.maximum(hw, -1)),
+                  None if cache is None else padded(cache), query_tiles, tokens=tokens, num_stages=num_stages,
+                  scales=None, **common)
+    if fp8:
+
+        def fp8_heads(out):
+            ops = fp8_ops.quantize(q, k, v)
+            v8t = jnp.pad(ops.v8t, ((0, 0), (0, 0), (0, 0), (0, (-tokens) % 128)))  # TMA: whole 128-key tiles
+            return _launch(padded(ops.q8), padded(ops.k8), v8t, jnp.where(is_fp8, -1, 0), out,
+                           query_tiles, tokens=tokens, num_stages=fp8_stages, scales=ops.scales, **common)
+
+        out = lax.cond(is_fp8.any(), fp8_heads, lambda out: out, out)
+    return out[:, :tokens] if pad else out
+
+
+def _launch(q, k, v, hw, cache, query_tiles, *, tokens, text_len, text_first, band, block_k, num_stages, pingpong,
+            num_programs, prefetch_q, scales, interpret):
+    """One kernel launch over ``q, k, v`` (padded to a multiple of 8 tokens; ``tokens`` real), heads of window
+    >= -1; with ``scales`` (:class:`pallas_kernels.fp8.Fp8Operands`' fields), e4m3 operands."""
+    batch, _, heads, head_dim = q.shape
+    fp8 = scales is not None
     n_items = batch * heads * schedule.num_tiles(tokens, _PROGRAM_Q)
     if query_tiles is not None:  # only a work list can leave items out
         num_programs = min(num_programs or n_items, n_items)
@@ -539,15 +604,30 @@ def _headwise_jit(
     else:
         work = ()
 
-    if interpret:
-        transforms = ()
-    else:
-        transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    def smem(shape, dtype):  # rows of the last axis, swizzled as wgmma and TMA want them
+        row_bytes = shape[-1] * jnp.dtype(dtype).itemsize
+        swizzle = min(128, row_bytes)
+        transforms = () if interpret else (
+            plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle))
+        return plgpu.SMEM(shape, dtype, transforms=transforms)
+
     q_buffers = 2 if persistent and prefetch_q else 1
-    scratch = (
-        plgpu.SMEM((q_buffers, _COMPUTE_WGS, _BLOCK_Q, head_dim), q.dtype, transforms=transforms),
-        plgpu.SMEM((num_stages, block_k, head_dim), q.dtype, transforms=transforms),
-        plgpu.SMEM((num_stages, block_k, head_dim), q.dtype, transforms=transforms),
+    out_dtype = q.dtype if cache is None else cache.dtype
+    if fp8:
+        buffers = (
+            smem((q_buffers, _COMPUTE_WGS, _BLOCK_Q, head_dim), q.dtype),
+            smem((num_stages, block_k, head_dim), k.dtype),
+            smem((num_stages, head_dim, block_k), v.dtype),  # V transposed
+            smem((_COMPUTE_WGS, _BLOCK_Q, block_k), q.dtype),  # P
+            smem((_COMPUTE_WGS, _BLOCK_Q, head_dim), out_dtype),  # the output
+        )
+    else:
+        buffers = (
+            smem((q_buffers, _COMPUTE_WGS, _BLOCK_Q, head_dim), q.dtype),  # Q, and the output on its way out
+            smem((num_stages, block_k, head_dim), q.dtype),
+            smem((num_stages, block_k, head_dim), q.dtype),
+        )
+    scratch = buffers + (
         plgpu.Barrier(num_barriers=q_buffers * _COMPUTE_WGS),
         plgpu.Barrier(num_barriers=num_stages),
         plgpu.Barrier(num_barriers=num_stages),
@@ -558,7 +638,8 @@ def _headwise_jit(
     body = functools.partial(
         _kernel, tokens=tokens, text_len=text_len, text_first=text_first, band=band, block_k=block_k,
         num_stages=num_stages, pingpong=pingpong, persistent=persistent, q_buffers=q_buffers,
-        q_rotation=schedule.rotate_text_tiles_first(tokens, text_len, text_first, _PROGRAM_Q), interpret=interpret,
+        q_rotation=schedule.rotate_text_tiles_first(tokens, text_len, text_first, _PROGRAM_Q), fp8=fp8,
+        interpret=interpret,
     )
     launch = functools.partial(
         plgpu.kernel,
@@ -570,18 +651,11 @@ def _headwise_jit(
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=plgpu.InterpretGPUParams() if interpret else None,
-        kernel_name="headwise_attention_mgpu",
+        kernel_name="headwise_attention_mgpu_fp8" if fp8 else "headwise_attention_mgpu",
     )
-    # TMA views the token axis in groups of 8 rows (the SMEM tiling): other lengths are padded (one copy).
-    pad = (-tokens) % 8
-    if pad:
-        q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
-        if cache is not None:
-            cache = jnp.pad(cache, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    inputs = (*work, hw, *((scales,) if fp8 else ()), q, k, v)
     if cache is None:
-        out = launch(out_type=jax.ShapeDtypeStruct(q.shape, q.dtype))(*work, hw, q, k, v)
-    else:
-        ref = jax.new_ref(cache)
-        launch(out_type=())(*work, hw, q, k, v, ref)
-        out = jax.freeze(ref)
-    return out[:, :tokens] if pad else out
+        return launch(out_type=jax.ShapeDtypeStruct(q.shape, out_dtype))(*inputs)
+    ref = jax.new_ref(cache)
+    launch(out_type=())(*inputs, ref)
+    return jax.freeze(ref)

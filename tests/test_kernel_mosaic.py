@@ -221,3 +221,85 @@ def test_coarse_key_tiles_compute_the_band_function(text_first):
         assert np.abs(got - np.asarray(ref, np.float32))[:, :, computed].max() < 1e-2
         np.testing.assert_array_equal(np.asarray(out[:, :, 1]).view(np.uint16),
                                       np.asarray(cache[:, :, 1]).view(np.uint16))  # the cached head, bit for bit
+
+
+# ------------------------------------------- FP8 heads (window -2)
+
+
+def _fp8_inputs(shape, seed=0):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 4)
+    q, k, v, cache = (jax.random.normal(x, shape, jnp.float32).astype(jnp.bfloat16) for x in ks)
+    return q, k + 0.5, v, cache  # K with an offset the smoothing removes
+
+
+def _rel(x, ref):
+    x, ref = (jnp.asarray(a, jnp.float32) for a in (x, ref))
+    return float(jnp.linalg.norm(x - ref) / jnp.linalg.norm(ref))
+
+
+def test_fp8_operands_round_trip_within_e4m3_error():
+    """quantize -> dequantize: every element within e4m3's half-ulp (2^-4 relative, or the smallest normal's) of
+    the original (K: of the smoothed K); the largest magnitude per (batch, head) maps to 448; V comes transposed."""
+    from pallas_kernels import fp8
+
+    q, k, v, _ = _fp8_inputs((2, 100, 3, 64))
+    ops = fp8.quantize(q, k, v)
+    assert ops.q8.dtype == fp8.FP8_DTYPE and ops.v8t.shape == (2, 3, 64, 100) and ops.scales.shape == (2, 3, 3)
+    k_smooth = k.astype(jnp.float32) - k.astype(jnp.float32).mean(axis=1, keepdims=True)
+    for x, x8, s in ((q, ops.q8, ops.scales[..., 0]), (k_smooth, ops.k8, ops.scales[..., 1]),
+                     (v, ops.v8t.transpose(0, 3, 1, 2), ops.scales[..., 2])):
+        x = np.asarray(x, np.float32)
+        back = np.asarray(x8.astype(jnp.float32)) * np.asarray(s)[:, None, :, None]
+        bound = np.maximum(np.abs(x) * 2.0 ** -4, np.asarray(s)[:, None, :, None] * 2.0 ** -6)
+        assert np.all(np.abs(back - x) <= bound * 1.001)
+        assert np.allclose(np.abs(np.asarray(x8.astype(jnp.float32))).max(axis=(1, 3)), 448.0)
+
+
+@pytest.mark.parametrize("text_first,shape,text_len", [(True, (1, 300, 4, 128), 40), (False, (2, 250, 4, 64), 37)])
+def test_fp8_heads_in_interpret_mode(text_first, shape, text_len):
+    """FP8 heads beside full, arrow and cached ones, into a cache poisoned with NaN on the computed heads: FP8
+    heads within 8 % of exact attention and 3 % of the FP8 reference (the kernel rounds P against a running
+    maximum), the other heads as without FP8 (bf16 error), cached heads bit-exact."""
+    q, k, v, base = _fp8_inputs(shape)
+    hw = np.array([-2, -1, 30, 0], np.int32)
+    computed = hw != 0
+    cache = jnp.where(jnp.asarray(computed)[None, None, :, None], jnp.nan, base)
+    kw = dict(text_len=text_len, text_first=text_first)
+    out = pk.headwise_attention(q, k, v, hw, cache, backend="mosaic_gpu", fp8=True,
+                                config=pk.MosaicConfig(interpret=True), **kw)
+    exact = pk.headwise_attention(q, k, v, np.where(hw == -2, -1, hw), base, backend="xla", **kw)
+    ref8 = pk.headwise_attention(q, k, v, hw, base, backend="xla", fp8=True, **kw)
+    assert bool(jnp.all(jnp.isfinite(out[:, :, computed])))
+    assert 0.02 < _rel(out[:, :, 0], exact[:, :, 0]) < 0.08  # FP8 error: present, and bounded
+    assert _rel(ref8[:, :, 0], exact[:, :, 0]) < 0.08
+    assert _rel(out[:, :, 0], ref8[:, :, 0]) < 0.03
+    for h in (1, 2):
+        assert _rel(out[:, :, h], exact[:, :, h]) < 1e-2
+    assert bool(jnp.all(jax.lax.bitcast_convert_type(out[:, :, 3], jnp.uint16)
+                        == jax.lax.bitcast_convert_type(base[:, :, 3], jnp.uint16)))
+
+
+def test_fp8_heads_need_the_flag_and_a_backend_that_runs_them():
+    q, k, v, cache = _fp8_inputs((1, 64, 2, 64))
+    kw = dict(text_len=8, text_first=True)
+    hw = np.array([-2, -1], np.int32)
+    with pytest.raises(ValueError, match=r"-2, an FP8 head, needs fp8=True"):
+        pk.headwise_attention(q, k, v, hw, cache, backend="xla", **kw)
+    with pytest.raises(ValueError, match=r"backend 'triton' cannot run FP8 heads .*\['mosaic_gpu', 'xla'\]"):
+        pk.headwise_attention(q, k, v, hw, cache, backend="triton", fp8=True, **kw)
+    # With the flag and no FP8 head the call is the plain one.
+    plain = pk.headwise_attention(q, k, v, np.array([-1, 5], np.int32), cache, backend="xla", **kw)
+    flagged = pk.headwise_attention(q, k, v, np.array([-1, 5], np.int32), cache, backend="xla", fp8=True, **kw)
+    assert bool(jnp.all(plain == flagged))
+
+
+@pytest.mark.parametrize("shape,text_len,text_first", [((1, 4608, 24, 128), 512, True), ((2, 4429, 24, 64), 333, False)],
+                         ids=["FLUX-1K", "SD3-1K"])
+def test_fp8_heads_lower_to_mosaic_gpu(shape, text_len, text_first):
+    """Both launches (bf16 heads, FP8 heads) lower for CUDA on a CPU-only jaxlib."""
+    sds = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+    f = functools.partial(pk.headwise_attention, text_len=text_len, text_first=text_first, backend="mosaic_gpu",
+                          config=pk.MosaicConfig(interpret=False), fp8=True)
+    txt = jax.jit(f).trace(sds, sds, sds, jax.ShapeDtypeStruct(shape[2:3], jnp.int32), sds).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert txt.count("custom_call @mosaic_gpu") == 2 and "callback" not in txt
