@@ -40,6 +40,13 @@ Two launch schedules (``MosaicConfig.persistent``):
   tiles holding text first, so the hardware's block scheduler hands the long
   rows out first.
 
+FP8 heads (window -2, ``fp8=True``; :mod:`pallas_kernels.fp8`) run in a second
+launch after the others, into their output: the same kernel with e4m3 Q, K
+and transposed V tiles (8-bit wgmma takes its B operand only K-major), the
+per-head scales folded into the exponent factor and the output, and P passed
+to the ``P V`` wgmma through SMEM (Mosaic GPU finds no register layout for an
+8-bit A operand produced by the softmax).
+
 TMA moves tiles in groups of 8 token rows (the SMEM tiling), so a token
 count that is not a multiple of 8 (SD3: 4096 + 333) is padded to one outside
 the kernel (a copy of q, k, v and the cache, and a slice of the output); the
