@@ -44,8 +44,8 @@ __all__ = [
 # Head sizes for which the automatic choice may take "mosaic_gpu" (first in the preference order; on Hopper GPUs
 # only, its `supports` says): measured on an H100 (2026-12-07), it beats the Triton backend 1.17-1.46x on every FLUX
 # plan (head_dim 128); at SD3-1K (head_dim 64) it is faster on full heads (1.05x) but slower on plans with arrow
-# heads (0.77-0.87x), mostly the padding copy of a length not a multiple of 8 (benchmarks/RESULTS.md). Naming a
-# backend always works.
+# heads (0.77-0.87x), and 3-5 % slower per step in the SD3 sampler (H100, 2026-12-07): mostly the padding copy of
+# a length not a multiple of 8 (benchmarks/RESULTS.md). Naming a backend always works.
 MOSAIC_GPU_AUTOMATIC_HEAD_DIMS = (128,)
 
 
