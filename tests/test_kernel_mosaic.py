@@ -238,8 +238,9 @@ def _rel(x, ref):
 
 
 def test_fp8_operands_round_trip_within_e4m3_error():
-    """quantize -> dequantize: every element within e4m3's half-ulp (2^-4 relative, or the smallest normal's) of
-    the original (K: of the smoothed K); the largest magnitude per (batch, head) maps to 448; V comes transposed."""
+    """quantize -> dequantize: every element within e4m3's half-ulp (2^-4 relative; 2^-10 of the scale among the
+    subnormals) of the original (K: of the smoothed K); the largest magnitude per (batch, head) maps to 448; V comes
+    transposed."""
     from pallas_kernels import fp8
 
     q, k, v, _ = _fp8_inputs((2, 100, 3, 64))
@@ -250,7 +251,7 @@ def test_fp8_operands_round_trip_within_e4m3_error():
                      (v, ops.v8t.transpose(0, 3, 1, 2), ops.scales[..., 2])):
         x = np.asarray(x, np.float32)
         back = np.asarray(x8.astype(jnp.float32)) * np.asarray(s)[:, None, :, None]
-        bound = np.maximum(np.abs(x) * 2.0 ** -4, np.asarray(s)[:, None, :, None] * 2.0 ** -6)
+        bound = np.maximum(np.abs(x) * 2.0 ** -4, np.asarray(s)[:, None, :, None] * 2.0 ** -10)
         assert np.all(np.abs(back - x) <= bound * 1.001)
         assert np.allclose(np.abs(np.asarray(x8.astype(jnp.float32))).max(axis=(1, 3)), 448.0)
 
