@@ -42,7 +42,8 @@ from ditfa_jax.attention import AttentionSettings, dense_attention
 from ditfa_jax.calibrate import calibrate, sampled_query_tiles
 from ditfa_jax.configs import FluxConfig, SD3Config
 from ditfa_jax.loading import Transformer
-from ditfa_jax.methods import method_window
+from ditfa_jax.cost_model import StepCostModel, attention_kept
+from ditfa_jax.methods import FP8_WINDOW, method_window
 from ditfa_jax.models.flux import FluxTransformer
 from ditfa_jax.models.sd3 import SD3Transformer
 from ditfa_jax.family import TokenLayout, family_of, layout_for
@@ -169,22 +170,48 @@ def dense_attention_ms(cfg, px: int, reps: int = 50) -> float:
     return float(np.median(times))
 
 
-def bench_sampler(model, px: int, steps: int, backend: str | None = None) -> None:
+def with_fp8_heads(plan: CompressionPlan, share: float = 1.0) -> CompressionPlan:
+    """The plan with its full heads after step 0 in FP8, in a random ``share`` of its (step, layer) pairs."""
+    hw = np.array(plan.head_window)
+    pick = np.random.default_rng(1).random(hw.shape[:2]) < share
+    pick[0] = False
+    hw[pick[..., None] & (hw == -1)] = FP8_WINDOW
+    return plan.replace(head_window=hw, notes=dict(plan.notes, fp8_share=share))
+
+
+def bench_sampler(model, px: int, steps: int, backend: str | None = None, fp8: bool = False) -> None:
     """Dense and ~60 / 45 / 32 % plans; each plan's Amdahl bound from the dense step and the dense attention time
-    of this run (all layers' attention scaled by the FLOPs kept, the rest unchanged)."""
+    of this run (all layers' attention scaled by the FLOPs kept, the rest unchanged). With ``fp8``, also every
+    head in FP8 and the ~60 % plan with its full heads in FP8 (window -2), each with the time the search's FP8
+    model predicts (`ditfa_jax.cost_model.fp8_head_time`, at this size) from this run's dense attention time."""
     cfg = model.config
     rows = px // 16
     attention_ms = dense_attention_ms(cfg, px) * cfg.total_layers
     dense_ms = None
-    for target in (None, 0.60, 0.45, 0.32):
-        plan = None if target is None else random_plan(cfg, px=px, steps=steps, target=target)
+    targets = (None, 0.60, "fp8", "~60 % fp8") if fp8 else (None, 0.60, 0.45, 0.32)
+    for target in targets:
+        if target == "fp8":
+            plan = with_fp8_heads(CompressionPlan.from_config(cfg, np.full((steps, cfg.total_layers,
+                                                                            cfg.num_attention_heads), -1, np.int32),
+                                                              height=px, width=px, text_len=TEXT))
+        elif target == "~60 % fp8":
+            plan = with_fp8_heads(random_plan(cfg, px=px, steps=steps, target=0.60))
+        else:
+            plan = None if target is None else random_plan(cfg, px=px, steps=steps, target=target)
         first, ms = time_sampler(model, px, steps, plan, backend)
         dense_ms = ms if target is None else dense_ms
         kept = 1.0 if plan is None else plan.flops_kept_fraction()
         bound = dense_ms / (dense_ms - attention_ms * (1 - kept))
-        record(kind="sampler", px=px, steps=steps, plan="dense" if plan is None else f"~{target:.0%}",
+        predicted_by = "FLOPs"
+        if plan is not None and plan.uses_fp8_heads:  # the attention time the FP8 model prices, not FLOPs
+            predicted_by = "FP8 time model"
+            timed = attention_kept(plan, StepCostModel("this run", "", (0.0, 1.0), (dense_ms - attention_ms, dense_ms),
+                                                       "this run")).mean()
+            bound = dense_ms / (dense_ms - attention_ms * (1 - timed))
+        label = "dense" if plan is None else target if isinstance(target, str) else f"~{target:.0%}"
+        record(kind="sampler", px=px, steps=steps, plan=label,
                backend=backend or "auto", attention_flops_kept=round(kept, 4), ms_per_step=round(ms, 2),
-               speedup_vs_dense=round(dense_ms / ms, 3), amdahl_bound=round(bound, 3),
+               speedup_vs_dense=round(dense_ms / ms, 3), amdahl_bound=round(bound, 3), bound_from=predicted_by,
                of_bound=round(dense_ms / ms / bound, 3), dense_attention_ms_per_step=round(attention_ms, 2),
                first_call_s=round(first, 2), mosaic_fields=MOSAIC_FIELDS or None,
                model=type(cfg).model_class,
@@ -441,6 +468,7 @@ def main() -> None:
                         help="with --calibration: also search step methods within this RSE (the unified search)")
     parser.add_argument("--sampler", help="only the sampler rows at these sizes, e.g. '1024,2048' (10 steps)")
     parser.add_argument("--backend", help="head-wise kernel backend of the plans (default: the device's choice)")
+    parser.add_argument("--fp8", action="store_true", help="with --sampler: also plans with FP8 heads")
     parser.add_argument("--family", default="flux", choices=sorted(FAMILIES),
                         help="with --sampler: FLUX.1-dev (default) or SD3-medium (1024^2: 4096 + 333 tokens, CFG)")
     parser.add_argument("--mosaic-fields", default="",
@@ -487,7 +515,7 @@ def main() -> None:
         return
     if args.sampler:
         for px in args.sampler.split(","):
-            bench_sampler(model, int(px), 10, args.backend)
+            bench_sampler(model, int(px), 10, args.backend, fp8=args.fp8)
         print_tables()
         return
     if args.calibration:

@@ -94,6 +94,9 @@ def main() -> None:
                         help="dynamic-gate rows in the sweep: comma-separated FIRST_BLOCKS:THRESHOLD, e.g. 1:0.05,1:0.1")
     parser.add_argument("--choose-at", default="",
                         help="comma-separated costs: rows of the least-error plan over every search's plans there")
+    parser.add_argument("--price-at-cost-model", action="store_true",
+                        help="with --sweep: every search prices its candidates at --cost-model's layout (searches "
+                             "with the candidate fp8 always do)")
     parser.add_argument("--searches", default="per-layer",
                         help=f"comma-separated plan searches to compare, from {list(SEARCHES)}")
     args = parser.parse_args()
@@ -197,6 +200,7 @@ def main() -> None:
                                      head_deltas=[float(h) for h in args.head_deltas.split(",") if h],
                                      cost_model=args.cost_model, features=features, timed=not args.no_timing,
                                      choose_at=[float(c) for c in args.choose_at.split(",") if c],
+                                     price_at_cost_model=args.price_at_cost_model,
                                      gates=[tuple(float(x) for x in g.split(":")) for g in args.gates.split(",") if g])
         for row in rows:
             record(out_dir, kind="quality", captions=len(scenes), seeds=args.seeds, cost_model=args.cost_model,

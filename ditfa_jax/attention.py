@@ -7,7 +7,8 @@
 * ``"cudnn"``: `jax.nn.dot_product_attention(implementation="cudnn")` (GPU, bf16/fp16);
 * ``"auto"``: cuDNN for half precision on a GPU, XLA otherwise.
 
-With a per-head plan (`head_window: int32[heads]`: -1 full, 0 cached, w > 0 arrow with image-band half-width w;
+With a per-head plan (`head_window: int32[heads]`: -1 full, 0 cached, w > 0 arrow with image-band half-width w,
+-2 full in FP8 when `AttentionSettings.fp8`;
 `cache: [batch, tokens, heads, head_dim]` the last computed output of each head) the head-wise kernel runs, through
 the backend `pallas_kernels.headwise_attention` picks for the device (or the one `AttentionSettings.backend`
 names). Both are data, so one compiled model serves every step of a sampler whose plan changes per step.
@@ -35,13 +36,15 @@ class AttentionSettings:
     `shortcuts`: a layer whose heads are all full runs dense attention and one whose heads are all cached skips its
     q/k/v projections (same function, less work); False sends every planned layer through the kernel backend, as
     tests that check the kernel path need. `mesh`: a (data, heads) `jax.sharding.Mesh` to run attention on each
-    device's slice of the batch and heads (`ditfa_jax.sharding`); None: one device.
+    device's slice of the batch and heads (`ditfa_jax.sharding`); None: one device. `fp8`: heads of window -2 run
+    in FP8 (`pallas_kernels.fp8`), on a backend that can; the sampler sets it for a plan with FP8 heads.
     """
     implementation: str = "auto"
     backend: str | None = None
     band: tuple[int, int] | None = None
     shortcuts: bool = True
     mesh: jax.sharding.Mesh | None = None
+    fp8: bool = False
 
     def __post_init__(self):
         if self.implementation not in IMPLEMENTATIONS:
@@ -79,7 +82,8 @@ def headwise(q, k, v, head_window, cache, *, text_len: int, text_first: bool,
     import pallas_kernels  # deferred: the kernel package is only needed with a plan
 
     return pallas_kernels.headwise_attention(q, k, v, head_window, cache, text_len=text_len, text_first=text_first,
-                                             band=settings.band, backend=settings.backend, query_tiles=query_tiles)
+                                             band=settings.band, backend=settings.backend, query_tiles=query_tiles,
+                                             fp8=settings.fp8)
 
 
 def joint_attention(

@@ -40,13 +40,14 @@ import pallas_kernels
 from ditfa_jax import sharding
 from ditfa_jax.attention import AttentionSettings, dense_attention, headwise
 from ditfa_jax.configs import VAE_SCALE_FACTOR
+from ditfa_jax.cost_model import AttentionLayout, fp8_head_time
 from ditfa_jax.denoise import (VelocityHistory, cache_bytes, embed, euler_step, guided_velocity,
                                prepare_run)
 from ditfa_jax.family import TokenLayout
 from ditfa_jax.fp8 import quantized_layers
 from ditfa_jax.loading import Transformer
-from ditfa_jax.methods import (DEFAULT_CANDIDATES, STEP_HISTORY, STEP_KINDS, candidate_savings, candidate_windows,
-                               windows_from_choice)
+from ditfa_jax.methods import (CACHED_WINDOW, DEFAULT_CANDIDATES, FULL_WINDOW, STEP_HISTORY, STEP_KINDS,
+                               candidate_savings, candidate_windows, check_candidates, windows_from_choice)
 from ditfa_jax.milp import solve_layer, solve_unified
 from ditfa_jax.models.layers import attention_inputs, block_forward
 from ditfa_jax.plan import CompressionPlan
@@ -220,7 +221,8 @@ class _LayerRunner:
             heads = q.shape[2]
             y_full = dense_attention(q, k, v, settings.implementation)
             outs = jnp.stack([y_full] + [headwise(q, k, v, jnp.full((heads,), w, jnp.int32), None, **where,
-                                                  settings=settings) if w > 0 else prev_out for w in windows])
+                                                  settings=settings) if w != CACHED_WINDOW else prev_out
+                                         for w in windows])
             return head_rse(outs[1:], y_full, rse_over_prompts), (ctx, outs)
 
         @model_jit(static_argnames="all_exact")
@@ -257,8 +259,8 @@ def _sampled_probe_apply(graphdef, layout: TokenLayout, windows, settings: Atten
         heads = q.shape[2]
         y_full = dense_attention(q[:, rows], k, v, settings.implementation)
         outs = jnp.stack([headwise(q, k, v, jnp.full((heads,), w, jnp.int32), None, **where, settings=settings,
-                                   query_tiles=jnp.asarray(tiles))[:, rows] if w > 0 else prev_out[:, rows]
-                          for w in windows])
+                                   query_tiles=jnp.asarray(tiles))[:, rows] if w != CACHED_WINDOW
+                          else prev_out[:, rows] for w in windows])
         return head_rse(outs, y_full, rse_over_prompts), (ctx, (q, k, v))
 
     @model_jit(static_argnames="all_exact")
@@ -302,7 +304,7 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
               progress: bool = True, cache_on_host: bool | None = None, rse_over_prompts: str = "mean",
               budget_schedule: str = "constant", token_order: str = "raster", step_delta: float = 0.0,
               step_kinds=("reuse", "taylor1", "taylor2"), block_candidates=(), rse_query_stride: int = 1,
-              mesh=None) -> CalibrationResult:
+              mesh=None, price_at: AttentionLayout | None = None) -> CalibrationResult:
     """Search a head-wise compression plan on calibration prompts (embeddings [N, L, dim], pooled [N, dim]).
 
     The pass samples from seeded noise (`seed`) with the core `ditfa_jax.sample` runs (`ditfa_jax.denoise`), the
@@ -328,6 +330,13 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
 
     ``mesh`` (`ditfa_jax.sharding.make_mesh` with a head axis of 1) splits the calibration prompts over its data
     axis; the RSEs are reduced over all prompts on all devices, so the plan is the one a single device finds.
+
+    ``price_at`` (a `ditfa_jax.cost_model.AttentionLayout`, e.g. a cost model's) prices the candidates where the
+    plan is meant to run rather than at this run's size: a testbed searched for FLUX.1-dev at 2048^2 weighs an
+    arrow_8 head by the FLOPs it removes there. The candidate "fp8" (a full head in FP8) saves time, not FLOPs: it is
+    priced by its measured time (`ditfa_jax.cost_model.fp8_head_time`) at that layout, which needs a measured head
+    size; a layer takes FP8 heads only when they save more than the layer's FP8 overhead (`solve_layer`'s
+    ``shared_cost``).
     """
     if rse_over_prompts not in RSE_REDUCTIONS:
         raise ValueError(f"rse_over_prompts={rse_over_prompts!r}: expected one of {RSE_REDUCTIONS}")
@@ -370,13 +379,23 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
         latents = sharding.split_batch(latents, mesh)
 
     tokens, heads = layout.tokens, cfg.num_attention_heads
+    candidates = check_candidates(candidates)
     windows = tuple(int(w) for w in candidate_windows(candidates, layout.image_tokens))
-    saving = np.broadcast_to(candidate_savings(candidates, image_tokens=layout.image_tokens, text_len=layout.text_len,
-                                               text_first=layout.text_first, head_dim=cfg.attention_head_dim,
-                                               band=band), (heads, len(windows)))
+    at = price_at or AttentionLayout(image_tokens=layout.image_tokens, text_len=layout.text_len,
+                                     head_dim=cfg.attention_head_dim, band=band)
+    fp8_time, shared_cost = None, None
+    if "fp8" in candidates:
+        fp8_time = fp8_head_time(at.image_tokens + at.text_len, at.head_dim)
+        shared_cost = (candidates.index("fp8"), fp8_time.layer_overhead * heads)  # in head-savings units
+        settings = dataclasses.replace(settings, fp8=True)
+    saving = np.broadcast_to(candidate_savings(candidates, image_tokens=at.image_tokens, text_len=at.text_len,
+                                               text_first=layout.text_first if price_at is None else True,
+                                               head_dim=at.head_dim, band=at.band,
+                                               fp8_head_ratio=fp8_time and fp8_time.head_ratio),
+                             (heads, len(windows)))
 
-    def kept_fraction(step_windows):
-        return float(pallas_kernels.plan_cost(step_windows, batch=1, tokens=tokens, text_len=layout.text_len,
+    def kept_fraction(step_windows):  # attention FLOPs (an FP8 head computes a full head's)
+        return float(pallas_kernels.plan_cost(np.maximum(step_windows, FULL_WINDOW), batch=1, tokens=tokens, text_len=layout.text_len,
                                               text_first=layout.text_first, head_dim=cfg.attention_head_dim,
                                               band=band).flop_fraction.mean())
 
@@ -470,7 +489,7 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
                 rse_table[step, layer] = np.asarray(rse, np.float64)
                 choice = np.full(heads, -1)
                 if budgets[step] > 0:
-                    choice = solve_layer(rse_table[step, layer], saving, budgets[step], c)
+                    choice = solve_layer(rse_table[step, layer], saving, budgets[step], c, shared_cost=shared_cost)
                     chosen = choice >= 0
                     head_window[step, layer, chosen] = np.asarray(windows)[choice[chosen]]
                     rse_used[step, layer] = rse_table[step, layer][chosen, choice[chosen]].sum()
@@ -532,6 +551,8 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
                                                         "block_candidates": [int(f) for f in block_candidates]}
                                                        if step_delta > 0 else {}),
                    kept_per_step=[round(k, 4) for k in kept_per_step],
+                   **({"priced_at": dataclasses.asdict(price_at)} if price_at is not None else {}),
+                   **({"fp8_time": dataclasses.asdict(fp8_time)} if fp8_time is not None else {}),
                    seconds_before_steps=round(seconds_before_steps, 2),
                    step_seconds=[round(t, 3) for t in step_seconds]),
         fp8_layers=quantized_layers(module) or None)  # what the errors were measured with: the plan runs the same
@@ -727,6 +748,9 @@ def unified_plan(result: CalibrationResult, cost_model, *, head_budget: float | 
     """
     plan = result.plan
     steps, layers, heads = plan.head_window.shape
+    if "fp8" in plan.candidates:
+        raise ValueError("unified_plan: the candidate fp8 has a per-layer overhead the unified MILP does not model; "
+                         "calibrate without it")
     if result.step_rse is None or "step_delta" not in plan.notes:
         raise ValueError("unified_plan: the calibration had no step search (step_delta 0): nothing to unify")
     rse = np.array(result.rse, np.float64)

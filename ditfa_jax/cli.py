@@ -402,6 +402,19 @@ def _check_methods(args) -> None:
                              f"(e.g. {flag} {example})")
 
 
+def _price_at(args, config):
+    """Where the candidates are priced: None (calibrate's default: at the run's own size), except with the
+    candidate fp8 on a head size without FP8 measurements (the testbed): then at --cost-model's layout."""
+    from ditfa_jax.cost_model import FP8_HEAD_TIMES, get_cost_model
+
+    if "fp8" not in args.candidates.split(",") or config.attention_head_dim in FP8_HEAD_TIMES:
+        return None
+    at = get_cost_model(args.cost_model).layout
+    print(f"candidate fp8: no FP8 measurement at head_dim {config.attention_head_dim}; every candidate priced as at "
+          f"{args.cost_model} ({at.image_tokens} + {at.text_len} tokens, head_dim {at.head_dim})")
+    return at
+
+
 def cmd_calibrate(args) -> int:
     from ditfa_jax.calibrate import (FEWER_STEPS, METHOD_FAMILIES, calibrate, calibrate_for_speedup,
                                      least_error_for_speedup)
@@ -439,6 +452,7 @@ def cmd_calibrate(args) -> int:
         text, pooled = cond.pop("prompt_embeds"), cond.pop("pooled_prompt_embeds")
         negative = cond
     mesh = _mesh(args, calibration=True)
+    price_at = _price_at(args, model.config)
 
     def search(scale=1.0, method=None, num_steps=None):
         budgets = {"delta": args.delta * scale, "step_delta": args.step_delta * scale,
@@ -453,7 +467,7 @@ def cmd_calibrate(args) -> int:
                          candidates=tuple(args.candidates.split(",")), scheduler=scheduler, seed=args.seed,
                          vae_scale_factor=run["vae_scale_factor"], rse_over_prompts=args.rse_over_prompts,
                          rse_query_stride=args.rse_query_stride, budget_schedule=args.budget_schedule,
-                         token_order=args.token_order,
+                         token_order=args.token_order, price_at=price_at,
                          progress=args.target_speedup is None, mesh=mesh, **budgets, **negative)
 
     if args.target_speedup is None:
@@ -743,7 +757,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="RSE budget per (step, layer); larger compresses more")
     p.add_argument("--c", type=_float_at_least(0.0, above=True), default=1.5,
                    help="per-head eligibility: rse < c * delta / heads")
-    p.add_argument("--candidates", default="cached,arrow_8,arrow_16,arrow_32", help="comma-separated methods")
+    p.add_argument("--candidates", default="cached,arrow_8,arrow_16,arrow_32",
+                   help="comma-separated head methods: cached, arrow_K, fp8 (a full head in FP8, priced by its "
+                        "measured time at this size, or at --cost-model's for an unmeasured head size; Hopper GPUs)")
     p.add_argument("--rse-over-prompts", choices=["mean", "max"], default="mean",
                    help="score a head's error over all calibration prompts pooled (mean, the paper's) or by its "
                         "worst prompt (max: more conservative; better PSNR/SSIM at equal FLOPs on the testbed)")
@@ -768,7 +784,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="search the budget instead: the smallest multiple of --delta and --step-delta whose plan "
                         "runs this many times faster than dense under --cost-model (up to 8 calibration passes)")
     p.add_argument("--cost-model", choices=sorted(COST_MODELS), default="h200-flux-dev-1024",
-                   help="with --target-speedup: the measured step-time model that prices a plan")
+                   help="with --target-speedup: the measured step-time model that prices a plan (and the "
+                        "candidate fp8 on a model whose head size has no FP8 measurement)")
     p.add_argument("--methods", type=_methods,
                    help="with --target-speedup: comma-separated methods from " + ",".join(METHOD_CHOICES)
                         + "; each finds its plan at that speed, and the plan whose calibration images (final "

@@ -22,10 +22,10 @@ import dataclasses
 import numpy as np
 
 import pallas_kernels
-from ditfa_jax.methods import method_window
+from ditfa_jax.methods import FP8_WINDOW, method_window
 
-__all__ = ["AttentionLayout", "StepCostModel", "COST_MODELS", "get_cost_model", "attention_kept", "plan_cost",
-           "steps_cost", "gated_cost"]
+__all__ = ["AttentionLayout", "StepCostModel", "COST_MODELS", "get_cost_model", "Fp8HeadTime", "FP8_HEAD_TIMES",
+           "fp8_head_time", "attention_kept", "plan_cost", "steps_cost", "gated_cost"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,34 +101,86 @@ def get_cost_model(name: str) -> StepCostModel:
     return COST_MODELS[name]
 
 
+@dataclasses.dataclass(frozen=True)
+class Fp8HeadTime:
+    """What FP8 heads (method "fp8") cost at one attention shape, relative to the layer's full bf16 attention.
+
+    Each FP8 head takes ``head_ratio`` of a full head's time; a layer with any FP8 head pays ``layer_overhead``
+    (a share of the layer's dense attention time) once: quantising q, k, v (over every head) and the second launch.
+    """
+
+    head_ratio: float
+    layer_overhead: float
+
+    def layer_time(self, fp8_heads, heads: int) -> np.ndarray:
+        """The FP8 heads' share of a layer's dense attention time, for ``fp8_heads`` of ``heads`` in FP8."""
+        n = np.asarray(fp8_heads, float)
+        return n / heads * self.head_ratio + np.where(n > 0, self.layer_overhead, 0.0)
+
+
+# Measured FP8 heads, {head_dim: {tokens: Fp8HeadTime}}: NVIDIA H100 80GB HBM3, 2026-12-07, jax 0.11.2, batch 1,
+# 24 heads, Mosaic GPU backend (`benchmarks/bench_attention.py --quick --no-flex --shapes FLUX-1K,FLUX-2K,SD3-1K
+# --plans full,mixed --backends mosaic_gpu --fp8`; benchmarks/RESULTS.md, "FP8 heads"). Fitted per shape from two
+# plans timed beside all-full bf16: every head FP8 = overhead + 24 t8, every other head FP8 = 12 t + overhead + 12 t8.
+FP8_HEAD_TIMES = {
+    128: {4608: Fp8HeadTime(head_ratio=0.643, layer_overhead=0.557),  # FLUX-1K
+          16896: Fp8HeadTime(head_ratio=0.898, layer_overhead=0.040)},  # FLUX-2K
+    64: {4429: Fp8HeadTime(head_ratio=0.987, layer_overhead=0.435)},  # SD3-1K
+}
+
+
+def fp8_head_time(tokens: int, head_dim: int) -> Fp8HeadTime:
+    """The measured `Fp8HeadTime` for ``tokens`` (text + image) at ``head_dim``: interpolated in log(tokens)
+    between the measured sizes, held at the nearest one outside them; ValueError for an unmeasured head size."""
+    if head_dim not in FP8_HEAD_TIMES:
+        raise ValueError(f"FP8 heads: no measured time at head_dim {head_dim} (measured: {sorted(FP8_HEAD_TIMES)}); "
+                         f"price them at a measured layout (`fp8_head_time(tokens, head_dim)` of the target model)")
+    points = sorted(FP8_HEAD_TIMES[head_dim].items())
+    at = np.log(np.asarray([t for t, _ in points], float))
+    x = np.log(float(tokens))
+    return Fp8HeadTime(head_ratio=float(np.interp(x, at, [p.head_ratio for _, p in points])),
+                       layer_overhead=float(np.interp(x, at, [p.layer_overhead for _, p in points])))
+
+
 def attention_kept(plan, model: StepCostModel) -> np.ndarray:
-    """float64 [steps, layers]: the attention FLOPs the plan's head methods keep where the block runs, at the
-    model's layout: each head's method (full, cached, arrow_K; a window not named by a method is scaled with the
-    image tokens) re-expressed there (`CompressionPlan.flops_kept_per_step_layer` when the model has none)."""
+    """float64 [steps, layers]: the attention the plan's head methods keep where the block runs, as a share of the
+    dense layer's, at the model's layout: each head's method (full, cached, arrow_K; a window not named by a method
+    is scaled with the image tokens) re-expressed there by its FLOPs (`CompressionPlan.flops_kept_per_step_layer`
+    when the model has none); FP8 heads by their measured time there (`fp8_head_time`), which may exceed 1."""
     if model.layout is None:
-        return np.asarray(plan.flops_kept_per_step_layer(), float)
-    at = model.layout
-    windows = []
-    for name in plan.method_names():
-        if name.startswith("arrow(w="):
-            windows.append(max(1, round(int(name[len("arrow(w="):-1]) * at.image_tokens / plan.image_tokens)))
-        else:
-            windows.append(method_window(name, at.image_tokens))
-    priced = pallas_kernels.plan_cost(np.asarray(windows), batch=1, tokens=at.image_tokens + at.text_len,
-                                      text_len=at.text_len, text_first=True, head_dim=at.head_dim, band=at.band)
-    per_method = np.asarray(priced.flops, float) / priced.dense_flops
-    return per_method[plan.method_codes()].mean(axis=2)
+        kept = np.asarray(plan.flops_kept_per_step_layer(), float)
+        at_tokens, at_head_dim = plan.image_tokens + plan.text_len, plan.head_dim
+    else:
+        at = model.layout
+        windows = []
+        for name in plan.method_names():
+            if name.startswith("arrow(w="):
+                windows.append(max(1, round(int(name[len("arrow(w="):-1]) * at.image_tokens / plan.image_tokens)))
+            else:
+                windows.append(max(method_window(name, at.image_tokens), -1))  # FP8: its FLOPs are a full head's
+        priced = pallas_kernels.plan_cost(np.asarray(windows), batch=1, tokens=at.image_tokens + at.text_len,
+                                          text_len=at.text_len, text_first=True, head_dim=at.head_dim, band=at.band)
+        per_method = np.asarray(priced.flops, float) / priced.dense_flops
+        kept = per_method[plan.method_codes()].mean(axis=2)
+        at_tokens, at_head_dim = at.image_tokens + at.text_len, at.head_dim
+    fp8 = plan.head_window == FP8_WINDOW
+    if fp8.any():
+        fp8_heads = fp8.sum(axis=2)
+        kept = kept - fp8_heads / plan.num_heads + fp8_head_time(at_tokens, at_head_dim).layer_time(
+            fp8_heads, plan.num_heads)
+    return kept
 
 
 def plan_cost(plan, model: StepCostModel) -> float:
-    """A plan's run time relative to the dense run of the same step count. A step costs its attention by the FLOPs
-    it keeps where its blocks run (`attention_kept`) plus the rest of the step in proportion to the blocks that run
+    """A plan's run time relative to the dense run of the same step count. A step costs its attention by what it
+    keeps where its blocks run (`attention_kept`) plus the rest of the step in proportion to the blocks that run
     (`work_per_step_layer`: 0 on a reused or extrapolated step)."""
     work_layers = np.asarray(plan.work_per_step_layer(), float)
     kept = (attention_kept(plan, model) * work_layers).mean(axis=1)
     work = work_layers.mean(axis=1)
     rest = model.step_ms[0]
-    step_ms = rest * work + (model.step_time(kept) - rest)
+    above = np.maximum(kept - 1.0, 0.0)  # FP8 heads slower than full: dense attention's time per unit above 1
+    step_ms = rest * work + (model.step_time(np.minimum(kept, 1.0)) - rest) + above * (model.dense_ms - rest)
     return float(step_ms.sum() / (len(kept) * model.dense_ms))
 
 

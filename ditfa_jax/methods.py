@@ -1,8 +1,10 @@
 """Attention methods a plan can give a head, by name, and their head windows.
 
 A head window (int32) is the kernel's encoding of a method (see :mod:`pallas_kernels.schedule`): -1 full,
-0 cached, w > 0 arrow with an image band of half-width w tokens. Candidate methods are named ``"cached"`` and
-``"arrow_K"``: arrow_K's half-width is ``max(1, n_img // (2*K))`` image tokens (DiTFastAttnV2).
+0 cached, w > 0 arrow with an image band of half-width w tokens, -2 full in FP8 (:mod:`pallas_kernels.fp8`).
+Candidate methods are named ``"cached"``, ``"arrow_K"`` and ``"fp8"``: arrow_K's half-width is
+``max(1, n_img // (2*K))`` image tokens (DiTFastAttnV2). An FP8 head computes every FLOP of a full head, faster
+where the FP8 kernel pays: its saving is a measured time, not FLOPs (`ditfa_jax.cost_model.Fp8HeadTime`).
 
 The band of an arrow head is aligned to a granularity, ``band = (query, key)`` tokens: the sequence is cut into
 query and key blocks of those sizes, and a query block sees every key block that its window touches. The band is
@@ -26,6 +28,7 @@ __all__ = [
     "DEFAULT_CANDIDATES",
     "FULL_WINDOW",
     "CACHED_WINDOW",
+    "FP8_WINDOW",
     "method_window",
     "check_candidates",
     "check_band",
@@ -42,6 +45,7 @@ __all__ = [
 DEFAULT_CANDIDATES = ("cached", "arrow_8", "arrow_16", "arrow_32")
 FULL_WINDOW = -1
 CACHED_WINDOW = 0
+FP8_WINDOW = -2  # pallas_kernels.fp8.FP8_WINDOW (not imported: that module needs jax)
 
 # Step methods: names in code order (int8 code = index), and how many computed steps each needs before it.
 STEP_KINDS = ("compute", "reuse", "taylor1", "taylor2")
@@ -57,7 +61,7 @@ def _arrow_k(name) -> int | None:
 
 
 def method_window(name: str, n_img: int) -> int:
-    """Head window of a method for ``n_img`` image tokens: "full" -> -1, "cached" -> 0,
+    """Head window of a method for ``n_img`` image tokens: "full" -> -1, "cached" -> 0, "fp8" -> -2,
     "arrow_K" -> max(1, n_img // (2*K))."""
     if isinstance(n_img, bool) or not isinstance(n_img, (int, np.integer)) or n_img < 1:
         raise ValueError(f"n_img: expected a positive number of image tokens, got {n_img!r}")
@@ -65,19 +69,21 @@ def method_window(name: str, n_img: int) -> int:
         return FULL_WINDOW
     if name == "cached":
         return CACHED_WINDOW
+    if name == "fp8":
+        return FP8_WINDOW
     k = _arrow_k(name)
     if k is None:
-        raise ValueError(f"method name {name!r}: expected 'full', 'cached' or 'arrow_K' with an integer K >= 1")
+        raise ValueError(f"method name {name!r}: expected 'full', 'cached', 'fp8' or 'arrow_K' with an integer K >= 1")
     return max(1, int(n_img) // (2 * k))
 
 
 def check_candidates(candidates) -> tuple[str, ...]:
-    """The candidate names as a tuple, or ValueError: a non-empty list of distinct "cached"/"arrow_K" names."""
+    """The candidate names as a tuple, or ValueError: a non-empty list of distinct "cached"/"arrow_K"/"fp8" names."""
     if isinstance(candidates, str) or not isinstance(candidates, (tuple, list)) or not candidates:
         raise ValueError(f"candidates: expected a non-empty tuple of method names, got {candidates!r}")
     for name in candidates:
-        if name != "cached" and _arrow_k(name) is None:
-            raise ValueError(f"candidates: {name!r} is not a candidate method; expected 'cached' or 'arrow_K'")
+        if name not in ("cached", "fp8") and _arrow_k(name) is None:
+            raise ValueError(f"candidates: {name!r} is not a candidate method; expected 'cached', 'fp8' or 'arrow_K'")
     if len(set(candidates)) != len(candidates):
         raise ValueError(f"candidates: names must be distinct, got {tuple(candidates)}")
     return tuple(candidates)
@@ -98,13 +104,21 @@ def candidate_windows(candidates, n_img: int) -> np.ndarray:
 
 
 def candidate_savings(candidates, *, image_tokens: int, text_len: int, text_first: bool, head_dim: int,
-                      band: tuple[int, int]) -> np.ndarray:
-    """float64 [M]: fraction of one head's attention FLOPs each candidate removes (cached: 1.0) with arrow bands
-    of granularity ``band``, from :func:`pallas_kernels.plan_cost`. This is the MILP's ``saving``."""
+                      band: tuple[int, int], fp8_head_ratio: float | None = None) -> np.ndarray:
+    """float64 [M]: fraction of one head's attention each candidate removes (cached: 1.0): FLOPs for arrow bands of
+    granularity ``band``, from :func:`pallas_kernels.plan_cost`; for "fp8", ``1 - fp8_head_ratio`` (the measured time
+    of an FP8 head over a full one; negative where FP8 is slower). This is the MILP's ``saving``."""
+    candidates = check_candidates(candidates)
     windows = candidate_windows(candidates, image_tokens)
-    cost = plan_cost(windows, batch=1, tokens=image_tokens + text_len, text_len=text_len, text_first=text_first,
-                     head_dim=head_dim, band=check_band(band))
-    return np.asarray(cost.saving, dtype=np.float64)
+    cost = plan_cost(np.maximum(windows, FULL_WINDOW), batch=1, tokens=image_tokens + text_len, text_len=text_len,
+                     text_first=text_first, head_dim=head_dim, band=check_band(band))
+    saving = np.asarray(cost.saving, dtype=np.float64)
+    if "fp8" in candidates:
+        if fp8_head_ratio is None or not np.isfinite(fp8_head_ratio) or fp8_head_ratio <= 0:
+            raise ValueError(f"candidate 'fp8': its saving is a measured time; expected fp8_head_ratio > 0 "
+                             f"(`ditfa_jax.cost_model.fp8_head_time`), got {fp8_head_ratio!r}")
+        saving[candidates.index("fp8")] = 1.0 - float(fp8_head_ratio)
+    return saving
 
 
 def windows_from_choice(choice, candidates, n_img: int) -> np.ndarray:

@@ -224,17 +224,34 @@ def _solve(rse: np.ndarray, saving: np.ndarray, budget: float, threshold: float,
                        f"(last summed rse {used})")
 
 
-def solve_layer(rse, saving, delta: float, c: float = 1.5, *, time_limit: float | None = None) -> np.ndarray:
+def solve_layer(rse, saving, delta: float, c: float = 1.5, *, time_limit: float | None = None,
+                shared_cost: tuple[int, float] | None = None) -> np.ndarray:
     """Methods for the heads of one (step, layer): int64 [H], a candidate index or -1 (full).
 
     ``rse``: [H, M] relative squared error of each candidate on each head (+inf = never eligible);
     ``saving``: [H, M] or [M] value of each candidate (e.g. the fraction of attention FLOPs removed);
     ``delta``: error budget of the layer; ``c``: eligibility factor (``rse < c*delta/H``).
     Maximises the summed saving; ties go to the smallest summed error. Pairs with saving <= 0 are never chosen.
+    ``shared_cost = (m, cost)``: candidate m costs ``cost`` (in saving units) once when any head takes it (FP8
+    heads: the layer's quantisation and second launch); the best choice with m is kept only when its saving less
+    that cost beats the best choice without m, which makes the answer exact.
     """
     rse, saving = _check_tables(rse, saving, 1)
     delta, c = _check_scalars(delta, c, "delta")
-    return _solve(rse, saving, delta, c * delta / rse.shape[0], time_limit=time_limit)[0]
+    threshold = c * delta / rse.shape[0]
+    choice = _solve(rse, saving, delta, threshold, time_limit=time_limit)[0]
+    if shared_cost is None:
+        return choice
+    m, cost = shared_cost
+    if not (isinstance(m, (int, np.integer)) and 0 <= m < rse.shape[1]) or not np.isfinite(cost) or cost < 0:
+        raise ValueError(f"shared_cost: expected (candidate index in 0..{rse.shape[1] - 1}, cost >= 0), "
+                         f"got {shared_cost!r}")
+    if not (choice == m).any():
+        return choice
+    without = rse.copy()
+    without[:, m] = np.inf
+    other = _solve(without, saving, delta, threshold, time_limit=time_limit)[0]
+    return choice if objective(choice, rse, saving)[0] - cost > objective(other, rse, saving)[0] else other
 
 
 GLOBAL_METHODS = ("auto", "milp", "lp")

@@ -1,7 +1,7 @@
 """Compression plans: one attention method per (step, layer, head), saved as a small JSON file.
 
 A plan's payload is ``head_window: int32 [steps, layers, heads]`` in the kernel's encoding (-1 full, 0 cached,
-w > 0 arrow with image-band half-width w tokens, see :mod:`ditfa_jax.methods`), with arrow bands of granularity
+w > 0 arrow with image-band half-width w tokens, -2 full in FP8, see :mod:`ditfa_jax.methods`), with arrow bands of granularity
 ``band``; the sampler scans over its first axis. Everything else is metadata that ties the plan to the model and
 run it was calibrated for (model class, layer/head counts, resolution, token grid, text length, step count), so a
 plan cannot silently be applied to another setting.
@@ -50,7 +50,8 @@ import numpy as np
 from ditfa_jax.configs import MODEL_CLASSES, VAE_SCALE_FACTOR, config_from_dict, config_to_dict
 from ditfa_jax.family import families, family_of, layout_for
 from ditfa_jax.files import atomic_write
-from ditfa_jax.methods import (CACHED_WINDOW, DEFAULT_CANDIDATES, FULL_WINDOW, STEP_COMPUTE, STEP_HISTORY, STEP_KINDS,
+from ditfa_jax.methods import (CACHED_WINDOW, DEFAULT_CANDIDATES, FP8_WINDOW, FULL_WINDOW, STEP_COMPUTE, STEP_HISTORY,
+                               STEP_KINDS,
                                candidate_windows, check_band, check_candidates, method_window, step_kind_codes)
 from ditfa_jax.token_order import TOKEN_ORDERS
 import pallas_kernels
@@ -66,6 +67,7 @@ V1_BAND = MappingProxyType({16: (128, 64), 32: (128, 64), 64: (128, 64), 128: (1
 
 _FORMAT = "ditfa-jax compression plan"
 _LEGEND = "head_window[step][layer][head]: -1 full, 0 cached, w>0 arrow (image-band half-width w tokens)"
+_FP8_LEGEND = ", -2 full in FP8"  # added where a head is FP8: files of other plans are what they were
 _STEP_LEGEND = ("step_kind[step]: compute runs the transformer; reuse returns the last computed velocity; "
                 "taylor1/taylor2 extrapolate it in sigma from the last 2/3 computed steps")
 _BLOCK_LEGEND = ("block_compute[step][layer]: 1 the block runs, 0 its output is its input plus the residual cached "
@@ -126,7 +128,8 @@ def _model_config(config) -> dict:
 class CompressionPlan:
     """Per-(step, layer, head) attention methods plus the setting they were calibrated for.
 
-    ``head_window``: int32 [num_steps, num_layers, num_heads] (-1 full, 0 cached, w>0 arrow), read-only.
+    ``head_window``: int32 [num_steps, num_layers, num_heads] (-1 full, 0 cached, w>0 arrow, -2 full in FP8),
+    read-only.
     ``band``: (query, key) tokens, the granularity of the arrow bands (what a head computes, and so the cost).
     ``token_grid``: (rows, cols) of the image tokens, rows * cols = image_tokens.
     ``candidates``/``delta``/``c``: the search that made it (``delta``/``c`` None for hand-made plans).
@@ -197,9 +200,9 @@ class CompressionPlan:
         if hw.shape != want:
             raise ValueError(f"head_window: expected shape [steps, layers, heads] = {list(want)} (num_steps, "
                              f"num_layers, num_heads), got {list(hw.shape)}")
-        if hw.size and (hw.min() < -1 or hw.max() > np.iinfo(np.int32).max):
-            raise ValueError(f"head_window: values must lie in [-1, 2**31-1] (-1 full, 0 cached, w>0 arrow), got "
-                             f"range [{hw.min()}, {hw.max()}]")
+        if hw.size and (hw.min() < FP8_WINDOW or hw.max() > np.iinfo(np.int32).max):
+            raise ValueError(f"head_window: values must lie in [-2, 2**31-1] (-1 full, 0 cached, w>0 arrow, -2 full "
+                             f"in FP8), got range [{hw.min()}, {hw.max()}]")
         if (hw[0] != FULL_WINDOW).any():
             layer, head = (int(i) for i in np.argwhere(hw[0] != FULL_WINDOW)[0])
             raise ValueError(f"head_window: step 0 must be all full (-1) -- a cached head needs a computed value "
@@ -333,6 +336,11 @@ class CompressionPlan:
         return bool((self.step_kind != STEP_COMPUTE).any())
 
     @property
+    def uses_fp8_heads(self) -> bool:
+        """Whether some head runs in FP8 (window -2): the sampler then asks the kernel backend for FP8 heads."""
+        return bool((self.head_window == FP8_WINDOW).any())
+
+    @property
     def uses_block_caching(self) -> bool:
         """Whether some (step, layer) block is cached instead of run."""
         return bool(not self.block_compute.all())
@@ -435,7 +443,7 @@ class CompressionPlan:
         for section, keys in _SECTIONS.items():
             doc[section] = {key: getattr(self, field) for key, field in keys.items()}
         doc["methods"] = {"head": {
-            "band": self.band, "legend": _LEGEND,
+            "band": self.band, "legend": _LEGEND + (_FP8_LEGEND if self.uses_fp8_heads else ""),
             "candidate_windows": {n: method_window(n, self.image_tokens) for n in self.candidates},
             "head_window": self.head_window}}
         if self.uses_step_methods:  # only when not the default: files of plans without them are unchanged
@@ -495,11 +503,12 @@ class CompressionPlan:
 
     def cost(self, batch: int = 1) -> PlanCost:
         """Exact attention FLOPs per head with the plan's band, :class:`pallas_kernels.PlanCost` over
-        [steps, layers, heads]."""
-        uniq, inv = np.unique(self.head_window, return_inverse=True)  # a head's cost depends on its window only
+        [steps, layers, heads]; an FP8 head computes a full head's FLOPs."""
+        hw = np.maximum(self.head_window, FULL_WINDOW)
+        uniq, inv = np.unique(hw, return_inverse=True)  # a head's cost depends on its window only
         pc = plan_cost(uniq, batch=batch, tokens=self.image_tokens + self.text_len, text_len=self.text_len,
                        text_first=self.text_first, head_dim=self.head_dim, band=self.band)
-        inv = inv.reshape(self.head_window.shape)
+        inv = inv.reshape(hw.shape)
         per_head = {f.name: getattr(pc, f.name)[inv] for f in dataclasses.fields(pc)
                     if isinstance(getattr(pc, f.name), np.ndarray)}  # every per-head array, whatever PlanCost holds
         return dataclasses.replace(pc, **per_head)
@@ -527,18 +536,21 @@ class CompressionPlan:
         return float(self._flops_run().mean())
 
     def method_names(self) -> list[str]:
-        """Names in :meth:`method_counts` order: full, cached, the arrow candidates, then other windows."""
+        """Names in :meth:`method_counts` order: full, cached, the arrow candidates, fp8 (when a candidate or used),
+        then other windows."""
         named = {w: n for n, w in reversed(list(zip(self.candidates, candidate_windows(self.candidates,
                                                                                       self.image_tokens))))}
-        extra = sorted(set(np.unique(self.head_window).tolist()) - set(named) - {FULL_WINDOW, CACHED_WINDOW})
-        arrows = [n for n in self.candidates if n != "cached"]
-        return ["full", "cached"] + arrows + [f"arrow(w={w})" for w in extra]
+        extra = sorted(set(np.unique(self.head_window).tolist()) - set(named)
+                       - {FULL_WINDOW, CACHED_WINDOW, FP8_WINDOW})
+        arrows = [n for n in self.candidates if n not in ("cached", "fp8")]
+        fp8 = ["fp8"] if "fp8" in self.candidates or self.uses_fp8_heads else []
+        return ["full", "cached"] + arrows + fp8 + [f"arrow(w={w})" for w in extra]
 
     def method_codes(self) -> np.ndarray:
         """int [steps, layers, heads]: index of each head's method in :meth:`method_names`."""
         names = self.method_names()
         code = np.empty(self.head_window.shape, np.int64)
-        windows = {"full": FULL_WINDOW, "cached": CACHED_WINDOW}
+        windows = {"full": FULL_WINDOW, "cached": CACHED_WINDOW, "fp8": FP8_WINDOW}
         for n in names[2:]:
             windows[n] = (int(n[len("arrow(w="):-1]) if n.startswith("arrow(w=")
                           else method_window(n, self.image_tokens))

@@ -16,13 +16,14 @@ __all__ = ["save_heatmap"]
 # viridis at 0, 0.1, ..., 1 (matplotlib's values, rounded to 8 bits); linear in between.
 _VIRIDIS = np.array([(68, 1, 84), (72, 36, 117), (65, 68, 135), (53, 95, 141), (42, 120, 142), (33, 145, 140),
                      (34, 168, 132), (68, 191, 112), (122, 209, 81), (189, 223, 38), (253, 231, 37)], np.float64)
-_METHOD_COLOURS = {"full": (215, 215, 215), "cached": (68, 1, 84)}
+_METHOD_COLOURS = {"full": (215, 215, 215), "cached": (68, 1, 84), "fp8": (40, 40, 40)}  # fp8: a full head, darker
 _ARROW_COLOURS = [(33, 145, 140), (94, 201, 98), (253, 231, 37), (59, 82, 139), (230, 120, 40), (200, 80, 160)]
 _OTHER_COLOUR = (220, 50, 50)
 # Rows of steps that do not run the transformer (by step kind name), and the hatch of a cached block: colours
 # outside viridis, so neither reads as a FLOPs-kept value.
 _STEP_COLOURS = {"reuse": (200, 200, 200), "taylor1": (250, 175, 205), "taylor2": (205, 150, 230)}
 _HATCH = ((255, 225, 215), (190, 30, 30))  # background, stripes
+_FP8_MARK = _METHOD_COLOURS["fp8"]  # a square in the middle of a (step, layer) cell that has FP8 heads
 _LEGEND_H = 20
 
 
@@ -41,17 +42,24 @@ def _map_pixels(plan: CompressionPlan, data, cell: int) -> np.ndarray:
     big = np.repeat(np.repeat(rgb, cell, axis=0), cell, axis=1)
     cached = np.repeat(np.repeat(~plan.block_compute, cell, axis=0), cell, axis=1)
     big[cached] = _hatched(cached)[cached]
+    lo, hi = cell // 3, cell - cell // 3
+    for step, layer in np.argwhere((plan.head_window == -2).any(axis=2)):
+        big[step * cell + lo:step * cell + hi, layer * cell + lo:layer * cell + hi] = _FP8_MARK
     return big
 
 
 def _legend_items(plan: CompressionPlan) -> list[tuple[str, tuple | None]]:
-    """(label, colour; None: the hatch) for each step kind other than compute and for cached blocks, when used."""
+    """(label, colour; None: the hatch) for each step kind other than compute, cached blocks and FP8 heads (the mark
+    in their cells), when used."""
     names = plan.step_kind_names()
     items = [(f"{k}: {names.count(k)} step{'s' * (names.count(k) != 1)} skipped", c)
              for k, c in _STEP_COLOURS.items() if k in names]
     n = int((~plan.block_compute).sum())
     if n:
         items.append((f"cached block: {n} of {plan.computed_steps.size * plan.num_layers} on computed steps", None))
+    fp8 = plan.head_window == -2
+    if fp8.any():
+        items.append((f"FP8 heads: {int(fp8.sum())} in {int(fp8.any(axis=2).sum())} (step, layer)s", _FP8_MARK))
     return items
 
 
@@ -218,8 +226,9 @@ def save_heatmap(plan: CompressionPlan, path, per_head: bool = False, *, cell: i
     Default: steps (rows, step 0 on top) x layers (columns), colour = fraction of the attention FLOPs kept in that
     (step, layer), viridis 0..1 with a colour bar; a plan with step methods or block caching also shows each step
     that does not run the transformer as a row in its kind's colour (reuse grey, taylor1 pink, taylor2 lilac) and
-    each cached (step, layer) block hatched red, with a legend line. ``per_head=True``: one [steps x heads] panel per layer with a
-    colour per method (full / cached / each arrow) and a legend. ``cell``: pixels per cell (default 6..16 for the
+    each cached (step, layer) block hatched red, and a dark square in each (step, layer) with FP8 heads (which keep
+    every FLOP), with a legend line. ``per_head=True``: one [steps x heads] panel per layer with a colour per method
+    (full / cached / fp8 / each arrow) and a legend. ``cell``: pixels per cell (default 6..16 for the
     map, 4 for the per-head panels).
     """
     if not isinstance(plan, CompressionPlan):

@@ -116,7 +116,7 @@ def sample(model: Transformer, latents, prompt_embeds, pooled_prompt_embeds, *, 
         if compressed:
             windows = jnp.asarray(plan.head_window, jnp.int32)
             cache_spec = (cache_shape(model.config, run.batch, run.layout.tokens), jnp.dtype(model.dtype).name)
-            settings = dataclasses.replace(settings, band=tuple(plan.band))
+            settings = dataclasses.replace(settings, band=tuple(plan.band), fp8=plan.uses_fp8_heads)
             if mesh is not None and balance and mesh.shape[sharding.HEADS] > 1:
                 costs = sharding.plan_head_costs(plan, run.layout, model.config.attention_head_dim)
                 orders = jnp.asarray(sharding.balance_heads(costs, mesh.shape[sharding.HEADS]))

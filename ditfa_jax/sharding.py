@@ -167,11 +167,11 @@ def head_parallel(attend, mesh: Mesh, q, k, v, head_window=None, cache=None, hea
 # ---- plan-aware balancing (host, numpy) ----
 
 def plan_head_costs(plan, layout, head_dim: int) -> np.ndarray:
-    """Per (step, layer, head) the kernel's computed tiles of the plan's head windows (0 for a cached head), the
-    cost model of `pallas_kernels.plan_cost`."""
+    """Per (step, layer, head) the kernel's computed tiles of the plan's head windows (0 for a cached head; an FP8
+    head counted as full), the cost model of `pallas_kernels.plan_cost`."""
     import pallas_kernels
 
-    cost = pallas_kernels.plan_cost(np.asarray(plan.head_window), batch=1, tokens=layout.tokens,
+    cost = pallas_kernels.plan_cost(np.maximum(plan.head_window, -1), batch=1, tokens=layout.tokens,
                                     text_len=layout.text_len, text_first=layout.text_first, head_dim=head_dim,
                                     band=tuple(plan.band))
     return cost.tiles.astype(np.float64)

@@ -108,13 +108,18 @@ def _select(backend, config, q_shape, dtype, band, fp8=False) -> Backend:
             )
         return chosen
     platform = jax.default_backend()
-    # FP8 heads: the backends that run them, Mosaic GPU at every head size
-    candidates = [b for b in BACKENDS.values() if (_runs_fp8(b) if fp8 else _automatic(b, q_shape))]
+    # FP8 heads: the backends that run them, Mosaic GPU at every head size; on a GPU not the XLA reference, which
+    # emulates them in dense attention (every score in memory): named, it still runs
+    candidates = [b for b in BACKENDS.values()
+                  if ((_runs_fp8(b) and not (platform == "gpu" and b.name == "xla")) if fp8
+                      else _automatic(b, q_shape))]
     for b in candidates:
         if b.supports(q_shape, dtype, band, platform) is None:
             return b
     reasons = "; ".join(f"{b.name}: {b.supports(q_shape, dtype, band, platform)}" for b in candidates)
-    raise ValueError(f"no backend supports q {q_shape} {dtype} with band {band} on {platform!r} ({reasons})")
+    what = "no backend runs FP8 heads (head window -2) for" if fp8 else "no backend supports"
+    raise ValueError(f"{what}: q {q_shape} {dtype} with band {band} on {platform!r} ({reasons})"
+                     + ("; a plan with FP8 heads runs on Hopper GPUs (backend 'xla' emulates them)" if fp8 else ""))
 
 
 def headwise_attention(

@@ -7,11 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import pallas_kernels
+
 from ditfa_jax import load_transformer, sample
 from ditfa_jax.attention import AttentionSettings
 from ditfa_jax.calibrate import calibrate, head_rse, step_budgets
 from ditfa_jax.cli import main as cli_main
-from ditfa_jax.methods import candidate_windows
+from ditfa_jax.methods import candidate_windows, method_window
 from ditfa_jax.milp import solve_global
 from ditfa_jax.models.flux import rope_tables
 from ditfa_jax.plan import CompressionPlan
@@ -487,3 +489,46 @@ def test_rse_query_stride_must_be_a_positive_int(sd3_setup):
         with pytest.raises(ValueError, match="rse_query_stride"):
             calibrate(model, ref["sample_prompt_embeds"], ref["sample_pooled"], delta=0.1, progress=False,
                       rse_query_stride=bad, **common)
+
+
+def test_fp8_heads_are_searched_with_the_other_methods_and_run_by_the_sampler(monkeypatch):
+    """The candidate fp8 in the search: chosen for heads where its measured time pays (here a made-up cheap FP8 at a
+    made-up measured size, the tiny head size having no measurement), never when the layer's overhead eats the
+    saving; the sampler runs the plan's FP8 heads in FP8 (its final latents are the search pass's, and differ from
+    the same plan in bf16)."""
+    import jax
+
+    from ditfa_jax import cost_model
+    from ditfa_jax.cost_model import AttentionLayout, Fp8HeadTime
+    from tiny_runs import tiny_run
+
+    model, text, common = tiny_run("flux_dev", STEPS)
+    candidates = ("cached", "arrow_8", "fp8")
+    with pytest.raises(ValueError, match="no measured time at head_dim"):
+        calibrate(model, *text, delta=0.5, progress=False, candidates=candidates, **common)
+    at = AttentionLayout(image_tokens=4096, text_len=512, head_dim=128, band=(128, 128))
+    monkeypatch.setitem(cost_model.FP8_HEAD_TIMES, 128, {4608: Fp8HeadTime(head_ratio=0.2, layer_overhead=0.0)})
+    cheap = calibrate(model, *text, delta=0.5, progress=False, seed=3, candidates=candidates, price_at=at, **common)
+    plan = cheap.plan
+    assert plan.uses_fp8_heads and (plan.head_window == 0).any() and plan.notes["fp8_time"]["head_ratio"] == 0.2
+    arrow_at = pallas_kernels.plan_cost(np.array([method_window("arrow_8", 4096)]), batch=1, tokens=4608, text_len=512,
+                                        text_first=True, head_dim=128, band=(128, 128))
+    np.testing.assert_allclose(cheap.saving[0], [1.0, 1 - float(arrow_at.flop_fraction), 0.8])  # priced at `at`
+    assert plan.notes["priced_at"]["image_tokens"] == 4096
+    windows = {int(w): m for m, w in enumerate(candidate_windows(candidates, plan.image_tokens))}
+    for s in range(1, STEPS):
+        for layer in range(plan.num_layers):
+            chosen = [(h, windows[int(w)]) for h, w in enumerate(plan.head_window[s, layer]) if w != -1]
+            assert sum(cheap.rse[s, layer, h, m] for h, m in chosen) <= 0.5 + 1e-9
+    noise = jax.random.normal(jax.random.key(3), cheap.final_latents.shape, jnp.float32)
+    searched = np.asarray(cheap.final_latents)
+    sampled = np.asarray(sample(model, noise, *text, plan=plan, **common))
+    in_bf16 = np.asarray(sample(model, noise, *text, plan=plan.replace(head_window=np.maximum(plan.head_window, -1)),
+                                **common))
+    # Two compiled programs round a few values to different e4m3 neighbours: equal up to those, and far closer to
+    # each other than to the same plan without FP8
+    assert np.abs(searched - sampled).max() < 5e-3
+    assert np.abs(searched - sampled).mean() < 0.05 * np.abs(searched - in_bf16).mean()
+    monkeypatch.setitem(cost_model.FP8_HEAD_TIMES, 128, {4608: Fp8HeadTime(head_ratio=0.2, layer_overhead=10.0)})
+    costly = calibrate(model, *text, delta=0.5, progress=False, seed=3, candidates=candidates, price_at=at, **common)
+    assert not costly.plan.uses_fp8_heads and (costly.plan.head_window == 0).any()

@@ -79,3 +79,35 @@ def test_gated_cost():
     assert gated_cost([False, True, True, False], 2, 4) == pytest.approx((1 + 0.5 + 0.5 + 1.5) / 4)
     with pytest.raises(ValueError, match="step 0 computed"):
         gated_cost([True, False], 1, 4)
+
+
+def test_fp8_heads_are_priced_by_their_measured_time():
+    """FP8 heads cost their measured time share plus the layer's overhead once, at the layout that prices them;
+    interpolated in log(tokens) between measured sizes, held at the nearest outside them."""
+    from ditfa_jax.configs import FluxConfig
+    from ditfa_jax.cost_model import FP8_HEAD_TIMES, attention_kept, fp8_head_time
+
+    one_k, two_k = FP8_HEAD_TIMES[128][4608], FP8_HEAD_TIMES[128][16896]
+    assert fp8_head_time(16896, 128) == two_k and fp8_head_time(512 + 65536, 128) == two_k
+    mid = fp8_head_time(int(np.sqrt(4608 * 16896)), 128)  # halfway in log(tokens)
+    assert mid.head_ratio == pytest.approx((one_k.head_ratio + two_k.head_ratio) / 2, rel=1e-3)
+    with pytest.raises(ValueError, match="no measured time at head_dim 32"):
+        fp8_head_time(1000, 32)
+    model = get_cost_model("h200-flux-dev-2048")
+    plan = CompressionPlan.full(FluxConfig(), height=2048, width=2048, text_len=512, num_steps=3)
+    windows = np.asarray(plan.head_window).copy()
+    windows[1] = -2  # every head FP8
+    windows[2, :, :6] = -2  # a quarter of them
+    plan = plan.replace(head_window=windows)
+    assert plan.flops_kept_fraction() == 1.0  # FP8 computes every FLOP ...
+    kept = attention_kept(plan, model)  # ... in less time
+    np.testing.assert_allclose(kept[1], two_k.head_ratio + two_k.layer_overhead)
+    np.testing.assert_allclose(kept[2], 0.75 + 0.25 * two_k.head_ratio + two_k.layer_overhead)
+    assert plan_cost(plan, model) < 1.0
+    small = CompressionPlan.full(TRANSFORMER_CONFIG, height=64, width=64, text_len=32, num_steps=2,
+                                 vae_scale_factor=1)
+    small = small.replace(head_window=np.where(np.arange(2)[:, None, None] == 1, -2, -1).astype(np.int32)
+                          * np.ones_like(small.head_window))
+    np.testing.assert_allclose(attention_kept(small, model)[1], two_k.head_ratio + two_k.layer_overhead)
+    at_1k = get_cost_model("h200-flux-dev-1024")  # FP8 costs more than it saves there: priced above dense
+    assert attention_kept(small, at_1k)[1].min() > 1.0 and plan_cost(small, at_1k) > 1.0

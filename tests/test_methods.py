@@ -5,7 +5,8 @@ import pytest
 
 import pallas_kernels as pk
 from ditfa_jax.methods import (DEFAULT_CANDIDATES, STEP_HISTORY, STEP_KINDS, candidate_savings, candidate_windows,
-                               check_band, method_window, step_kind_codes, step_kind_names, windows_from_choice)
+                               check_band, check_candidates, method_window, step_kind_codes, step_kind_names,
+                               windows_from_choice)
 
 
 def test_method_window():
@@ -63,3 +64,16 @@ def test_step_kinds():
         step_kind_codes("compute", name="where")
     with pytest.raises(ValueError, match=r"step_kind: step 2 has code 4; expected 0\.\.3"):
         step_kind_names([0, 1, 4])
+
+
+def test_fp8_method_is_a_full_head_priced_by_its_time():
+    assert method_window("fp8", 4096) == -2
+    assert check_candidates(("cached", "fp8")) == ("cached", "fp8")
+    where = dict(image_tokens=4096, text_len=512, text_first=True, head_dim=128, band=(128, 128))
+    saving = candidate_savings(("cached", "arrow_8", "fp8"), fp8_head_ratio=0.9, **where)
+    np.testing.assert_allclose(saving[[0, 2]], [1.0, 0.1])
+    np.testing.assert_allclose(saving[1], candidate_savings(("arrow_8",), **where)[0])
+    assert candidate_savings(("fp8",), fp8_head_ratio=1.3, **where)[0] == pytest.approx(-0.3)  # slower: never chosen
+    with pytest.raises(ValueError, match="fp8_head_ratio"):
+        candidate_savings(("cached", "fp8"), **where)
+    np.testing.assert_array_equal(windows_from_choice(np.array([-1, 1, 0]), ("cached", "fp8"), 4096), [-1, -2, 0])

@@ -248,3 +248,32 @@ def test_unified_zero_budgets_compute_everything():
     head_rse[0] = np.inf
     got = milp.solve_unified(head_rse, [1.0], 0.0, np.full((3, 1), 0.01), 5.0, [1], np.full((3, 0), 0.0), [], [], 0.0)
     assert (got.head == -1).all() and (got.step_kind == 0).all() and got.saved == 0.0
+
+
+def test_layer_with_a_shared_cost_matches_brute_force():
+    """A candidate that costs once per layer when used (FP8 heads' quantisation and launch): the best of all
+    assignments by saving minus that cost, found by enumeration."""
+    import itertools
+
+    rng = np.random.default_rng(7)
+    used = 0
+    for _ in range(120):
+        h, m = int(rng.integers(1, 5)), int(rng.integers(2, 4))
+        delta, c = float(rng.choice([0.05, 0.3, 1.0])), 1.5
+        rse, saving = random_instance(rng, h, m, ties=False, scale=c * delta / h)
+        saving[:, -1] = rng.uniform(0.05, 0.5)  # the shared-cost candidate: a small saving per head
+        cost = float(rng.uniform(0.0, 1.0))
+        got = milp.solve_layer(rse, saving, delta, c, shared_cost=(m - 1, cost))
+        check_solution(got, rse, saving, delta, c * delta / h)
+
+        def value(choice):
+            return milp.objective(choice, rse, saving)[0] - cost * (np.asarray(choice) == m - 1).any()
+
+        best = max(value(ch) for ch in itertools.product(range(-1, m), repeat=h)
+                   if np.all([rse[i, j] < c * delta / h for i, j in enumerate(ch) if j >= 0])
+                   and milp.objective(ch, rse, saving)[1] <= delta)
+        assert value(got) == pytest.approx(best, abs=1e-9)
+        used += bool((got == m - 1).any())
+    assert used > 5  # the shared-cost candidate is sometimes worth its cost
+    with pytest.raises(ValueError, match="shared_cost"):
+        milp.solve_layer(rse, saving, delta, c, shared_cost=(m, 0.1))

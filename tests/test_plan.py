@@ -53,7 +53,7 @@ def test_schema_1_band_is_the_kernels_default_today():
 @pytest.mark.parametrize("change, match", [
     (lambda hw: hw[:, :-1], r"head_window: expected shape \[steps, layers, heads\] = \[4, 57, 24\].*\[4, 56, 24\]"),
     (lambda hw: hw.astype(np.float32), r"head_window: expected an integer array, got dtype float32"),
-    (lambda hw: np.where(hw == 0, -2, hw), r"head_window: values must lie in \[-1"),
+    (lambda hw: np.where(hw == 0, -3, hw), r"head_window: values must lie in \[-2"),
     (lambda hw: np.concatenate([np.zeros_like(hw[:1]), hw[1:]]), r"head_window: step 0 must be all full"),
 ])
 def test_bad_head_window(change, match):
@@ -475,3 +475,24 @@ def test_token_order_in_plan_files(tmp_path):
     raw["token_order"] = "zigzag"
     with pytest.raises(ValueError, match="token_order: expected one of"):
         CompressionPlan.from_dict(raw)
+
+
+def test_fp8_heads_round_trip_and_count_as_full_flops(tmp_path):
+    """A plan whose heads include FP8 ones (window -2): saved and loaded unchanged, named "fp8", its FLOPs a full
+    head's; refused at step 0 like any method."""
+    cfg = FluxConfig(num_layers=2, num_single_layers=2, num_attention_heads=4, attention_head_dim=16)
+    plan = CompressionPlan.full(cfg, height=256, width=256, text_len=16, num_steps=3)
+    hw = np.array(plan.head_window)
+    hw[1:, :, :2] = -2
+    hw[2, 0, 3] = 0
+    fp8 = plan.replace(head_window=hw, candidates=("cached", "fp8"))
+    assert fp8.uses_fp8_heads and not plan.uses_fp8_heads
+    loaded = CompressionPlan.load(fp8.save(tmp_path / "fp8.json"))
+    assert loaded == fp8 and loaded.digest() == fp8.digest() != plan.digest()
+    assert fp8.method_names() == ["full", "cached", "fp8"]
+    np.testing.assert_array_equal(fp8.method_counts()["fp8"], [0, 8, 8])
+    assert "fp8 50.0%" not in fp8.summary() and "fp8 33.3%" in fp8.summary()
+    np.testing.assert_allclose(fp8.flops_kept_per_step(), [1.0, 1.0, 1 - 1 / 16])
+    assert plan.replace(head_window=hw).method_names()[-1] == "fp8"  # used, not a candidate: named all the same
+    with pytest.raises(ValueError, match="step 0 must be all full"):
+        plan.replace(head_window=np.full_like(hw, -2))

@@ -69,3 +69,21 @@ def test_heatmap_of_step_methods_and_cached_blocks(tmp_path):
     assert n_colours(rgb[top + 31:top + 39, left:left + 169]) > 2           # the blocks that run: viridis
     blocks_only = Image.open(save_heatmap(p.replace(block_compute=block_compute), tmp_path / "blocks.png", cell=10))
     assert blocks_only.height == img.height
+
+
+def test_fp8_heads_are_marked(tmp_path):
+    """A (step, layer) with FP8 heads (which keep every FLOP) gets a dark square in its cell, listed in the legend;
+    the per-head panels give FP8 its own colour."""
+    p = flux_plan(steps=8)
+    hw = np.array(p.head_window)
+    hw[2, 5, :3] = -2
+    q = p.replace(head_window=hw)
+    img = np.asarray(Image.open(save_heatmap(q, tmp_path / "fp8.png", cell=12)).convert("RGB"))
+    top, left = 84, 64  # one legend line
+    centre = img[top + 2 * 12 + 4:top + 2 * 12 + 8, left + 5 * 12 + 4:left + 5 * 12 + 8].reshape(-1, 3)
+    assert {tuple(c) for c in centre} == {(40, 40, 40)}
+    corner = img[top + 2 * 12 + 1, left + 5 * 12 + 1]
+    assert tuple(corner) != (40, 40, 40)  # the cell's FLOPs-kept colour around the mark
+    assert (img[top + 12 * 3 + 4, left + 5 * 12 + 4] != (40, 40, 40)).any()  # only that cell
+    heads = np.asarray(Image.open(save_heatmap(q, tmp_path / "heads.png", per_head=True)).convert("RGB"))
+    assert ((heads == (40, 40, 40)).all(axis=-1)).sum() >= 3 * 16  # three FP8 heads of 4 x 4 pixels

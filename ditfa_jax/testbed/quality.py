@@ -21,7 +21,7 @@ from ditfa_jax.calibrate import METHOD_FAMILIES, least_error_plan, unified_plan
 from ditfa_jax.cost_model import (StepCostModel, attention_kept, gated_cost, get_cost_model, plan_cost,
                                   steps_cost)
 from ditfa_jax.denoise import DynamicGate
-from ditfa_jax.methods import windows_from_choice
+from ditfa_jax.methods import DEFAULT_CANDIDATES, windows_from_choice
 from ditfa_jax.milp import solve_global
 from ditfa_jax.plan import CompressionPlan
 from ditfa_jax.testbed.features import frechet_score
@@ -96,6 +96,7 @@ ALL_BLOCKS = "all"  # block_candidates placeholder: every number of first blocks
 # "unified" spends one budget on heads and steps together.
 SEARCHES = {
     "per-layer": _heads(),
+    "per-layer+fp8": _heads(candidates=(*DEFAULT_CANDIDATES, "fp8")),
     "worst-prompt": _heads(rse_over_prompts="max"),
     "ramp": _heads(budget_schedule="ramp"),
     "worst-prompt+ramp": _heads(rse_over_prompts="max", budget_schedule="ramp"),
@@ -132,19 +133,22 @@ def search_options(search: str, budget: float, num_layers: int, head_delta: floa
 
 
 def plan_work(plan: CompressionPlan | None) -> dict:
-    """Steps a plan skips (reuse / Taylor) and the share of (computed step, block) pairs it serves from the cache."""
+    """Steps a plan skips (reuse / Taylor), the share of (computed step, block) pairs it serves from the cache, and
+    the share of the heads of computed steps in FP8."""
     if plan is None:
-        return {"steps_skipped": 0, "blocks_cached": 0.0}
+        return {"steps_skipped": 0, "blocks_cached": 0.0, "fp8_heads": 0.0}
     computed = np.asarray(plan.step_kind) == 0
     blocks = np.asarray(plan.block_compute, bool)[computed]
-    return {"steps_skipped": int((~computed).sum()), "blocks_cached": round(float(1 - blocks.mean()), 4)}
+    return {"steps_skipped": int((~computed).sum()), "blocks_cached": round(float(1 - blocks.mean()), 4),
+            "fp8_heads": round(float((plan.head_window[computed] == -2).mean()), 4)}
 
 
 def quality_sweep(pipe, scenes, calibration_captions: list[str], deltas, *, seeds_per_caption: int = 1,
                   num_steps: int = DEFAULT_STEPS, include_global: bool = True, searches=("per-layer",),
                   fewer_steps=(), base_steps=(), gates=(), head_deltas=(),
                   cost_model: StepCostModel | str = "h200-flux-dev-1024", features=None, choose_at=(),
-                  batch_size: int = 256, timed: bool = True, progress: bool = True) -> tuple[list[dict], dict]:
+                  price_at_cost_model: bool = False, batch_size: int = 256, timed: bool = True,
+                  progress: bool = True) -> tuple[list[dict], dict]:
     """Rows of metrics (dense first, then dense with each of ``fewer_steps``, then one per search and delta) and
     the images by row name.
 
@@ -166,6 +170,9 @@ def quality_sweep(pipe, scenes, calibration_captions: list[str], deltas, *, seed
     that candidate's held-out row; a row "least error over methods (median)" does the same by the median over
     images. Wall time is the second of two identical generation calls (the first compiles); ``timed=False`` makes
     one call (its time includes compilation), which halves the work where times mean nothing (a CPU).
+    ``price_at_cost_model``: every search prices its candidates at ``cost_model``'s layout (`calibrate`'s
+    ``price_at``) rather than at the testbed's size; a search with the candidate fp8 always does (FP8's time is
+    measured at real sizes only).
     """
     unknown = [s for s in searches if s not in SEARCHES]
     if unknown:
@@ -192,6 +199,7 @@ def quality_sweep(pipe, scenes, calibration_captions: list[str], deltas, *, seed
         work = plan_work(plan)
         return dict(search=name, delta=delta, steps=steps, flops_kept=round(kept, 4), cost=round(cost, 4),
                     steps_skipped=work["steps_skipped"], blocks_cached=work["blocks_cached"],
+                    fp8_heads=work["fp8_heads"],
                     psnr_db=float(np.mean(p_db)), psnr_min_db=float(np.min(p_db)), ssim=float(np.mean(s)),
                     ssim_min=float(np.min(s)), fidelity=score["object"], fidelity_size=score["size"],
                     frechet=None if features is None else round(frechet_score(features, images, truth).distance, 4),
@@ -240,6 +248,8 @@ def quality_sweep(pipe, scenes, calibration_captions: list[str], deltas, *, seed
             for search in searches:
                 for head_delta in (head_deltas if head_deltas and spends_both_budgets(search) else (None,)):
                     options = search_options(search, delta, pipe.transformer.config.total_layers, head_delta)
+                    if price_at_cost_model or "fp8" in options.get("candidates", ()):
+                        options["price_at"] = cost_model.layout
                     result = pipe.calibrate(calibration_captions, num_steps=steps, progress=False, **options)
                     plan = (unified_plan(result, cost_model, **UNIFIED_MILP[search]) if search in UNIFIED_MILP
                             else result.plan)
