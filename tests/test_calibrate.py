@@ -529,6 +529,8 @@ def test_fp8_heads_are_searched_with_the_other_methods_and_run_by_the_sampler(mo
     # each other than to the same plan without FP8
     assert np.abs(searched - sampled).max() < 5e-3
     assert np.abs(searched - sampled).mean() < 0.05 * np.abs(searched - in_bf16).mean()
+    with pytest.raises(ValueError, match="backend 'triton' cannot run FP8 heads"):
+        sample(model, noise, *text, plan=plan, attention=AttentionSettings(backend="triton"), **common)
     monkeypatch.setitem(cost_model.FP8_HEAD_TIMES, 128, {4608: Fp8HeadTime(head_ratio=0.2, layer_overhead=10.0)})
     costly = calibrate(model, *text, delta=0.5, progress=False, seed=3, candidates=candidates, price_at=at, **common)
     assert not costly.plan.uses_fp8_heads and (costly.plan.head_window == 0).any()

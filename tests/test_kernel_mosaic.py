@@ -294,6 +294,18 @@ def test_fp8_heads_need_the_flag_and_a_backend_that_runs_them():
     assert bool(jnp.all(plain == flagged))
 
 
+def test_fp8_heads_on_a_gpu_that_is_not_hopper_are_refused(monkeypatch):
+    """The automatic choice on a GPU without Mosaic GPU support does not fall back to the XLA reference (dense
+    attention, every score in memory): it names what runs FP8 heads."""
+    import pallas_kernels.api as api
+
+    q, k, v, cache = _fp8_inputs((1, 64, 2, 64))
+    monkeypatch.setattr(api.jax, "default_backend", lambda: "gpu")
+    with pytest.raises(ValueError, match=r"no backend runs FP8 heads .*on 'gpu' \(mosaic_gpu: needs compute "
+                                         r"capability 9.x.*runs on Hopper GPUs"):
+        pk.headwise_attention(q, k, v, np.array([-2, -1], np.int32), cache, text_len=8, text_first=True, fp8=True)
+
+
 @pytest.mark.parametrize("shape,text_len,text_first", [((1, 4608, 24, 128), 512, True), ((2, 4429, 24, 64), 333, False)],
                          ids=["FLUX-1K", "SD3-1K"])
 def test_fp8_heads_lower_to_mosaic_gpu(shape, text_len, text_first):
