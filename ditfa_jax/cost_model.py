@@ -10,6 +10,10 @@ A model measured at a layout (`AttentionLayout`: the token counts of the measure
 methods at that layout: an arrow_8 head keeps 18 % of a FLUX-2K head's FLOPs but most of a small testbed head's,
 so a plan searched on the testbed is priced as its methods would run at the measured size.
 
+FP8 heads (method "fp8") keep every FLOP of a full head; they are priced by their measured time instead
+(`Fp8HeadTime`: a share of a full head's time per FP8 head, plus an overhead once per layer that has any). Where
+that exceeds a full head's time, `plan_cost` prices the excess at dense attention's rate.
+
 The models here are FLUX.1-dev-sized steps (random bf16 weights, batch 1, 512 text tokens) measured on the
 project's H200 with the Mosaic GPU backend (`benchmarks/RESULTS.md`, "End to end"): the small testbed models'
 own step times are dominated by overheads, so the testbed sweep prices its plans with these.
