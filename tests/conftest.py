@@ -8,3 +8,10 @@ import os
 os.environ["XLA_FLAGS"] = " ".join(
     filter(None, [os.environ.get("XLA_FLAGS"), "--xla_cpu_enable_concurrency_optimized_scheduler=false"])
 )
+# The interpreter runs each warpgroup's program from its own Python thread and blocks inside it on barriers. With
+# async dispatch, XLA CPU runs every program on its client's thread pool (as many threads as cores), so on 2 cores
+# the blocked warpgroups can hold every pool thread while the one that would release them waits for one: a hang
+# (seen in a fresh-clone CI run). Inline execution runs each program on its caller's thread.
+import jax  # noqa: E402 (after XLA_FLAGS: the backend reads them when it starts, not at import)
+
+jax.config.update("jax_cpu_enable_async_dispatch", False)
