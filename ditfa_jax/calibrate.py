@@ -46,8 +46,8 @@ from ditfa_jax.denoise import (VelocityHistory, cache_bytes, embed, euler_step, 
 from ditfa_jax.family import TokenLayout
 from ditfa_jax.fp8 import quantized_layers
 from ditfa_jax.loading import Transformer
-from ditfa_jax.methods import (CACHED_WINDOW, DEFAULT_CANDIDATES, FULL_WINDOW, STEP_HISTORY, STEP_KINDS,
-                               candidate_savings, candidate_windows, check_candidates, windows_from_choice)
+from ditfa_jax.methods import (CACHED_WINDOW, DEFAULT_CANDIDATES, STEP_HISTORY, STEP_KINDS, candidate_savings,
+                               candidate_windows, check_candidates, flop_windows, windows_from_choice)
 from ditfa_jax.milp import solve_layer, solve_unified
 from ditfa_jax.models.layers import attention_inputs, block_forward
 from ditfa_jax.plan import CompressionPlan
@@ -394,10 +394,10 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
                                                fp8_head_ratio=fp8_time and fp8_time.head_ratio),
                              (heads, len(windows)))
 
-    def kept_fraction(step_windows):  # attention FLOPs (an FP8 head computes a full head's)
-        return float(pallas_kernels.plan_cost(np.maximum(step_windows, FULL_WINDOW), batch=1, tokens=tokens, text_len=layout.text_len,
-                                              text_first=layout.text_first, head_dim=cfg.attention_head_dim,
-                                              band=band).flop_fraction.mean())
+    def kept_fraction(step_windows):
+        return float(pallas_kernels.plan_cost(flop_windows(step_windows), batch=1, tokens=tokens,
+                                              text_len=layout.text_len, text_first=layout.text_first,
+                                              head_dim=cfg.attention_head_dim, band=band).flop_fraction.mean())
 
     module = model.module() if mesh is None else nnx.merge(model.graphdef, sharding.replicate(model.state, mesh))
     runners = [(_LayerRunner(stack, layout=layout, windows=windows, settings=settings,

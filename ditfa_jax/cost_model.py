@@ -26,7 +26,7 @@ import dataclasses
 import numpy as np
 
 import pallas_kernels
-from ditfa_jax.methods import FP8_WINDOW, method_window
+from ditfa_jax.methods import FP8_WINDOW, flop_windows, method_window
 
 __all__ = ["AttentionLayout", "StepCostModel", "COST_MODELS", "get_cost_model", "Fp8HeadTime", "FP8_HEAD_TIMES",
            "fp8_head_time", "attention_kept", "plan_cost", "steps_cost", "gated_cost"]
@@ -161,8 +161,8 @@ def attention_kept(plan, model: StepCostModel) -> np.ndarray:
             if name.startswith("arrow(w="):
                 windows.append(max(1, round(int(name[len("arrow(w="):-1]) * at.image_tokens / plan.image_tokens)))
             else:
-                windows.append(max(method_window(name, at.image_tokens), -1))  # FP8: its FLOPs are a full head's
-        priced = pallas_kernels.plan_cost(np.asarray(windows), batch=1, tokens=at.image_tokens + at.text_len,
+                windows.append(method_window(name, at.image_tokens))
+        priced = pallas_kernels.plan_cost(flop_windows(windows), batch=1, tokens=at.image_tokens + at.text_len,
                                           text_len=at.text_len, text_first=True, head_dim=at.head_dim, band=at.band)
         per_method = np.asarray(priced.flops, float) / priced.dense_flops
         kept = per_method[plan.method_codes()].mean(axis=2)

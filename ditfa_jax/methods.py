@@ -23,6 +23,7 @@ import re
 import numpy as np
 
 from pallas_kernels.cost import plan_cost
+from pallas_kernels.fp8 import FP8_WINDOW
 
 __all__ = [
     "DEFAULT_CANDIDATES",
@@ -35,6 +36,7 @@ __all__ = [
     "candidate_windows",
     "candidate_savings",
     "windows_from_choice",
+    "flop_windows",
     "STEP_KINDS",
     "STEP_COMPUTE",
     "STEP_HISTORY",
@@ -45,7 +47,6 @@ __all__ = [
 DEFAULT_CANDIDATES = ("cached", "arrow_8", "arrow_16", "arrow_32")
 FULL_WINDOW = -1
 CACHED_WINDOW = 0
-FP8_WINDOW = -2  # pallas_kernels.fp8.FP8_WINDOW (not imported: that module needs jax)
 
 # Step methods: names in code order (int8 code = index), and how many computed steps each needs before it.
 STEP_KINDS = ("compute", "reuse", "taylor1", "taylor2")
@@ -110,7 +111,7 @@ def candidate_savings(candidates, *, image_tokens: int, text_len: int, text_firs
     of an FP8 head over a full one; negative where FP8 is slower). This is the MILP's ``saving``."""
     candidates = check_candidates(candidates)
     windows = candidate_windows(candidates, image_tokens)
-    cost = plan_cost(np.maximum(windows, FULL_WINDOW), batch=1, tokens=image_tokens + text_len, text_len=text_len,
+    cost = plan_cost(flop_windows(windows), batch=1, tokens=image_tokens + text_len, text_len=text_len,
                      text_first=text_first, head_dim=head_dim, band=check_band(band))
     saving = np.asarray(cost.saving, dtype=np.float64)
     if "fp8" in candidates:
@@ -119,6 +120,12 @@ def candidate_savings(candidates, *, image_tokens: int, text_len: int, text_firs
                              f"(`ditfa_jax.cost_model.fp8_head_time`), got {fp8_head_ratio!r}")
         saving[candidates.index("fp8")] = 1.0 - float(fp8_head_ratio)
     return saving
+
+
+def flop_windows(windows) -> np.ndarray:
+    """Head windows as the tile schedule counts their FLOPs (:func:`pallas_kernels.plan_cost`): an FP8 head
+    computes every tile of a full head."""
+    return np.maximum(np.asarray(windows), FULL_WINDOW)
 
 
 def windows_from_choice(choice, candidates, n_img: int) -> np.ndarray:

@@ -51,8 +51,8 @@ from ditfa_jax.configs import MODEL_CLASSES, VAE_SCALE_FACTOR, config_from_dict,
 from ditfa_jax.family import families, family_of, layout_for
 from ditfa_jax.files import atomic_write
 from ditfa_jax.methods import (CACHED_WINDOW, DEFAULT_CANDIDATES, FP8_WINDOW, FULL_WINDOW, STEP_COMPUTE, STEP_HISTORY,
-                               STEP_KINDS,
-                               candidate_windows, check_band, check_candidates, method_window, step_kind_codes)
+                               STEP_KINDS, candidate_windows, check_band, check_candidates, flop_windows,
+                               method_window, step_kind_codes)
 from ditfa_jax.token_order import TOKEN_ORDERS
 import pallas_kernels
 from pallas_kernels.cost import PlanCost, plan_cost
@@ -504,7 +504,7 @@ class CompressionPlan:
     def cost(self, batch: int = 1) -> PlanCost:
         """Exact attention FLOPs per head with the plan's band, :class:`pallas_kernels.PlanCost` over
         [steps, layers, heads]; an FP8 head computes a full head's FLOPs."""
-        hw = np.maximum(self.head_window, FULL_WINDOW)
+        hw = flop_windows(self.head_window)
         uniq, inv = np.unique(hw, return_inverse=True)  # a head's cost depends on its window only
         pc = plan_cost(uniq, batch=batch, tokens=self.image_tokens + self.text_len, text_len=self.text_len,
                        text_first=self.text_first, head_dim=self.head_dim, band=self.band)

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ditfa_jax.files import atomic_write
+from ditfa_jax.methods import FP8_WINDOW
 from ditfa_jax.plan import CompressionPlan
 
 __all__ = ["save_heatmap"]
@@ -43,7 +44,7 @@ def _map_pixels(plan: CompressionPlan, data, cell: int) -> np.ndarray:
     cached = np.repeat(np.repeat(~plan.block_compute, cell, axis=0), cell, axis=1)
     big[cached] = _hatched(cached)[cached]
     lo, hi = cell // 3, cell - cell // 3
-    for step, layer in np.argwhere((plan.head_window == -2).any(axis=2)):
+    for step, layer in np.argwhere((plan.head_window == FP8_WINDOW).any(axis=2)):
         big[step * cell + lo:step * cell + hi, layer * cell + lo:layer * cell + hi] = _FP8_MARK
     return big
 
@@ -57,7 +58,7 @@ def _legend_items(plan: CompressionPlan) -> list[tuple[str, tuple | None]]:
     n = int((~plan.block_compute).sum())
     if n:
         items.append((f"cached block: {n} of {plan.computed_steps.size * plan.num_layers} on computed steps", None))
-    fp8 = plan.head_window == -2
+    fp8 = plan.head_window == FP8_WINDOW
     if fp8.any():
         items.append((f"FP8 heads: {int(fp8.sum())} in {int(fp8.any(axis=2).sum())} (step, layer)s", _FP8_MARK))
     return items

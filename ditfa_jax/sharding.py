@@ -170,8 +170,9 @@ def plan_head_costs(plan, layout, head_dim: int) -> np.ndarray:
     """Per (step, layer, head) the kernel's computed tiles of the plan's head windows (0 for a cached head; an FP8
     head counted as full), the cost model of `pallas_kernels.plan_cost`."""
     import pallas_kernels
+    from ditfa_jax.methods import flop_windows
 
-    cost = pallas_kernels.plan_cost(np.maximum(plan.head_window, -1), batch=1, tokens=layout.tokens,
+    cost = pallas_kernels.plan_cost(flop_windows(plan.head_window), batch=1, tokens=layout.tokens,
                                     text_len=layout.text_len, text_first=layout.text_first, head_dim=head_dim,
                                     band=tuple(plan.band))
     return cost.tiles.astype(np.float64)

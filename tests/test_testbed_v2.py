@@ -227,13 +227,14 @@ def test_sweep_runs_each_search_on_fewer_base_steps_too(pipe):
 
 def test_sweep_searches_fp8_heads_priced_at_the_cost_model(pipe):
     """The search "per-layer+fp8" prices every candidate at the cost model's layout (FP8's time is measured at real
-    sizes only); at FLUX-2K its FP8 heads pay, and the row reports their share."""
+    sizes only: at the testbed's own head size the search would be refused); at FLUX-2K prices and a small budget
+    it takes FP8 heads, and the row reports their share."""
     from ditfa_jax.testbed.quality import quality_sweep
 
     scenes = heldout_scenes(1, seed=5, objects=None, testbed="v2")
-    rows, _ = quality_sweep(pipe, scenes, ["a red circle"], [1e3], num_steps=3, include_global=False,
+    rows, _ = quality_sweep(pipe, scenes, ["a red circle"], [0.1], num_steps=3, include_global=False,
                             searches=("per-layer+fp8",), cost_model="h200-flux-dev-2048", timed=False,
                             progress=False)
     fp8 = rows[-1]
-    assert fp8["search"] == "per-layer+fp8" and 0.0 <= fp8["fp8_heads"] <= 1.0 and fp8["cost"] < 1.0
+    assert fp8["search"] == "per-layer+fp8" and 0.0 < fp8["fp8_heads"] < 1.0 and fp8["cost"] < 1.0
     assert rows[0]["fp8_heads"] == 0.0  # dense

@@ -21,7 +21,7 @@ from ditfa_jax.calibrate import METHOD_FAMILIES, least_error_plan, unified_plan
 from ditfa_jax.cost_model import (StepCostModel, attention_kept, gated_cost, get_cost_model, plan_cost,
                                   steps_cost)
 from ditfa_jax.denoise import DynamicGate
-from ditfa_jax.methods import DEFAULT_CANDIDATES, windows_from_choice
+from ditfa_jax.methods import DEFAULT_CANDIDATES, FP8_WINDOW, windows_from_choice
 from ditfa_jax.milp import solve_global
 from ditfa_jax.plan import CompressionPlan
 from ditfa_jax.testbed.features import frechet_score
@@ -140,7 +140,7 @@ def plan_work(plan: CompressionPlan | None) -> dict:
     computed = np.asarray(plan.step_kind) == 0
     blocks = np.asarray(plan.block_compute, bool)[computed]
     return {"steps_skipped": int((~computed).sum()), "blocks_cached": round(float(1 - blocks.mean()), 4),
-            "fp8_heads": round(float((plan.head_window[computed] == -2).mean()), 4)}
+            "fp8_heads": round(float((plan.head_window[computed] == FP8_WINDOW).mean()), 4)}
 
 
 def quality_sweep(pipe, scenes, calibration_captions: list[str], deltas, *, seeds_per_caption: int = 1,
