@@ -27,6 +27,7 @@ Usage (on the GPU machine, repository root):
       [--shapes FLUX-1K,FLUX-2K,SD3-1K] [--no-flex] [--budget-s 520]
       [--quick]  (plans full, arrow8, mixed, cached; no small checks or Triton variants; Flex arrow8 only)
       [--backends triton,mosaic_gpu]
+      [--carried-padding]  (only: SD3-1K called as it is and carried padded to 4432 tokens, as the model does)
 Writes bench.json and bench_log.txt under $OUT (or --out) and prints a short
 table last.
 """
@@ -423,6 +424,87 @@ def fp8_table():
                      f"{quantize.get(r['shape'], float('nan')):.3f} | {r['bf16_plan']} | "
                      f"{r['bf16_ms']:.3f} | {r['speedup_vs_bf16']:.2f} | "
                      f"{r['speedup_vs_cudnn'] or 0:.2f} | {'OK' if r['checks_ok'] else 'FAIL'} |")
+    return "\n" + "\n".join(lines)
+
+
+def bench_carried_padding(name, plans_to_run):
+    """A length that is not a multiple of 8 (SD3-1K: 4429) called as it is (the Mosaic backend pads q, k, v and
+    the cache by a copy) and carried padded, as the SD3 model does (``padding``, 4432 rows): every backend of
+    :data:`BACKEND_LIST` on every plan, and cuDNN dense on both (the padded one masks the padding keys). Each
+    carried call is checked first: output poisoned with NaN on computed heads, the real rows against the same
+    backend's unpadded call, the padding rows finite, cached heads bit for bit."""
+    batch, text_len, n_img, heads, d, text_first = SHAPES[name]
+    tokens = text_len + n_img
+    pad = -tokens % 8
+    if not pad:
+        log(f"{name}: a multiple of 8 already, nothing to carry")
+        return
+    ks = jax.random.split(jax.random.PRNGKey(7), 4)
+    q, k, v, cache = (rand(x, (batch, tokens + pad, heads, d), jnp.bfloat16) for x in ks)
+    real = (slice(None), slice(0, tokens))
+    kw = dict(text_len=text_len, text_first=text_first)
+    log(f"\n=== {name} carried padded: {tokens} -> {tokens + pad} tokens  [t={elapsed():.0f}s]")
+    lengths = jnp.full((batch,), tokens, jnp.int32)
+    dense = {"unpadded": (jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation=DENSE_IMPL)),
+                          real),
+             "carried": (jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
+                 q, k, v, key_value_seq_lengths=lengths, implementation=DENSE_IMPL)), (slice(None),) * 2)}
+    outs = {}
+    for form, (f, rows) in dense.items():
+        args = tuple(x[rows] for x in (q, k, v))
+        outs[form] = f(*args)
+        ms, lo, hi, n = time_jax(f, args)
+        record(shape=name, plan="full", impl=f"cudnn/{form}", ms=ms, lo=lo, hi=hi, carried=form == "carried")
+        log(f"{name} cudnn {form:9s}: {ms:.3f} ms [{lo:.3f}-{hi:.3f} n={n}]")
+    e = rel_err(outs["carried"][real], outs["unpadded"])
+    RESULTS["checks"].append(dict(kind="carried-cudnn", shape=name, rel_err=e, ok=e <= 1e-2))
+    log(f"check {name} cudnn carried vs unpadded: {e:.2e} {'OK' if e <= 1e-2 else 'FAIL'}")
+    del outs
+    plans = {p: hw for p, hw in plans_for(n_img, heads).items() if p in plans_to_run}
+    for backend in BACKEND_LIST:
+        config = (pk.MosaicConfig(interpret=INTERPRET) if backend == "mosaic_gpu"
+                  else pk.TritonConfig(interpret=INTERPRET))
+        calls = {form: jax.jit(functools.partial(pk.headwise_attention, backend=backend, config=config,
+                                                 padding=pad if form == "carried" else 0, **kw),
+                               donate_argnums=(4,))
+                 for form in ("unpadded", "carried")}
+        for plan, hw in plans.items():
+            computed = hw != 0
+            poison = jnp.where(jnp.asarray(computed)[None, None, :, None], jnp.nan, cache)
+            want = calls["unpadded"](*(x[real] for x in (q, k, v)), jnp.asarray(hw), jnp.copy(poison[real]))
+            got = calls["carried"](q, k, v, jnp.asarray(hw), jnp.copy(poison))
+            e = rel_err(got[real][:, :, computed], want[:, :, computed]) if computed.any() else 0.0
+            ok = (e <= 1e-2 and bool(jnp.all(jnp.isfinite(got[:, :, computed])))
+                  and same_bits(got[:, :, ~computed], cache[:, :, ~computed]))
+            RESULTS["checks"].append(dict(kind="carried", shape=name, plan=plan, impl=backend, rel_err=e, ok=ok))
+            del got, want
+            times = {}
+            for form, rows in (("unpadded", real), ("carried", (slice(None),) * 2)):
+                args = (*(x[rows] for x in (q, k, v)), jnp.asarray(hw), jnp.copy(cache[rows]))
+                times[form] = time_jax(calls[form], args, chain=4)
+                record(shape=name, plan=plan, impl=f"{backend}/{form}", ms=times[form][0], lo=times[form][1],
+                       hi=times[form][2], carried=form == "carried", checks_ok=ok)
+            log(f"{name} {plan:8s} {backend:10s}: unpadded {times['unpadded'][0]:.3f} ms, carried "
+                f"{times['carried'][0]:.3f} ms ({times['unpadded'][0] / times['carried'][0]:.2f}x); check "
+                f"{e:.2e} {'OK' if ok else 'FAIL'}")
+
+
+def carried_table():
+    recs = [r for r in RESULTS["records"] if "carried" in r]
+    if not recs:
+        return ""
+    ms = {(r["shape"], r["plan"], r["impl"]): r["ms"] for r in recs}
+    lines = ["| shape | plan | impl | unpadded ms | carried ms | speed-up | carried x cuDNN unpadded | checks |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (shape, plan, impl), t in ms.items():
+        base, form = impl.rsplit("/", 1)
+        if form != "carried":
+            continue
+        before, cudnn = ms.get((shape, plan, f"{base}/unpadded")), ms.get((shape, "full", "cudnn/unpadded"))
+        ok = all(c["ok"] for c in RESULTS["checks"] if c.get("kind") in ("carried", "carried-cudnn")
+                 and c["shape"] == shape and c.get("plan", plan) == plan and c.get("impl", base) == base)
+        lines.append(f"| {shape} | {plan} | {base} | {before:.3f} | {t:.3f} | {before / t:.2f} | "
+                     f"{cudnn / t if plan == 'full' else float('nan'):.2f} | {'OK' if ok else 'FAIL'} |")
     return "\n" + "\n".join(lines)
 
 
@@ -1068,6 +1150,8 @@ if __name__ == "__main__":
     ap.add_argument("--backends", default=",".join(BACKEND_LIST), help="ours to run: triton, mosaic_gpu")
     ap.add_argument("--plans", default=",".join(QUICK_PLANS), help="with --quick: the plans to time")
     ap.add_argument("--fp8", action="store_true", help="also FP8 heads (mosaic_gpu): " + ", ".join(FP8_PLANS))
+    ap.add_argument("--carried-padding", action="store_true",
+                    help="only: shapes not a multiple of 8 tokens called as they are and carried padded (SD3)")
     ap.add_argument("--mosaic-variants", default="default",
                     help="mosaic_gpu launch variants to time: " + ", ".join(MOSAIC_VARIANTS)
                          + " (default: persistent, one program per SM walking the work list; grid: one program per "
@@ -1098,7 +1182,14 @@ if __name__ == "__main__":
         small_checks()
     states = {}
     sweep_shapes = [s for s in args.sweep.split(",") if s]
-    for name in args.shapes.split(","):
+    for name in args.shapes.split(",") if args.carried_padding else ():
+        try:
+            bench_carried_padding(name, args.plans.split(","))
+        except Exception as ex:
+            log(f"{name} carried FAILED: {type(ex).__name__}: {str(ex)[:800]}")
+            traceback.print_exc()
+        save()
+    for name in args.shapes.split(",") if not args.carried_padding else ():
         if elapsed() > args.budget_s * 0.75:
             log(f"{name}: skipped (time)")
             continue
@@ -1121,4 +1212,5 @@ if __name__ == "__main__":
     log(table())
     log(backend_table())
     log(fp8_table())
+    log(carried_table())
     save()

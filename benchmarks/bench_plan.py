@@ -185,7 +185,7 @@ def bench_sampler(model, px: int, steps: int, backend: str | None = None, fp8: b
     head in FP8 and the ~60 % plan with its full heads in FP8 (window -2), each with the time the search's FP8
     model predicts (`ditfa_jax.cost_model.fp8_head_time`, at this size) from this run's dense attention time."""
     cfg = model.config
-    rows = px // 16
+    layout = layout_for(cfg, height=px, width=px, text_len=TEXT, vae_scale_factor=8)
     attention_ms = dense_attention_ms(cfg, px) * cfg.total_layers
     dense_ms = None
     targets = (None, 0.60, "fp8", "~60 % fp8") if fp8 else (None, 0.60, 0.45, 0.32)
@@ -214,9 +214,9 @@ def bench_sampler(model, px: int, steps: int, backend: str | None = None, fp8: b
                speedup_vs_dense=round(dense_ms / ms, 3), amdahl_bound=round(bound, 3), bound_from=predicted_by,
                of_bound=round(dense_ms / ms / bound, 3), dense_attention_ms_per_step=round(attention_ms, 2),
                first_call_s=round(first, 2), mosaic_fields=MOSAIC_FIELDS or None,
-               model=type(cfg).model_class,
-               cache_gb=0.0 if plan is None else round(cache_bytes(cfg, model_batch(cfg), rows * rows + TEXT) / 1e9,
-                                                       2))
+               model=type(cfg).model_class, attention_tokens=layout.attention_tokens,
+               cache_gb=0.0 if plan is None else round(
+                   cache_bytes(cfg, model_batch(cfg), layout.attention_tokens) / 1e9, 2))
 
 
 def step_method_plans(cfg, *, px: int, steps: int) -> dict:
@@ -471,6 +471,9 @@ def main() -> None:
     parser.add_argument("--fp8", action="store_true", help="with --sampler: also plans with FP8 heads")
     parser.add_argument("--family", default="flux", choices=sorted(FAMILIES),
                         help="with --sampler: FLUX.1-dev (default) or SD3-medium (1024^2: 4096 + 333 tokens, CFG)")
+    parser.add_argument("--sd3-token-multiple", type=int, default=None,
+                        help="with --family sd3: pad the joint attention to a multiple of this many tokens "
+                             "(ditfa_jax.models.sd3.JOINT_TOKEN_MULTIPLE, default 8; 1: unpadded, the kernel copies)")
     parser.add_argument("--mosaic-fields", default="",
                         help="MosaicConfig fields replacing the mosaic_gpu backend's defaults in every call, e.g. "
                              "'prefetch_q=False' (a kernel variant end to end)")
@@ -489,6 +492,10 @@ def main() -> None:
     config, TEXT, GUIDANCE = FAMILIES[args.family]
     if args.mosaic_fields:
         use_mosaic_fields(args.mosaic_fields)
+    if args.sd3_token_multiple is not None:
+        from ditfa_jax.models import sd3
+
+        sd3.JOINT_TOKEN_MULTIPLE = args.sd3_token_multiple
     cache_dir = os.path.join(os.environ.get("OUT", "/tmp"), "..", "jax_cache")
     jax.config.update("jax_compilation_cache_dir", os.path.abspath(cache_dir))
     model = random_model(config)
@@ -541,13 +548,14 @@ def main() -> None:
 
 def print_tables() -> None:
     if any(r["kind"] == "sampler" for r in RESULTS):
-        print("\n| model | sampler size | backend | plan | attention FLOPs kept | ms/step | speedup vs dense | "
-              "Amdahl bound | of bound |")
-        print("|---|---|---|---|---|---|---|---|---|")
+        print("\n| model | sampler size | attention tokens | backend | plan | attention FLOPs kept | ms/step | "
+              "speedup vs dense | Amdahl bound | of bound |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
     for r in RESULTS:
         if r["kind"] == "sampler":
-            print(f"| {r['model']} | {r['px']}^2 | {r['backend']} | {r['plan']} | {r['attention_flops_kept']:.3f} | "
-                  f"{r['ms_per_step']} | {r['speedup_vs_dense']} | {r['amdahl_bound']} | {r['of_bound']} |")
+            print(f"| {r['model']} | {r['px']}^2 | {r['attention_tokens']} | {r['backend']} | {r['plan']} | "
+                  f"{r['attention_flops_kept']:.3f} | {r['ms_per_step']} | {r['speedup_vs_dense']} | "
+                  f"{r['amdahl_bound']} | {r['of_bound']} |")
     if any(r["kind"] == "step_methods" for r in RESULTS):
         print("\n| size | step-level plan | ms/step | speed-up vs dense | predicted (cost model) | skipped steps |")
         print("|---|---|---|---|---|---|")

@@ -1,7 +1,9 @@
 """The one attention entry point every MMDiT block calls.
 
 `joint_attention` takes q, k, v in [batch, tokens, heads, head_dim] plus where the text tokens sit (`text_len`,
-`text_first`). Without a plan every head is exact attention through `dense_attention`:
+`text_first`) and how many tokens at the end are padding (`padding`: SD3 carries its joint sequence padded to a
+multiple of 8 tokens, which the Mosaic GPU kernel's TMA needs; no query attends to a padding key). Without a plan
+every head is exact attention through `dense_attention`:
 
 * ``"xla"``: plain softmax attention in XLA (any device; fp32 math for the softmax);
 * ``"cudnn"``: `jax.nn.dot_product_attention(implementation="cudnn")` (GPU, bf16/fp16);
@@ -57,33 +59,41 @@ def default_implementation(dtype) -> str:
     return "cudnn" if on_gpu and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "xla"
 
 
-def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """Exact softmax attention with fp32 logits and softmax; [B, T, H, D] in and out."""
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, padding: int = 0) -> jax.Array:
+    """Exact softmax attention with fp32 logits and softmax; [B, T, H, D] in and out; the last `padding` keys
+    masked."""
     scale = 1.0 / (q.shape[-1] ** 0.5)
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    if padding:
+        logits = jnp.where(jnp.arange(k.shape[1]) < k.shape[1] - padding, logits, -jnp.inf)
     probs = jax.nn.softmax(logits, axis=-1)
     out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return out.astype(q.dtype)
 
 
-def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "auto") -> jax.Array:
-    """Exact attention of every head through cuDNN or XLA ("auto": cuDNN for half precision on a GPU)."""
+def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "auto",
+                    padding: int = 0) -> jax.Array:
+    """Exact attention of every head through cuDNN or XLA ("auto": cuDNN for half precision on a GPU); the last
+    `padding` keys masked (q may have fewer rows than k and v)."""
     if implementation == "auto":
         implementation = default_implementation(q.dtype)
     if implementation == "cudnn":
-        return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
-    return xla_attention(q, k, v)
+        lengths = None
+        if padding:
+            lengths = jnp.full((k.shape[0],), k.shape[1] - padding, jnp.int32)
+        return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation="cudnn")
+    return xla_attention(q, k, v, padding)
 
 
-def headwise(q, k, v, head_window, cache, *, text_len: int, text_first: bool,
+def headwise(q, k, v, head_window, cache, *, text_len: int, text_first: bool, padding: int = 0,
              settings: AttentionSettings = AttentionSettings(), query_tiles=None) -> jax.Array:
     """The head-wise kernel on one layer (no shortcut): the backend `settings` names or the device's default;
-    ``query_tiles`` as in `pallas_kernels.headwise_attention`."""
+    ``query_tiles`` and ``padding`` as in `pallas_kernels.headwise_attention`."""
     import pallas_kernels  # deferred: the kernel package is only needed with a plan
 
     return pallas_kernels.headwise_attention(q, k, v, head_window, cache, text_len=text_len, text_first=text_first,
                                              band=settings.band, backend=settings.backend, query_tiles=query_tiles,
-                                             fp8=settings.fp8)
+                                             fp8=settings.fp8, padding=padding)
 
 
 def joint_attention(
@@ -93,6 +103,7 @@ def joint_attention(
     *,
     text_len: int,
     text_first: bool,
+    padding: int = 0,
     head_window: jax.Array | None = None,
     cache: jax.Array | None = None,
     head_order: jax.Array | None = None,
@@ -110,23 +121,24 @@ def joint_attention(
         raise ValueError(
             f"joint_attention expects q, k, v of one shape [batch, tokens, heads, head_dim]; got q {q.shape}, "
             f"k {k.shape}, v {v.shape}")
-    if not 0 <= text_len <= q.shape[1]:
-        raise ValueError(f"text_len={text_len} must lie in [0, tokens={q.shape[1]}]")
+    if not 0 <= text_len <= q.shape[1] - padding:
+        raise ValueError(f"text_len={text_len} must lie in [0, tokens={q.shape[1]} - padding={padding}]")
     if sharding.is_parallel(settings.mesh):
         local = dataclasses.replace(settings, mesh=None)
 
         def attend(q, k, v, head_window, cache):
-            return joint_attention(q, k, v, text_len=text_len, text_first=text_first, head_window=head_window,
-                                   cache=cache, settings=local)
+            return joint_attention(q, k, v, text_len=text_len, text_first=text_first, padding=padding,
+                                   head_window=head_window, cache=cache, settings=local)
 
         return sharding.head_parallel(attend, settings.mesh, q, k, v, head_window, cache, head_order)
     if head_window is None:
-        return dense_attention(q, k, v, settings.implementation)
+        return dense_attention(q, k, v, settings.implementation, padding)
 
     def compressed():
-        return headwise(q, k, v, head_window, cache, text_len=text_len, text_first=text_first, settings=settings)
+        return headwise(q, k, v, head_window, cache, text_len=text_len, text_first=text_first, padding=padding,
+                        settings=settings)
 
     if not settings.shortcuts:
         return compressed()
-    return jax.lax.cond(jnp.all(head_window == -1), lambda: dense_attention(q, k, v, settings.implementation),
-                        compressed)
+    return jax.lax.cond(jnp.all(head_window == -1),
+                        lambda: dense_attention(q, k, v, settings.implementation, padding), compressed)

@@ -201,7 +201,8 @@ class _LayerRunner:
                  query_stride: int = 1):
         self.graphdef, self.state = nnx.split(stack)
         graphdef = self.graphdef
-        where = dict(text_len=layout.text_len, text_first=layout.text_first)
+        where = dict(text_len=layout.text_len, text_first=layout.text_first, padding=layout.padding)
+        real = layout.tokens  # the RSE leaves the padding rows out
 
         @model_jit
         def exact(state, index, carry, temb, rope):
@@ -219,11 +220,11 @@ class _LayerRunner:
             block = nnx.merge(graphdef, _layer_state(state, index))
             ctx, (q, k, v) = attention_inputs(block, carry, temb, rope)
             heads = q.shape[2]
-            y_full = dense_attention(q, k, v, settings.implementation)
+            y_full = dense_attention(q, k, v, settings.implementation, layout.padding)
             outs = jnp.stack([y_full] + [headwise(q, k, v, jnp.full((heads,), w, jnp.int32), None, **where,
                                                   settings=settings) if w != CACHED_WINDOW else prev_out
                                          for w in windows])
-            return head_rse(outs[1:], y_full, rse_over_prompts), (ctx, outs)
+            return head_rse(outs[1:, :, :real], y_full[:, :real], rse_over_prompts), (ctx, outs)
 
         @model_jit(static_argnames="all_exact")
         def apply(state, index, carry, probed, choice, prev_out, all_exact):
@@ -247,7 +248,7 @@ class _LayerRunner:
 
 def _sampled_probe_apply(graphdef, layout: TokenLayout, windows, settings: AttentionSettings, stride: int):
     """`_LayerRunner`'s probe and apply when the RSE is measured on every ``stride``-th band query tile."""
-    where = dict(text_len=layout.text_len, text_first=layout.text_first)
+    where = dict(text_len=layout.text_len, text_first=layout.text_first, padding=layout.padding)
     tiles = sampled_query_tiles(layout, settings.band[0], stride)
     rows = np.flatnonzero(pallas_kernels.schedule.query_rows(tiles, tokens=layout.tokens, band_q=settings.band[0]))
     window_of = np.asarray((-1, *windows), np.int32)  # choice code (0 exact, m + 1 candidate m) -> head window
@@ -257,7 +258,7 @@ def _sampled_probe_apply(graphdef, layout: TokenLayout, windows, settings: Atten
         block = nnx.merge(graphdef, _layer_state(state, index))
         ctx, (q, k, v) = attention_inputs(block, carry, temb, rope)
         heads = q.shape[2]
-        y_full = dense_attention(q[:, rows], k, v, settings.implementation)
+        y_full = dense_attention(q[:, rows], k, v, settings.implementation, layout.padding)
         outs = jnp.stack([headwise(q, k, v, jnp.full((heads,), w, jnp.int32), None, **where, settings=settings,
                                    query_tiles=jnp.asarray(tiles))[:, rows] if w != CACHED_WINDOW
                           else prev_out[:, rows] for w in windows])
@@ -267,7 +268,7 @@ def _sampled_probe_apply(graphdef, layout: TokenLayout, windows, settings: Atten
     def apply(state, index, carry, probed, choice, prev_out, all_exact):
         block = nnx.merge(graphdef, _layer_state(state, index))
         ctx, (q, k, v) = probed
-        out = (dense_attention(q, k, v, settings.implementation) if all_exact  # as the sampler runs such a layer
+        out = (dense_attention(q, k, v, settings.implementation, layout.padding) if all_exact  # as the sampler does
                else headwise(q, k, v, jnp.asarray(window_of)[choice], prev_out, **where, settings=settings))
         return block.finish(carry, ctx, out), out
 
@@ -442,7 +443,7 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
         return jnp.stack([velocity_rse(p, v) for p in preds]), jnp.stack(preds)
 
     if cache_on_host is None:
-        cache_on_host = _cache_exceeds_device(cache_bytes(cfg, run.batch, tokens, model.dtype))
+        cache_on_host = _cache_exceeds_device(cache_bytes(cfg, run.batch, layout.attention_tokens, model.dtype))
     caches = _LayerCaches(cfg.total_layers, run.batch, cache_on_host, mesh)
     head_window = np.full((num_steps, cfg.total_layers, heads), -1, np.int32)
     rse_used = np.zeros((num_steps, cfg.total_layers))

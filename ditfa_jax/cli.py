@@ -353,7 +353,7 @@ def cmd_sample(args) -> int:
               "plan": args.plan, "fp8": fp8,
               "attention_flops_kept": None if plan is None else round(plan.flops_kept_fraction(), 4),
               "attention_cache_mb": 0.0 if plan is None else round(cache_bytes(
-                  cfg, cfg_batch, layout.tokens, model.dtype) / 2 ** 20, 2),
+                  cfg, cfg_batch, layout.attention_tokens, model.dtype) / 2 ** 20, 2),
               "first_call_s": round(timings[0], 3), "second_call_s": round(timings[1], 3),
               "final_latents_std": float(jnp.std(final)), "device": str(jax.devices()[0])}
     if mesh is not None:

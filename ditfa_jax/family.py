@@ -28,12 +28,14 @@ GUIDANCE_KINDS = ("none", "distilled", "cfg")  # no guidance; a guidance embeddi
 
 @dataclasses.dataclass(frozen=True)
 class TokenLayout:
-    """Where a run's tokens sit in the joint sequence: the image-token grid (rows, cols) and the text length.
+    """Where a run's tokens sit in the joint sequence: the image-token grid (rows, cols), the text length, and
+    the padding tokens the family appends to the joint sequence for attention (`ModelFamily.token_padding`).
 
     Static under jit (a hashable dataclass): every shape of a run follows from it and the model config."""
     grid: tuple[int, int]
     text_len: int
     text_first: bool
+    padding: int = 0
 
     @property
     def image_tokens(self) -> int:
@@ -41,7 +43,13 @@ class TokenLayout:
 
     @property
     def tokens(self) -> int:
+        """Real tokens: image and text."""
         return self.image_tokens + self.text_len
+
+    @property
+    def attention_tokens(self) -> int:
+        """Rows of q, k, v and of the attention cache: the real tokens and the padding."""
+        return self.tokens + self.padding
 
 
 class ModelFamily(Protocol):
@@ -65,6 +73,10 @@ class ModelFamily(Protocol):
 
     def latent_multiple(self, config) -> int:
         """Latent cells per image token along each side (a latent size must be a multiple of it)."""
+
+    def token_padding(self, tokens: int) -> int:
+        """Padding tokens the module appends to a joint sequence of `tokens` real ones for attention (masked as
+        keys; SD3 rounds up to a multiple of 8 so that the Mosaic GPU kernel needs no copy), 0 for none."""
 
     def latent_shape(self, config, grid: tuple[int, int]) -> tuple[int, ...]:
         """One sample's latent as the sampler carries it (without the batch axis)."""
@@ -118,4 +130,5 @@ def layout_for(config, *, height: int, width: int, text_len: int, vae_scale_fact
             raise ValueError(f"{name}: {fam.name} at vae_scale_factor {vae_scale_factor} needs a positive multiple "
                              f"of {step} pixels, got {v!r}")
     grid = fam.token_grid(config, height // vae_scale_factor, width // vae_scale_factor)
-    return TokenLayout(grid=grid, text_len=int(text_len), text_first=fam.text_first)
+    return TokenLayout(grid=grid, text_len=int(text_len), text_first=fam.text_first,
+                       padding=fam.token_padding(grid[0] * grid[1] + int(text_len)))

@@ -92,9 +92,10 @@ def sample(model: Transformer, latents, prompt_embeds, pooled_prompt_embeds, *, 
         cfg = family_of(model.config).guidance(model.config) == "cfg" and guidance_scale > 1
         batch = latents.shape[0] * (2 if cfg else 1)
         check_fits(state_bytes(model.state) + activation_bytes(model.config, batch, layout.tokens, model.dtype)
-                   + (cache_bytes(model.config, batch, layout.tokens, model.dtype) if compressed else 0)
+                   + (cache_bytes(model.config, batch, layout.attention_tokens, model.dtype) if compressed else 0)
                    # block residuals: a carry per layer, as large as the attention cache
-                   + (cache_bytes(model.config, batch, layout.tokens, model.dtype) if blocks_on or gate is not None else 0),
+                   + (cache_bytes(model.config, batch, layout.tokens, model.dtype) if blocks_on or gate is not None
+                      else 0),
                    f"sampling {latents.shape[0]} x {height}x{width} (parameters + activations)", host=False)
     run = prepare_run(model.config, prompt_embeds, pooled_prompt_embeds, height=height, width=width,
                       num_steps=num_steps, guidance_scale=guidance_scale,
@@ -115,7 +116,8 @@ def sample(model: Transformer, latents, prompt_embeds, pooled_prompt_embeds, *, 
         check_plan_layers(model, plan)
         if compressed:
             windows = jnp.asarray(plan.head_window, jnp.int32)
-            cache_spec = (cache_shape(model.config, run.batch, run.layout.tokens), jnp.dtype(model.dtype).name)
+            cache_spec = (cache_shape(model.config, run.batch, run.layout.attention_tokens),
+                          jnp.dtype(model.dtype).name)
             settings = dataclasses.replace(settings, band=tuple(plan.band), fp8=plan.uses_fp8_heads)
             if mesh is not None and balance and mesh.shape[sharding.HEADS] > 1:
                 costs = sharding.plan_head_costs(plan, run.layout, model.config.attention_head_dim)

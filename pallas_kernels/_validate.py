@@ -41,7 +41,7 @@ def resolve_band(band, head_dim: int) -> tuple[int, int]:
     return check_block("band (band_q)", band[0]), check_block("band (band_k)", band[1])
 
 
-def validate(q, k, v, head_window, cache, *, text_len, text_first, band, query_tiles=None, fp8=False):
+def validate(q, k, v, head_window, cache, *, text_len, text_first, band, query_tiles=None, fp8=False, padding=0):
     """Checks the arguments; returns ``(head_window_int32, band)``, ``band``
     resolved to its default when None.
 
@@ -73,6 +73,13 @@ def validate(q, k, v, head_window, cache, *, text_len, text_first, band, query_t
         raise ValueError(f"text_len={text_len}: expected 0 <= text_len <= tokens={tokens} (q shape {q_shape})")
     if not isinstance(text_first, (bool, np.bool_)):
         raise ValueError(f"text_first: expected a static bool, got {type(text_first).__name__}")
+
+    if not isinstance(padding, (int, np.integer)) or isinstance(padding, bool) or not 0 <= padding < 8:
+        raise ValueError(f"padding: expected a static int in [0, 8) (a length rounded up to a multiple of 8), "
+                         f"got {padding!r}")
+    if padding and (tokens % 8 or int(text_len) + padding > tokens or padding >= tokens):
+        raise ValueError(f"padding={padding}: q {q_shape} must carry a multiple of 8 tokens that holds "
+                         f"text_len={text_len} real text tokens and at least one real token besides the padding")
 
     band = resolve_band(band, head_dim)
 

@@ -12,7 +12,9 @@ is an object with
   automatic choice and None when the caller names the backend (it may then run
   emulated, e.g. Triton's interpret mode on a CPU);
 * ``__call__(q, k, v, head_window, cache, *, text_len, text_first, band,
-  config)`` on validated arguments;
+  config, padding)`` on validated arguments, ``text_len`` as the schedule
+  takes it (:func:`pallas_kernels.schedule.padded_text_len`) and the last
+  ``padding`` keys masked;
 * ``skips_query_tiles`` (optional, default False): True when ``__call__`` also
   takes ``query_tiles`` and computes only those tiles; for the others
   :func:`headwise_attention` computes every tile and keeps the selected rows;
@@ -59,7 +61,8 @@ class Backend(Protocol):
 
     def supports(self, q_shape: tuple[int, ...], dtype, band: tuple[int, int], platform: str | None) -> str | None: ...
 
-    def __call__(self, q, k, v, head_window, cache, *, text_len, text_first, band, config) -> jax.Array: ...
+    def __call__(self, q, k, v, head_window, cache, *, text_len, text_first, band, config, padding=0) -> jax.Array:
+        ...
 
 
 # In order of preference for the automatic choice.
@@ -136,6 +139,7 @@ def headwise_attention(
     config=None,
     query_tiles=None,
     fp8: bool = False,
+    padding: int = 0,
 ) -> jax.Array:
     """Joint attention where each head is full, arrow or cached.
 
@@ -169,13 +173,19 @@ def headwise_attention(
       fp8: (static) heads of window -2 run in FP8, on a backend that can
         (``runs_fp8``: "mosaic_gpu", "xla"); without it a concrete -2 raises
         ValueError and a traced one computes as full.
+      padding: (static) the last ``padding`` tokens (fewer than 8, of a
+        multiple of 8) are padding: no query attends to them, and they extend
+        the region they end (:mod:`pallas_kernels.schedule`).  A caller that
+        carries its sequence padded so saves the Mosaic GPU backend a copy of
+        q, k, v and the cache at a length TMA cannot tile (SD3's 4096 + 333).
+        ``text_len`` counts the real text tokens only.
 
     Returns:
       ``[batch, tokens, heads, head_dim]`` in q's dtype; softmax scale
       ``1/sqrt(head_dim)``.
     """
     hw, band = validate(q, k, v, head_window, cache, text_len=text_len, text_first=text_first, band=band,
-                        query_tiles=query_tiles, fp8=fp8)
+                        query_tiles=query_tiles, fp8=fp8, padding=padding)
     chosen = _select(backend, config, tuple(q.shape), q.dtype, band, fp8=bool(fp8))
     if config is None:
         config = chosen.default_config(tuple(q.shape), q.dtype, band)
@@ -183,7 +193,10 @@ def headwise_attention(
         raise ValueError(
             f"config: backend {chosen.name!r} takes a {chosen.config_type.__name__}, got {type(config).__name__}"
         )
-    kw = dict(text_len=text_len, text_first=text_first, band=band, config=config)
+    kw = dict(text_len=schedule.padded_text_len(int(text_len), bool(text_first), int(padding)),
+              text_first=text_first, band=band, config=config)
+    if padding:
+        kw["padding"] = int(padding)
     if fp8:
         kw["fp8"] = True
     if query_tiles is None:
@@ -197,8 +210,8 @@ def headwise_attention(
 
 def reference_headwise_attention(
     q, k, v, head_window, cache=None, *, text_len: int, text_first: bool, band: tuple[int, int] | None = None,
-    fp8: bool = False,
+    fp8: bool = False, padding: int = 0,
 ) -> jax.Array:
     """:func:`headwise_attention` on backend "xla" (dense, any platform)."""
     return headwise_attention(q, k, v, head_window, cache, text_len=text_len, text_first=text_first, band=band,
-                              backend="xla", fp8=fp8)
+                              backend="xla", fp8=fp8, padding=padding)

@@ -49,8 +49,9 @@ to the ``P V`` wgmma through SMEM (Mosaic GPU finds no register layout for an
 
 TMA moves tiles in groups of 8 token rows (the SMEM tiling), so a token
 count that is not a multiple of 8 (SD3: 4096 + 333) is padded to one outside
-the kernel (a copy of q, k, v and the cache, and a slice of the output); the
-padding keys are masked like any key past ``tokens``.  Off a GPU it runs in
+the kernel (a copy of q, k, v and the cache, and a slice of the output),
+unless the caller carries its sequence so padded (``padding``: the SD3 model
+does); the padding keys are masked in the last key tile.  Off a GPU it runs in
 Mosaic GPU interpret mode, where plain dots replace wgmma (the interpreter
 does not run wgmma accumulators).
 """
@@ -162,7 +163,7 @@ class MosaicBackend:
         return None
 
     def __call__(self, q, k, v, head_window, cache, *, text_len, text_first, band, config, query_tiles=None,
-                 fp8=False):
+                 fp8=False, padding=0):
         """Validated arguments (``head_window`` int32, ``band`` a pair) -> output; ``fp8``: heads of window
         :data:`pallas_kernels.fp8.FP8_WINDOW` run in FP8 (a second launch)."""
         config = config or MosaicConfig()
@@ -175,7 +176,7 @@ class MosaicBackend:
             band=tuple(band),
             block_k=cfg.block_k, num_stages=cfg.num_stages, pingpong=cfg.pingpong,
             num_programs=cfg.num_programs if cfg.persistent else None, prefetch_q=cfg.prefetch_q,
-            fp8=bool(fp8), fp8_stages=fp8_stages, interpret=bool(cfg.interpret),
+            fp8=bool(fp8), fp8_stages=fp8_stages, interpret=bool(cfg.interpret), padding=int(padding),
         )
 
     def _complete(self, config, q_shape, band) -> MosaicConfig:
@@ -254,8 +255,9 @@ class ItemTiles(NamedTuple):
         return self.n_a + self.n_c
 
 
-def item_tiles(pair, w, *, tokens, text_len, text_first, band, block_k) -> ItemTiles:
-    """:class:`ItemTiles` of query pair ``pair`` (128 rows) of a head with window ``w`` (scalars or arrays).
+def item_tiles(pair, w, *, tokens, text_len, text_first, band, block_k, key_tokens=None) -> ItemTiles:
+    """:class:`ItemTiles` of query pair ``pair`` (128 rows) of a head with window ``w`` (scalars or arrays);
+    keys from ``key_tokens`` (default ``tokens``) on are padding.
 
     The ranges come from :func:`pallas_kernels.schedule.kv_tile_ranges` in tiles of ``fine = min(block_k,
     band_k)`` keys.  With ``block_k > band_k`` two touching ranges are merged (they could share a key tile) and
@@ -270,7 +272,7 @@ def item_tiles(pair, w, *, tokens, text_len, text_first, band, block_k) -> ItemT
         t0, t1 = jnp.where(touch, jnp.minimum(t0, b0), t0), jnp.where(touch, jnp.maximum(t1, b1), t1)
         b0, b1 = jnp.where(touch, 0, b0), jnp.where(touch, 0, b1)
     nk = schedule.num_tiles(tokens, block_k)
-    last_valid = tokens - (nk - 1) * block_k  # real keys in the last key tile
+    last_valid = (tokens if key_tokens is None else key_tokens) - (nk - 1) * block_k  # real keys in the last tile
 
     def widen(x0, x1):  # fine tiles [x0, x1) -> (first tile, count, lo, hi) in block_k tiles
         first, end = x0 // ratio, (x1 + ratio - 1) // ratio
@@ -339,8 +341,8 @@ def _program_items(program, num_programs, n_full, n_arrow):
 
 
 def _kernel(
-    *refs, tokens, text_len, text_first, band, block_k, num_stages, pingpong, persistent, q_buffers, q_rotation,
-    fp8, interpret,
+    *refs, tokens, key_tokens, text_len, text_first, band, block_k, num_stages, pingpong, persistent, q_buffers,
+    q_rotation, fp8, interpret,
 ):
     if persistent:
         work_ref, *refs = refs
@@ -353,7 +355,7 @@ def _kernel(
     p_dtype, out_dtype = q_ref.dtype, o_ref.dtype  # P goes into the P V matmul in the dtype of the operands
     n_prog = schedule.num_tiles(tokens, _PROGRAM_Q)
     coarse = block_k > band[1]  # a range may start or end mid-tile
-    ragged = tokens % block_k != 0  # the last key tile holds padding
+    ragged = key_tokens % block_k != 0  # the last key tile holds padding
     qk_scale = _LOG2E / math.sqrt(head_dim)
 
     program = lax.axis_index("programs")
@@ -377,7 +379,7 @@ def _kernel(
         """(batch, head, query pair, :class:`ItemTiles`) of this program's r-th item."""
         b, h, p = item_index(r)
         tiles = item_tiles(p, hw_ref[h], tokens=tokens, text_len=text_len, text_first=text_first, band=band,
-                           block_k=block_k)
+                           block_k=block_k, key_tokens=key_tokens)
         return b, h, p, tiles
 
     def key_tile(tiles, i):  # step i runs range A, then range C
@@ -557,24 +559,28 @@ def _kernel(
 @functools.partial(
     jax.jit,
     static_argnames=("text_len", "text_first", "band", "block_k", "num_stages", "pingpong", "num_programs",
-                     "prefetch_q", "fp8", "fp8_stages", "interpret"),
+                     "prefetch_q", "fp8", "fp8_stages", "interpret", "padding"),
 )
 def _headwise_jit(
     q, k, v, hw, cache, query_tiles, *, text_len, text_first, band, block_k, num_stages, pingpong, num_programs,
-    prefetch_q, fp8, fp8_stages, interpret
+    prefetch_q, fp8, fp8_stages, interpret, padding=0
 ):
     """The call: one launch for the bf16/fp16 heads, and with ``fp8`` a second one for the FP8 heads (window
-    :data:`fp8_ops.FP8_WINDOW`), run only when a head has that window, writing into the first one's output."""
-    tokens = q.shape[1]
+    :data:`fp8_ops.FP8_WINDOW`), run only when a head has that window, writing into the first one's output.
+    ``text_len`` is the schedule's (it counts ``padding`` when text is last)."""
+    real = q.shape[1]
     if cache is None:
         hw = jnp.where(hw == 0, -1, hw)  # documented: no cache -> full
         if query_tiles is not None or fp8:
             cache = jnp.zeros_like(q)  # the rows of unselected query tiles; the FP8 heads' until they are written
+    # TMA views the token axis in groups of 8 rows (the SMEM tiling): other lengths are padded here (one copy of
+    # q, k, v and the cache), as a caller that carries `padding` has done once for every call.
+    pad = (-real) % 8
+    tokens = real + pad
+    text_len = schedule.padded_text_len(text_len, text_first, pad)
     common = dict(text_len=text_len, text_first=text_first, band=band, block_k=block_k, pingpong=pingpong,
-                  num_programs=num_programs, prefetch_q=prefetch_q, interpret=interpret)
-    # TMA views the token axis in groups of 8 rows (the SMEM tiling): other lengths are padded (one copy); the
-    # padding keys are masked like any past `tokens`.
-    pad = (-tokens) % 8
+                  num_programs=num_programs, prefetch_q=prefetch_q, interpret=interpret,
+                  key_tokens=tokens - pad - padding)
 
     def padded(x, axis=1):
         return jnp.pad(x, [(0, pad if a == axis else 0) for a in range(x.ndim)]) if pad else x
@@ -587,18 +593,19 @@ def _headwise_jit(
 
         def fp8_heads(out):
             ops = fp8_ops.quantize(q, k, v)
-            v8t = jnp.pad(ops.v8t, ((0, 0), (0, 0), (0, 0), (0, (-tokens) % 128)))  # TMA: whole 128-key tiles
+            v8t = jnp.pad(ops.v8t, ((0, 0), (0, 0), (0, 0), (0, (-real) % 128)))  # TMA: whole 128-key tiles
             return _launch(padded(ops.q8), padded(ops.k8), v8t, jnp.where(is_fp8, -1, 0), out,
                            query_tiles, tokens=tokens, num_stages=fp8_stages, scales=ops.scales, **common)
 
         out = lax.cond(is_fp8.any(), fp8_heads, lambda out: out, out)
-    return out[:, :tokens] if pad else out
+    return out[:, :real] if pad else out
 
 
-def _launch(q, k, v, hw, cache, query_tiles, *, tokens, text_len, text_first, band, block_k, num_stages, pingpong,
-            num_programs, prefetch_q, scales, interpret):
-    """One kernel launch over ``q, k, v`` (padded to a multiple of 8 tokens; ``tokens`` real), heads of window
-    >= -1; with ``scales`` (:class:`pallas_kernels.fp8.Fp8Operands`' fields), e4m3 operands."""
+def _launch(q, k, v, hw, cache, query_tiles, *, tokens, key_tokens, text_len, text_first, band, block_k, num_stages,
+            pingpong, num_programs, prefetch_q, scales, interpret):
+    """One kernel launch over ``q, k, v`` of ``tokens`` (a multiple of 8), the keys from ``key_tokens`` on
+    padding, heads of window >= -1; with ``scales`` (:class:`pallas_kernels.fp8.Fp8Operands`' fields), e4m3
+    operands."""
     batch, _, heads, head_dim = q.shape
     fp8 = scales is not None
     n_items = batch * heads * schedule.num_tiles(tokens, _PROGRAM_Q)
@@ -643,7 +650,8 @@ def _launch(q, k, v, hw, cache, query_tiles, *, tokens, text_len, text_first, ba
         plgpu.Barrier(num_arrivals=_COMPUTE_WGS),
     )
     body = functools.partial(
-        _kernel, tokens=tokens, text_len=text_len, text_first=text_first, band=band, block_k=block_k,
+        _kernel, tokens=tokens, key_tokens=key_tokens, text_len=text_len, text_first=text_first, band=band,
+        block_k=block_k,
         num_stages=num_stages, pingpong=pingpong, persistent=persistent, q_buffers=q_buffers,
         q_rotation=schedule.rotate_text_tiles_first(tokens, text_len, text_first, _PROGRAM_Q), fp8=fp8,
         interpret=interpret,

@@ -41,20 +41,21 @@ class XlaBackend:
     def supports(self, q_shape, dtype, band, platform) -> str | None:
         return None
 
-    def __call__(self, q, k, v, head_window, cache, *, text_len, text_first, band, config, fp8=False):
+    def __call__(self, q, k, v, head_window, cache, *, text_len, text_first, band, config, fp8=False, padding=0):
         """Validated arguments (``head_window`` int32, ``band`` a pair) -> output."""
         return _reference(q, k, v, head_window, cache, text_len=int(text_len), text_first=bool(text_first),
-                          band=tuple(band), fp8=bool(fp8))
+                          band=tuple(band), fp8=bool(fp8), padding=int(padding))
 
 
-@functools.partial(jax.jit, static_argnames=("text_len", "text_first", "band", "fp8"))
-def _reference(q, k, v, hw, cache, *, text_len, text_first, band, fp8=False):
+@functools.partial(jax.jit, static_argnames=("text_len", "text_first", "band", "fp8", "padding"))
+def _reference(q, k, v, hw, cache, *, text_len, text_first, band, fp8=False, padding=0):
     _, tokens, _, head_dim = q.shape
     if cache is None:
         hw = jnp.where(hw == 0, -1, hw)
     is_fp8 = (hw == fp8_ops.FP8_WINDOW) & fp8
     hw = jnp.maximum(hw, -1)
-    mask = schedule.dense_mask(hw, tokens=tokens, text_len=text_len, text_first=text_first, band=band, xp=jnp)
+    mask = schedule.dense_mask(hw, tokens=tokens, text_len=text_len, text_first=text_first, band=band,
+                               padding=padding, xp=jnp)
     qf, kf, vf = (x.astype(jnp.float32) for x in (q, k, v))
     o = _attend(qf, kf, vf, mask, head_dim)
     if fp8:

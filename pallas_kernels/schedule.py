@@ -56,6 +56,14 @@ ranges ``[t0, t1)`` and ``[b0, b1)`` of key-tile indices (either may be
 empty); for a full tile ``[t0, t1) = [0, n_k)`` and the second is empty.
 A kernel runs one loop per range, so no score needs masking except the
 key padding of the last (partial) key tile.
+
+**Padding tokens.** A caller may carry a sequence padded to a multiple of 8
+tokens (what Mosaic GPU's TMA needs) and declare its last ``padding < 8``
+tokens padding.  They belong to the region they end (the text when text is
+last, the image otherwise; :func:`padded_text_len`), so every tile and range
+is the same as for the unpadded sequence, and no query attends to them
+(:func:`dense_mask`, the kernels' last key tile).  Their own rows are computed
+like the other rows of their region.
 """
 
 from __future__ import annotations
@@ -77,6 +85,7 @@ __all__ = [
     "tile_visit_matrix",
     "dense_mask",
     "rotate_text_tiles_first",
+    "padded_text_len",
 ]
 
 
@@ -124,6 +133,12 @@ def query_rows(query_tiles, *, tokens: int, band_q: int, xp=np):
     """bool ``[tokens]``: the rows of the band query tiles marked in ``query_tiles`` (``[num_tiles(tokens,
     band_q)]``)."""
     return xp.repeat(xp.asarray(query_tiles, bool), band_q)[:tokens]
+
+
+def padded_text_len(text_len: int, text_first: bool, padding: int) -> int:
+    """The text length the schedule uses when the last ``padding`` tokens are padding: they extend the region
+    they end (the text when text is last; the image, whose length the schedule derives, otherwise)."""
+    return text_len if text_first else text_len + padding
 
 
 def image_region(tokens: int, text_len: int, text_first: bool) -> tuple[int, int]:
@@ -258,14 +273,17 @@ def tile_visit_matrix(
     return ((kt >= t0) & (kt < t1)) | ((kt >= b0) & (kt < b1))
 
 
-def dense_mask(head_window, *, tokens: int, text_len: int, text_first: bool, band, xp=np):
+def dense_mask(head_window, *, tokens: int, text_len: int, text_first: bool, band, padding: int = 0, xp=np):
     """Boolean token mask ``[..., H, tokens, tokens]`` (query, key) of the
     function computed under ``band = (band_q, band_k)``: visited band tiles
-    expanded to tokens (the same for any execution tiles dividing the band)."""
+    expanded to tokens (the same for any execution tiles dividing the band),
+    without the last ``padding`` keys (``text_len`` as the schedule takes it,
+    :func:`padded_text_len`)."""
     band_q, band_k = (int(b) for b in band)
     vis = tile_visit_matrix(
         head_window, tokens=tokens, text_len=text_len, text_first=text_first, block_q=band_q, block_k=band_k, xp=xp
     )
     qi = xp.arange(tokens) // band_q
     ki = xp.arange(tokens) // band_k
-    return vis[..., qi, :][..., :, ki]
+    mask = vis[..., qi, :][..., :, ki]
+    return mask & (xp.arange(tokens) < tokens - padding) if padding else mask

@@ -21,8 +21,8 @@ Kernel structure (one program = one (batch, head, query tile)):
   that ends at the last key tile goes second, so the padded key tile, if
   visited, is a separate masked final step), or one loop per range with
   ``single_loop=False``; :func:`_attend_tile` is the tile math.  No score is
-  masked except in the last key tile when ``tokens`` is not a multiple of
-  ``block_k``;
+  masked except in the last key tile when the real keys (``tokens`` less the
+  caller's ``padding``) do not fill it;
 * cached heads (window 0): the program returns at once; the output buffer is
   the ``cache`` input (``input_output_aliases``), so the cache passes through
   bit for bit with no copy when the cache buffer can be donated (it is dead
@@ -132,9 +132,10 @@ class TritonBackend:
             return f"compiles for a GPU only (platform {platform!r}); name it to run it in interpret mode"
         return None
 
-    def __call__(self, q, k, v, head_window, cache, *, text_len, text_first, band, config):
+    def __call__(self, q, k, v, head_window, cache, *, text_len, text_first, band, config, padding=0):
         """Validated arguments (``head_window`` int32, ``band`` a pair) -> output."""
-        return self._run(q, k, v, head_window, cache, text_len, text_first, band, config, count_tiles=False)
+        return self._run(q, k, v, head_window, cache, text_len, text_first, band, config, count_tiles=False,
+                         padding=padding)
 
     def _complete(self, config, q_shape, dtype, band) -> TritonConfig:
         """``config`` with every None field set to its default; checks the tiles divide the band."""
@@ -152,7 +153,7 @@ class TritonBackend:
             interpret=jax.default_backend() != "gpu" if config.interpret is None else config.interpret,
         )
 
-    def _run(self, q, k, v, hw, cache, text_len, text_first, band, config, *, count_tiles):
+    def _run(self, q, k, v, hw, cache, text_len, text_first, band, config, *, count_tiles, padding=0):
         cfg = self._complete(TritonConfig() if config is None else config, q.shape, q.dtype, band)
         return _headwise_jit(
             q,
@@ -171,6 +172,7 @@ class TritonBackend:
             sort_heads=cfg.sort_heads,
             count_tiles=count_tiles,
             single_loop=cfg.single_loop,
+            padding=int(padding),
         )
 
 
@@ -248,6 +250,7 @@ def _kernel(
     *refs,
     batch,
     tokens,
+    key_tokens,
     text_len,
     text_first,
     band,
@@ -266,9 +269,9 @@ def _kernel(
 
     nq = schedule.num_tiles(tokens, block_q)
     nk = schedule.num_tiles(tokens, block_k)
-    n_full_k = tokens // block_k  # key tiles without padding
+    n_full_k = key_tokens // block_k  # key tiles without padding
     pad_q = tokens % block_q != 0
-    pad_k = tokens % block_k != 0
+    pad_k = key_tokens % block_k != 0
     head_dim = q_ref.shape[-1]
     qk_scale = _LOG2E / math.sqrt(head_dim)
 
@@ -309,7 +312,7 @@ def _kernel(
             k_blk = k_ref.at[b, pl.ds(k_start, block_k), h, :]
             v_blk = v_ref.at[b, pl.ds(k_start, block_k), h, :]
             if masked:
-                valid = (k_start + jnp.arange(block_k, dtype=jnp.int32)) < tokens
+                valid = (k_start + jnp.arange(block_k, dtype=jnp.int32)) < key_tokens
                 kk = plgpu.load(k_blk, mask=valid[:, None], other=0.0)
                 vv = plgpu.load(v_blk, mask=valid[:, None], other=0.0)
             else:
@@ -393,6 +396,7 @@ def _kernel(
         "sort_heads",
         "count_tiles",
         "single_loop",
+        "padding",
     ),
 )
 def _headwise_jit(
@@ -413,6 +417,7 @@ def _headwise_jit(
     sort_heads,
     count_tiles,
     single_loop,
+    padding=0,
 ):
     batch, tokens, heads, head_dim = q.shape
     has_cache = cache is not None
@@ -429,6 +434,7 @@ def _headwise_jit(
         _kernel,
         batch=batch,
         tokens=tokens,
+        key_tokens=tokens - padding,
         text_len=text_len,
         text_first=text_first,
         band=band,

@@ -96,6 +96,26 @@ def test_delta_zero_is_all_full_and_samples_like_dense(sd3_setup, searched):
     np.testing.assert_allclose(through_kernel, dense, rtol=1e-5, atol=1e-5)  # ... computing the same function
 
 
+def test_the_padded_joint_sequence_changes_no_result(sd3_setup, searched, monkeypatch):
+    """SD3 carries its joint attention padded to a multiple of 8 tokens (43 -> 48 here): the search, with the
+    padding rows left out of the RSE, and the sampler give what they give on the unpadded sequence."""
+    from ditfa_jax.models import sd3
+
+    model, ref, common = sd3_setup
+    args = (model, ref["sample_latents_init"], ref["sample_prompt_embeds"], ref["sample_pooled"])
+    plan, result = searched[2.0]
+    assert 0 < plan.flops_kept_fraction() < 1
+    padded = np.asarray(sample(*args, plan=plan, attention=AttentionSettings(shortcuts=False), **common))
+    monkeypatch.setattr(sd3, "JOINT_TOKEN_MULTIPLE", 1)
+    unpadded = calibrate(model, ref["sample_prompt_embeds"], ref["sample_pooled"], delta=2.0, progress=False,
+                         **common)
+    np.testing.assert_array_equal(unpadded.plan.head_window, plan.head_window)
+    np.testing.assert_allclose(unpadded.rse, result.rse, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(
+        np.asarray(sample(*args, plan=plan, attention=AttentionSettings(shortcuts=False), **common)), padded,
+        rtol=1e-5, atol=1e-5)
+
+
 def test_flops_kept_falls_as_delta_grows(searched):
     kept = [searched[d][0].flops_kept_fraction() for d in sorted(searched)]
     assert kept[0] == 1.0 and kept[-1] < 0.8, kept

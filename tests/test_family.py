@@ -47,6 +47,9 @@ def test_layout_counts_latent_tokens():
         (64, 64), 512, True)
     assert layout_for(FLUX, height=2048, width=1024, text_len=0, vae_scale_factor=8).image_tokens == 8192
     assert layout_for(SD3, height=1024, width=768, text_len=333, vae_scale_factor=8).tokens == 64 * 48 + 333
+    sd3_1k = layout_for(SD3, height=1024, width=1024, text_len=333, vae_scale_factor=8)
+    assert (sd3_1k.tokens, sd3_1k.padding, sd3_1k.attention_tokens) == (4429, 3, 4432)  # a multiple of 8 for TMA
+    assert layout_for(FLUX, height=1008, width=1008, text_len=512, vae_scale_factor=8).padding == 0  # 3969 + 512
     assert layout_for(FLUX, height=64, width=64, text_len=32, vae_scale_factor=1).grid == (32, 32)  # pixel space
     with pytest.raises(ValueError, match="height: flux at vae_scale_factor 8 needs a positive multiple of 16"):
         layout_for(FLUX, height=1000, width=1024, text_len=0, vae_scale_factor=8)

@@ -341,6 +341,24 @@ def test_hopper_tiles_mixed_plan_padded(backend, text_first, dtype):
 
 
 @pytest.mark.parametrize("backend", BACKEND_NAMES)
+@pytest.mark.parametrize("text_first,dtype", [(True, jnp.float16), (False, jnp.bfloat16)])
+def test_hopper_tiles_carried_padding_is_the_unpadded_call(backend, text_first, dtype):
+    # 261 real tokens carried as 264 (padding 3, as SD3's 4429 -> 4432). The padding rows hold random q, k, v: a
+    # backend that let a query attend to them would differ from the oracle of the real tokens.
+    b, t, pad, h, d, text_len, band = 1, 261, 3, 3, 64, 45, (128, 64)
+    q, k, v, cache = qkvc(b, t + pad, h, d, dtype, seed=38)
+    hw = np.array([9, -1, 0], np.int32)
+    cache = poisoned(cache, hw)
+    kw = dict(text_len=text_len, text_first=text_first, band=band)
+    out = pk.headwise_attention(q, k, v, hw, cache, backend=backend, padding=pad, **kw)
+    assert out.shape == q.shape
+    real = (slice(None), slice(0, t))
+    check(out[real], q[real], k[real], v[real], hw, cache[real], tol=TOL[dtype], **kw)
+    assert np.all(np.isfinite(np.asarray(out[:, t:, hw != 0], np.float32)))  # padding rows computed
+    assert same_bits(out[:, t:, hw == 0], cache[:, t:, hw == 0])
+
+
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
 def test_hopper_tiles_d128_default_band_and_finer_tiles(backend):
     b, t, h, d, text_len = 1, 200, 3, 128, 30
     q, k, v, cache = qkvc(b, t, h, d, jnp.bfloat16, seed=32)
@@ -449,6 +467,11 @@ BAD = [
     ("band", dict(band=64), "pair"),
     ("query_tiles", dict(query_tiles=np.ones(2, bool)), r"\(3,\)"),
     ("query_tiles", dict(query_tiles=np.ones(3, np.int32)), "bool"),
+    ("padding", dict(padding=8), r"\[0, 8\)"),
+    ("padding", dict(padding=-1), r"\[0, 8\)"),
+    ("padding", dict(padding=3, **{n: jnp.ones((1, 42, 3, 16), jnp.float32) for n in "q k v cache".split()}),
+     "multiple of 8"),
+    ("padding", dict(padding=3, text_len=38), "text_len=38"),
 ]
 
 

@@ -28,32 +28,35 @@ def test_config_checks():
 # ------------------------------------------- Mosaic GPU lowering (no GPU needed)
 
 
-def _lower_for_cuda(shape, has_cache, *, text_len, text_first, config):
+def _lower_for_cuda(shape, has_cache, *, text_len, text_first, config, padding=0):
     sds = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
     hw = jax.ShapeDtypeStruct(shape[2:3], jnp.int32)
     f = functools.partial(pk.headwise_attention, text_len=text_len, text_first=text_first, backend="mosaic_gpu",
-                          config=config)
+                          config=config, padding=padding)
     cache = sds if has_cache else None
     return jax.jit(f).trace(sds, sds, sds, hw, cache).lower(lowering_platforms=("cuda",)).as_text()
 
 
 @pytest.mark.parametrize(
-    "shape,text_len,text_first,config",
+    "shape,text_len,text_first,config,padding",
     [
-        ((1, 4608, 24, 128), 512, True, pk.MosaicConfig()),  # FLUX-1K
-        ((1, 16896, 24, 128), 512, True, pk.MosaicConfig(block_k=64, pingpong=False)),  # FLUX-2K
-        ((2, 4429, 24, 64), 333, False, pk.MosaicConfig()),  # SD3-1K: 4429 is not a multiple of 8 or 64
-        ((1, 4608, 24, 128), 512, True, pk.MosaicConfig(persistent=False)),  # one program per work item
+        ((1, 4608, 24, 128), 512, True, pk.MosaicConfig(), 0),  # FLUX-1K
+        ((1, 16896, 24, 128), 512, True, pk.MosaicConfig(block_k=64, pingpong=False), 0),  # FLUX-2K
+        ((2, 4429, 24, 64), 333, False, pk.MosaicConfig(), 0),  # SD3-1K: 4429 is not a multiple of 8 or 64
+        ((2, 4432, 24, 64), 333, False, pk.MosaicConfig(), 3),  # SD3-1K as the SD3 model carries it
+        ((1, 4608, 24, 128), 512, True, pk.MosaicConfig(persistent=False), 0),  # one program per work item
     ],
-    ids=["FLUX-1K", "FLUX-2K", "SD3-1K", "FLUX-1K-grid"],
+    ids=["FLUX-1K", "FLUX-2K", "SD3-1K", "SD3-1K-carried", "FLUX-1K-grid"],
 )
 @pytest.mark.parametrize("cache", [True, False])
-def test_lowers_to_mosaic_gpu(shape, text_len, text_first, config, cache):
-    """The compiled (not interpreted) kernel lowers for CUDA on a CPU-only jaxlib (stops before ptxas)."""
-    txt = _lower_for_cuda(shape, cache, text_len=text_len, text_first=text_first,
+def test_lowers_to_mosaic_gpu(shape, text_len, text_first, config, padding, cache):
+    """The compiled (not interpreted) kernel lowers for CUDA on a CPU-only jaxlib (stops before ptxas); a
+    length that is not a multiple of 8 is padded by a copy, one carried padded is not."""
+    txt = _lower_for_cuda(shape, cache, text_len=text_len, text_first=text_first, padding=padding,
                           config=pk.MosaicConfig(**{**config.__dict__, "interpret": False}))
     assert "custom_call @mosaic_gpu" in txt
     assert "callback" not in txt  # not interpret mode
+    assert ("stablehlo.pad" in txt) == (shape[1] % 8 != 0)
     if cache:
         assert "output_operand_alias" in txt
 
@@ -256,8 +259,10 @@ def test_fp8_operands_round_trip_within_e4m3_error():
         assert np.allclose(np.abs(np.asarray(x8.astype(jnp.float32))).max(axis=(1, 3)), 448.0)
 
 
-@pytest.mark.parametrize("text_first,shape,text_len", [(True, (1, 300, 4, 128), 40), (False, (2, 250, 4, 64), 37)])
-def test_fp8_heads_in_interpret_mode(text_first, shape, text_len):
+@pytest.mark.parametrize("text_first,shape,text_len,padding",
+                         [(True, (1, 300, 4, 128), 40, 0), (False, (2, 250, 4, 64), 37, 0),
+                          (False, (1, 256, 4, 64), 37, 5)])
+def test_fp8_heads_in_interpret_mode(text_first, shape, text_len, padding):
     """FP8 heads beside full, arrow and cached ones, into a cache poisoned with NaN on the computed heads: FP8
     heads within 8 % of exact attention and 3 % of the FP8 reference (the kernel rounds P against a running
     maximum), the other heads as without FP8 (bf16 error), cached heads bit-exact."""
@@ -265,7 +270,7 @@ def test_fp8_heads_in_interpret_mode(text_first, shape, text_len):
     hw = np.array([-2, -1, 30, 0], np.int32)
     computed = hw != 0
     cache = jnp.where(jnp.asarray(computed)[None, None, :, None], jnp.nan, base)
-    kw = dict(text_len=text_len, text_first=text_first)
+    kw = dict(text_len=text_len, text_first=text_first, padding=padding)
     out = pk.headwise_attention(q, k, v, hw, cache, backend="mosaic_gpu", fp8=True,
                                 config=pk.MosaicConfig(interpret=True), **kw)
     exact = pk.headwise_attention(q, k, v, np.where(hw == -2, -1, hw), base, backend="xla", **kw)

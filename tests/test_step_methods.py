@@ -128,7 +128,7 @@ def test_head_plan_with_reused_steps_keeps_the_cache(setup):
     module = nnx.merge(model.graphdef, model.state)
     settings = AttentionSettings(band=tuple(plan.band))
     cfg = model.config
-    cache = jnp.zeros((cfg.total_layers, run.batch, run.layout.tokens, cfg.num_attention_heads,
+    cache = jnp.zeros((cfg.total_layers, run.batch, run.layout.attention_tokens, cfg.num_attention_heads,
                        cfg.attention_head_dim), model.dtype)
     x, v = jnp.asarray(noise), None
     for i in range(STEPS):

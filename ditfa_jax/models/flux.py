@@ -284,6 +284,9 @@ class FluxFamily:
     def latent_multiple(self, config: FluxConfig) -> int:
         return 2
 
+    def token_padding(self, tokens: int) -> int:
+        return 0  # the single blocks project the joint sequence at once: no concatenation to pad for free
+
     def token_grid(self, config: FluxConfig, latent_height: int, latent_width: int) -> tuple[int, int]:
         if latent_height % 2 or latent_width % 2:
             raise ValueError(f"FLUX packs 2x2 latent cells into a token: latent size {latent_height}x{latent_width} "

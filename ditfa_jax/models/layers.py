@@ -199,7 +199,8 @@ def block_forward(block, carry, temb, rope, layer_plan, layout, settings: Attent
     def attend():
         q, k, v = block.qkv(ctx, rope)
         return joint_attention(q, k, v, text_len=layout.text_len, text_first=layout.text_first,
-                               head_window=head_window, cache=cache, head_order=head_order, settings=settings)
+                               padding=layout.padding, head_window=head_window, cache=cache, head_order=head_order,
+                               settings=settings)
 
     if layer_plan is None or not settings.shortcuts:
         out = attend()

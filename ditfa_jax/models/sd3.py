@@ -8,6 +8,11 @@ block is "context pre-only": its text stream ends after the attention.
 Consecutive layers of identical structure form a segment whose blocks are stacked and scanned; a per-layer plan is
 sliced per segment. A dual-attention layer's second (image-only) attention always runs dense: the plan covers the
 joint attention of every layer.
+
+The joint attention's q, k, v are concatenated with zero rows up to a multiple of `JOINT_TOKEN_MULTIPLE` tokens
+(4096 + 333 -> 4432 at 1024^2), masked as keys: the Mosaic GPU kernel's TMA tiles tokens in groups of 8 and would
+otherwise copy q, k, v and the attention cache at every call. The padding rides in the concatenation the block does
+anyway; the text stream itself stays unpadded.
 """
 
 from __future__ import annotations
@@ -25,6 +30,13 @@ from ditfa_jax.models.flux import merge_heads, split_heads
 from ditfa_jax.models.layers import (AdaLayerNorm, FeedForward, RMSNorm, TimeTextEmbedding, create_stack,
                                      layer_norm, linear, modulate, reorder_tokens, restore_tokens, run_stacks)
 from ditfa_jax.scheduler import SD3_SCHEDULER, SchedulerConfig, sd3_schedule
+
+JOINT_TOKEN_MULTIPLE = 8  # the joint attention's length is padded to a multiple of this (1: no padding)
+
+
+def joint_padding(tokens: int) -> int:
+    """Zero tokens appended to a joint sequence of `tokens` real ones (`JOINT_TOKEN_MULTIPLE`)."""
+    return -tokens % JOINT_TOKEN_MULTIPLE
 
 
 class Buffer(nnx.Variable):
@@ -80,15 +92,19 @@ class JointAttention(nnx.Module):
         return norm(y) if norm is not None else y
 
     def qkv(self, x, c=None):
-        """q, k, v [B, image (+ text), H, D]: image tokens first, as SD3 concatenates them."""
+        """q, k, v [B, image (+ text + padding), H, D]: image tokens first, as SD3 concatenates them, then zero rows
+        up to a multiple of `JOINT_TOKEN_MULTIPLE` (`joint_padding`)."""
         q = self._heads(self.to_q, self.norm_q, x)
         k = self._heads(self.to_k, self.norm_k, x)
         v = split_heads(self.to_v(x), self.head_dim)
         if c is None:
             return q, k, v
-        return (jnp.concatenate([q, self._heads(self.add_q_proj, self.norm_added_q, c)], axis=1),
-                jnp.concatenate([k, self._heads(self.add_k_proj, self.norm_added_k, c)], axis=1),
-                jnp.concatenate([v, split_heads(self.add_v_proj(c), self.head_dim)], axis=1))
+        text = (self._heads(self.add_q_proj, self.norm_added_q, c),
+                self._heads(self.add_k_proj, self.norm_added_k, c),
+                split_heads(self.add_v_proj(c), self.head_dim))
+        pad = joint_padding(x.shape[1] + c.shape[1])
+        return tuple(jnp.concatenate([img, txt, jnp.zeros((txt.shape[0], pad, *txt.shape[2:]), txt.dtype)], axis=1)
+                     for img, txt in zip((q, k, v), text))
 
 
 class JointBlock(nnx.Module):
@@ -129,7 +145,7 @@ class JointBlock(nnx.Module):
 
     def finish(self, carry, ctx, attn):
         x, c = carry
-        n_img = x.shape[1]
+        n_img, n_txt = x.shape[1], c.shape[1]
         attn = merge_heads(attn)
         gate, shift_mlp, scale_mlp, gate_mlp = ctx["img"][:4]
         x = x + gate[:, None] * self.attn.to_out_0(attn[:, :n_img])
@@ -141,7 +157,7 @@ class JointBlock(nnx.Module):
         x = x + gate_mlp[:, None] * self.ff(modulate(layer_norm(x), shift_mlp, scale_mlp))
         if not self.context_pre_only:
             c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp = ctx["txt"]
-            c = c + c_gate[:, None] * self.attn.to_add_out(attn[:, n_img:])
+            c = c + c_gate[:, None] * self.attn.to_add_out(attn[:, n_img:n_img + n_txt])
             c = c + c_gate_mlp[:, None] * self.ff_context(modulate(layer_norm(c), c_shift_mlp, c_scale_mlp))
         return x, c
 
@@ -220,8 +236,10 @@ class SD3Transformer(nnx.Module):
         carry, temb = self.embed(hidden_states, encoder_hidden_states, pooled_projections, timestep,
                                  image_order=image_order)
         p = self.config.patch_size
-        layout = TokenLayout(grid=(hidden_states.shape[2] // p, hidden_states.shape[3] // p),
-                             text_len=encoder_hidden_states.shape[1], text_first=False)
+        grid = (hidden_states.shape[2] // p, hidden_states.shape[3] // p)
+        text_len = encoder_hidden_states.shape[1]
+        layout = TokenLayout(grid=grid, text_len=text_len, text_first=False,
+                             padding=joint_padding(grid[0] * grid[1] + text_len))
         carry, cache = run_stacks(self, carry, temb, None, plan, layout, AttentionSettings(implementation=attention_impl))
         out = self.unembed(carry, temb, layout, image_order)
         return out if plan is None else (out, cache)
@@ -248,6 +266,9 @@ class SD3Family:
 
     def latent_multiple(self, config: SD3Config) -> int:
         return config.patch_size
+
+    def token_padding(self, tokens: int) -> int:
+        return joint_padding(tokens)
 
     def token_grid(self, config: SD3Config, latent_height: int, latent_width: int) -> tuple[int, int]:
         p = config.patch_size
