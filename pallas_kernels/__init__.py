@@ -6,8 +6,8 @@ Public API:
   default backend;
 * :data:`BACKENDS`, :func:`get_backend` -- the registered backends, in order
   of preference: ``"mosaic_gpu"`` (Pallas Mosaic GPU on Hopper, interpret
-  mode elsewhere when named; the automatic choice at the head sizes of
-  ``api.MOSAIC_GPU_AUTOMATIC_HEAD_DIMS``; :class:`MosaicConfig`),
+  mode elsewhere when named; the automatic choice at the head sizes and
+  lengths of ``api.MOSAIC_GPU_AUTOMATIC``; :class:`MosaicConfig`),
   ``"triton"`` (Pallas, Triton lowering on a GPU, interpret
   mode elsewhere when named) and ``"xla"`` (dense masked reference, any
   platform); :class:`TritonConfig` is the Triton backend's launch

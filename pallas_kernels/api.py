@@ -23,7 +23,7 @@ is an object with
 
 :data:`BACKENDS` lists them in order of preference; ``backend=None`` takes the
 first that supports the call on the default platform ("mosaic_gpu" only for the
-head sizes in :data:`MOSAIC_GPU_AUTOMATIC_HEAD_DIMS`).
+head sizes and lengths of :data:`MOSAIC_GPU_AUTOMATIC`).
 """
 
 from __future__ import annotations
@@ -40,15 +40,16 @@ from pallas_kernels.reference import XlaBackend
 from pallas_kernels.triton_backend import TritonBackend
 
 __all__ = [
-    "Backend", "BACKENDS", "MOSAIC_GPU_AUTOMATIC_HEAD_DIMS", "get_backend", "headwise_attention", "reference_headwise_attention",
+    "Backend", "BACKENDS", "MOSAIC_GPU_AUTOMATIC", "get_backend", "headwise_attention", "reference_headwise_attention",
 ]
 
-# Head sizes for which the automatic choice may take "mosaic_gpu" (first in the preference order; on Hopper GPUs
-# only, its `supports` says): measured on an H100 (2026-12-07), it beats the Triton backend 1.17-1.46x on every FLUX
-# plan (head_dim 128); at SD3-1K (head_dim 64) it is faster on full heads (1.05x) but slower on plans with arrow
-# heads (0.77-0.87x), and 3-5 % slower per step in the SD3 sampler (H100, 2026-12-07): mostly the padding copy of
-# a length not a multiple of 8 (benchmarks/RESULTS.md). Naming a backend always works.
-MOSAIC_GPU_AUTOMATIC_HEAD_DIMS = (128,)
+# Where the automatic choice may take "mosaic_gpu" (first in the preference order; on Hopper GPUs only, its
+# `supports` says): head_dim -> the token counts, multiples of this (1: any). Measured on an H100 (2026-12-07,
+# benchmarks/RESULTS.md): at head_dim 128 (FLUX) it beats the Triton backend 1.17-1.46x on every plan; at head_dim
+# 64 (SD3-1K) it beats Triton 1.03-1.18x on every plan when the length is carried padded to a multiple of 8, as the
+# SD3 model does, and loses on arrow plans (0.77-0.87x) when it must copy q, k, v and the cache to pad them.
+# Naming a backend always works.
+MOSAIC_GPU_AUTOMATIC = {128: 1, 64: 8}
 
 
 class Backend(Protocol):
@@ -84,7 +85,8 @@ def get_backend(name: str) -> Backend:
 
 
 def _automatic(b: Backend, q_shape) -> bool:
-    return b.name != "mosaic_gpu" or q_shape[-1] in MOSAIC_GPU_AUTOMATIC_HEAD_DIMS
+    multiple = MOSAIC_GPU_AUTOMATIC.get(q_shape[-1])
+    return b.name != "mosaic_gpu" or (multiple is not None and q_shape[1] % multiple == 0)
 
 
 def _runs_fp8(b: Backend) -> bool:

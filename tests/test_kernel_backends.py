@@ -522,7 +522,7 @@ def calls(monkeypatch):
 
 def test_registry():
     assert BACKEND_NAMES[-1] == "xla" and "triton" in BACKEND_NAMES
-    assert BACKEND_NAMES[0] == "mosaic_gpu" and api.MOSAIC_GPU_AUTOMATIC_HEAD_DIMS == (128,)
+    assert BACKEND_NAMES[0] == "mosaic_gpu" and api.MOSAIC_GPU_AUTOMATIC == {128: 1, 64: 8}
     mosaic = pk.get_backend("mosaic_gpu")
     assert mosaic.supports((1, 64, 2, 64), jnp.bfloat16, (128, 64), None) is None
     assert mosaic.supports((1, 64, 2, 128), jnp.float16, (256, 128), None) is None
@@ -578,19 +578,21 @@ class Fake:
         return self.name
 
 
-def test_mosaic_gpu_is_automatic_only_at_its_head_sizes(monkeypatch):
-    """The automatic choice takes mosaic_gpu (when it supports the device) only at the head sizes where it was
-    measured faster than Triton; naming it always works."""
+def test_mosaic_gpu_is_automatic_only_at_its_head_sizes_and_lengths(monkeypatch):
+    """The automatic choice takes mosaic_gpu (when it supports the device) only at the head sizes and lengths where
+    it was measured faster than Triton (head_dim 64: a multiple of 8 tokens, as SD3 carries it); naming it always
+    works."""
     monkeypatch.setattr(api, "BACKENDS", {n: Fake(n) for n in ("mosaic_gpu", "triton", "xla")})
     hw = np.array([-1, 3], np.int32)
 
-    def run(head_dim, **kw):
-        q = jnp.ones((1, 40, 2, head_dim), jnp.float32)
+    def run(head_dim, tokens=40, **kw):
+        q = jnp.ones((1, tokens, 2, head_dim), jnp.float32)
         return pk.headwise_attention(q, q, q, hw, text_len=8, text_first=True, band=(16, 16), **kw)
 
-    assert run(128) == "mosaic_gpu" and run(64) == "triton"
-    assert run(64, backend="mosaic_gpu") == "mosaic_gpu"
-    monkeypatch.setattr(api, "MOSAIC_GPU_AUTOMATIC_HEAD_DIMS", ())
+    assert run(128) == run(128, tokens=41) == "mosaic_gpu"
+    assert run(64) == "mosaic_gpu" and run(64, tokens=41) == "triton" and run(32) == "triton"
+    assert run(64, tokens=41, backend="mosaic_gpu") == "mosaic_gpu"
+    monkeypatch.setattr(api, "MOSAIC_GPU_AUTOMATIC", {})
     assert run(128) == "triton"
 
 
