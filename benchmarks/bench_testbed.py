@@ -256,7 +256,8 @@ def print_table() -> None:
             print(f"| realism (c) | {r['set']} ({r['captions']}) | {r['steps']} | | | | | {r['object']:.3f} | | |")
         else:
             work = (f", {r['steps_skipped']} steps skipped" if r.get("steps_skipped") else "") + (
-                f", {r['blocks_cached']:.0%} blocks cached" if r.get("blocks_cached") else "")
+                f", {r['blocks_cached']:.0%} blocks cached" if r.get("blocks_cached") else "") + (
+                f", {r['mlp_cached']:.0%} MLPs cached" if r.get("mlp_cached") else "")
             what = (f"{r['search']} (cost <= {r['max_cost']:g}: {r['chosen']})" if "chosen" in r
                     else f"{r['search']} delta {r['delta']}")
             print(f"| quality | {what}{work} | {r['steps']} | {r['flops_kept']:.3f} | "

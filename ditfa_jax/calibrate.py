@@ -18,6 +18,10 @@ saved). Else, with ``block_candidates``, the velocity with blocks F.. reusing th
 is scored the same way, fewest blocks first. The trajectory, the velocity history, the attention caches and the
 block residuals continue as the sampler runs the plan (what did not run leaves them as they were).
 
+With ``mlp_delta`` > 0 each block of a computed step also scores its MLP branch: the RSE of the branch's output
+cached at the last step it ran against the one it computes now; within ``mlp_delta`` the cached one is used
+(FORA-like: the MLP's time saved), on the trajectory as at inference.
+
 Step 0 is always full and runs the layers uncompressed (no candidates). The per-layer caches live in pinned host
 memory when they would crowd the GPU, with transfers overlapped with compute. The result holds the plan for this
 model, resolution, text length and step count, the RSE table and the pass's final latents.
@@ -38,7 +42,7 @@ from tqdm.auto import tqdm
 
 import pallas_kernels
 from ditfa_jax import sharding
-from ditfa_jax.attention import AttentionSettings, dense_attention, headwise
+from ditfa_jax.attention import AttentionSettings, dense_attention, headwise, joint_attention
 from ditfa_jax.configs import VAE_SCALE_FACTOR
 from ditfa_jax.cost_model import AttentionLayout, fp8_head_time
 from ditfa_jax.denoise import (VelocityHistory, cache_bytes, embed, euler_step, guided_velocity,
@@ -163,6 +167,36 @@ def _layer_state(state, index):
     return jax.tree_util.tree_map(lambda a: a[index], state)
 
 
+def branch_rse(cached, fresh, over_prompts: str = "mean") -> jax.Array:
+    """RSE of a cached MLP branch value against the fresh one (pytrees of [B, ...] arrays, e.g. the image and text
+    streams): squared error over the fresh value's variance, both summed over every leaf, per batch row, then the
+    mean or max over rows (`head_rse`'s reductions)."""
+    err, var = 0.0, 0.0
+    for c, f in zip(jax.tree_util.tree_leaves(cached), jax.tree_util.tree_leaves(fresh)):
+        f = f.astype(jnp.float32)
+        axes = tuple(range(1, f.ndim))
+        err = err + jnp.sum(jnp.square(c.astype(jnp.float32) - f), axis=axes)
+        var = var + jnp.sum(jnp.square(f - jnp.mean(f, axis=axes, keepdims=True)), axis=axes)
+    per_row = err / jnp.maximum(var, jnp.finfo(jnp.float32).tiny)
+    return per_row.max() if over_prompts == "max" else per_row.mean()
+
+
+def _finish(block, carry, ctx, out, mlp, over_prompts: str):
+    """`block.finish`, or with ``mlp = (cached, threshold)`` the MLP branch scored and, within the threshold, its
+    cached value used: (carry, (value used, its RSE, reused)); ``cached`` None at the step that first runs it."""
+    if mlp is None:
+        return block.finish(carry, ctx, out), None
+    cached, threshold = mlp
+    mid = block.finish_attention(carry, ctx, out)
+    fresh = block.mlp(mid, ctx)
+    if cached is None:
+        return block.add_mlp(mid, ctx, fresh), (fresh, jnp.float32(jnp.nan), jnp.bool_(False))
+    rse = branch_rse(cached, fresh, over_prompts)
+    reused = rse <= threshold
+    value = jax.tree_util.tree_map(lambda c, f: jnp.where(reused, c.astype(f.dtype), f), cached, fresh)
+    return block.add_mlp(mid, ctx, value), (value, rse, reused)
+
+
 def _select_heads(outs: jax.Array, choice: jax.Array) -> jax.Array:
     """outs [1+M, B, T, H, D] (exact, then each candidate), choice int32 [H] (0 exact, m+1 candidate m)."""
     return jnp.take_along_axis(outs, choice[None, None, None, :, None], axis=0)[0]
@@ -188,7 +222,9 @@ def sampled_query_tiles(layout: TokenLayout, band_q: int, stride: int) -> np.nda
 class _LayerRunner:
     """Jitted per-layer pieces for one block stack (the layer index is data: one compile per stack).
 
-    `exact` runs a layer uncompressed (step 0), as the sampler's `block_forward` does. `probe` computes the exact
+    `exact` runs a layer uncompressed (step 0), as the sampler's `block_forward` does. Both `exact` and `apply` take
+    ``mlp``: None, or (cached MLP value or None, RSE threshold) to score the MLP branch (`_finish`); they return
+    (carry, attention output, MLP result or None). `probe` computes the exact
     attention and every candidate's output for all heads at once, and their RSE; `apply` finishes the block with
     each head's chosen output (``all_exact``, static: no head compressed, a dense layer). With ``query_stride`` 1
     the probe computes every query and `apply` takes the chosen outputs from it (no attention is recomputed). With
@@ -204,10 +240,13 @@ class _LayerRunner:
         where = dict(text_len=layout.text_len, text_first=layout.text_first, padding=layout.padding)
         real = layout.tokens  # the RSE leaves the padding rows out
 
-        @model_jit
-        def exact(state, index, carry, temb, rope):
+        @model_jit(static_argnames="rse_over_prompts")
+        def exact(state, index, carry, temb, rope, mlp=None, rse_over_prompts="mean"):
             block = nnx.merge(graphdef, _layer_state(state, index))
-            return block_forward(block, carry, temb, rope, None, layout, settings)
+            ctx, qkv = attention_inputs(block, carry, temb, rope)
+            out = joint_attention(*qkv, **where, settings=settings)
+            carry, mlp_result = _finish(block, carry, ctx, out, mlp, rse_over_prompts)
+            return carry, out, mlp_result
 
         self.exact = exact
         if query_stride > 1:
@@ -226,16 +265,17 @@ class _LayerRunner:
                                          for w in windows])
             return head_rse(outs[1:, :, :real], y_full[:, :real], rse_over_prompts), (ctx, outs)
 
-        @model_jit(static_argnames="all_exact")
-        def apply(state, index, carry, probed, choice, prev_out, all_exact):
+        @model_jit(static_argnames=("all_exact", "rse_over_prompts"))
+        def apply(state, index, carry, probed, choice, prev_out, all_exact, mlp=None, rse_over_prompts="mean"):
             block = nnx.merge(graphdef, _layer_state(state, index))
             ctx, outs = probed
             out = outs[0] if all_exact else _select_heads(outs, choice)
-            return block.finish(carry, ctx, out), out
+            carry, mlp_result = _finish(block, carry, ctx, out, mlp, rse_over_prompts)
+            return carry, out, mlp_result
 
         self.probe, self.apply = self._jitted = probe, apply
 
-    def compile_ahead(self, carry, temb, rope, prev_out, rse_over_prompts: str) -> None:
+    def compile_ahead(self, carry, temb, rope, prev_out, rse_over_prompts: str, mlp=None) -> None:
         """Compile `probe` and `apply` for these arguments' shapes (arrays or shape structs), so that the first
         compressed step does not wait on the compiler: `calibrate` runs this in a worker thread during step 0."""
         probe, apply = self._jitted
@@ -243,7 +283,8 @@ class _LayerRunner:
         lowered.compile()
         choice = jax.ShapeDtypeStruct(prev_out.shape[-2:-1], jnp.int32)
         for all_exact in (False, True):
-            apply.lower(self.state, 0, carry, lowered.out_info[1], choice, prev_out, all_exact=all_exact).compile()
+            apply.lower(self.state, 0, carry, lowered.out_info[1], choice, prev_out, all_exact=all_exact, mlp=mlp,
+                        rse_over_prompts=rse_over_prompts).compile()
 
 
 def _sampled_probe_apply(graphdef, layout: TokenLayout, windows, settings: AttentionSettings, stride: int):
@@ -264,13 +305,14 @@ def _sampled_probe_apply(graphdef, layout: TokenLayout, windows, settings: Atten
                           else prev_out[:, rows] for w in windows])
         return head_rse(outs, y_full, rse_over_prompts), (ctx, (q, k, v))
 
-    @model_jit(static_argnames="all_exact")
-    def apply(state, index, carry, probed, choice, prev_out, all_exact):
+    @model_jit(static_argnames=("all_exact", "rse_over_prompts"))
+    def apply(state, index, carry, probed, choice, prev_out, all_exact, mlp=None, rse_over_prompts="mean"):
         block = nnx.merge(graphdef, _layer_state(state, index))
         ctx, (q, k, v) = probed
         out = (dense_attention(q, k, v, settings.implementation, layout.padding) if all_exact  # as the sampler does
                else headwise(q, k, v, jnp.asarray(window_of)[choice], prev_out, **where, settings=settings))
-        return block.finish(carry, ctx, out), out
+        carry, mlp_result = _finish(block, carry, ctx, out, mlp, rse_over_prompts)
+        return carry, out, mlp_result
 
     return probe, apply
 
@@ -286,7 +328,8 @@ class CalibrationResult:
     `step_rse`: float64 [steps, len(STEP_KINDS)], each step method's velocity RSE (NaN where not scored: compute,
     step 0, too little history, or no step search). `block_rse`: float64 [steps, len(block_candidates)], the
     velocity RSE of running only the first F blocks (`block_candidates`, increasing) at each step (NaN at step 0 or
-    without a block search).
+    without a block search). `mlp_rse`: float64 [steps, layers], each block's MLP-branch RSE of its cached value
+    (`branch_rse`; NaN where not scored: step 0, skipped steps and cached blocks, or without an MLP search).
     """
     plan: CompressionPlan
     rse: np.ndarray
@@ -295,6 +338,7 @@ class CalibrationResult:
     step_rse: np.ndarray | None = None
     block_rse: np.ndarray | None = None
     block_candidates: tuple[int, ...] = ()
+    mlp_rse: np.ndarray | None = None
 
 
 def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height: int, width: int, num_steps: int,
@@ -305,7 +349,7 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
               progress: bool = True, cache_on_host: bool | None = None, rse_over_prompts: str = "mean",
               budget_schedule: str = "constant", token_order: str = "raster", step_delta: float = 0.0,
               step_kinds=("reuse", "taylor1", "taylor2"), block_candidates=(), rse_query_stride: int = 1,
-              mesh=None, price_at: AttentionLayout | None = None) -> CalibrationResult:
+              mesh=None, price_at: AttentionLayout | None = None, mlp_delta: float = 0.0) -> CalibrationResult:
     """Search a head-wise compression plan on calibration prompts (embeddings [N, L, dim], pooled [N, dim]).
 
     The pass samples from seeded noise (`seed`) with the core `ditfa_jax.sample` runs (`ditfa_jax.denoise`), the
@@ -322,7 +366,8 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
     velocity one of them predicts within that RSE is skipped (module docstring). ``block_candidates`` (numbers F of
     first blocks that run) adds block-residual caching to that menu: blocks F.. reuse their residuals when the
     velocity that gives is within ``step_delta``. The candidate saving the most time wins (a skipped step saves it
-    all, F blocks save (layers - F) / layers of it).
+    all, F blocks save (layers - F) / layers of it). ``mlp_delta`` > 0 lets each block of a computed step reuse its
+    MLP branch's cached output where that output's RSE is within it (module docstring; `branch_rse`).
 
     ``rse_query_stride`` s > 1 measures each head's RSE on every s-th band query tile of the image only (an
     estimate from a sample of the queries, `sampled_query_tiles`) and computes each layer's chosen methods once over
@@ -343,6 +388,9 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
         raise ValueError(f"rse_over_prompts={rse_over_prompts!r}: expected one of {RSE_REDUCTIONS}")
     if not np.isfinite(step_delta) or step_delta < 0:
         raise ValueError(f"step_delta={step_delta!r}: expected a number >= 0 (0: no step methods)")
+    if not np.isfinite(mlp_delta) or mlp_delta < 0:
+        raise ValueError(f"mlp_delta={mlp_delta!r}: expected a number >= 0 (0: every MLP branch runs)")
+    search_mlp = mlp_delta > 0
     bad = [k for k in step_kinds if k not in STEP_KINDS[1:]]
     if bad:
         raise ValueError(f"step_kinds {bad}: expected names from {list(STEP_KINDS[1:])}")
@@ -445,6 +493,10 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
     if cache_on_host is None:
         cache_on_host = _cache_exceeds_device(cache_bytes(cfg, run.batch, layout.attention_tokens, model.dtype))
     caches = _LayerCaches(cfg.total_layers, run.batch, cache_on_host, mesh)
+    mlp_caches = _LayerCaches(cfg.total_layers, run.batch, cache_on_host, mesh)  # used with an MLP search only
+    mlp_threshold = jnp.float32(mlp_delta)
+    mlp_compute = np.ones((num_steps, cfg.total_layers), bool)
+    mlp_rse = np.full((num_steps, cfg.total_layers), np.nan)
     head_window = np.full((num_steps, cfg.total_layers, heads), -1, np.int32)
     rse_used = np.zeros((num_steps, cfg.total_layers))
     rse_table = np.full((num_steps, cfg.total_layers, heads, len(windows)), np.nan)
@@ -464,6 +516,7 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
         step_start = time.perf_counter()
         pending = {}  # with a step search, a step's attention outputs are kept only if the step is not skipped
         store = (lambda layer, out: pending.__setitem__(layer, out)) if step_delta > 0 else caches.store
+        mlp_used = {}  # MLP search: layer -> (value used, its RSE, reused), stored once the step is kept
         carry, temb = embed_step(state, latents, run.timesteps[step])
         entries, fresh = {}, {}  # block search: the carry entering each candidate F, each layer's new residual
         for stack_index, (runner, first, count) in enumerate(runners):
@@ -474,11 +527,16 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
                 if search_blocks and layer in block_candidates:
                     entries[layer] = (stack_index, carry)
                 if step == 0:  # always full: the cached candidate has no value yet
-                    carry, out = runner.exact(runner.state, i, carry, temb, cond.rope)
+                    carry, out, mlp_result = runner.exact(runner.state, i, carry, temb, cond.rope,
+                                                          mlp=(None, mlp_threshold) if search_mlp else None,
+                                                          rse_over_prompts=rse_over_prompts)
                     store(layer, out)
+                    if search_mlp:
+                        mlp_used[layer] = mlp_result
                     if i == 0 and num_steps > 1:
-                        compiling[stack_index] = compiler.submit(runner.compile_ahead, before, temb, cond.rope, out,
-                                                                 rse_over_prompts)
+                        compiling[stack_index] = compiler.submit(
+                            runner.compile_ahead, before, temb, cond.rope, out, rse_over_prompts,
+                            (mlp_result[0], mlp_threshold) if search_mlp else None)
                     if search_blocks:
                         fresh[layer] = tree_sub(carry, before)
                     continue
@@ -494,9 +552,14 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
                     chosen = choice >= 0
                     head_window[step, layer, chosen] = np.asarray(windows)[choice[chosen]]
                     rse_used[step, layer] = rse_table[step, layer][chosen, choice[chosen]].sum()
-                carry, out = runner.apply(runner.state, i, carry, probed, np.asarray(choice + 1, np.int32), prev_out,
-                                          all_exact=bool((choice < 0).all()))
+                mlp = (mlp_caches.fetch(layer), mlp_threshold) if search_mlp else None
+                carry, out, mlp_result = runner.apply(runner.state, i, carry, probed,
+                                                      np.asarray(choice + 1, np.int32), prev_out,
+                                                      all_exact=bool((choice < 0).all()), mlp=mlp,
+                                                      rse_over_prompts=rse_over_prompts)
                 store(layer, out)
+                if search_mlp:
+                    mlp_used[layer] = mlp_result
                 if search_blocks:
                     fresh[layer] = tree_sub(carry, before)
         v = computed_v = step_velocity(state, carry, temb)
@@ -531,6 +594,10 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
                 if layer < first_run:
                     caches.store(layer, out, until_fetched=True)
             residuals.update({layer: r for layer, r in fresh.items() if layer < first_run})
+            for layer, (value, rse, reused) in mlp_used.items():
+                if layer < first_run:  # a cached block ran no MLP: its cached value stays
+                    mlp_caches.store(layer, value, until_fetched=True)
+                    mlp_rse[step, layer], mlp_compute[step, layer] = float(rse), not bool(reused)
         latents = step_latents(latents, v, run.sigmas[step], run.sigmas[step + 1])
         kept_per_step.append(kept_fraction(head_window[step, :first_run]) * first_run / layers_total
                              if step_kind[step] == 0 else 0.0)
@@ -542,7 +609,7 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
     plan = CompressionPlan.from_config(
         cfg, head_window, height=height, width=width, text_len=layout.text_len, candidates=tuple(candidates),
         vae_scale_factor=vae_scale_factor, delta=delta, c=c, token_order=token_order, band=band,
-        step_kind=step_kind, block_compute=block_compute,
+        step_kind=step_kind, block_compute=block_compute, mlp_compute=mlp_compute,
         notes=dict(calibration_seconds=round(time.perf_counter() - start_time, 2), prompts=int(n),
                    guidance_scale=float(guidance_scale), seed=seed, rse_used_max=float(rse_used.max()),
                    cache_on_host=bool(cache_on_host), rse_over_prompts=rse_over_prompts,
@@ -551,6 +618,7 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
                                                         "step_kinds": list(step_kinds),
                                                         "block_candidates": [int(f) for f in block_candidates]}
                                                        if step_delta > 0 else {}),
+                   **({"mlp_delta": float(mlp_delta)} if search_mlp else {}),
                    kept_per_step=[round(k, 4) for k in kept_per_step],
                    **({"priced_at": dataclasses.asdict(price_at)} if price_at is not None else {}),
                    **({"fp8_time": dataclasses.asdict(fp8_time)} if fp8_time is not None else {}),
@@ -558,7 +626,8 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
                    step_seconds=[round(t, 3) for t in step_seconds]),
         fp8_layers=quantized_layers(module) or None)  # what the errors were measured with: the plan runs the same
     return CalibrationResult(plan=plan, rse=rse_table, saving=np.array(saving), final_latents=latents,
-                             step_rse=step_rse, block_rse=block_rse, block_candidates=block_order)
+                             step_rse=step_rse, block_rse=block_rse, block_candidates=block_order,
+                             mlp_rse=mlp_rse if search_mlp else None)
 
 
 def calibrate_for_speedup(run, target_speedup: float, cost_model, *, num_steps: int,
@@ -613,23 +682,33 @@ def calibrate_for_speedup(run, target_speedup: float, cost_model, *, num_steps: 
 
 
 _STEP_METHODS = ("reuse", "taylor1", "taylor2")
-# The plan searches one budget can be spent over: name -> (delta, step_delta, block candidates) -> `calibrate`
-# options. Each searches one kind of saving alone (the others stay off), except "taylor+heads" (Taylor on the
-# skipped steps, head-wise compression on the computed ones: where attention weighs more, at 2048^2, this mixture
-# beats fewer steps at 3x; `benchmarks/RESULTS.md`) and "all", the greedy pass over every method at once.
+# The plan searches one budget can be spent over: name -> (delta, step_delta, block candidates, mlp_delta) ->
+# `calibrate` options. Each searches one kind of saving alone (the others stay off), except "taylor+heads" (Taylor
+# on the skipped steps, head-wise compression on the computed ones: where attention weighs more, at 2048^2, this
+# mixture beats fewer steps at 3x; `benchmarks/RESULTS.md`), "taylor+mlp" (Taylor on the skipped steps, cached MLP
+# branches on the computed ones) and "all", the greedy pass over every method at once (MLP branches where
+# mlp_delta > 0).
 METHOD_FAMILIES = {
-    "heads": lambda delta, step_delta, blocks: {"delta": delta, "step_delta": 0.0},
-    "reuse": lambda delta, step_delta, blocks: {"delta": 0.0, "step_delta": step_delta, "step_kinds": ("reuse",)},
-    "taylor": lambda delta, step_delta, blocks: {"delta": 0.0, "step_delta": step_delta,
-                                                 "step_kinds": ("taylor1", "taylor2")},
-    "blocks": lambda delta, step_delta, blocks: {"delta": 0.0, "step_delta": step_delta, "step_kinds": (),
-                                                 "block_candidates": blocks},
-    "steps+blocks": lambda delta, step_delta, blocks: {"delta": 0.0, "step_delta": step_delta,
-                                                       "step_kinds": _STEP_METHODS, "block_candidates": blocks},
-    "taylor+heads": lambda delta, step_delta, blocks: {"delta": delta, "step_delta": step_delta,
-                                                       "step_kinds": ("taylor1", "taylor2")},
-    "all": lambda delta, step_delta, blocks: {"delta": delta, "step_delta": step_delta, "step_kinds": _STEP_METHODS,
-                                              "block_candidates": blocks},
+    "heads": lambda delta, step_delta, blocks, mlp_delta=0.0: {"delta": delta, "step_delta": 0.0},
+    "reuse": lambda delta, step_delta, blocks, mlp_delta=0.0: {"delta": 0.0, "step_delta": step_delta,
+                                                               "step_kinds": ("reuse",)},
+    "taylor": lambda delta, step_delta, blocks, mlp_delta=0.0: {"delta": 0.0, "step_delta": step_delta,
+                                                                "step_kinds": ("taylor1", "taylor2")},
+    "blocks": lambda delta, step_delta, blocks, mlp_delta=0.0: {"delta": 0.0, "step_delta": step_delta,
+                                                                "step_kinds": (), "block_candidates": blocks},
+    "mlp": lambda delta, step_delta, blocks, mlp_delta=0.0: {"delta": 0.0, "step_delta": 0.0,
+                                                             "mlp_delta": mlp_delta},
+    "steps+blocks": lambda delta, step_delta, blocks, mlp_delta=0.0: {"delta": 0.0, "step_delta": step_delta,
+                                                                      "step_kinds": _STEP_METHODS,
+                                                                      "block_candidates": blocks},
+    "taylor+heads": lambda delta, step_delta, blocks, mlp_delta=0.0: {"delta": delta, "step_delta": step_delta,
+                                                                      "step_kinds": ("taylor1", "taylor2")},
+    "taylor+mlp": lambda delta, step_delta, blocks, mlp_delta=0.0: {"delta": 0.0, "step_delta": step_delta,
+                                                                    "step_kinds": ("taylor1", "taylor2"),
+                                                                    "mlp_delta": mlp_delta},
+    "all": lambda delta, step_delta, blocks, mlp_delta=0.0: {"delta": delta, "step_delta": step_delta,
+                                                             "step_kinds": _STEP_METHODS,
+                                                             "block_candidates": blocks, "mlp_delta": mlp_delta},
 }
 
 

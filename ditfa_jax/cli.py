@@ -97,7 +97,8 @@ STEP_METHOD_CHOICES = ("reuse", "taylor1", "taylor2")
 
 
 # ditfa_jax.calibrate.METHOD_FAMILIES (a test checks)
-METHOD_FAMILY_NAMES = ("heads", "reuse", "taylor", "blocks", "steps+blocks", "taylor+heads", "all")
+METHOD_FAMILY_NAMES = ("heads", "reuse", "taylor", "blocks", "mlp", "steps+blocks", "taylor+heads", "taylor+mlp",
+                       "all")
 METHOD_CHOICES = METHOD_FAMILY_NAMES + ("fewer-steps",)  # + calibrate.FEWER_STEPS (a test checks)
 
 
@@ -395,8 +396,11 @@ def _check_methods(args) -> None:
     if args.target_speedup is None:
         raise ValueError("--methods chooses among methods at a speed: give --target-speedup too")
     for flag, budget, key, example in (("--step-delta", args.step_delta, "step_delta", "0.05"),
-                                       ("--delta", args.delta, "delta", "0.2")):
-        users = [m for m in args.methods if m in METHOD_FAMILIES and METHOD_FAMILIES[m](1.0, 1.0, ())[key] > 0]
+                                       ("--delta", args.delta, "delta", "0.2"),
+                                       ("--mlp-delta", args.mlp_delta, "mlp_delta", "0.05")):
+        users = [m for m in args.methods
+                 if m in METHOD_FAMILIES and METHOD_FAMILIES[m](1.0, 1.0, (), 1.0).get(key, 0) > 0
+                 and (key != "mlp_delta" or m != "all")]  # "all" takes MLP branches only where --mlp-delta > 0
         if budget == 0 and users:
             raise ValueError(f"--methods {','.join(users)} search {flag}, which is 0; give it a starting budget "
                              f"(e.g. {flag} {example})")
@@ -456,11 +460,13 @@ def cmd_calibrate(args) -> int:
 
     def search(scale=1.0, method=None, num_steps=None):
         budgets = {"delta": args.delta * scale, "step_delta": args.step_delta * scale,
-                   "step_kinds": args.step_kinds, "block_candidates": args.block_candidates}
+                   "step_kinds": args.step_kinds, "block_candidates": args.block_candidates,
+                   "mlp_delta": args.mlp_delta * scale}
         if method is not None:  # one of --methods: its own kinds of saving, the others off
             blocks = args.block_candidates or tuple(range(1, model.config.total_layers))
             budgets = {"step_kinds": (), "block_candidates": (),
-                       **METHOD_FAMILIES[method](budgets["delta"], budgets["step_delta"], blocks)}
+                       **METHOD_FAMILIES[method](budgets["delta"], budgets["step_delta"], blocks,
+                                                 budgets["mlp_delta"])}
         return calibrate(model, text, pooled, height=run["height"], width=run["width"],
                          num_steps=num_steps or run["steps"],
                          guidance_scale=_guidance(args, model.config), c=args.c,
@@ -780,8 +786,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --step-delta: comma-separated numbers F of first blocks that run while the others "
                         "reuse their cached residuals (FBCache/DBCache-like), e.g. 8,16; a step takes the fewest "
                         "blocks within the budget")
+    p.add_argument("--mlp-delta", type=NON_NEGATIVE, default=0.0,
+                   help="also cache MLP branches: a block of a computed step reuses its MLP output from the last "
+                        "step it ran where that output's RSE is within this (FORA-like; 0: off)")
     p.add_argument("--target-speedup", type=_float_at_least(1.0, above=True),
-                   help="search the budget instead: the smallest multiple of --delta and --step-delta whose plan "
+                   help="search the budget instead: the smallest multiple of --delta, --step-delta and --mlp-delta "
+                        "whose plan "
                         "runs this many times faster than dense under --cost-model (up to 8 calibration passes)")
     p.add_argument("--cost-model", choices=sorted(COST_MODELS), default="h200-flux-dev-1024",
                    help="with --target-speedup: the measured step-time model that prices a plan (and the "

@@ -10,6 +10,9 @@ A model measured at a layout (`AttentionLayout`: the token counts of the measure
 methods at that layout: an arrow_8 head keeps 18 % of a FLUX-2K head's FLOPs but most of a small testbed head's,
 so a plan searched on the testbed is priced as its methods would run at the measured size.
 
+A block whose MLP branch reuses its cached output (`CompressionPlan.mlp_compute`) saves ``mlp_share`` of the
+block's time outside attention (`StepCostModel.mlp_share`).
+
 FP8 heads (method "fp8") keep every FLOP of a full head; they are priced by their measured time instead
 (`Fp8HeadTime`: a share of a full head's time per FP8 head, plus an overhead once per layer that has any). Where
 that exceeds a full head's time, `plan_cost` prices the excess at dense attention's rate.
@@ -52,6 +55,8 @@ class StepCostModel:
     step_ms: tuple[float, ...]  # measured step time at each `kept`
     source: str  # device, date, versions and the command that measured it
     layout: AttentionLayout | None = None  # where the heads are priced (None: at the plan's own layout)
+    mlp_share: float | None = None  # share of the step outside attention spent in the MLP branches (None: unknown)
+    mlp_source: str = ""  # how mlp_share was found
 
     def __post_init__(self):
         kept, ms = np.asarray(self.kept, float), np.asarray(self.step_ms, float)
@@ -60,6 +65,8 @@ class StepCostModel:
                              f"kept={self.kept}, step_ms={self.step_ms}")
         if np.any(ms <= 0):
             raise ValueError(f"cost model {self.name!r}: step times must be positive, got {self.step_ms}")
+        if self.mlp_share is not None and not 0 <= self.mlp_share < 1:
+            raise ValueError(f"cost model {self.name!r}: mlp_share must lie in [0, 1), got {self.mlp_share}")
 
     @property
     def dense_ms(self) -> float:
@@ -78,6 +85,15 @@ class StepCostModel:
         return np.interp(kept, self.kept, self.step_ms)
 
 
+# The MLP branches' share of a FLUX.1-dev step outside attention, estimated (not yet measured as a step time): the
+# profiled 1024^2 step's GEMMs take 81.0 of its 118.5 ms outside attention (H200, 2026-12-02, benchmarks/RESULTS.md
+# "The dense step against torch.compile"), and the MLP branches do 2/3 of the GEMM FLOPs in every block (8 d^2 of
+# 12 d^2 per token); at 2048^2 the GEMM time is scaled by the tokens (x 3.67).
+_FLUX_MLP_SHARE = {1024: 0.456, 2048: 0.507}
+_FLUX_MLP_SOURCE = ("estimated: 2/3 of the profiled GEMM time of the 1024^2 step (H200, 2026-12-02, "
+                    "bench_model.py --profile), scaled by the tokens at 2048^2; not a measured step time")
+
+
 def _flux_dev(size: int, dense: float, attention: float, measured: dict[float, float]) -> StepCostModel:
     points = {0.0: dense - attention, **measured, 1.0: dense}
     layout = AttentionLayout(image_tokens=(size // 16) ** 2, text_len=512, head_dim=128,
@@ -88,7 +104,7 @@ def _flux_dev(size: int, dense: float, attention: float, measured: dict[float, f
         source="NVIDIA H200, 2026-12-01, jax 0.11.2: benchmarks/bench_plan.py --sampler 1024,2048 --backend "
                "mosaic_gpu (dense step; one layer of cuDNN attention x 57 layers for the attention time; random "
                "full / arrow_8 / cached plans at ~60 / 45 / 32 % kept); raw benchmarks/mosaic/sampler_mosaic_h200.jsonl",
-        layout=layout)
+        layout=layout, mlp_share=_FLUX_MLP_SHARE[size], mlp_source=_FLUX_MLP_SOURCE)
 
 
 COST_MODELS = {
@@ -178,10 +194,17 @@ def attention_kept(plan, model: StepCostModel) -> np.ndarray:
 def plan_cost(plan, model: StepCostModel) -> float:
     """A plan's run time relative to the dense run of the same step count. A step costs its attention by what it
     keeps where its blocks run (`attention_kept`) plus the rest of the step in proportion to the blocks that run
-    (`work_per_step_layer`: 0 on a reused or extrapolated step)."""
+    (`work_per_step_layer`: 0 on a reused or extrapolated step), less ``model.mlp_share`` of it for each block
+    that runs with its MLP branch cached."""
     work_layers = np.asarray(plan.work_per_step_layer(), float)
     kept = (attention_kept(plan, model) * work_layers).mean(axis=1)
     work = work_layers.mean(axis=1)
+    if plan.uses_mlp_caching:
+        if model.mlp_share is None:
+            raise ValueError(f"cost model {model.name!r} has no MLP share (mlp_share): it cannot price a plan that "
+                             "caches MLP branches")
+        mlp_cached = work_layers - np.asarray(plan.mlp_work_per_step_layer(), float)
+        work = work - model.mlp_share * mlp_cached.mean(axis=1)
     rest = model.step_ms[0]
     above = np.maximum(kept - 1.0, 0.0)  # FP8 heads slower than full: dense attention's time per unit above 1
     step_ms = rest * work + (model.step_time(np.minimum(kept, 1.0)) - rest) + above * (model.dense_ms - rest)

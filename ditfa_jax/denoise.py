@@ -131,18 +131,22 @@ def guided_velocity(module, cond: Conditioning, layout: TokenLayout, carry, temb
 
 
 def velocity(module, family: ModelFamily, cond: Conditioning, layout: TokenLayout, settings: AttentionSettings,
-             x, t, head_window=None, cache=None, compute_blocks=None, residuals=None, head_order=None):
-    """One denoiser evaluation: (velocity float32, new attention cache or None, new block residuals or None).
+             x, t, head_window=None, cache=None, compute_blocks=None, residuals=None, head_order=None,
+             compute_mlps=None, mlp_cache=None):
+    """One denoiser evaluation: (velocity float32, new attention cache or None, new block residuals or None, new
+    MLP-branch cache or None).
 
     With a plan, `head_window` [layers, H] is this step's plan and `cache` [layers, B, T, H, D] each layer's last
     computed attention output; `compute_blocks` [layers] bool which blocks run, the others reusing `residuals`
     (`ditfa_jax.models.layers.run_stacks_with_blocks`); `head_order` [layers, H] how the heads are grouped over
-    a mesh's devices (`ditfa_jax.sharding.balance_heads`), or None."""
+    a mesh's devices (`ditfa_jax.sharding.balance_heads`), or None; `compute_mlps` [layers] bool which blocks run
+    their MLP branch, the others using `mlp_cache`."""
     carry, temb = embed_split(module, family, cond, settings, x, t)
     plan = None if cache is None else (head_window, cache, head_order)
-    carry, cache, residuals = run_stacks_with_blocks(module, carry, temb, cond.rope, plan, layout, settings,
-                                                     compute_blocks, residuals)
-    return guided_velocity(module, cond, layout, carry, temb), cache, residuals
+    carry, cache, residuals, mlp_cache = run_stacks_with_blocks(module, carry, temb, cond.rope, plan, layout,
+                                                                settings, compute_blocks, residuals, compute_mlps,
+                                                                mlp_cache)
+    return guided_velocity(module, cond, layout, carry, temb), cache, residuals, mlp_cache
 
 
 @jax.tree_util.register_dataclass
@@ -220,14 +224,14 @@ def gated_velocity(module, family: ModelFamily, cond: Conditioning, layout: Toke
     plan = None if cache is None else (head_window, cache, head_order)
     layers = module.config.total_layers
     first = jnp.arange(layers) < gate.first_blocks
-    out_first, cache_first, res_first = run_stacks_with_blocks(module, carry, temb, cond.rope, plan, layout,
-                                                               settings, first, residuals)
+    out_first, cache_first, res_first, _ = run_stacks_with_blocks(module, carry, temb, cond.rope, plan, layout,
+                                                                  settings, first, residuals)
     skipped = jnp.logical_and(~force, _first_residual_change(res_first, residuals, gate.first_blocks)
                               < gate.threshold)
 
     def run_all():
         return run_stacks_with_blocks(module, carry, temb, cond.rope, plan, layout, settings,
-                                      jnp.ones((layers,), bool), residuals)
+                                      jnp.ones((layers,), bool), residuals)[:3]
 
     out, cache, residuals = jax.lax.cond(skipped, lambda: (out_first, cache_first, residuals), run_all)
     return guided_velocity(module, cond, layout, out, temb), cache, residuals, skipped
@@ -240,7 +244,7 @@ def euler_step(x, v, sigma, sigma_next):
 
 def denoise(module, family: ModelFamily, cond: Conditioning, layout: TokenLayout, settings: AttentionSettings,
             latents, sigmas, timesteps, head_windows=None, cache=None, step_kinds=None, block_compute=None,
-            gate: DynamicGate | None = None, head_orders=None):
+            gate: DynamicGate | None = None, head_orders=None, mlp_compute=None):
     """The whole loop as one `lax.scan` over the steps: (final latents float32, finite [steps] bool).
 
     `finite[i]` says whether the latents after step i are all finite (one reduction per step, on the device), so
@@ -249,42 +253,50 @@ def denoise(module, family: ModelFamily, cond: Conditioning, layout: TokenLayout
     velocity, 2 / 3 extrapolate it to first / second order in sigma) and `block_compute` [steps, layers] bool (which
     blocks run; the others reuse their residual) are scanned too, with the velocity history and the blocks'
     residuals in the carry. None: every step and block runs. `head_orders` [steps, layers, H] (a plan on a mesh)
-    groups the heads over the devices, step by step."""
+    groups the heads over the devices, step by step. `mlp_compute` [steps, layers] bool says which blocks run
+    their MLP branch (the others reuse its value from the last step it ran, carried); None: every MLP runs."""
     x0 = latents.astype(jnp.float32)
     history = None if step_kinds is None else VelocityHistory.empty(x0.shape)
-    residuals = None
-    if block_compute is not None or gate is not None:  # zeros shaped like each stack's carry (shapes only)
+    if gate is not None and mlp_compute is not None:
+        raise ValueError("denoise: a dynamic gate with cached MLP branches is not supported; use one or the other")
+    residuals, mlp_cache = None, None
+    if block_compute is not None or gate is not None or mlp_compute is not None:
         carry, _ = embed_split(module, family, cond, settings, x0, timesteps[0])
-        residuals = empty_block_residuals(module, carry)
+        empty = empty_block_residuals(module, carry)  # zeros shaped like each stack's carry (shapes only)
+        residuals = empty if block_compute is not None or gate is not None else None
+        mlp_cache = empty if mlp_compute is not None else None
 
     def step(carry, xs):
-        x, cache, history, residuals = carry
-        index, t, sigma, sigma_next, head_window, kind, compute_blocks, head_order = xs
+        x, cache, history, residuals, mlp_cache = carry
+        index, t, sigma, sigma_next, head_window, kind, compute_blocks, head_order, compute_mlps = xs
 
-        def evaluate(cache, history, residuals):
+        def evaluate(cache, history, residuals, mlp_cache):
             if gate is None:
-                v, cache, residuals = velocity(module, family, cond, layout, settings, x, t, head_window, cache,
-                                               compute_blocks, residuals, head_order)
+                v, cache, residuals, mlp_cache = velocity(module, family, cond, layout, settings, x, t, head_window,
+                                                          cache, compute_blocks, residuals, head_order, compute_mlps,
+                                                          mlp_cache)
                 skipped = jnp.bool_(False)
             else:
                 v, cache, residuals, skipped = gated_velocity(module, family, cond, layout, settings, gate, x, t,
                                                               head_window, cache, residuals, index == 0, head_order)
-            return v, cache, None if history is None else history.push(v, sigma), residuals, skipped
+            return v, cache, None if history is None else history.push(v, sigma), residuals, mlp_cache, skipped
 
         if kind is None:
-            v, cache, history, residuals, skipped = evaluate(cache, history, residuals)
+            v, cache, history, residuals, mlp_cache, skipped = evaluate(cache, history, residuals, mlp_cache)
         else:
-            extrapolated = [lambda c, h, r, order=order: (h.extrapolate(sigma, order), c, h, r, jnp.bool_(False))
+            extrapolated = [lambda c, h, r, m, order=order: (h.extrapolate(sigma, order), c, h, r, m,
+                                                             jnp.bool_(False))
                             for order in (0, 1, 2)]
-            v, cache, history, residuals, skipped = jax.lax.switch(kind, [evaluate, *extrapolated], cache, history,
-                                                                   residuals)
+            v, cache, history, residuals, mlp_cache, skipped = jax.lax.switch(
+                kind, [evaluate, *extrapolated], cache, history, residuals, mlp_cache)
         x = euler_step(x, v, sigma, sigma_next)
-        return (x, cache, history, residuals), (jnp.isfinite(x).all(), skipped)
+        return (x, cache, history, residuals, mlp_cache), (jnp.isfinite(x).all(), skipped)
 
     steps = jnp.arange(len(timesteps))
     (x, *_), (finite, skipped) = jax.lax.scan(
-        step, (x0, cache, history, residuals),
-        (steps, timesteps, sigmas[:-1], sigmas[1:], head_windows, step_kinds, block_compute, head_orders))
+        step, (x0, cache, history, residuals, mlp_cache),
+        (steps, timesteps, sigmas[:-1], sigmas[1:], head_windows, step_kinds, block_compute, head_orders,
+         mlp_compute))
     return (x, finite) if gate is None else (x, finite, skipped)
 
 

@@ -13,9 +13,11 @@ Two optional payloads say what runs at all (defaults: everything, the meaning of
 ``step_kind: int8 [steps]`` (codes of :data:`ditfa_jax.methods.STEP_KINDS`: 0 compute, 1 reuse the last computed
 velocity, 2 / 3 extrapolate it in sigma from the last 2 / 3 computed steps) and ``block_compute: bool [steps,
 layers]`` (False: the block's output is its input plus the residual, output minus input, cached at the last step
-at which the block ran; FBCache/DBCache-like). A step that does not compute runs no block (its row is all True,
-meaningless); a skipped block runs none of its heads whatever head_window says, and a cached head reuses its value
-from the last step at which its block ran.
+at which the block ran; FBCache/DBCache-like), and ``mlp_compute: bool [steps, layers]`` (False: the block runs its
+attention but its MLP branch returns the output, before the gate, that it computed at the last step at which it ran;
+FORA-like). A step that does not compute runs no block (its rows are all True, meaningless); a skipped block runs
+none of its heads whatever head_window says (and its MLP entry is True), and a cached head reuses its value from the
+last step at which its block ran.
 
 File layout (schema 2; schema-1 files still load, with their old meaning)::
 
@@ -26,12 +28,14 @@ File layout (schema 2; schema-1 files still load, with their old meaning)::
      "methods": {"head": {"band", "legend", "candidate_windows", "head_window"},
                  "step": {"kinds", "legend", "step_kind"},          # only when a step does not compute
                  "block": {"legend", "block_compute"},              # only when a block is cached
+                 "mlp": {"legend", "mlp_compute"},                  # only when an MLP branch is cached
                  "linear": {"format", "fp8_layers"}},               # only when linear layers run in FP8
      "notes": {...}}
 
 ``methods`` holds one entry per kind of method a plan assigns: "head" (per (step, layer, head), required), "step"
-(``step_kind``, one name per step), "block" (``block_compute``, 0/1 per (step, layer)) and "linear" (``fp8_layers``:
-the block-stack linear layers the model ran in FP8 when the plan was calibrated, `ditfa_jax.fp8`); the last three
+(``step_kind``, one name per step), "block" (``block_compute``, 0/1 per (step, layer)), "mlp" (``mlp_compute``, 0/1
+per (step, layer)) and "linear" (``fp8_layers``: the block-stack linear layers the model ran in FP8 when the plan was
+calibrated, `ditfa_jax.fp8`); the last four
 are written only when not the default, so files of plans without them are what they were. Later kinds are added
 there without a format change.
 """
@@ -72,6 +76,8 @@ _STEP_LEGEND = ("step_kind[step]: compute runs the transformer; reuse returns th
                 "taylor1/taylor2 extrapolate it in sigma from the last 2/3 computed steps")
 _BLOCK_LEGEND = ("block_compute[step][layer]: 1 the block runs, 0 its output is its input plus the residual cached "
                  "at the last step it ran")
+_MLP_LEGEND = ("mlp_compute[step][layer]: 1 the block's MLP branch runs, 0 it returns its output (before the gate) "
+               "cached at the last step it ran")
 
 
 def _token_grid_for(config, height: int, width: int, vae_scale_factor: int) -> tuple[int, int]:
@@ -137,7 +143,8 @@ class CompressionPlan:
     which tells apart models with equal layer/head counts (e.g. SD3-medium and SD3.5-medium).
     ``notes``: free-form JSON-serialisable facts (calibration time, prompt count, ...).
     ``step_kind``: int8 [num_steps], codes of :data:`~ditfa_jax.methods.STEP_KINDS` (names accepted); None: all
-    compute. ``block_compute``: bool [num_steps, num_layers] (0/1 accepted); None: every block runs. Both read-only.
+    compute. ``block_compute``: bool [num_steps, num_layers] (0/1 accepted); None: every block runs. ``mlp_compute``:
+    likewise for the blocks' MLP branches; None: every MLP runs. All three read-only.
     ``fp8_layers``: sorted paths (`ditfa_jax.fp8.fp8_layers`) of the linear layers in FP8 (e4m3) when calibrated, which
     a model must match to run the plan (`ditfa_jax.fp8.check_plan_layers`); None: the model's own dtype.
     """
@@ -164,6 +171,7 @@ class CompressionPlan:
     token_order: str = "raster"
     step_kind: np.ndarray | None = None
     block_compute: np.ndarray | None = None
+    mlp_compute: np.ndarray | None = None
     fp8_layers: tuple[str, ...] | None = None
 
     def __post_init__(self):
@@ -211,7 +219,8 @@ class CompressionPlan:
         hw.setflags(write=False)
         put("head_window", hw)
         put("step_kind", self._checked_step_kind())
-        put("block_compute", self._checked_block_compute())
+        put("block_compute", self._checked_layer_switch("block_compute", self.block_compute))
+        put("mlp_compute", self._checked_layer_switch("mlp_compute", self.mlp_compute))
         put("fp8_layers", _checked_fp8_layers(self.fp8_layers))
 
     def _checked_step_kind(self) -> np.ndarray:
@@ -247,28 +256,36 @@ class CompressionPlan:
         sk.setflags(write=False)
         return sk
 
-    def _checked_block_compute(self) -> np.ndarray:
-        """block_compute as read-only bool [steps, layers], or ValueError naming the step and layer: step 0 runs
-        every block, and a step that does not compute has an all-True row."""
+    def _checked_layer_switch(self, name: str, value) -> np.ndarray:
+        """block_compute / mlp_compute as read-only bool [steps, layers], or ValueError naming the step and layer:
+        step 0 runs everything (a cached value needs computing first), a step that does not compute has an all-True
+        row, and an MLP entry is True where its block does not run."""
         want = (self.num_steps, self.num_layers)
-        bc = np.ones(want, bool) if self.block_compute is None else np.asarray(self.block_compute)
+        what = "block" if name == "block_compute" else "block's MLP branch"
+        bc = np.ones(want, bool) if value is None else np.asarray(value)
         if bc.shape != want:
-            raise ValueError(f"block_compute: expected shape [steps, layers] = {list(want)} (num_steps, num_layers), "
+            raise ValueError(f"{name}: expected shape [steps, layers] = {list(want)} (num_steps, num_layers), "
                              f"got {list(bc.shape)}")
         if bc.dtype != bool and not (np.issubdtype(bc.dtype, np.integer) and np.isin(bc, (0, 1)).all()):
             got = f"dtype {bc.dtype}" if not np.issubdtype(bc.dtype, np.integer) else \
                 f"values {sorted(set(np.unique(bc).tolist()) - {0, 1})[:5]}"
-            raise ValueError(f"block_compute: expected bools (True: the block runs) or 0/1, got {got}")
+            raise ValueError(f"{name}: expected bools (True: the {what} runs) or 0/1, got {got}")
         bc = np.array(bc, dtype=bool)
         if not bc[0].all():
-            raise ValueError(f"block_compute: step 0 must run every block (a cached block needs a residual computed "
-                             f"first); got False at layer {int(np.flatnonzero(~bc[0])[0])}")
+            raise ValueError(f"{name}: step 0 must run every {what} (a cached value must be computed first); got "
+                             f"False at layer {int(np.flatnonzero(~bc[0])[0])}")
         rows = np.flatnonzero((self.step_kind != STEP_COMPUTE) & ~bc.all(axis=1))
         if rows.size:
             step = int(rows[0])
-            raise ValueError(f"block_compute: step {step} is {STEP_KINDS[self.step_kind[step]]!r}: the transformer "
+            raise ValueError(f"{name}: step {step} is {STEP_KINDS[self.step_kind[step]]!r}: the transformer "
                              f"does not run there, so its row means nothing and must be all True; got False at "
                              f"layer {int(np.flatnonzero(~bc[step])[0])}")
+        if name == "mlp_compute":
+            both = np.argwhere(~bc & ~self.block_compute)
+            if both.size:
+                step, layer = (int(i) for i in both[0])
+                raise ValueError(f"mlp_compute: step {step}, layer {layer}: the block is cached (block_compute 0), "
+                                 "so its MLP entry means nothing and must be 1")
         bc.setflags(write=False)
         return bc
 
@@ -294,10 +311,10 @@ class CompressionPlan:
                     candidates=DEFAULT_CANDIDATES, delta: float | None = None, c: float | None = None,
                     notes: dict | None = None, token_order: str = "raster",
                     band: tuple[int, int] | None = None, step_kind=None, block_compute=None,
-                    fp8_layers=None) -> CompressionPlan:
+                    mlp_compute=None, fp8_layers=None) -> CompressionPlan:
         """A plan for ``config`` at ``height`` x ``width`` pixels (``vae_scale_factor`` per latent cell) with the
         given windows [steps, layers, heads] (``band`` None: `pallas_kernels.default_band` of the head size),
-        step / block methods (None: every step and block computes) and FP8 layers (None: none)."""
+        step / block / MLP methods (None: every step, block and MLP computes) and FP8 layers (None: none)."""
         rows, cols = _token_grid_for(config, height, width, vae_scale_factor)
         if image_tokens is not None and image_tokens != rows * cols:
             raise ValueError(f"image_tokens: {config.family} at {height}x{width} has {rows * cols} image tokens, "
@@ -310,22 +327,27 @@ class CompressionPlan:
                    image_tokens=rows * cols, text_len=text_len, text_first=family_of(config).text_first,
                    num_steps=hw.shape[0] if hw.ndim else 0, candidates=candidates, delta=delta, c=c,
                    model_config=_model_config(config), notes=dict(notes or {}), token_order=token_order,
-                   step_kind=step_kind, block_compute=block_compute, fp8_layers=fp8_layers)
+                   step_kind=step_kind, block_compute=block_compute, mlp_compute=mlp_compute,
+                   fp8_layers=fp8_layers)
 
     @classmethod
     def full(cls, config, *, height: int, width: int, text_len: int, num_steps: int,
              vae_scale_factor: int = VAE_SCALE_FACTOR, image_tokens: int | None = None,
              candidates=DEFAULT_CANDIDATES, notes: dict | None = None,
-             band: tuple[int, int] | None = None, step_kind=None, block_compute=None) -> CompressionPlan:
-        """The uncompressed plan (every head full at every step), or with the given step / block methods only."""
+             band: tuple[int, int] | None = None, step_kind=None, block_compute=None,
+             mlp_compute=None) -> CompressionPlan:
+        """The uncompressed plan (every head full at every step), or with the given step / block / MLP methods
+        only."""
         num_steps = _int_field("num_steps", num_steps, 1)
         hw = np.full((num_steps, config.total_layers, config.num_attention_heads), FULL_WINDOW, np.int32)
         return cls.from_config(config, hw, height=height, width=width, text_len=text_len,
                                vae_scale_factor=vae_scale_factor, image_tokens=image_tokens, candidates=candidates,
-                               notes=notes, band=band, step_kind=step_kind, block_compute=block_compute)
+                               notes=notes, band=band, step_kind=step_kind, block_compute=block_compute,
+                               mlp_compute=mlp_compute)
 
     def replace(self, **changes) -> CompressionPlan:
-        """A copy with some fields changed (validated again; step_kind=None / block_compute=None: the defaults)."""
+        """A copy with some fields changed (validated again; step_kind / block_compute / mlp_compute None: the
+        defaults)."""
         return dataclasses.replace(self, **changes)
 
     # --- what runs ---------------------------------------------------------------------------------------------
@@ -346,6 +368,11 @@ class CompressionPlan:
         return bool(not self.block_compute.all())
 
     @property
+    def uses_mlp_caching(self) -> bool:
+        """Whether some (step, layer) MLP branch reuses its cached output instead of running."""
+        return bool(not self.mlp_compute.all())
+
+    @property
     def computed_steps(self) -> np.ndarray:
         """int64 [n]: the steps that run the transformer (step_kind compute), ascending; step 0 first."""
         return np.flatnonzero(self.step_kind == STEP_COMPUTE)
@@ -358,6 +385,10 @@ class CompressionPlan:
         """float64 [steps, layers]: the share of each block's work that runs: 0 on a step that does not compute or
         for a cached block, else 1 (attention's share within a block that runs: :meth:`flops_kept_per_step_layer`)."""
         return ((self.step_kind == STEP_COMPUTE)[:, None] & self.block_compute).astype(np.float64)
+
+    def mlp_work_per_step_layer(self) -> np.ndarray:
+        """float64 [steps, layers]: 1 where a block's MLP branch runs (its block runs and it is not cached), else 0."""
+        return ((self.work_per_step_layer() > 0) & self.mlp_compute).astype(np.float64)
 
     # --- identity ----------------------------------------------------------------------------------------------
 
@@ -389,7 +420,7 @@ class CompressionPlan:
         e.g. for cache keys.
 
         Equal to the schema-1 digest for plans with the schema-1 band and raster order (PNG metadata keeps meaning);
-        step_kind / block_compute enter only when not the default, so plans without them keep their digest.
+        step_kind / block_compute / mlp_compute enter only when not the default, so plans without them keep their digest.
         """
         fingerprint = self.fingerprint()
         del fingerprint["token_grid"]  # implied by height, width and image_tokens
@@ -404,6 +435,8 @@ class CompressionPlan:
             h.update(b"step_kind" + np.ascontiguousarray(self.step_kind, dtype="<i1").tobytes())
         if self.uses_block_caching:
             h.update(b"block_compute" + np.ascontiguousarray(self.block_compute, dtype=np.uint8).tobytes())
+        if self.uses_mlp_caching:
+            h.update(b"mlp_compute" + np.ascontiguousarray(self.mlp_compute, dtype=np.uint8).tobytes())
         if self.fp8_layers is not None:
             h.update(b"fp8_layers" + json.dumps(list(self.fp8_layers)).encode())
         return h.hexdigest()[:16]
@@ -427,7 +460,7 @@ class CompressionPlan:
     def __eq__(self, other):
         if not isinstance(other, CompressionPlan):
             return NotImplemented
-        arrays = ("head_window", "step_kind", "block_compute")
+        arrays = ("head_window", "step_kind", "block_compute", "mlp_compute")
         return (all(getattr(self, f.name) == getattr(other, f.name) for f in dataclasses.fields(self)
                     if f.name not in arrays)
                 and all(np.array_equal(getattr(self, a), getattr(other, a)) for a in arrays))
@@ -451,6 +484,8 @@ class CompressionPlan:
                                       "step_kind": list(self.step_kind_names())}
         if self.uses_block_caching:
             doc["methods"]["block"] = {"legend": _BLOCK_LEGEND, "block_compute": self.block_compute.astype(np.uint8)}
+        if self.uses_mlp_caching:
+            doc["methods"]["mlp"] = {"legend": _MLP_LEGEND, "mlp_compute": self.mlp_compute.astype(np.uint8)}
         if self.fp8_layers is not None:
             doc["methods"]["linear"] = {"format": _FP8_FORMAT, "fp8_layers": list(self.fp8_layers)}
         doc["notes"] = self.notes
@@ -597,6 +632,12 @@ class CompressionPlan:
             at = np.flatnonzero(~self.block_compute.all(axis=1))
             lines.append(f"blocks: {cached} of the {total} blocks of computed steps cached ({cached / total:.1%}), "
                          f"at steps {_spans(at)}")
+        if self.uses_mlp_caching:
+            runs = self.work_per_step_layer() > 0
+            cached, total = int((runs & ~self.mlp_compute).sum()), int(runs.sum())
+            at = np.flatnonzero(~self.mlp_compute.all(axis=1))
+            lines.append(f"MLP branches: {cached} of the {total} that run their block reuse their cached output "
+                         f"({cached / total:.1%}), at steps {_spans(at)}")
         if self.fp8_layers is not None:
             lines.append(f"linear layers in FP8 ({_FP8_FORMAT}): {len(self.fp8_layers)} of the block stacks' layers")
         return "\n".join(lines)
@@ -633,15 +674,16 @@ _SECTIONS = {
     "search": {k: k for k in ("candidates", "delta", "c")},
 }
 _TOP_KEYS = ("format", "schema_version", *_SECTIONS, "methods", "notes")
-_METHOD_KINDS = ("head", "step", "block", "linear")
+_METHOD_KINDS = ("head", "step", "block", "mlp", "linear")
 _FP8_FORMAT = "e4m3"  # ditfa_jax.fp8: e4m3 weights per output channel, activations per token
 _HEAD_KEYS = ("band", "head_window")
 _HEAD_DERIVED = ("legend", "candidate_windows")  # written for readers of the file, optional when read
 _STEP_DERIVED = ("kinds", "legend")
-_BLOCK_DERIVED = ("legend",)
+_BLOCK_DERIVED = ("legend",)  # also methods.mlp's
 _FILE_PATHS = ({field: f"{section}.{key}" for section, keys in _SECTIONS.items() for key, field in keys.items()}
                | {"band": "methods.head.band", "head_window": "methods.head.head_window",
                   "step_kind": "methods.step.step_kind", "block_compute": "methods.block.block_compute",
+                  "mlp_compute": "methods.mlp.mlp_compute",
                   "fp8_layers": "methods.linear.fp8_layers"})
 
 # Schema 1: one flat object.
@@ -711,6 +753,9 @@ def _v2_fields(raw: dict) -> dict:
     if "block" in methods:  # absent: every block runs
         _keys(methods["block"], "methods.block", ("block_compute",), optional=_BLOCK_DERIVED)
         kwargs["block_compute"] = methods["block"]["block_compute"]
+    if "mlp" in methods:  # absent: every MLP branch runs
+        _keys(methods["mlp"], "methods.mlp", ("mlp_compute",), optional=_BLOCK_DERIVED)
+        kwargs["mlp_compute"] = methods["mlp"]["mlp_compute"]
     if "linear" in methods:  # absent: linear layers in the model's own dtype
         _keys(methods["linear"], "methods.linear", ("fp8_layers",), optional=("format",))
         fmt = methods["linear"].get("format", _FP8_FORMAT)
@@ -755,7 +800,7 @@ def _v1_fields(raw: dict) -> dict:
 
 
 def _typed(kwargs: dict, paths: dict) -> dict:
-    """kwargs with JSON lists made tuples (head_window, step_kind, block_compute: arrays); a value of the wrong JSON
+    """kwargs with JSON lists made tuples (head_window, step_kind, block_compute, mlp_compute: arrays); a value of the wrong JSON
     type is refused by its path in the file."""
     where = lambda field: paths.get(field, field)  # noqa: E731
     for field, kind in (("family", str), ("model_class", str), ("token_order", str), ("text_first", bool)):
@@ -784,8 +829,10 @@ def _typed(kwargs: dict, paths: dict) -> dict:
             raise ValueError(f"{where('step_kind')}: expected a list of step method names (one per step, of "
                              f"{list(STEP_KINDS)}), got {names!r}")
         kwargs["step_kind"] = step_kind_codes(names, where("step_kind"))
-    if "block_compute" in kwargs:
-        bc = kwargs["block_compute"]
+    for field in ("block_compute", "mlp_compute"):
+        if field not in kwargs:
+            continue
+        bc = kwargs[field]
         try:
             arr = np.array(bc) if isinstance(bc, list) else None
         except ValueError:
@@ -794,8 +841,8 @@ def _typed(kwargs: dict, paths: dict) -> dict:
             np.issubdtype(arr.dtype, np.integer) and np.isin(arr, (0, 1)).all()))
         if not ok:
             got = "ragged/non-list" if arr is None else f"shape {list(arr.shape)} dtype {arr.dtype}"
-            raise ValueError(f"{where('block_compute')}: expected lists of 0/1 [steps][layers], got {got}")
-        kwargs["block_compute"] = arr.astype(bool)
+            raise ValueError(f"{where(field)}: expected lists of 0/1 [steps][layers], got {got}")
+        kwargs[field] = arr.astype(bool)
     return kwargs
 
 

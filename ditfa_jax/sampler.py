@@ -80,11 +80,13 @@ def sample(model: Transformer, latents, prompt_embeds, pooled_prompt_embeds, *, 
     compressed = plan is not None and (not settings.shortcuts or bool((np.asarray(plan.head_window) != -1).any()))
     steps_on = plan is not None and plan.uses_step_methods
     blocks_on = plan is not None and plan.uses_block_caching
+    mlps_on = plan is not None and plan.uses_mlp_caching
     if gate is not None:
         gate.check(nnx.merge(model.graphdef, model.state))
-        if blocks_on:
-            raise ValueError("gate: a dynamic gate decides which blocks run itself; the plan also caches blocks "
-                             "(block_compute has False entries): use one or the other")
+        if blocks_on or mlps_on:
+            what = "blocks (block_compute" if blocks_on else "MLP branches (mlp_compute"
+            raise ValueError(f"gate: a dynamic gate decides which blocks run itself; the plan also caches {what} "
+                             "has False entries): use one or the other")
     text_len = np.shape(prompt_embeds)[1] if np.ndim(prompt_embeds) == 3 else 0  # prepare_run checks the shape
     layout = layout_for(model.config, height=height, width=width, text_len=text_len,
                         vae_scale_factor=vae_scale_factor)  # checked here too: the memory check needs the tokens
@@ -95,13 +97,15 @@ def sample(model: Transformer, latents, prompt_embeds, pooled_prompt_embeds, *, 
                    + (cache_bytes(model.config, batch, layout.attention_tokens, model.dtype) if compressed else 0)
                    # block residuals: a carry per layer, as large as the attention cache
                    + (cache_bytes(model.config, batch, layout.tokens, model.dtype) if blocks_on or gate is not None
-                      else 0),
+                      else 0)
+                   # cached MLP branches: the same again
+                   + (cache_bytes(model.config, batch, layout.tokens, model.dtype) if mlps_on else 0),
                    f"sampling {latents.shape[0]} x {height}x{width} (parameters + activations)", host=False)
     run = prepare_run(model.config, prompt_embeds, pooled_prompt_embeds, height=height, width=width,
                       num_steps=num_steps, guidance_scale=guidance_scale,
                       negative_prompt_embeds=negative_prompt_embeds,
                       negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, scheduler=scheduler,
-                      token_order=plan.token_order if compressed or steps_on or blocks_on else "raster",
+                      token_order=plan.token_order if compressed or steps_on or blocks_on or mlps_on else "raster",
                       vae_scale_factor=vae_scale_factor)
     if latents.shape[1:] != run.latent_shape:
         raise ValueError(f"{run.family.name} latents for {height}x{width} at vae_scale_factor {vae_scale_factor} "
@@ -124,8 +128,9 @@ def sample(model: Transformer, latents, prompt_embeds, pooled_prompt_embeds, *, 
                 orders = jnp.asarray(sharding.balance_heads(costs, mesh.shape[sharding.HEADS]))
     step_kinds = jnp.asarray(plan.step_kind, jnp.int32) if steps_on else None
     block_compute = jnp.asarray(plan.block_compute, bool) if blocks_on else None
+    mlp_compute = jnp.asarray(plan.mlp_compute, bool) if mlps_on else None
     args = (model.state, latents, run.cond, jnp.asarray(run.sigmas), jnp.asarray(run.timesteps), windows, step_kinds,
-            block_compute, orders)
+            block_compute, orders, mlp_compute)
     if mesh is not None:
         settings = dataclasses.replace(settings, mesh=mesh)
         state = args[0] if sharding.on_mesh(args[0], mesh) else sharding.replicate(args[0], mesh)
@@ -140,8 +145,8 @@ def sample(model: Transformer, latents, prompt_embeds, pooled_prompt_embeds, *, 
 
 
 @model_jit(static_argnames=("graphdef", "layout", "settings", "cache_spec", "gate"))
-def _run(state, latents, cond, sigmas, timesteps, windows, step_kinds, block_compute, orders, *, graphdef, layout,
-         settings, cache_spec, gate):
+def _run(state, latents, cond, sigmas, timesteps, windows, step_kinds, block_compute, orders, mlp_compute, *,
+         graphdef, layout, settings, cache_spec, gate):
     """The jitted sampler: (final latents, per-step finite flags). The zeroed cache (static (shape, dtype name), or
     None without a plan) is made inside the program rather than passed in, so the loop's carry is its only copy (an
     input buffer that is not donated would be a second one)."""
@@ -149,4 +154,4 @@ def _run(state, latents, cond, sigmas, timesteps, windows, step_kinds, block_com
     cache = None if cache_spec is None else sharding.split_tokens(jnp.zeros(cache_spec[0], cache_spec[1]),
                                                                   settings.mesh, batch_axis=1)
     return denoise(module, family_of(module.config), cond, layout, settings, latents, sigmas, timesteps, windows,
-                   cache, step_kinds, block_compute, gate, orders)
+                   cache, step_kinds, block_compute, gate, orders, mlp_compute)

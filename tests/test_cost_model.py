@@ -111,3 +111,30 @@ def test_fp8_heads_are_priced_by_their_measured_time():
     np.testing.assert_allclose(attention_kept(small, model)[1], two_k.head_ratio + two_k.layer_overhead)
     at_1k = get_cost_model("h200-flux-dev-1024")  # FP8 costs more than it saves there: priced above dense
     assert attention_kept(small, at_1k)[1].min() > 1.0 and plan_cost(small, at_1k) > 1.0
+
+
+def test_cached_mlp_branches_save_the_mlp_share_of_the_rest():
+    """A block that runs with its MLP branch cached saves ``mlp_share`` of its time outside attention; a model
+    without an MLP share refuses such a plan by name."""
+    model = get_cost_model("h200-flux-dev-1024")
+    assert 0 < model.mlp_share < 1 and "estimated" in model.mlp_source
+    full = CompressionPlan.full(TRANSFORMER_CONFIG, height=64, width=64, text_len=32, num_steps=10,
+                                vae_scale_factor=1)
+    layers = full.num_layers
+    mlp = np.ones((10, layers), bool)
+    mlp[1:, : layers // 2 + 1] = False  # more than half of the blocks, every step after the first
+    share = (layers // 2 + 1) / layers
+    expected = (model.dense_ms + 9 * (model.dense_ms - model.mlp_share * share * model.step_ms[0])) / (
+        10 * model.dense_ms)
+    assert plan_cost(full.replace(mlp_compute=mlp), model) == pytest.approx(expected)
+    more = mlp.copy()
+    more[1:] = False
+    assert plan_cost(full.replace(mlp_compute=more), model) < plan_cost(full.replace(mlp_compute=mlp), model) < 1.0
+    skipped = full.replace(step_kind=[0, 1] * 5, mlp_compute=np.where(np.arange(10)[:, None] % 2 == 1, True, mlp))
+    assert plan_cost(skipped, model) < plan_cost(full.replace(step_kind=[0, 1] * 5), model)
+    unknown = dataclasses.replace(model, mlp_share=None)
+    with pytest.raises(ValueError, match="has no MLP share"):
+        plan_cost(full.replace(mlp_compute=mlp), unknown)
+    assert plan_cost(full, unknown) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="mlp_share must lie in"):
+        dataclasses.replace(model, mlp_share=1.0)

@@ -193,7 +193,7 @@ def test_fp8_layers_round_trip_digest_and_summary(tmp_path):
     (lambda r: r.update(run=[]), r"run: expected a JSON object, got list"),
     # the methods section: one entry per kind of method; "head" is required, "step" and "block" optional
     (lambda r: r["methods"].update(branch={}), r"methods: unknown kind\(s\) of method \['branch'\]; this "
-                                               r"ditfa-jax knows \['head', 'step', 'block', 'linear'\]"),
+                                               r"ditfa-jax knows \['head', 'step', 'block', 'mlp', 'linear'\]"),
     (lambda r: r["methods"].pop("head"), r"missing methods\.head"),
     (lambda r: r.update(methods=[]), r"methods: expected a JSON object, got list"),
     (lambda r: _head(r).pop("band"), r"missing methods\.head\.band"),

@@ -221,3 +221,68 @@ def test_bad_step_files(tmp_path, edit, match):
     with pytest.raises(ValueError, match=match) as e:
         CompressionPlan.load(path)
     assert str(path) in str(e.value)
+
+
+# --- cached MLP branches -------------------------------------------------------------------------------------------
+
+def cached_mlps(steps=8, layers=57):
+    """bool [steps, layers]: every other block's MLP branch cached on computed steps 1 and 3 (where step_plan runs
+    the block)."""
+    mc = np.ones((steps, layers), bool)
+    mc[[1, 3], 0:17:2] = False
+    return mc
+
+
+def mlp_plan():
+    return step_plan().replace(mlp_compute=cached_mlps())
+
+
+def test_mlp_compute_default_work_summary_and_round_trip(tmp_path):
+    p = head_plan()
+    assert p.mlp_compute.dtype == bool and p.mlp_compute.shape == (8, 57) and p.mlp_compute.all()
+    assert not p.mlp_compute.flags.writeable and not p.uses_mlp_caching
+    assert p.replace(mlp_compute=np.ones((8, 57), bool)).digest() == p.digest()  # the default changes nothing
+    assert "MLP branches" not in p.summary() and "mlp" not in json.loads(p.to_json())["methods"]
+    m = mlp_plan()
+    assert m.uses_mlp_caching and m.digest() != step_plan().digest()
+    np.testing.assert_array_equal(m.work_per_step_layer(), step_plan().work_per_step_layer())  # blocks still run
+    mlp_work = m.mlp_work_per_step_layer()
+    assert mlp_work.dtype == np.float64 and mlp_work.sum() == m.work_per_step_layer().sum() - 18
+    assert (mlp_work[[1, 3], 0:17:2] == 0).all() and (mlp_work[[2, 4, 6, 7]] == 0).all()
+    assert "MLP branches: 18 of the 148 that run their block reuse their cached output (12.2%), at steps 1, 3" \
+        in m.summary()
+    q = CompressionPlan.load(m.save(tmp_path / "m.json"))
+    assert q == m and q.digest() == m.digest() and q != m.replace(mlp_compute=None)
+    raw = json.loads(m.to_json())
+    assert list(raw["methods"]) == ["head", "step", "block", "mlp"]
+    assert raw["methods"]["mlp"]["mlp_compute"] == cached_mlps().astype(int).tolist()
+    del raw["methods"]["mlp"]["legend"]
+    assert CompressionPlan.from_dict(raw) == m
+
+
+def _mlp(r):
+    return r["methods"]["mlp"]
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda r: _mlp(r)["mlp_compute"].pop(), r"methods\.mlp\.mlp_compute: expected shape \[steps, layers\] = "
+                                             r"\[8, 57\] \(num_steps, num_layers\), got \[7, 57\]"),
+    (lambda r: _mlp(r)["mlp_compute"][3].pop(), r"methods\.mlp\.mlp_compute: expected lists of 0/1"),
+    (lambda r: _mlp(r)["mlp_compute"][3].__setitem__(0, 2), r"methods\.mlp\.mlp_compute: expected lists of 0/1"),
+    (lambda r: _mlp(r)["mlp_compute"][0].__setitem__(6, 0), r"methods\.mlp\.mlp_compute: step 0 must run every "
+                                                            r"block's MLP branch .*layer 6"),
+    (lambda r: _mlp(r)["mlp_compute"][2].__setitem__(4, 0), r"methods\.mlp\.mlp_compute: step 2 is 'reuse': .*must "
+                                                            r"be all True; got False at layer 4"),
+    (lambda r: _mlp(r)["mlp_compute"][3].__setitem__(30, 0), r"methods\.mlp\.mlp_compute: step 3, layer 30: the "
+                                                             r"block is cached \(block_compute 0\)"),
+    (lambda r: _mlp(r).pop("mlp_compute"), r"missing methods\.mlp\.mlp_compute"),
+    (lambda r: _mlp(r).update(extra=1), r"unknown key\(s\) \['methods\.mlp\.extra'\]"),
+])
+def test_bad_mlp_files(tmp_path, edit, match):
+    raw = json.loads(mlp_plan().to_json())
+    edit(raw)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=match) as e:
+        CompressionPlan.load(path)
+    assert str(path) in str(e.value)

@@ -1,4 +1,4 @@
-"""Step reuse, Taylor extrapolation and block-residual caching in the sampler, each against a direct
+"""Step reuse, Taylor extrapolation, block-residual and MLP-branch caching in the sampler, each against a direct
 re-computation written out plainly here (tiny FLUX-dev and SD3.5-medium checkpoints, fp32, CPU; issue 17)."""
 
 import jax
@@ -12,6 +12,7 @@ from tiny_runs import tiny_run
 from ditfa_jax import sample
 from ditfa_jax.attention import AttentionSettings
 from ditfa_jax.denoise import VelocityHistory, embed, guided_velocity, prepare_run
+from ditfa_jax.attention import joint_attention
 from ditfa_jax.models.layers import block_forward
 from ditfa_jax.plan import CompressionPlan
 STEPS = 6
@@ -39,15 +40,27 @@ def _layers(module):
     return out
 
 
-def reference(model, run, noise, step_kind, block_compute):
-    """The plain loop: each step computes (block by block, cached blocks adding their last residual) or reuses /
-    extrapolates the velocities of earlier computed steps (Lagrange in sigma, on the host)."""
+def _block_with_mlp(block, carry, temb, rope, layout, cached):
+    """One block written out: attention, its output projections, then the MLP branch computed (``cached`` None) or
+    taken from ``cached``; returns (new carry, the MLP branch's value)."""
+    ctx = block.prepare(carry, temb)
+    q, k, v = block.qkv(ctx, rope)
+    attn = joint_attention(q, k, v, text_len=layout.text_len, text_first=layout.text_first, padding=layout.padding)
+    mid = block.finish_attention(carry, ctx, attn)
+    value = block.mlp(mid, ctx) if cached is None else cached
+    return block.add_mlp(mid, ctx, value), value
+
+
+def reference(model, run, noise, step_kind, block_compute, mlp_compute=None):
+    """The plain loop: each step computes (block by block, cached blocks adding their last residual, blocks with a
+    cached MLP branch adding its value from the last step it ran) or reuses / extrapolates the velocities of earlier
+    computed steps (Lagrange in sigma, on the host)."""
     module = nnx.merge(model.graphdef, model.state)
     family, cond, layout = run.family, run.cond, run.layout
     settings = AttentionSettings()
     blocks = _layers(module)
     x = np.asarray(noise, np.float32)
-    computed, residual = [], {}
+    computed, residual, mlp_value = [], {}, {}
     for i in range(len(run.sigmas) - 1):
         sigma, sigma_next = float(run.sigmas[i]), float(run.sigmas[i + 1])
         if step_kind[i] == 0:
@@ -56,7 +69,12 @@ def reference(model, run, noise, step_kind, block_compute):
             for layer, (index, block) in enumerate(blocks):
                 if index != stack:
                     carry, stack = module.enter_stack(index, carry), index
-                if block_compute[i, layer]:
+                if mlp_compute is not None and block_compute[i, layer]:
+                    out, mlp_value[layer] = _block_with_mlp(block, carry, temb, cond.rope, layout,
+                                                            None if mlp_compute[i, layer] else mlp_value[layer])
+                    residual[layer] = jax.tree_util.tree_map(jnp.subtract, out, carry)
+                    carry = out
+                elif block_compute[i, layer]:
                     out, _ = block_forward(block, carry, temb, cond.rope, None, layout, settings)
                     residual[layer] = jax.tree_util.tree_map(jnp.subtract, out, carry)
                     carry = out
@@ -78,6 +96,8 @@ CASES = {
     "taylor": ([0, 0, 2, 0, 3, 2], None),
     "blocks": ([0] * STEPS, "alternate"),  # from step 1, every other block reuses its residual
     "steps+blocks": ([0, 0, 1, 0, 2, 0], "tail"),  # the last half of the blocks cached on computed steps >= 1
+    "mlps": ([0] * STEPS, "mlp alternate"),  # from step 1, every other block reuses its MLP branch
+    "steps+blocks+mlps": ([0, 0, 1, 0, 2, 0], "mlp tail"),  # MLP cached in the first blocks, the last half cached
 }
 
 
@@ -89,12 +109,22 @@ def test_plan_path_equals_direct_recomputation(setup, case):
     block_compute = np.ones((STEPS, layers), bool)
     if pattern == "alternate":
         block_compute[1:, 1::2] = False
-    elif pattern == "tail":
+    elif pattern in ("tail", "mlp tail"):
         block_compute[1:, layers // 2:] = False
         block_compute[np.asarray(kinds) != 0] = True
-    plan = full.replace(step_kind=np.asarray(kinds, np.int8), block_compute=block_compute)
+    mlp_compute = None
+    if pattern == "mlp alternate":
+        mlp_compute = np.ones((STEPS, layers), bool)
+        mlp_compute[1:, ::2] = False
+    elif pattern == "mlp tail":
+        mlp_compute = block_compute.copy()
+        mlp_compute[1:, :layers // 2] = False
+        mlp_compute[np.asarray(kinds) != 0] = True
+        mlp_compute |= ~block_compute
+    plan = full.replace(step_kind=np.asarray(kinds, np.int8), block_compute=block_compute, mlp_compute=mlp_compute)
     got = np.asarray(sample(model, noise, *text, plan=plan, **common))
-    want = reference(model, run, noise, plan.step_kind, plan.block_compute)
+    want = reference(model, run, noise, plan.step_kind, plan.block_compute,
+                     None if mlp_compute is None else plan.mlp_compute)
     np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
     dense = np.asarray(sample(model, noise, *text, **common))
     assert np.abs(got - dense).max() > 1e-3  # the method changed the result: the comparison is not trivial
@@ -111,6 +141,30 @@ def test_blocks_all_computed_is_dense(setup):
     assert np.abs(np.asarray(sample(model, noise, *text, plan=cached, **common)) - dense).max() > 0
     plain = cached.replace(block_compute=None)
     np.testing.assert_array_equal(np.asarray(sample(model, noise, *text, plan=plain, **common)), dense)
+
+
+def test_finish_in_three_parts_is_finish(setup):
+    """`finish` equals `add_mlp(mid, ctx, mlp(mid, ctx))` with `mid = finish_attention(...)`, for every block kind
+    (random carry, conditioning and attention output): the path a plan with cached MLP branches runs."""
+    model, *_ = setup
+    module = nnx.merge(model.graphdef, model.state)
+    carry0 = None
+    for index, block in _layers(module):
+        cfg = model.config
+        shape = lambda n: (2, n, cfg.inner_dim)  # noqa: E731
+        keys = iter(jax.random.split(jax.random.key(index + 7), 8))
+        x, c = (jax.random.normal(next(keys), shape(n), jnp.float32) for n in (16, 5))
+        carry = module.enter_stack(index, (x, c)) if index else (x, c)
+        if carry0 is None:
+            carry0 = carry
+        temb = jax.random.normal(next(keys), (2, cfg.inner_dim), jnp.float32)
+        ctx = block.prepare(carry, temb)
+        attn = jax.random.normal(next(keys), (2, 21, cfg.num_attention_heads, cfg.attention_head_dim), jnp.float32)
+        want = block.finish(carry, ctx, attn)
+        mid = block.finish_attention(carry, ctx, attn)
+        got = block.add_mlp(mid, ctx, block.mlp(mid, ctx))
+        for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("setup", ["sd35_medium"], indirect=True)  # CFG; one family keeps CI short
@@ -133,7 +187,7 @@ def test_head_plan_with_reused_steps_keeps_the_cache(setup):
     x, v = jnp.asarray(noise), None
     for i in range(STEPS):
         if kinds[i] == 0:
-            v, cache, _ = velocity(module, run.family, run.cond, run.layout, settings, x, run.timesteps[i],
+            v, cache, _, _ = velocity(module, run.family, run.cond, run.layout, settings, x, run.timesteps[i],
                                    jnp.asarray(windows[i]), cache)
         x = x + (run.sigmas[i + 1] - run.sigmas[i]) * v
     np.testing.assert_allclose(got, np.asarray(x), rtol=2e-4, atol=2e-4)

@@ -107,16 +107,29 @@ class FluxDoubleBlock(nnx.Module):
         return self.attn.qkv(ctx["x"], ctx["c"], rope)
 
     def finish(self, carry, ctx, attn):
+        mid = self.finish_attention(carry, ctx, attn)
+        return self.add_mlp(mid, ctx, self.mlp(mid, ctx))
+
+    # `finish` in three parts, for a plan that caches the MLP branch (`ditfa_jax.models.layers.block_forward`)
+
+    def finish_attention(self, carry, ctx, attn):
+        """The carry with the attention's output projections added (gated): the MLP branch's input."""
         x, c = carry
         text_len = c.shape[1]
         attn = merge_heads(attn)
-        gate, shift_mlp, scale_mlp, gate_mlp = ctx["img"]
-        x = x + gate[:, None] * self.attn.to_out_0(attn[:, text_len:])
-        x = x + gate_mlp[:, None] * self.ff(modulate(layer_norm(x), shift_mlp, scale_mlp))
-        gate, shift_mlp, scale_mlp, gate_mlp = ctx["txt"]
-        c = c + gate[:, None] * self.attn.to_add_out(attn[:, :text_len])
-        c = c + gate_mlp[:, None] * self.ff_context(modulate(layer_norm(c), shift_mlp, scale_mlp))
+        x = x + ctx["img"][0][:, None] * self.attn.to_out_0(attn[:, text_len:])
+        c = c + ctx["txt"][0][:, None] * self.attn.to_add_out(attn[:, :text_len])
         return x, c
+
+    def mlp(self, mid, ctx):
+        """Both streams' MLP outputs (before their gates)."""
+        (x, c), (_, shift, scale, _), (_, c_shift, c_scale, _) = mid, ctx["img"], ctx["txt"]
+        return (self.ff(modulate(layer_norm(x), shift, scale)),
+                self.ff_context(modulate(layer_norm(c), c_shift, c_scale)))
+
+    def add_mlp(self, mid, ctx, value):
+        (x, c), (fx, fc) = mid, value
+        return x + ctx["img"][3][:, None] * fx, c + ctx["txt"][3][:, None] * fc
 
 
 class FluxSingleAttention(nnx.Module):
@@ -158,6 +171,21 @@ class FluxSingleBlock(nnx.Module):
     def finish(self, h, ctx, attn):
         mlp = jax.nn.gelu(self.proj_mlp(ctx["h"]), approximate=True)
         return h + ctx["gate"][:, None] * self.proj_out(jnp.concatenate([merge_heads(attn), mlp], axis=-1))
+
+    # `finish` in three parts (`FluxDoubleBlock`'s): the out projection split by rows into its attention part (with
+    # the bias) and its MLP part, so that the MLP branch's value is one [B, T, dim] array
+
+    def finish_attention(self, h, ctx, attn):
+        attn = merge_heads(attn)
+        return h + ctx["gate"][:, None] * self.proj_out.rows(attn, 0, attn.shape[-1], bias=True)
+
+    def mlp(self, mid, ctx):
+        mlp = jax.nn.gelu(self.proj_mlp(ctx["h"]), approximate=True)
+        dim = mid.shape[-1]
+        return self.proj_out.rows(mlp, dim, dim + mlp.shape[-1], bias=False)
+
+    def add_mlp(self, mid, ctx, value):
+        return mid + ctx["gate"][:, None] * value
 
 
 class FluxTransformer(nnx.Module):

@@ -31,6 +31,21 @@ class Linear(nnx.Linear):
             y = y + self.bias.get_value().astype(jnp.float32)
         return y.astype(self.dtype or x.dtype)
 
+    def rows(self, x: jax.Array, start: int, stop: int, *, bias: bool) -> jax.Array:
+        """``x @ kernel[start:stop]`` (+ the bias if ``bias``): the product with input features start..stop only,
+        where x holds just those; the sum of such parts over a split of the inputs is the layer's output."""
+        kernel = self.kernel.get_value()
+        if kernel.dtype == jnp.float8_e4m3fn:  # stored [out, in]
+            from ditfa_jax.fp8 import fp8_matmul
+
+            y = fp8_matmul(x, kernel[:, start:stop], self.kernel_scale.get_value())
+        else:
+            dtype = self.dtype or x.dtype
+            y = jnp.dot(x.astype(dtype), kernel[start:stop].astype(dtype), precision=self.precision)
+        if bias and self.bias is not None:
+            y = y + self.bias.get_value().astype(y.dtype)
+        return y.astype(self.dtype or x.dtype)
+
 
 def linear(in_features: int, out_features: int, *, dtype, rngs: nnx.Rngs, bias: bool = True) -> Linear:
     """A dense layer whose kernel is [in, out] (the transpose of torch's weight)."""
@@ -185,13 +200,17 @@ def attention_inputs(block, carry, temb, rope):
     return ctx, block.qkv(ctx, rope)
 
 
-def block_forward(block, carry, temb, rope, layer_plan, layout, settings: AttentionSettings):
+def block_forward(block, carry, temb, rope, layer_plan, layout, settings: AttentionSettings, mlp_plan=None):
     """One MMDiT block: adaLN, q/k/v, joint attention, then `finish`; returns (carry, attention output).
 
     With a plan, `layer_plan = (head_window [H], cache [B, T, H, D], head_order [H] or None)`: the head-wise kernel
     runs and cached heads return the cache; with `settings.shortcuts`, a layer whose heads are all cached skips
     q/k/v and the kernel. `head_order` groups the heads over a mesh's devices (`ditfa_jax.sharding`). The attention
     output (all rows, before the output projection) is what the next step's cache holds.
+
+    With ``mlp_plan = (runs, cached)`` (a traced bool and the MLP branch's value from the last step it ran, shaped
+    like the carry) the MLP branch runs only where ``runs``, else its cached value is used (FORA-like); then the
+    result is (carry, attention output, the MLP branch's value).
     """
     head_window, cache, head_order = layer_plan if layer_plan is not None else (None, None, None)
     ctx = block.prepare(carry, temb)
@@ -206,7 +225,17 @@ def block_forward(block, carry, temb, rope, layer_plan, layout, settings: Attent
         out = attend()
     else:
         out = jax.lax.cond(jnp.all(head_window == 0), lambda: cache, attend)
-    return block.finish(carry, ctx, out), out
+    if mlp_plan is None:
+        return block.finish(carry, ctx, out), out
+    runs, cached = mlp_plan
+    mid = block.finish_attention(carry, ctx, out)
+    value = jax.lax.cond(runs, lambda: _like(block.mlp(mid, ctx), cached), lambda: cached)
+    return block.add_mlp(mid, ctx, value), out, value
+
+
+def _like(tree, reference):
+    """`tree` cast leaf by leaf to the dtypes of `reference` (the two branches of a cond must agree)."""
+    return jax.tree_util.tree_map(lambda a, r: a.astype(r.dtype), tree, reference)
 
 
 def run_stacks(model, carry, temb, rope, plan, layout, settings: AttentionSettings):
@@ -217,7 +246,7 @@ def run_stacks(model, carry, temb, rope, plan, layout, settings: AttentionSettin
     (`dynamic_update_index_in_dim`), so XLA updates it in place: the sampler holds one copy of the cache, not the
     old one, per-stack outputs and their concatenation.
     """
-    carry, cache, _ = run_stacks_with_blocks(model, carry, temb, rope, plan, layout, settings)
+    carry, cache, _, _ = run_stacks_with_blocks(model, carry, temb, rope, plan, layout, settings)
     return carry, cache
 
 
@@ -232,46 +261,58 @@ def empty_block_residuals(model, carry):
 
 
 def run_stacks_with_blocks(model, carry, temb, rope, plan, layout, settings: AttentionSettings, compute=None,
-                           residuals=None):
-    """`run_stacks`, optionally with block-residual caching; returns (carry, attention cache, residuals).
+                           residuals=None, mlp_compute=None, mlp_cache=None):
+    """`run_stacks`, optionally with block-residual and MLP-branch caching; returns (carry, attention cache,
+    residuals, MLP cache).
 
     `compute` [layers] bool says which blocks run; a block that does not run returns its input plus `residuals`'
     entry for it (its output minus its input when it last ran: FBCache/DBCache-like reuse), so its attention heads
     and its attention-cache slot are left alone. `residuals` is per stack a pytree like the stack's carry with a
     leading layer axis (`empty_block_residuals`); the returned one holds the new residuals of the blocks that ran.
     Without `compute` (None), every block runs and no residual is kept.
+
+    `mlp_compute` [layers] bool says which blocks run their MLP branch; the others use their entry of `mlp_cache`
+    (shaped as `residuals`: the branch's value at the last step it ran), and the returned cache holds every
+    block's value used. None: every MLP runs and none is kept.
     """
     cache = None if plan is None else plan[1]
     orders = plan[2] if plan is not None and len(plan) > 2 else None
     new_residuals = [] if compute is not None else None
+    new_mlp = [] if mlp_compute is not None else None
     for index, (stack, first, count) in enumerate(model.stacks()):
         carry = model.enter_stack(index, carry)
-        if plan is None and compute is None:
+        if plan is None and compute is None and mlp_compute is None:
             carry, _ = scan_stack(stack, carry, None, lambda block, c, _: (block_forward(
                 block, c, temb, rope, None, layout, settings)[0], None))
             continue
 
         def body(block, state, layer):
             c, cache = state
-            window, order, i, runs, residual = layer
+            window, order, i, runs, residual, mlp_runs, mlp_value = layer
 
             def run():
                 layer_plan = None if window is None else (
                     window, jax.lax.dynamic_index_in_dim(cache, i, keepdims=False), order)
-                out_c, out = block_forward(block, c, temb, rope, layer_plan, layout, settings)
+                mlp_plan = None if mlp_runs is None else (mlp_runs, mlp_value)
+                out_c, out, *used = block_forward(block, c, temb, rope, layer_plan, layout, settings, mlp_plan)
                 new_cache = cache if window is None else jax.lax.dynamic_update_index_in_dim(cache, out, i, 0)
                 kept = None if runs is None else jax.tree_util.tree_map(jnp.subtract, out_c, c)
-                return (out_c, new_cache), kept
+                return (out_c, new_cache), (kept, used[0] if used else None)
 
             if runs is None:
                 return run()
-            return jax.lax.cond(runs, run, lambda: ((jax.tree_util.tree_map(jnp.add, c, residual), cache), residual))
+            return jax.lax.cond(runs, run, lambda: ((jax.tree_util.tree_map(jnp.add, c, residual), cache),
+                                                    (residual, mlp_value)))
 
         layers = (None if plan is None else plan[0][first:first + count],
                   None if orders is None else orders[first:first + count], jnp.arange(first, first + count),
                   None if compute is None else compute[first:first + count],
-                  None if compute is None else residuals[index])
-        (carry, cache), kept = scan_stack(stack, (carry, cache), layers, body)
+                  None if compute is None else residuals[index],
+                  None if mlp_compute is None else mlp_compute[first:first + count],
+                  None if mlp_compute is None else mlp_cache[index])
+        (carry, cache), (kept, mlp_used) = scan_stack(stack, (carry, cache), layers, body)
         if compute is not None:
             new_residuals.append(kept)
-    return carry, cache, new_residuals
+        if mlp_compute is not None:
+            new_mlp.append(mlp_used)
+    return carry, cache, new_residuals, new_mlp

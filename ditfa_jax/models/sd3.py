@@ -144,22 +144,40 @@ class JointBlock(nnx.Module):
         return self.attn.qkv(ctx["x"], ctx["c"])
 
     def finish(self, carry, ctx, attn):
+        mid = self.finish_attention(carry, ctx, attn)
+        return self.add_mlp(mid, ctx, self.mlp(mid, ctx))
+
+    # `finish` in three parts, for a plan that caches the MLP branch (`ditfa_jax.models.layers.block_forward`)
+
+    def finish_attention(self, carry, ctx, attn):
+        """The carry with the attention outputs added (gated; MMDiT-X's image-only attention too): the MLP input."""
         x, c = carry
         n_img, n_txt = x.shape[1], c.shape[1]
         attn = merge_heads(attn)
-        gate, shift_mlp, scale_mlp, gate_mlp = ctx["img"][:4]
-        x = x + gate[:, None] * self.attn.to_out_0(attn[:, :n_img])
+        x = x + ctx["img"][0][:, None] * self.attn.to_out_0(attn[:, :n_img])
         if self.dual:  # MMDiT-X: image-only self-attention, always dense
             shift2, scale2, gate2 = ctx["img"][4:]
             q, k, v = self.attn2.qkv(modulate(ctx["x_norm"], shift2, scale2))
             out2 = joint_attention(q, k, v, text_len=0, text_first=False)
             x = x + gate2[:, None] * self.attn2.to_out_0(merge_heads(out2))
-        x = x + gate_mlp[:, None] * self.ff(modulate(layer_norm(x), shift_mlp, scale_mlp))
         if not self.context_pre_only:
-            c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp = ctx["txt"]
-            c = c + c_gate[:, None] * self.attn.to_add_out(attn[:, n_img:n_img + n_txt])
-            c = c + c_gate_mlp[:, None] * self.ff_context(modulate(layer_norm(c), c_shift_mlp, c_scale_mlp))
+            c = c + ctx["txt"][0][:, None] * self.attn.to_add_out(attn[:, n_img:n_img + n_txt])
         return x, c
+
+    def mlp(self, mid, ctx):
+        """Both streams' MLP outputs (before their gates); zeros for the text of a context-pre-only block."""
+        x, c = mid
+        _, shift, scale = ctx["img"][:3]
+        fx = self.ff(modulate(layer_norm(x), shift, scale))
+        if self.context_pre_only:
+            return fx, jnp.zeros_like(c)
+        _, c_shift, c_scale, _ = ctx["txt"]
+        return fx, self.ff_context(modulate(layer_norm(c), c_shift, c_scale))
+
+    def add_mlp(self, mid, ctx, value):
+        (x, c), (fx, fc) = mid, value
+        x = x + ctx["img"][3][:, None] * fx
+        return x, c if self.context_pre_only else c + ctx["txt"][3][:, None] * fc
 
 
 def layer_segments(config: SD3Config) -> list[tuple[int, int, bool, bool]]:

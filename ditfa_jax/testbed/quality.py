@@ -85,9 +85,10 @@ def _heads(**options):
     return lambda budget: {"delta": budget, **options}
 
 
-def _family(name: str):
-    """A search of `ditfa_jax.calibrate.METHOD_FAMILIES` with the sweep's one budget as each of its budgets."""
-    return lambda budget: METHOD_FAMILIES[name](budget, budget, ALL_BLOCKS)
+def _family(name: str, mlp: bool = False):
+    """A search of `ditfa_jax.calibrate.METHOD_FAMILIES` with the sweep's one budget as each of its budgets (the
+    MLP-branch budget only with ``mlp``)."""
+    return lambda budget: METHOD_FAMILIES[name](budget, budget, ALL_BLOCKS, budget if mlp else 0.0)
 
 
 ALL_BLOCKS = "all"  # block_candidates placeholder: every number of first blocks 1..layers-1 of the model
@@ -108,6 +109,8 @@ SEARCHES = {
     "block-cache": _family("blocks"),
     "steps+blocks": _family("steps+blocks"),
     "taylor+heads": _family("taylor+heads"),
+    "mlp-cache": _family("mlp", mlp=True),
+    "taylor+mlp": _family("taylor+mlp", mlp=True),
     "unified": _family("all"),
 }
 # The same pass as "unified", then every method re-chosen at once for time (`unified_plan`; its options here).
@@ -115,31 +118,39 @@ UNIFIED_MILP = {"unified-milp": {}, "unified-milp-cap1": {"max_skips_in_a_row": 
 SEARCHES.update({name: SEARCHES["unified"] for name in UNIFIED_MILP})
 
 
+def _block_budget(options: dict) -> str | None:
+    """The per-block budget a search spends beside the step budget: "delta" (heads) or "mlp_delta" (MLP branches)."""
+    return next((key for key in ("delta", "mlp_delta") if options.get(key, 0) > 0), None)
+
+
 def spends_both_budgets(search: str) -> bool:
-    """Whether a named search spends a head budget and a step budget (which ``head_delta`` can set apart)."""
+    """Whether a named search spends a per-block budget (heads or MLP branches) and a step budget (which
+    ``head_delta`` can set apart)."""
     options = SEARCHES[search](1.0)
-    return options.get("delta", 0) > 0 and options.get("step_delta", 0) > 0
+    return _block_budget(options) is not None and options.get("step_delta", 0) > 0
 
 
 def search_options(search: str, budget: float, num_layers: int, head_delta: float | None = None) -> dict:
     """The `calibrate` options of a named search at one budget, for a model of ``num_layers`` blocks; a search that
-    spends both budgets takes ``head_delta`` as its head budget where given."""
+    spends both budgets takes ``head_delta`` as its per-block budget (heads, or MLP branches) where given."""
     options = SEARCHES[search](float(budget))
     if head_delta is not None and spends_both_budgets(search):
-        options["delta"] = float(head_delta)
+        options[_block_budget(options)] = float(head_delta)
     if options.get("block_candidates") == ALL_BLOCKS:
         options["block_candidates"] = tuple(range(1, num_layers))
     return options
 
 
 def plan_work(plan: CompressionPlan | None) -> dict:
-    """Steps a plan skips (reuse / Taylor), the share of (computed step, block) pairs it serves from the cache, and
-    the share of the heads of computed steps in FP8."""
+    """Steps a plan skips (reuse / Taylor), the share of (computed step, block) pairs it serves from the cache, the
+    share of the blocks that run whose MLP branch is cached, and the share of the heads of computed steps in FP8."""
     if plan is None:
-        return {"steps_skipped": 0, "blocks_cached": 0.0, "fp8_heads": 0.0}
+        return {"steps_skipped": 0, "blocks_cached": 0.0, "mlp_cached": 0.0, "fp8_heads": 0.0}
     computed = np.asarray(plan.step_kind) == 0
     blocks = np.asarray(plan.block_compute, bool)[computed]
+    runs = plan.work_per_step_layer() > 0
     return {"steps_skipped": int((~computed).sum()), "blocks_cached": round(float(1 - blocks.mean()), 4),
+            "mlp_cached": round(float((runs & ~plan.mlp_compute).sum() / max(runs.sum(), 1)), 4),
             "fp8_heads": round(float((plan.head_window[computed] == FP8_WINDOW).mean()), 4)}
 
 
@@ -199,7 +210,7 @@ def quality_sweep(pipe, scenes, calibration_captions: list[str], deltas, *, seed
         work = plan_work(plan)
         return dict(search=name, delta=delta, steps=steps, flops_kept=round(kept, 4), cost=round(cost, 4),
                     steps_skipped=work["steps_skipped"], blocks_cached=work["blocks_cached"],
-                    fp8_heads=work["fp8_heads"],
+                    mlp_cached=work["mlp_cached"], fp8_heads=work["fp8_heads"],
                     psnr_db=float(np.mean(p_db)), psnr_min_db=float(np.min(p_db)), ssim=float(np.mean(s)),
                     ssim_min=float(np.min(s)), fidelity=score["object"], fidelity_size=score["size"],
                     frechet=None if features is None else round(frechet_score(features, images, truth).distance, 4),
@@ -253,7 +264,8 @@ def quality_sweep(pipe, scenes, calibration_captions: list[str], deltas, *, seed
                     result = pipe.calibrate(calibration_captions, num_steps=steps, progress=False, **options)
                     plan = (unified_plan(result, cost_model, **UNIFIED_MILP[search]) if search in UNIFIED_MILP
                             else result.plan)
-                    heads = "" if head_delta is None else f" heads {float(head_delta):g}"
+                    heads = "" if head_delta is None else (f" heads {float(head_delta):g}" if options.get("delta")
+                                                           else f" mlp {float(head_delta):g}")
                     variants.append((search + heads + on, plan, head_delta))
                     if include_global and search == "per-layer":
                         variants.append(("global" + on, global_plan(result.plan, result.rse, result.saving), None))
