@@ -286,6 +286,30 @@ def mixture_plans(cfg, *, px: int, steps: int, arrow_shares=()) -> dict:
     return plans
 
 
+def mlp_plans(cfg, *, px: int, steps: int, shares=(0.5, 1.0)) -> dict:
+    """Plans caching MLP branches (issue 17): each of ``shares`` of the blocks (spread evenly) reuses its MLP output
+    at every step after the first, which measures the MLP branches' share of the step; and the 2.8x Taylor profile
+    of `mixture_plans` (14 steps computing 10) with half the MLP branches cached on its computed steps after the
+    third."""
+    full = CompressionPlan.full(cfg, height=px, width=px, text_len=TEXT, num_steps=steps)
+    layers = cfg.total_layers
+    plans = {}
+    for share in shares:
+        picked = np.zeros(layers, bool)
+        picked[np.unique(np.round(np.linspace(0, layers - 1, max(1, round(share * layers)))).astype(int))] = True
+        mlp = np.ones((steps, layers), bool)
+        mlp[1:, picked] = False
+        plans[f"MLP cached in {picked.sum()} of {layers} blocks, steps 1-{steps - 1}"] = full.replace(mlp_compute=mlp)
+    base = steps // 2
+    kinds = taylor_schedule(base, 10)
+    mlp = np.ones((base, layers), bool)
+    mlp[np.flatnonzero(kinds == 0)[3:][:, None], np.arange(0, layers, 2)[None, :]] = False
+    taylor = CompressionPlan.full(cfg, height=px, width=px, text_len=TEXT, num_steps=base, step_kind=kinds)
+    plans[f"taylor2 on {base} steps, 10 computed"] = taylor
+    plans[f"same + MLP cached in every other block after the 3rd computed step"] = taylor.replace(mlp_compute=mlp)
+    return plans
+
+
 def bench_speedup_plans(model, px: int, steps: int = 28, mixtures: bool = False, arrow_shares=()) -> None:
     """The `speedup_plans` (or `mixture_plans`) against the dense sampler and the cost model's prediction (issue
     17, benchmark 2)."""
@@ -303,17 +327,27 @@ def bench_step_methods(model, px: int, steps: int = 28, plans: dict | None = Non
     cfg = model.config
     attention_ms = dense_attention_ms(cfg, px) * cfg.total_layers
     _, dense_ms = time_sampler(model, px, steps, None)
+    from ditfa_jax.cost_model import COST_MODELS
+
+    estimate = COST_MODELS.get(f"h200-flux-dev-{px}")  # the cost model's MLP share, where it has one for this size
     local = StepCostModel("this run", "dense step and attention of this run", (0.0, 1.0),
-                          (dense_ms - attention_ms, dense_ms), "bench_plan.py --step-methods")
+                          (dense_ms - attention_ms, dense_ms), "bench_plan.py --step-methods",
+                          mlp_share=estimate.mlp_share if estimate else None)
     record(kind="step_methods", px=px, steps=steps, plan="dense", ms_per_step=round(dense_ms, 2),
            speedup_vs_dense=1.0, predicted_speedup=1.0, dense_attention_ms_per_step=round(attention_ms, 2))
     for name, plan in (plans or step_method_plans(cfg, px=px, steps=steps)).items():
         first, ms = time_sampler(model, px, plan.num_steps, plan)
         ms *= plan.num_steps / steps  # a plan on fewer steps: its time per step of the dense schedule
-        predicted = steps / (plan.num_steps * plan_cost(plan, local))
+        predicted = (steps / (plan.num_steps * plan_cost(plan, local))
+                     if local.mlp_share is not None or not plan.uses_mlp_caching else float("nan"))
+        extra = {}
+        if plan.uses_mlp_caching and not plan.uses_step_methods:  # the MLP branches' measured share of the rest
+            cached = float((plan.work_per_step_layer() - plan.mlp_work_per_step_layer()).sum())
+            extra["measured_mlp_share"] = round((dense_ms - ms) * steps / (cached / cfg.total_layers)
+                                                / (dense_ms - attention_ms), 4)
         record(kind="step_methods", px=px, steps=steps, plan=name, ms_per_step=round(ms, 2),
                speedup_vs_dense=round(dense_ms / ms, 3), predicted_speedup=round(predicted, 3),
-               of_predicted=round(dense_ms / ms / predicted, 3), first_call_s=round(first, 2))
+               of_predicted=round(dense_ms / ms / predicted, 3), first_call_s=round(first, 2), **extra)
     for threshold in gates:
         gate = DynamicGate(1, threshold)
         ms, skipped = time_gate(model, px, steps, gate)
@@ -482,6 +516,8 @@ def main() -> None:
     parser.add_argument("--mesh", help="only the sampler over meshes of 1..8 devices at these sizes (28 steps)")
     parser.add_argument("--mixture-plans", help="only the Taylor-on-fewer-steps plans at these sizes (against 28 "
                                                 "dense steps)")
+    parser.add_argument("--mlp-plans", help="only the MLP-branch caching plans at these sizes (28 steps): their time "
+                                            "measures the MLP share of the step (issue 17)")
     parser.add_argument("--mixture-arrow-shares", default="",
                         help="with --mixture-plans: comma-separated shares of arrow_8 heads (the others full) on the "
                              "14-step Taylor plan's computed steps, a row each")
@@ -510,9 +546,11 @@ def main() -> None:
     if args.layer_skip_only:
         bench_layer_skip(model, 2048, 10)
         return
-    if args.step_methods or args.speedup_plans or args.mixture_plans:
+    if args.step_methods or args.speedup_plans or args.mixture_plans or args.mlp_plans:
         for px in filter(None, (args.step_methods or "").split(",")):
             bench_step_methods(model, int(px))
+        for px in filter(None, (args.mlp_plans or "").split(",")):
+            bench_step_methods(model, int(px), plans=mlp_plans(model.config, px=int(px), steps=28), gates=())
         for px in filter(None, (args.speedup_plans or "").split(",")):
             bench_speedup_plans(model, int(px))
         for px in filter(None, (args.mixture_plans or "").split(",")):
@@ -557,12 +595,14 @@ def print_tables() -> None:
                   f"{r['attention_flops_kept']:.3f} | {r['ms_per_step']} | {r['speedup_vs_dense']} | "
                   f"{r['amdahl_bound']} | {r['of_bound']} |")
     if any(r["kind"] == "step_methods" for r in RESULTS):
-        print("\n| size | step-level plan | ms/step | speed-up vs dense | predicted (cost model) | skipped steps |")
-        print("|---|---|---|---|---|---|")
+        print("\n| size | step-level plan | ms/step | speed-up vs dense | predicted (cost model) | skipped steps | "
+              "measured MLP share |")
+        print("|---|---|---|---|---|---|---|")
         for r in RESULTS:
             if r["kind"] == "step_methods":
                 print(f"| {r['px']}^2 | {r['plan']} | {r['ms_per_step']} | {r['speedup_vs_dense']} | "
-                      f"{r.get('predicted_speedup', '')} | {r.get('skipped_steps', '')} |")
+                      f"{r.get('predicted_speedup', '')} | {r.get('skipped_steps', '')} | "
+                      f"{r.get('measured_mlp_share', '')} |")
     if not any(r["kind"] == "calibration" for r in RESULTS):
         return
     for r in RESULTS:

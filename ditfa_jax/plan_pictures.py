@@ -25,6 +25,7 @@ _OTHER_COLOUR = (220, 50, 50)
 _STEP_COLOURS = {"reuse": (200, 200, 200), "taylor1": (250, 175, 205), "taylor2": (205, 150, 230)}
 _HATCH = ((255, 225, 215), (190, 30, 30))  # background, stripes
 _FP8_MARK = _METHOD_COLOURS["fp8"]  # a square in the middle of a (step, layer) cell that has FP8 heads
+_MLP_MARK = (255, 140, 0)  # a bar along the bottom of a (step, layer) cell whose block reuses its MLP branch
 _LEGEND_H = 20
 
 
@@ -36,7 +37,7 @@ def _hatched(mask) -> np.ndarray:
 
 def _map_pixels(plan: CompressionPlan, data, cell: int) -> np.ndarray:
     """uint8 [steps*cell, layers*cell, 3]: viridis of ``data``, rows of skipped steps in their kind's colour, cached
-    blocks hatched."""
+    blocks hatched, FP8 heads and cached MLP branches marked."""
     rgb = _viridis(data)
     for name, colour in _STEP_COLOURS.items():
         rgb[np.array(plan.step_kind_names()) == name] = colour
@@ -46,18 +47,30 @@ def _map_pixels(plan: CompressionPlan, data, cell: int) -> np.ndarray:
     lo, hi = cell // 3, cell - cell // 3
     for step, layer in np.argwhere((plan.head_window == FP8_WINDOW).any(axis=2)):
         big[step * cell + lo:step * cell + hi, layer * cell + lo:layer * cell + hi] = _FP8_MARK
+    bar = max(1, cell // 4)
+    for step, layer in np.argwhere(_mlp_cached(plan)):
+        big[(step + 1) * cell - bar:(step + 1) * cell, layer * cell:(layer + 1) * cell] = _MLP_MARK
     return big
 
 
+def _mlp_cached(plan: CompressionPlan) -> np.ndarray:
+    """bool [steps, layers]: blocks that run with their MLP branch cached."""
+    return (plan.work_per_step_layer() > 0) & ~plan.mlp_compute
+
+
 def _legend_items(plan: CompressionPlan) -> list[tuple[str, tuple | None]]:
-    """(label, colour; None: the hatch) for each step kind other than compute, cached blocks and FP8 heads (the mark
-    in their cells), when used."""
+    """(label, colour; None: the hatch) for each step kind other than compute, cached blocks, cached MLP branches and
+    FP8 heads (the marks in their cells), when used."""
     names = plan.step_kind_names()
     items = [(f"{k}: {names.count(k)} step{'s' * (names.count(k) != 1)} skipped", c)
              for k, c in _STEP_COLOURS.items() if k in names]
     n = int((~plan.block_compute).sum())
     if n:
         items.append((f"cached block: {n} of {plan.computed_steps.size * plan.num_layers} on computed steps", None))
+    mlp = _mlp_cached(plan)
+    if mlp.any():
+        runs = int((plan.work_per_step_layer() > 0).sum())
+        items.append((f"cached MLP: {int(mlp.sum())} of {runs} blocks that run", _MLP_MARK))
     fp8 = plan.head_window == FP8_WINDOW
     if fp8.any():
         items.append((f"FP8 heads: {int(fp8.sum())} in {int(fp8.any(axis=2).sum())} (step, layer)s", _FP8_MARK))

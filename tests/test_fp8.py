@@ -158,3 +158,27 @@ def test_cli_fp8_travels_in_the_plan(tmp_path, capsys):
     assert cli_main(["generate", str(tiny), "--prompt", "a fox", "--fp8", "attn/to_z",
                      "--out", str(tmp_path / "other")]) == 2
     assert "'attn/to_z' is not a layer of this model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_linear_rows_split_the_layer_by_its_inputs(quantized):
+    """`Linear.rows` over a split of the input features sums to the layer's output (the FLUX single block's out
+    projection, split into its attention and MLP parts for cached MLP branches): float32 tight, FP8 within its
+    per-token quantisation error."""
+    from flax import nnx
+
+    from ditfa_jax.models.layers import linear
+
+    layer = linear(40, 24, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(3), (2, 7, 40))
+    want = layer(x)
+    if quantized:
+        values, scale = quantize_kernel(layer.kernel.get_value())
+        layer.kernel, layer.kernel_scale = nnx.Param(values), nnx.Param(scale)
+    got = layer.rows(x[..., :8], 0, 8, bias=True) + layer.rows(x[..., 8:], 8, 40, bias=False)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    if quantized:
+        assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) < 0.05
+        np.testing.assert_allclose(np.asarray(layer(x)), np.asarray(layer.rows(x, 0, 40, bias=True)), rtol=1e-6)
+    else:
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)

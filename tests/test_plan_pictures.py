@@ -87,3 +87,21 @@ def test_fp8_heads_are_marked(tmp_path):
     assert (img[top + 12 * 3 + 4, left + 5 * 12 + 4] != (40, 40, 40)).any()  # only that cell
     heads = np.asarray(Image.open(save_heatmap(q, tmp_path / "heads.png", per_head=True)).convert("RGB"))
     assert ((heads == (40, 40, 40)).all(axis=-1)).sum() >= 3 * 16  # three FP8 heads of 4 x 4 pixels
+
+
+def test_cached_mlp_branches_are_marked(tmp_path):
+    """A block that runs with its MLP branch cached gets an orange bar along the bottom of its cell and a legend
+    line; the cells above the bar keep their FLOPs-kept colour."""
+    p = flux_plan(steps=8)
+    plain = np.asarray(Image.open(save_heatmap(p, tmp_path / "plain.png", cell=12)).convert("RGB"))
+    mlp = np.ones((8, 57), bool)
+    mlp[3, 10:20] = False
+    img = Image.open(save_heatmap(p.replace(mlp_compute=mlp), tmp_path / "mlp.png", cell=12))
+    rgb = np.asarray(img.convert("RGB"))
+    assert rgb.shape[0] == plain.shape[0] + 20  # the legend line
+    top, left = 84, 64
+    bar = rgb[top + 4 * 12 - 3:top + 4 * 12, left + 10 * 12:left + 20 * 12].reshape(-1, 3)
+    assert {tuple(c) for c in bar} == {(255, 140, 0)}
+    np.testing.assert_array_equal(rgb[top + 3 * 12:top + 4 * 12 - 3, left + 10 * 12:left + 20 * 12],
+                                  plain[top - 20 + 3 * 12:top - 20 + 4 * 12 - 3, left + 10 * 12:left + 20 * 12])
+    assert not (rgb[top + 5 * 12 - 3:top + 5 * 12, left:left + 57 * 12] == (255, 140, 0)).all(axis=-1).any()

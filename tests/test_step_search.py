@@ -224,6 +224,8 @@ def test_least_error_over_methods_from_the_cli(tmp_path, capsys):
     bad = [(["--methods", "taylor"], "give --target-speedup too"),
            (["--methods", "taylor", "--target-speedup", "2"], "which is 0; give it a starting budget"),
            (["--base-steps", "2"], "give --methods"),
+           (["--methods", "taylor+mlp", "--target-speedup", "2", "--step-delta", "0.1"],
+            "--methods taylor+mlp search --mlp-delta, which is 0"),
            (["--methods", "taylor", "--target-speedup", "2", "--step-delta", "0.1", "--base-steps", "3"],
             "--base-steps 3: expected fewer than --steps 3")]
     for extra, message in bad:
@@ -232,6 +234,23 @@ def test_least_error_over_methods_from_the_cli(tmp_path, capsys):
     for extra in (["taylor,fast"], ["taylor", "--base-steps", "0"]):
         with pytest.raises(SystemExit):
             cli_main(args[:-1] + extra)
+
+
+def test_cli_mlp_delta_writes_a_plan_with_cached_mlp_branches(tmp_path, capsys):
+    """`ditfa calibrate --mlp-delta`: the plan file holds methods.mlp, the summary and heatmap say so."""
+    from ditfa_jax.cli import main as cli_main
+    from ditfa_jax.plan import CompressionPlan
+
+    out = tmp_path / "plan.json"
+    args = ["calibrate", str(FLUX_TINY), "--out", str(out), "--height", "64", "--width", "64", "--steps", "3",
+            "--prompts", "1", "--delta", "0", "--mlp-delta", "1e9"]
+    assert cli_main(args) == 0
+    plan = CompressionPlan.load(out)
+    assert plan.uses_mlp_caching and not plan.mlp_compute[1:].any() and plan.notes["mlp_delta"] == 1e9
+    assert "MLP branches:" in capsys.readouterr().out and out.with_suffix(".png").is_file()
+    with pytest.raises(SystemExit):
+        cli_main(args[:-1] + ["-1"])
+    assert "--mlp-delta" in capsys.readouterr().err
 
 
 def test_fewer_steps_counts_steps_without_rounding_down_and_refuses_less_than_one():
