@@ -307,3 +307,19 @@ def test_methods_on_fewer_base_steps_are_priced_against_all_steps():
         least_error_for_speedup(search, 2.0, cost, num_steps=20, methods=("reuse",), base_steps=(20,),
                                 dense_latents=np.ones(3))
 
+
+
+def test_median_relative_error_is_not_dominated_by_one_prompt():
+    """The least-error choice scores a plan by the median over prompts: one prompt whose image moved a lot (a valid
+    other layout) does not outweigh a plan that is worse on every other prompt."""
+    from ditfa_jax.calibrate import median_relative_error
+
+    rng = np.random.default_rng(0)
+    dense = rng.normal(size=(5, 4, 8))
+    uniform = dense * 1.1                                  # 1 % error on every prompt
+    outlier = dense.copy()
+    outlier[0] = -dense[0]                                 # exact but for one prompt, reversed (error 4)
+    assert median_relative_error(uniform, dense) == pytest.approx(0.01)
+    assert median_relative_error(outlier, dense) == 0.0
+    pooled = lambda x: np.sum((x - dense) ** 2) / np.sum(dense ** 2)  # noqa: E731
+    assert pooled(outlier) > pooled(uniform)              # what a pooled error would have chosen instead
