@@ -56,7 +56,9 @@ def run(request):
                                 text_len=text[0].shape[1], num_steps=STEPS, vae_scale_factor=8)
     windows = np.asarray(full.head_window).copy()
     windows[1:] = np.random.default_rng(0).choice([-1, 0, 1, 2], size=windows[1:].shape)
-    return model, text, common, noise, full.replace(head_window=windows), setup.batch
+    mlp = np.ones((STEPS, model.config.total_layers), bool)
+    mlp[2:, ::2] = False  # cached MLP branches ride in the carry, split like the blocks' activations
+    return model, text, common, noise, full.replace(head_window=windows, mlp_compute=mlp), setup.batch
 
 
 def meshes(batch: int, planned: bool):
@@ -120,6 +122,11 @@ def test_calibration_over_the_data_axis_finds_the_same_plan(run):
     assert 0 < (one.plan.head_window != -1).mean() < 1  # a plan with choices in it
     np.testing.assert_array_equal(split.plan.head_window, one.plan.head_window)
     np.testing.assert_allclose(split.rse, one.rse, rtol=1e-4, atol=1e-6)
+    threshold = float(np.nanmedian(calibrate(model, *text, **dict(kwargs, delta=0.0), mlp_delta=1e-12).mlp_rse))
+    one, split = (calibrate(model, *text, **dict(kwargs, delta=0.0), mlp_delta=threshold, mesh=mesh)
+                  for mesh in (None, sharding.make_mesh(2, 1)))
+    assert 0 < (~one.plan.mlp_compute).mean() < 1  # cached MLP branches, searched over the data axis too
+    np.testing.assert_array_equal(split.plan.mlp_compute, one.plan.mlp_compute)
 
 
 def test_balancing_lowers_the_predicted_imbalance(run):
