@@ -185,6 +185,10 @@ def _block(r):
     return r["methods"]["block"]
 
 
+def _mlp(r):
+    return r["methods"]["mlp"]
+
+
 @pytest.mark.parametrize("edit, match", [
     (lambda r: _step(r)["step_kind"].__setitem__(2, "foca"),
      r"methods\.step\.step_kind: step 2 is 'foca'; expected one of \['compute', 'reuse', 'taylor1', 'taylor2'\]"),
@@ -212,9 +216,21 @@ def _block(r):
                                                                  r"'reuse': .*must be all True; got False at layer 30"),
     (lambda r: _block(r).pop("block_compute"), r"missing methods\.block\.block_compute"),
     (lambda r: r["run"].update(num_steps=9), r"methods\.head\.head_window: expected shape"),
+    (lambda r: _mlp(r)["mlp_compute"].pop(), r"methods\.mlp\.mlp_compute: expected shape \[steps, layers\] = "
+                                             r"\[8, 57\] \(num_steps, num_layers\), got \[7, 57\]"),
+    (lambda r: _mlp(r)["mlp_compute"][3].pop(), r"methods\.mlp\.mlp_compute: expected lists of 0/1"),
+    (lambda r: _mlp(r)["mlp_compute"][3].__setitem__(0, 2), r"methods\.mlp\.mlp_compute: expected lists of 0/1"),
+    (lambda r: _mlp(r)["mlp_compute"][0].__setitem__(6, 0), r"methods\.mlp\.mlp_compute: step 0 must run every "
+                                                            r"block's MLP branch .*layer 6"),
+    (lambda r: _mlp(r)["mlp_compute"][2].__setitem__(4, 0), r"methods\.mlp\.mlp_compute: step 2 is 'reuse': .*must "
+                                                            r"be all True; got False at layer 4"),
+    (lambda r: _mlp(r)["mlp_compute"][3].__setitem__(30, 0), r"methods\.mlp\.mlp_compute: step 3, layer 30: the "
+                                                             r"block is cached \(block_compute 0\)"),
+    (lambda r: _mlp(r).pop("mlp_compute"), r"missing methods\.mlp\.mlp_compute"),
+    (lambda r: _mlp(r).update(extra=1), r"unknown key\(s\) \['methods\.mlp\.extra'\]"),
 ])
 def test_bad_step_files(tmp_path, edit, match):
-    raw = json.loads(step_plan().to_json())
+    raw = json.loads(mlp_plan().to_json())  # steps, blocks and MLP branches
     edit(raw)
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(raw))
@@ -258,31 +274,3 @@ def test_mlp_compute_default_work_summary_and_round_trip(tmp_path):
     assert raw["methods"]["mlp"]["mlp_compute"] == cached_mlps().astype(int).tolist()
     del raw["methods"]["mlp"]["legend"]
     assert CompressionPlan.from_dict(raw) == m
-
-
-def _mlp(r):
-    return r["methods"]["mlp"]
-
-
-@pytest.mark.parametrize("edit, match", [
-    (lambda r: _mlp(r)["mlp_compute"].pop(), r"methods\.mlp\.mlp_compute: expected shape \[steps, layers\] = "
-                                             r"\[8, 57\] \(num_steps, num_layers\), got \[7, 57\]"),
-    (lambda r: _mlp(r)["mlp_compute"][3].pop(), r"methods\.mlp\.mlp_compute: expected lists of 0/1"),
-    (lambda r: _mlp(r)["mlp_compute"][3].__setitem__(0, 2), r"methods\.mlp\.mlp_compute: expected lists of 0/1"),
-    (lambda r: _mlp(r)["mlp_compute"][0].__setitem__(6, 0), r"methods\.mlp\.mlp_compute: step 0 must run every "
-                                                            r"block's MLP branch .*layer 6"),
-    (lambda r: _mlp(r)["mlp_compute"][2].__setitem__(4, 0), r"methods\.mlp\.mlp_compute: step 2 is 'reuse': .*must "
-                                                            r"be all True; got False at layer 4"),
-    (lambda r: _mlp(r)["mlp_compute"][3].__setitem__(30, 0), r"methods\.mlp\.mlp_compute: step 3, layer 30: the "
-                                                             r"block is cached \(block_compute 0\)"),
-    (lambda r: _mlp(r).pop("mlp_compute"), r"missing methods\.mlp\.mlp_compute"),
-    (lambda r: _mlp(r).update(extra=1), r"unknown key\(s\) \['methods\.mlp\.extra'\]"),
-])
-def test_bad_mlp_files(tmp_path, edit, match):
-    raw = json.loads(mlp_plan().to_json())
-    edit(raw)
-    path = tmp_path / "bad.json"
-    path.write_text(json.dumps(raw))
-    with pytest.raises(ValueError, match=match) as e:
-        CompressionPlan.load(path)
-    assert str(path) in str(e.value)
