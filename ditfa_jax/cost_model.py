@@ -85,13 +85,14 @@ class StepCostModel:
         return np.interp(kept, self.kept, self.step_ms)
 
 
-# The MLP branches' share of a FLUX.1-dev step outside attention, estimated (not yet measured as a step time): the
+# The MLP branches' share of a FLUX.1-dev step outside attention, estimated (an H100 measurement agrees: source): the
 # profiled 1024^2 step's GEMMs take 81.0 of its 118.5 ms outside attention (H200, 2026-12-02, benchmarks/RESULTS.md
 # "The dense step against torch.compile"), and the MLP branches do 2/3 of the GEMM FLOPs in every block (8 d^2 of
 # 12 d^2 per token); at 2048^2 the GEMM time is scaled by the tokens (x 3.67).
 _FLUX_MLP_SHARE = {1024: 0.456, 2048: 0.507}
 _FLUX_MLP_SOURCE = ("estimated: 2/3 of the profiled GEMM time of the 1024^2 step (H200, 2026-12-02, "
-                    "bench_model.py --profile), scaled by the tokens at 2048^2; not a measured step time")
+                    "bench_model.py --profile), scaled by the tokens at 2048^2; checked on an H100 (2026-12-08, "
+                    "bench_plan.py --mlp-plans 1024,2048): 0.457-0.479 at 1024^2, 0.498-0.522 at 2048^2")
 
 
 def _flux_dev(size: int, dense: float, attention: float, measured: dict[float, float]) -> StepCostModel:
