@@ -145,7 +145,8 @@ class Fp8HeadTime:
 # plans timed beside all-full bf16: every head FP8 = overhead + 24 t8, every other head FP8 = 12 t + overhead + 12 t8.
 FP8_HEAD_TIMES = {
     128: {4608: Fp8HeadTime(head_ratio=0.643, layer_overhead=0.557),  # FLUX-1K
-          16896: Fp8HeadTime(head_ratio=0.898, layer_overhead=0.040)},  # FLUX-2K
+          16896: Fp8HeadTime(head_ratio=0.898, layer_overhead=0.040),  # FLUX-2K
+          66048: Fp8HeadTime(head_ratio=0.771, layer_overhead=0.060)},  # FLUX-4K (2026-12-08, the same fit)
     64: {4429: Fp8HeadTime(head_ratio=0.987, layer_overhead=0.435)},  # SD3-1K
 }
 

@@ -87,8 +87,9 @@ def test_fp8_heads_are_priced_by_their_measured_time():
     from ditfa_jax.configs import FluxConfig
     from ditfa_jax.cost_model import FP8_HEAD_TIMES, attention_kept, fp8_head_time
 
-    one_k, two_k = FP8_HEAD_TIMES[128][4608], FP8_HEAD_TIMES[128][16896]
-    assert fp8_head_time(16896, 128) == two_k and fp8_head_time(512 + 65536, 128) == two_k
+    one_k, two_k, four_k = (FP8_HEAD_TIMES[128][n] for n in (4608, 16896, 512 + 65536))
+    assert fp8_head_time(16896, 128) == two_k and fp8_head_time(512 + 65536, 128) == four_k
+    assert fp8_head_time(10 ** 6, 128) == four_k and fp8_head_time(100, 128) == one_k  # held outside
     mid = fp8_head_time(int(np.sqrt(4608 * 16896)), 128)  # halfway in log(tokens)
     assert mid.head_ratio == pytest.approx((one_k.head_ratio + two_k.head_ratio) / 2, rel=1e-3)
     with pytest.raises(ValueError, match="no measured time at head_dim 32"):
