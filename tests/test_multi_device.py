@@ -116,17 +116,14 @@ def test_head_parallel_attention_goes_through_all_to_all(run):
 @pytest.mark.parametrize("run", ["flux_dev"], indirect=True)  # one family: the path is shared
 def test_calibration_over_the_data_axis_finds_the_same_plan(run):
     model, text, common, noise, plan, batch = run
-    kwargs = dict(common, delta=0.3, progress=False)
+    kwargs = dict(common, delta=0.3, mlp_delta=1e-12, progress=False)  # MLP branches scored (their values carried)
     one = calibrate(model, *text, **kwargs)
     split = calibrate(model, *text, mesh=sharding.make_mesh(2, 1), **kwargs)
     assert 0 < (one.plan.head_window != -1).mean() < 1  # a plan with choices in it
     np.testing.assert_array_equal(split.plan.head_window, one.plan.head_window)
     np.testing.assert_allclose(split.rse, one.rse, rtol=1e-4, atol=1e-6)
-    threshold = float(np.nanmedian(calibrate(model, *text, **dict(kwargs, delta=0.0), mlp_delta=1e-12).mlp_rse))
-    one, split = (calibrate(model, *text, **dict(kwargs, delta=0.0), mlp_delta=threshold, mesh=mesh)
-                  for mesh in (None, sharding.make_mesh(2, 1)))
-    assert 0 < (~one.plan.mlp_compute).mean() < 1  # cached MLP branches, searched over the data axis too
-    np.testing.assert_array_equal(split.plan.mlp_compute, one.plan.mlp_compute)
+    assert np.isfinite(one.mlp_rse[1:]).all()
+    np.testing.assert_allclose(split.mlp_rse, one.mlp_rse, rtol=1e-4, atol=1e-6)
 
 
 def test_balancing_lowers_the_predicted_imbalance(run):
