@@ -306,7 +306,7 @@ def mlp_plans(cfg, *, px: int, steps: int, shares=(0.5, 1.0)) -> dict:
     mlp[np.flatnonzero(kinds == 0)[3:][:, None], np.arange(0, layers, 2)[None, :]] = False
     taylor = CompressionPlan.full(cfg, height=px, width=px, text_len=TEXT, num_steps=base, step_kind=kinds)
     plans[f"taylor2 on {base} steps, 10 computed"] = taylor
-    plans[f"same + MLP cached in every other block after the 3rd computed step"] = taylor.replace(mlp_compute=mlp)
+    plans["same + MLP cached in every other block after the 3rd computed step"] = taylor.replace(mlp_compute=mlp)
     return plans
 
 
@@ -342,7 +342,7 @@ def bench_step_methods(model, px: int, steps: int = 28, plans: dict | None = Non
                      if local.mlp_share is not None or not plan.uses_mlp_caching else float("nan"))
         extra = {}
         if plan.uses_mlp_caching and not plan.uses_step_methods:  # the MLP branches' measured share of the rest
-            cached = float((plan.work_per_step_layer() - plan.mlp_work_per_step_layer()).sum())
+            cached = float(plan.cached_mlps().sum())
             extra["measured_mlp_share"] = round((dense_ms - ms) * steps / (cached / cfg.total_layers)
                                                 / (dense_ms - attention_ms), 4)
         record(kind="step_methods", px=px, steps=steps, plan=name, ms_per_step=round(ms, 2),

@@ -205,8 +205,7 @@ def plan_cost(plan, model: StepCostModel) -> float:
         if model.mlp_share is None:
             raise ValueError(f"cost model {model.name!r} has no MLP share (mlp_share): it cannot price a plan that "
                              "caches MLP branches")
-        mlp_cached = work_layers - np.asarray(plan.mlp_work_per_step_layer(), float)
-        work = work - model.mlp_share * mlp_cached.mean(axis=1)
+        work = work - model.mlp_share * plan.cached_mlps().mean(axis=1)
     rest = model.step_ms[0]
     above = np.maximum(kept - 1.0, 0.0)  # FP8 heads slower than full: dense attention's time per unit above 1
     step_ms = rest * work + (model.step_time(np.minimum(kept, 1.0)) - rest) + above * (model.dense_ms - rest)

@@ -386,9 +386,9 @@ class CompressionPlan:
         for a cached block, else 1 (attention's share within a block that runs: :meth:`flops_kept_per_step_layer`)."""
         return ((self.step_kind == STEP_COMPUTE)[:, None] & self.block_compute).astype(np.float64)
 
-    def mlp_work_per_step_layer(self) -> np.ndarray:
-        """float64 [steps, layers]: 1 where a block's MLP branch runs (its block runs and it is not cached), else 0."""
-        return ((self.work_per_step_layer() > 0) & self.mlp_compute).astype(np.float64)
+    def cached_mlps(self) -> np.ndarray:
+        """bool [steps, layers]: the blocks that run with their MLP branch cached (what saves the MLP's time)."""
+        return (self.work_per_step_layer() > 0) & ~self.mlp_compute
 
     # --- identity ----------------------------------------------------------------------------------------------
 
@@ -633,8 +633,7 @@ class CompressionPlan:
             lines.append(f"blocks: {cached} of the {total} blocks of computed steps cached ({cached / total:.1%}), "
                          f"at steps {_spans(at)}")
         if self.uses_mlp_caching:
-            runs = self.work_per_step_layer() > 0
-            cached, total = int((runs & ~self.mlp_compute).sum()), int(runs.sum())
+            cached, total = int(self.cached_mlps().sum()), int((self.work_per_step_layer() > 0).sum())
             at = np.flatnonzero(~self.mlp_compute.all(axis=1))
             lines.append(f"MLP branches: {cached} of the {total} that run their block reuse their cached output "
                          f"({cached / total:.1%}), at steps {_spans(at)}")

@@ -48,14 +48,9 @@ def _map_pixels(plan: CompressionPlan, data, cell: int) -> np.ndarray:
     for step, layer in np.argwhere((plan.head_window == FP8_WINDOW).any(axis=2)):
         big[step * cell + lo:step * cell + hi, layer * cell + lo:layer * cell + hi] = _FP8_MARK
     bar = max(1, cell // 4)
-    for step, layer in np.argwhere(_mlp_cached(plan)):
+    for step, layer in np.argwhere(plan.cached_mlps()):
         big[(step + 1) * cell - bar:(step + 1) * cell, layer * cell:(layer + 1) * cell] = _MLP_MARK
     return big
-
-
-def _mlp_cached(plan: CompressionPlan) -> np.ndarray:
-    """bool [steps, layers]: blocks that run with their MLP branch cached."""
-    return (plan.work_per_step_layer() > 0) & ~plan.mlp_compute
 
 
 def _legend_items(plan: CompressionPlan) -> list[tuple[str, tuple | None]]:
@@ -67,7 +62,7 @@ def _legend_items(plan: CompressionPlan) -> list[tuple[str, tuple | None]]:
     n = int((~plan.block_compute).sum())
     if n:
         items.append((f"cached block: {n} of {plan.computed_steps.size * plan.num_layers} on computed steps", None))
-    mlp = _mlp_cached(plan)
+    mlp = plan.cached_mlps()
     if mlp.any():
         runs = int((plan.work_per_step_layer() > 0).sum())
         items.append((f"cached MLP: {int(mlp.sum())} of {runs} blocks that run", _MLP_MARK))

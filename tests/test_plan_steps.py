@@ -262,9 +262,9 @@ def test_mlp_compute_default_work_summary_and_round_trip(tmp_path):
     m = mlp_plan()
     assert m.uses_mlp_caching and m.digest() != step_plan().digest()
     np.testing.assert_array_equal(m.work_per_step_layer(), step_plan().work_per_step_layer())  # blocks still run
-    mlp_work = m.mlp_work_per_step_layer()
-    assert mlp_work.dtype == np.float64 and mlp_work.sum() == m.work_per_step_layer().sum() - 18
-    assert (mlp_work[[1, 3], 0:17:2] == 0).all() and (mlp_work[[2, 4, 6, 7]] == 0).all()
+    cached = m.cached_mlps()
+    assert cached.dtype == bool and cached.sum() == 18 and cached[[1, 3], 0:17:2].all()
+    assert not cached[[2, 4, 6, 7]].any() and not head_plan().cached_mlps().any()
     assert "MLP branches: 18 of the 148 that run their block reuse their cached output (12.2%), at steps 1, 3" \
         in m.summary()
     q = CompressionPlan.load(m.save(tmp_path / "m.json"))

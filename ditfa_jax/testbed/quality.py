@@ -150,7 +150,7 @@ def plan_work(plan: CompressionPlan | None) -> dict:
     blocks = np.asarray(plan.block_compute, bool)[computed]
     runs = plan.work_per_step_layer() > 0
     return {"steps_skipped": int((~computed).sum()), "blocks_cached": round(float(1 - blocks.mean()), 4),
-            "mlp_cached": round(float((runs & ~plan.mlp_compute).sum() / max(runs.sum(), 1)), 4),
+            "mlp_cached": round(float(plan.cached_mlps().sum() / max(runs.sum(), 1)), 4),
             "fp8_heads": round(float((plan.head_window[computed] == FP8_WINDOW).mean()), 4)}
 
 
