@@ -167,16 +167,17 @@ def _layer_state(state, index):
     return jax.tree_util.tree_map(lambda a: a[index], state)
 
 
-def branch_rse(cached, fresh, over_prompts: str = "mean") -> jax.Array:
-    """RSE of a cached MLP branch value against the fresh one (pytrees of [B, ...] arrays, e.g. the image and text
-    streams): squared error over the fresh value's variance, both summed over every leaf, per batch row, then the
-    mean or max over rows (`head_rse`'s reductions)."""
+def prediction_rse(predicted, computed, over_prompts: str = "mean") -> jax.Array:
+    """RSE of a value a method predicts instead of computing it (an extrapolated velocity, a cached MLP branch)
+    against the computed one, both pytrees of [B, ...] arrays (e.g. the image and text streams): the squared error
+    over the computed value's variance, both summed over every leaf, per batch row (prompt), then the mean or max
+    over rows (`head_rse`'s reductions)."""
     err, var = 0.0, 0.0
-    for c, f in zip(jax.tree_util.tree_leaves(cached), jax.tree_util.tree_leaves(fresh)):
-        f = f.astype(jnp.float32)
-        axes = tuple(range(1, f.ndim))
-        err = err + jnp.sum(jnp.square(c.astype(jnp.float32) - f), axis=axes)
-        var = var + jnp.sum(jnp.square(f - jnp.mean(f, axis=axes, keepdims=True)), axis=axes)
+    for p, c in zip(jax.tree_util.tree_leaves(predicted), jax.tree_util.tree_leaves(computed)):
+        c = c.astype(jnp.float32)
+        axes = tuple(range(1, c.ndim))
+        err = err + jnp.sum(jnp.square(p.astype(jnp.float32) - c), axis=axes)
+        var = var + jnp.sum(jnp.square(c - jnp.mean(c, axis=axes, keepdims=True)), axis=axes)
     per_row = err / jnp.maximum(var, jnp.finfo(jnp.float32).tiny)
     return per_row.max() if over_prompts == "max" else per_row.mean()
 
@@ -191,7 +192,7 @@ def _finish(block, carry, ctx, out, mlp, over_prompts: str):
     fresh = block.mlp(mid, ctx)
     if cached is None:
         return block.add_mlp(mid, ctx, fresh), (fresh, jnp.float32(jnp.nan), jnp.bool_(False))
-    rse = branch_rse(cached, fresh, over_prompts)
+    rse = prediction_rse(cached, fresh, over_prompts)
     reused = rse <= threshold
     value = jax.tree_util.tree_map(lambda c, f: jnp.where(reused, c.astype(f.dtype), f), cached, fresh)
     return block.add_mlp(mid, ctx, value), (value, rse, reused)
@@ -329,7 +330,7 @@ class CalibrationResult:
     step 0, too little history, or no step search). `block_rse`: float64 [steps, len(block_candidates)], the
     velocity RSE of running only the first F blocks (`block_candidates`, increasing) at each step (NaN at step 0 or
     without a block search). `mlp_rse`: float64 [steps, layers], each block's MLP-branch RSE of its cached value
-    (`branch_rse`; NaN where not scored: step 0, skipped steps and cached blocks, or without an MLP search).
+    (`prediction_rse`; NaN where not scored: step 0, skipped steps and cached blocks, or without an MLP search).
     """
     plan: CompressionPlan
     rse: np.ndarray
@@ -367,7 +368,7 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
     first blocks that run) adds block-residual caching to that menu: blocks F.. reuse their residuals when the
     velocity that gives is within ``step_delta``. The candidate saving the most time wins (a skipped step saves it
     all, F blocks save (layers - F) / layers of it). ``mlp_delta`` > 0 lets each block of a computed step reuse its
-    MLP branch's cached output where that output's RSE is within it (module docstring; `branch_rse`).
+    MLP branch's cached output where that output's RSE is within it (module docstring; `prediction_rse`).
 
     ``rse_query_stride`` s > 1 measures each head's RSE on every s-th band query tile of the image only (an
     estimate from a sample of the queries, `sampled_query_tiles`) and computes each layer's chosen methods once over
@@ -477,12 +478,7 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
             x = tree_add(x, residuals[layer])
         return x
 
-    @jax.jit
-    def velocity_rse(pred, v):
-        """RSE of a predicted velocity against the computed one, per prompt, reduced as the head RSE is."""
-        axes = tuple(range(1, v.ndim))
-        per_row = jnp.mean(jnp.square(pred - v), axis=axes) / jnp.maximum(jnp.var(v, axis=axes), 1e-30)
-        return per_row.max() if rse_over_prompts == "max" else per_row.mean()
+    velocity_rse = jax.jit(functools.partial(prediction_rse, over_prompts=rse_over_prompts))
 
     @functools.partial(jax.jit, static_argnums=3)
     def step_candidates(history, v, sigma, orders):
