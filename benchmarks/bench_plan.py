@@ -10,6 +10,8 @@
    host memory (`calibrate` picks that itself). ``--calibration 2048:50:8 --rse-query-stride 1,8 --step-delta 0.05
    --dense-pass``: only those, with the RSE measured on every 8th query tile, step methods searched too, and the
    dense sampler on the same prompts; the kernel's sampled-query path is checked against the full one first.
+   ``--step-prompts 1``: the step methods scored on the first prompt before each step runs (`calibrate`'s
+   ``step_prompts``), so that a skipped step never runs on the others.
 
 3. ``--step-methods 1024,2048``: step reuse, Taylor extrapolation, block-residual caching and the dynamic gate
    (issue 17) at 28 steps: measured ms/step against the dense sampler and against what
@@ -451,9 +453,11 @@ def check_query_tiles(cfg, px: int, stride: int) -> None:
             raise SystemExit(f"query_tiles check failed at {px}^2 {name}: rows equal {exact}, others cache {kept}")
 
 
-def bench_calibration(model, px: int, steps: int, prompts: int, stride: int = 1, step_delta: float = 0.0) -> None:
+def bench_calibration(model, px: int, steps: int, prompts: int, stride: int = 1, step_delta: float = 0.0,
+                      step_prompts: int | None = None) -> None:
     """Wall time of one `calibrate` call (compilation included) on random prompts, delta 0.2; ``step_delta`` > 0
-    also searches Taylor / reuse steps (the unified search); ``stride``: `calibrate(rse_query_stride=)`."""
+    also searches Taylor / reuse steps (the unified search); ``stride``: `calibrate(rse_query_stride=)`;
+    ``step_prompts``: `calibrate(step_prompts=)` (steps scored on that many prompts before they run)."""
     cfg = model.config
     keys = jax.random.split(jax.random.key(1), 2)
     text = jax.random.normal(keys[0], (prompts, TEXT, cfg.joint_attention_dim), jnp.bfloat16)
@@ -461,11 +465,12 @@ def bench_calibration(model, px: int, steps: int, prompts: int, stride: int = 1,
     compiles = dict(COMPILE_SECONDS)
     start = time.perf_counter()
     plan = calibrate(model, text, pooled, height=px, width=px, num_steps=steps, guidance_scale=3.5, delta=0.2,
-                     step_delta=step_delta, rse_query_stride=stride).plan
+                     step_delta=step_delta, rse_query_stride=stride, step_prompts=step_prompts).plan
     wall = time.perf_counter() - start
     compiles = {event.rsplit("/", 1)[-1]: round(total - compiles.get(event, 0.0), 1)
                 for event, total in COMPILE_SECONDS.items() if total - compiles.get(event, 0.0) >= 0.05}
     record(kind="calibration", px=px, steps=steps, prompts=prompts, stride=stride, step_delta=step_delta,
+           step_prompts=step_prompts,
            seconds=round(wall, 1), s_per_step=round(wall / steps, 2),
            attention_flops_kept=round(plan.flops_kept_fraction(), 4),
            skipped_steps=int((plan.step_kind != 0).sum()), cache_on_host=plan.notes["cache_on_host"],
@@ -500,6 +505,8 @@ def main() -> None:
                         help="with --calibration: also time the dense sampler on the same prompts (3 steps)")
     parser.add_argument("--step-delta", type=float, default=0.0,
                         help="with --calibration: also search step methods within this RSE (the unified search)")
+    parser.add_argument("--step-prompts", type=int,
+                        help="with --step-delta: score the step methods on this many prompts before each step runs")
     parser.add_argument("--sampler", help="only the sampler rows at these sizes, e.g. '1024,2048' (10 steps)")
     parser.add_argument("--backend", help="head-wise kernel backend of the plans (default: the device's choice)")
     parser.add_argument("--fp8", action="store_true", help="with --sampler: also plans with FP8 heads")
@@ -568,7 +575,7 @@ def main() -> None:
         for case in args.calibration.split(","):
             px, steps, prompts = (int(v) for v in case.split(":"))
             for stride in strides:  # first, so that nothing compiled (or autotuned) before helps it
-                bench_calibration(model, px, steps, prompts, stride, args.step_delta)
+                bench_calibration(model, px, steps, prompts, stride, args.step_delta, args.step_prompts)
             for stride in strides:
                 if stride > 1:
                     check_query_tiles(model.config, px, stride)
@@ -611,7 +618,7 @@ def print_tables() -> None:
                   f"{r['ms_all']} ms for every tile (checked: {r['rows_equal'] and r['others_are_cache']})")
         if r["kind"] == "dense_pass":
             print(f"dense sampler, {r['prompts']} prompts in one call at {r['px']}^2: {r['s_per_step']} s/step")
-    print("\n| calibration | prompts | steps | query stride | step delta | seconds | s/step | kept (delta 0.2) | "
+    print("\n| calibration | prompts | steps | query stride | step delta (prompts scored) | seconds | s/step | kept (delta 0.2) | "
           "skipped steps | s before step 0 | s of steps 0, 1 | median s/step computed / skipped |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in RESULTS:
@@ -620,7 +627,8 @@ def print_tables() -> None:
             later = np.arange(len(times)) >= 2
             computed, skipped = times[later & (kinds == 0)], times[later & (kinds != 0)]
             medians = " / ".join(f"{np.median(t):.2f}" if t.size else "-" for t in (computed, skipped))
-            print(f"| {r['px']}^2 | {r['prompts']} | {r['steps']} | {r.get('stride', 1)} | {r.get('step_delta', 0)} | "
+            print(f"| {r['px']}^2 | {r['prompts']} | {r['steps']} | {r.get('stride', 1)} | {r.get('step_delta', 0)} "
+                  f"({r.get('step_prompts') or 'all'}) | "
                   f"{r['seconds']} | {r['s_per_step']} | {r['attention_flops_kept']} | {r.get('skipped_steps', 0)} | "
                   f"{r['seconds_before_steps']} | {' + '.join(f'{t:.1f}' for t in times[:2])} | {medians} |")
 

@@ -45,8 +45,8 @@ from ditfa_jax import sharding
 from ditfa_jax.attention import AttentionSettings, dense_attention, headwise, joint_attention
 from ditfa_jax.configs import VAE_SCALE_FACTOR
 from ditfa_jax.cost_model import AttentionLayout, fp8_head_time
-from ditfa_jax.denoise import (VelocityHistory, cache_bytes, embed, euler_step, guided_velocity,
-                               prepare_run)
+from ditfa_jax.denoise import (Conditioning, VelocityHistory, cache_bytes, embed, euler_step, guided_velocity,
+                               prepare_run, velocity)
 from ditfa_jax.family import TokenLayout
 from ditfa_jax.fp8 import quantized_layers
 from ditfa_jax.loading import Transformer
@@ -161,6 +161,15 @@ class _LayerCaches:
             self._on_device.discard(layer)
         if self._ahead is not None and self._ahead[0] == layer:  # a prefetched copy of the value just replaced
             self._ahead = None
+
+
+def _first_prompts(cond: Conditioning, prompts: int, k: int) -> Conditioning:
+    """The conditioning of the first k of `prompts` calibration prompts (with CFG, both halves of [uncond, cond])."""
+    halves = 2 if cond.cfg_scale is not None else 1
+    rows = np.concatenate([np.arange(k) + half * prompts for half in range(halves)])
+    take = lambda a: None if a is None else a[rows]  # noqa: E731
+    return dataclasses.replace(cond, prompt_embeds=take(cond.prompt_embeds), pooled=take(cond.pooled),
+                               guidance=take(cond.guidance))
 
 
 def _layer_state(state, index):
@@ -350,7 +359,8 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
               progress: bool = True, cache_on_host: bool | None = None, rse_over_prompts: str = "mean",
               budget_schedule: str = "constant", token_order: str = "raster", step_delta: float = 0.0,
               step_kinds=("reuse", "taylor1", "taylor2"), block_candidates=(), rse_query_stride: int = 1,
-              mesh=None, price_at: AttentionLayout | None = None, mlp_delta: float = 0.0) -> CalibrationResult:
+              mesh=None, price_at: AttentionLayout | None = None, mlp_delta: float = 0.0,
+              step_prompts: int | None = None) -> CalibrationResult:
     """Search a head-wise compression plan on calibration prompts (embeddings [N, L, dim], pooled [N, dim]).
 
     The pass samples from seeded noise (`seed`) with the core `ditfa_jax.sample` runs (`ditfa_jax.denoise`), the
@@ -369,6 +379,13 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
     velocity that gives is within ``step_delta``. The candidate saving the most time wins (a skipped step saves it
     all, F blocks save (layers - F) / layers of it). ``mlp_delta`` > 0 lets each block of a computed step reuse its
     MLP branch's cached output where that output's RSE is within it (module docstring; `prediction_rse`).
+
+    ``step_prompts`` k (with ``step_delta`` > 0) scores the step methods before the step runs, on the first k
+    calibration prompts only: their velocity is computed dense (one jitted evaluation of k prompts) and each step
+    method's prediction scored against it. A step it skips never runs the layers (no heads, blocks or MLP branches
+    are scored there); a step it keeps runs as without it. The search then costs about k / prompts of a dense step
+    more on computed steps and that much instead of a whole step on skipped ones: cheaper wherever more than about
+    k / prompts of the steps are skipped. None (default): every step runs on every prompt and is scored after.
 
     ``rse_query_stride`` s > 1 measures each head's RSE on every s-th band query tile of the image only (an
     estimate from a sample of the queries, `sampled_query_tiles`) and computes each layer's chosen methods once over
@@ -405,6 +422,12 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
             or rse_query_stride < 1:
         raise ValueError(f"rse_query_stride={rse_query_stride!r}: expected an int >= 1 (1: every query)")
     search_blocks = step_delta > 0 and bool(block_candidates)
+    if step_prompts is not None:
+        if step_delta == 0:
+            raise ValueError(f"step_prompts={step_prompts!r} scores step methods: give step_delta > 0 too")
+        if mesh is not None:
+            raise ValueError("step_prompts: scoring steps on a subset of the prompts runs on one device; "
+                             "calibrate without a mesh")
     budgets = step_budgets(delta, num_steps, budget_schedule)
     start_time = time.perf_counter()
     cfg = model.config
@@ -421,6 +444,10 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
     band = tuple(band or pallas_kernels.default_band(cfg.attention_head_dim))
     settings = dataclasses.replace(attention or AttentionSettings(), band=band)
     n = cond.prompt_embeds.shape[0] // (2 if cond.cfg_scale is not None else 1)
+    if step_prompts is not None and (isinstance(step_prompts, bool) or not isinstance(step_prompts, (int, np.integer))
+                                     or not 1 <= step_prompts <= n):
+        raise ValueError(f"step_prompts={step_prompts!r}: expected a number of prompts in 1..{n} (the calibration "
+                         f"prompts)")
     latents = jax.random.normal(jax.random.key(seed), (n, *run.latent_shape), jnp.float32)
     if mesh is not None:  # the prompts' rows over the data axis; positions and scales replicated
         rows = sharding.split_batch(dict(prompt_embeds=cond.prompt_embeds, pooled=cond.pooled, guidance=cond.guidance),
@@ -482,9 +509,17 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
 
     @functools.partial(jax.jit, static_argnums=3)
     def step_candidates(history, v, sigma, orders):
-        """Each extrapolation order's velocity and its RSE against the computed one."""
+        """Each extrapolation order's velocity (every prompt) and its RSE against the computed one (of every prompt,
+        or of the first few: `step_prompts`)."""
         preds = [history.extrapolate(sigma, order) for order in orders]
-        return jnp.stack([velocity_rse(p, v) for p in preds]), jnp.stack(preds)
+        return jnp.stack([velocity_rse(p[:v.shape[0]], v) for p in preds]), jnp.stack(preds)
+
+    scout_cond = None if step_prompts is None else _first_prompts(cond, n, step_prompts)
+
+    @model_jit
+    def scout_velocity(state, scout_cond, x, t):
+        """The dense velocity of the first `step_prompts` prompts (their latents x), to score step methods on."""
+        return velocity(nnx.merge(graphdef, state), family, scout_cond, layout, settings, x, t)[0]
 
     if cache_on_host is None:
         cache_on_host = _cache_exceeds_device(cache_bytes(cfg, run.batch, layout.attention_tokens, model.dtype))
@@ -505,11 +540,11 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
     block_compute = np.ones((num_steps, layers_total), bool)
     residuals = {}  # layer -> its residual (output minus input) at the last step it ran (block search only)
     # step 0 runs exactly; meanwhile a worker compiles each stack's probe and apply for the later steps
-    compiler, compiling = concurrent.futures.ThreadPoolExecutor(len(runners)), {}
-    step_seconds, seconds_before_steps = [], time.perf_counter() - start_time
-    bar = tqdm(range(num_steps), desc=f"calibrating (delta={delta})", unit="step", disable=not progress)
-    for step in bar:
-        step_start = time.perf_counter()
+    compiler, compiling = concurrent.futures.ThreadPoolExecutor(len(runners) + 1), {}
+
+    def run_layers(step):
+        """Run every layer of this step on all prompts, searching heads (and MLP branches, block entries):
+        (last carry, temb, attention outputs to keep, MLP results, block entries, fresh residuals)."""
         pending = {}  # with a step search, a step's attention outputs are kept only if the step is not skipped
         store = (lambda layer, out: pending.__setitem__(layer, out)) if step_delta > 0 else caches.store
         mlp_used = {}  # MLP search: layer -> (value used, its RSE, reused), stored once the step is kept
@@ -558,21 +593,47 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
                     mlp_used[layer] = mlp_result
                 if search_blocks:
                     fresh[layer] = tree_sub(carry, before)
-        v = computed_v = step_velocity(state, carry, temb)
+        return carry, temb, pending, mlp_used, entries, fresh
+
+    def choose_step(step, allowed, v, sigma):
+        """Score each allowed step method against the velocity v of all prompts or of the first k; the least
+        error within step_delta as (step kind, its velocity for every prompt), else None."""
+        rse, preds = step_candidates(history, v, sigma, tuple(order for _, order in allowed))
+        rse = np.asarray(rse, np.float64)
+        for (code, _), r in zip(allowed, rse):
+            step_rse[step, code] = r
+        best = int(np.argmin(rse))
+        return (allowed[best][0], preds[best]) if rse[best] <= step_delta else None
+
+    step_seconds, seconds_before_steps = [], time.perf_counter() - start_time
+    bar = tqdm(range(num_steps), desc=f"calibrating (delta={delta})", unit="step", disable=not progress)
+    for step in bar:
+        step_start = time.perf_counter()
         sigma = jnp.float32(run.sigmas[step])
-        first_run = layers_total  # blocks that run this step: 0..first_run-1
         allowed = [(code, code - 1) for code in kind_codes if computed >= STEP_HISTORY[code]] if step else []
-        if step_delta > 0 and allowed:
-            rse, preds = step_candidates(history, v, sigma, tuple(order for _, order in allowed))
-            rse = np.asarray(rse, np.float64)
-            for (code, _), r in zip(allowed, rse):
-                step_rse[step, code] = r
-            best = int(np.argmin(rse))
-            if rse[best] <= step_delta:  # every step method saves the whole step: the least error wins
-                step_kind[step] = allowed[best][0]
-                head_window[step] = -1  # the transformer does not run: its head choices mean nothing
-                v = preds[best]
-        if search_blocks and step:  # every candidate scored (the unified MILP reads them), even on a skipped step
+        skip = None  # (step kind, predicted velocity) of a skipped step
+        if scout_cond is not None and allowed:  # scored before the step runs, on k prompts
+            if "scout" in compiling:
+                compiling.pop("scout").result()
+            skip = choose_step(step, allowed, scout_velocity(state, scout_cond, latents[:step_prompts],
+                                                              run.timesteps[step]), sigma)
+        ran_layers = skip is None
+        pending, mlp_used, fresh = {}, {}, {}
+        if ran_layers:
+            carry, temb, pending, mlp_used, entries, fresh = run_layers(step)
+            v = computed_v = step_velocity(state, carry, temb)
+            if step == 0 and scout_cond is not None and num_steps > 1:
+                x_k = jax.ShapeDtypeStruct((step_prompts, *latents.shape[1:]), latents.dtype)
+                compiling["scout"] = compiler.submit(
+                    lambda: scout_velocity.lower(state, scout_cond, x_k, run.timesteps[1]).compile())
+            if scout_cond is None and step_delta > 0 and allowed:
+                skip = choose_step(step, allowed, v, sigma)
+        first_run = layers_total  # blocks that run this step: 0..first_run-1
+        if skip is not None:  # every step method saves the whole step: the least error won
+            step_kind[step], v = skip
+            head_window[step] = -1  # the transformer does not run: its head choices mean nothing
+        if search_blocks and step and ran_layers:  # every candidate scored (the unified MILP reads them), even on
+            # a step skipped after it ran
             chosen = None
             for j, f in enumerate(block_order):
                 entry_stack, entry = entries[f]
@@ -615,6 +676,7 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
                                                         "block_candidates": [int(f) for f in block_candidates]}
                                                        if step_delta > 0 else {}),
                    **({"mlp_delta": float(mlp_delta)} if search_mlp else {}),
+                   **({"step_prompts": int(step_prompts)} if step_prompts is not None else {}),
                    kept_per_step=[round(k, 4) for k in kept_per_step],
                    **({"priced_at": dataclasses.asdict(price_at)} if price_at is not None else {}),
                    **({"fp8_time": dataclasses.asdict(fp8_time)} if fp8_time is not None else {}),
@@ -840,6 +902,10 @@ def unified_plan(result: CalibrationResult, cost_model, *, head_budget: float | 
                          "calibrate without it")
     if result.step_rse is None or "step_delta" not in plan.notes:
         raise ValueError("unified_plan: the calibration had no step search (step_delta 0): nothing to unify")
+    if "step_prompts" in plan.notes:
+        raise ValueError(f"unified_plan: the calibration scored steps on {plan.notes['step_prompts']} prompts before "
+                         "running them (step_prompts), so the steps it skipped have no head or block errors; "
+                         "calibrate without step_prompts")
     rse = np.array(result.rse, np.float64)
     rse[0] = np.inf  # step 0 stays full
     attention_ms = cost_model.dense_ms - cost_model.step_ms[0]

@@ -438,7 +438,14 @@ def cmd_calibrate(args) -> int:
     if not text_prompts and int(args.prompts) < 1:
         raise ValueError(f"--prompts must be a prompt file or a number >= 1, got {args.prompts}")
     prompts = _read_prompts(args.prompts) if text_prompts else None
-    run = _geometry(args, None, text_len_default=16, batch=len(prompts) if text_prompts else int(args.prompts))
+    prompt_count = len(prompts) if text_prompts else int(args.prompts)
+    run = _geometry(args, None, text_len_default=16, batch=prompt_count)
+    if args.step_prompts is not None:
+        if args.step_delta == 0:
+            raise ValueError("--step-prompts scores step methods: give --step-delta too (e.g. --step-delta 0.05)")
+        if args.step_prompts > prompt_count:
+            raise ValueError(f"--step-prompts {args.step_prompts}: expected at most the {prompt_count} calibration "
+                             "prompts")
     too_many = [n for n in args.base_steps or () if n >= run["steps"]]
     if too_many:
         raise ValueError(f"--base-steps {','.join(map(str, too_many))}: expected fewer than --steps {run['steps']}")
@@ -467,6 +474,8 @@ def cmd_calibrate(args) -> int:
             budgets = {"step_kinds": (), "block_candidates": (),
                        **METHOD_FAMILIES[method](budgets["delta"], budgets["step_delta"], blocks,
                                                  budgets["mlp_delta"])}
+        if budgets["step_delta"] > 0:  # a search without steps (heads, the dense pass) scores none
+            budgets["step_prompts"] = args.step_prompts
         return calibrate(model, text, pooled, height=run["height"], width=run["width"],
                          num_steps=num_steps or run["steps"],
                          guidance_scale=_guidance(args, model.config), c=args.c,
@@ -786,6 +795,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --step-delta: comma-separated numbers F of first blocks that run while the others "
                         "reuse their cached residuals (FBCache/DBCache-like), e.g. 8,16; a step takes the fewest "
                         "blocks within the budget")
+    p.add_argument("--step-prompts", type=POSITIVE,
+                   help="with --step-delta: score the step methods before each step runs, on the dense velocity of "
+                        "the first K prompts only; a step they skip never runs on the others (a faster search where "
+                        "a plan skips more than about K / prompts of its steps; default: every prompt, after the "
+                        "step ran)")
     p.add_argument("--mlp-delta", type=NON_NEGATIVE, default=0.0,
                    help="also cache MLP branches: a block of a computed step reuses its MLP output from the last "
                         "step it ran where that output's RSE is within this (FORA-like; 0: off)")

@@ -106,6 +106,70 @@ def test_mlp_search_samples_as_the_plan_runs(setup, options):
         calibrate(model, *text, delta=0.3, mlp_delta=-1.0, progress=False, **common)
 
 
+def _dense_velocities(model, text, common, seed: int, steps: int):
+    """The dense velocities of every prompt at steps 0..steps-1 from the calibration noise of `seed`, computed
+    directly with the whole model (the reference for step methods scored on a subset of the prompts)."""
+    from ditfa_jax.attention import AttentionSettings
+    from ditfa_jax.denoise import euler_step, prepare_run, velocity
+
+    run = prepare_run(model.config, *text, dtype=model.dtype, **common)
+    x = jax.random.normal(jax.random.key(seed), (len(text[0]), *run.latent_shape), jnp.float32)
+    out = []
+    for step in range(steps):
+        v = velocity(model.module(), run.family, run.cond, run.layout, AttentionSettings(), x, run.timesteps[step])[0]
+        out.append(v)
+        x = euler_step(x, v, run.sigmas[step], run.sigmas[step + 1])
+    return out
+
+
+@pytest.mark.parametrize("setup", ["flux_dev", "sd35_medium"], indirect=True)  # SD3: CFG's [uncond, cond] rows
+def test_steps_scored_on_the_first_prompts_use_their_dense_velocity(setup):
+    """step_prompts k: a step method's RSE is that of its prediction for the first k prompts against their dense
+    velocity, before the step runs (here the reuse of step 0's velocity at step 1, computed directly)."""
+    from ditfa_jax.calibrate import prediction_rse
+
+    model, text, common = setup
+    v0, v1 = _dense_velocities(model, text, common, seed=3, steps=2)
+    for k in (1, 2):
+        result = calibrate(model, *text, delta=0.3, step_delta=1e-12, step_kinds=("reuse",), step_prompts=k,
+                           progress=False, seed=3, **common)
+        assert result.plan.notes["step_prompts"] == k and not result.plan.uses_step_methods
+        expected = float(prediction_rse(v0[:k], v1[:k]))
+        assert expected > 1e-3  # the rows differ enough that the wrong ones would not match
+        np.testing.assert_allclose(result.step_rse[1, 1], expected, rtol=2e-4)
+    other = float(prediction_rse(v0[1:], v1[1:]))
+    assert abs(other - float(prediction_rse(v0[:1], v1[:1]))) > 1e-3 * other  # prompt 0 alone is told apart
+
+
+@pytest.mark.parametrize("setup", ["flux_dev"], indirect=True)
+def test_steps_skipped_by_the_first_prompts_never_run_and_sample_as_the_plan(setup):
+    """A step that the first prompts skip runs no layer (no head is scored there); the pass's final latents equal
+    `sample(plan)` from the same noise."""
+    model, text, common = setup
+    scored = calibrate(model, *text, delta=0.3, step_delta=1e-12, step_prompts=1, progress=False, seed=2, **common)
+    threshold = float(np.median(np.nanmin(scored.step_rse[1:, 1:], axis=1)))
+    result = calibrate(model, *text, delta=0.3, step_delta=threshold, step_prompts=1, progress=False, seed=2,
+                       **common)
+    plan = result.plan
+    skipped = plan.step_kind != 0
+    assert 0 < skipped.sum() < STEPS - 1, plan.step_kind
+    assert np.isnan(result.rse[skipped]).all() and np.isfinite(result.rse[1:][~skipped[1:]]).all()
+    noise = jax.random.normal(jax.random.key(2), result.final_latents.shape, jnp.float32)
+    sampled = np.asarray(sample(model, noise, *text, plan=plan, **common))
+    np.testing.assert_allclose(np.asarray(result.final_latents), sampled, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("setup", ["flux_dev"], indirect=True)
+@pytest.mark.parametrize("options, match", [(dict(step_delta=0.1, step_prompts=0), "1..2"),
+                                            (dict(step_delta=0.1, step_prompts=3), "1..2"),
+                                            (dict(step_delta=0.1, step_prompts=True), "1..2"),
+                                            (dict(step_prompts=1), "step_delta > 0")])
+def test_step_prompts_refused_by_value(setup, options, match):
+    model, text, common = setup
+    with pytest.raises(ValueError, match=match):
+        calibrate(model, *text, delta=0.3, progress=False, **options, **common)
+
+
 def test_cli_step_method_names_are_the_plans():
     from ditfa_jax.cli import STEP_METHOD_CHOICES
     from ditfa_jax.methods import STEP_KINDS
@@ -251,6 +315,33 @@ def test_cli_mlp_delta_writes_a_plan_with_cached_mlp_branches(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli_main(args[:-1] + ["-1"])
     assert "--mlp-delta" in capsys.readouterr().err
+
+
+def test_cli_step_prompts_scores_steps_on_the_first_prompts(tmp_path, capsys):
+    """`ditfa calibrate --step-prompts K`: the plan records K; without --step-delta, or K above the prompts, a
+    one-line error and nothing written."""
+    from ditfa_jax.calibrate import CalibrationResult, unified_plan
+    from ditfa_jax.cli import main as cli_main
+    from ditfa_jax.cost_model import get_cost_model
+    from ditfa_jax.plan import CompressionPlan
+
+    out = tmp_path / "plan.json"
+    args = ["calibrate", str(FLUX_TINY), "--out", str(out), "--height", "64", "--width", "64", "--steps", "4",
+            "--prompts", "2", "--delta", "0.1", "--step-delta", "1e9", "--step-prompts", "1"]
+    assert cli_main(args) == 0
+    plan = CompressionPlan.load(out)
+    assert plan.notes["step_prompts"] == 1 and (plan.step_kind[1:] != 0).all()
+    result = CalibrationResult(plan=plan, rse=None, saving=None, final_latents=None, step_rse=np.zeros((4, 4)))
+    with pytest.raises(ValueError, match="step_prompts"):
+        unified_plan(result, get_cost_model("h200-flux-dev-1024"))
+    capsys.readouterr()
+    for extra, expected in ((["--step-prompts", "3"], "at most the 2 calibration prompts"),
+                            (["--step-delta", "0"], "give --step-delta")):
+        fresh = tmp_path / "other.json"
+        assert cli_main([*args[:3], str(fresh), *args[4:], *extra]) == 2
+        err = capsys.readouterr().err
+        assert expected in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+        assert not fresh.exists() and not fresh.with_suffix(".png").exists()
 
 
 def test_fewer_steps_counts_steps_without_rounding_down_and_refuses_less_than_one():
