@@ -17,6 +17,8 @@ against the step's computed velocity; the best one within ``step_delta`` replace
 saved). Else, with ``block_candidates``, the velocity with blocks F.. reusing their residuals (FBCache/DBCache-like)
 is scored the same way, fewest blocks first. The trajectory, the velocity history, the attention caches and the
 block residuals continue as the sampler runs the plan (what did not run leaves them as they were).
+With ``step_prompts`` k the step methods are scored before the step runs instead, against the dense velocity of
+the first k prompts only, so that a step they skip never runs on the others (a cheaper search where plans skip).
 
 With ``mlp_delta`` > 0 each block of a computed step also scores its MLP branch: the RSE of the branch's output
 cached at the last step it ran against the one it computes now; within ``mlp_delta`` the cached one is used

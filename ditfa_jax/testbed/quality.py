@@ -106,7 +106,9 @@ SEARCHES = {
     "worst-prompt+hilbert": _heads(rse_over_prompts="max", token_order="hilbert"),
     "step-reuse": _family("reuse"),
     "taylor": _family("taylor"),
-    # Taylor with its steps scored before they run, on the first 2 calibration prompts (`calibrate`'s step_prompts)
+    # Taylor with its steps scored before they run, on the first 1 or 2 calibration prompts (`calibrate`'s
+    # step_prompts)
+    "taylor-on-1-prompt": lambda budget: {**_family("taylor")(budget), "step_prompts": 1},
     "taylor-on-2-prompts": lambda budget: {**_family("taylor")(budget), "step_prompts": 2},
     "block-cache": _family("blocks"),
     "steps+blocks": _family("steps+blocks"),
