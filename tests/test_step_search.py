@@ -159,6 +159,25 @@ def test_steps_skipped_by_the_first_prompts_never_run_and_sample_as_the_plan(set
     np.testing.assert_allclose(np.asarray(result.final_latents), sampled, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("setup", ["sd35_medium"], indirect=True)  # CFG, several block stacks
+def test_steps_scored_on_the_first_prompts_with_block_caching_sample_as_the_plan(setup):
+    """Steps skipped before they run beside steps that cache blocks after they run: the residuals and attention
+    caches carry over the skipped steps as the sampler's do (final latents equal `sample(plan)`)."""
+    model, text, common = setup
+    layers = model.config.total_layers
+    scored = calibrate(model, *text, delta=0.3, step_delta=1e-12, step_prompts=1, progress=False, seed=4, **common)
+    threshold = float(np.nanmin(scored.step_rse[1:, 1:], axis=1)[2]) * 1.01  # step 3's best method fits
+    result = calibrate(model, *text, delta=0.3, step_delta=threshold, step_prompts=1,
+                       block_candidates=(1, layers // 2), progress=False, seed=4, **common)
+    plan = result.plan
+    skipped = plan.step_kind != 0
+    assert skipped.any() and not plan.block_compute[~skipped].all(), (plan.step_kind, plan.block_compute)
+    assert np.isnan(result.block_rse[skipped]).all()
+    noise = jax.random.normal(jax.random.key(4), result.final_latents.shape, jnp.float32)
+    sampled = np.asarray(sample(model, noise, *text, plan=plan, **common))
+    np.testing.assert_allclose(np.asarray(result.final_latents), sampled, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("setup", ["flux_dev"], indirect=True)
 @pytest.mark.parametrize("options, match", [(dict(step_delta=0.1, step_prompts=0), "1..2"),
                                             (dict(step_delta=0.1, step_prompts=3), "1..2"),
