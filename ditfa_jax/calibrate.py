@@ -607,6 +607,19 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
         best = int(np.argmin(rse))
         return (allowed[best][0], preds[best]) if rse[best] <= step_delta else None
 
+    def choose_blocks(step, entries, computed_v, temb):
+        """Score every block candidate F (blocks F.. reusing their residuals) against the computed velocity, even
+        on a step a step method skips (the unified MILP reads them all): the fewest blocks within step_delta, as
+        (F, its velocity), else None."""
+        chosen = None
+        for j, f in enumerate(block_order):
+            entry_stack, entry = entries[f]
+            v_f = step_velocity(state, cached_from(f, entry_stack, entry), temb)
+            block_rse[step, j] = float(velocity_rse(v_f, computed_v))
+            if chosen is None and block_rse[step, j] <= step_delta:
+                chosen = f, v_f  # fewest blocks first: the first within budget saves the most
+        return chosen
+
     step_seconds, seconds_before_steps = [], time.perf_counter() - start_time
     bar = tqdm(range(num_steps), desc=f"calibrating (delta={delta})", unit="step", disable=not progress)
     for step in bar:
@@ -634,16 +647,9 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
         if skip is not None:  # every step method saves the whole step: the least error won
             step_kind[step], v = skip
             head_window[step] = -1  # the transformer does not run: its head choices mean nothing
-        if search_blocks and step and ran_layers:  # every candidate scored (the unified MILP reads them), even on
-            # a step skipped after it ran
-            chosen = None
-            for j, f in enumerate(block_order):
-                entry_stack, entry = entries[f]
-                v_f = step_velocity(state, cached_from(f, entry_stack, entry), temb)
-                block_rse[step, j] = float(velocity_rse(v_f, computed_v))
-                if chosen is None and step_kind[step] == 0 and block_rse[step, j] <= step_delta:
-                    chosen = f, v_f  # fewest blocks first: the first within budget saves the most
-            if chosen is not None:
+        if search_blocks and step and ran_layers:
+            chosen = choose_blocks(step, entries, computed_v, temb)
+            if chosen is not None and step_kind[step] == 0:
                 (first_run, v) = chosen
                 block_compute[step, first_run:] = False
                 head_window[step, first_run:] = -1  # those blocks do not run: their head choices mean nothing
