@@ -196,7 +196,9 @@ _MOSAIC_CACHE: dict = {}
 # --mosaic-variants name -> (impl name, MosaicConfig fields): the default (persistent grid), one program per work
 # item, each of the default's 2026-12-07 changes undone alone, and both undone (the default before that day, but
 # for the work list's dealing; "band" stands for the band's key size, 64 at head_dim 64); a fixed K/V ring depth
-# (the default: as deep as SMEM allows) and the compute warpgroups' matmuls not alternated.
+# (the default: as deep as SMEM allows), the compute warpgroups' matmuls not alternated, and their alternation set
+# up at every work item ("handoff", MosaicConfig.pingpong_per_item) and the next item's Q loaded after the item's
+# second key tile ("late-prefetch", MosaicConfig.prefetch_q_in_loop): candidates against the per-item overhead.
 MOSAIC_VARIANTS = {
     "default": ("mosaic_gpu", {}),
     "grid": ("mosaic_gpu/grid", dict(persistent=False)),
@@ -206,6 +208,10 @@ MOSAIC_VARIANTS = {
     "stages2": ("mosaic_gpu/stages2", dict(num_stages=2)),
     "stages3": ("mosaic_gpu/stages3", dict(num_stages=3)),
     "no-pingpong": ("mosaic_gpu/no-pingpong", dict(pingpong=False)),
+    "handoff": ("mosaic_gpu/handoff", dict(pingpong_per_item=True)),
+    "late-prefetch": ("mosaic_gpu/late-prefetch", dict(prefetch_q_in_loop=True)),
+    "handoff+late-prefetch": ("mosaic_gpu/handoff+late-prefetch", dict(pingpong_per_item=True,
+                                                                        prefetch_q_in_loop=True)),
 }
 MOSAIC_IMPLS = dict(MOSAIC_VARIANTS.values())
 MOSAIC_LIST = ("mosaic_gpu",)

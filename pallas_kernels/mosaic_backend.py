@@ -105,19 +105,28 @@ class MosaicConfig:
     tiles that lie outside the range, a tile finer than it divides it;
     ``num_stages``: K/V ring depth (None: as deep as SMEM allows, 2 to 4);
     ``pingpong``: alternate the two compute warpgroups' matmuls;
+    ``pingpong_per_item``: with ``pingpong``, set up the alternation at every work item (warpgroup 1 waits at
+    the item's start, warpgroup 0 lets it go before its epilogue), so that one warpgroup's epilogue and the next
+    item's prologue overlap the other's last matmuls; False: once per program, which pairs warpgroup 1's last
+    ``P V`` of an item with warpgroup 0's first ``Q K^T`` of the next (a candidate, not yet timed on a GPU);
     ``persistent``: launch ``num_programs`` programs (None: one per SM) that
     each walk a share of the work list, instead of one program per work item;
     ``prefetch_q``: persistent programs load the next item's queries into a
-    second buffer while they compute the current item; ``interpret``: Mosaic
+    second buffer while they compute the current item; ``prefetch_q_in_loop``:
+    issue that load after the item's second key tile rather than before its
+    first, when the last output store (through the same buffer) has long read
+    it (a candidate, not yet timed on a GPU); ``interpret``: Mosaic
     GPU interpret mode (None: when the default backend is not a GPU).
     """
 
     block_k: int | None = None
     num_stages: int | None = None
     pingpong: bool = True
+    pingpong_per_item: bool = False
     persistent: bool = True
     num_programs: int | None = None
     prefetch_q: bool = True
+    prefetch_q_in_loop: bool = False
     interpret: bool | None = None
 
     def __post_init__(self):
@@ -175,6 +184,7 @@ class MosaicBackend:
             q, k, v, head_window, cache, query_tiles, text_len=int(text_len), text_first=bool(text_first),
             band=tuple(band),
             block_k=cfg.block_k, num_stages=cfg.num_stages, pingpong=cfg.pingpong,
+            pingpong_per_item=cfg.pingpong_per_item, prefetch_q_in_loop=cfg.prefetch_q_in_loop,
             num_programs=cfg.num_programs if cfg.persistent else None, prefetch_q=cfg.prefetch_q,
             fp8=bool(fp8), fp8_stages=fp8_stages, interpret=bool(cfg.interpret), padding=int(padding),
         )
@@ -342,7 +352,7 @@ def _program_items(program, num_programs, n_full, n_arrow):
 
 def _kernel(
     *refs, tokens, key_tokens, text_len, text_first, band, block_k, num_stages, pingpong, persistent, q_buffers,
-    q_rotation, fp8, interpret,
+    q_rotation, fp8, interpret, pingpong_per_item=False, prefetch_q_in_loop=False,
 ):
     if persistent:
         work_ref, *refs = refs
@@ -473,6 +483,10 @@ def _kernel(
             else:
                 item_qk_scale = qk_scale
 
+            def prefetch_next():  # the next item's Q into the other buffer, once the last store has read it
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                load_q(r + 1)
+
             def step(i, carry, cols=None):
                 slot = slot_of(g + i)
 
@@ -481,6 +495,8 @@ def _kernel(
 
                 s = scores(q_tile, slot)
                 plgpu.barrier_arrive(k_free.at[slot])
+                if q_buffers == 2 and prefetch_q_in_loop:
+                    pl.when((i == jnp.minimum(1, n - 1)) & (r + 1 < rounds))(prefetch_next)
                 acc, m, l, pr = _softmax_step(s, carry, qk_scale=item_qk_scale, cols=cols,
                                               p_log2_scale=_FP8_P_LOG2_SCALE if fp8 else 0.0)
                 pr = pr.astype(p_dtype)
@@ -520,14 +536,12 @@ def _kernel(
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last output store has read q_tile
                     load_q(r)
                 plgpu.barrier_wait(q_bar.at[buf * _COMPUTE_WGS + wg])
-                if q_buffers == 2:  # the next item's Q into the other buffer, once the last store has read it
-
-                    @pl.when(r + 1 < rounds)
-                    def _prefetch():
-                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                        load_q(r + 1)
+                if q_buffers == 2 and not prefetch_q_in_loop:
+                    pl.when(r + 1 < rounds)(prefetch_next)
 
                 plgpu.barrier_wait(k_bar.at[slot_of(g)])
+                if pingpong_per_item:
+                    pl.when(wg == 1)(sched)  # warpgroup 0 issues the item's first matmul
                 carry = (
                     plgpu.layout_cast(jnp.zeros((_BLOCK_Q, head_dim), jnp.float32), plgpu.Layout.WGMMA),
                     plgpu.layout_cast(jnp.full((_BLOCK_Q,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
@@ -537,6 +551,8 @@ def _kernel(
                 carry = run_range(0, tiles.n_a, tiles.lo_a, tiles.hi_a, carry, head=coarse, tail=coarse)
                 carry = run_range(tiles.n_a, tiles.n_c, tiles.lo_c, tiles.hi_c, carry, head=coarse,
                                   tail=coarse or ragged)
+                if pingpong_per_item:
+                    pl.when(wg == 0)(sched)  # warpgroup 1's last P V runs while warpgroup 0 finishes the item
                 acc, _, l = carry
                 out = acc / lax.broadcast_in_dim(l, acc.shape, [0])
                 if fp8:
@@ -548,22 +564,25 @@ def _kernel(
 
             return g + n
 
-        pl.when(wg == 1)(sched)  # warpgroup 0 issues its matmuls first
+        if not pingpong_per_item:
+            pl.when(wg == 1)(sched)  # warpgroup 0 issues its matmuls first
         if q_buffers == 2:
             pl.when(rounds > 0)(lambda: load_q(0))
         lax.fori_loop(0, rounds, attend_item, jnp.int32(0))
-        pl.when(wg == 0)(sched)
+        if not pingpong_per_item:
+            pl.when(wg == 0)(sched)
         plgpu.wait_smem_to_gmem(0)
 
 
 @functools.partial(
     jax.jit,
     static_argnames=("text_len", "text_first", "band", "block_k", "num_stages", "pingpong", "num_programs",
-                     "prefetch_q", "fp8", "fp8_stages", "interpret", "padding"),
+                     "prefetch_q", "fp8", "fp8_stages", "interpret", "padding", "pingpong_per_item",
+                     "prefetch_q_in_loop"),
 )
 def _headwise_jit(
     q, k, v, hw, cache, query_tiles, *, text_len, text_first, band, block_k, num_stages, pingpong, num_programs,
-    prefetch_q, fp8, fp8_stages, interpret, padding=0
+    prefetch_q, fp8, fp8_stages, interpret, padding=0, pingpong_per_item=False, prefetch_q_in_loop=False
 ):
     """The call: one launch for the bf16/fp16 heads, and with ``fp8`` a second one for the FP8 heads (window
     :data:`fp8_ops.FP8_WINDOW`), run only when a head has that window, writing into the first one's output.
@@ -579,7 +598,9 @@ def _headwise_jit(
     tokens = real + pad
     text_len = schedule.padded_text_len(text_len, text_first, pad)
     common = dict(text_len=text_len, text_first=text_first, band=band, block_k=block_k, pingpong=pingpong,
-                  num_programs=num_programs, prefetch_q=prefetch_q, interpret=interpret,
+                  pingpong_per_item=pingpong_per_item, prefetch_q_in_loop=prefetch_q_in_loop,
+                  num_programs=num_programs, prefetch_q=prefetch_q,
+                  interpret=interpret,
                   key_tokens=tokens - pad - padding)
 
     def padded(x, axis=1):
@@ -602,7 +623,8 @@ def _headwise_jit(
 
 
 def _launch(q, k, v, hw, cache, query_tiles, *, tokens, key_tokens, text_len, text_first, band, block_k, num_stages,
-            pingpong, num_programs, prefetch_q, scales, interpret):
+            pingpong, num_programs, prefetch_q, scales, interpret, pingpong_per_item=False,
+            prefetch_q_in_loop=False):
     """One kernel launch over ``q, k, v`` of ``tokens`` (a multiple of 8), the keys from ``key_tokens`` on
     padding, heads of window >= -1; with ``scales`` (:class:`pallas_kernels.fp8.Fp8Operands`' fields), e4m3
     operands."""
@@ -652,7 +674,9 @@ def _launch(q, k, v, hw, cache, query_tiles, *, tokens, key_tokens, text_len, te
     body = functools.partial(
         _kernel, tokens=tokens, key_tokens=key_tokens, text_len=text_len, text_first=text_first, band=band,
         block_k=block_k,
-        num_stages=num_stages, pingpong=pingpong, persistent=persistent, q_buffers=q_buffers,
+        num_stages=num_stages, pingpong=pingpong, pingpong_per_item=pingpong_per_item,
+        prefetch_q_in_loop=prefetch_q_in_loop, persistent=persistent,
+        q_buffers=q_buffers,
         q_rotation=schedule.rotate_text_tiles_first(tokens, text_len, text_first, _PROGRAM_Q), fp8=fp8,
         interpret=interpret,
     )
