@@ -14,6 +14,8 @@ Variants (`--variants`, comma-separated):
 * ``jax_gemm_barrier[/flag]``: each linear's GEMM behind an optimisation barrier, its bias added after (a cuBLAS
   GEMM without epilogue is what XLA fuses with the weight slice, reading the stacked weights in place);
 * ``jax_fp8``: the block linears in FP8 (`ditfa_jax.fp8`), with its output error against bf16;
+* ``jax_fp8_bf16_gemm``: the same with the FP8 GEMMs writing bfloat16 instead of float32 before their scales
+  (`fp8_matmul(gemm_dtype=)`: half the output traffic of every block linear);
 * ``torch``, ``torch_compile``: diffusers eager and under ``torch.compile`` (default mode);
 * ``torch_compile_fp8``: torchao's dynamic FP8 (per-row scales) on every Linear, then ``torch.compile``.
 
@@ -262,7 +264,8 @@ def jax_inputs(case: dict, cfg):
 
 
 def apply_code_variant(variant: str) -> None:
-    """Patch the model code for the variants that change it rather than XLA's flags (``jax/unrolled``)."""
+    """Patch the model code for the variants that change it rather than XLA's flags (``jax/unrolled``,
+    ``jax_gemm_barrier``, ``jax_fp8_bf16_gemm``)."""
     import jax
 
     import ditfa_jax.models.layers as layers
@@ -274,6 +277,13 @@ def apply_code_variant(variant: str) -> None:
             return jax.lax.scan(lambda c, layer: body(nnx.merge(graphdef, layer[0]), c, layer[1]), carry,
                                 (state, xs), unroll=True)
         layers.scan_stack = unrolled
+    if "bf16_gemm" in variant:  # jax_fp8_bf16_gemm: the FP8 GEMMs write bfloat16, then the scales apply
+        import functools
+
+        import jax.numpy as jnp
+
+        import ditfa_jax.fp8 as fp8
+        fp8.fp8_matmul = functools.partial(fp8.fp8_matmul, gemm_dtype=jnp.bfloat16)
     if "gemm_barrier" in variant:
         def plain_epilogue(self, x):  # the GEMM alone, then its bias: XLA fuses only such GEMMs with their slices
             y = jax.lax.optimization_barrier(jax.lax.dot_general(x, self.kernel.get_value(),

@@ -49,6 +49,8 @@ def test_fp8_matmul_against_float32():
     assert float(jnp.linalg.norm(y - ref) / jnp.linalg.norm(ref)) < 0.05
     big = fp8_matmul(x * 1e4, wq, ws)  # activations far beyond 448: scaled, not saturated
     assert float(jnp.linalg.norm(big - ref * 1e4) / jnp.linalg.norm(ref * 1e4)) < 0.05
+    half = fp8_matmul(x, wq, ws, gemm_dtype=jnp.bfloat16)  # the GEMM's output rounded to bf16 before the scales
+    assert half.dtype == jnp.float32 and 0 < float(jnp.abs(half - y).max()) <= 2 ** -8 * float(jnp.abs(y).max())
 
 
 @pytest.mark.parametrize("name", ["flux_dev", "sd35_medium"])
