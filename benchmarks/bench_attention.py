@@ -198,7 +198,8 @@ _MOSAIC_CACHE: dict = {}
 # for the work list's dealing; "band" stands for the band's key size, 64 at head_dim 64); a fixed K/V ring depth
 # (the default: as deep as SMEM allows), the compute warpgroups' matmuls not alternated, and their alternation set
 # up at every work item ("handoff", MosaicConfig.pingpong_per_item) and the next item's Q loaded after the item's
-# second key tile ("late-prefetch", MosaicConfig.prefetch_q_in_loop): candidates against the per-item overhead.
+# second key tile ("late-prefetch", MosaicConfig.prefetch_q_in_loop), the next item's indices read while the
+# current one runs ("ahead", MosaicConfig.schedule_ahead), and all three: candidates against the per-item overhead.
 MOSAIC_VARIANTS = {
     "default": ("mosaic_gpu", {}),
     "grid": ("mosaic_gpu/grid", dict(persistent=False)),
@@ -212,6 +213,9 @@ MOSAIC_VARIANTS = {
     "late-prefetch": ("mosaic_gpu/late-prefetch", dict(prefetch_q_in_loop=True)),
     "handoff+late-prefetch": ("mosaic_gpu/handoff+late-prefetch", dict(pingpong_per_item=True,
                                                                         prefetch_q_in_loop=True)),
+    "ahead": ("mosaic_gpu/ahead", dict(schedule_ahead=True)),
+    "all-three": ("mosaic_gpu/all-three", dict(pingpong_per_item=True, prefetch_q_in_loop=True,
+                                                schedule_ahead=True)),
 }
 MOSAIC_IMPLS = dict(MOSAIC_VARIANTS.values())
 MOSAIC_LIST = ("mosaic_gpu",)

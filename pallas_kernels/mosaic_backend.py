@@ -105,6 +105,8 @@ class MosaicConfig:
     tiles that lie outside the range, a tile finer than it divides it;
     ``num_stages``: K/V ring depth (None: as deep as SMEM allows, 2 to 4);
     ``pingpong``: alternate the two compute warpgroups' matmuls;
+    ``schedule_ahead``: persistent programs read the next work item's indices and key ranges while the current
+    item runs (carried through the item loop) rather than at its start (a candidate, not yet timed on a GPU);
     ``pingpong_per_item``: with ``pingpong``, set up the alternation at every work item (warpgroup 1 waits at
     the item's start, warpgroup 0 lets it go before its epilogue), so that one warpgroup's epilogue and the next
     item's prologue overlap the other's last matmuls; False: once per program, which pairs warpgroup 1's last
@@ -123,6 +125,7 @@ class MosaicConfig:
     num_stages: int | None = None
     pingpong: bool = True
     pingpong_per_item: bool = False
+    schedule_ahead: bool = False
     persistent: bool = True
     num_programs: int | None = None
     prefetch_q: bool = True
@@ -185,6 +188,7 @@ class MosaicBackend:
             band=tuple(band),
             block_k=cfg.block_k, num_stages=cfg.num_stages, pingpong=cfg.pingpong,
             pingpong_per_item=cfg.pingpong_per_item, prefetch_q_in_loop=cfg.prefetch_q_in_loop,
+            schedule_ahead=cfg.schedule_ahead,
             num_programs=cfg.num_programs if cfg.persistent else None, prefetch_q=cfg.prefetch_q,
             fp8=bool(fp8), fp8_stages=fp8_stages, interpret=bool(cfg.interpret), padding=int(padding),
         )
@@ -352,7 +356,7 @@ def _program_items(program, num_programs, n_full, n_arrow):
 
 def _kernel(
     *refs, tokens, key_tokens, text_len, text_first, band, block_k, num_stages, pingpong, persistent, q_buffers,
-    q_rotation, fp8, interpret, pingpong_per_item=False, prefetch_q_in_loop=False,
+    q_rotation, fp8, interpret, pingpong_per_item=False, prefetch_q_in_loop=False, schedule_ahead=False,
 ):
     if persistent:
         work_ref, *refs = refs
@@ -377,9 +381,11 @@ def _kernel(
         rounds = 1
 
     def item_index(r):
-        """(batch, head, query pair) of this program's r-th item."""
+        """(batch, head, query pair) of this program's r-th item (r < rounds; with ``schedule_ahead`` also the one
+        past the last, which is read and never run: its position is clamped into the work list)."""
         if persistent:
-            idx = work_ref[2 + position(r)]
+            at = jnp.minimum(position(r), work_ref.shape[0] - 3) if schedule_ahead else position(r)
+            idx = work_ref[2 + at]
             return lax.div(idx, n_prog * heads), lax.rem(lax.div(idx, n_prog), heads), lax.rem(idx, n_prog)
         # program order: heads fastest, query pairs holding text first (the long rows of arrow heads)
         p = lax.rem(lax.rem(lax.div(program, heads), n_prog) + q_rotation, n_prog)
@@ -391,6 +397,19 @@ def _kernel(
         tiles = item_tiles(p, hw_ref[h], tokens=tokens, text_len=text_len, text_first=text_first, band=band,
                            block_k=block_k, key_tokens=key_tokens)
         return b, h, p, tiles
+
+    def walk_items(body, g):
+        """``g = body(r, item(r), g)`` for each of this program's items; with ``schedule_ahead`` the next item is
+        read at the start of the current one and carried, so its loads overlap the current item's work."""
+        if not (persistent and schedule_ahead):
+            return lax.fori_loop(0, rounds, lambda r, g: body(r, item(r), g), g)
+
+        def ahead(r, carry):
+            g, current = carry
+            following = item(r + 1)
+            return body(r, current, g), following
+
+        return lax.fori_loop(0, rounds, ahead, (g, item(0)))[0]
 
     def key_tile(tiles, i):  # step i runs range A, then range C
         return jnp.where(i < tiles.n_a, tiles.a0 + i, tiles.c0 + (i - tiles.n_a))
@@ -407,8 +426,8 @@ def _kernel(
     def _memory_wg():
         plgpu.set_max_registers(40, action="decrease")
 
-        def stream_item(r, g):
-            b, h, _, tiles = item(r)
+        def stream_item(r, current, g):
+            b, h, _, tiles = current
             n = tiles.count
 
             @pl.loop(0, n)
@@ -424,7 +443,7 @@ def _kernel(
 
             return g + n
 
-        g = lax.fori_loop(0, rounds, stream_item, jnp.int32(0))
+        g = walk_items(stream_item, jnp.int32(0))
         for s in range(num_stages):  # await the last release of every slot used
 
             @pl.when(s < g)
@@ -472,8 +491,8 @@ def _kernel(
 
             return pl.run_state(issue)(plgpu.ACC.init(acc))
 
-        def attend_item(r, g):
-            b, h, p, tiles = item(r)
+        def attend_item(r, current, g):
+            b, h, p, tiles = current
             n = tiles.count
             buf = lax.rem(r, q_buffers)
             q_tile = q_smem.at[buf, wg]
@@ -568,7 +587,7 @@ def _kernel(
             pl.when(wg == 1)(sched)  # warpgroup 0 issues its matmuls first
         if q_buffers == 2:
             pl.when(rounds > 0)(lambda: load_q(0))
-        lax.fori_loop(0, rounds, attend_item, jnp.int32(0))
+        walk_items(attend_item, jnp.int32(0))
         if not pingpong_per_item:
             pl.when(wg == 0)(sched)
         plgpu.wait_smem_to_gmem(0)
@@ -578,11 +597,12 @@ def _kernel(
     jax.jit,
     static_argnames=("text_len", "text_first", "band", "block_k", "num_stages", "pingpong", "num_programs",
                      "prefetch_q", "fp8", "fp8_stages", "interpret", "padding", "pingpong_per_item",
-                     "prefetch_q_in_loop"),
+                     "prefetch_q_in_loop", "schedule_ahead"),
 )
 def _headwise_jit(
     q, k, v, hw, cache, query_tiles, *, text_len, text_first, band, block_k, num_stages, pingpong, num_programs,
-    prefetch_q, fp8, fp8_stages, interpret, padding=0, pingpong_per_item=False, prefetch_q_in_loop=False
+    prefetch_q, fp8, fp8_stages, interpret, padding=0, pingpong_per_item=False, prefetch_q_in_loop=False,
+    schedule_ahead=False
 ):
     """The call: one launch for the bf16/fp16 heads, and with ``fp8`` a second one for the FP8 heads (window
     :data:`fp8_ops.FP8_WINDOW`), run only when a head has that window, writing into the first one's output.
@@ -599,7 +619,7 @@ def _headwise_jit(
     text_len = schedule.padded_text_len(text_len, text_first, pad)
     common = dict(text_len=text_len, text_first=text_first, band=band, block_k=block_k, pingpong=pingpong,
                   pingpong_per_item=pingpong_per_item, prefetch_q_in_loop=prefetch_q_in_loop,
-                  num_programs=num_programs, prefetch_q=prefetch_q,
+                  schedule_ahead=schedule_ahead, num_programs=num_programs, prefetch_q=prefetch_q,
                   interpret=interpret,
                   key_tokens=tokens - pad - padding)
 
@@ -624,7 +644,7 @@ def _headwise_jit(
 
 def _launch(q, k, v, hw, cache, query_tiles, *, tokens, key_tokens, text_len, text_first, band, block_k, num_stages,
             pingpong, num_programs, prefetch_q, scales, interpret, pingpong_per_item=False,
-            prefetch_q_in_loop=False):
+            prefetch_q_in_loop=False, schedule_ahead=False):
     """One kernel launch over ``q, k, v`` of ``tokens`` (a multiple of 8), the keys from ``key_tokens`` on
     padding, heads of window >= -1; with ``scales`` (:class:`pallas_kernels.fp8.Fp8Operands`' fields), e4m3
     operands."""
@@ -675,7 +695,7 @@ def _launch(q, k, v, hw, cache, query_tiles, *, tokens, key_tokens, text_len, te
         _kernel, tokens=tokens, key_tokens=key_tokens, text_len=text_len, text_first=text_first, band=band,
         block_k=block_k,
         num_stages=num_stages, pingpong=pingpong, pingpong_per_item=pingpong_per_item,
-        prefetch_q_in_loop=prefetch_q_in_loop, persistent=persistent,
+        prefetch_q_in_loop=prefetch_q_in_loop, schedule_ahead=schedule_ahead, persistent=persistent,
         q_buffers=q_buffers,
         q_rotation=schedule.rotate_text_tiles_first(tokens, text_len, text_first, _PROGRAM_Q), fp8=fp8,
         interpret=interpret,

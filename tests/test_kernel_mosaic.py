@@ -45,9 +45,10 @@ def _lower_for_cuda(shape, has_cache, *, text_len, text_first, config, padding=0
         ((2, 4429, 24, 64), 333, False, pk.MosaicConfig(), 0),  # SD3-1K: 4429 is not a multiple of 8 or 64
         ((2, 4432, 24, 64), 333, False, pk.MosaicConfig(), 3),  # SD3-1K as the SD3 model carries it
         ((1, 4608, 24, 128), 512, True, pk.MosaicConfig(persistent=False), 0),  # one program per work item
-        ((1, 16896, 24, 128), 512, True, pk.MosaicConfig(pingpong_per_item=True, prefetch_q_in_loop=True), 0),
+        ((1, 16896, 24, 128), 512, True,
+         pk.MosaicConfig(pingpong_per_item=True, prefetch_q_in_loop=True, schedule_ahead=True), 0),
     ],
-    ids=["FLUX-1K", "FLUX-2K", "SD3-1K", "SD3-1K-carried", "FLUX-1K-grid", "FLUX-2K-handoff-late-prefetch"],
+    ids=["FLUX-1K", "FLUX-2K", "SD3-1K", "SD3-1K-carried", "FLUX-1K-grid", "FLUX-2K-candidates"],
 )
 @pytest.mark.parametrize("cache", [True, False])
 def test_lowers_to_mosaic_gpu(shape, text_len, text_first, config, padding, cache):
@@ -179,9 +180,9 @@ def test_coarse_key_tiles_visit_exactly_the_band(tokens, text_len, text_first):
 
 def test_persistent_programs_compute_the_same_bits_as_one_program_per_item():
     """Persistent programs each walking several items (three in interpret mode) give the bits of one program per
-    item, with the compute warpgroups' alternation set up once per program or at every item and the next item's
-    queries loaded before or inside the item's key loop, on a mixed plan with a cached head, CFG batch 2 and a
-    ragged length (text last)."""
+    item, with the compute warpgroups' alternation set up once per program or at every item, the next item's
+    queries loaded before or inside the item's key loop, and its schedule read at its start or ahead, on a mixed
+    plan with a cached head, CFG batch 2 and a ragged length (text last)."""
     rng = np.random.default_rng(3)
     shape = (2, 4 * 128 + 45, 4, 64)
     q, k, v, cache = (jnp.asarray(rng.standard_normal(shape), jnp.bfloat16) for _ in range(4))
@@ -189,7 +190,7 @@ def test_persistent_programs_compute_the_same_bits_as_one_program_per_item():
     kw = dict(text_len=45, text_first=False, band=(128, 64), backend="mosaic_gpu")
     outs = [pk.headwise_attention(q, k, v, hw, cache, config=cfg, **kw)
             for cfg in (pk.MosaicConfig(persistent=False), pk.MosaicConfig(), pk.MosaicConfig(pingpong_per_item=True),
-                        pk.MosaicConfig(prefetch_q_in_loop=True))]
+                        pk.MosaicConfig(prefetch_q_in_loop=True), pk.MosaicConfig(schedule_ahead=True))]
     bits = [np.asarray(jax.lax.bitcast_convert_type(o, jnp.uint16)) for o in outs]
     for b in bits[1:]:
         np.testing.assert_array_equal(b, bits[0])
