@@ -424,12 +424,6 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
             or rse_query_stride < 1:
         raise ValueError(f"rse_query_stride={rse_query_stride!r}: expected an int >= 1 (1: every query)")
     search_blocks = step_delta > 0 and bool(block_candidates)
-    if step_prompts is not None:
-        if step_delta == 0:
-            raise ValueError(f"step_prompts={step_prompts!r} scores step methods: give step_delta > 0 too")
-        if mesh is not None:
-            raise ValueError("step_prompts: scoring steps on a subset of the prompts runs on one device; "
-                             "calibrate without a mesh")
     budgets = step_budgets(delta, num_steps, budget_schedule)
     start_time = time.perf_counter()
     cfg = model.config
@@ -446,10 +440,16 @@ def calibrate(model: Transformer, prompt_embeds, pooled_prompt_embeds, *, height
     band = tuple(band or pallas_kernels.default_band(cfg.attention_head_dim))
     settings = dataclasses.replace(attention or AttentionSettings(), band=band)
     n = cond.prompt_embeds.shape[0] // (2 if cond.cfg_scale is not None else 1)
-    if step_prompts is not None and (isinstance(step_prompts, bool) or not isinstance(step_prompts, (int, np.integer))
-                                     or not 1 <= step_prompts <= n):
-        raise ValueError(f"step_prompts={step_prompts!r}: expected a number of prompts in 1..{n} (the calibration "
-                         f"prompts)")
+    if step_prompts is not None:
+        if isinstance(step_prompts, bool) or not isinstance(step_prompts, (int, np.integer)) \
+                or not 1 <= step_prompts <= n:
+            raise ValueError(f"step_prompts={step_prompts!r}: expected a number of prompts in 1..{n} (the "
+                             "calibration prompts)")
+        if step_delta == 0:
+            raise ValueError(f"step_prompts={step_prompts!r} scores step methods: give step_delta > 0 too")
+        if mesh is not None:
+            raise ValueError("step_prompts: scoring steps on a subset of the prompts runs on one device; "
+                             "calibrate without a mesh")
     latents = jax.random.normal(jax.random.key(seed), (n, *run.latent_shape), jnp.float32)
     if mesh is not None:  # the prompts' rows over the data axis; positions and scales replicated
         rows = sharding.split_batch(dict(prompt_embeds=cond.prompt_embeds, pooled=cond.pooled, guidance=cond.guidance),
